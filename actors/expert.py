@@ -1,0 +1,51 @@
+"""Scripted experts for the built-in tabletop: they read the simulator state, not pixels, and make demonstrations."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from actors.tabletop import BLOCK_HALF, EFFECTOR_R, MAX_SPEED, TabletopEnv
+
+
+def _toward(src: np.ndarray, dst: np.ndarray, gain: float = 1.0) -> np.ndarray:
+    """A velocity command toward dst, full speed when far, proportional when close (no overshoot)."""
+    v = (dst - src) / MAX_SPEED * gain
+    n = float(np.hypot(*v))
+    return v / n if n > 1.0 else v
+
+
+def expert_action(env: TabletopEnv, rng: np.random.Generator | None = None, noise: float = 0.0) -> np.ndarray:
+    """One action for the current state. ``noise`` adds Gaussian motion noise (more varied demonstrations)."""
+    s = env.state()
+    eff, block, target = s["effector"], s["block"], s["target"]
+    if s["family"] == "place":
+        if s["holding_target"]:
+            move = _toward(eff, target)
+            grip = 1.0 if np.hypot(*(target - eff)) > 0.02 else -1.0  # release over the bowl
+        else:
+            move = _toward(eff, block)
+            near = np.hypot(*(block - eff)) < 0.02
+            # Close on arrival; if the gripper is already closed (missed grasp) open it first.
+            grip = 1.0 if near and not s["gripper_closed"] else -1.0
+    else:
+        move, grip = _push_move(eff, block, target)
+    action = np.array([move[0], move[1], grip], np.float64)
+    if noise > 0 and rng is not None:
+        action[:2] += rng.normal(0.0, noise, 2)
+    return np.clip(action, -1.0, 1.0).astype(np.float32)
+
+
+def _push_move(eff: np.ndarray, block: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, float]:
+    """Hover (hand open) to just behind the block, then close the hand and push along the block->pad line."""
+    to_goal = target - block
+    direction = to_goal / max(float(np.hypot(*to_goal)), 1e-9)
+    reach = EFFECTOR_R + BLOCK_HALF
+    rel = eff - block
+    along = float(rel @ direction)
+    lateral = rel - along * direction
+    if -reach - 0.03 < along < -reach * 0.7 and float(np.hypot(*lateral)) < 0.025:
+        move = _toward(eff, target - direction * reach) - lateral / MAX_SPEED
+        n = float(np.hypot(*move))
+        return (move / n if n > 1.0 else move), 1.0
+    behind = np.clip(block - direction * (reach + 0.005), 0.03, 0.97)
+    return _toward(eff, behind), -1.0

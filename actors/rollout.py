@@ -1,0 +1,125 @@
+"""Rollout: step many environments together, one batched policy call per action chunk, and record Episodes.
+
+``RolloutWorker`` is a plain class (used as-is in one process for tests and debugging); ``actors.ray_actors`` wraps
+the very same class as a Ray actor for real runs.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Callable
+
+import numpy as np
+
+from actors.expert import expert_action
+from actors.tabletop import TabletopEnv
+from flywheel.contracts import Episode, Policy, PolicySnapshot
+
+ENV_ID = "flywheel/Tabletop-v0"
+
+
+def run_episodes(
+    seeds: list[int],
+    split: str,
+    policy: Policy | None,
+    *,
+    policy_version: int,
+    family: str = "any",
+    image_size: int = 64,
+    max_steps: int = 40,
+    execute: int = 4,
+    expert_noise: float = 0.1,
+    sample_seed: int = 0,
+    make_env: Callable[..., TabletopEnv] = TabletopEnv,
+) -> list[Episode]:
+    """Run one episode per seed, all environments in lock-step, and return them as Episodes.
+
+    With ``policy=None`` the scripted expert acts (demonstrations, ``policy_version`` should be -1). Otherwise the
+    policy is called once per ``execute`` steps on the batch of still-running environments and the first
+    ``execute`` actions of each chunk are applied (receding horizon). ``sample_seed`` seeds the policy's sampling
+    noise, so a rollout is reproducible given its seeds.
+    """
+    envs = [make_env(family=family, image_size=image_size, max_steps=max_steps) for _ in seeds]
+    first = [env.reset(seed=int(s)) for env, s in zip(envs, seeds)]
+    images = [[o["image"]] for o, _ in first]
+    proprio = [[o["proprio"]] for o, _ in first]
+    actions: list[list[np.ndarray]] = [[] for _ in seeds]
+    infos = [info for _, info in first]
+    running = list(range(len(envs)))
+    rng = np.random.default_rng(sample_seed)
+    chunk: np.ndarray | None = None
+    call = 0
+    while running:
+        if policy is not None:
+            chunk = policy.act(
+                np.stack([images[i][-1] for i in running]),
+                np.stack([proprio[i][-1] for i in running]),
+                [infos[i]["instruction"] for i in running],
+                seed=sample_seed * 100_003 + call,
+            )
+            call += 1
+        still = []
+        for row, i in enumerate(running):
+            env, done = envs[i], False
+            for k in range(execute if policy is not None else 1):
+                a = chunk[row, k] if policy is not None else expert_action(env, rng, expert_noise)
+                obs, _, term, trunc, info = env.step(a)
+                images[i].append(obs["image"])
+                proprio[i].append(obs["proprio"])
+                actions[i].append(np.asarray(a, np.float32))
+                infos[i] = info
+                if term or trunc:
+                    done = True
+                    break
+            if not done:
+                still.append(i)
+        running = still
+    now = time.time()
+    return [
+        Episode(
+            id=uuid.uuid4().hex,
+            task=infos[i]["family"],
+            instruction=infos[i]["instruction"],
+            env_id=ENV_ID,
+            seed=int(seeds[i]),
+            split=split,
+            policy_version=int(policy_version),
+            observations={"image": np.stack(images[i]), "proprio": np.stack(proprio[i])},
+            actions=np.stack(actions[i]),
+            ground_truth={"success": bool(infos[i]["success"])},
+            info={"created": now, "max_steps": max_steps, "execute": execute},
+        )
+        for i in range(len(seeds))
+    ]
+
+
+class RolloutWorker:
+    """Holds its own copy of the policy; applies only snapshots newer than the one it has; stamps every episode."""
+
+    def __init__(self, policy_factory: Callable[[], Policy], env_kwargs: dict, worker_index: int = 0):
+        import torch
+
+        torch.set_num_threads(1)  # one core per worker; the machine's cores go to workers, not to intra-op threads
+        self.policy = policy_factory()
+        self.env_kwargs = dict(env_kwargs)
+        self.worker_index = worker_index
+        self.version = -1
+        self.applied: list[int] = []  # every version applied, in order (for lag/ordering checks)
+
+    def set_weights(self, snapshot: PolicySnapshot) -> int:
+        if snapshot.version > self.version:
+            self.policy.load_weights(snapshot.weights)
+            self.version = snapshot.version
+            self.applied.append(snapshot.version)
+        return self.version
+
+    def applied_versions(self) -> list[int]:
+        return list(self.applied)
+
+    def collect(self, seeds: list[int], split: str, sample_seed: int = 0) -> list[Episode]:
+        if self.version < 0:
+            raise RuntimeError("rollout worker has no weights yet: publish a PolicySnapshot before collecting")
+        return run_episodes(
+            list(seeds), split, self.policy, policy_version=self.version, sample_seed=sample_seed, **self.env_kwargs
+        )

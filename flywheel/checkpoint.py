@@ -1,0 +1,96 @@
+"""Checkpoints: safetensors weights with JSON metadata in the header, written atomically, last K kept.
+
+safetensors rather than pickle: loading cannot run code, the header is checked against the file size (a file cut
+short is detected, not half-loaded), and other tools (and other frameworks) read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from flywheel.store import atomic_write_bytes
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, damaged or holds non-finite weights."""
+
+
+def save_weights(path: str | os.PathLike, weights: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+    """Write ``weights`` and ``meta`` (JSON-able) to ``path`` atomically. Refuses non-finite weights."""
+    bad = [k for k, v in weights.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"refusing to save {path}: NaN/inf in {bad[:5]} - the last good checkpoint is kept")
+    path = Path(path)
+    data = st_save({k: np.ascontiguousarray(v) for k, v in weights.items()}, metadata={"flywheel": json.dumps(meta)})
+    atomic_write_bytes(path, data)
+    return path
+
+
+def load_weights(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read a checkpoint written by ``save_weights``: (weights, meta). Errors name the file and the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"checkpoint {path} does not exist. Check the path, or run `flywheel pretrain` to make a base checkpoint."
+        )
+    raw = path.read_bytes()
+    try:
+        weights = st_load(raw)
+        header_len = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + header_len])
+        meta = json.loads(header.get("__metadata__", {}).get("flywheel", "{}"))
+    except (SafetensorError, ValueError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged or cut short ({e}). Use an earlier checkpoint from the same folder, or "
+            f"the shipped base (policy.checkpoint=base)."
+        ) from e
+    bad = [k for k, v in weights.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} holds NaN/inf weights in {bad[:5]}. It cannot be used; load an earlier checkpoint."
+        )
+    return weights, meta
+
+
+class CheckpointDir:
+    """``<dir>/<prefix>-<number>.safetensors``, keeping the newest ``keep``. Numbers are versions or steps."""
+
+    def __init__(self, directory: str | os.PathLike, prefix: str = "policy", keep: int = 3):
+        self.dir = Path(directory)
+        self.prefix = prefix
+        self.keep = keep
+        self._pattern = re.compile(rf"^{re.escape(prefix)}-(\d+)\.safetensors$")
+
+    def path(self, number: int) -> Path:
+        return self.dir / f"{self.prefix}-{number:06d}.safetensors"
+
+    def numbers(self) -> list[int]:
+        if not self.dir.exists():
+            return []
+        return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := self._pattern.match(p.name)))
+
+    def save(self, number: int, weights: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+        path = save_weights(self.path(number), weights, {**meta, "number": number})
+        for old in self.numbers()[: -self.keep]:
+            self.path(old).unlink(missing_ok=True)
+            self.path(old).with_suffix(".optim.pt").unlink(missing_ok=True)
+        return path
+
+    def latest_good(self) -> tuple[int, dict[str, np.ndarray], dict[str, Any]] | None:
+        """The newest checkpoint that loads cleanly; damaged ones are skipped (and left in place for inspection)."""
+        for number in reversed(self.numbers()):
+            try:
+                weights, meta = load_weights(self.path(number))
+                return number, weights, meta
+            except CheckpointError:
+                continue
+        return None

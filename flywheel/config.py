@@ -1,0 +1,148 @@
+"""Structured configs: one dataclass per part, registered with Hydra's ConfigStore. YAML files under ``configs/``
+only give values; a key that is not in these schemas fails when the config is composed, with a message naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+from typing import Any
+
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclasses.dataclass
+class EnvConfig:
+    family: str = "any"  # "push", "place" or "any" (the seed picks)
+    image_size: int = 64
+    max_steps: int = 40  # episode horizon
+    execute: int = 4  # actions of each predicted chunk executed before the policy is asked again
+
+
+@dataclasses.dataclass
+class PolicyConfig:
+    checkpoint: str = "base"  # "base" = the small VLA shipped in flywheel/assets; or a path to a .safetensors file
+
+
+@dataclasses.dataclass
+class DetectorConfig:
+    demo_episodes: int = 200  # scripted successes to train on
+    policy_episodes: int = 600  # rollouts of the starting policy (successes and failures), labelled by the simulator
+    heldout_fraction: float = 0.25  # of those episodes, kept out of training to measure the detector
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1e-3
+    threshold: float = 0.5  # P(success) at or above which the labeler calls an episode a success
+
+
+@dataclasses.dataclass
+class LearnerConfig:
+    algorithm: str = "filtered_bc"
+    demos: int = 300  # the pretraining demonstrations, replayed so the policy does not drift from them
+    steps_per_update: int = 200  # gradient steps per iteration
+    batch_size: int = 64
+    lr: float = 3e-4
+    max_episodes: int = 4000  # in-memory replay bound (oldest non-demo episodes dropped first)
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    use_ray: bool = True  # False runs the same workers in this process (debugging, tests)
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    episodes_per_iteration: int = 256
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    episodes: int = 500  # held-out seeds, the same ones at every evaluation
+    every: int = 2  # evaluate every N iterations (and always at the start and the end)
+
+
+@dataclasses.dataclass
+class BudgetConfig:
+    minutes: float = 15.0  # wall clock for the whole run, start-up and final evaluation included
+    iterations: int = 0  # 0 = no limit
+    env_steps: int = 0  # 0 = no limit
+
+
+@dataclasses.dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto: online with WANDB_API_KEY set, offline otherwise; or online / offline / disabled
+    project: str = "flywheel"
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """``flywheel run``: the self-improvement loop."""
+
+    run_dir: str = "???"  # where everything of this run is written
+    seed: int = 0
+    experiment: str = "default"
+    env: EnvConfig = field(default_factory=EnvConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    """``flywheel pretrain``: behaviour cloning of the small VLA on scripted demonstrations."""
+
+    out_dir: str = "runs/pretrain"  # checkpoints, demos and metrics; the job resumes from here if started again
+    seed: int = 0
+    demos: int = 300  # the limited demonstration set
+    steps: int = 20000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 500
+    eval_every: int = 1000
+    eval_episodes: int = 500
+    checkpoint_every: int = 500
+    export: str = ""  # also copy the final weights here (e.g. flywheel/assets/base_vla.safetensors)
+    env: EnvConfig = field(default_factory=EnvConfig)
+
+
+_SCHEMAS = {"run": ("run_schema", RunConfig), "pretrain": ("pretrain_schema", PretrainConfig)}
+
+
+def _register() -> None:
+    cs = ConfigStore.instance()
+    for name, schema in _SCHEMAS.values():
+        cs.store(name=name, node=schema)
+
+
+class ConfigError(ValueError):
+    """A config that does not compose: an unknown key, a wrong type, a missing value."""
+
+
+def load_config(name: str, overrides: list[str]) -> DictConfig:
+    """Compose ``configs/<name>.yaml`` with command-line overrides (``key=value``), checked against the schema."""
+    _register()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="configs", version_base=None):
+            cfg = compose(config_name=name, overrides=list(overrides))
+    except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException) as e:
+        cause = e.__cause__ or e
+        raise ConfigError(
+            f"bad config for `flywheel {name}`: {cause}\n"
+            f"Valid keys are those of {_SCHEMAS[name][1].__name__} in flywheel/config.py; "
+            f"`flywheel {name} --help` lists them with their defaults."
+        ) from e
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]

@@ -1,0 +1,133 @@
+"""The contracts every part of flywheel speaks. This module imports nothing else of the project.
+
+The loop, as data (see ``flywheel.loop.run_loop``)::
+
+    collect  : Policy (a PolicySnapshot) acts in environments      -> Episode
+    store    : EpisodeStore.add(Episode)                            (durable, append-only)
+    label    : SuccessDetector scores Episode                       -> Label (appended, never rewritten)
+    update   : Learner.update(labelled episodes)                    -> training stats
+    publish  : Learner.snapshot()                                   -> PolicySnapshot v+1 -> every actor
+    evaluate : held-out seeds, simulator ground truth               -> success rate with a 95% interval
+
+Shapes and dtypes (B = batch, T = steps, H x W = image, P = proprio dims, C = chunk length, A = action dims):
+
+- ``observations["image"]``:   uint8   (T+1, H, W, 3)  RGB, the overhead camera, one frame per state
+- ``observations["proprio"]``: float32 (T+1, P)        end-effector x, y in [0, 1] and gripper closed in {0, 1}
+- ``actions``:                 float32 (T, A)          as executed, each in [-1, 1]
+- a policy's action chunk:     float32 (B, C, A)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+SPLITS = ("train", "eval", "holdout")
+LABEL_SOURCES = ("detector", "human", "ground_truth", "demo")
+
+
+@dataclasses.dataclass(frozen=True)
+class Label:
+    """One judgement of an episode. An episode may carry many; relabelling appends, it never rewrites."""
+
+    source: str  # one of LABEL_SOURCES
+    success: bool
+    version: str = ""  # detector version ("detector-3"), a human's name, or "" for ground truth / demo markers
+    score: float | None = None  # P(success) for a detector
+    threshold: float | None = None
+    created: float = dataclasses.field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        if self.source not in LABEL_SOURCES:
+            raise ValueError(f"label source {self.source!r} is not one of {LABEL_SOURCES}")
+
+
+@dataclasses.dataclass
+class Episode:
+    """One attempt at one instruction, with its lineage.
+
+    ``ground_truth`` holds the simulator's own success predicate. It is kept apart from ``labels``: the learner reads
+    labels only, and sees ground truth only where a config says so explicitly.
+    """
+
+    id: str
+    task: str  # task family, e.g. "push"
+    instruction: str
+    env_id: str
+    seed: int
+    split: str  # one of SPLITS
+    policy_version: int  # -1 for the scripted expert
+    observations: dict[str, np.ndarray]
+    actions: np.ndarray
+    extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    ground_truth: dict[str, Any] | None = None  # {"success": bool} where the environment knows
+    labels: list[Label] = dataclasses.field(default_factory=list)
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)  # created, interventions, resets, ...
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"episode split {self.split!r} is not one of {SPLITS}")
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.actions.shape[0])
+
+    def latest_label(self, source: str | None = None) -> Label | None:
+        """The newest label, optionally only from one source."""
+        chosen = [lab for lab in self.labels if source is None or lab.source == source]
+        return max(chosen, key=lambda lab: lab.created) if chosen else None
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySnapshot:
+    """One published version of the trainable weights, as numpy arrays (cheap to ``ray.put`` and to send)."""
+
+    version: int
+    weights: dict[str, np.ndarray]
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Observation batch + instructions -> action chunk."""
+
+    chunk: int  # C: steps per predicted chunk
+    action_dim: int  # A
+
+    def act(
+        self, images: np.ndarray, proprio: np.ndarray, instructions: list[str], seed: int | None = None
+    ) -> np.ndarray:
+        """images uint8 (B, H, W, 3), proprio float32 (B, P) -> actions float32 (B, C, A) in [-1, 1]."""
+        ...
+
+    def get_weights(self) -> dict[str, np.ndarray]: ...
+
+    def load_weights(self, weights: dict[str, np.ndarray]) -> None: ...
+
+
+@runtime_checkable
+class SuccessDetector(Protocol):
+    """An episode's frames + its instruction -> P(success). Frozen while it labels one iteration."""
+
+    version: str
+    threshold: float
+
+    def score(self, episodes: list[Episode]) -> np.ndarray:
+        """P(success) per episode, float32 (N,)."""
+        ...
+
+
+@runtime_checkable
+class Learner(Protocol):
+    """Turns labelled episodes into better weights."""
+
+    version: int
+
+    def update(self, episodes: list[Episode]) -> dict[str, float]:
+        """One RL update from newly labelled episodes; returns training statistics."""
+        ...
+
+    def snapshot(self) -> PolicySnapshot: ...

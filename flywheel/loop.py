@@ -1,0 +1,176 @@
+"""The flywheel loop: collect -> store -> label -> update -> publish -> evaluate -> log, each phase timed.
+
+Every part arrives through its contract (``flywheel.contracts``); the same function runs with in-process workers
+(tests, debugging) or Ray actors (real runs). Episodes are stored the moment they come back, before anything else
+touches them, so a crash later in the iteration loses no completed episode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from flywheel.checkpoint import CheckpointDir
+from flywheel.contracts import Episode, Label, Learner, PolicySnapshot, SuccessDetector
+from flywheel.metrics import MetricsSink, PhaseTimer, wilson_interval
+from flywheel.store import EpisodeStore
+
+
+class Rollouts(Protocol):
+    def collect(self, seeds: list[int], split: str, sample_seed: int = 0) -> list[Episode]: ...
+
+    def publish(self, snapshot: PolicySnapshot) -> list[int]: ...
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """Ground-truth success of one policy version on the held-out evaluation seeds."""
+
+    version: int
+    episodes: int
+    successes: int
+    ci95: tuple[float, float]
+    per_task: dict[str, float]
+
+    @property
+    def success(self) -> float:
+        return self.successes / max(1, self.episodes)
+
+    def as_metrics(self, prefix: str = "eval") -> dict[str, Any]:
+        out = {
+            f"{prefix}/success": self.success,
+            f"{prefix}/ci95_low": self.ci95[0],
+            f"{prefix}/ci95_high": self.ci95[1],
+            f"{prefix}/episodes": self.episodes,
+            f"{prefix}/version": self.version,
+        }
+        out.update({f"{prefix}/success_{task}": rate for task, rate in self.per_task.items()})
+        return out
+
+
+def evaluate(rollouts: Rollouts, seeds: list[int], version: int, sample_seed: int = 12345) -> Evaluation:
+    """Run the current policy on the held-out seeds and score it with the simulator's ground truth.
+
+    The same seeds and the same sampling seed every time, so two versions are compared on identical layouts.
+    Evaluation episodes are not stored and never reach the learner.
+    """
+    episodes = rollouts.collect(seeds, "eval", sample_seed=sample_seed)
+    ok = np.array([bool(ep.ground_truth and ep.ground_truth["success"]) for ep in episodes])
+    tasks = sorted({ep.task for ep in episodes})
+    per_task = {t: float(np.mean([o for o, ep in zip(ok, episodes) if ep.task == t])) for t in tasks}
+    return Evaluation(version, len(ok), int(ok.sum()), wilson_interval(int(ok.sum()), len(ok)), per_task)
+
+
+def label_episodes(detector: SuccessDetector, episodes: list[Episode]) -> list[Label]:
+    """One frozen detector version judges every episode; the labels are appended, never replacing older ones."""
+    scores = detector.score(episodes)
+    labels = [
+        Label(source="detector", success=bool(s >= detector.threshold), version=detector.version,
+              score=float(s), threshold=detector.threshold)
+        for s in scores
+    ]
+    for ep, lab in zip(episodes, labels):
+        ep.labels.append(lab)
+    return labels
+
+
+@dataclasses.dataclass
+class Budget:
+    """Stop when wall clock, iterations or env steps run out. ``reserve_s`` keeps time for the final evaluation."""
+
+    deadline: float  # time.time() by which the run must be done
+    max_iterations: int = 0
+    max_env_steps: int = 0
+
+    def allows(self, iteration: int, env_steps: int, next_iteration_s: float, reserve_s: float) -> bool:
+        if self.max_iterations and iteration >= self.max_iterations:
+            return False
+        if self.max_env_steps and env_steps >= self.max_env_steps:
+            return False
+        return time.time() + next_iteration_s + reserve_s <= self.deadline
+
+
+@dataclasses.dataclass
+class LoopState:
+    iteration: int = 0
+    episodes: int = 0
+    env_steps: int = 0
+    next_train_index: int = 0  # the next training seed index: seeds are never reused
+    evaluations: list[Evaluation] = dataclasses.field(default_factory=list)
+
+
+def run_loop(
+    *,
+    rollouts: Rollouts,
+    store: EpisodeStore,
+    detector: SuccessDetector,
+    learner: Learner,
+    metrics: MetricsSink,
+    checkpoints: CheckpointDir,
+    budget: Budget,
+    train_seed: Callable[[int], int],
+    eval_seeds: list[int],
+    episodes_per_iteration: int,
+    eval_every: int,
+    state: LoopState,
+    on_iteration: Callable[[LoopState, dict[str, Any]], None] = lambda state, row: None,
+) -> LoopState:
+    """Turn the flywheel until the budget runs out; returns the final state (evaluations first to last)."""
+    if not state.evaluations:
+        state.evaluations.append(evaluate(rollouts, eval_seeds, learner.version))
+        metrics.log(state.evaluations[-1].as_metrics(), step=0)
+        on_iteration(state, state.evaluations[-1].as_metrics())
+    last_iteration_s, eval_s = 0.0, 0.0
+    while budget.allows(state.iteration, state.env_steps, last_iteration_s, reserve_s=eval_s * 1.2 + 2.0):
+        started = time.perf_counter()
+        timer = PhaseTimer()
+        with timer("collect"):
+            seeds = [train_seed(state.next_train_index + i) for i in range(episodes_per_iteration)]
+            episodes = rollouts.collect(seeds, "train", sample_seed=state.next_train_index)
+            state.next_train_index += episodes_per_iteration
+        with timer("store"):
+            for ep in episodes:
+                store.add(ep)
+        with timer("label"):
+            labels = label_episodes(detector, episodes)
+            store.add_labels([(ep.id, lab) for ep, lab in zip(episodes, labels)])
+        with timer("update"):
+            # The learner sees labels, never the simulator's ground truth.
+            stats = learner.update([dataclasses.replace(ep, ground_truth=None) for ep in episodes])
+        with timer("publish"):
+            snapshot = learner.snapshot()
+            rollouts.publish(snapshot)
+            checkpoints.save(snapshot.version, snapshot.weights, {"version": snapshot.version, **snapshot.meta})
+        state.iteration += 1
+        state.episodes += len(episodes)
+        state.env_steps += sum(ep.num_steps for ep in episodes)
+        row: dict[str, Any] = {
+            "iteration": state.iteration,
+            "policy_version": snapshot.version,
+            "episodes": state.episodes,
+            "env_steps": state.env_steps,
+            # Claimed (detector) against true (simulator) success of the collected episodes: the gap is what an
+            # audit watches. The learner never saw the second number.
+            "train/claimed_success": float(np.mean([lab.success for lab in labels])),
+            "train/true_success": float(np.mean([bool(ep.ground_truth["success"]) for ep in episodes])),
+            **{f"learner/{k}": v for k, v in stats.items()},
+        }
+        if state.iteration % eval_every == 0:
+            with timer("evaluate"):
+                state.evaluations.append(evaluate(rollouts, eval_seeds, snapshot.version))
+            row.update(state.evaluations[-1].as_metrics())
+            eval_s = timer.seconds["evaluate"]
+        row.update(timer.as_metrics())
+        metrics.log(row, step=state.iteration)
+        on_iteration(state, row)
+        last_iteration_s = time.perf_counter() - started - timer.seconds.get("evaluate", 0.0)
+        if eval_s == 0.0:
+            eval_s = timer.seconds["collect"] * len(eval_seeds) / max(1, episodes_per_iteration)
+    if state.evaluations[-1].version != learner.version:
+        state.evaluations.append(evaluate(rollouts, eval_seeds, learner.version))
+        metrics.log(state.evaluations[-1].as_metrics(), step=state.iteration)
+        on_iteration(state, state.evaluations[-1].as_metrics())
+    return state

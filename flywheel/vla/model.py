@@ -1,0 +1,230 @@
+"""The built-in small VLA: camera image + instruction + proprioception -> a chunk of continuous actions.
+
+One module both sides import: actors run it, the learner trains it, and the success detector reuses its
+vision-language encoder.
+
+Architecture (sizes for the defaults; B batch, N = (64/4)^2 = 256 patches, L = 12 tokens, d = 64):
+
+    image uint8 (B,64,64,3) + xy coordinate planes --conv 4x4/4--> patch tokens (B,N,d) (+ depthwise 3x3 context)
+    instruction --Tokenizer--> ids (B,L) --embedding + 1 self-attention layer--> text tokens (B,L,d)
+    proprio (B,3) --linear--> one proprio token
+    grounding:  [text tokens, proprio token] cross-attend over the patch tokens (x2)   <- instruction picks objects
+    trunk:      self-attention over [cls, grounded tokens] (x2)                       -> context (B,2d)
+    action expert (flow matching): MLP(context, noisy chunk, t) -> velocity (B,C,A)
+
+Why grounding by cross-attention: a quick trial found that FiLM conditioning with spatial-softmax keypoints fitted
+its demonstrations but ignored the colour words on new layouts; a colour word needs a way to *look up* where the
+object of that colour is. A text token's query matches the patches of its object, and the values it reads back
+carry their position (learned position embeddings plus the coordinate planes fed to the patch conv).
+
+Flow matching (as in pi0's action expert): x_t = t*a + (1-t)*eps, the head regresses v = a - eps, and sampling
+integrates dx/dt = v from pure noise at t=0 to an action chunk at t=1 in ``flow_steps`` Euler steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flywheel.vla.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class VLAConfig:
+    """Shape of the small VLA. Stored beside every checkpoint; a checkpoint only loads into the same shape."""
+
+    image_size: int = 64
+    patch: int = 8  # patch side in pixels
+    dim: int = 64  # token width
+    heads: int = 4
+    ground_layers: int = 2  # cross-attention blocks: text/proprio tokens over image patches
+    trunk_layers: int = 2
+    max_tokens: int = 12
+    proprio_dim: int = 3
+    chunk: int = 8  # C: actions per predicted chunk
+    action_dim: int = 3  # A
+    head_hidden: int = 256
+    flow_steps: int = 10  # Euler steps when sampling
+
+
+class GroundingBlock(nn.Module):
+    """Queries attend over image patches, then over each other, then an MLP (pre-norm residual).
+
+    Besides the usual attention read-out, each head also returns where it looked: the attention-weighted mean of
+    the patch centres, a language-conditioned keypoint. Acting is mostly "move from here to there", so handing the
+    trunk explicit coordinates makes grounding much faster to learn than recovering them from value vectors.
+    """
+
+    def __init__(self, d: int, heads: int, patch_xy: torch.Tensor):
+        super().__init__()
+        self.heads, self.dh = heads, d // heads
+        self.ln_q, self.ln_kv, self.ln_s, self.ln_m = (nn.LayerNorm(d) for _ in range(4))
+        self.q, self.kv, self.o = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+        self.where = nn.Linear(2 * heads, d)
+        self.register_buffer("patch_xy", patch_xy, persistent=False)  # (N, 2) patch centres in [-0.5, 0.5]
+        self.self_attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor, patches: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        b, lq, d = x.shape
+        q = self.q(self.ln_q(x)).view(b, lq, self.heads, self.dh).transpose(1, 2)  # (B,h,Lq,dh)
+        k, v = self.kv(self.ln_kv(patches)).view(b, -1, 2, self.heads, self.dh).permute(2, 0, 3, 1, 4)
+        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.dh), dim=-1)  # (B,h,Lq,N)
+        read = (attn @ v).transpose(1, 2).reshape(b, lq, d)
+        where = (attn @ self.patch_xy).transpose(1, 2).reshape(b, lq, 2 * self.heads)  # keypoints (B,Lq,2h)
+        x = x + self.o(read) + self.where(where)
+        h = self.ln_s(x)
+        x = x + self.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0]
+        return x + self.mlp(self.ln_m(x))
+
+
+class VisionLanguageEncoder(nn.Module):
+    """image uint8 (B,H,W,3*frames) + token ids (B,L) + proprio (B,P) or None -> context float32 (B, 2d)."""
+
+    def __init__(self, cfg: VLAConfig, vocab_size: int, in_frames: int = 1, use_proprio: bool = True):
+        super().__init__()
+        d, n_side = cfg.dim, cfg.image_size // cfg.patch
+        self.use_proprio = use_proprio
+        self.patchify = nn.Conv2d(3 * in_frames + 2, d, kernel_size=cfg.patch, stride=cfg.patch)
+        self.context = nn.Conv2d(d, d, kernel_size=3, padding=1, groups=d)
+        self.patch_pos = nn.Parameter(torch.randn(1, n_side * n_side, d) * 0.02)
+        coords = (torch.arange(cfg.image_size, dtype=torch.float32) + 0.5) / cfg.image_size - 0.5
+        yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+        self.register_buffer("coord_planes", torch.stack([xx, yy])[None], persistent=False)
+        self.tok_emb = nn.Embedding(vocab_size, d)
+        self.tok_pos = nn.Parameter(torch.randn(1, cfg.max_tokens, d) * 0.02)
+        self.text = nn.TransformerEncoderLayer(d, cfg.heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.proprio = nn.Linear(cfg.proprio_dim, d) if use_proprio else None
+        centres = (torch.arange(n_side, dtype=torch.float32) + 0.5) / n_side - 0.5
+        gy, gx = torch.meshgrid(centres, centres, indexing="ij")
+        patch_xy = torch.stack([gx.flatten(), gy.flatten()], dim=-1)
+        self.ground = nn.ModuleList(GroundingBlock(d, cfg.heads, patch_xy) for _ in range(cfg.ground_layers))
+        self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, cfg.heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.trunk = nn.TransformerEncoder(layer, cfg.trunk_layers, enable_nested_tensor=False)
+        self.out_norm = nn.LayerNorm(2 * d)
+
+    def patches(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float() / 255.0 - 0.5
+        x = torch.cat([x, self.coord_planes.expand(x.shape[0], -1, -1, -1)], dim=1)
+        x = F.gelu(self.patchify(x))
+        x = x + self.context(x)
+        return x.flatten(2).transpose(1, 2) + self.patch_pos
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor | None = None) -> torch.Tensor:
+        patches = self.patches(images)
+        pad = ids == 0
+        tokens = self.tok_emb(ids) + self.tok_pos[:, : ids.shape[1]]
+        tokens = self.text(tokens, src_key_padding_mask=pad)
+        if self.proprio is not None:
+            tokens = torch.cat([tokens, self.proprio(proprio)[:, None]], dim=1)
+            pad = torch.cat([pad, torch.zeros_like(pad[:, :1])], dim=1)
+        for block in self.ground:
+            tokens = block(tokens, patches, pad)
+        b = ids.shape[0]
+        x = torch.cat([self.cls.expand(b, -1, -1), tokens], dim=1)
+        pad = torch.cat([torch.zeros_like(pad[:, :1]), pad], dim=1)
+        x = self.trunk(x, src_key_padding_mask=pad)
+        if self.proprio is not None:
+            last = x[:, -1]
+        else:  # mean over the real text tokens
+            keep = (~pad[:, 1:]).float().unsqueeze(-1)
+            last = (x[:, 1:] * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+        return self.out_norm(torch.cat([x[:, 0], last], dim=-1))
+
+
+def time_features(t: torch.Tensor, n: int = 16) -> torch.Tensor:
+    """Sinusoidal features of the flow time t in [0, 1]: (B,) -> (B, n)."""
+    freqs = torch.exp(torch.linspace(0.0, math.log(1000.0), n // 2, device=t.device))
+    angles = t[:, None] * freqs[None] * math.pi
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class FlowActionHead(nn.Module):
+    """The action expert: (context, noisy chunk x_t, t) -> velocity, all chunks flattened to C*A."""
+
+    def __init__(self, cfg: VLAConfig):
+        super().__init__()
+        self.flat = cfg.chunk * cfg.action_dim
+        h = cfg.head_hidden
+        self.inp = nn.Linear(2 * cfg.dim + self.flat + 16, h)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(h), nn.Linear(h, h), nn.GELU()) for _ in range(2))
+        self.out = nn.Linear(h, self.flat)
+
+    def forward(self, ctx: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.inp(torch.cat([ctx, x_t.flatten(1), time_features(t)], dim=-1)))
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h).view_as(x_t)
+
+
+class SmallVLA(nn.Module):
+    def __init__(self, cfg: VLAConfig | None = None):
+        super().__init__()
+        self.cfg = cfg or VLAConfig()
+        self.tokenizer = Tokenizer(self.cfg.max_tokens)
+        self.encoder = VisionLanguageEncoder(self.cfg, self.tokenizer.vocab_size)
+        self.head = FlowActionHead(self.cfg)
+
+    def tokenize(self, instructions: list[str], device: torch.device | None = None) -> torch.Tensor:
+        ids, _ = self.tokenizer(instructions)
+        return torch.from_numpy(ids).to(device or self.cls_device)
+
+    @property
+    def cls_device(self) -> torch.device:
+        return self.encoder.cls.device
+
+    def flow_loss(
+        self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor, actions: torch.Tensor,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Conditional flow-matching loss for target chunks ``actions`` (B,C,A); optional per-sample weights (B,)."""
+        ctx = self.encoder(images, ids, proprio)
+        noise = torch.randn_like(actions)
+        t = torch.rand(actions.shape[0], device=actions.device)
+        x_t = t[:, None, None] * actions + (1 - t[:, None, None]) * noise
+        per_sample = (self.head(ctx, x_t, t) - (actions - noise)).pow(2).mean(dim=(1, 2))
+        if weights is None:
+            return per_sample.mean()
+        return (per_sample * weights).sum() / weights.sum().clamp_min(1e-8)
+
+    @torch.no_grad()
+    def sample(
+        self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Integrate the flow from noise to an action chunk (B,C,A), clipped to [-1, 1]."""
+        ctx = self.encoder(images, ids, proprio)
+        b, cfg = images.shape[0], self.cfg
+        x = torch.randn(b, cfg.chunk, cfg.action_dim, generator=generator, device=images.device)
+        dt = 1.0 / cfg.flow_steps
+        for k in range(cfg.flow_steps):
+            t = torch.full((b,), k * dt, device=images.device)
+            x = x + dt * self.head(ctx, x, t)
+        return x.clamp(-1.0, 1.0)
+
+
+class VLAPolicy:
+    """The ``Policy`` contract around a SmallVLA, in numpy at its edges (converted once here)."""
+
+    def __init__(self, cfg: VLAConfig | None = None, model: SmallVLA | None = None):
+        self.model = model or SmallVLA(cfg)
+        self.model.eval()
+        self.chunk = self.model.cfg.chunk
+        self.action_dim = self.model.cfg.action_dim
+
+    def act(self, images: np.ndarray, proprio: np.ndarray, instructions: list[str], seed: int | None = None):
+        gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        ids = self.model.tokenize(instructions)
+        out = self.model.sample(torch.from_numpy(images), ids, torch.from_numpy(proprio).float(), generator=gen)
+        return out.numpy().astype(np.float32)
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+
+    def load_weights(self, weights: dict[str, np.ndarray]) -> None:
+        self.model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()})

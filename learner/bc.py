@@ -1,0 +1,115 @@
+"""Behaviour cloning of action chunks with the flow-matching loss: the update both pretraining and the RL
+algorithms build on.
+
+A sample is (image at step t, proprio at t, instruction, actions t..t+C-1). Every step of an episode is a sample
+start, not only the chunk boundaries the policy acted on: more samples from the same data, and the policy learns to
+act from any state it may be in. Chunks that run past the episode's end are padded with "stay still, keep the
+gripper as it was", which is what the robot does after success.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from flywheel.contracts import Episode
+from flywheel.vla.model import SmallVLA
+
+
+def action_chunks(actions: np.ndarray, chunk: int) -> np.ndarray:
+    """actions (T, A) -> chunks (T, C, A): chunk t holds actions t..t+C-1, padded past the end."""
+    t_len, a_dim = actions.shape
+    pad = np.zeros((chunk, a_dim), np.float32)
+    pad[:, -1] = actions[-1, -1] if t_len else -1.0
+    padded = np.concatenate([actions.astype(np.float32), pad], axis=0)
+    idx = np.arange(t_len)[:, None] + np.arange(chunk)[None]
+    return padded[idx]
+
+
+class ChunkDataset:
+    """In-memory samples from a set of episodes, each episode with a sample weight; sampled uniformly by step.
+
+    ``max_episodes`` bounds memory: past it, the oldest non-pinned episodes are dropped first (pinned ones, such as
+    the demonstrations, stay).
+    """
+
+    def __init__(self, model: SmallVLA, max_episodes: int = 4000):
+        self.chunk = model.cfg.chunk
+        self.tokenizer = model.tokenizer
+        self.max_episodes = max_episodes
+        self._eps: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float, bool]] = []
+        self._cache: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return sum(len(e[2]) for e in self._eps)
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self._eps)
+
+    def add(self, episodes: list[Episode], weight: float = 1.0, pinned: bool = False) -> None:
+        for ep in episodes:
+            t_len = ep.num_steps
+            if t_len == 0:
+                continue
+            ids, _ = self.tokenizer([ep.instruction])
+            self._eps.append(
+                (
+                    ep.observations["image"][:t_len],
+                    ep.observations["proprio"][:t_len].astype(np.float32),
+                    action_chunks(ep.actions, self.chunk),
+                    ids[0],
+                    float(weight),
+                    pinned,
+                )
+            )
+        overflow = len(self._eps) - self.max_episodes
+        if overflow > 0:
+            drop = [i for i, e in enumerate(self._eps) if not e[5]][:overflow]
+            dropped = set(drop)
+            self._eps = [e for i, e in enumerate(self._eps) if i not in dropped]
+        self._cache = None
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        if self._cache is None:
+            lens = [len(e[2]) for e in self._eps]
+            self._cache = {
+                "images": torch.from_numpy(np.concatenate([e[0] for e in self._eps])),
+                "proprio": torch.from_numpy(np.concatenate([e[1] for e in self._eps])),
+                "actions": torch.from_numpy(np.concatenate([e[2] for e in self._eps])),
+                "ids": torch.from_numpy(np.repeat(np.stack([e[3] for e in self._eps]), lens, axis=0)),
+                "weights": torch.from_numpy(np.repeat(np.array([e[4] for e in self._eps], np.float32), lens)),
+            }
+        return self._cache
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        data = self._tensors()
+        idx = torch.randint(0, data["actions"].shape[0], (batch_size,), generator=generator)
+        return {k: v[idx] for k, v in data.items()}
+
+
+class BCTrainer:
+    """AdamW on the flow-matching loss, gradient-clipped. Holds the optimizer so that training can resume."""
+
+    def __init__(self, model: SmallVLA, lr: float = 3e-4, weight_decay: float = 1e-4, grad_clip: float = 1.0):
+        self.model = model
+        self.grad_clip = grad_clip
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def step(self, batch: dict[str, torch.Tensor], weighted: bool = False) -> float:
+        self.model.train()
+        loss = self.model.flow_loss(
+            batch["images"], batch["ids"], batch["proprio"], batch["actions"],
+            weights=batch["weights"] if weighted else None,
+        )
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"behaviour-cloning loss is {loss.item()}: the weights or the batch hold NaN/inf. "
+                "Lower the learning rate or restore the last good checkpoint."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.model.eval()
+        return float(loss.item())

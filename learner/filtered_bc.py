@@ -1,0 +1,66 @@
+"""Success-filtered behaviour cloning on the policy's own, detector-labelled episodes.
+
+Why this algorithm first: with a binary success detector as the only reward, the episodes the detector calls
+successes are exactly the positive-advantage samples of RECAP / AWR with a 0-1 return, and cloning them is the
+simplest update that provably cannot be hacked by reward scale. The policy practises in layouts its demonstrations
+never covered; its own successes there become new demonstrations, and its success on held-out layouts rises.
+The pretraining demonstrations are replayed alongside (pinned in the buffer) so that the policy does not drift from
+what it already knew. RECAP and PPO/GRPO build on the same ``Learner`` contract (issue 5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from flywheel.contracts import Episode, PolicySnapshot
+from flywheel.vla.model import SmallVLA
+from learner.bc import BCTrainer, ChunkDataset
+
+
+class FilteredBCLearner:
+    """The ``Learner`` contract: ``update(labelled episodes) -> stats``; ``snapshot() -> PolicySnapshot``."""
+
+    def __init__(
+        self,
+        model: SmallVLA,
+        demos: list[Episode],
+        *,
+        version: int = 0,
+        steps_per_update: int = 200,
+        batch_size: int = 64,
+        lr: float = 3e-4,
+        max_episodes: int = 4000,
+        seed: int = 0,
+    ):
+        self.model = model
+        self.version = version
+        self.steps_per_update = steps_per_update
+        self.batch_size = batch_size
+        self.data = ChunkDataset(model, max_episodes=max_episodes)
+        self.data.add(demos, pinned=True)
+        self.trainer = BCTrainer(model, lr=lr)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @staticmethod
+    def judged_success(ep: Episode) -> bool:
+        label = ep.latest_label("detector")
+        if label is None:
+            raise ValueError(f"episode {ep.id} has no detector label: label episodes before the update")
+        return label.success
+
+    def update(self, episodes: list[Episode]) -> dict[str, float]:
+        kept = [ep for ep in episodes if self.judged_success(ep)]
+        self.data.add(kept)
+        losses = [self.trainer.step(self.data.sample(self.batch_size, self.generator)) for _ in range(self.steps_per_update)]
+        self.version += 1
+        return {
+            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "kept_episodes": len(kept),
+            "kept_fraction": len(kept) / max(1, len(episodes)),
+            "buffer_episodes": self.data.num_episodes,
+        }
+
+    def snapshot(self) -> PolicySnapshot:
+        weights = {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+        return PolicySnapshot(version=self.version, weights=weights, meta={"algorithm": "filtered_bc"})
