@@ -46,6 +46,9 @@ def run_episodes(
     proprio = [[o["proprio"]] for o, _ in first]
     actions: list[list[np.ndarray]] = [[] for _ in seeds]
     infos = [info for _, info in first]
+    # The scripted expert also records where the named block and target are (privileged simulator state), for the
+    # policy's auxiliary grounding loss during pretraining. Policies never see it.
+    aux = [[_aux_positions(env)] for env in envs] if policy is None else None
     running = list(range(len(envs)))
     rng = np.random.default_rng(sample_seed)
     chunk: np.ndarray | None = None
@@ -68,6 +71,8 @@ def run_episodes(
                 images[i].append(obs["image"])
                 proprio[i].append(obs["proprio"])
                 actions[i].append(np.asarray(a, np.float32))
+                if aux is not None:
+                    aux[i].append(_aux_positions(env))
                 infos[i] = info
                 if term or trunc:
                     done = True
@@ -87,11 +92,17 @@ def run_episodes(
             policy_version=int(policy_version),
             observations={"image": np.stack(images[i]), "proprio": np.stack(proprio[i])},
             actions=np.stack(actions[i]),
+            extras={"aux_positions": np.stack(aux[i])} if aux is not None else {},
             ground_truth={"success": bool(infos[i]["success"])},
             info={"created": now, "max_steps": max_steps, "execute": execute},
         )
         for i in range(len(seeds))
     ]
+
+
+def _aux_positions(env: TabletopEnv) -> np.ndarray:
+    s = env.state()
+    return np.concatenate([s["block"], s["target"]]).astype(np.float32)
 
 
 class RolloutWorker:

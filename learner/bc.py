@@ -37,7 +37,7 @@ class ChunkDataset:
         self.chunk = model.cfg.chunk
         self.tokenizer = model.tokenizer
         self.max_episodes = max_episodes
-        self._eps: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float, bool]] = []
+        self._eps: list[tuple] = []
         self._cache: dict[str, torch.Tensor] | None = None
 
     def __len__(self) -> int:
@@ -53,6 +53,7 @@ class ChunkDataset:
             if t_len == 0:
                 continue
             ids, _ = self.tokenizer([ep.instruction])
+            aux = ep.extras.get("aux_positions")
             self._eps.append(
                 (
                     ep.observations["image"][:t_len],
@@ -61,6 +62,8 @@ class ChunkDataset:
                     ids[0],
                     float(weight),
                     pinned,
+                    aux[:t_len].astype(np.float32) if aux is not None else np.zeros((t_len, 4), np.float32),
+                    aux is not None,
                 )
             )
         overflow = len(self._eps) - self.max_episodes
@@ -79,6 +82,8 @@ class ChunkDataset:
                 "actions": torch.from_numpy(np.concatenate([e[2] for e in self._eps])),
                 "ids": torch.from_numpy(np.repeat(np.stack([e[3] for e in self._eps]), lens, axis=0)),
                 "weights": torch.from_numpy(np.repeat(np.array([e[4] for e in self._eps], np.float32), lens)),
+                "aux": torch.from_numpy(np.concatenate([e[6] for e in self._eps])),
+                "aux_mask": torch.from_numpy(np.repeat(np.array([e[7] for e in self._eps], np.float32), lens)),
             }
         return self._cache
 
@@ -100,7 +105,7 @@ class BCTrainer:
         self.model.train()
         loss = self.model.flow_loss(
             batch["images"], batch["ids"], batch["proprio"], batch["actions"],
-            weights=batch["weights"] if weighted else None,
+            weights=batch["weights"] if weighted else None, aux=batch["aux"], aux_mask=batch["aux_mask"],
         )
         if not torch.isfinite(loss):
             raise FloatingPointError(

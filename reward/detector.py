@@ -40,7 +40,7 @@ class DetectorNet(nn.Module):
         )
         self.tokenizer = Tokenizer(c.max_tokens)
         self.encoder = VisionLanguageEncoder(enc_cfg, self.tokenizer.vocab_size, use_proprio=False)
-        self.head = nn.Sequential(nn.Linear(2 * c.dim, c.dim), nn.GELU(), nn.Linear(c.dim, 1))
+        self.head = nn.Sequential(nn.Linear(self.encoder.out_dim, c.dim), nn.GELU(), nn.Linear(c.dim, 1))
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """images uint8 (B,H,W,3), ids int64 (B,L) -> success logits (B,)."""

@@ -83,6 +83,45 @@ class GroundingBlock(nn.Module):
         return x + self.mlp(self.ln_m(x))
 
 
+LOGIT_SCALE_INIT = 8.0
+
+
+class PixelKeypoints(nn.Module):
+    """Language-conditioned spatial softmax over a fine pixel grid.
+
+    Each query token, per head, scores every cell of the image pooled 2x2 (32x32 cells for a 64x64 image; keys
+    from each cell's colour only, so that attention cannot latch onto positions) and returns the expected cell position under the softmax: a precise
+    keypoint for "the red block" at little cost. Patch attention alone localises only to a patch (8 px = 0.125 of
+    the table), coarser than a grasp needs.
+    """
+
+    def __init__(self, d: int, heads: int, in_channels: int, key_dim: int = 16):
+        super().__init__()
+        self.heads, self.key_dim = heads, key_dim
+        # Linear layers per cell (not 1x1 convs: those are several times slower on CPU at this width).
+        self.keys = nn.Sequential(nn.Linear(in_channels - 2, 32), nn.GELU(), nn.Linear(32, heads * key_dim))
+        self.q = nn.Linear(d, heads * key_dim)
+        self.out = nn.Linear(2 * heads, d)
+        self.ln = nn.LayerNorm(d)
+        self.ln_k = nn.LayerNorm(heads * key_dim)
+        # A softmax over ~1,000 cells starts out uniform, and then each object cell gets ~1/1000 of the gradient:
+        # learning to find anything is slow. A large learnable logit scale lets attention sharpen from the start.
+        self.log_scale = nn.Parameter(torch.tensor(math.log(LOGIT_SCALE_INIT)))
+
+    def forward(self, x: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B,Lq,d), pixels (B,C,H,W), the last two channels the x/y planes -> (x + keypoint features,
+        keypoints (B, Lq*2*heads))."""
+        b, lq, _ = x.shape
+        cells = F.avg_pool2d(pixels, 2).flatten(2).transpose(1, 2)  # (B,HW/4,C)
+        xy = cells[..., -2:]  # (B,HW/4,2) cell centres
+        k = self.ln_k(self.keys(cells[..., :-2])).view(b, -1, self.heads, self.key_dim).permute(0, 2, 3, 1)  # (B,h,k,HW/4)
+        q = self.q(self.ln(x)).view(b, lq, self.heads, self.key_dim).transpose(1, 2)
+        q = q * (self.log_scale.exp() / math.sqrt(self.key_dim))
+        attn = torch.softmax(q @ k, dim=-1)  # (B,h,Lq,HW/4)
+        where = (attn @ xy[:, None]).transpose(1, 2).reshape(b, lq, 2 * self.heads)
+        return x + self.out(where), where.flatten(1)
+
+
 class VisionLanguageEncoder(nn.Module):
     """image uint8 (B,H,W,3*frames) + token ids (B,L) + proprio (B,P) or None -> context float32 (B, 2d)."""
 
@@ -100,6 +139,7 @@ class VisionLanguageEncoder(nn.Module):
         self.tok_pos = nn.Parameter(torch.randn(1, cfg.max_tokens, d) * 0.02)
         self.text = nn.TransformerEncoderLayer(d, cfg.heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
         self.proprio = nn.Linear(cfg.proprio_dim, d) if use_proprio else None
+        self.keypoints = PixelKeypoints(d, cfg.heads, 3 * in_frames + 2)
         centres = (torch.arange(n_side, dtype=torch.float32) + 0.5) / n_side - 0.5
         gy, gx = torch.meshgrid(centres, centres, indexing="ij")
         patch_xy = torch.stack([gx.flatten(), gy.flatten()], dim=-1)
@@ -108,22 +148,32 @@ class VisionLanguageEncoder(nn.Module):
         layer = nn.TransformerEncoderLayer(d, cfg.heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
         self.trunk = nn.TransformerEncoder(layer, cfg.trunk_layers, enable_nested_tensor=False)
         self.out_norm = nn.LayerNorm(2 * d)
+        # Context = [cls, proprio token] (normalised) + every keypoint + raw proprio: the keypoints also reach the
+        # heads directly. Through the trunk alone they arrive slowly (a probe: position MSE 0.014 after 600 steps
+        # via the trunk, 0.0003 straight from the keypoints).
+        queries = cfg.max_tokens + (1 if use_proprio else 0)
+        self.out_dim = 2 * d + queries * 2 * cfg.heads + (cfg.proprio_dim if use_proprio else 0)
 
-    def patches(self, images: torch.Tensor) -> torch.Tensor:
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B,H,W,C) -> float (B,C+2,H,W) in [-0.5, 0.5], with x/y coordinate planes appended."""
         x = images.permute(0, 3, 1, 2).float() / 255.0 - 0.5
-        x = torch.cat([x, self.coord_planes.expand(x.shape[0], -1, -1, -1)], dim=1)
-        x = F.gelu(self.patchify(x))
+        return torch.cat([x, self.coord_planes.expand(x.shape[0], -1, -1, -1)], dim=1)
+
+    def patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.patchify(pixels))
         x = x + self.context(x)
         return x.flatten(2).transpose(1, 2) + self.patch_pos
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor | None = None) -> torch.Tensor:
-        patches = self.patches(images)
+        pixels = self.pixels(images)
+        patches = self.patches(pixels)
         pad = ids == 0
         tokens = self.tok_emb(ids) + self.tok_pos[:, : ids.shape[1]]
         tokens = self.text(tokens, src_key_padding_mask=pad)
         if self.proprio is not None:
             tokens = torch.cat([tokens, self.proprio(proprio)[:, None]], dim=1)
             pad = torch.cat([pad, torch.zeros_like(pad[:, :1])], dim=1)
+        tokens, where = self.keypoints(tokens, pixels)
         for block in self.ground:
             tokens = block(tokens, patches, pad)
         b = ids.shape[0]
@@ -135,7 +185,10 @@ class VisionLanguageEncoder(nn.Module):
         else:  # mean over the real text tokens
             keep = (~pad[:, 1:]).float().unsqueeze(-1)
             last = (x[:, 1:] * keep).sum(1) / keep.sum(1).clamp_min(1.0)
-        return self.out_norm(torch.cat([x[:, 0], last], dim=-1))
+        parts = [self.out_norm(torch.cat([x[:, 0], last], dim=-1)), where]
+        if self.proprio is not None:
+            parts.append(proprio - 0.5)
+        return torch.cat(parts, dim=-1)
 
 
 def time_features(t: torch.Tensor, n: int = 16) -> torch.Tensor:
@@ -148,11 +201,11 @@ def time_features(t: torch.Tensor, n: int = 16) -> torch.Tensor:
 class FlowActionHead(nn.Module):
     """The action expert: (context, noisy chunk x_t, t) -> velocity, all chunks flattened to C*A."""
 
-    def __init__(self, cfg: VLAConfig):
+    def __init__(self, cfg: VLAConfig, ctx_dim: int):
         super().__init__()
         self.flat = cfg.chunk * cfg.action_dim
         h = cfg.head_hidden
-        self.inp = nn.Linear(2 * cfg.dim + self.flat + 16, h)
+        self.inp = nn.Linear(ctx_dim + self.flat + 16, h)
         self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(h), nn.Linear(h, h), nn.GELU()) for _ in range(2))
         self.out = nn.Linear(h, self.flat)
 
@@ -169,7 +222,10 @@ class SmallVLA(nn.Module):
         self.cfg = cfg or VLAConfig()
         self.tokenizer = Tokenizer(self.cfg.max_tokens)
         self.encoder = VisionLanguageEncoder(self.cfg, self.tokenizer.vocab_size)
-        self.head = FlowActionHead(self.cfg)
+        self.head = FlowActionHead(self.cfg, self.encoder.out_dim)
+        # Auxiliary grounding head: predicts the named block's and target's (x, y) from the context. Trained only
+        # where an episode carries them (scripted demonstrations in simulation); unused when acting.
+        self.aux_head = nn.Linear(self.encoder.out_dim, 4)
 
     def tokenize(self, instructions: list[str], device: torch.device | None = None) -> torch.Tensor:
         ids, _ = self.tokenizer(instructions)
@@ -181,17 +237,27 @@ class SmallVLA(nn.Module):
 
     def flow_loss(
         self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor, actions: torch.Tensor,
-        weights: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None, aux: torch.Tensor | None = None, aux_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Conditional flow-matching loss for target chunks ``actions`` (B,C,A); optional per-sample weights (B,)."""
+        """Conditional flow-matching loss for target chunks ``actions`` (B,C,A); optional per-sample weights (B,).
+
+        ``aux`` (B,4) are the named block's and target's true positions where known (``aux_mask`` (B,) True), added
+        as a regression loss: privileged supervision that teaches the encoder to find what the instruction names
+        far faster than the action loss alone (a pixel-only trial sat at 0% success after 1,500 steps where the
+        same model given positions reached 46%).
+        """
         ctx = self.encoder(images, ids, proprio)
+        aux_loss = ctx.new_zeros(())
+        if aux is not None and aux_mask is not None and bool(aux_mask.any()):
+            err = (self.aux_head(ctx) - (aux - 0.5)).pow(2).mean(dim=1)
+            aux_loss = (err * aux_mask).sum() / aux_mask.sum()
         noise = torch.randn_like(actions)
         t = torch.rand(actions.shape[0], device=actions.device)
         x_t = t[:, None, None] * actions + (1 - t[:, None, None]) * noise
         per_sample = (self.head(ctx, x_t, t) - (actions - noise)).pow(2).mean(dim=(1, 2))
         if weights is None:
-            return per_sample.mean()
-        return (per_sample * weights).sum() / weights.sum().clamp_min(1e-8)
+            return per_sample.mean() + aux_loss
+        return (per_sample * weights).sum() / weights.sum().clamp_min(1e-8) + aux_loss
 
     @torch.no_grad()
     def sample(

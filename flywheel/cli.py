@@ -1,0 +1,161 @@
+"""The ``flywheel`` command.
+
+    flywheel run [key=value ...]            the self-improvement loop (Hydra overrides: budget.minutes=480, ...)
+    flywheel pretrain [key=value ...]       behaviour-clone the small VLA on scripted demonstrations (resumable)
+    flywheel reward train [key=value ...]   train a success detector on a run's labelled episodes
+    flywheel store check RUN_DIR [--repair] find (and move aside) damaged episode files
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console()
+
+
+def _schema_help(name: str) -> str:
+    from omegaconf import OmegaConf
+
+    from flywheel.config import load_config
+
+    cfg = load_config(name, [])
+    return OmegaConf.to_yaml(cfg)
+
+
+def _load(name: str, overrides: list[str]):
+    from flywheel.config import ConfigError, load_config
+
+    try:
+        return load_config(name, overrides)
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        sys.exit(2)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+    )
+
+
+def cmd_run(overrides: list[str]) -> int:
+    from omegaconf import OmegaConf
+
+    cfg = _load("run", overrides)
+    if OmegaConf.is_missing(cfg, "run_dir"):
+        OmegaConf.update(cfg, "run_dir", f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    from flywheel.run import run
+
+    budget_s = cfg.budget.minutes * 60
+    with _progress() as progress:
+        task = progress.add_task("flywheel", total=budget_s, info="starting")
+        start = time.time()
+
+        def on_iteration(state, row):
+            last = state.evaluations[-1]
+            info = (f"iter {state.iteration}  v{row.get('policy_version', 0)}  episodes {state.episodes}  "
+                    f"held-out success {last.success:.3f} (v{last.version})")
+            progress.update(task, completed=min(budget_s, time.time() - start), info=info)
+            if "iteration" in row:
+                progress.console.print(
+                    f"iter {row['iteration']:3d}  v{row['policy_version']}  claimed {row['train/claimed_success']:.2f}"
+                    f"  true {row['train/true_success']:.2f}  kept {row.get('learner/kept_episodes', 0)}"
+                    + (f"  eval {row['eval/success']:.3f}" if "eval/success" in row else "")
+                )
+
+        summary = run(cfg, say=lambda m: progress.console.print(m), on_iteration=on_iteration)
+        progress.update(task, completed=budget_s)
+    console.print(f"\nrun: [bold]{summary['run_dir']}[/bold]")
+    console.print(
+        f"held-out success (ground truth, {summary['eval_episodes']} episodes, same seeds): "
+        f"before {summary['initial_success']:.3f} [{summary['initial_ci95'][0]:.3f}, {summary['initial_ci95'][1]:.3f}]"
+        f"  ->  after {summary['final_success']:.3f} [{summary['final_ci95'][0]:.3f}, {summary['final_ci95'][1]:.3f}]"
+        f"   (policy v{summary['policy_version_final']}, {summary['episodes']} episodes, "
+        f"{summary['wall_seconds'] / 60:.1f} min)"
+    )
+    return 0
+
+
+def cmd_pretrain(overrides: list[str]) -> int:
+    cfg = _load("pretrain", overrides)
+    from flywheel.pretrain import pretrain
+
+    with _progress() as progress:
+        task = progress.add_task("pretrain", total=cfg.steps, info="")
+
+        def on_step(step, total, loss):
+            if step % 25 == 0 or step == total:
+                progress.update(task, completed=step, info=f"loss {loss:.4f}")
+
+        record = pretrain(cfg, say=lambda m: progress.console.print(m), progress=on_step)
+    console.print(f"base: {Path(cfg.out_dir) / 'base_vla.safetensors'}  held-out success {record['final']['success']:.3f}")
+    return 0
+
+
+def cmd_reward_train(overrides: list[str]) -> int:
+    cfg = _load("run", overrides)
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(cfg, "run_dir"):
+        console.print("[red]error:[/red] give the run directory: flywheel reward train run_dir=PATH")
+        return 2
+    from flywheel.run import train_reward
+
+    _, metrics = train_reward(cfg, say=console.print)
+    console.print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_store_check(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="flywheel store check")
+    parser.add_argument("run_dir")
+    parser.add_argument("--repair", action="store_true", help="move damaged files to episodes/quarantine/")
+    ns = parser.parse_args(args)
+    from flywheel.store import EpisodeStore
+
+    root = Path(ns.run_dir)
+    store = EpisodeStore(root / "episodes" if (root / "episodes").is_dir() else root)
+    bad = store.check(repair=ns.repair)
+    console.print(f"{len(store) + (len(bad) if ns.repair else 0)} episode files, {len(bad)} damaged")
+    for p in bad:
+        console.print(f"  {'moved to quarantine: ' if ns.repair else ''}{p}")
+    return 1 if bad and not ns.repair else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=os.environ.get("FLYWHEEL_LOG", "WARNING"))
+    if not argv or argv[0] in ("-h", "--help"):
+        console.print(__doc__, markup=False)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if rest and rest[0] in ("-h", "--help"):
+        name = "pretrain" if cmd == "pretrain" else "run"
+        console.print(__doc__, markup=False)
+        console.print("keys and defaults:\n" + _schema_help(name), markup=False)
+        return 0
+    if cmd == "run":
+        return cmd_run(rest)
+    if cmd == "pretrain":
+        return cmd_pretrain(rest)
+    if cmd == "reward" and rest[:1] == ["train"]:
+        return cmd_reward_train(rest[1:])
+    if cmd == "store" and rest[:1] == ["check"]:
+        return cmd_store_check(rest[1:])
+    console.print(f"[red]error:[/red] unknown command {' '.join(argv[:2])!r}")
+    console.print(__doc__, markup=False)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

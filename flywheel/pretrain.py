@@ -1,0 +1,126 @@
+"""``flywheel pretrain``: behaviour cloning of the small VLA on a limited set of scripted demonstrations.
+
+Resumable: started again with the same ``out_dir`` it continues from the newest good checkpoint (weights,
+optimizer, step and sampler state), so an interrupted hour is not lost. At the end it writes
+``out_dir/base_vla.safetensors`` and ``out_dir/base_vla.json`` (the command, seed and metrics that made it), and with
+``export=PATH`` copies both there (the repository ships one at flywheel/assets/).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from actors.rollout import run_episodes
+from actors.tabletop import split_seed
+from flywheel.checkpoint import CheckpointDir, CheckpointError
+from flywheel.metrics import wilson_interval
+from flywheel.store import EpisodeStore, atomic_write_bytes
+from flywheel.vla.checkpoint import save_policy
+from flywheel.vla.model import SmallVLA, VLAConfig, VLAPolicy
+from learner.bc import BCTrainer, ChunkDataset
+
+
+def lr_at(step: int, cfg: DictConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak: the last steps settle the weights (convergence)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def evaluate_policy(model: SmallVLA, n: int, env_kwargs: dict) -> dict[str, Any]:
+    seeds = [split_seed("eval", i) for i in range(n)]
+    eps = run_episodes(seeds, "eval", VLAPolicy(model=model), policy_version=0, sample_seed=12345, **env_kwargs)
+    ok = np.array([ep.ground_truth["success"] for ep in eps])
+    per_task = {t: float(np.mean([o for o, ep in zip(ok, eps) if ep.task == t])) for t in sorted({e.task for e in eps})}
+    return {"success": float(ok.mean()), "ci95": list(wilson_interval(int(ok.sum()), len(ok))), "episodes": len(ok),
+            "per_task": per_task}
+
+
+def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None) -> dict[str, Any]:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(cfg).encode())
+    env_kwargs = {"family": cfg.env.family, "image_size": cfg.env.image_size, "max_steps": cfg.env.max_steps,
+                  "execute": cfg.env.execute}
+    torch.manual_seed(cfg.seed)
+    model = SmallVLA(VLAConfig(image_size=cfg.env.image_size))
+    trainer = BCTrainer(model, lr=cfg.lr)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    ckpts = CheckpointDir(out / "checkpoints", prefix="step", keep=2)
+    step, history = 0, []
+    latest = ckpts.latest_good()
+    if latest is not None:
+        step, weights, meta = latest
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+        optim_path = ckpts.path(step).with_suffix(".optim.pt")
+        if not optim_path.exists():
+            raise CheckpointError(f"{optim_path} is missing: cannot resume the optimizer. Delete {out} to start over.")
+        state = torch.load(optim_path, weights_only=True)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        history = meta.get("history", [])
+        say(f"pretrain: resuming from step {step} in {out}")
+
+    store = EpisodeStore(out / "demos")
+    demos = [ep for ep in store.iter("train", with_ground_truth=True)]
+    if len(demos) != cfg.demos:
+        seeds = [split_seed("train", i) for i in range(cfg.demos)]
+        demos = run_episodes(seeds, "train", None, policy_version=-1, **env_kwargs)
+        if len(store) == 0:
+            for ep in demos:
+                store.add(ep)
+    say(f"pretrain: {len(demos)} demonstrations, success {np.mean([e.ground_truth['success'] for e in demos]):.2f}")
+    data = ChunkDataset(model, max_episodes=max(cfg.demos, 1))
+    data.add(demos, pinned=True)
+
+    started, losses = time.time(), []
+    while step < cfg.steps:
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        losses.append(trainer.step(data.sample(cfg.batch_size, generator)))
+        step += 1
+        if progress is not None:
+            progress(step, cfg.steps, losses[-1])
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            ev = evaluate_policy(model, cfg.eval_episodes, env_kwargs)
+            history.append({"step": step, "loss": float(np.mean(losses[-cfg.eval_every:])), **ev})
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(history[-1]) + "\n")
+            say(f"pretrain: step {step}  loss {history[-1]['loss']:.4f}  held-out success {ev['success']:.3f} "
+                f"[{ev['ci95'][0]:.3f}, {ev['ci95'][1]:.3f}]  {ev['per_task']}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+            ckpts.save(step, weights, {"history": history})
+            torch.save({"optimizer": trainer.optimizer.state_dict(), "generator": generator.get_state()},
+                       ckpts.path(step).with_suffix(".optim.pt"))
+    final = history[-1] if history else evaluate_policy(model, cfg.eval_episodes, env_kwargs)
+    overrides = [a for a in sys.argv[2:]] if len(sys.argv) > 1 and sys.argv[1] == "pretrain" else []
+    record = {
+        "description": f"small VLA, behaviour cloning on {cfg.demos} scripted demonstrations for {cfg.steps} steps",
+        "command": "flywheel pretrain " + " ".join(overrides),
+        "seed": cfg.seed,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "final": final,
+        "history": history,
+        "train_seconds_this_session": time.time() - started,
+    }
+    save_policy(out / "base_vla.safetensors", model, record)
+    atomic_write_bytes(out / "base_vla.json", json.dumps(record, indent=2).encode())
+    if cfg.export:
+        export = Path(cfg.export)
+        export.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "base_vla.safetensors", export)
+        shutil.copyfile(out / "base_vla.json", export.with_suffix(".json"))
+        say(f"pretrain: exported the base to {export}")
+    return record

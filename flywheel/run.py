@@ -1,0 +1,177 @@
+"""``flywheel run``: wire the parts from the config and turn the loop; everything lands in ``run_dir``.
+
+    run_dir/config.yaml          the resolved config
+    run_dir/episodes/            the episode store (detector data and every collected episode, with labels)
+    run_dir/detector/            the detector checkpoint and its held-out metrics
+    run_dir/checkpoints/         policy snapshots (safetensors + metadata), newest K kept
+    run_dir/metrics.jsonl        every logged figure (wandb mirrors it under run_dir/wandb)
+    run_dir/summary.json         the outcome: status, before/after success, detector quality, ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from actors.ray_actors import RolloutGroup, vla_policy_factory
+from actors.rollout import run_episodes
+from actors.tabletop import split_seed
+from flywheel.checkpoint import CheckpointDir, save_weights
+from flywheel.config import to_dict
+from flywheel.contracts import Episode, Label
+from flywheel.loop import Budget, LoopState, run_loop
+from flywheel.metrics import MetricsSink
+from flywheel.store import EpisodeStore, atomic_write_bytes
+from flywheel.vla.checkpoint import load_policy_checkpoint
+from learner.filtered_bc import FilteredBCLearner
+from reward.train import train_detector
+
+# Where each use of the training split draws its seeds, so that no two uses share a layout.
+DEMO_SEEDS = 0  # pretraining demonstrations (the learner replays the same ones)
+DETECTOR_DEMO_SEEDS = 2_000_000
+DETECTOR_POLICY_SEEDS = 3_000_000
+LOOP_SEEDS = 5_000_000
+
+
+def ground_truth_labelled(episodes: list[Episode]) -> list[Episode]:
+    for ep in episodes:
+        source = "demo" if ep.policy_version < 0 else "ground_truth"
+        ep.labels.append(Label(source=source, success=bool(ep.ground_truth["success"]), version="simulator"))
+    return episodes
+
+
+def make_detector_data(cfg: DictConfig, rollouts: RolloutGroup, env_kwargs: dict) -> list[Episode]:
+    """Scripted demonstrations and starting-policy rollouts, labelled with the simulator's success."""
+    demo_seeds = [split_seed("train", DETECTOR_DEMO_SEEDS + i) for i in range(cfg.detector.demo_episodes)]
+    demos = run_episodes(demo_seeds, "train", None, policy_version=-1, **env_kwargs)
+    policy_seeds = [split_seed("train", DETECTOR_POLICY_SEEDS + i) for i in range(cfg.detector.policy_episodes)]
+    rollouts_eps = rollouts.collect(policy_seeds, "train", sample_seed=7)
+    return ground_truth_labelled(demos + rollouts_eps)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) -> dict[str, Any]:
+    """Run the flywheel for its budget; returns (and writes) the summary."""
+    started = time.time()
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg).encode())
+    seed_everything(cfg.seed)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    summary: dict[str, Any] = {"status": "running", "run_dir": str(run_dir.resolve()), "experiment": cfg.experiment}
+    metrics = MetricsSink(run_dir, to_dict(cfg), mode=cfg.wandb.mode, project=cfg.wandb.project)
+    rollouts = None
+    ray_started = False
+    try:
+        vla_cfg, base_weights, base_meta = load_policy_checkpoint(cfg.policy.checkpoint)
+        say(f"policy: {cfg.policy.checkpoint} ({base_meta.get('description', 'no description')})")
+        env_kwargs = {
+            "family": cfg.env.family, "image_size": cfg.env.image_size,
+            "max_steps": cfg.env.max_steps, "execute": cfg.env.execute,
+        }
+        if cfg.rollout.use_ray:
+            import ray
+
+            if not ray.is_initialized():
+                ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
+                ray_started = True
+        rollouts = RolloutGroup(
+            vla_policy_factory(vla_cfg), env_kwargs, num_workers=cfg.rollout.num_workers,
+            use_ray=cfg.rollout.use_ray, cpus_per_worker=cfg.rollout.cpus_per_worker,
+        )
+        from flywheel.contracts import PolicySnapshot
+
+        rollouts.publish(PolicySnapshot(version=0, weights=base_weights, meta={"source": cfg.policy.checkpoint}))
+
+        # ---- the success detector, trained on simulator-labelled episodes ----------------------------------------
+        store = EpisodeStore(run_dir / "episodes")
+        say("detector: collecting labelled episodes (demonstrations + starting-policy rollouts)")
+        data = make_detector_data(cfg, rollouts, env_kwargs)
+        for ep in data:
+            store.add(ep)
+        rng = np.random.default_rng(cfg.seed)
+        order = rng.permutation(len(data))
+        n_held = int(round(len(data) * cfg.detector.heldout_fraction))
+        held, train = [data[i] for i in order[:n_held]], [data[i] for i in order[n_held:]]
+        say(f"detector: training on {len(train)} episodes, {n_held} held out")
+        detector, det_metrics = train_detector(
+            train, held, version="detector-1", steps=cfg.detector.steps, batch_size=cfg.detector.batch_size,
+            lr=cfg.detector.lr, seed=cfg.seed,
+        )
+        detector.threshold = cfg.detector.threshold
+        det_weights = {k: v.detach().numpy() for k, v in detector.net.state_dict().items()}
+        save_weights(run_dir / "detector" / "detector-1.safetensors", det_weights,
+                     {"version": detector.version, "threshold": detector.threshold, "heldout": det_metrics,
+                      "config": dataclasses.asdict(detector.net.cfg)})
+        summary["detector"] = {"version": detector.version, **det_metrics}
+        metrics.log({f"detector/{k}": v for k, v in det_metrics.items()}, step=0)
+        say("detector: precision {precision:.3f}  recall {recall:.3f}  AUROC {auroc:.3f} on held-out episodes".format(
+            **det_metrics))
+
+        # ---- the loop ---------------------------------------------------------------------------------------------
+        model = load_policy_checkpoint(cfg.policy.checkpoint, as_model=True)[0]
+        demo_seeds = [split_seed("train", DEMO_SEEDS + i) for i in range(cfg.learner.demos)]
+        demos = run_episodes(demo_seeds, "train", None, policy_version=-1, **env_kwargs)
+        learner = FilteredBCLearner(
+            model, demos, version=0, steps_per_update=cfg.learner.steps_per_update,
+            batch_size=cfg.learner.batch_size, lr=cfg.learner.lr, max_episodes=cfg.learner.max_episodes,
+            seed=cfg.seed,
+        )
+        state = run_loop(
+            rollouts=rollouts, store=store, detector=detector, learner=learner, metrics=metrics,
+            checkpoints=CheckpointDir(run_dir / "checkpoints", keep=3),
+            budget=Budget(started + cfg.budget.minutes * 60, cfg.budget.iterations, cfg.budget.env_steps),
+            train_seed=lambda i: split_seed("train", LOOP_SEEDS + i),
+            eval_seeds=[split_seed("eval", i) for i in range(cfg.eval.episodes)],
+            episodes_per_iteration=cfg.rollout.episodes_per_iteration,
+            eval_every=cfg.eval.every, state=LoopState(),
+            on_iteration=on_iteration or (lambda s, row: None),
+        )
+        first, last = state.evaluations[0], state.evaluations[-1]
+        summary.update(
+            status="completed",
+            episodes=state.episodes,
+            env_steps=state.env_steps,
+            iterations=state.iteration,
+            policy_version_final=learner.version,
+            initial_success=first.success,
+            initial_ci95=list(first.ci95),
+            final_success=last.success,
+            final_ci95=list(last.ci95),
+            eval_episodes=last.episodes,
+            evaluations=[{"version": e.version, "success": e.success, "ci95": list(e.ci95), "episodes": e.episodes,
+                          "per_task": e.per_task} for e in state.evaluations],
+        )
+    except KeyboardInterrupt:
+        summary["status"] = "interrupted"
+        raise
+    except BaseException as e:
+        summary["status"] = "failed"
+        summary["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        summary["wall_seconds"] = time.time() - started
+        atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+        metrics.close(summary)
+        if rollouts is not None:
+            rollouts.close()
+        if ray_started:
+            import ray
+
+            ray.shutdown()
+    return summary

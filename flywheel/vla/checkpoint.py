@@ -1,0 +1,48 @@
+"""Loading and saving the small VLA: weights + the VLAConfig that shapes them, in one safetensors file."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flywheel.checkpoint import CheckpointError, load_weights, save_weights
+from flywheel.vla.model import SmallVLA, VLAConfig
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BASE = ASSETS / "base_vla.safetensors"
+
+
+def resolve(spec: str) -> Path:
+    """``base`` -> the shipped pretrained checkpoint; anything else is a path."""
+    return BASE if spec == "base" else Path(spec).expanduser()
+
+
+def save_policy(path: str | Path, model: SmallVLA, meta: dict[str, Any]) -> Path:
+    weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    return save_weights(path, weights, {**meta, "vla_config": dataclasses.asdict(model.cfg)})
+
+
+def load_policy_checkpoint(spec: str, as_model: bool = False):
+    """-> (VLAConfig, weights, meta), or (SmallVLA, meta) with ``as_model``. Errors say what is wrong and the fix."""
+    path = resolve(spec)
+    if spec == "base" and not path.exists():
+        raise CheckpointError(
+            f"the shipped base checkpoint {path} is missing from this checkout. Restore it with `git checkout -- "
+            f"{path.name}` or rebuild it with the command recorded in base_vla.json (`flywheel pretrain ...`)."
+        )
+    weights, meta = load_weights(path)
+    if "vla_config" not in meta:
+        raise CheckpointError(f"{path} has no vla_config in its metadata: it was not written by flywheel's VLA")
+    cfg = VLAConfig(**meta["vla_config"])
+    if not as_model:
+        return cfg, weights, meta
+    model = SmallVLA(cfg)
+    try:
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit the VLA its metadata describes: {e}") from e
+    return model, meta
