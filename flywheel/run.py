@@ -27,13 +27,13 @@ from actors.rollout import run_episodes
 from actors.tabletop import split_seed
 from flywheel.checkpoint import CheckpointDir, save_weights
 from flywheel.config import to_dict
-from flywheel.contracts import Episode, Label
+from flywheel.contracts import Episode, Label, PolicySnapshot
 from flywheel.loop import Budget, LoopState, run_loop
 from flywheel.metrics import MetricsSink
 from flywheel.store import EpisodeStore, atomic_write_bytes
 from flywheel.vla.checkpoint import load_policy_checkpoint
 from learner.filtered_bc import FilteredBCLearner
-from reward.train import train_detector
+from reward.train import episode_label, train_detector
 
 # Where each use of the training split draws its seeds, so that no two uses share a layout.
 DEMO_SEEDS = 0  # pretraining demonstrations (the learner replays the same ones)
@@ -58,6 +58,52 @@ def make_detector_data(cfg: DictConfig, rollouts: RolloutGroup, env_kwargs: dict
     return ground_truth_labelled(demos + rollouts_eps)
 
 
+def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: RolloutGroup | None = None,
+                 store: EpisodeStore | None = None):
+    """Train a success detector on the run's labelled episodes (made first if the store has none).
+
+    Writes ``run_dir/detector/<version>.safetensors`` and ``run_dir/detector/metrics.json``; returns
+    (detector, held-out metrics).
+    """
+    run_dir = Path(cfg.run_dir)
+    store = store or EpisodeStore(run_dir / "episodes")
+    data = [ep for ep in store.iter(with_ground_truth=True) if episode_label(ep) is not None]
+    if not data:
+        say("detector: collecting labelled episodes (demonstrations + starting-policy rollouts)")
+        own = rollouts is None
+        if own:
+            vla_cfg, weights, _ = load_policy_checkpoint(cfg.policy.checkpoint)
+            rollouts = RolloutGroup(vla_policy_factory(vla_cfg), env_kwargs_of(cfg), num_workers=1, use_ray=False)
+            rollouts.publish(PolicySnapshot(0, weights))
+        data = make_detector_data(cfg, rollouts, env_kwargs_of(cfg))
+        for ep in data:
+            store.add(ep)
+    previous = sorted((run_dir / "detector").glob("detector-*.safetensors"))
+    version = f"detector-{len(previous) + 1}"
+    order = np.random.default_rng(cfg.seed).permutation(len(data))
+    n_held = int(round(len(data) * cfg.detector.heldout_fraction))
+    held, train = [data[i] for i in order[:n_held]], [data[i] for i in order[n_held:]]
+    say(f"detector: training {version} on {len(train)} episodes, {n_held} held out")
+    detector, det_metrics = train_detector(
+        train, held, version=version, steps=cfg.detector.steps, batch_size=cfg.detector.batch_size,
+        lr=cfg.detector.lr, seed=cfg.seed, threshold=cfg.detector.threshold,
+    )
+    det_weights = {k: v.detach().numpy() for k, v in detector.net.state_dict().items()}
+    save_weights(run_dir / "detector" / f"{version}.safetensors", det_weights,
+                 {"version": version, "threshold": detector.threshold, "heldout": det_metrics,
+                  "config": dataclasses.asdict(detector.net.cfg)})
+    atomic_write_bytes(run_dir / "detector" / "metrics.json", json.dumps({"version": version, **det_metrics},
+                                                                         indent=2).encode())
+    say("detector: precision {precision:.3f}  recall {recall:.3f}  AUROC {auroc:.3f} on {n} held-out episodes".format(
+        **det_metrics))
+    return detector, det_metrics
+
+
+def env_kwargs_of(cfg: DictConfig) -> dict:
+    return {"family": cfg.env.family, "image_size": cfg.env.image_size, "max_steps": cfg.env.max_steps,
+            "execute": cfg.env.execute}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -79,10 +125,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
     try:
         vla_cfg, base_weights, base_meta = load_policy_checkpoint(cfg.policy.checkpoint)
         say(f"policy: {cfg.policy.checkpoint} ({base_meta.get('description', 'no description')})")
-        env_kwargs = {
-            "family": cfg.env.family, "image_size": cfg.env.image_size,
-            "max_steps": cfg.env.max_steps, "execute": cfg.env.execute,
-        }
+        env_kwargs = env_kwargs_of(cfg)
         if cfg.rollout.use_ray:
             import ray
 
@@ -94,34 +137,13 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
             vla_policy_factory(vla_cfg), env_kwargs, num_workers=cfg.rollout.num_workers,
             use_ray=cfg.rollout.use_ray, cpus_per_worker=cfg.rollout.cpus_per_worker,
         )
-        from flywheel.contracts import PolicySnapshot
-
         rollouts.publish(PolicySnapshot(version=0, weights=base_weights, meta={"source": cfg.policy.checkpoint}))
 
         # ---- the success detector, trained on simulator-labelled episodes ----------------------------------------
         store = EpisodeStore(run_dir / "episodes")
-        say("detector: collecting labelled episodes (demonstrations + starting-policy rollouts)")
-        data = make_detector_data(cfg, rollouts, env_kwargs)
-        for ep in data:
-            store.add(ep)
-        rng = np.random.default_rng(cfg.seed)
-        order = rng.permutation(len(data))
-        n_held = int(round(len(data) * cfg.detector.heldout_fraction))
-        held, train = [data[i] for i in order[:n_held]], [data[i] for i in order[n_held:]]
-        say(f"detector: training on {len(train)} episodes, {n_held} held out")
-        detector, det_metrics = train_detector(
-            train, held, version="detector-1", steps=cfg.detector.steps, batch_size=cfg.detector.batch_size,
-            lr=cfg.detector.lr, seed=cfg.seed,
-        )
-        detector.threshold = cfg.detector.threshold
-        det_weights = {k: v.detach().numpy() for k, v in detector.net.state_dict().items()}
-        save_weights(run_dir / "detector" / "detector-1.safetensors", det_weights,
-                     {"version": detector.version, "threshold": detector.threshold, "heldout": det_metrics,
-                      "config": dataclasses.asdict(detector.net.cfg)})
+        detector, det_metrics = train_reward(cfg, say, rollouts=rollouts, store=store)
         summary["detector"] = {"version": detector.version, **det_metrics}
         metrics.log({f"detector/{k}": v for k, v in det_metrics.items()}, step=0)
-        say("detector: precision {precision:.3f}  recall {recall:.3f}  AUROC {auroc:.3f} on held-out episodes".format(
-            **det_metrics))
 
         # ---- the loop ---------------------------------------------------------------------------------------------
         model = load_policy_checkpoint(cfg.policy.checkpoint, as_model=True)[0]

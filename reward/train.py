@@ -75,6 +75,7 @@ def train_detector(
     lr: float = 1e-3,
     seed: int = 0,
     cfg: DetectorConfig | None = None,
+    threshold: float = 0.5,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> tuple[LearnedSuccessDetector, dict[str, float]]:
     """Train a detector on labelled episodes; report precision / recall / AUROC on the held-out episodes."""
@@ -105,7 +106,7 @@ def train_detector(
         sched.step()
         if progress is not None:
             progress(step, steps, float(loss.item()))
-    detector = LearnedSuccessDetector(net, version=version, threshold=0.5)
+    detector = LearnedSuccessDetector(net, version=version, threshold=threshold)
     metrics = evaluate_detector(detector, heldout_episodes)
     metrics["train_seconds"] = time.time() - start
     metrics["train_examples"] = int(len(ys))

@@ -1,0 +1,48 @@
+import functools
+
+import numpy as np
+import pytest
+
+from actors.ray_actors import RolloutGroup
+from flywheel.contracts import PolicySnapshot
+from flywheel.vla.model import VLAConfig, VLAPolicy
+
+ENV = {"max_steps": 12, "execute": 4}
+
+
+def _snapshot(version, scale):
+    weights = VLAPolicy().get_weights()
+    return PolicySnapshot(version, {k: (v * scale if v.dtype.kind == "f" else v) for k, v in weights.items()})
+
+
+@pytest.mark.parametrize("use_ray", [False, True])
+def test_weights_reach_actors_in_version_order_and_stamp_episodes(use_ray, request):
+    if use_ray:
+        request.getfixturevalue("ray_local")
+    group = RolloutGroup(functools.partial(VLAPolicy, VLAConfig()), ENV, num_workers=2, use_ray=use_ray,
+                         cpus_per_worker=0.5)
+    try:
+        for v in (1, 2, 3):
+            assert group.publish(_snapshot(v, 1.0)) == [v, v]
+        with pytest.raises(ValueError, match="not newer"):
+            group.publish(_snapshot(2, 1.0))
+        assert group.applied_versions() == [[1, 2, 3], [1, 2, 3]]
+        eps = group.collect([10, 11, 12], "train", sample_seed=0)
+        assert [ep.seed for ep in eps] == [10, 11, 12]
+        assert {ep.policy_version for ep in eps} == {3}
+        assert all(ep.observations["image"].shape[0] == ep.num_steps + 1 for ep in eps)
+    finally:
+        group.close()
+
+
+def test_worker_ignores_stale_snapshots():
+    from actors.rollout import RolloutWorker
+
+    worker = RolloutWorker(functools.partial(VLAPolicy, VLAConfig()), ENV)
+    with pytest.raises(RuntimeError, match="no weights yet"):
+        worker.collect([0], "train")
+    new, old = _snapshot(5, 1.0), _snapshot(4, 0.0)
+    worker.set_weights(new)
+    assert worker.set_weights(old) == 5
+    w = worker.policy.get_weights()
+    assert any(np.abs(v).sum() > 0 for v in w.values() if v.dtype.kind == "f")

@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+
+from flywheel.checkpoint import CheckpointDir, CheckpointError, load_weights, save_weights
+from flywheel.vla.checkpoint import load_policy_checkpoint
+
+
+def test_round_trip_keeps_metadata(tmp_path):
+    w = {"a": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    save_weights(tmp_path / "x.safetensors", w, {"version": 3})
+    back, meta = load_weights(tmp_path / "x.safetensors")
+    assert np.array_equal(back["a"], w["a"]) and meta["version"] == 3
+
+
+def test_missing_corrupt_and_nan_checkpoints_fail_clearly(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_weights(tmp_path / "nope.safetensors")
+    path = save_weights(tmp_path / "x.safetensors", {"a": np.ones(1000, np.float32)}, {})
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="damaged or cut short"):
+        load_weights(path)
+    with pytest.raises(CheckpointError, match="NaN"):
+        save_weights(tmp_path / "n.safetensors", {"a": np.array([np.nan], np.float32)}, {})
+    assert not (tmp_path / "n.safetensors").exists()
+
+
+def test_keeps_last_k_and_skips_damaged(tmp_path):
+    ckpts = CheckpointDir(tmp_path, keep=2)
+    for v in range(1, 5):
+        ckpts.save(v, {"a": np.full(10, v, np.float32)}, {})
+    assert ckpts.numbers() == [3, 4]
+    ckpts.path(4).write_bytes(b"garbage")
+    number, weights, _ = ckpts.latest_good()
+    assert number == 3 and weights["a"][0] == 3
+
+
+def test_shipped_base_loads():
+    model, meta = load_policy_checkpoint("base", as_model=True)
+    assert meta["final"]["success"] > 0.1 and "command" in meta

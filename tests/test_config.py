@@ -1,0 +1,28 @@
+import pytest
+
+from flywheel.config import ConfigError, load_config
+
+
+def test_defaults_and_overrides_compose():
+    cfg = load_config("run", ["run_dir=/tmp/x", "budget.minutes=480"])
+    assert cfg.budget.minutes == 480 and cfg.rollout.num_workers == 2
+
+
+def test_experiment_presets():
+    cfg = load_config("run", ["experiment=smoke", "run_dir=x"])
+    assert cfg.experiment == "smoke" and cfg.budget.minutes <= 5
+
+
+def test_a_wrong_key_names_itself():
+    with pytest.raises(ConfigError, match="budget.minuets"):
+        load_config("run", ["budget.minuets=3"])
+
+
+def test_a_wrong_type_fails():
+    with pytest.raises(ConfigError, match="budget.minutes"):
+        load_config("run", ["budget.minutes=lots"])
+
+
+def test_an_unknown_experiment_fails():
+    with pytest.raises(ConfigError):
+        load_config("run", ["experiment=nope"])

@@ -1,0 +1,43 @@
+import numpy as np
+
+from actors.rollout import run_episodes
+from actors.tabletop import split_seed
+from flywheel.contracts import Label, SuccessDetector
+from reward.train import detector_examples, train_detector
+
+
+class RandomPolicy:
+    chunk, action_dim = 8, 3
+
+    def __init__(self, seed=0):
+        self.rng = np.random.default_rng(seed)
+
+    def act(self, images, proprio, instructions, seed=None):
+        return self.rng.uniform(-1, 1, (len(images), 8, 3)).astype(np.float32)
+
+
+def _labelled(eps):
+    for ep in eps:
+        ep.labels.append(Label(source="ground_truth", success=bool(ep.ground_truth["success"])))
+    return eps
+
+
+def test_hard_negatives_come_from_before_success(demos):
+    frames, texts, ys = detector_examples(_labelled(list(demos[:4])), np.random.default_rng(0))
+    assert len(ys) == 8 and ys.sum() == 4  # one final frame and one earlier frame per success
+
+
+def test_detector_separates_successes_from_failures():
+    succ = run_episodes([split_seed("train", 100 + i) for i in range(60)], "train", None, policy_version=-1)
+    fail = run_episodes([split_seed("train", 300 + i) for i in range(60)], "train", RandomPolicy(), policy_version=0)
+    fail = [ep for ep in fail if not ep.ground_truth["success"]]
+    eps = _labelled(succ + fail)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(eps))
+    held = [eps[i] for i in order[:30]]
+    train = [eps[i] for i in order[30:]]
+    detector, metrics = train_detector(train, held, version="detector-t", steps=250, batch_size=32, lr=2e-3)
+    assert isinstance(detector, SuccessDetector)
+    assert metrics["auroc"] > 0.9, metrics
+    scores = detector.score(held)
+    assert scores.shape == (30,) and ((scores >= 0) & (scores <= 1)).all()

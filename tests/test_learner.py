@@ -1,0 +1,40 @@
+import dataclasses
+
+import numpy as np
+import torch
+
+from flywheel.contracts import Label
+from flywheel.vla.model import SmallVLA, VLAPolicy
+from learner.filtered_bc import FilteredBCLearner
+
+
+def _episodes_moving(demos, dx: float, success: bool):
+    """The demos' observations with every action replaced by a constant move along x, judged by the detector."""
+    out = []
+    for ep in demos:
+        actions = np.zeros_like(ep.actions)
+        actions[:, 0] = dx
+        out.append(dataclasses.replace(
+            ep, id=ep.id + str(dx), actions=actions, extras={}, ground_truth=None,
+            labels=[Label(source="detector", success=success, version="d", score=float(success), threshold=0.5)],
+        ))
+    return out
+
+
+def _mean_dx(model, demos):
+    policy = VLAPolicy(model=model)
+    obs = [(ep.observations["image"][0], ep.observations["proprio"][0], ep.instruction) for ep in demos]
+    acts = policy.act(np.stack([o[0] for o in obs]), np.stack([o[1] for o in obs]), [o[2] for o in obs], seed=0)
+    return float(acts[..., 0].mean())
+
+
+def test_filtered_bc_moves_the_policy_toward_what_the_detector_approves(demos):
+    for direction in (+1.0, -1.0):
+        torch.manual_seed(0)
+        model = SmallVLA()
+        learner = FilteredBCLearner(model, demos=[], steps_per_update=60, batch_size=32, lr=1e-3)
+        labelled = _episodes_moving(demos, 0.8 * direction, True) + _episodes_moving(demos, -0.8 * direction, False)
+        stats = learner.update(labelled)
+        assert stats["kept_episodes"] == len(demos) and learner.version == 1
+        assert _mean_dx(model, demos[:8]) * direction > 0.4
+        assert learner.snapshot().version == 1
