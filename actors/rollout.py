@@ -46,9 +46,10 @@ def run_episodes(
     proprio = [[o["proprio"]] for o, _ in first]
     actions: list[list[np.ndarray]] = [[] for _ in seeds]
     infos = [info for _, info in first]
-    # The scripted expert also records where the named block and target are (privileged simulator state), for the
-    # policy's auxiliary grounding loss during pretraining. Policies never see it.
-    aux = [[_aux_positions(env)] for env in envs] if policy is None else None
+    # The simulator also records where the named block and target are (privileged state) for the auxiliary
+    # grounding losses of pretraining and detector training. Policies never see it; the loop strips it before the
+    # learner.
+    aux = [[_aux_positions(env)] for env in envs]
     running = list(range(len(envs)))
     rng = np.random.default_rng(sample_seed)
     chunk: np.ndarray | None = None
@@ -71,8 +72,7 @@ def run_episodes(
                 images[i].append(obs["image"])
                 proprio[i].append(obs["proprio"])
                 actions[i].append(np.asarray(a, np.float32))
-                if aux is not None:
-                    aux[i].append(_aux_positions(env))
+                aux[i].append(_aux_positions(env))
                 infos[i] = info
                 if term or trunc:
                     done = True
@@ -92,7 +92,7 @@ def run_episodes(
             policy_version=int(policy_version),
             observations={"image": np.stack(images[i]), "proprio": np.stack(proprio[i])},
             actions=np.stack(actions[i]),
-            extras={"aux_positions": np.stack(aux[i])} if aux is not None else {},
+            extras={"aux_positions": np.stack(aux[i])},
             ground_truth={"success": bool(infos[i]["success"])},
             info={"created": now, "max_steps": max_steps, "execute": execute},
         )

@@ -38,12 +38,14 @@ class DetectorConfig:
     batch_size: int = 64
     lr: float = 1e-3
     threshold: float = 0.5  # P(success) at or above which the labeler calls an episode a success
+    init_from_policy: bool = True  # start the detector's encoder from the starting policy's (it already grounds)
+    augment: bool = True  # flips/transposes of the frame: valid for a top-down camera; turn off for other views
 
 
 @dataclasses.dataclass
 class LearnerConfig:
     algorithm: str = "filtered_bc"
-    demos: int = 300  # the pretraining demonstrations, replayed so the policy does not drift from them
+    demos: int = 100  # the pretraining demonstrations, replayed so the policy does not drift from them
     steps_per_update: int = 200  # gradient steps per iteration
     batch_size: int = 64
     lr: float = 3e-4
@@ -100,8 +102,8 @@ class PretrainConfig:
 
     out_dir: str = "runs/pretrain"  # checkpoints, demos and metrics; the job resumes from here if started again
     seed: int = 0
-    demos: int = 300  # the limited demonstration set
-    steps: int = 20000
+    demos: int = 100  # the limited demonstration set (the shipped base: 100)
+    steps: int = 6000
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 500

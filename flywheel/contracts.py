@@ -15,8 +15,8 @@ Shapes and dtypes (B = batch, T = steps, H x W = image, P = proprio dims, C = ch
 - ``observations["proprio"]``: float32 (T+1, P)        end-effector x, y in [0, 1] and gripper closed in {0, 1}
 - ``actions``:                 float32 (T, A)          as executed, each in [-1, 1]
 - a policy's action chunk:     float32 (B, C, A)
-- ``extras["aux_positions"]``: float32 (T+1, 4)        scripted demonstrations only: the named block's and target's
-                                                        true x, y (privileged simulator state for auxiliary losses)
+- ``extras["aux_positions"]``: float32 (T+1, 4)        simulated episodes: the named block's and target's true x, y
+                                                        (privileged state, for auxiliary training losses only)
 """
 
 from __future__ import annotations

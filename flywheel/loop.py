@@ -77,6 +77,15 @@ def label_episodes(detector: SuccessDetector, episodes: list[Episode]) -> list[L
     return labels
 
 
+PRIVILEGED_EXTRAS = ("aux_positions",)
+
+
+def learner_view(ep: Episode) -> Episode:
+    """The episode as the learner may see it: no ground-truth success, no privileged simulator state."""
+    extras = {k: v for k, v in ep.extras.items() if k not in PRIVILEGED_EXTRAS}
+    return dataclasses.replace(ep, ground_truth=None, extras=extras)
+
+
 @dataclasses.dataclass
 class Budget:
     """Stop when wall clock, iterations or env steps run out. ``reserve_s`` keeps time for the final evaluation."""
@@ -138,8 +147,8 @@ def run_loop(
             labels = label_episodes(detector, episodes)
             store.add_labels([(ep.id, lab) for ep, lab in zip(episodes, labels)])
         with timer("update"):
-            # The learner sees labels, never the simulator's ground truth.
-            stats = learner.update([dataclasses.replace(ep, ground_truth=None) for ep in episodes])
+            # The learner sees labels, never the simulator's ground truth or privileged state.
+            stats = learner.update([learner_view(ep) for ep in episodes])
         with timer("publish"):
             snapshot = learner.snapshot()
             rollouts.publish(snapshot)

@@ -84,9 +84,11 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
     n_held = int(round(len(data) * cfg.detector.heldout_fraction))
     held, train = [data[i] for i in order[:n_held]], [data[i] for i in order[n_held:]]
     say(f"detector: training {version} on {len(train)} episodes, {n_held} held out")
+    init = load_policy_checkpoint(cfg.policy.checkpoint)[1] if cfg.detector.init_from_policy else None
     detector, det_metrics = train_detector(
         train, held, version=version, steps=cfg.detector.steps, batch_size=cfg.detector.batch_size,
-        lr=cfg.detector.lr, seed=cfg.seed, threshold=cfg.detector.threshold,
+        lr=cfg.detector.lr, seed=cfg.seed, threshold=cfg.detector.threshold, init_weights=init,
+        augment=cfg.detector.augment,
     )
     det_weights = {k: v.detach().numpy() for k, v in detector.net.state_dict().items()}
     save_weights(run_dir / "detector" / f"{version}.safetensors", det_weights,

@@ -1,7 +1,9 @@
 """A learned success detector: the last frame of an episode + its instruction -> P(success).
 
-It reuses the VLA's vision-language encoder (instruction tokens cross-attending over image patches), because judging
-"is the *red* block on the *green* pad" is the same grounding problem as acting on it. It has no proprioception
+It reuses the VLA's vision-language encoder (instruction tokens cross-attending over image patches), and starts from
+the starting policy's encoder weights, because judging "is the *red* block on the *green* pad" is the same
+grounding problem as acting on it. (Trained from scratch on a few hundred episodes it reached AUROC 0.76 after 600
+steps.) It has no proprioception
 input: it judges what the camera shows, as it would on a robot.
 """
 
@@ -25,7 +27,7 @@ class DetectorConfig:
     dim: int = 64
     heads: int = 4
     ground_layers: int = 2
-    trunk_layers: int = 1
+    trunk_layers: int = 2
     max_tokens: int = 12
 
 
@@ -40,11 +42,37 @@ class DetectorNet(nn.Module):
         )
         self.tokenizer = Tokenizer(c.max_tokens)
         self.encoder = VisionLanguageEncoder(enc_cfg, self.tokenizer.vocab_size, use_proprio=False)
-        self.head = nn.Sequential(nn.Linear(self.encoder.out_dim, c.dim), nn.GELU(), nn.Linear(c.dim, 1))
+        # Where the named block and the named target are (B,4); supervised where simulated episodes record them.
+        # It reads only the keypoints (not the rest of the context): a probe showed positions learn ~50x faster so.
+        self.keypoint_start = 2 * c.dim
+        self.aux_head = nn.Linear(self.encoder.out_dim - self.keypoint_start, 4)
+        # The success head reads the context plus those positions, their offset and distance: "is the named block
+        # on the named target" is then close to a linear decision once grounding is learned.
+        self.head = nn.Sequential(nn.Linear(self.encoder.out_dim + 9, c.dim), nn.GELU(), nn.Linear(c.dim, 1))
 
-    def forward(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """images uint8 (B,H,W,3), ids int64 (B,L) -> success logits (B,)."""
-        return self.head(self.encoder(images, ids)).squeeze(-1)
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, with_aux: bool = False):
+        """images uint8 (B,H,W,3), ids int64 (B,L) -> success logits (B,) [, predicted positions (B,4)]."""
+        ctx = self.encoder(images, ids)
+        pos = self.aux_head(ctx[:, self.keypoint_start :])
+        rel = pos[:, :2] - pos[:, 2:]
+        feats = torch.cat([ctx, pos, rel, rel.abs(), rel.norm(dim=-1, keepdim=True)], dim=-1)
+        logits = self.head(feats).squeeze(-1)
+        return (logits, pos) if with_aux else logits
+
+
+def init_from_policy(net: DetectorNet, policy_weights: dict[str, np.ndarray]) -> int:
+    """Start the detector's encoder from a policy's encoder (every tensor whose name and shape match).
+
+    The policy has already learned to find the objects an instruction names; the detector then only learns the
+    judgement. Returns the number of tensors copied.
+    """
+    own = net.encoder.state_dict()
+    copied = {}
+    for name, value in policy_weights.items():
+        if name.startswith("encoder.") and name[8:] in own and tuple(own[name[8:]].shape) == tuple(value.shape):
+            copied[name[8:]] = torch.from_numpy(np.array(value))
+    net.encoder.load_state_dict(copied, strict=False)
+    return len(copied)
 
 
 class LearnedSuccessDetector:

@@ -23,21 +23,38 @@ def _labelled(eps):
 
 
 def test_hard_negatives_come_from_before_success(demos):
-    frames, texts, ys = detector_examples(_labelled(list(demos[:4])), np.random.default_rng(0))
+    frames, texts, ys, aux, has_aux = detector_examples(_labelled(list(demos[:4])), np.random.default_rng(0))
     assert len(ys) == 8 and ys.sum() == 4  # one final frame and one earlier frame per success
 
 
 def test_detector_separates_successes_from_failures():
-    succ = run_episodes([split_seed("train", 100 + i) for i in range(60)], "train", None, policy_version=-1)
-    fail = run_episodes([split_seed("train", 300 + i) for i in range(60)], "train", RandomPolicy(), policy_version=0)
+    succ = run_episodes([split_seed("train", 100 + i) for i in range(100)], "train", None, policy_version=-1)
+    fail = run_episodes([split_seed("train", 300 + i) for i in range(100)], "train", RandomPolicy(), policy_version=0)
     fail = [ep for ep in fail if not ep.ground_truth["success"]]
     eps = _labelled(succ + fail)
     rng = np.random.default_rng(0)
     order = rng.permutation(len(eps))
-    held = [eps[i] for i in order[:30]]
-    train = [eps[i] for i in order[30:]]
+    held = [eps[i] for i in order[:50]]
+    train = [eps[i] for i in order[50:]]
     detector, metrics = train_detector(train, held, version="detector-t", steps=250, batch_size=32, lr=2e-3)
     assert isinstance(detector, SuccessDetector)
     assert metrics["auroc"] > 0.9, metrics
     scores = detector.score(held)
-    assert scores.shape == (30,) and ((scores >= 0) & (scores <= 1)).all()
+    assert scores.shape == (50,) and ((scores >= 0) & (scores <= 1)).all()
+
+
+def test_dihedral_augmentation_moves_positions_with_the_image():
+    import torch
+
+    from actors.tabletop import TabletopEnv
+    from reward.train import dihedral
+
+    env = TabletopEnv()
+    env.reset(seed=0)
+    block = env.state()["block"]
+    img = torch.from_numpy(env.render_image())[None]
+    colour = torch.tensor(env.render_image()[int(block[1] * 64), int(block[0] * 64)])
+    for k in range(8):
+        out, pos = dihedral(img, torch.tensor([[block[0], block[1], 0.5, 0.5]], dtype=torch.float32), k)
+        x, y = pos[0, 0].item(), pos[0, 1].item()
+        assert torch.equal(out[0, int(y * 64), int(x * 64)], colour), k

@@ -31,8 +31,8 @@ def load_policy_checkpoint(spec: str, as_model: bool = False):
     path = resolve(spec)
     if spec == "base" and not path.exists():
         raise CheckpointError(
-            f"the shipped base checkpoint {path} is missing from this checkout. Restore it with `git checkout -- "
-            f"{path.name}` or rebuild it with the command recorded in base_vla.json (`flywheel pretrain ...`)."
+            f"the shipped base checkpoint {path} is missing. Restore it with `git checkout -- "
+            f"flywheel/assets/{path.name}`, or rebuild it with the command recorded in flywheel/assets/base_vla.json."
         )
     weights, meta = load_weights(path)
     if "vla_config" not in meta:
