@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test smoke setup clean
+.PHONY: run test test-slow smoke setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ smoke: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# the acceptance runs too (the smoke preset end to end, ~4 min)
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

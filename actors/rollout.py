@@ -51,6 +51,10 @@ def run_episodes(
     # learner.
     aux = [[_aux_positions(env)] for env in envs]
     running = list(range(len(envs)))
+    # The policy's own extras: every chunk it sampled and the step it was sampled at (the learner clones these
+    # decisions exactly, rather than executed actions that splice two chunks together).
+    chunks: list[list[np.ndarray]] = [[] for _ in seeds]
+    chunk_steps: list[list[int]] = [[] for _ in seeds]
     rng = np.random.default_rng(sample_seed)
     chunk: np.ndarray | None = None
     call = 0
@@ -66,6 +70,9 @@ def run_episodes(
         still = []
         for row, i in enumerate(running):
             env, done = envs[i], False
+            if policy is not None:
+                chunks[i].append(chunk[row])
+                chunk_steps[i].append(len(actions[i]))
             for k in range(execute if policy is not None else 1):
                 a = chunk[row, k] if policy is not None else expert_action(env, rng, expert_noise)
                 obs, _, term, trunc, info = env.step(a)
@@ -92,7 +99,10 @@ def run_episodes(
             policy_version=int(policy_version),
             observations={"image": np.stack(images[i]), "proprio": np.stack(proprio[i])},
             actions=np.stack(actions[i]),
-            extras={"aux_positions": np.stack(aux[i])},
+            extras={"aux_positions": np.stack(aux[i]), **(
+                {"chunks": np.stack(chunks[i]).astype(np.float32), "chunk_steps": np.asarray(chunk_steps[i], np.int64)}
+                if policy is not None else {}
+            )},
             ground_truth={"success": bool(infos[i]["success"])},
             info={"created": now, "max_steps": max_steps, "execute": execute},
         )

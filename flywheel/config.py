@@ -46,9 +46,10 @@ class DetectorConfig:
 class LearnerConfig:
     algorithm: str = "filtered_bc"
     demos: int = 100  # the pretraining demonstrations, replayed so the policy does not drift from them
-    steps_per_update: int = 200  # gradient steps per iteration
+    steps_per_update: int = 300  # gradient steps per iteration
     batch_size: int = 64
-    lr: float = 3e-4
+    lr: float = 1e-4  # the base ends its pretraining at 1e-4; more than ~3x that shocks it
+    demo_fraction: float = 0.5  # of every batch, drawn from the replayed demonstrations
     max_episodes: int = 4000  # in-memory replay bound (oldest non-demo episodes dropped first)
 
 
@@ -57,7 +58,8 @@ class RolloutConfig:
     use_ray: bool = True  # False runs the same workers in this process (debugging, tests)
     num_workers: int = 2
     cpus_per_worker: float = 1.0
-    episodes_per_iteration: int = 256
+    episodes_per_iteration: int = 512
+    group_size: int = 4  # attempts per layout (seed) in one iteration: the learner's group baseline
 
 
 @dataclasses.dataclass

@@ -15,6 +15,8 @@ Shapes and dtypes (B = batch, T = steps, H x W = image, P = proprio dims, C = ch
 - ``observations["proprio"]``: float32 (T+1, P)        end-effector x, y in [0, 1] and gripper closed in {0, 1}
 - ``actions``:                 float32 (T, A)          as executed, each in [-1, 1]
 - a policy's action chunk:     float32 (B, C, A)
+- ``extras["chunks"]``:        float32 (K, C, A)        policy episodes: every chunk the policy sampled ...
+- ``extras["chunk_steps"]``:   int64 (K,)               ... and the step at which it sampled each
 - ``extras["aux_positions"]``: float32 (T+1, 4)        simulated episodes: the named block's and target's true x, y
                                                         (privileged state, for auxiliary training losses only)
 """

@@ -124,6 +124,7 @@ def run_loop(
     eval_seeds: list[int],
     episodes_per_iteration: int,
     eval_every: int,
+    group_size: int = 1,
     state: LoopState,
     on_iteration: Callable[[LoopState, dict[str, Any]], None] = lambda state, row: None,
 ) -> LoopState:
@@ -137,9 +138,11 @@ def run_loop(
         started = time.perf_counter()
         timer = PhaseTimer()
         with timer("collect"):
-            seeds = [train_seed(state.next_train_index + i) for i in range(episodes_per_iteration)]
+            # ``group_size`` attempts at each layout, so that the learner can compare attempts (group advantages).
+            layouts = max(1, episodes_per_iteration // group_size)
+            seeds = [train_seed(state.next_train_index + i // group_size) for i in range(layouts * group_size)]
             episodes = rollouts.collect(seeds, "train", sample_seed=state.next_train_index)
-            state.next_train_index += episodes_per_iteration
+            state.next_train_index += layouts
         with timer("store"):
             for ep in episodes:
                 store.add(ep)

@@ -154,7 +154,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         learner = FilteredBCLearner(
             model, demos, version=0, steps_per_update=cfg.learner.steps_per_update,
             batch_size=cfg.learner.batch_size, lr=cfg.learner.lr, max_episodes=cfg.learner.max_episodes,
-            seed=cfg.seed,
+            seed=cfg.seed, demo_fraction=cfg.learner.demo_fraction,
         )
         state = run_loop(
             rollouts=rollouts, store=store, detector=detector, learner=learner, metrics=metrics,
@@ -163,7 +163,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
             train_seed=lambda i: split_seed("train", LOOP_SEEDS + i),
             eval_seeds=[split_seed("eval", i) for i in range(cfg.eval.episodes)],
             episodes_per_iteration=cfg.rollout.episodes_per_iteration,
-            eval_every=cfg.eval.every, state=LoopState(),
+            eval_every=cfg.eval.every, group_size=cfg.rollout.group_size, state=LoopState(),
             on_iteration=on_iteration or (lambda s, row: None),
         )
         first, last = state.evaluations[0], state.evaluations[-1]

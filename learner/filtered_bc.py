@@ -32,11 +32,13 @@ class FilteredBCLearner:
         lr: float = 3e-4,
         max_episodes: int = 4000,
         seed: int = 0,
+        demo_fraction: float = 0.5,
     ):
         self.model = model
         self.version = version
         self.steps_per_update = steps_per_update
         self.batch_size = batch_size
+        self.demo_fraction = demo_fraction
         self.data = ChunkDataset(model, max_episodes=max_episodes)
         self.data.add(demos, pinned=True)
         self.trainer = BCTrainer(model, lr=lr)
@@ -49,16 +51,38 @@ class FilteredBCLearner:
             raise ValueError(f"episode {ep.id} has no detector label: label episodes before the update")
         return label.success
 
+    @classmethod
+    def advantages(cls, episodes: list[Episode]) -> np.ndarray:
+        """Group-relative advantage of each episode: its judged success minus the mean of the attempts at the same
+        layout (same env seed), as in GRPO. A success where the policy usually fails weighs most; a success in a
+        layout it always solves weighs nothing (there is nothing to learn there). Single attempts fall back to the
+        batch mean."""
+        success = np.array([float(cls.judged_success(ep)) for ep in episodes])
+        groups: dict[int, list[int]] = {}
+        for i, ep in enumerate(episodes):
+            groups.setdefault(ep.seed, []).append(i)
+        baseline = np.empty_like(success)
+        for members in groups.values():
+            baseline[members] = success[members].mean() if len(members) > 1 else success.mean()
+        return success - baseline
+
     def update(self, episodes: list[Episode]) -> dict[str, float]:
-        kept = [ep for ep in episodes if self.judged_success(ep)]
-        self.data.add(kept)
-        losses = [self.trainer.step(self.data.sample(self.batch_size, self.generator)) for _ in range(self.steps_per_update)]
+        adv = self.advantages(episodes)
+        kept = [ep for ep, a in zip(episodes, adv) if a > 0]
+        for ep, a in zip(episodes, adv):
+            if a > 0:
+                self.data.add([ep], weight=float(a))
+        losses = [
+            self.trainer.step(self.data.sample(self.batch_size, self.generator, self.demo_fraction), weighted=True)
+            for _ in range(self.steps_per_update)
+        ]
         self.version += 1
         return {
             "loss": float(np.mean(losses)) if losses else float("nan"),
             "kept_episodes": len(kept),
             "kept_fraction": len(kept) / max(1, len(episodes)),
             "buffer_episodes": self.data.num_episodes,
+            "mean_positive_advantage": float(adv[adv > 0].mean()) if (adv > 0).any() else 0.0,
         }
 
     def snapshot(self) -> PolicySnapshot:

@@ -38,3 +38,14 @@ def test_filtered_bc_moves_the_policy_toward_what_the_detector_approves(demos):
         assert stats["kept_episodes"] == len(demos) and learner.version == 1
         assert _mean_dx(model, demos[:8]) * direction > 0.4
         assert learner.snapshot().version == 1
+
+
+def test_group_advantage_credits_rare_successes_most(demos):
+    def judged(ep, seed, ok):
+        return dataclasses.replace(ep, seed=seed, labels=[Label(source="detector", success=ok, version="d")])
+
+    ep = demos[0]
+    batch = [judged(ep, 1, True), judged(ep, 1, False), judged(ep, 1, False), judged(ep, 1, False),
+             judged(ep, 2, True), judged(ep, 2, True), judged(ep, 2, True), judged(ep, 2, True)]
+    adv = FilteredBCLearner.advantages(batch)
+    assert np.allclose(adv, [0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])
