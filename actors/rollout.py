@@ -130,7 +130,7 @@ class RolloutWorker:
 
     def set_weights(self, snapshot: PolicySnapshot) -> int:
         if snapshot.version > self.version:
-            self.policy.load_weights(snapshot.weights)
+            self.policy.load_weights(snapshot.weights, snapshot.meta.get("sampling"))
             self.version = snapshot.version
             self.applied.append(snapshot.version)
         return self.version

@@ -44,7 +44,9 @@ class DetectorConfig:
 
 @dataclasses.dataclass
 class LearnerConfig:
-    algorithm: str = "filtered_bc"
+    algorithm: str = "filtered_bc"  # filtered_bc | recap (learner/registry.py)
+    guidance: float = 2.0  # recap: classifier-free guidance weight when sampling
+    indicator_dropout: float = 0.3  # recap: how often the advantage indicator is dropped in training
     demos: int = 100  # the pretraining demonstrations, replayed so the policy does not drift from them
     steps_per_update: int = 300  # gradient steps per iteration
     batch_size: int = 64

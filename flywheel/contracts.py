@@ -91,7 +91,7 @@ class PolicySnapshot:
 
     version: int
     weights: dict[str, np.ndarray]
-    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"sampling": {"indicator": 1, "guidance": 2}}
 
 
 @runtime_checkable
@@ -109,7 +109,9 @@ class Policy(Protocol):
 
     def get_weights(self) -> dict[str, np.ndarray]: ...
 
-    def load_weights(self, weights: dict[str, np.ndarray]) -> None: ...
+    def load_weights(self, weights: dict[str, np.ndarray], sampling: dict[str, Any] | None = None) -> None:
+        """Apply weights; ``sampling`` carries how the learner wants this version sampled (PolicySnapshot.meta)."""
+        ...
 
 
 @runtime_checkable

@@ -32,7 +32,7 @@ from flywheel.loop import Budget, LoopState, run_loop
 from flywheel.metrics import MetricsSink
 from flywheel.store import EpisodeStore, atomic_write_bytes
 from flywheel.vla.checkpoint import load_policy_checkpoint
-from learner.filtered_bc import FilteredBCLearner
+from learner.registry import make_learner
 from reward.train import episode_label, train_detector
 
 # Where each use of the training split draws its seeds, so that no two uses share a layout.
@@ -151,10 +151,11 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         model = load_policy_checkpoint(cfg.policy.checkpoint, as_model=True)[0]
         demo_seeds = [split_seed("train", DEMO_SEEDS + i) for i in range(cfg.learner.demos)]
         demos = run_episodes(demo_seeds, "train", None, policy_version=-1, **env_kwargs)
-        learner = FilteredBCLearner(
-            model, demos, version=0, steps_per_update=cfg.learner.steps_per_update,
+        learner = make_learner(
+            cfg.learner.algorithm, model, demos, version=0, steps_per_update=cfg.learner.steps_per_update,
             batch_size=cfg.learner.batch_size, lr=cfg.learner.lr, max_episodes=cfg.learner.max_episodes,
-            seed=cfg.seed, demo_fraction=cfg.learner.demo_fraction,
+            seed=cfg.seed, demo_fraction=cfg.learner.demo_fraction, guidance=cfg.learner.guidance,
+            indicator_dropout=cfg.learner.indicator_dropout,
         )
         state = run_loop(
             rollouts=rollouts, store=store, detector=detector, learner=learner, metrics=metrics,

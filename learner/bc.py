@@ -51,7 +51,8 @@ class ChunkDataset:
     def num_episodes(self) -> int:
         return len(self._eps)
 
-    def add(self, episodes: list[Episode], weight: float = 1.0, pinned: bool = False) -> None:
+    def add(self, episodes: list[Episode], weight: float = 1.0, pinned: bool = False, indicator: int = 0) -> None:
+        """``indicator``: the advantage indicator these episodes train under (0 none, 1 positive, 2 negative)."""
         for ep in episodes:
             t_len = ep.num_steps
             if t_len == 0:
@@ -75,6 +76,7 @@ class ChunkDataset:
                     pinned,
                     aux[steps],
                     "aux_positions" in ep.extras,
+                    indicator,
                 )
             )
         overflow = len(self._eps) - self.max_episodes
@@ -96,6 +98,7 @@ class ChunkDataset:
                 "aux": torch.from_numpy(np.concatenate([e[6] for e in self._eps])),
                 "aux_mask": torch.from_numpy(np.repeat(np.array([e[7] for e in self._eps], np.float32), lens)),
             }
+            self._cache["indicator"] = torch.from_numpy(np.repeat(np.array([e[8] for e in self._eps], np.int64), lens))
             pinned = np.repeat(np.array([e[5] for e in self._eps], bool), lens)
             self._pinned_idx = torch.from_numpy(np.flatnonzero(pinned))
             self._other_idx = torch.from_numpy(np.flatnonzero(~pinned))
@@ -118,16 +121,27 @@ class ChunkDataset:
 class BCTrainer:
     """AdamW on the flow-matching loss, gradient-clipped. Holds the optimizer so that training can resume."""
 
-    def __init__(self, model: SmallVLA, lr: float = 3e-4, weight_decay: float = 1e-4, grad_clip: float = 1.0):
+    def __init__(self, model: SmallVLA, lr: float = 3e-4, weight_decay: float = 1e-4, grad_clip: float = 1.0,
+                 indicator_dropout: float = 0.0):
         self.model = model
+        self.indicator_dropout = indicator_dropout
         self.grad_clip = grad_clip
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def _drop(self, indicator: torch.Tensor) -> torch.Tensor:
+        """Replace the indicator by "none" at random, so that the unconditional policy stays trained (needed for
+        classifier-free guidance)."""
+        if self.indicator_dropout <= 0:
+            return indicator
+        keep = torch.rand(indicator.shape) >= self.indicator_dropout
+        return torch.where(keep, indicator, torch.zeros_like(indicator))
 
     def step(self, batch: dict[str, torch.Tensor], weighted: bool = False) -> float:
         self.model.train()
         loss = self.model.flow_loss(
             batch["images"], batch["ids"], batch["proprio"], batch["actions"],
             weights=batch["weights"] if weighted else None, aux=batch["aux"], aux_mask=batch["aux_mask"],
+            indicator=self._drop(batch["indicator"]),
         )
         if not torch.isfinite(loss):
             raise FloatingPointError(

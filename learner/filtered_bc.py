@@ -33,6 +33,8 @@ class FilteredBCLearner:
         max_episodes: int = 4000,
         seed: int = 0,
         demo_fraction: float = 0.5,
+        indicator_dropout: float = 0.0,
+        guidance: float = 1.0,
     ):
         self.model = model
         self.version = version
@@ -40,8 +42,9 @@ class FilteredBCLearner:
         self.batch_size = batch_size
         self.demo_fraction = demo_fraction
         self.data = ChunkDataset(model, max_episodes=max_episodes)
-        self.data.add(demos, pinned=True)
-        self.trainer = BCTrainer(model, lr=lr)
+        self.guidance = guidance
+        self.data.add(demos, pinned=True, indicator=self.demo_indicator)
+        self.trainer = BCTrainer(model, lr=lr, indicator_dropout=indicator_dropout)
         self.generator = torch.Generator().manual_seed(seed)
 
     @staticmethod
@@ -66,25 +69,34 @@ class FilteredBCLearner:
             baseline[members] = success[members].mean() if len(members) > 1 else success.mean()
         return success - baseline
 
-    def update(self, episodes: list[Episode]) -> dict[str, float]:
+    demo_indicator = 0  # filtered BC trains without the advantage indicator
+    sampling_indicator = 0
+
+    def add_episodes(self, episodes: list[Episode]) -> dict[str, float]:
+        """Put newly labelled episodes in the buffer: successes with positive group advantage, weighted by it."""
         adv = self.advantages(episodes)
-        kept = [ep for ep, a in zip(episodes, adv) if a > 0]
         for ep, a in zip(episodes, adv):
             if a > 0:
                 self.data.add([ep], weight=float(a))
+        kept = int((adv > 0).sum())
+        return {
+            "kept_episodes": kept,
+            "kept_fraction": kept / max(1, len(episodes)),
+            "mean_positive_advantage": float(adv[adv > 0].mean()) if kept else 0.0,
+        }
+
+    def update(self, episodes: list[Episode]) -> dict[str, float]:
+        stats = self.add_episodes(episodes)
         losses = [
             self.trainer.step(self.data.sample(self.batch_size, self.generator, self.demo_fraction), weighted=True)
             for _ in range(self.steps_per_update)
         ]
         self.version += 1
-        return {
-            "loss": float(np.mean(losses)) if losses else float("nan"),
-            "kept_episodes": len(kept),
-            "kept_fraction": len(kept) / max(1, len(episodes)),
-            "buffer_episodes": self.data.num_episodes,
-            "mean_positive_advantage": float(adv[adv > 0].mean()) if (adv > 0).any() else 0.0,
-        }
+        return {"loss": float(np.mean(losses)) if losses else float("nan"), "buffer_episodes": self.data.num_episodes,
+                **stats}
 
     def snapshot(self) -> PolicySnapshot:
         weights = {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
-        return PolicySnapshot(version=self.version, weights=weights, meta={"algorithm": "filtered_bc"})
+        sampling = {"indicator": self.sampling_indicator, "guidance": self.guidance if self.sampling_indicator else 1.0}
+        return PolicySnapshot(version=self.version, weights=weights,
+                              meta={"algorithm": type(self).__name__, "sampling": sampling})

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 
 from actors.rollout import run_episodes
@@ -18,9 +20,9 @@ class RandomPolicy:
 
 
 def _labelled(eps):
-    for ep in eps:
-        ep.labels.append(Label(source="ground_truth", success=bool(ep.ground_truth["success"])))
-    return eps
+    """Copies of the episodes with a ground-truth label (the shared fixtures stay unlabelled)."""
+    return [dataclasses.replace(ep, labels=[Label(source="ground_truth", success=bool(ep.ground_truth["success"]))])
+            for ep in eps]
 
 
 def test_hard_negatives_come_from_before_success(demos):

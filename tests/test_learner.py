@@ -49,3 +49,35 @@ def test_group_advantage_credits_rare_successes_most(demos):
              judged(ep, 2, True), judged(ep, 2, True), judged(ep, 2, True), judged(ep, 2, True)]
     adv = FilteredBCLearner.advantages(batch)
     assert np.allclose(adv, [0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])
+
+
+def test_recap_conditions_on_advantage_and_guides_toward_success(demos):
+    from learner.recap import AdvantageConditionedLearner
+
+    torch.manual_seed(0)
+    model = SmallVLA()
+    learner = AdvantageConditionedLearner(model, demos=[], steps_per_update=80, batch_size=32, lr=1e-3,
+                                          indicator_dropout=0.3, guidance=2.0)
+    learner.update(_episodes_moving(demos, 0.8, True) + _episodes_moving(demos, -0.8, False))
+    snap = learner.snapshot()
+    assert snap.meta["sampling"] == {"indicator": 1, "guidance": 2.0}
+    policy = VLAPolicy(model=model)
+    ep = demos[0]
+    obs = (ep.observations["image"][:1], ep.observations["proprio"][:1], [ep.instruction])
+    policy.sampling = {"indicator": 1, "guidance": 2.0}
+    positive = policy.act(*obs, seed=0)[..., 0].mean()
+    policy.sampling = {"indicator": 2, "guidance": 1.0}
+    negative = policy.act(*obs, seed=0)[..., 0].mean()
+    assert positive > 0.4 and negative < 0.0, (positive, negative)
+
+
+def test_zero_indicator_leaves_an_old_checkpoint_unchanged(demos):
+    model = SmallVLA()
+    weights = {k: v.numpy() for k, v in model.state_dict().items() if k != "indicator.weight"}
+    fresh = SmallVLA()
+    fresh.load_weights(weights)
+    ep = demos[0]
+    obs = (ep.observations["image"][:2], ep.observations["proprio"][:2], [ep.instruction] * 2)
+    a = VLAPolicy(model=model).act(*obs, seed=3)
+    b = VLAPolicy(model=fresh).act(*obs, seed=3)
+    assert np.allclose(a, b, atol=1e-5)

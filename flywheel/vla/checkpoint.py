@@ -42,7 +42,7 @@ def load_policy_checkpoint(spec: str, as_model: bool = False):
         return cfg, weights, meta
     model = SmallVLA(cfg)
     try:
-        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+        model.load_weights(weights)
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not fit the VLA its metadata describes: {e}") from e
     return model, meta

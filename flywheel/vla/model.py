@@ -226,6 +226,10 @@ class SmallVLA(nn.Module):
         # Auxiliary grounding head: predicts the named block's and target's (x, y) from the context. Trained only
         # where an episode carries them (scripted demonstrations in simulation); unused when acting.
         self.aux_head = nn.Linear(self.encoder.out_dim, 4)
+        # RECAP-style advantage indicator added to the context: 0 = none, 1 = positive, 2 = negative. Zero at
+        # first, so a checkpoint trained without it acts exactly as before.
+        self.indicator = nn.Embedding(3, self.encoder.out_dim)
+        nn.init.zeros_(self.indicator.weight)
 
     def tokenize(self, instructions: list[str], device: torch.device | None = None) -> torch.Tensor:
         ids, _ = self.tokenizer(instructions)
@@ -238,6 +242,7 @@ class SmallVLA(nn.Module):
     def flow_loss(
         self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor, actions: torch.Tensor,
         weights: torch.Tensor | None = None, aux: torch.Tensor | None = None, aux_mask: torch.Tensor | None = None,
+        indicator: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Conditional flow-matching loss for target chunks ``actions`` (B,C,A); optional per-sample weights (B,).
 
@@ -251,6 +256,8 @@ class SmallVLA(nn.Module):
         if aux is not None and aux_mask is not None and bool(aux_mask.any()):
             err = (self.aux_head(ctx) - (aux - 0.5)).pow(2).mean(dim=1)
             aux_loss = (err * aux_mask).sum() / aux_mask.sum()
+        if indicator is not None:
+            ctx = ctx + self.indicator(indicator)
         noise = torch.randn_like(actions)
         t = torch.rand(actions.shape[0], device=actions.device)
         x_t = t[:, None, None] * actions + (1 - t[:, None, None]) * noise
@@ -261,17 +268,35 @@ class SmallVLA(nn.Module):
 
     @torch.no_grad()
     def sample(
-        self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor, generator: torch.Generator | None = None
+        self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor, generator: torch.Generator | None = None,
+        indicator: int = 0, guidance: float = 1.0,
     ) -> torch.Tensor:
-        """Integrate the flow from noise to an action chunk (B,C,A), clipped to [-1, 1]."""
+        """Integrate the flow from noise to an action chunk (B,C,A), clipped to [-1, 1].
+
+        ``indicator`` conditions on an advantage (1 = positive); ``guidance`` > 1 applies classifier-free guidance,
+        v = v_none + guidance * (v_indicator - v_none), pushing the actions further from what failed.
+        """
         ctx = self.encoder(images, ids, proprio)
         b, cfg = images.shape[0], self.cfg
+        cond = ctx + self.indicator.weight[indicator]
+        free = ctx + self.indicator.weight[0]
         x = torch.randn(b, cfg.chunk, cfg.action_dim, generator=generator, device=images.device)
         dt = 1.0 / cfg.flow_steps
         for k in range(cfg.flow_steps):
             t = torch.full((b,), k * dt, device=images.device)
-            x = x + dt * self.head(ctx, x, t)
+            v = self.head(cond, x, t)
+            if guidance != 1.0:
+                v_free = self.head(free, x, t)
+                v = v_free + guidance * (v - v_free)
+            x = x + dt * v
         return x.clamp(-1.0, 1.0)
+
+    def load_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Load a state dict; a checkpoint from before the advantage indicator existed loads with it at zero."""
+        state = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
+        if "indicator.weight" not in state:
+            state["indicator.weight"] = torch.zeros_like(self.indicator.weight)
+        self.load_state_dict(state)
 
 
 class VLAPolicy:
@@ -280,17 +305,20 @@ class VLAPolicy:
     def __init__(self, cfg: VLAConfig | None = None, model: SmallVLA | None = None):
         self.model = model or SmallVLA(cfg)
         self.model.eval()
+        self.sampling = {"indicator": 0, "guidance": 1.0}  # set per snapshot by the learner that made it
         self.chunk = self.model.cfg.chunk
         self.action_dim = self.model.cfg.action_dim
 
     def act(self, images: np.ndarray, proprio: np.ndarray, instructions: list[str], seed: int | None = None):
         gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         ids = self.model.tokenize(instructions)
-        out = self.model.sample(torch.from_numpy(images), ids, torch.from_numpy(proprio).float(), generator=gen)
+        out = self.model.sample(torch.from_numpy(images), ids, torch.from_numpy(proprio).float(), generator=gen,
+                                **self.sampling)
         return out.numpy().astype(np.float32)
 
     def get_weights(self) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
 
-    def load_weights(self, weights: dict[str, np.ndarray]) -> None:
-        self.model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()})
+    def load_weights(self, weights: dict[str, np.ndarray], sampling: dict | None = None) -> None:
+        self.model.load_weights(weights)
+        self.sampling = {"indicator": 0, "guidance": 1.0, **(sampling or {})}
