@@ -74,6 +74,8 @@ class FilteredBCLearner:
 
     def add_episodes(self, episodes: list[Episode]) -> dict[str, float]:
         """Put newly labelled episodes in the buffer: successes with positive group advantage, weighted by it."""
+        if not episodes:
+            return {"kept_episodes": 0, "kept_fraction": 0.0, "mean_positive_advantage": 0.0}
         adv = self.advantages(episodes)
         for ep, a in zip(episodes, adv):
             if a > 0:
