@@ -47,6 +47,8 @@ class LearnerConfig:
     algorithm: str = "filtered_bc"  # filtered_bc | recap (learner/registry.py)
     guidance: float = 2.0  # recap: classifier-free guidance weight when sampling
     indicator_dropout: float = 0.3  # recap: how often the advantage indicator is dropped in training
+    shrink: float = 0.0  # > 0: every update first shrinks the weights (theta <- shrink*theta + noise) and retrains
+    #                      the whole buffer with warm-up + cosine (learner/filtered_bc.py::shrink_and_perturb)
     demos: int = 100  # the pretraining demonstrations, replayed so the policy does not drift from them
     steps_per_update: int = 300  # gradient steps per iteration
     batch_size: int = 64

@@ -155,7 +155,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
             cfg.learner.algorithm, model, demos, version=0, steps_per_update=cfg.learner.steps_per_update,
             batch_size=cfg.learner.batch_size, lr=cfg.learner.lr, max_episodes=cfg.learner.max_episodes,
             seed=cfg.seed, demo_fraction=cfg.learner.demo_fraction, guidance=cfg.learner.guidance,
-            indicator_dropout=cfg.learner.indicator_dropout,
+            indicator_dropout=cfg.learner.indicator_dropout, shrink=cfg.learner.shrink,
         )
         state = run_loop(
             rollouts=rollouts, store=store, detector=detector, learner=learner, metrics=metrics,

@@ -81,3 +81,15 @@ def test_zero_indicator_leaves_an_old_checkpoint_unchanged(demos):
     a = VLAPolicy(model=model).act(*obs, seed=3)
     b = VLAPolicy(model=fresh).act(*obs, seed=3)
     assert np.allclose(a, b, atol=1e-5)
+
+
+def test_shrink_and_perturb_shrinks_weight_matrices_only(demos):
+    torch.manual_seed(0)
+    model = SmallVLA()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    learner = FilteredBCLearner(model, demos=[], shrink=0.5, perturb=0.0)
+    learner.shrink_and_perturb()
+    after = model.state_dict()
+    w = "head.out.weight"
+    assert torch.allclose(after[w], 0.5 * before[w])
+    assert torch.equal(after["head.out.bias"], before["head.out.bias"])
