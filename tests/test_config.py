@@ -4,7 +4,7 @@ from flywheel.config import ConfigError, load_config
 
 
 def test_defaults_and_overrides_compose():
-    cfg = load_config("run", ["run_dir=/tmp/x", "budget.minutes=480"])
+    cfg = load_config("run", ["run_dir=runs/x", "budget.minutes=480"])
     assert cfg.budget.minutes == 480 and cfg.rollout.num_workers == 2
 
 
