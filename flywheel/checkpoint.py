@@ -20,6 +20,11 @@ from safetensors.numpy import save as st_save
 from flywheel.store import atomic_write_bytes
 
 
+def numpy_state(module) -> dict[str, np.ndarray]:
+    """A torch module's state dict as numpy arrays (copies): what checkpoints and snapshots carry."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, damaged or holds non-finite weights."""
 

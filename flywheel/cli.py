@@ -97,7 +97,8 @@ def cmd_pretrain(overrides: list[str]) -> int:
             if step % 25 == 0 or step == total:
                 progress.update(task, completed=step, info=f"loss {loss:.4f}")
 
-        record = pretrain(cfg, say=lambda m: progress.console.print(m), progress=on_step)
+        record = pretrain(cfg, say=lambda m: progress.console.print(m), progress=on_step,
+                          command=" ".join(["flywheel pretrain", *overrides]))
     console.print(f"base: {Path(cfg.out_dir) / 'base_vla.safetensors'}  held-out success {record['final']['success']:.3f}")
     return 0
 
@@ -125,14 +126,29 @@ def cmd_store_check(args: list[str]) -> int:
 
     root = Path(ns.run_dir)
     store = EpisodeStore(root / "episodes" if (root / "episodes").is_dir() else root)
+    total = len(store)
     bad = store.check(repair=ns.repair)
-    console.print(f"{len(store) + (len(bad) if ns.repair else 0)} episode files, {len(bad)} damaged")
+    console.print(f"{total} episode files, {len(bad)} damaged")
     for p in bad:
         console.print(f"  {'moved to quarantine: ' if ns.repair else ''}{p}")
     return 1 if bad and not ns.repair else 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Known errors (bad checkpoint, damaged episode file, unusable run directory) print their message, which says
+    what to do, and exit 1; anything else keeps its traceback."""
+    from flywheel.checkpoint import CheckpointError
+    from flywheel.run import RunDirError
+    from flywheel.store import CorruptEpisodeError
+
+    try:
+        return _dispatch(argv)
+    except (CheckpointError, CorruptEpisodeError, RunDirError) as e:
+        console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        return 1
+
+
+def _dispatch(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=os.environ.get("FLYWHEEL_LOG", "WARNING"))
     if not argv or argv[0] in ("-h", "--help"):

@@ -9,9 +9,7 @@ optimizer, step and sampler state), so an interrupted hour is not lost. At the e
 from __future__ import annotations
 
 import json
-import math
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -27,15 +25,7 @@ from flywheel.metrics import wilson_interval
 from flywheel.store import EpisodeStore, atomic_write_bytes
 from flywheel.vla.checkpoint import save_policy
 from flywheel.vla.model import SmallVLA, VLAConfig, VLAPolicy
-from learner.bc import BCTrainer, ChunkDataset
-
-
-def lr_at(step: int, cfg: DictConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak: the last steps settle the weights (convergence)."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+from learner.bc import BCTrainer, ChunkDataset, warmup_cosine
 
 
 def evaluate_policy(model: SmallVLA, n: int, env_kwargs: dict) -> dict[str, Any]:
@@ -47,7 +37,8 @@ def evaluate_policy(model: SmallVLA, n: int, env_kwargs: dict) -> dict[str, Any]
             "per_task": per_task}
 
 
-def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None) -> dict[str, Any]:
+def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None, command: str = "") -> dict[str, Any]:
+    """Train (or resume), evaluate, and write the base; ``command`` is recorded as what made it."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(cfg).encode())
@@ -62,7 +53,7 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None)
     latest = ckpts.latest_good()
     if latest is not None:
         step, weights, meta = latest
-        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+        model.load_weights(weights)
         optim_path = ckpts.path(step).with_suffix(".optim.pt")
         if not optim_path.exists():
             raise CheckpointError(f"{optim_path} is missing: cannot resume the optimizer. Delete {out} to start over.")
@@ -87,7 +78,7 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None)
     started, losses = time.time(), []
     while step < cfg.steps:
         for group in trainer.optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup)
         losses.append(trainer.step(data.sample(cfg.batch_size, generator)))
         step += 1
         if progress is not None:
@@ -100,15 +91,13 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None)
             say(f"pretrain: step {step}  loss {history[-1]['loss']:.4f}  held-out success {ev['success']:.3f} "
                 f"[{ev['ci95'][0]:.3f}, {ev['ci95'][1]:.3f}]  {ev['per_task']}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-            ckpts.save(step, weights, {"history": history})
+            ckpts.save(step, model.get_weights(), {"history": history})
             torch.save({"optimizer": trainer.optimizer.state_dict(), "generator": generator.get_state()},
                        ckpts.path(step).with_suffix(".optim.pt"))
     final = history[-1] if history else evaluate_policy(model, cfg.eval_episodes, env_kwargs)
-    overrides = [a for a in sys.argv[2:]] if len(sys.argv) > 1 and sys.argv[1] == "pretrain" else []
     record = {
         "description": f"small VLA, behaviour cloning on {cfg.demos} scripted demonstrations for {cfg.steps} steps",
-        "command": "flywheel pretrain " + " ".join(overrides),
+        "command": command,
         "seed": cfg.seed,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "final": final,

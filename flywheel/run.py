@@ -25,15 +25,20 @@ from omegaconf import DictConfig, OmegaConf
 from actors.ray_actors import RolloutGroup, vla_policy_factory
 from actors.rollout import run_episodes
 from actors.tabletop import split_seed
-from flywheel.checkpoint import CheckpointDir, save_weights
+from flywheel.checkpoint import CheckpointDir, numpy_state, save_weights
 from flywheel.config import to_dict
 from flywheel.contracts import Episode, Label, PolicySnapshot
 from flywheel.loop import Budget, LoopState, run_loop
 from flywheel.metrics import MetricsSink
 from flywheel.store import EpisodeStore, atomic_write_bytes
 from flywheel.vla.checkpoint import load_policy_checkpoint
+from flywheel.vla.model import SmallVLA
 from learner.registry import make_learner
 from reward.train import episode_label, train_detector
+
+class RunDirError(RuntimeError):
+    """A run directory that cannot be used for a new run."""
+
 
 # Where each use of the training split draws its seeds, so that no two uses share a layout.
 DEMO_SEEDS = 0  # pretraining demonstrations (the learner replays the same ones)
@@ -59,7 +64,7 @@ def make_detector_data(cfg: DictConfig, rollouts: RolloutGroup, env_kwargs: dict
 
 
 def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: RolloutGroup | None = None,
-                 store: EpisodeStore | None = None):
+                 store: EpisodeStore | None = None, policy_weights: dict | None = None):
     """Train a success detector on the run's labelled episodes (made first if the store has none).
 
     Writes ``run_dir/detector/<version>.safetensors`` and ``run_dir/detector/metrics.json``; returns
@@ -67,14 +72,14 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
     """
     run_dir = Path(cfg.run_dir)
     store = store or EpisodeStore(run_dir / "episodes")
+    if policy_weights is None:
+        vla_cfg, policy_weights, _ = load_policy_checkpoint(cfg.policy.checkpoint)
     data = [ep for ep in store.iter(with_ground_truth=True) if episode_label(ep) is not None]
     if not data:
         say("detector: collecting labelled episodes (demonstrations + starting-policy rollouts)")
-        own = rollouts is None
-        if own:
-            vla_cfg, weights, _ = load_policy_checkpoint(cfg.policy.checkpoint)
+        if rollouts is None:
             rollouts = RolloutGroup(vla_policy_factory(vla_cfg), env_kwargs_of(cfg), num_workers=1, use_ray=False)
-            rollouts.publish(PolicySnapshot(0, weights))
+            rollouts.publish(PolicySnapshot(0, policy_weights))
         data = make_detector_data(cfg, rollouts, env_kwargs_of(cfg))
         for ep in data:
             store.add(ep)
@@ -84,14 +89,13 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
     n_held = int(round(len(data) * cfg.detector.heldout_fraction))
     held, train = [data[i] for i in order[:n_held]], [data[i] for i in order[n_held:]]
     say(f"detector: training {version} on {len(train)} episodes, {n_held} held out")
-    init = load_policy_checkpoint(cfg.policy.checkpoint)[1] if cfg.detector.init_from_policy else None
+    init = policy_weights if cfg.detector.init_from_policy else None
     detector, det_metrics = train_detector(
         train, held, version=version, steps=cfg.detector.steps, batch_size=cfg.detector.batch_size,
         lr=cfg.detector.lr, seed=cfg.seed, threshold=cfg.detector.threshold, init_weights=init,
         augment=cfg.detector.augment,
     )
-    det_weights = {k: v.detach().numpy() for k, v in detector.net.state_dict().items()}
-    save_weights(run_dir / "detector" / f"{version}.safetensors", det_weights,
+    save_weights(run_dir / "detector" / f"{version}.safetensors", numpy_state(detector.net),
                  {"version": version, "threshold": detector.threshold, "heldout": det_metrics,
                   "config": dataclasses.asdict(detector.net.cfg)})
     atomic_write_bytes(run_dir / "detector" / "metrics.json", json.dumps({"version": version, **det_metrics},
@@ -116,6 +120,11 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
     """Run the flywheel for its budget; returns (and writes) the summary."""
     started = time.time()
     run_dir = Path(cfg.run_dir)
+    if (run_dir / "summary.json").exists() or (run_dir / "episodes").exists():
+        raise RunDirError(
+            f"{run_dir} already holds a run; resuming one is not supported yet. Choose a new run_dir (or leave it "
+            f"out for runs/<date-time>); nothing in {run_dir} was touched."
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg).encode())
     seed_everything(cfg.seed)
@@ -143,12 +152,13 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
 
         # ---- the success detector, trained on simulator-labelled episodes ----------------------------------------
         store = EpisodeStore(run_dir / "episodes")
-        detector, det_metrics = train_reward(cfg, say, rollouts=rollouts, store=store)
+        detector, det_metrics = train_reward(cfg, say, rollouts=rollouts, store=store, policy_weights=base_weights)
         summary["detector"] = {"version": detector.version, **det_metrics}
         metrics.log({f"detector/{k}": v for k, v in det_metrics.items()}, step=0)
 
         # ---- the loop ---------------------------------------------------------------------------------------------
-        model = load_policy_checkpoint(cfg.policy.checkpoint, as_model=True)[0]
+        model = SmallVLA(vla_cfg)
+        model.load_weights(base_weights)
         demo_seeds = [split_seed("train", DEMO_SEEDS + i) for i in range(cfg.learner.demos)]
         demos = run_episodes(demo_seeds, "train", None, policy_version=-1, **env_kwargs)
         learner = make_learner(

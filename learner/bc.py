@@ -13,8 +13,12 @@ A sample is (image at step t, proprio at t, instruction, a chunk of C actions fr
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+
+from typing import NamedTuple
 
 from flywheel.contracts import Episode
 from flywheel.vla.model import SmallVLA
@@ -30,6 +34,20 @@ def action_chunks(actions: np.ndarray, chunk: int) -> np.ndarray:
     return padded[idx]
 
 
+class _Entry(NamedTuple):
+    """One episode's samples, ready to concatenate."""
+
+    images: np.ndarray  # uint8 (S, H, W, 3)
+    proprio: np.ndarray  # float32 (S, P)
+    actions: np.ndarray  # float32 (S, C, A) target chunks
+    ids: np.ndarray  # int64 (L,) instruction tokens
+    weight: float
+    pinned: bool
+    aux: np.ndarray  # float32 (S, 4)
+    has_aux: bool
+    indicator: int
+
+
 class ChunkDataset:
     """In-memory samples from a set of episodes, each episode with a sample weight; sampled uniformly by step.
 
@@ -41,11 +59,11 @@ class ChunkDataset:
         self.chunk = model.cfg.chunk
         self.tokenizer = model.tokenizer
         self.max_episodes = max_episodes
-        self._eps: list[tuple] = []
+        self._eps: list[_Entry] = []
         self._cache: dict[str, torch.Tensor] | None = None
 
     def __len__(self) -> int:
-        return sum(len(e[2]) for e in self._eps)
+        return sum(len(e.actions) for e in self._eps)
 
     @property
     def num_episodes(self) -> int:
@@ -66,40 +84,36 @@ class ChunkDataset:
             else:
                 # Demonstrations: every step starts a chunk of the executed actions.
                 steps, targets = np.arange(t_len), action_chunks(ep.actions, self.chunk)
-            self._eps.append(
-                (
-                    ep.observations["image"][steps],
-                    ep.observations["proprio"][steps].astype(np.float32),
-                    targets,
-                    ids[0],
-                    float(weight),
-                    pinned,
-                    aux[steps],
-                    "aux_positions" in ep.extras,
-                    indicator,
-                )
-            )
+            self._eps.append(_Entry(
+                ep.observations["image"][steps], ep.observations["proprio"][steps].astype(np.float32), targets,
+                ids[0], float(weight), pinned, aux[steps], "aux_positions" in ep.extras, indicator,
+            ))
         overflow = len(self._eps) - self.max_episodes
         if overflow > 0:
-            drop = [i for i, e in enumerate(self._eps) if not e[5]][:overflow]
+            drop = [i for i, e in enumerate(self._eps) if not e.pinned][:overflow]
             dropped = set(drop)
             self._eps = [e for i, e in enumerate(self._eps) if i not in dropped]
         self._cache = None
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         if self._cache is None:
-            lens = [len(e[2]) for e in self._eps]
+            eps = self._eps
+            lens = [len(e.actions) for e in eps]
+
+            def per_sample(field: str, dtype) -> torch.Tensor:  # one value per episode, repeated per sample
+                return torch.from_numpy(np.repeat(np.array([getattr(e, field) for e in eps], dtype), lens, axis=0))
+
             self._cache = {
-                "images": torch.from_numpy(np.concatenate([e[0] for e in self._eps])),
-                "proprio": torch.from_numpy(np.concatenate([e[1] for e in self._eps])),
-                "actions": torch.from_numpy(np.concatenate([e[2] for e in self._eps])),
-                "ids": torch.from_numpy(np.repeat(np.stack([e[3] for e in self._eps]), lens, axis=0)),
-                "weights": torch.from_numpy(np.repeat(np.array([e[4] for e in self._eps], np.float32), lens)),
-                "aux": torch.from_numpy(np.concatenate([e[6] for e in self._eps])),
-                "aux_mask": torch.from_numpy(np.repeat(np.array([e[7] for e in self._eps], np.float32), lens)),
+                "images": torch.from_numpy(np.concatenate([e.images for e in eps])),
+                "proprio": torch.from_numpy(np.concatenate([e.proprio for e in eps])),
+                "actions": torch.from_numpy(np.concatenate([e.actions for e in eps])),
+                "aux": torch.from_numpy(np.concatenate([e.aux for e in eps])),
+                "ids": per_sample("ids", np.int64),
+                "weights": per_sample("weight", np.float32),
+                "aux_mask": per_sample("has_aux", np.float32),
+                "indicator": per_sample("indicator", np.int64),
             }
-            self._cache["indicator"] = torch.from_numpy(np.repeat(np.array([e[8] for e in self._eps], np.int64), lens))
-            pinned = np.repeat(np.array([e[5] for e in self._eps], bool), lens)
+            pinned = np.repeat(np.array([e.pinned for e in eps], bool), lens)
             self._pinned_idx = torch.from_numpy(np.flatnonzero(pinned))
             self._other_idx = torch.from_numpy(np.flatnonzero(~pinned))
         return self._cache
@@ -116,6 +130,15 @@ class ChunkDataset:
             pick = lambda pool, n: pool[torch.randint(0, len(pool), (n,), generator=generator)]  # noqa: E731
             idx = torch.cat([pick(self._pinned_idx, n_pin), pick(self._other_idx, batch_size - n_pin)])
         return {k: v[idx] for k, v in data.items()}
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """The learning-rate multiplier at ``step`` of ``total``: linear warm-up over ``warmup`` steps, then cosine decay
+    to 10% (the last steps settle the weights)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class BCTrainer:

@@ -10,22 +10,12 @@ what it already knew. RECAP and PPO/GRPO build on the same ``Learner`` contract 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 from flywheel.contracts import Episode, PolicySnapshot
 from flywheel.vla.model import SmallVLA
-from learner.bc import BCTrainer, ChunkDataset
-
-
-def schedule(step: int, total: int, warmup_fraction: float = 0.1) -> float:
-    """Linear warm-up, then cosine decay to 10%: the multiplier of the learning rate at ``step`` of ``total``."""
-    warm = max(1, int(total * warmup_fraction))
-    if step < warm:
-        return (step + 1) / warm
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+from learner.bc import BCTrainer, ChunkDataset, warmup_cosine
 
 
 class FilteredBCLearner:
@@ -121,7 +111,7 @@ class FilteredBCLearner:
         for step in range(self.steps_per_update):
             if self.shrink > 0:
                 for group in self.trainer.optimizer.param_groups:
-                    group["lr"] = self.lr * schedule(step, self.steps_per_update)
+                    group["lr"] = self.lr * warmup_cosine(step, self.steps_per_update, self.steps_per_update // 10)
             batch = self.data.sample(self.batch_size, self.generator, self.demo_fraction)
             losses.append(self.trainer.step(batch, weighted=True))
         self.version += 1
@@ -129,7 +119,7 @@ class FilteredBCLearner:
                 **stats}
 
     def snapshot(self) -> PolicySnapshot:
-        weights = {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+        weights = self.model.get_weights()
         sampling = {"indicator": self.sampling_indicator, "guidance": self.guidance if self.sampling_indicator else 1.0}
         return PolicySnapshot(version=self.version, weights=weights,
                               meta={"algorithm": type(self).__name__, "sampling": sampling})

@@ -40,4 +40,4 @@ def test_dataset_keeps_pinned_demos_when_full(demos):
     data.add(demos[:5], pinned=True)
     data.add(demos[5:20])
     assert data.num_episodes == 10
-    assert sum(e[5] for e in data._eps) == 5
+    assert sum(e.pinned for e in data._eps) == 5

@@ -60,3 +60,13 @@ def test_smoke_preset_improves_the_policy(tmp_path):
     assert summary["detector"]["auroc"] >= 0.9
     assert summary["final_success"] >= summary["initial_success"] + 0.10, summary["evaluations"]
     assert np.isfinite(summary["final_success"])
+
+
+def test_a_directory_holding_a_run_is_refused_untouched(tmp_path):
+    from flywheel.run import RunDirError
+
+    (tmp_path / "summary.json").write_text('{"status": "completed"}')
+    cfg = load_config("run", ["experiment=tiny", f"run_dir={tmp_path}", "rollout.use_ray=false"])
+    with pytest.raises(RunDirError, match="Choose a new run_dir"):
+        run(cfg, say=lambda m: None)
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"status": "completed"}

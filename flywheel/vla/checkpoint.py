@@ -22,8 +22,7 @@ def resolve(spec: str) -> Path:
 
 
 def save_policy(path: str | Path, model: SmallVLA, meta: dict[str, Any]) -> Path:
-    weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    return save_weights(path, weights, {**meta, "vla_config": dataclasses.asdict(model.cfg)})
+    return save_weights(path, model.get_weights(), {**meta, "vla_config": dataclasses.asdict(model.cfg)})
 
 
 def load_policy_checkpoint(spec: str, as_model: bool = False):

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flywheel.checkpoint import numpy_state
 from flywheel.vla.tokenizer import Tokenizer
 
 
@@ -291,6 +292,9 @@ class SmallVLA(nn.Module):
             x = x + dt * v
         return x.clamp(-1.0, 1.0)
 
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return numpy_state(self)
+
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:
         """Load a state dict; a checkpoint from before the advantage indicator existed loads with it at zero."""
         state = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
@@ -317,7 +321,7 @@ class VLAPolicy:
         return out.numpy().astype(np.float32)
 
     def get_weights(self) -> dict[str, np.ndarray]:
-        return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+        return self.model.get_weights()
 
     def load_weights(self, weights: dict[str, np.ndarray], sampling: dict | None = None) -> None:
         self.model.load_weights(weights)
