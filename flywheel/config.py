@@ -47,6 +47,10 @@ class LearnerConfig:
     algorithm: str = "filtered_bc"  # filtered_bc | recap (learner/registry.py)
     guidance: float = 2.0  # recap: classifier-free guidance weight when sampling
     indicator_dropout: float = 0.3  # recap: how often the advantage indicator is dropped in training
+    indicator_lr: float = 3e-3  # recap: the indicator embedding's own learning rate (it starts at zero)
+    value_steps: int = 300  # recap: value refit steps per update (learner/value.py)
+    lookahead: int = 2  # recap: chunks ahead that an advantage looks before bootstrapping from the value
+    positive_fraction: float = 0.3  # recap: share of each task family's chunks marked "positive"
     shrink: float = 0.0  # > 0: every update first shrinks the weights (theta <- shrink*theta + noise) and retrains
     #                      the whole buffer with warm-up + cosine (learner/filtered_bc.py::shrink_and_perturb)
     demos: int = 100  # the pretraining demonstrations, replayed so the policy does not drift from them

@@ -77,8 +77,7 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
 
     started, losses = time.time(), []
     while step < cfg.steps:
-        for group in trainer.optimizer.param_groups:
-            group["lr"] = cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup)
+        trainer.schedule(warmup_cosine(step, cfg.steps, cfg.warmup))
         losses.append(trainer.step(data.sample(cfg.batch_size, generator)))
         step += 1
         if progress is not None:

@@ -37,15 +37,17 @@ def action_chunks(actions: np.ndarray, chunk: int) -> np.ndarray:
 class _Entry(NamedTuple):
     """One episode's samples, ready to concatenate."""
 
+    key: str  # the episode id
+
     images: np.ndarray  # uint8 (S, H, W, 3)
     proprio: np.ndarray  # float32 (S, P)
     actions: np.ndarray  # float32 (S, C, A) target chunks
     ids: np.ndarray  # int64 (L,) instruction tokens
-    weight: float
+    weights: np.ndarray  # float32 (S,)
     pinned: bool
     aux: np.ndarray  # float32 (S, 4)
     has_aux: bool
-    indicator: int
+    indicators: np.ndarray  # int64 (S,)
 
 
 class ChunkDataset:
@@ -69,8 +71,10 @@ class ChunkDataset:
     def num_episodes(self) -> int:
         return len(self._eps)
 
-    def add(self, episodes: list[Episode], weight: float = 1.0, pinned: bool = False, indicator: int = 0) -> None:
-        """``indicator``: the advantage indicator these episodes train under (0 none, 1 positive, 2 negative)."""
+    def add(self, episodes: list[Episode], weight: float | np.ndarray = 1.0, pinned: bool = False,
+            indicator: int | np.ndarray = 0) -> None:
+        """``weight`` and ``indicator`` (the advantage indicator: 0 none, 1 positive, 2 negative) hold for every
+        sample of the episodes, or, given as arrays, per sample of a single episode (one per sampled chunk)."""
         for ep in episodes:
             t_len = ep.num_steps
             if t_len == 0:
@@ -84,15 +88,27 @@ class ChunkDataset:
             else:
                 # Demonstrations: every step starts a chunk of the executed actions.
                 steps, targets = np.arange(t_len), action_chunks(ep.actions, self.chunk)
+            n = len(steps)
             self._eps.append(_Entry(
-                ep.observations["image"][steps], ep.observations["proprio"][steps].astype(np.float32), targets,
-                ids[0], float(weight), pinned, aux[steps], "aux_positions" in ep.extras, indicator,
+                ep.id, ep.observations["image"][steps], ep.observations["proprio"][steps].astype(np.float32), targets,
+                ids[0], np.broadcast_to(np.asarray(weight, np.float32), (n,)), pinned, aux[steps],
+                "aux_positions" in ep.extras, np.broadcast_to(np.asarray(indicator, np.int64), (n,)),
             ))
         overflow = len(self._eps) - self.max_episodes
         if overflow > 0:
             drop = [i for i, e in enumerate(self._eps) if not e.pinned][:overflow]
             dropped = set(drop)
             self._eps = [e for i, e in enumerate(self._eps) if i not in dropped]
+        self._cache = None
+
+    def relabel(self, labels: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """New per-sample (weights, indicators) for the episodes named by id; RECAP relabels every advantage after
+        each refit of its value."""
+        self._eps = [
+            e._replace(weights=np.asarray(labels[e.key][0], np.float32), indicators=np.asarray(labels[e.key][1], np.int64))
+            if e.key in labels else e
+            for e in self._eps
+        ]
         self._cache = None
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -109,9 +125,9 @@ class ChunkDataset:
                 "actions": torch.from_numpy(np.concatenate([e.actions for e in eps])),
                 "aux": torch.from_numpy(np.concatenate([e.aux for e in eps])),
                 "ids": per_sample("ids", np.int64),
-                "weights": per_sample("weight", np.float32),
+                "weights": torch.from_numpy(np.concatenate([e.weights for e in eps])),
                 "aux_mask": per_sample("has_aux", np.float32),
-                "indicator": per_sample("indicator", np.int64),
+                "indicator": torch.from_numpy(np.concatenate([e.indicators for e in eps])),
             }
             pinned = np.repeat(np.array([e.pinned for e in eps], bool), lens)
             self._pinned_idx = torch.from_numpy(np.flatnonzero(pinned))
@@ -145,11 +161,22 @@ class BCTrainer:
     """AdamW on the flow-matching loss, gradient-clipped. Holds the optimizer so that training can resume."""
 
     def __init__(self, model: SmallVLA, lr: float = 3e-4, weight_decay: float = 1e-4, grad_clip: float = 1.0,
-                 indicator_dropout: float = 0.0):
+                 indicator_dropout: float = 0.0, indicator_lr: float | None = None):
+        """``indicator_lr``: the advantage indicator's own learning rate. It starts at zero and must grow to the
+        scale of the context; at a fine-tuning rate (1e-4) Adam moves it by at most ~0.1 in 1,000 steps."""
         self.model = model
         self.indicator_dropout = indicator_dropout
         self.grad_clip = grad_clip
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        rest = [p for n, p in model.named_parameters() if not n.startswith("indicator.")]
+        groups = [{"params": rest, "lr": lr}, {"params": list(model.indicator.parameters()), "lr": indicator_lr or lr}]
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+        for group in self.optimizer.param_groups:
+            group["peak_lr"] = group["lr"]
+
+    def schedule(self, multiplier: float) -> None:
+        """Set every parameter group's learning rate to ``multiplier`` times its peak."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * multiplier
 
     def _drop(self, indicator: torch.Tensor) -> torch.Tensor:
         """Replace the indicator by "none" at random, so that the unconditional policy stays trained (needed for

@@ -37,6 +37,7 @@ class FilteredBCLearner:
         guidance: float = 1.0,
         shrink: float = 0.0,
         perturb: float = 0.01,
+        indicator_lr: float | None = None,
     ):
         self.model = model
         self.version = version
@@ -48,8 +49,13 @@ class FilteredBCLearner:
         self.shrink, self.perturb, self.lr = shrink, perturb, lr
         self.indicator_dropout = indicator_dropout
         self.data.add(demos, pinned=True, indicator=self.demo_indicator)
-        self.trainer = BCTrainer(model, lr=lr, indicator_dropout=indicator_dropout)
+        self.indicator_lr = indicator_lr
+        self.trainer = self._trainer()
         self.generator = torch.Generator().manual_seed(seed)
+
+    def _trainer(self) -> BCTrainer:
+        return BCTrainer(self.model, lr=self.lr, indicator_dropout=self.indicator_dropout,
+                         indicator_lr=self.indicator_lr)
 
     @staticmethod
     def judged_success(ep: Episode) -> bool:
@@ -106,12 +112,11 @@ class FilteredBCLearner:
             # Retrain from a shrunk copy on the whole buffer, with a fresh optimizer and its own warm-up + cosine
             # schedule: a warm start from the converged base does not absorb new data (see shrink_and_perturb).
             self.shrink_and_perturb()
-            self.trainer = BCTrainer(self.model, lr=self.lr, indicator_dropout=self.indicator_dropout)
+            self.trainer = self._trainer()
         losses = []
         for step in range(self.steps_per_update):
             if self.shrink > 0:
-                for group in self.trainer.optimizer.param_groups:
-                    group["lr"] = self.lr * warmup_cosine(step, self.steps_per_update, self.steps_per_update // 10)
+                self.trainer.schedule(warmup_cosine(step, self.steps_per_update, self.steps_per_update // 10))
             batch = self.data.sample(self.batch_size, self.generator, self.demo_fraction)
             losses.append(self.trainer.step(batch, weighted=True))
         self.version += 1

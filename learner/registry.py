@@ -1,9 +1,9 @@
 """Learning algorithms by config name (``learner.algorithm``)."""
 
 from learner.filtered_bc import FilteredBCLearner
-from learner.recap import AdvantageConditionedLearner
+from learner.recap import RecapLearner
 
-ALGORITHMS = {"filtered_bc": FilteredBCLearner, "recap": AdvantageConditionedLearner}
+ALGORITHMS = {"filtered_bc": FilteredBCLearner, "recap": RecapLearner}
 
 
 def make_learner(name: str, model, demos, **kwargs):

@@ -51,14 +51,63 @@ def test_group_advantage_credits_rare_successes_most(demos):
     assert np.allclose(adv, [0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])
 
 
+def _with_chunks(episodes, execute: int = 4, chunk: int = 8):
+    """Give constructed episodes the extras a policy's own episode carries: the chunks it sampled and when."""
+    from learner.bc import action_chunks
+
+    out = []
+    for ep in episodes:
+        steps = np.arange(0, ep.num_steps, execute)
+        out.append(dataclasses.replace(ep, extras={"chunks": action_chunks(ep.actions, chunk)[steps],
+                                                   "chunk_steps": steps}))
+    return out
+
+
+def test_returns_to_go_and_chunk_advantages():
+    from learner.value import chunk_advantages, returns_to_go
+
+    assert np.allclose(returns_to_go(4, True, 40), np.array([-4, -3, -2, -1, 0]) / 40)
+    assert np.allclose(returns_to_go(4, False, 40), np.array([-4, -3, -2, -1, 0]) / 40 - 1)
+    steps = np.array([0, 4, 8])  # three chunks of an episode of 10 steps
+    exact = returns_to_go(10, True, 40)[np.append(steps, 10)]
+    # A value that knows the return exactly leaves nothing to credit...
+    assert np.allclose(chunk_advantages(exact, steps, 10, True, 40, lookahead=1), 0, atol=1e-6)
+    # ...and one that expected failure credits the chunk that reached success with the whole surprise.
+    adv = chunk_advantages(exact - 1.0, steps, 10, True, 40, lookahead=1)
+    assert np.allclose(adv, [0, 0, 1], atol=1e-6)
+    assert np.allclose(chunk_advantages(exact, steps, 10, False, 40, lookahead=1), [0, 0, -1], atol=1e-6)
+
+
+def test_value_separates_states_that_succeed_from_states_that_fail(demos):
+    from learner.value import ValueModel, returns_to_go
+
+    torch.manual_seed(0)
+    value = ValueModel(SmallVLA(), horizon=40)
+    flipped = [dataclasses.replace(ep, observations={**ep.observations,
+                                                     "image": ep.observations["image"][:, :, ::-1].copy()})
+               for ep in demos]
+    feats = {}
+    for name, eps, ok in (("success", demos, True), ("failure", flipped, False)):
+        feats[name] = []
+        for ep in eps:
+            frames = np.arange(ep.num_steps + 1)
+            f = value.features(ep, frames)
+            value.add(f, returns_to_go(ep.num_steps, ok, 40))
+            feats[name].append(f)
+    value.fit(400)
+    v_ok, v_bad = (value.value(torch.cat(feats[k])) for k in ("success", "failure"))
+    assert v_ok.mean() > -0.6 and v_bad.mean() < -1.0, (v_ok.mean(), v_bad.mean())
+
+
 def test_recap_conditions_on_advantage_and_guides_toward_success(demos):
-    from learner.recap import AdvantageConditionedLearner
+    from learner.recap import RecapLearner
 
     torch.manual_seed(0)
     model = SmallVLA()
-    learner = AdvantageConditionedLearner(model, demos=[], steps_per_update=80, batch_size=32, lr=1e-3,
-                                          indicator_dropout=0.3, guidance=2.0)
-    learner.update(_episodes_moving(demos, 0.8, True) + _episodes_moving(demos, -0.8, False))
+    learner = RecapLearner(model, demos=[], steps_per_update=200, batch_size=32, lr=1e-3, indicator_dropout=0.3,
+                           guidance=2.0, value_steps=200)
+    stats = learner.update(_with_chunks(_episodes_moving(demos, 0.8, True) + _episodes_moving(demos, -0.8, False)))
+    assert 0.1 < stats["positive_fraction"] <= 0.35
     snap = learner.snapshot()
     assert snap.meta["sampling"] == {"indicator": 1, "guidance": 2.0}
     policy = VLAPolicy(model=model)
@@ -68,7 +117,7 @@ def test_recap_conditions_on_advantage_and_guides_toward_success(demos):
     positive = policy.act(*obs, seed=0)[..., 0].mean()
     policy.sampling = {"indicator": 2, "guidance": 1.0}
     negative = policy.act(*obs, seed=0)[..., 0].mean()
-    assert positive > 0.4 and negative < 0.0, (positive, negative)
+    assert positive > 0.3 and negative < positive - 0.4, (positive, negative)
 
 
 def test_zero_indicator_leaves_an_old_checkpoint_unchanged(demos):

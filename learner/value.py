@@ -1,0 +1,112 @@
+"""RECAP's critic: a distributional value over the return to go, read from the frozen VLA backbone.
+
+Returns (as in pi*0.6): every step costs 1/H (H the episode horizon) and an episode judged a failure costs 1 more
+at its end, so from frame t of an episode of T steps
+
+    success:  G_t = -(T - t) / H              in (-1, 0]
+    failure:  G_t = -(T - t) / H - 1          in [-2, -1)
+
+These values lie on a grid of 1/H, so the value is a classifier over the 2H + 1 grid points (a distribution over
+steps-to-success, failure included) trained with cross-entropy on Monte-Carlo returns, and V is its expectation.
+Success comes from the labels the learner is given (the detector's), never from the simulator.
+
+The features are the VLA encoder's context, from a frozen copy of the starting policy: it already finds the named
+block and target (its grounding was trained for acting), so the value head is a small MLP that trains in seconds,
+and the features of every frame are computed once.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from flywheel.contracts import Episode
+from flywheel.vla.model import SmallVLA
+
+
+def returns_to_go(num_steps: int, success: bool, horizon: int) -> np.ndarray:
+    """G_t for frames t = 0..T of one episode (T = ``num_steps``), as defined above."""
+    g = -(num_steps - np.arange(num_steps + 1, dtype=np.float32)) / horizon
+    return g if success else g - 1.0
+
+
+class ValueModel:
+    """V(frame, instruction, proprio) from cached backbone features; ``fit`` on (features, return) pairs."""
+
+    def __init__(self, policy_model: SmallVLA, horizon: int, *, hidden: int = 256, lr: float = 1e-3, seed: int = 0):
+        self.encoder = copy.deepcopy(policy_model.encoder).eval()
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = policy_model.tokenizer
+        self.horizon = horizon
+        self.bins = 2 * horizon + 1  # bin b <-> return -b / H
+        torch.manual_seed(seed)
+        self.head = nn.Sequential(
+            nn.LayerNorm(self.encoder.out_dim), nn.Linear(self.encoder.out_dim, hidden), nn.GELU(),
+            nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, self.bins),
+        )
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=lr, weight_decay=1e-4)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._feats: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def features(self, ep: Episode, frames: np.ndarray, batch: int = 512) -> torch.Tensor:
+        """The backbone's context at the given frame indices of one episode: (len(frames), D)."""
+        ids, _ = self.tokenizer([ep.instruction])
+        out = []
+        for i in range(0, len(frames), batch):
+            f = frames[i : i + batch]
+            images = torch.from_numpy(np.ascontiguousarray(ep.observations["image"][f]))
+            proprio = torch.from_numpy(ep.observations["proprio"][f].astype(np.float32))
+            out.append(self.encoder(images, torch.from_numpy(ids).expand(len(f), -1), proprio))
+        return torch.cat(out)
+
+    def add(self, feats: torch.Tensor, returns: np.ndarray) -> None:
+        """Training pairs: features (N, D) and their returns to go (N,)."""
+        bins = np.clip(np.rint(-returns * self.horizon), 0, self.bins - 1).astype(np.int64)
+        self._feats.append(feats)
+        self._targets.append(torch.from_numpy(bins))
+
+    def fit(self, steps: int, batch_size: int = 256) -> float:
+        """Cross-entropy steps on everything added so far; returns the mean loss."""
+        if not self._feats:
+            return float("nan")
+        feats, targets = torch.cat(self._feats), torch.cat(self._targets)
+        self._feats, self._targets = [feats], [targets]
+        self.head.train()
+        losses = []
+        for _ in range(steps):
+            idx = torch.randint(0, len(feats), (batch_size,), generator=self.generator)
+            loss = nn.functional.cross_entropy(self.head(feats[idx]), targets[idx])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            losses.append(loss.item())
+        self.head.eval()
+        return float(np.mean(losses))
+
+    @torch.no_grad()
+    def value(self, feats: torch.Tensor) -> np.ndarray:
+        """Expected return to go, (N,) in [-2, 0]."""
+        grid = -torch.arange(self.bins, dtype=torch.float32) / self.horizon
+        return (torch.softmax(self.head(feats), dim=-1) @ grid).numpy()
+
+
+def chunk_advantages(values: np.ndarray, chunk_steps: np.ndarray, num_steps: int, success: bool, horizon: int,
+                     lookahead: int = 2) -> np.ndarray:
+    """The n-step advantage of each sampled chunk of one episode.
+
+    ``values``: V at each chunk step and, last, at the final frame (len(chunk_steps) + 1). For chunk i the return
+    runs ``lookahead`` chunks ahead and bootstraps from V there, or from the episode's end (0 after a success, -1
+    after a failure):  A_i = -(t_{i+n} - t_i) / H + V(t_{i+n}) - V(t_i).
+    """
+    k = len(chunk_steps)
+    steps = np.append(chunk_steps, num_steps)
+    boot = values.astype(np.float64).copy()
+    boot[k] = 0.0 if success else -1.0  # the end of the episode is terminal
+    ahead = np.minimum(np.arange(k) + lookahead, k)
+    return (-(steps[ahead] - steps[:k]) / horizon + boot[ahead] - values[:k]).astype(np.float32)
