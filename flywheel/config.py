@@ -53,6 +53,8 @@ class LearnerConfig:
     positive_fraction: float = 0.3  # recap: share of each task family's chunks marked "positive"
     shrink: float = 0.0  # > 0: every update first shrinks the weights (theta <- shrink*theta + noise) and retrains
     #                      the whole buffer with warm-up + cosine (learner/filtered_bc.py::shrink_and_perturb)
+    freeze_backbone: bool = False  # train the action expert only, on contexts cached once per sample: a step costs
+    #                                no encoder pass, so an update can afford many more steps
     demos: int = 100  # the pretraining demonstrations, replayed so the policy does not drift from them
     steps_per_update: int = 300  # gradient steps per iteration
     batch_size: int = 64

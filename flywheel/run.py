@@ -166,7 +166,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
             batch_size=cfg.learner.batch_size, lr=cfg.learner.lr, max_episodes=cfg.learner.max_episodes,
             seed=cfg.seed, demo_fraction=cfg.learner.demo_fraction, guidance=cfg.learner.guidance,
             indicator_dropout=cfg.learner.indicator_dropout, shrink=cfg.learner.shrink,
-            indicator_lr=cfg.learner.indicator_lr,
+            indicator_lr=cfg.learner.indicator_lr, freeze_backbone=cfg.learner.freeze_backbone,
             **({"value_steps": cfg.learner.value_steps, "lookahead": cfg.learner.lookahead,
                 "positive_fraction": cfg.learner.positive_fraction} if cfg.learner.algorithm == "recap" else {}),
         )

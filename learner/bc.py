@@ -38,15 +38,11 @@ class _Entry(NamedTuple):
     """One episode's samples, ready to concatenate."""
 
     key: str  # the episode id
-
-    images: np.ndarray  # uint8 (S, H, W, 3)
-    proprio: np.ndarray  # float32 (S, P)
+    inputs: dict[str, np.ndarray]  # per sample: images uint8 (S,H,W,3), proprio, aux (S,4), aux_mask (S,), ids
+    #                                (S,L); or, with the backbone frozen, its context ctx float32 (S,D) alone
     actions: np.ndarray  # float32 (S, C, A) target chunks
-    ids: np.ndarray  # int64 (L,) instruction tokens
     weights: np.ndarray  # float32 (S,)
     pinned: bool
-    aux: np.ndarray  # float32 (S, 4)
-    has_aux: bool
     indicators: np.ndarray  # int64 (S,)
 
 
@@ -55,12 +51,17 @@ class ChunkDataset:
 
     ``max_episodes`` bounds memory: past it, the oldest non-pinned episodes are dropped first (pinned ones, such as
     the demonstrations, stay).
+
+    ``encode=True`` (the backbone is frozen): each sample is stored as the backbone's context, computed once when it
+    arrives, instead of its image. Training the action expert alone then costs no encoder pass at all.
     """
 
-    def __init__(self, model: SmallVLA, max_episodes: int = 4000):
+    def __init__(self, model: SmallVLA, max_episodes: int = 4000, encode: bool = False):
+        self.model = model
         self.chunk = model.cfg.chunk
         self.tokenizer = model.tokenizer
         self.max_episodes = max_episodes
+        self.encode = encode
         self._eps: list[_Entry] = []
         self._cache: dict[str, torch.Tensor] | None = None
 
@@ -79,9 +80,6 @@ class ChunkDataset:
             t_len = ep.num_steps
             if t_len == 0:
                 continue
-            ids, _ = self.tokenizer([ep.instruction])
-            aux = ep.extras.get("aux_positions")
-            aux = aux.astype(np.float32) if aux is not None else np.zeros((t_len + 1, 4), np.float32)
             if "chunks" in ep.extras:
                 # A policy's own episode: clone the chunks it sampled, at the steps it sampled them.
                 steps, targets = ep.extras["chunk_steps"], ep.extras["chunks"].astype(np.float32)
@@ -89,10 +87,20 @@ class ChunkDataset:
                 # Demonstrations: every step starts a chunk of the executed actions.
                 steps, targets = np.arange(t_len), action_chunks(ep.actions, self.chunk)
             n = len(steps)
+            ids = np.repeat(self.tokenizer([ep.instruction])[0], n, axis=0)
+            images, proprio = ep.observations["image"][steps], ep.observations["proprio"][steps].astype(np.float32)
+            if self.encode:
+                inputs = {"ctx": self.context(images, ids, proprio)}
+            else:
+                aux = ep.extras.get("aux_positions")
+                inputs = {
+                    "images": images, "proprio": proprio, "ids": ids,
+                    "aux": aux[steps].astype(np.float32) if aux is not None else np.zeros((n, 4), np.float32),
+                    "aux_mask": np.full(n, aux is not None, np.float32),
+                }
             self._eps.append(_Entry(
-                ep.id, ep.observations["image"][steps], ep.observations["proprio"][steps].astype(np.float32), targets,
-                ids[0], np.broadcast_to(np.asarray(weight, np.float32), (n,)), pinned, aux[steps],
-                "aux_positions" in ep.extras, np.broadcast_to(np.asarray(indicator, np.int64), (n,)),
+                ep.id, inputs, targets, np.broadcast_to(np.asarray(weight, np.float32), (n,)), pinned,
+                np.broadcast_to(np.asarray(indicator, np.int64), (n,)),
             ))
         overflow = len(self._eps) - self.max_episodes
         if overflow > 0:
@@ -100,6 +108,16 @@ class ChunkDataset:
             dropped = set(drop)
             self._eps = [e for i, e in enumerate(self._eps) if i not in dropped]
         self._cache = None
+
+    @torch.no_grad()
+    def context(self, images: np.ndarray, ids: np.ndarray, proprio: np.ndarray, batch: int = 512) -> np.ndarray:
+        """The (frozen) backbone's context for a set of samples, in batches."""
+        out = [
+            self.model.encoder(torch.from_numpy(np.ascontiguousarray(images[i : i + batch])),
+                               torch.from_numpy(ids[i : i + batch]), torch.from_numpy(proprio[i : i + batch])).numpy()
+            for i in range(0, len(images), batch)
+        ]
+        return np.concatenate(out).astype(np.float32)
 
     def relabel(self, labels: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         """New per-sample (weights, indicators) for the episodes named by id; RECAP relabels every advantage after
@@ -114,22 +132,14 @@ class ChunkDataset:
     def _tensors(self) -> dict[str, torch.Tensor]:
         if self._cache is None:
             eps = self._eps
-            lens = [len(e.actions) for e in eps]
-
-            def per_sample(field: str, dtype) -> torch.Tensor:  # one value per episode, repeated per sample
-                return torch.from_numpy(np.repeat(np.array([getattr(e, field) for e in eps], dtype), lens, axis=0))
-
-            self._cache = {
-                "images": torch.from_numpy(np.concatenate([e.images for e in eps])),
-                "proprio": torch.from_numpy(np.concatenate([e.proprio for e in eps])),
-                "actions": torch.from_numpy(np.concatenate([e.actions for e in eps])),
-                "aux": torch.from_numpy(np.concatenate([e.aux for e in eps])),
-                "ids": per_sample("ids", np.int64),
-                "weights": torch.from_numpy(np.concatenate([e.weights for e in eps])),
-                "aux_mask": per_sample("has_aux", np.float32),
-                "indicator": torch.from_numpy(np.concatenate([e.indicators for e in eps])),
-            }
-            pinned = np.repeat(np.array([e.pinned for e in eps], bool), lens)
+            cat = lambda arrays: torch.from_numpy(np.concatenate(arrays))  # noqa: E731
+            self._cache = {k: cat([e.inputs[k] for e in eps]) for k in eps[0].inputs}
+            self._cache.update(
+                actions=cat([e.actions for e in eps]),
+                weights=cat([e.weights for e in eps]),
+                indicator=cat([e.indicators for e in eps]),
+            )
+            pinned = np.repeat(np.array([e.pinned for e in eps], bool), [len(e.actions) for e in eps])
             self._pinned_idx = torch.from_numpy(np.flatnonzero(pinned))
             self._other_idx = torch.from_numpy(np.flatnonzero(~pinned))
         return self._cache
@@ -167,7 +177,8 @@ class BCTrainer:
         self.model = model
         self.indicator_dropout = indicator_dropout
         self.grad_clip = grad_clip
-        rest = [p for n, p in model.named_parameters() if not n.startswith("indicator.")]
+        # Only what requires grad trains (a learner with a frozen backbone turns the encoder's off).
+        rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("indicator.")]
         groups = [{"params": rest, "lr": lr}, {"params": list(model.indicator.parameters()), "lr": indicator_lr or lr}]
         self.optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
         for group in self.optimizer.param_groups:
@@ -188,11 +199,13 @@ class BCTrainer:
 
     def step(self, batch: dict[str, torch.Tensor], weighted: bool = False) -> float:
         self.model.train()
-        loss = self.model.flow_loss(
-            batch["images"], batch["ids"], batch["proprio"], batch["actions"],
-            weights=batch["weights"] if weighted else None, aux=batch["aux"], aux_mask=batch["aux_mask"],
-            indicator=self._drop(batch["indicator"]),
-        )
+        weights, indicator = batch["weights"] if weighted else None, self._drop(batch["indicator"])
+        if "ctx" in batch:  # the backbone is frozen: train the action expert on cached contexts
+            loss = self.model.head_loss(batch["ctx"], batch["actions"], weights, indicator)
+        else:
+            loss = self.model.flow_loss(batch["images"], batch["ids"], batch["proprio"], batch["actions"],
+                                        weights=weights, aux=batch["aux"], aux_mask=batch["aux_mask"],
+                                        indicator=indicator)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"behaviour-cloning loss is {loss.item()}: the weights or the batch hold NaN/inf. "
@@ -200,7 +213,7 @@ class BCTrainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.grad_clip)
         self.optimizer.step()
         self.model.eval()
         return float(loss.item())

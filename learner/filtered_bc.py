@@ -38,13 +38,19 @@ class FilteredBCLearner:
         shrink: float = 0.0,
         perturb: float = 0.01,
         indicator_lr: float | None = None,
+        freeze_backbone: bool = False,
     ):
         self.model = model
         self.version = version
         self.steps_per_update = steps_per_update
         self.batch_size = batch_size
         self.demo_fraction = demo_fraction
-        self.data = ChunkDataset(model, max_episodes=max_episodes)
+        if freeze_backbone:
+            # Train the action expert only: the vision-language backbone keeps what pretraining gave it, and every
+            # sample's context is computed once (learner/bc.py ChunkDataset(encode=True)).
+            for p in [*model.encoder.parameters(), *model.aux_head.parameters()]:
+                p.requires_grad_(False)
+        self.data = ChunkDataset(model, max_episodes=max_episodes, encode=freeze_backbone)
         self.guidance = guidance
         self.shrink, self.perturb, self.lr = shrink, perturb, lr
         self.indicator_dropout = indicator_dropout
@@ -103,7 +109,7 @@ class FilteredBCLearner:
         neural network training"). Measured here: the base, warm-started on 1,124 expert demos, stayed at
         0.39-0.43 for 1,500 steps; shrunk by 0.5 first, it reached 0.45 / 0.59 / 0.62 after 500 / 1,000 / 1,500."""
         for p in self.model.parameters():
-            if p.ndim > 1:
+            if p.ndim > 1 and p.requires_grad:
                 p.mul_(self.shrink).add_(torch.randn(p.shape, generator=self.generator) * self.perturb)
 
     def update(self, episodes: list[Episode]) -> dict[str, float]:

@@ -40,6 +40,17 @@ def test_filtered_bc_moves_the_policy_toward_what_the_detector_approves(demos):
         assert learner.snapshot().version == 1
 
 
+def test_frozen_backbone_trains_the_action_expert_alone(demos):
+    torch.manual_seed(0)
+    model = SmallVLA()
+    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    learner = FilteredBCLearner(model, demos=[], steps_per_update=60, batch_size=32, lr=1e-3, freeze_backbone=True)
+    learner.update(_episodes_moving(demos, 0.8, True) + _episodes_moving(demos, -0.8, False))
+    assert "ctx" in learner.data.sample(4, torch.Generator().manual_seed(0))  # contexts cached, not images
+    assert all(torch.equal(v, encoder_before[k]) for k, v in model.encoder.state_dict().items())
+    assert _mean_dx(model, demos[:8]) > 0.4
+
+
 def test_group_advantage_credits_rare_successes_most(demos):
     def judged(ep, seed, ok):
         return dataclasses.replace(ep, seed=seed, labels=[Label(source="detector", success=ok, version="d")])

@@ -257,6 +257,12 @@ class SmallVLA(nn.Module):
         if aux is not None and aux_mask is not None and bool(aux_mask.any()):
             err = (self.aux_head(ctx) - (aux - 0.5)).pow(2).mean(dim=1)
             aux_loss = (err * aux_mask).sum() / aux_mask.sum()
+        return self.head_loss(ctx, actions, weights, indicator) + aux_loss
+
+    def head_loss(self, ctx: torch.Tensor, actions: torch.Tensor, weights: torch.Tensor | None = None,
+                  indicator: torch.Tensor | None = None) -> torch.Tensor:
+        """The flow-matching loss of the action expert alone, given the backbone's context (B, out_dim): what a
+        learner with a frozen backbone trains on cached contexts."""
         if indicator is not None:
             ctx = ctx + self.indicator(indicator)
         noise = torch.randn_like(actions)
@@ -264,8 +270,8 @@ class SmallVLA(nn.Module):
         x_t = t[:, None, None] * actions + (1 - t[:, None, None]) * noise
         per_sample = (self.head(ctx, x_t, t) - (actions - noise)).pow(2).mean(dim=(1, 2))
         if weights is None:
-            return per_sample.mean() + aux_loss
-        return (per_sample * weights).sum() / weights.sum().clamp_min(1e-8) + aux_loss
+            return per_sample.mean()
+        return (per_sample * weights).sum() / weights.sum().clamp_min(1e-8)
 
     @torch.no_grad()
     def sample(
