@@ -123,6 +123,9 @@ class PretrainConfig:
     eval_episodes: int = 500
     checkpoint_every: int = 500
     export: str = ""  # also copy the final weights here (e.g. flywheel/assets/base_vla.safetensors)
+    threads: int = 2  # torch intra-op threads: fixed, because the order of float sums (and so the weights) depends
+    #                   on it. Two runs with the same seed and threads give the same base; BC success at equal loss
+    #                   varies widely between runs that differ (0.41 and 0.25 were measured)
     env: EnvConfig = field(default_factory=EnvConfig)
 
 

@@ -44,6 +44,7 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
     atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(cfg).encode())
     env_kwargs = {"family": cfg.env.family, "image_size": cfg.env.image_size, "max_steps": cfg.env.max_steps,
                   "execute": cfg.env.execute}
+    torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = SmallVLA(VLAConfig(image_size=cfg.env.image_size))
     trainer = BCTrainer(model, lr=cfg.lr)
@@ -60,11 +61,13 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
         state = torch.load(optim_path, weights_only=True)
         trainer.optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])  # the flow-matching noise and times: resumed exactly
         history = meta.get("history", [])
         say(f"pretrain: resuming from step {step} in {out}")
 
     store = EpisodeStore(out / "demos")
-    demos = [ep for ep in store.iter("train", with_ground_truth=True)]
+    # In seed order, as when they were made: a resumed run samples the same batches as an uninterrupted one.
+    demos = sorted(store.iter("train", with_ground_truth=True), key=lambda ep: ep.seed)
     if len(demos) != cfg.demos:
         seeds = [split_seed("train", i) for i in range(cfg.demos)]
         demos = run_episodes(seeds, "train", None, policy_version=-1, **env_kwargs)
@@ -91,7 +94,8 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
                 f"[{ev['ci95'][0]:.3f}, {ev['ci95'][1]:.3f}]  {ev['per_task']}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             ckpts.save(step, model.get_weights(), {"history": history})
-            torch.save({"optimizer": trainer.optimizer.state_dict(), "generator": generator.get_state()},
+            torch.save({"optimizer": trainer.optimizer.state_dict(), "generator": generator.get_state(),
+                        "torch_rng": torch.get_rng_state()},
                        ckpts.path(step).with_suffix(".optim.pt"))
     final = history[-1] if history else evaluate_policy(model, cfg.eval_episodes, env_kwargs)
     record = {
