@@ -63,7 +63,7 @@ def cmd_run(overrides: list[str]) -> int:
 
         def on_iteration(state, row):
             last = state.evaluations[-1]
-            info = (f"iter {state.iteration}  v{row.get('policy_version', 0)}  episodes {state.episodes}  "
+            info = (f"iter {state.iteration}  v{row.get('policy_version', last.version)}  episodes {state.episodes}  "
                     f"held-out success {last.success:.3f} (v{last.version})")
             progress.update(task, completed=min(budget_s, time.time() - start), info=info)
             if "iteration" in row:
