@@ -135,15 +135,16 @@ def cmd_store_check(args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Known errors (bad checkpoint, damaged episode file, unusable run directory) print their message, which says
-    what to do, and exit 1; anything else keeps its traceback."""
+    """Known errors (bad config, bad checkpoint, damaged episode file, unusable run directory) print their message,
+    which says what to do, and exit 1; anything else keeps its traceback."""
     from flywheel.checkpoint import CheckpointError
+    from flywheel.config import ConfigError
     from flywheel.run import RunDirError
     from flywheel.store import CorruptEpisodeError
 
     try:
         return _dispatch(argv)
-    except (CheckpointError, CorruptEpisodeError, RunDirError) as e:
+    except (CheckpointError, ConfigError, CorruptEpisodeError, RunDirError) as e:
         console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
         return 1
 

@@ -26,14 +26,14 @@ from actors.ray_actors import RolloutGroup, vla_policy_factory
 from actors.rollout import run_episodes
 from actors.tabletop import split_seed
 from flywheel.checkpoint import CheckpointDir, numpy_state, save_weights
-from flywheel.config import to_dict
+from flywheel.config import ConfigError, to_dict
 from flywheel.contracts import Episode, Label, PolicySnapshot
 from flywheel.loop import Budget, LoopState, run_loop
 from flywheel.metrics import MetricsSink
 from flywheel.store import EpisodeStore, atomic_write_bytes
 from flywheel.vla.checkpoint import load_policy_checkpoint
 from flywheel.vla.model import SmallVLA
-from learner.registry import make_learner
+from learner.registry import ALGORITHMS, make_learner
 from reward.train import episode_label, train_detector
 
 class RunDirError(RuntimeError):
@@ -116,15 +116,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _holds_a_run(run_dir: Path) -> bool:
+    """Stored episodes, or a run that did not fail. A run that failed before storing anything (a mistyped
+    checkpoint path, say) leaves nothing to lose, so its directory can be used again once the mistake is fixed."""
+    if (run_dir / "episodes").exists():
+        return True
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status") != "failed"
+    except FileNotFoundError:
+        return False
+    except (json.JSONDecodeError, AttributeError):
+        return True  # unreadable: do not guess, leave it alone
+
+
 def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) -> dict[str, Any]:
     """Run the flywheel for its budget; returns (and writes) the summary."""
     started = time.time()
     run_dir = Path(cfg.run_dir)
-    if (run_dir / "summary.json").exists() or (run_dir / "episodes").exists():
+    if _holds_a_run(run_dir):
         raise RunDirError(
             f"{run_dir} already holds a run; resuming one is not supported yet. Choose a new run_dir (or leave it "
             f"out for runs/<date-time>); nothing in {run_dir} was touched."
         )
+    if cfg.learner.algorithm not in ALGORITHMS:  # before anything starts, not after the detector has trained
+        raise ConfigError(f"learner.algorithm={cfg.learner.algorithm!r} is unknown: choose one of {sorted(ALGORITHMS)}")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg).encode())
     seed_everything(cfg.seed)
@@ -161,15 +176,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         model.load_weights(base_weights)
         demo_seeds = [split_seed("train", DEMO_SEEDS + i) for i in range(cfg.learner.demos)]
         demos = run_episodes(demo_seeds, "train", None, policy_version=-1, **env_kwargs)
-        learner = make_learner(
-            cfg.learner.algorithm, model, demos, version=0, steps_per_update=cfg.learner.steps_per_update,
-            batch_size=cfg.learner.batch_size, lr=cfg.learner.lr, max_episodes=cfg.learner.max_episodes,
-            seed=cfg.seed, demo_fraction=cfg.learner.demo_fraction, guidance=cfg.learner.guidance,
-            indicator_dropout=cfg.learner.indicator_dropout, shrink=cfg.learner.shrink,
-            indicator_lr=cfg.learner.indicator_lr, freeze_backbone=cfg.learner.freeze_backbone,
-            **({"value_steps": cfg.learner.value_steps, "lookahead": cfg.learner.lookahead,
-                "positive_fraction": cfg.learner.positive_fraction} if cfg.learner.algorithm == "recap" else {}),
-        )
+        learner = make_learner(cfg.learner.algorithm, model, demos, version=0, seed=cfg.seed, **to_dict(cfg.learner))
         state = run_loop(
             rollouts=rollouts, store=store, detector=detector, learner=learner, metrics=metrics,
             checkpoints=CheckpointDir(run_dir / "checkpoints", keep=3),

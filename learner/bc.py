@@ -72,6 +72,10 @@ class ChunkDataset:
     def num_episodes(self) -> int:
         return len(self._eps)
 
+    def keys(self) -> set[str]:
+        """The ids of the episodes held (the oldest unpinned ones leave past ``max_episodes``)."""
+        return {e.key for e in self._eps}
+
     def add(self, episodes: list[Episode], weight: float | np.ndarray = 1.0, pinned: bool = False,
             indicator: int | np.ndarray = 0) -> None:
         """``weight`` and ``indicator`` (the advantage indicator: 0 none, 1 positive, 2 negative) hold for every
@@ -90,7 +94,7 @@ class ChunkDataset:
             ids = np.repeat(self.tokenizer([ep.instruction])[0], n, axis=0)
             images, proprio = ep.observations["image"][steps], ep.observations["proprio"][steps].astype(np.float32)
             if self.encode:
-                inputs = {"ctx": self.context(images, ids, proprio)}
+                inputs = {"ctx": self.model.encoder.contexts(images, ids, proprio).numpy()}
             else:
                 aux = ep.extras.get("aux_positions")
                 inputs = {
@@ -108,16 +112,6 @@ class ChunkDataset:
             dropped = set(drop)
             self._eps = [e for i, e in enumerate(self._eps) if i not in dropped]
         self._cache = None
-
-    @torch.no_grad()
-    def context(self, images: np.ndarray, ids: np.ndarray, proprio: np.ndarray, batch: int = 512) -> np.ndarray:
-        """The (frozen) backbone's context for a set of samples, in batches."""
-        out = [
-            self.model.encoder(torch.from_numpy(np.ascontiguousarray(images[i : i + batch])),
-                               torch.from_numpy(ids[i : i + batch]), torch.from_numpy(proprio[i : i + batch])).numpy()
-            for i in range(0, len(images), batch)
-        ]
-        return np.concatenate(out).astype(np.float32)
 
     def relabel(self, labels: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         """New per-sample (weights, indicators) for the episodes named by id; RECAP relabels every advantage after
@@ -181,6 +175,7 @@ class BCTrainer:
         rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("indicator.")]
         groups = [{"params": rest, "lr": lr}, {"params": list(model.indicator.parameters()), "lr": indicator_lr or lr}]
         self.optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+        self.params = [p for g in groups for p in g["params"]]
         for group in self.optimizer.param_groups:
             group["peak_lr"] = group["lr"]
 
@@ -213,7 +208,7 @@ class BCTrainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.optimizer.step()
         self.model.eval()
         return float(loss.item())

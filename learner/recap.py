@@ -34,9 +34,10 @@ POSITIVE, NEGATIVE = 1, 2
 
 
 class _Decisions(NamedTuple):
-    """One own episode as the value sees it: features at each chunk step and at the last frame."""
+    """One episode as the value sees it: backbone features at its frames, and the returns to go there."""
 
-    feats: torch.Tensor
+    feats: torch.Tensor  # (K+1, D): at each chunk step and at the last frame (demonstrations: every ``execute``)
+    returns: np.ndarray  # (K+1,)
     chunk_steps: np.ndarray
     num_steps: int
     success: bool
@@ -54,39 +55,38 @@ class RecapLearner(FilteredBCLearner):
         horizon = int(demos[0].info.get("max_steps", 40)) if demos else 40
         self.value = ValueModel(model, horizon, seed=kwargs.get("seed", 0))
         self.value_steps, self.lookahead, self.positive_fraction = value_steps, lookahead, positive_fraction
-        self._own: dict[str, _Decisions] = {}
-        for ep in demos:  # demonstrations teach the value what success looks like from every stage
-            frames = np.unique(np.append(np.arange(0, ep.num_steps, 4), ep.num_steps))
-            g = returns_to_go(ep.num_steps, True, self._horizon(ep))
-            self.value.add(self.value.features(ep, frames), g[frames])
+        # Demonstrations teach the value what success looks like from every stage, at the policy's decision rate.
+        self._demos = [self._decisions(ep, True, np.arange(0, ep.num_steps, int(ep.info.get("execute", 4))))
+                       for ep in demos if ep.num_steps]
+        self._own: dict[str, _Decisions] = {}  # the policy's episodes still in the buffer, by id
 
-    def _horizon(self, ep: Episode) -> int:
-        return int(ep.info.get("max_steps", self.value.horizon))
+    def _decisions(self, ep: Episode, success: bool, steps: np.ndarray) -> _Decisions:
+        horizon = int(ep.info.get("max_steps", self.value.horizon))
+        frames = np.append(steps, ep.num_steps)
+        return _Decisions(self.value.features(ep, frames), returns_to_go(ep.num_steps, success, horizon)[frames],
+                          steps, ep.num_steps, success, horizon, ep.task)
 
     def add_episodes(self, episodes: list[Episode]) -> dict[str, float]:
         for ep in episodes:
             if "chunk_steps" not in ep.extras or ep.num_steps == 0:
                 continue
-            ok, steps = self.judged_success(ep), ep.extras["chunk_steps"]
-            frames = np.append(steps, ep.num_steps)
-            feats = self.value.features(ep, frames)
-            self.value.add(feats, returns_to_go(ep.num_steps, ok, self._horizon(ep))[frames])
-            self._own[ep.id] = _Decisions(feats, steps, ep.num_steps, ok, self._horizon(ep), ep.task)
+            self._own[ep.id] = self._decisions(ep, self.judged_success(ep), ep.extras["chunk_steps"])
             self.data.add([ep], indicator=NEGATIVE)  # relabelled below
-        value_loss = self.value.fit(self.value_steps)
+        held = self.data.keys()  # past max_episodes the oldest leave the buffer; the value forgets them too
+        self._own = {k: d for k, d in self._own.items() if k in held}
+        every = [*self._demos, *self._own.values()]
+        value_loss = self.value.fit(torch.cat([d.feats for d in every]), np.concatenate([d.returns for d in every]),
+                                    self.value_steps) if every else float("nan")
         return {"value_loss": value_loss, **self.relabel()}
 
     def relabel(self) -> dict[str, float]:
         """Advantages of every buffered chunk under the current value; the top fraction per task is positive."""
-        keys = list(self._own)
-        advs = {}
-        for key in keys:
-            d = self._own[key]
-            v = self.value.value(d.feats)
-            advs[key] = chunk_advantages(v, d.chunk_steps, d.num_steps, d.success, d.horizon, self.lookahead)
+        advs = {k: chunk_advantages(self.value.value(d.feats), d.chunk_steps, d.num_steps, d.success, d.horizon,
+                                    self.lookahead)
+                for k, d in self._own.items()}
         labels, positive = {}, []
         for task in {d.task for d in self._own.values()}:
-            mine = [k for k in keys if self._own[k].task == task]
+            mine = [k for k, d in self._own.items() if d.task == task]
             threshold = np.quantile(np.concatenate([advs[k] for k in mine]), 1.0 - self.positive_fraction)
             for k in mine:
                 ind = np.where(advs[k] > threshold, POSITIVE, NEGATIVE)
@@ -96,4 +96,4 @@ class RecapLearner(FilteredBCLearner):
         all_adv = np.concatenate(list(advs.values())) if advs else np.zeros(1)
         pos = np.concatenate(positive) if positive else np.zeros(1, bool)
         return {"advantage_mean": float(all_adv.mean()), "advantage_std": float(all_adv.std()),
-                "positive_fraction": float(pos.mean()), "kept_episodes": len(keys)}
+                "positive_fraction": float(pos.mean()), "kept_episodes": len(self._own)}

@@ -12,7 +12,7 @@ Success comes from the labels the learner is given (the detector's), never from 
 
 The features are the VLA encoder's context, from a frozen copy of the starting policy: it already finds the named
 block and target (its grounding was trained for acting), so the value head is a small MLP that trains in seconds,
-and the features of every frame are computed once.
+and the features of every frame are computed once (the caller caches them).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def returns_to_go(num_steps: int, success: bool, horizon: int) -> np.ndarray:
 
 
 class ValueModel:
-    """V(frame, instruction, proprio) from cached backbone features; ``fit`` on (features, return) pairs."""
+    """V(frame, instruction, proprio) from backbone features; ``fit`` on (features, return) pairs."""
 
     def __init__(self, policy_model: SmallVLA, horizon: int, *, hidden: int = 256, lr: float = 1e-3, seed: int = 0):
         self.encoder = copy.deepcopy(policy_model.encoder).eval()
@@ -43,40 +43,25 @@ class ValueModel:
         self.tokenizer = policy_model.tokenizer
         self.horizon = horizon
         self.bins = 2 * horizon + 1  # bin b <-> return -b / H
-        torch.manual_seed(seed)
-        self.head = nn.Sequential(
-            nn.LayerNorm(self.encoder.out_dim), nn.Linear(self.encoder.out_dim, hidden), nn.GELU(),
-            nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, self.bins),
-        )
+        with torch.random.fork_rng():  # seeded, without moving the global RNG the policy's training draws from
+            torch.manual_seed(seed)
+            self.head = nn.Sequential(
+                nn.LayerNorm(self.encoder.out_dim), nn.Linear(self.encoder.out_dim, hidden), nn.GELU(),
+                nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, self.bins),
+            )
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=lr, weight_decay=1e-4)
         self.generator = torch.Generator().manual_seed(seed)
-        self._feats: list[torch.Tensor] = []
-        self._targets: list[torch.Tensor] = []
 
-    @torch.no_grad()
-    def features(self, ep: Episode, frames: np.ndarray, batch: int = 512) -> torch.Tensor:
+    def features(self, ep: Episode, frames: np.ndarray) -> torch.Tensor:
         """The backbone's context at the given frame indices of one episode: (len(frames), D)."""
-        ids, _ = self.tokenizer([ep.instruction])
-        out = []
-        for i in range(0, len(frames), batch):
-            f = frames[i : i + batch]
-            images = torch.from_numpy(np.ascontiguousarray(ep.observations["image"][f]))
-            proprio = torch.from_numpy(ep.observations["proprio"][f].astype(np.float32))
-            out.append(self.encoder(images, torch.from_numpy(ids).expand(len(f), -1), proprio))
-        return torch.cat(out)
+        ids = np.repeat(self.tokenizer([ep.instruction])[0], len(frames), axis=0)
+        return self.encoder.contexts(ep.observations["image"][frames], ids, ep.observations["proprio"][frames])
 
-    def add(self, feats: torch.Tensor, returns: np.ndarray) -> None:
-        """Training pairs: features (N, D) and their returns to go (N,)."""
-        bins = np.clip(np.rint(-returns * self.horizon), 0, self.bins - 1).astype(np.int64)
-        self._feats.append(feats)
-        self._targets.append(torch.from_numpy(bins))
-
-    def fit(self, steps: int, batch_size: int = 256) -> float:
-        """Cross-entropy steps on everything added so far; returns the mean loss."""
-        if not self._feats:
+    def fit(self, feats: torch.Tensor, returns: np.ndarray, steps: int, batch_size: int = 256) -> float:
+        """Cross-entropy steps on features (N, D) and their returns to go (N,); returns the mean loss."""
+        if len(feats) == 0:
             return float("nan")
-        feats, targets = torch.cat(self._feats), torch.cat(self._targets)
-        self._feats, self._targets = [feats], [targets]
+        targets = torch.from_numpy(np.clip(np.rint(-returns * self.horizon), 0, self.bins - 1).astype(np.int64))
         self.head.train()
         losses = []
         for _ in range(steps):

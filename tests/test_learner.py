@@ -97,15 +97,11 @@ def test_value_separates_states_that_succeed_from_states_that_fail(demos):
     flipped = [dataclasses.replace(ep, observations={**ep.observations,
                                                      "image": ep.observations["image"][:, :, ::-1].copy()})
                for ep in demos]
-    feats = {}
+    feats, returns = {}, []
     for name, eps, ok in (("success", demos, True), ("failure", flipped, False)):
-        feats[name] = []
-        for ep in eps:
-            frames = np.arange(ep.num_steps + 1)
-            f = value.features(ep, frames)
-            value.add(f, returns_to_go(ep.num_steps, ok, 40))
-            feats[name].append(f)
-    value.fit(400)
+        feats[name] = [value.features(ep, np.arange(ep.num_steps + 1)) for ep in eps]
+        returns += [returns_to_go(ep.num_steps, ok, 40) for ep in eps]
+    value.fit(torch.cat(feats["success"] + feats["failure"]), np.concatenate(returns), 400)
     v_ok, v_bad = (value.value(torch.cat(feats[k])) for k in ("success", "failure"))
     assert v_ok.mean() > -0.6 and v_bad.mean() < -1.0, (v_ok.mean(), v_bad.mean())
 

@@ -70,3 +70,14 @@ def test_a_directory_holding_a_run_is_refused_untouched(tmp_path):
     with pytest.raises(RunDirError, match="Choose a new run_dir"):
         run(cfg, say=lambda m: None)
     assert json.loads((tmp_path / "summary.json").read_text()) == {"status": "completed"}
+
+
+def test_a_run_that_failed_before_storing_anything_can_be_retried_in_place(tmp_path):
+    from flywheel.checkpoint import CheckpointError
+
+    cfg = load_config("run", ["experiment=tiny", f"run_dir={tmp_path}", "rollout.use_ray=false",
+                              f"policy.checkpoint={tmp_path / 'missing.safetensors'}"])
+    for _ in range(2):  # the second attempt gets the same clear error, not "already holds a run"
+        with pytest.raises(CheckpointError, match="does not exist"):
+            run(cfg, say=lambda m: None)
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"

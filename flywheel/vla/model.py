@@ -165,6 +165,16 @@ class VisionLanguageEncoder(nn.Module):
         x = x + self.context(x)
         return x.flatten(2).transpose(1, 2) + self.patch_pos
 
+    @torch.no_grad()
+    def contexts(self, images: np.ndarray, ids: np.ndarray, proprio: np.ndarray, batch: int = 512) -> torch.Tensor:
+        """The context of many samples (numpy in, one row each; no grad; in batches): the features a learner caches
+        from a frozen encoder."""
+        return torch.cat([
+            self(torch.from_numpy(np.ascontiguousarray(images[i : i + batch])), torch.from_numpy(ids[i : i + batch]),
+                 torch.from_numpy(np.asarray(proprio[i : i + batch], np.float32)))
+            for i in range(0, len(images), batch)
+        ])
+
     def forward(self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor | None = None) -> torch.Tensor:
         pixels = self.pixels(images)
         patches = self.patches(pixels)
