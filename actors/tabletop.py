@@ -72,11 +72,7 @@ class TabletopEnv(gym.Env):
             }
         )
         self.action_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
-        # Pixel-centre coordinates, precomputed once for drawing.
-        c = (np.arange(s, dtype=np.float32) + 0.5) / s
-        self._px, self._py = np.meshgrid(c, c, indexing="xy")
-        self._background = np.empty((s, s, 3), np.uint8)
-        self._background[:] = TABLE_RGB
+        self._centers = (np.arange(s, dtype=np.float32) + 0.5) / s  # pixel-centre coordinates, for drawing
         self._reset_state()
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -93,6 +89,7 @@ class TabletopEnv(gym.Env):
         self.gripper_closed = False
         self.steps = 0
         self.instruction = ""
+        self._static: np.ndarray | None = None  # the table with its targets, drawn on first render
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
@@ -178,33 +175,47 @@ class TabletopEnv(gym.Env):
         return self.render_image()
 
     def render_image(self) -> np.ndarray:
-        """Draw the scene: pads/bowls, then blocks, then the effector ring on top."""
-        img = self._background.copy()
-        s = self.image_size
-        px, py = self._px, self._py
+        """Draw the scene: the table with its pads or bowls, then the blocks, then the effector ring on top.
 
-        def box(center, half, rgb):
-            x0, x1 = int(round((center[0] - half) * s)), int(round((center[0] + half) * s))
-            y0, y1 = int(round((center[1] - half) * s)), int(round((center[1] + half) * s))
-            img[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = rgb
-
-        for center, name in zip(self.targets, self.target_colors):
-            rgb = np.array(COLORS[name], np.float32)
-            if self.family == "push":
-                box(center, PAD_HALF, (0.5 * rgb + 0.5 * 255).astype(np.uint8))  # pastel pad
-            else:
-                d2 = (px - center[0]) ** 2 + (py - center[1]) ** 2
-                ring = (d2 < BOWL_R_OUT**2) & (d2 >= BOWL_R_IN**2)
-                img[ring] = (0.55 * rgb).astype(np.uint8)  # dark bowl rim
+        Pads and bowls never move, so they are drawn once per episode; each frame copies that and draws only what
+        moves, the effector ring inside its bounding box (bench/env_throughput.py measures the cost)."""
+        if self._static is None:
+            self._static = self._draw_static()
+        img = self._static.copy()
         order = [i for i in range(len(self.blocks)) if i != self.holding] + (
             [self.holding] if self.holding is not None else []
         )
         for i in order:
-            box(self.blocks[i], BLOCK_HALF, COLORS[self.block_colors[i]])
-        d2 = (px - self.effector[0]) ** 2 + (py - self.effector[1]) ** 2
-        ring = (d2 < EFFECTOR_R**2) & (d2 >= (EFFECTOR_R * 0.45) ** 2)
-        img[ring] = GRIPPING_RGB if self.gripper_closed else EFFECTOR_RGB
+            self._box(img, self.blocks[i], BLOCK_HALF, self._block_rgb[i])
+        s, c, r = self.image_size, self._centers, EFFECTOR_R
+        ex, ey = float(self.effector[0]), float(self.effector[1])
+        x0, x1 = max(int((ex - r) * s) - 1, 0), min(int((ex + r) * s) + 2, s)
+        y0, y1 = max(int((ey - r) * s) - 1, 0), min(int((ey + r) * s) + 2, s)
+        d2 = np.add.outer((c[y0:y1] - ey) ** 2, (c[x0:x1] - ex) ** 2)
+        ring = (d2 < r**2) & (d2 >= (r * 0.45) ** 2)
+        img[y0:y1, x0:x1][ring] = GRIPPING_RGB if self.gripper_closed else EFFECTOR_RGB
         return img
+
+    def _draw_static(self) -> np.ndarray:
+        self._block_rgb = [np.array(COLORS[name], np.uint8) for name in self.block_colors]
+        img = np.empty((self.image_size, self.image_size, 3), np.uint8)
+        img[:] = TABLE_RGB
+        c = self._centers
+        for center, name in zip(self.targets, self.target_colors):
+            rgb = np.array(COLORS[name], np.float32)
+            if self.family == "push":
+                self._box(img, center, PAD_HALF, (0.5 * rgb + 0.5 * 255).astype(np.uint8))  # pastel pad
+            else:
+                d2 = (c[None, :] - center[0]) ** 2 + (c[:, None] - center[1]) ** 2
+                ring = (d2 < BOWL_R_OUT**2) & (d2 >= BOWL_R_IN**2)
+                img[ring] = (0.55 * rgb).astype(np.uint8)  # dark bowl rim
+        return img
+
+    def _box(self, img: np.ndarray, center: np.ndarray, half: float, rgb) -> None:
+        s, cx, cy = self.image_size, float(center[0]), float(center[1])
+        x0, x1 = round((cx - half) * s), round((cx + half) * s)  # Python's round: half to even, as NumPy's
+        y0, y1 = round((cy - half) * s), round((cy + half) * s)
+        img[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = rgb
 
     # Ground-truth state, for the scripted expert and for tests only (policies see pixels and proprio).
     def state(self) -> dict[str, Any]:
@@ -216,6 +227,41 @@ class TabletopEnv(gym.Env):
             "holding_target": self.holding == self.target_block,
             "gripper_closed": self.gripper_closed,
         }
+
+
+def reference_image(env: TabletopEnv) -> np.ndarray:
+    """The picture ``render_image`` must give, drawn the plain way: every shape over the whole pixel grid each time.
+    Tests check that the fast renderer matches it pixel for pixel; ``bench/env_throughput.py`` times both."""
+    s = env.image_size
+    c = (np.arange(s, dtype=np.float32) + 0.5) / s
+    px, py = np.meshgrid(c, c, indexing="xy")
+    img = np.empty((s, s, 3), np.uint8)
+    img[:] = TABLE_RGB
+
+    def fill(mask, rgb):
+        img[mask] = rgb
+
+    def box(center, half):  # the pixels whose index range rounds from the square's edges
+        x0, x1 = int(round((center[0] - half) * s)), int(round((center[0] + half) * s))
+        y0, y1 = int(round((center[1] - half) * s)), int(round((center[1] + half) * s))
+        cols, rows = np.arange(s)[None, :], np.arange(s)[:, None]
+        return (cols >= x0) & (cols < x1) & (rows >= y0) & (rows < y1)
+
+    def ring(center, r_out, r_in):
+        d2 = (px - center[0]) ** 2 + (py - center[1]) ** 2
+        return (d2 < r_out**2) & (d2 >= r_in**2)
+
+    for center, name in zip(env.targets, env.target_colors):
+        rgb = np.array(COLORS[name], np.float32)
+        if env.family == "push":
+            fill(box(center, PAD_HALF), (0.5 * rgb + 0.5 * 255).astype(np.uint8))
+        else:
+            fill(ring(center, BOWL_R_OUT, BOWL_R_IN), (0.55 * rgb).astype(np.uint8))
+    order = [i for i in range(len(env.blocks)) if i != env.holding] + ([env.holding] if env.holding is not None else [])
+    for i in order:
+        fill(box(env.blocks[i], BLOCK_HALF), COLORS[env.block_colors[i]])
+    fill(ring(env.effector, EFFECTOR_R, EFFECTOR_R * 0.45), GRIPPING_RGB if env.gripper_closed else EFFECTOR_RGB)
+    return img
 
 
 def make_env(family: str = "any", image_size: int = 64, max_steps: int = 40) -> TabletopEnv:

@@ -4,7 +4,7 @@ from gymnasium.utils.env_checker import check_env
 
 from actors.expert import expert_action
 from actors.rollout import run_episodes
-from actors.tabletop import COLORS, TabletopEnv, split_seed
+from actors.tabletop import COLORS, TabletopEnv, reference_image, split_seed
 
 
 def test_registered_env_passes_gymnasium_checker():
@@ -89,3 +89,26 @@ def test_expert_episode_terminates_on_success():
         if term or trunc:
             break
     assert term and info["success"]
+
+
+def test_fast_renderer_draws_the_reference_picture():
+    # The renderer draws only what moves, and the effector ring only inside its bounding box; every pixel must still
+    # be the plain whole-grid drawing's, for both families, while holding, and at the table's edges.
+    rng = np.random.default_rng(0)
+    for seed in range(30):
+        env = TabletopEnv()
+        obs, _ = env.reset(seed=seed)
+        assert np.array_equal(obs["image"], reference_image(env))
+        for _ in range(40):
+            obs, _, term, trunc, _ = env.step(rng.uniform(-1, 1, 3).astype(np.float32))
+            assert np.array_equal(obs["image"], reference_image(env))
+            if term or trunc:
+                break
+    env = TabletopEnv(family="place")
+    env.reset(seed=3)
+    env.effector[:] = env.blocks[env.target_block]
+    env.step(np.array([0, 0, 1], np.float32))  # grasp: the held block is drawn last
+    assert env.holding is not None
+    env.effector[:] = [0.03, 0.97]
+    env.blocks[env.holding] = env.effector
+    assert np.array_equal(env.render_image(), reference_image(env))
