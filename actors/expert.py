@@ -15,10 +15,14 @@ def _toward(src: np.ndarray, dst: np.ndarray, gain: float = 1.0) -> np.ndarray:
 
 
 def expert_action(env: TabletopEnv, rng: np.random.Generator | None = None, noise: float = 0.0) -> np.ndarray:
-    """One action for the current state. ``noise`` adds Gaussian motion noise (more varied demonstrations)."""
+    """One action for the current state. ``noise`` adds Gaussian motion noise (more varied demonstrations).
+
+    Every family but push is the same two moves on ``env.state()``: reach what to act on (a block, a button, a
+    drawer's handle) and close on it; then, holding it, carry it to where it must go and let go there (a pressed
+    button or a drawer slid home ends the episode on the way)."""
     s = env.state()
     eff, block, target = s["effector"], s["block"], s["target"]
-    if s["family"] == "place":
+    if s["family"] != "push":
         if s["holding_target"]:
             move = _toward(eff, target)
             grip = 1.0 if np.hypot(*(target - eff)) > 0.02 else -1.0  # release over the bowl

@@ -26,6 +26,8 @@ def run_episodes(
     *,
     policy_version: int,
     family: str = "any",
+    phrasing: str = "canonical",
+    combos: str = "all",
     image_size: int = 64,
     max_steps: int = 40,
     execute: int = 4,
@@ -40,7 +42,8 @@ def run_episodes(
     ``execute`` actions of each chunk are applied (receding horizon). ``sample_seed`` seeds the policy's sampling
     noise, so a rollout is reproducible given its seeds.
     """
-    envs = [make_env(family=family, image_size=image_size, max_steps=max_steps) for _ in seeds]
+    envs = [make_env(family=family, image_size=image_size, max_steps=max_steps, phrasing=phrasing, combos=combos)
+            for _ in seeds]
     first = [env.reset(seed=int(s)) for env, s in zip(envs, seeds)]
     images = [[o["image"]] for o, _ in first]
     proprio = [[o["proprio"]] for o, _ in first]
@@ -104,7 +107,8 @@ def run_episodes(
                 if policy is not None else {}
             )},
             ground_truth={"success": bool(infos[i]["success"])},
-            info={"created": now, "max_steps": max_steps, "execute": execute},
+            info={"created": now, "max_steps": max_steps, "execute": execute, "phrasing": phrasing, "combos": combos,
+                  "combo_heldout": bool(infos[i]["combo_heldout"])},
         )
         for i in range(len(seeds))
     ]

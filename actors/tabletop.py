@@ -1,17 +1,28 @@
-"""The built-in tabletop: a top-down camera over a table with coloured blocks, pads and bowls.
+"""The built-in tabletop: a top-down camera over a table with coloured blocks, pads, bowls, buttons and drawers.
 
 Pure numpy (no GL, no physics engine), so that it runs everywhere and is never the bottleneck. The world is the
 unit square seen from above. A round end effector moves in the plane. With its gripper open it hovers over the
-table; closing it over a block grasps and carries that block; closed on nothing, it is a fist that pushes the
-blocks it runs into.
+table; closing it over a block grasps and carries that block, over a drawer's handle holds the handle (the drawer
+then slides with the hand along its rail), over a button presses it; closed on nothing, it is a fist that pushes
+the blocks it runs into.
 
-Task families (the instruction names one block and one target, so the policy must read it):
+Task families (every instruction names what to act on, among distractors, so the policy must read it):
 
-- ``push``:  "push the red block onto the green pad"   two blocks, two pads
-- ``place``: "put the blue block in the yellow bowl"   two blocks, two bowls
+- ``push``:   "push the red block onto the green pad"        two blocks, two pads
+- ``place``:  "put the blue block in the yellow bowl"        two blocks, two bowls
+- ``stack``:  "put the red block on the blue block"          three blocks
+- ``button``: "press the green button"                       three buttons, two blocks in the way
+- ``drawer``: "open the red drawer" / "close the blue drawer" two drawers
+- ``sort``:   "put each block in the bowl of its colour"     two blocks, two bowls of the same colours
+
+``family="any"`` draws push or place per seed: the pair the shipped base was trained on, unchanged seed for seed.
+``family="suite"`` draws any of the six; a comma-separated list draws among those named. Instruction wording and
+which colour pairings occur are set by ``phrasing`` and ``combos`` (actors/instructions.py: held-out phrasings and
+held-out combinations measure generalisation).
 
 Colours are drawn so that object kinds differ by appearance as well as shape: blocks are saturated, pads pastel,
-bowls dark rings. An episode ends on success (terminated) or after ``max_steps`` (truncated).
+bowls dark rings, buttons discs with a rim, drawers coloured boxes in a dark cabinet with a black handle. An episode
+ends on success (terminated) or after ``max_steps`` (truncated).
 """
 
 from __future__ import annotations
@@ -21,23 +32,37 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from actors.instructions import COMBOS, PHRASINGS, combo_allowed, templates
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
     "blue": (40, 80, 220),
     "yellow": (230, 200, 40),
 }
-FAMILIES = ("push", "place")
+FAMILIES = ("push", "place")  # family="any": the shipped base's pair
+SUITE = ("push", "place", "stack", "button", "drawer", "sort")  # family="suite"
 TABLE_RGB = (200, 190, 170)
 EFFECTOR_RGB = (60, 60, 60)
 GRIPPING_RGB = (10, 10, 10)
+CABINET_RGB = (90, 80, 70)
+HANDLE_RGB = (20, 20, 20)
+PRESSED_RGB = (250, 250, 250)
 
 MAX_SPEED = 0.06  # world units per step at |action| = 1
 EFFECTOR_R = 0.035
 BLOCK_HALF = 0.045
 PAD_HALF = 0.09
 BOWL_R_OUT, BOWL_R_IN = 0.095, 0.065
-GRASP_R = 0.05
+GRASP_R = 0.05  # a closing hand grasps a block (or a handle) whose centre is this close
+BUTTON_R = 0.05  # button disc radius; a closing hand this close to its centre presses it
+CABINET_HALF = 0.07  # the cabinet a drawer slides out of (a square)
+DRAWER_HALF_WIDTH = 0.05  # across the rail
+DRAWER_TRAVEL = 0.15  # handle travel from shut (opening 0) to fully open (1)
+HANDLE_HALF = 0.02
+OPEN_AT, SHUT_AT = 0.9, 0.1  # openings that count as open / shut
+HORIZON_SCALE = {"sort": 2}  # families with two moves to make get this many times max_steps
+AXES = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])  # directions a drawer can open toward
 # Seeds for each split live in disjoint ranges, so "held-out" is never a matter of luck.
 SPLIT_SEED_BASE = {"train": 0, "eval": 10_000_000, "holdout": 20_000_000}
 
@@ -47,20 +72,41 @@ def split_seed(split: str, index: int) -> int:
     return SPLIT_SEED_BASE[split] + int(index)
 
 
+def parse_families(family: str) -> tuple[str, ...]:
+    """``"any"``, ``"suite"``, one family, or a comma-separated list of families -> the families to draw from."""
+    if family == "any":
+        return FAMILIES
+    if family == "suite":
+        return SUITE
+    names = tuple(f.strip() for f in family.split(","))
+    unknown = [f for f in names if f not in SUITE]
+    if unknown or not names:
+        raise ValueError(
+            f"unknown task family {family!r}: choose 'any' (push or place), 'suite' (all), or families from {SUITE}, "
+            f"comma-separated"
+        )
+    return names
+
+
 class TabletopEnv(gym.Env):
     """One tabletop scene. ``reset(seed=...)`` fixes the layout, the task family and the instruction.
 
     Observation: ``{"image": uint8 (S, S, 3), "proprio": float32 (3,)}`` with proprio = effector x, y, gripper closed.
     Action: float32 (3,) in [-1, 1]: velocity x, velocity y, gripper (> 0 closes).
-    The instruction and the ground-truth success are in ``info`` (``info["instruction"]``, ``info["success"]``).
+    ``info`` holds the instruction, the family, the ground-truth success and ``combo_heldout`` (whether what the
+    instruction names is a held-out combination).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
-    def __init__(self, family: str = "any", image_size: int = 64, max_steps: int = 40, render_mode: str | None = None):
-        if family != "any" and family not in FAMILIES:
-            raise ValueError(f"unknown task family {family!r}: choose one of {FAMILIES} or 'any'")
-        self.family_choice = family
+    def __init__(self, family: str = "any", image_size: int = 64, max_steps: int = 40, render_mode: str | None = None,
+                 phrasing: str = "canonical", combos: str = "all"):
+        self.families = parse_families(family)
+        if phrasing not in PHRASINGS:
+            raise ValueError(f"unknown phrasing {phrasing!r}: choose one of {PHRASINGS}")
+        if combos not in COMBOS:
+            raise ValueError(f"unknown combos {combos!r}: choose one of {COMBOS}")
+        self.family_choice, self.phrasing, self.combos = family, phrasing, combos
         self.image_size = int(image_size)
         self.max_steps = int(max_steps)
         self.render_mode = render_mode
@@ -77,64 +123,153 @@ class TabletopEnv(gym.Env):
 
     # ----------------------------------------------------------------------------------------------------------------
     def _reset_state(self) -> None:
-        self.family = "push"
-        self.blocks = np.zeros((2, 2), np.float64)
+        self.family = self.families[0]
+        self.blocks = np.zeros((0, 2), np.float64)
         self.block_colors: list[str] = []
-        self.targets = np.zeros((2, 2), np.float64)
+        self.block_z: list[int] = []  # stacking height, for drawing order
+        self.targets = np.zeros((0, 2), np.float64)  # pads (push) or bowls (place, sort)
         self.target_colors: list[str] = []
-        self.target_block = 0
-        self.target_index = 0
+        self.buttons = np.zeros((0, 2), np.float64)
+        self.button_colors: list[str] = []
+        self.pressed: list[bool] = []
+        self.drawers = np.zeros((0, 2), np.float64)  # cabinet centres
+        self.drawer_axes = np.zeros((0, 2), np.float64)  # unit vectors the drawers open toward
+        self.drawer_colors: list[str] = []
+        self.opening = np.zeros(0, np.float64)  # 0 shut .. 1 fully open
+        self.verb = ""  # drawer: "open" or "close"
+        self.target_block = 0  # the named block (push, place, stack)
+        self.target_index = 0  # the named target / base block / button / drawer
         self.effector = np.zeros(2, np.float64)
-        self.holding: int | None = None
+        self.holding: int | None = None  # the block in hand
+        self.holding_drawer: int | None = None  # the drawer whose handle is in hand
         self.gripper_closed = False
         self.steps = 0
+        self.horizon = self.max_steps
         self.instruction = ""
-        self._static: np.ndarray | None = None  # the table with its targets, drawn on first render
+        self.combo: tuple[str, ...] = ()
+        self.kind = ""  # the instruction kind: the family, or "open" / "close" for drawers
+        self._static: np.ndarray | None = None  # what does not move, drawn on first render
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         rng = self.np_random
-        self._reset_state()
-        self.family = self.family_choice if self.family_choice != "any" else FAMILIES[int(rng.integers(len(FAMILIES)))]
-        names = list(COLORS)
-        self.block_colors = [names[i] for i in rng.choice(len(names), 2, replace=False)]
-        self.target_colors = [names[i] for i in rng.choice(len(names), 2, replace=False)]
-        # Rejection-sample a layout with every object well apart, and the effector clear of them all.
         for _ in range(1000):
-            pts = rng.uniform(0.14, 0.86, size=(5, 2))
-            d = np.linalg.norm(pts[:, None] - pts[None], axis=-1) + np.eye(5)
-            if d.min() > 0.24:
+            self._reset_state()
+            self.family = self.families[int(rng.integers(len(self.families)))] if len(self.families) > 1 \
+                else self.families[0]
+            getattr(self, f"_layout_{self.family}")(rng)
+            if combo_allowed(self.combos, self.kind, *self.combo):
                 break
-        self.blocks = pts[0:2].copy()
-        self.targets = pts[2:4].copy()
-        self.effector = pts[4].copy()
-        self.target_block = int(rng.integers(2))
-        self.target_index = int(rng.integers(2))
-        b, t = self.block_colors[self.target_block], self.target_colors[self.target_index]
-        if self.family == "push":
-            self.instruction = f"push the {b} block onto the {t} pad"
-        else:
-            self.instruction = f"put the {b} block in the {t} bowl"
+        options_ = templates(self.kind, self.phrasing)
+        template = options_[int(rng.integers(len(options_)))] if len(options_) > 1 else options_[0]
+        self.instruction = template.format(**dict(zip("bt", self.combo)))
+        self.block_z = [0] * len(self.blocks)
+        self.horizon = self.max_steps * HORIZON_SCALE.get(self.family, 1)
+        self._block_rgb = [np.array(COLORS[name], np.uint8) for name in self.block_colors]
+        self._drawer_rgb = [np.array(COLORS[name], np.uint8) for name in self.drawer_colors]
         return self._obs(), self._info()
+
+    # Layouts: each draws colours and positions (every object well apart, the effector clear of them all) and says
+    # what the instruction names. push and place draw exactly as the first version did, so seeds give the same scenes.
+    @staticmethod
+    def _points(rng: np.random.Generator, n: int, gap: float, low: float = 0.14, high: float = 0.86) -> np.ndarray:
+        for _ in range(1000):
+            pts = rng.uniform(low, high, size=(n, 2))
+            d = np.linalg.norm(pts[:, None] - pts[None], axis=-1) + np.eye(n)
+            if d.min() > gap:
+                break
+        return pts
+
+    @staticmethod
+    def _colours(rng: np.random.Generator, n: int) -> list[str]:
+        names = list(COLORS)
+        return [names[i] for i in rng.choice(len(names), n, replace=False)]
+
+    def _layout_push(self, rng: np.random.Generator) -> None:
+        self.block_colors, self.target_colors = self._colours(rng, 2), self._colours(rng, 2)
+        pts = self._points(rng, 5, 0.24)
+        self.blocks, self.targets, self.effector = pts[0:2].copy(), pts[2:4].copy(), pts[4].copy()
+        self.target_block, self.target_index = int(rng.integers(2)), int(rng.integers(2))
+        self.kind = self.family
+        self.combo = (self.block_colors[self.target_block], self.target_colors[self.target_index])
+
+    _layout_place = _layout_push
+
+    def _layout_stack(self, rng: np.random.Generator) -> None:
+        self.block_colors = self._colours(rng, 3)
+        pts = self._points(rng, 4, 0.24)
+        self.blocks, self.effector = pts[0:3].copy(), pts[3].copy()
+        self.target_block = int(rng.integers(3))
+        self.target_index = (self.target_block + 1 + int(rng.integers(2))) % 3  # the block to stack on
+        self.kind = "stack"
+        self.combo = (self.block_colors[self.target_block], self.block_colors[self.target_index])
+
+    def _layout_button(self, rng: np.random.Generator) -> None:
+        self.button_colors, self.block_colors = self._colours(rng, 3), self._colours(rng, 2)
+        pts = self._points(rng, 6, 0.2)
+        self.buttons, self.blocks, self.effector = pts[0:3].copy(), pts[3:5].copy(), pts[5].copy()
+        self.pressed = [False] * 3
+        self.target_index = int(rng.integers(3))
+        self.kind = "button"
+        self.combo = (self.button_colors[self.target_index],)
+
+    def _layout_drawer(self, rng: np.random.Generator) -> None:
+        self.drawer_colors = self._colours(rng, 2)
+        reach = CABINET_HALF + DRAWER_TRAVEL + HANDLE_HALF  # from a cabinet's centre to its open handle's edge
+        for _ in range(1000):
+            cabinets = rng.uniform(0.1 + reach, 0.9 - reach, size=(2, 2))
+            effector = rng.uniform(0.14, 0.86, size=2)
+            if np.linalg.norm(cabinets[0] - cabinets[1]) > 2 * reach + 0.02 and \
+                    np.linalg.norm(cabinets - effector, axis=1).min() > reach + 0.05:
+                break
+        self.drawers, self.effector = cabinets, effector
+        self.drawer_axes = AXES[rng.integers(len(AXES), size=2)]
+        self.target_index = int(rng.integers(2))
+        self.verb = ("open", "close")[int(rng.integers(2))]
+        self.opening = rng.integers(2, size=2).astype(np.float64)  # the other drawer: shut or open at random
+        self.opening[self.target_index] = 0.0 if self.verb == "open" else 1.0
+        self.kind = self.verb
+        self.combo = (self.drawer_colors[self.target_index],)
+
+    def _layout_sort(self, rng: np.random.Generator) -> None:
+        self.block_colors = self._colours(rng, 2)
+        self.target_colors = [self.block_colors[i] for i in rng.permutation(2)]
+        pts = self._points(rng, 5, 0.24)
+        self.blocks, self.targets, self.effector = pts[0:2].copy(), pts[2:4].copy(), pts[4].copy()
+        self.kind, self.combo = "sort", ()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def handle(self, j: int) -> np.ndarray:
+        """Where drawer j's handle is now."""
+        return self.drawers[j] + self.drawer_axes[j] * (CABINET_HALF + self.opening[j] * DRAWER_TRAVEL)
+
+    def _handles(self) -> np.ndarray:
+        return self.drawers + self.drawer_axes * (CABINET_HALF + self.opening[:, None] * DRAWER_TRAVEL)
 
     def step(self, action):
         a = np.clip(np.asarray(action, dtype=np.float64).reshape(3), -1.0, 1.0)
         close = bool(a[2] > 0.0)
-        if self.holding is not None and not close:
-            self.holding = None
-        if self.holding is None and close and not self.gripper_closed:
-            # Grasp only on the closing edge, and only a block under the effector.
-            dist = np.linalg.norm(self.blocks - self.effector, axis=1)
-            i = int(dist.argmin())
-            if dist[i] < GRASP_R:
-                self.holding = i
+        if not close:
+            if self.holding is not None:  # released: it lands on whatever block it is over
+                below = [self.block_z[j] for j in range(len(self.blocks)) if j != self.holding
+                         and np.all(np.abs(self.blocks[j] - self.blocks[self.holding]) < 2 * BLOCK_HALF)]
+                self.block_z[self.holding] = 1 + max(below) if below else 0
+            self.holding = self.holding_drawer = None
+        if close and not self.gripper_closed and self.holding is None and self.holding_drawer is None:
+            self._close_hand()
         self.gripper_closed = close
-        self.effector = np.clip(self.effector + a[:2] * MAX_SPEED, 0.03, 0.97)
+        move = a[:2] * MAX_SPEED
+        if self.holding_drawer is not None:  # the hand slides the drawer along its rail
+            j = self.holding_drawer
+            self.opening[j] = np.clip(self.opening[j] + float(move @ self.drawer_axes[j]) / DRAWER_TRAVEL, 0.0, 1.0)
+            self.effector = self.handle(j)
+        else:
+            self.effector = np.clip(self.effector + move, 0.03, 0.97)
         for i in range(len(self.blocks)):
             if i == self.holding:
                 self.blocks[i] = self.effector
                 continue
-            if not close:  # an open hand hovers over the blocks
+            if not close or self.holding is not None:  # an open hand, or one carrying a block, passes over blocks
                 continue
             delta = self.blocks[i] - self.effector
             dist = float(np.hypot(*delta))
@@ -145,19 +280,55 @@ class TabletopEnv(gym.Env):
         self.steps += 1
         success = self.is_success()
         terminated = success
-        truncated = (not terminated) and self.steps >= self.max_steps
+        truncated = (not terminated) and self.steps >= self.horizon
         reward = 1.0 if success else 0.0  # for gymnasium users; flywheel itself never reads it
         return self._obs(), reward, terminated, truncated, self._info()
 
+    def _close_hand(self) -> None:
+        """On the closing edge: grasp the block under the hand, else hold a handle, else press a button."""
+        if len(self.blocks):
+            dist = np.linalg.norm(self.blocks - self.effector, axis=1)
+            i = int(dist.argmin())
+            if dist[i] < GRASP_R:
+                self.holding = i
+                self.block_z[i] = 0
+                return
+        if len(self.drawers):
+            dist = np.linalg.norm(self._handles() - self.effector, axis=1)
+            j = int(dist.argmin())
+            if dist[j] < GRASP_R:
+                self.holding_drawer = j
+                return
+        if len(self.buttons):
+            dist = np.linalg.norm(self.buttons - self.effector, axis=1)
+            j = int(dist.argmin())
+            if dist[j] < BUTTON_R and not self.pressed[j]:
+                self.pressed[j] = True
+                self._static = None  # buttons are drawn with the static layer
+
     # ----------------------------------------------------------------------------------------------------------------
     def is_success(self) -> bool:
-        """The ground-truth predicate: the named block rests (not held) on/in the named target."""
-        if self.holding == self.target_block:
-            return False
-        block, target = self.blocks[self.target_block], self.targets[self.target_index]
-        if self.family == "push":
-            return bool(np.all(np.abs(block - target) < PAD_HALF - 0.01))
-        return bool(np.hypot(*(block - target)) < BOWL_R_IN)
+        """The ground-truth predicate of the episode's family (see the module docstring)."""
+        f = self.family
+        if f in ("push", "place"):  # the named block rests (not held) on/in the named target
+            if self.holding == self.target_block:
+                return False
+            block, target = self.blocks[self.target_block], self.targets[self.target_index]
+            if f == "push":
+                return bool(np.all(np.abs(block - target) < PAD_HALF - 0.01))
+            return bool(np.hypot(*(block - target)) < BOWL_R_IN)
+        if f == "stack":  # the named block rests on the named base block
+            return self.holding is None and bool(
+                np.all(np.abs(self.blocks[self.target_block] - self.blocks[self.target_index]) < BLOCK_HALF * 0.8))
+        if f == "button":  # the named button, and no other, is pressed
+            return self.pressed[self.target_index] and sum(self.pressed) == 1
+        if f == "drawer":
+            o = self.opening[self.target_index]
+            return bool(o >= OPEN_AT) if self.verb == "open" else bool(o <= SHUT_AT)
+        # sort: every block rests in the bowl of its colour
+        return self.holding is None and all(
+            np.hypot(*(self.blocks[i] - self.targets[self.target_colors.index(c)])) < BOWL_R_IN
+            for i, c in enumerate(self.block_colors))
 
     def _info(self) -> dict[str, Any]:
         return {
@@ -165,6 +336,7 @@ class TabletopEnv(gym.Env):
             "family": self.family,
             "success": self.is_success(),
             "steps": self.steps,
+            "combo_heldout": not combo_allowed("train", self.kind, *self.combo),
         }
 
     def _obs(self) -> dict[str, np.ndarray]:
@@ -174,41 +346,47 @@ class TabletopEnv(gym.Env):
     def render(self):
         return self.render_image()
 
+    # ----------------------------------------------------------------------------------------------------------------
     def render_image(self) -> np.ndarray:
-        """Draw the scene: the table with its pads or bowls, then the blocks, then the effector ring on top.
+        """Draw the scene: the table with its pads, bowls, buttons and cabinets, then the drawers, the blocks
+        (lowest first, the held one last) and the effector ring on top.
 
-        Pads and bowls never move, so they are drawn once per episode; each frame copies that and draws only what
-        moves, the effector ring inside its bounding box (bench/env_throughput.py measures the cost)."""
-        if self._static is None:
+        What does not move is drawn once per episode (again when a button is pressed); each frame copies it and draws
+        only what moves, the effector ring inside its bounding box (bench/env_throughput.py measures the cost;
+        ``reference_image`` is the plain drawing that tests compare against)."""
+        return self._render(cached=True, windowed=True)
+
+    def _render(self, cached: bool, windowed: bool) -> np.ndarray:
+        if self._static is None or not cached:
             self._static = self._draw_static()
         img = self._static.copy()
-        order = [i for i in range(len(self.blocks)) if i != self.holding] + (
-            [self.holding] if self.holding is not None else []
-        )
-        for i in order:
+        for j in range(len(self.drawers)):  # the drawer box, out of its cabinet as far as it is open, and its handle
+            h, ax = self.handle(j), self.drawer_axes[j]
+            back = self.drawers[j] - ax * CABINET_HALF
+            half = np.abs(ax) * np.abs(h - back) / 2 + np.abs(ax[::-1]) * DRAWER_HALF_WIDTH
+            self._rect(img, (h + back) / 2, half, self._drawer_rgb[j])
+            self._rect(img, h, np.array([HANDLE_HALF, HANDLE_HALF]), HANDLE_RGB)
+        order = sorted((i for i in range(len(self.blocks)) if i != self.holding), key=lambda i: self.block_z[i])
+        for i in order + ([self.holding] if self.holding is not None else []):
             self._box(img, self.blocks[i], BLOCK_HALF, self._block_rgb[i])
-        s, c, r = self.image_size, self._centers, EFFECTOR_R
-        ex, ey = float(self.effector[0]), float(self.effector[1])
-        x0, x1 = max(int((ex - r) * s) - 1, 0), min(int((ex + r) * s) + 2, s)
-        y0, y1 = max(int((ey - r) * s) - 1, 0), min(int((ey + r) * s) + 2, s)
-        d2 = np.add.outer((c[y0:y1] - ey) ** 2, (c[x0:x1] - ex) ** 2)
-        ring = (d2 < r**2) & (d2 >= (r * 0.45) ** 2)
-        img[y0:y1, x0:x1][ring] = GRIPPING_RGB if self.gripper_closed else EFFECTOR_RGB
+        self._ring(img, self.effector, EFFECTOR_R, EFFECTOR_R * 0.45, GRIPPING_RGB if self.gripper_closed
+                   else EFFECTOR_RGB, windowed)
         return img
 
     def _draw_static(self) -> np.ndarray:
-        self._block_rgb = [np.array(COLORS[name], np.uint8) for name in self.block_colors]
         img = np.empty((self.image_size, self.image_size, 3), np.uint8)
         img[:] = TABLE_RGB
-        c = self._centers
         for center, name in zip(self.targets, self.target_colors):
             rgb = np.array(COLORS[name], np.float32)
             if self.family == "push":
                 self._box(img, center, PAD_HALF, (0.5 * rgb + 0.5 * 255).astype(np.uint8))  # pastel pad
             else:
-                d2 = (c[None, :] - center[0]) ** 2 + (c[:, None] - center[1]) ** 2
-                ring = (d2 < BOWL_R_OUT**2) & (d2 >= BOWL_R_IN**2)
-                img[ring] = (0.55 * rgb).astype(np.uint8)  # dark bowl rim
+                self._ring(img, center, BOWL_R_OUT, BOWL_R_IN, (0.55 * rgb).astype(np.uint8), False)  # bowl rim
+        for center, name, pressed in zip(self.buttons, self.button_colors, self.pressed):
+            self._ring(img, center, BUTTON_R, 0.0, (0.55 * np.array(COLORS[name], np.float32)).astype(np.uint8), True)
+            self._ring(img, center, BUTTON_R * 0.7, 0.0, PRESSED_RGB if pressed else COLORS[name], True)
+        for center in self.drawers:
+            self._box(img, center, CABINET_HALF, CABINET_RGB)
         return img
 
     def _box(self, img: np.ndarray, center: np.ndarray, half: float, rgb) -> None:
@@ -217,55 +395,71 @@ class TabletopEnv(gym.Env):
         y0, y1 = round((cy - half) * s), round((cy + half) * s)
         img[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = rgb
 
-    # Ground-truth state, for the scripted expert and for tests only (policies see pixels and proprio).
+    def _rect(self, img: np.ndarray, center: np.ndarray, half: np.ndarray, rgb) -> None:
+        s = self.image_size
+        x0, x1 = round((float(center[0]) - float(half[0])) * s), round((float(center[0]) + float(half[0])) * s)
+        y0, y1 = round((float(center[1]) - float(half[1])) * s), round((float(center[1]) + float(half[1])) * s)
+        img[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = rgb
+
+    def _ring(self, img: np.ndarray, center: np.ndarray, r_out: float, r_in: float, rgb, windowed: bool) -> None:
+        """Pixels whose centres lie at distance [r_in, r_out) from center; ``windowed`` looks only inside the ring's
+        bounding box (the same pixels, far fewer distances)."""
+        s, c = self.image_size, self._centers
+        cx, cy = float(center[0]), float(center[1])
+        x0, x1, y0, y1 = 0, s, 0, s
+        if windowed:
+            x0, x1 = max(int((cx - r_out) * s) - 1, 0), min(int((cx + r_out) * s) + 2, s)
+            y0, y1 = max(int((cy - r_out) * s) - 1, 0), min(int((cy + r_out) * s) + 2, s)
+        d2 = np.add.outer((c[y0:y1] - cy) ** 2, (c[x0:x1] - cx) ** 2)
+        img[y0:y1, x0:x1][(d2 < r_out**2) & (d2 >= r_in**2)] = rgb
+
+    # Ground-truth state, for the scripted expert, the auxiliary grounding targets and tests (policies see pixels
+    # and proprio). "block" is what to act on next and "target" where it must go.
     def state(self) -> dict[str, Any]:
+        f, block, target, holding = self.family, None, None, False
+        if f in ("push", "place", "stack"):
+            i = self.target_block
+            block = self.blocks[i]
+            target = self.targets[self.target_index] if f != "stack" else self.blocks[self.target_index]
+            holding = self.holding == i
+        elif f == "button":
+            block = target = self.buttons[self.target_index]
+        elif f == "drawer":
+            j = self.target_index
+            block = self.handle(j)
+            goal = 1.0 if self.verb == "open" else 0.0
+            target = self.drawers[j] + self.drawer_axes[j] * (CABINET_HALF + goal * DRAWER_TRAVEL)
+            holding = self.holding_drawer == j
+        else:  # sort: the first block not yet in its bowl (the held one counts as not yet in)
+            todo = [i for i, c in enumerate(self.block_colors) if i == self.holding or np.hypot(
+                *(self.blocks[i] - self.targets[self.target_colors.index(c)])) >= BOWL_R_IN]
+            i = todo[0] if todo else 0
+            block, target = self.blocks[i], self.targets[self.target_colors.index(self.block_colors[i])]
+            holding = self.holding == i
         return {
-            "family": self.family,
+            "family": f,
             "effector": self.effector.copy(),
-            "block": self.blocks[self.target_block].copy(),
-            "target": self.targets[self.target_index].copy(),
-            "holding_target": self.holding == self.target_block,
+            "block": np.array(block, np.float64),
+            "target": np.array(target, np.float64),
+            "holding_target": bool(holding),
             "gripper_closed": self.gripper_closed,
         }
 
 
 def reference_image(env: TabletopEnv) -> np.ndarray:
-    """The picture ``render_image`` must give, drawn the plain way: every shape over the whole pixel grid each time.
-    Tests check that the fast renderer matches it pixel for pixel; ``bench/env_throughput.py`` times both."""
-    s = env.image_size
-    c = (np.arange(s, dtype=np.float32) + 0.5) / s
-    px, py = np.meshgrid(c, c, indexing="xy")
-    img = np.empty((s, s, 3), np.uint8)
-    img[:] = TABLE_RGB
-
-    def fill(mask, rgb):
-        img[mask] = rgb
-
-    def box(center, half):  # the pixels whose index range rounds from the square's edges
-        x0, x1 = int(round((center[0] - half) * s)), int(round((center[0] + half) * s))
-        y0, y1 = int(round((center[1] - half) * s)), int(round((center[1] + half) * s))
-        cols, rows = np.arange(s)[None, :], np.arange(s)[:, None]
-        return (cols >= x0) & (cols < x1) & (rows >= y0) & (rows < y1)
-
-    def ring(center, r_out, r_in):
-        d2 = (px - center[0]) ** 2 + (py - center[1]) ** 2
-        return (d2 < r_out**2) & (d2 >= r_in**2)
-
-    for center, name in zip(env.targets, env.target_colors):
-        rgb = np.array(COLORS[name], np.float32)
-        if env.family == "push":
-            fill(box(center, PAD_HALF), (0.5 * rgb + 0.5 * 255).astype(np.uint8))
-        else:
-            fill(ring(center, BOWL_R_OUT, BOWL_R_IN), (0.55 * rgb).astype(np.uint8))
-    order = [i for i in range(len(env.blocks)) if i != env.holding] + ([env.holding] if env.holding is not None else [])
-    for i in order:
-        fill(box(env.blocks[i], BLOCK_HALF), COLORS[env.block_colors[i]])
-    fill(ring(env.effector, EFFECTOR_R, EFFECTOR_R * 0.45), GRIPPING_RGB if env.gripper_closed else EFFECTOR_RGB)
+    """The picture ``render_image`` must give, drawn the plain way: everything redrawn, every ring's distances over
+    the whole pixel grid. Tests check the fast path against it pixel for pixel; ``bench/env_throughput.py`` times
+    both."""
+    static = env._static
+    img = env._render(cached=False, windowed=False)
+    env._static = static
     return img
 
 
-def make_env(family: str = "any", image_size: int = 64, max_steps: int = 40) -> TabletopEnv:
-    return TabletopEnv(family=family, image_size=image_size, max_steps=max_steps)
+def make_env(family: str = "any", image_size: int = 64, max_steps: int = 40, phrasing: str = "canonical",
+             combos: str = "all") -> TabletopEnv:
+    return TabletopEnv(family=family, image_size=image_size, max_steps=max_steps, phrasing=phrasing, combos=combos)
 
 
 gym.register(id="flywheel/Tabletop-v0", entry_point="actors.tabletop:TabletopEnv")
+gym.register(id="flywheel/TabletopSuite-v0", entry_point="actors.tabletop:TabletopEnv", kwargs={"family": "suite"})

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from actors.rollout import run_episodes
 from actors.tabletop import split_seed
 from flywheel.checkpoint import CheckpointDir, CheckpointError
+from flywheel.config import to_dict
 from flywheel.metrics import wilson_interval
 from flywheel.store import EpisodeStore, atomic_write_bytes
 from flywheel.vla.checkpoint import save_policy
@@ -42,8 +43,7 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(cfg).encode())
-    env_kwargs = {"family": cfg.env.family, "image_size": cfg.env.image_size, "max_steps": cfg.env.max_steps,
-                  "execute": cfg.env.execute}
+    env_kwargs = to_dict(cfg.env)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = SmallVLA(VLAConfig(image_size=cfg.env.image_size))

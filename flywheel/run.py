@@ -106,8 +106,7 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
 
 
 def env_kwargs_of(cfg: DictConfig) -> dict:
-    return {"family": cfg.env.family, "image_size": cfg.env.image_size, "max_steps": cfg.env.max_steps,
-            "execute": cfg.env.execute}
+    return to_dict(cfg.env)  # EnvConfig's fields are run_episodes' environment arguments
 
 
 def seed_everything(seed: int) -> None:

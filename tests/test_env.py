@@ -4,12 +4,31 @@ from gymnasium.utils.env_checker import check_env
 
 from actors.expert import expert_action
 from actors.rollout import run_episodes
-from actors.tabletop import COLORS, TabletopEnv, reference_image, split_seed
+import pytest
+
+from actors.instructions import TEMPLATES, combinations, combo_is_heldout
+from actors.tabletop import COLORS, SUITE, TabletopEnv, reference_image, split_seed
 
 
-def test_registered_env_passes_gymnasium_checker():
-    env = gym.make("flywheel/Tabletop-v0")
+@pytest.mark.parametrize("family", ["any", *SUITE])
+def test_registered_env_passes_gymnasium_checker(family):
+    env = gym.make("flywheel/Tabletop-v0", family=family)
     check_env(env.unwrapped, skip_render_check=True)
+    check_env(gym.make("flywheel/TabletopSuite-v0").unwrapped, skip_render_check=True)
+
+
+def test_default_scenes_are_those_the_shipped_base_learned():
+    # family="any" must keep drawing push/place scenes exactly as when the shipped base's demonstrations were made.
+    golden = {
+        0: ("put the blue block in the red bowl", [[0.75307, 0.780113], [0.194374, 0.146761]], [0.70254, 0.482306]),
+        1: ("push the yellow block onto the red pad", [[0.206035, 0.291197], [0.854014, 0.663026]],
+            [0.439822, 0.649943]),
+    }
+    for seed, (instruction, blocks, effector) in golden.items():
+        env = TabletopEnv()
+        env.reset(seed=seed)
+        assert env.instruction == instruction
+        assert np.allclose(env.blocks, blocks, atol=1e-6) and np.allclose(env.effector, effector, atol=1e-6)
 
 
 def test_same_seed_same_episode():
@@ -35,11 +54,53 @@ def test_observation_spec():
     assert info["instruction"].split()[0] in ("push", "put")
 
 
-def test_scripted_expert_succeeds_on_both_families():
-    for family in ("push", "place"):
-        eps = run_episodes([split_seed("train", i) for i in range(40)], "train", None, policy_version=-1, family=family)
-        assert np.mean([e.ground_truth["success"] for e in eps]) >= 0.95, family
-        assert all(e.task == family for e in eps)
+@pytest.mark.parametrize("family", SUITE)
+def test_scripted_expert_succeeds_on_every_family(family):
+    eps = run_episodes([split_seed("train", i) for i in range(60)], "train", None, policy_version=-1, family=family)
+    assert np.mean([e.ground_truth["success"] for e in eps]) >= 0.95, family
+    assert all(e.task == family for e in eps)
+
+
+def test_suite_draws_every_family_and_lists_choose_among_those_named():
+    fams = {TabletopEnv(family="suite").reset(seed=s)[1]["family"] for s in range(200)}
+    assert fams == set(SUITE)
+    fams = {TabletopEnv(family="stack, drawer").reset(seed=s)[1]["family"] for s in range(50)}
+    assert fams == {"stack", "drawer"}
+    with pytest.raises(ValueError, match="unknown task family 'juggle'"):
+        TabletopEnv(family="juggle")
+
+
+@pytest.mark.parametrize("phrasing,allowed", [("canonical", slice(0, 1)), ("train", slice(0, -1)),
+                                              ("heldout", slice(-1, None))])
+def test_phrasing_splits(phrasing, allowed):
+    seen = set()
+    for seed in range(150):
+        env = TabletopEnv(family="suite", phrasing=phrasing)
+        env.reset(seed=seed)
+        fits = [t for t in TEMPLATES[env.kind][allowed] if env.instruction == t.format(**dict(zip("bt", env.combo)))]
+        assert fits, (phrasing, env.instruction)
+        seen.add(fits[0])
+    if phrasing == "train":  # the training phrasings are all used, not only the canonical one
+        assert sum(t in seen for t in TEMPLATES["push"][:-1]) > 1
+
+
+def test_combination_splits_hold_out_a_fixed_quarter_and_keep_every_colour_in_training():
+    for kind in ("push", "place", "stack", "button", "open", "close"):
+        combos = combinations(kind)
+        held = [c for c in combos if combo_is_heldout(kind, *c)]
+        assert 1 <= len(held) <= len(combos) // 2
+        train = [c for c in combos if c not in held]
+        if len(combos[0]) == 2:  # every colour still appears in training, as the object and as the target
+            for pos in range(2):
+                assert {c[pos] for c in train} == set(COLORS)
+        else:  # a held-out "blue button" is new as a pairing; blue buttons' colour is seen on other things
+            assert len(train) == len(COLORS) - 1
+    for combos, want in (("train", False), ("heldout", True)):
+        for seed in range(100):
+            _, info = TabletopEnv(family="suite", combos=combos).reset(seed=seed)
+            assert info["combo_heldout"] is want
+    flags = {TabletopEnv(family="suite").reset(seed=s)[1]["combo_heldout"] for s in range(100)}
+    assert flags == {True, False}
 
 
 def test_instruction_names_objects_in_the_scene():
@@ -93,14 +154,16 @@ def test_expert_episode_terminates_on_success():
 
 def test_fast_renderer_draws_the_reference_picture():
     # The renderer draws only what moves, and the effector ring only inside its bounding box; every pixel must still
-    # be the plain whole-grid drawing's, for both families, while holding, and at the table's edges.
+    # be the plain whole-grid drawing's, for every family, under random and expert play (grasps, presses, drawers
+    # sliding, blocks stacked), and at the table's edges.
     rng = np.random.default_rng(0)
-    for seed in range(30):
-        env = TabletopEnv()
+    for seed in range(60):
+        env = TabletopEnv(family="suite")
         obs, _ = env.reset(seed=seed)
         assert np.array_equal(obs["image"], reference_image(env))
         for _ in range(40):
-            obs, _, term, trunc, _ = env.step(rng.uniform(-1, 1, 3).astype(np.float32))
+            act = expert_action(env, rng, 0.1) if seed % 2 else rng.uniform(-1, 1, 3).astype(np.float32)
+            obs, _, term, trunc, _ = env.step(act)
             assert np.array_equal(obs["image"], reference_image(env))
             if term or trunc:
                 break
@@ -112,3 +175,66 @@ def test_fast_renderer_draws_the_reference_picture():
     env.effector[:] = [0.03, 0.97]
     env.blocks[env.holding] = env.effector
     assert np.array_equal(env.render_image(), reference_image(env))
+
+
+def test_stack_needs_the_named_block_released_on_the_named_block():
+    env = TabletopEnv(family="stack")
+    env.reset(seed=2)
+    named, base = env.target_block, env.target_index
+    other = 3 - named - base
+    env.blocks[named] = env.blocks[other] + 0.01  # on the wrong block
+    assert not env.is_success()
+    env.effector[:] = env.blocks[named]
+    env.step(np.array([0, 0, 1], np.float32))  # grasp it
+    assert env.holding == named
+    env.effector[:] = env.blocks[base]
+    env.step(np.array([0, 0, 1], np.float32))  # carried over the base block: it does not push it away
+    assert env.holding == named and not env.is_success()
+    _, _, term, _, info = env.step(np.array([0, 0, -1], np.float32))  # let go
+    assert term and info["success"] and env.block_z[named] == env.block_z[base] + 1
+
+
+def test_button_pressing_the_wrong_one_first_fails_the_episode():
+    env = TabletopEnv(family="button")
+    env.reset(seed=4)
+    wrong = (env.target_index + 1) % 3
+    env.effector[:] = env.buttons[wrong]
+    env.step(np.array([0, 0, 1], np.float32))
+    assert env.pressed[wrong] and not env.is_success()
+    env.step(np.array([0, 0, -1], np.float32))
+    env.effector[:] = env.buttons[env.target_index]
+    _, _, term, _, _ = env.step(np.array([0, 0, 1], np.float32))
+    assert env.pressed[env.target_index] and not term
+
+
+def test_drawer_slides_with_the_hand_only_along_its_rail():
+    for seed in range(20):
+        env = TabletopEnv(family="drawer")
+        env.reset(seed=seed)
+        j = env.target_index
+        if env.verb == "open":
+            break
+    start = env.opening[j]
+    env.effector[:] = env.handle(j)
+    env.step(np.array([0, 0, 1], np.float32))
+    assert env.holding_drawer == j
+    across = env.drawer_axes[j][::-1]  # moving across the rail moves nothing
+    env.step(np.array([*across, 1], np.float32))
+    assert env.opening[j] == start and np.allclose(env.effector, env.handle(j))
+    for _ in range(6):
+        _, _, term, _, info = env.step(np.array([*env.drawer_axes[j], 1], np.float32))
+        if term:
+            break
+    assert term and info["success"] and env.opening[j] >= 0.9
+
+
+def test_sort_needs_every_block_in_its_own_bowl():
+    env = TabletopEnv(family="sort")
+    env.reset(seed=6)
+    bowl = {c: env.targets[env.target_colors.index(c)] for c in env.target_colors}
+    env.blocks[0] = bowl[env.block_colors[0]]
+    assert not env.is_success()
+    env.blocks[1] = bowl[env.block_colors[0]]  # the wrong bowl
+    assert not env.is_success()
+    env.blocks[1] = bowl[env.block_colors[1]]
+    assert env.is_success()

@@ -26,3 +26,15 @@ def test_long_instructions_are_truncated():
     tok = Tokenizer(max_len=4)
     ids, mask = tok(["push the red block onto the green pad"])
     assert ids.shape == (1, 4) and mask.all()
+
+
+def test_every_suite_instruction_is_in_vocabulary_and_fits():
+    from actors.instructions import TEMPLATES, combinations
+
+    tok = Tokenizer()
+    for kind, templates in TEMPLATES.items():
+        for template in templates:
+            for combo in combinations(kind):
+                ids = tok.encode(template.format(**dict(zip("bt", combo))))
+                assert tok.unk_id not in ids, template
+                assert len(Tokenizer.words(template.format(**dict(zip("bt", combo))))) <= tok.max_len, template

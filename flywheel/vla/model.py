@@ -312,10 +312,16 @@ class SmallVLA(nn.Module):
         return numpy_state(self)
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:
-        """Load a state dict; a checkpoint from before the advantage indicator existed loads with it at zero."""
+        """Load a state dict. Older checkpoints load too: one from before the advantage indicator existed gets it at
+        zero; one from before words were appended to the vocabulary keeps this model's initial embeddings for them
+        (it never saw those words)."""
         state = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
         if "indicator.weight" not in state:
             state["indicator.weight"] = torch.zeros_like(self.indicator.weight)
+        key = "encoder.tok_emb.weight"
+        own = self.encoder.tok_emb.weight
+        if key in state and state[key].shape[0] < own.shape[0] and state[key].shape[1:] == own.shape[1:]:
+            state[key] = torch.cat([state[key], own.detach()[state[key].shape[0]:]])
         self.load_state_dict(state)
 
 

@@ -16,7 +16,10 @@ SPECIALS = ("<pad>", "<unk>")
 # format: append, never reorder.
 WORDS = (
     "push put place move slide pick drop the a an block cube onto on into in to pad bowl "
-    "red green blue yellow purple orange black white left right of and"
+    "red green blue yellow purple orange black white left right of and "
+    # the task suite (issue 3): stacking, buttons, drawers, sorting, and their phrasings
+    "stack set top press hit down button open close closed shut pull out up it drawer sort each every same its "
+    "colour blocks bowls by"
 ).split()
 
 
