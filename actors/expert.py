@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from actors.tabletop import BLOCK_HALF, EFFECTOR_R, MAX_SPEED, TabletopEnv
+from actors.tabletop import EFFECTOR_R, MAX_SPEED, TabletopEnv
 
 
 def _toward(src: np.ndarray, dst: np.ndarray, gain: float = 1.0) -> np.ndarray:
@@ -32,18 +32,18 @@ def expert_action(env: TabletopEnv, rng: np.random.Generator | None = None, nois
             # Close on arrival; if the gripper is already closed (missed grasp) open it first.
             grip = 1.0 if near and not s["gripper_closed"] else -1.0
     else:
-        move, grip = _push_move(eff, block, target)
+        move, grip = _push_move(eff, block, target, env.block_half)
     action = np.array([move[0], move[1], grip], np.float64)
     if noise > 0 and rng is not None:
         action[:2] += rng.normal(0.0, noise, 2)
     return np.clip(action, -1.0, 1.0).astype(np.float32)
 
 
-def _push_move(eff: np.ndarray, block: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, float]:
+def _push_move(eff: np.ndarray, block: np.ndarray, target: np.ndarray, block_half: float) -> tuple[np.ndarray, float]:
     """Hover (hand open) to just behind the block, then close the hand and push along the block->pad line."""
     to_goal = target - block
     direction = to_goal / max(float(np.hypot(*to_goal)), 1e-9)
-    reach = EFFECTOR_R + BLOCK_HALF
+    reach = EFFECTOR_R + block_half
     rel = eff - block
     along = float(rel @ direction)
     lateral = rel - along * direction

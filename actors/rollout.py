@@ -28,6 +28,7 @@ def run_episodes(
     family: str = "any",
     phrasing: str = "canonical",
     combos: str = "all",
+    randomize: dict[str, float] | None = None,
     image_size: int = 64,
     max_steps: int = 40,
     execute: int = 4,
@@ -42,8 +43,8 @@ def run_episodes(
     ``execute`` actions of each chunk are applied (receding horizon). ``sample_seed`` seeds the policy's sampling
     noise, so a rollout is reproducible given its seeds.
     """
-    envs = [make_env(family=family, image_size=image_size, max_steps=max_steps, phrasing=phrasing, combos=combos)
-            for _ in seeds]
+    envs = [make_env(family=family, image_size=image_size, max_steps=max_steps, phrasing=phrasing, combos=combos,
+                     randomize=randomize) for _ in seeds]
     first = [env.reset(seed=int(s)) for env, s in zip(envs, seeds)]
     images = [[o["image"]] for o, _ in first]
     proprio = [[o["proprio"]] for o, _ in first]
@@ -108,7 +109,7 @@ def run_episodes(
             )},
             ground_truth={"success": bool(infos[i]["success"])},
             info={"created": now, "max_steps": max_steps, "execute": execute, "phrasing": phrasing, "combos": combos,
-                  "combo_heldout": bool(infos[i]["combo_heldout"])},
+                  "combo_heldout": bool(infos[i]["combo_heldout"]), "randomization": infos[i]["randomization"]},
         )
         for i in range(len(seeds))
     ]

@@ -20,6 +20,10 @@ Task families (every instruction names what to act on, among distractors, so the
 which colour pairings occur are set by ``phrasing`` and ``combos`` (actors/instructions.py: held-out phrasings and
 held-out combinations measure generalisation).
 
+Domain randomisation (``randomize``; all off by default, so the default scenes stay those the shipped base
+learned) jitters what a real camera and table vary: colours, lighting, the camera's pose, block size, and friction
+(how far a pushed block slides on). Each episode's draw is in ``info["randomization"]``.
+
 Colours are drawn so that object kinds differ by appearance as well as shape: blocks are saturated, pads pastel,
 bowls dark rings, buttons discs with a rim, drawers coloured boxes in a dark cabinet with a black handle. An episode
 ends on success (terminated) or after ``max_steps`` (truncated).
@@ -63,6 +67,7 @@ HANDLE_HALF = 0.02
 OPEN_AT, SHUT_AT = 0.9, 0.1  # openings that count as open / shut
 HORIZON_SCALE = {"sort": 2}  # families with two moves to make get this many times max_steps
 AXES = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])  # directions a drawer can open toward
+RANDOMIZE_KEYS = ("colour", "lighting", "camera", "size", "friction")
 # Seeds for each split live in disjoint ranges, so "held-out" is never a matter of luck.
 SPLIT_SEED_BASE = {"train": 0, "eval": 10_000_000, "holdout": 20_000_000}
 
@@ -100,8 +105,18 @@ class TabletopEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
     def __init__(self, family: str = "any", image_size: int = 64, max_steps: int = 40, render_mode: str | None = None,
-                 phrasing: str = "canonical", combos: str = "all"):
+                 phrasing: str = "canonical", combos: str = "all", randomize: dict[str, float] | None = None):
+        """``randomize`` gives each knob's amplitude (0 = off): ``colour`` (each palette colour shifted by up to this
+        fraction of full scale per channel), ``lighting`` (brightness scaled by 1 +- this), ``camera`` (the view
+        shifted by up to this many table widths and zoomed by 1 +- this), ``size`` (blocks scaled by 1 +- this) and
+        ``friction`` (a pushed block keeps up to this fraction of its push speed each following step)."""
         self.families = parse_families(family)
+        self.randomize = {k: float(v) for k, v in (randomize or {}).items()}
+        unknown = sorted(set(self.randomize) - set(RANDOMIZE_KEYS))
+        if unknown:
+            raise ValueError(f"unknown randomize keys {unknown}: choose from {RANDOMIZE_KEYS}")
+        if not all(0.0 <= v < 1.0 for v in self.randomize.values()):
+            raise ValueError(f"randomize amplitudes must lie in [0, 1): got {self.randomize}")
         if phrasing not in PHRASINGS:
             raise ValueError(f"unknown phrasing {phrasing!r}: choose one of {PHRASINGS}")
         if combos not in COMBOS:
@@ -148,6 +163,12 @@ class TabletopEnv(gym.Env):
         self.instruction = ""
         self.combo: tuple[str, ...] = ()
         self.kind = ""  # the instruction kind: the family, or "open" / "close" for drawers
+        self.block_half = BLOCK_HALF
+        self.slip = 0.0  # the fraction of its push speed a pushed block keeps each following step
+        self.block_vel = np.zeros((0, 2), np.float64)
+        self.palette_shift = {name: np.zeros(3, np.float32) for name in COLORS}
+        self.brightness = 1.0
+        self.camera = (0.0, 0.0, 1.0)  # view shift x, y (table widths) and zoom
         self._static: np.ndarray | None = None  # what does not move, drawn on first render
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -164,10 +185,34 @@ class TabletopEnv(gym.Env):
         template = options_[int(rng.integers(len(options_)))] if len(options_) > 1 else options_[0]
         self.instruction = template.format(**dict(zip("bt", self.combo)))
         self.block_z = [0] * len(self.blocks)
+        self.block_vel = np.zeros_like(self.blocks)
         self.horizon = self.max_steps * HORIZON_SCALE.get(self.family, 1)
-        self._block_rgb = [np.array(COLORS[name], np.uint8) for name in self.block_colors]
-        self._drawer_rgb = [np.array(COLORS[name], np.uint8) for name in self.drawer_colors]
+        if any(self.randomize.values()):
+            self._draw_randomization(rng)
+        self._block_rgb = [self._rgb(name).astype(np.uint8) for name in self.block_colors]
+        self._drawer_rgb = [self._rgb(name).astype(np.uint8) for name in self.drawer_colors]
         return self._obs(), self._info()
+
+    def _draw_randomization(self, rng: np.random.Generator) -> None:
+        r = {k: self.randomize.get(k, 0.0) for k in RANDOMIZE_KEYS}
+        self.palette_shift = {name: rng.uniform(-r["colour"], r["colour"], 3).astype(np.float32) * 255
+                              for name in COLORS}
+        self.brightness = float(rng.uniform(1 - r["lighting"], 1 + r["lighting"]))
+        dx, dy = rng.uniform(-r["camera"], r["camera"], 2)
+        self.camera = (float(dx), float(dy), float(rng.uniform(1 - r["camera"], 1 + r["camera"])))
+        self.block_half = BLOCK_HALF * float(rng.uniform(1 - r["size"], 1 + r["size"]))
+        self.slip = float(rng.uniform(0.0, r["friction"]))
+
+    def _rgb(self, name: str) -> np.ndarray:
+        """A palette colour as drawn this episode (jittered, lit), float32 in [0, 255]."""
+        rgb = np.array(COLORS[name], np.float32)
+        if self.brightness != 1.0 or self.palette_shift[name].any():
+            rgb = np.clip((rgb + self.palette_shift[name]) * self.brightness, 0, 255)
+        return rgb
+
+    def _lit(self, rgb) -> np.ndarray:
+        """A fixed colour (table, effector, cabinet...) under this episode's lighting."""
+        return np.clip(np.array(rgb, np.float32) * self.brightness, 0, 255).astype(np.uint8)
 
     # Layouts: each draws colours and positions (every object well apart, the effector clear of them all) and says
     # what the instruction names. push and place draw exactly as the first version did, so seeds give the same scenes.
@@ -252,7 +297,7 @@ class TabletopEnv(gym.Env):
         if not close:
             if self.holding is not None:  # released: it lands on whatever block it is over
                 below = [self.block_z[j] for j in range(len(self.blocks)) if j != self.holding
-                         and np.all(np.abs(self.blocks[j] - self.blocks[self.holding]) < 2 * BLOCK_HALF)]
+                         and np.all(np.abs(self.blocks[j] - self.blocks[self.holding]) < 2 * self.block_half)]
                 self.block_z[self.holding] = 1 + max(below) if below else 0
             self.holding = self.holding_drawer = None
         if close and not self.gripper_closed and self.holding is None and self.holding_drawer is None:
@@ -269,14 +314,20 @@ class TabletopEnv(gym.Env):
             if i == self.holding:
                 self.blocks[i] = self.effector
                 continue
+            before = self.blocks[i].copy() if self.slip else None
+            if self.slip and self.block_vel[i].any():  # still sliding from an earlier push
+                self.blocks[i] = np.clip(self.blocks[i] + self.block_vel[i], 0.05, 0.95)
+                self.block_vel[i] *= self.slip
             if not close or self.holding is not None:  # an open hand, or one carrying a block, passes over blocks
                 continue
             delta = self.blocks[i] - self.effector
             dist = float(np.hypot(*delta))
-            reach = EFFECTOR_R + BLOCK_HALF
+            reach = EFFECTOR_R + self.block_half
             if dist < reach:  # pushed out of the effector's way, along the line between their centres
                 direction = delta / dist if dist > 1e-9 else np.array([1.0, 0.0])
                 self.blocks[i] = np.clip(self.effector + direction * reach, 0.05, 0.95)
+                if self.slip:
+                    self.block_vel[i] = (self.blocks[i] - before) * self.slip
         self.steps += 1
         success = self.is_success()
         terminated = success
@@ -292,6 +343,7 @@ class TabletopEnv(gym.Env):
             if dist[i] < GRASP_R:
                 self.holding = i
                 self.block_z[i] = 0
+                self.block_vel[i] = 0.0
                 return
         if len(self.drawers):
             dist = np.linalg.norm(self._handles() - self.effector, axis=1)
@@ -319,7 +371,7 @@ class TabletopEnv(gym.Env):
             return bool(np.hypot(*(block - target)) < BOWL_R_IN)
         if f == "stack":  # the named block rests on the named base block
             return self.holding is None and bool(
-                np.all(np.abs(self.blocks[self.target_block] - self.blocks[self.target_index]) < BLOCK_HALF * 0.8))
+                np.all(np.abs(self.blocks[self.target_block] - self.blocks[self.target_index]) < self.block_half * 0.8))
         if f == "button":  # the named button, and no other, is pressed
             return self.pressed[self.target_index] and sum(self.pressed) == 1
         if f == "drawer":
@@ -337,6 +389,17 @@ class TabletopEnv(gym.Env):
             "success": self.is_success(),
             "steps": self.steps,
             "combo_heldout": not combo_allowed("train", self.kind, *self.combo),
+            "randomization": self.randomization(),
+        }
+
+    def randomization(self) -> dict[str, Any]:
+        """What this episode's domain randomisation applied (the defaults when it is off)."""
+        return {
+            "palette_shift": {k: [round(float(x), 3) for x in v] for k, v in self.palette_shift.items()},
+            "brightness": self.brightness,
+            "camera": list(self.camera),
+            "block_half": self.block_half,
+            "slip": self.slip,
         }
 
     def _obs(self) -> dict[str, np.ndarray]:
@@ -365,47 +428,62 @@ class TabletopEnv(gym.Env):
             back = self.drawers[j] - ax * CABINET_HALF
             half = np.abs(ax) * np.abs(h - back) / 2 + np.abs(ax[::-1]) * DRAWER_HALF_WIDTH
             self._rect(img, (h + back) / 2, half, self._drawer_rgb[j])
-            self._rect(img, h, np.array([HANDLE_HALF, HANDLE_HALF]), HANDLE_RGB)
+            self._rect(img, h, np.array([HANDLE_HALF, HANDLE_HALF]), self._lit(HANDLE_RGB))
         order = sorted((i for i in range(len(self.blocks)) if i != self.holding), key=lambda i: self.block_z[i])
         for i in order + ([self.holding] if self.holding is not None else []):
-            self._box(img, self.blocks[i], BLOCK_HALF, self._block_rgb[i])
-        self._ring(img, self.effector, EFFECTOR_R, EFFECTOR_R * 0.45, GRIPPING_RGB if self.gripper_closed
-                   else EFFECTOR_RGB, windowed)
+            self._box(img, self.blocks[i], self.block_half, self._block_rgb[i])
+        self._ring(img, self.effector, EFFECTOR_R, EFFECTOR_R * 0.45, self._effector_rgb[self.gripper_closed],
+                   windowed)
         return img
 
     def _draw_static(self) -> np.ndarray:
+        self._effector_rgb = {False: self._lit(EFFECTOR_RGB), True: self._lit(GRIPPING_RGB)}
         img = np.empty((self.image_size, self.image_size, 3), np.uint8)
-        img[:] = TABLE_RGB
+        img[:] = self._lit(TABLE_RGB)
         for center, name in zip(self.targets, self.target_colors):
-            rgb = np.array(COLORS[name], np.float32)
+            rgb = self._rgb(name)
             if self.family == "push":
                 self._box(img, center, PAD_HALF, (0.5 * rgb + 0.5 * 255).astype(np.uint8))  # pastel pad
             else:
                 self._ring(img, center, BOWL_R_OUT, BOWL_R_IN, (0.55 * rgb).astype(np.uint8), False)  # bowl rim
         for center, name, pressed in zip(self.buttons, self.button_colors, self.pressed):
-            self._ring(img, center, BUTTON_R, 0.0, (0.55 * np.array(COLORS[name], np.float32)).astype(np.uint8), True)
-            self._ring(img, center, BUTTON_R * 0.7, 0.0, PRESSED_RGB if pressed else COLORS[name], True)
+            rgb = self._rgb(name)
+            self._ring(img, center, BUTTON_R, 0.0, (0.55 * rgb).astype(np.uint8), True)
+            self._ring(img, center, BUTTON_R * 0.7, 0.0, self._lit(PRESSED_RGB) if pressed else rgb.astype(np.uint8),
+                       True)
         for center in self.drawers:
-            self._box(img, center, CABINET_HALF, CABINET_RGB)
+            self._box(img, center, CABINET_HALF, self._lit(CABINET_RGB))
         return img
 
+    def _view(self, x: float, y: float, size: float) -> tuple[float, float, float]:
+        """World -> camera coordinates (table widths), for a point and a length; the identity unless the camera is
+        jittered."""
+        dx, dy, zoom = self.camera
+        if zoom == 1.0 and dx == 0.0 and dy == 0.0:
+            return x, y, size
+        return (x - 0.5) * zoom + 0.5 + dx, (y - 0.5) * zoom + 0.5 + dy, size * zoom
+
     def _box(self, img: np.ndarray, center: np.ndarray, half: float, rgb) -> None:
-        s, cx, cy = self.image_size, float(center[0]), float(center[1])
+        cx, cy, half = self._view(float(center[0]), float(center[1]), half)
+        s = self.image_size
         x0, x1 = round((cx - half) * s), round((cx + half) * s)  # Python's round: half to even, as NumPy's
         y0, y1 = round((cy - half) * s), round((cy + half) * s)
         img[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = rgb
 
     def _rect(self, img: np.ndarray, center: np.ndarray, half: np.ndarray, rgb) -> None:
         s = self.image_size
-        x0, x1 = round((float(center[0]) - float(half[0])) * s), round((float(center[0]) + float(half[0])) * s)
-        y0, y1 = round((float(center[1]) - float(half[1])) * s), round((float(center[1]) + float(half[1])) * s)
+        cx, cy, hx = self._view(float(center[0]), float(center[1]), float(half[0]))
+        hy = self._view(0.0, 0.0, float(half[1]))[2]
+        x0, x1 = round((cx - hx) * s), round((cx + hx) * s)
+        y0, y1 = round((cy - hy) * s), round((cy + hy) * s)
         img[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = rgb
 
     def _ring(self, img: np.ndarray, center: np.ndarray, r_out: float, r_in: float, rgb, windowed: bool) -> None:
         """Pixels whose centres lie at distance [r_in, r_out) from center; ``windowed`` looks only inside the ring's
         bounding box (the same pixels, far fewer distances)."""
         s, c = self.image_size, self._centers
-        cx, cy = float(center[0]), float(center[1])
+        cx, cy, r_out = self._view(float(center[0]), float(center[1]), r_out)
+        r_in = self._view(0.0, 0.0, r_in)[2]
         x0, x1, y0, y1 = 0, s, 0, s
         if windowed:
             x0, x1 = max(int((cx - r_out) * s) - 1, 0), min(int((cx + r_out) * s) + 2, s)
@@ -457,8 +535,9 @@ def reference_image(env: TabletopEnv) -> np.ndarray:
 
 
 def make_env(family: str = "any", image_size: int = 64, max_steps: int = 40, phrasing: str = "canonical",
-             combos: str = "all") -> TabletopEnv:
-    return TabletopEnv(family=family, image_size=image_size, max_steps=max_steps, phrasing=phrasing, combos=combos)
+             combos: str = "all", randomize: dict[str, float] | None = None) -> TabletopEnv:
+    return TabletopEnv(family=family, image_size=image_size, max_steps=max_steps, phrasing=phrasing, combos=combos,
+                       randomize=randomize)
 
 
 gym.register(id="flywheel/Tabletop-v0", entry_point="actors.tabletop:TabletopEnv")

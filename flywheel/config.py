@@ -17,11 +17,23 @@ from omegaconf.errors import OmegaConfBaseException
 
 
 @dataclasses.dataclass
+class RandomizeConfig:
+    """Domain randomisation amplitudes, 0 = off (actors/tabletop.py TabletopEnv says what each one does)."""
+
+    colour: float = 0.0
+    lighting: float = 0.0
+    camera: float = 0.0
+    size: float = 0.0
+    friction: float = 0.0
+
+
+@dataclasses.dataclass
 class EnvConfig:
     family: str = "any"  # "any" (push or place, the shipped base's pair), "suite" (all six), one family, or a
     #                     comma-separated list: push, place, stack, button, drawer, sort (actors/tabletop.py)
     phrasing: str = "canonical"  # canonical (the one phrasing the shipped base knows) | train | heldout | all
     combos: str = "all"  # all | train | heldout: which named-colour pairings occur (actors/instructions.py)
+    randomize: RandomizeConfig = field(default_factory=RandomizeConfig)
     image_size: int = 64
     max_steps: int = 40  # episode horizon
     execute: int = 4  # actions of each predicted chunk executed before the policy is asked again

@@ -238,3 +238,54 @@ def test_sort_needs_every_block_in_its_own_bowl():
     assert not env.is_success()
     env.blocks[1] = bowl[env.block_colors[1]]
     assert env.is_success()
+
+
+RANDOM = {"colour": 0.1, "lighting": 0.2, "camera": 0.05, "size": 0.2, "friction": 0.5}
+
+
+def test_randomization_is_off_by_default_and_recorded_when_on():
+    off = TabletopEnv(family="suite")
+    _, info = off.reset(seed=3)
+    assert info["randomization"]["brightness"] == 1.0 and info["randomization"]["slip"] == 0.0
+    on = TabletopEnv(family="suite", randomize=RANDOM)
+    obs, info = on.reset(seed=3)
+    r = info["randomization"]
+    assert 0.8 <= r["brightness"] <= 1.2 and 0.0 <= r["slip"] <= 0.5 and r["camera"] != [0.0, 0.0, 1.0]
+    assert abs(r["block_half"] / 0.045 - 1) <= 0.2 + 1e-9
+    assert not np.array_equal(obs["image"], off.render_image())
+    again, info2 = TabletopEnv(family="suite", randomize=RANDOM).reset(seed=3)  # the same seed draws the same
+    assert np.array_equal(again["image"], obs["image"]) and info2["randomization"] == r
+    with pytest.raises(ValueError, match="unknown randomize keys"):
+        TabletopEnv(randomize={"gravity": 0.1})
+
+
+def test_randomized_scenes_render_as_the_reference_and_the_expert_still_succeeds():
+    rng = np.random.default_rng(1)
+    for seed in range(20):
+        env = TabletopEnv(family="suite", randomize=RANDOM)
+        env.reset(seed=seed)
+        for _ in range(30):
+            obs, _, term, trunc, _ = env.step(expert_action(env, rng, 0.1))
+            assert np.array_equal(obs["image"], reference_image(env))
+            if term or trunc:
+                break
+    for family in SUITE:
+        eps = run_episodes([split_seed("train", i) for i in range(40)], "train", None, policy_version=-1,
+                           family=family, randomize=RANDOM)
+        assert np.mean([e.ground_truth["success"] for e in eps]) >= 0.95, family
+        assert all("randomization" in e.info for e in eps)
+
+
+def test_low_friction_lets_a_pushed_block_slide_on():
+    env = TabletopEnv(family="push", randomize={"friction": 0.9})
+    for seed in range(50):
+        env.reset(seed=seed)
+        if env.slip > 0.5:
+            break
+    i = 0
+    env.effector[:] = env.blocks[i] - np.array([0.09, 0.0])
+    env.step(np.array([0, 0, 1], np.float32))  # a fist, just left of the block
+    env.step(np.array([1, 0, 1], np.float32))  # push right
+    x = env.blocks[i][0]
+    env.step(np.array([0, 0, -1], np.float32))  # hand opened and still: the block slides on
+    assert env.blocks[i][0] > x
