@@ -29,6 +29,7 @@ def run_episodes(
     phrasing: str = "canonical",
     combos: str = "all",
     randomize: dict[str, float] | None = None,
+    sensors: tuple[str, ...] | list[str] | str = ("overhead",),
     image_size: int = 64,
     max_steps: int = 40,
     execute: int = 4,
@@ -44,10 +45,9 @@ def run_episodes(
     noise, so a rollout is reproducible given its seeds.
     """
     envs = [make_env(family=family, image_size=image_size, max_steps=max_steps, phrasing=phrasing, combos=combos,
-                     randomize=randomize) for _ in seeds]
+                     randomize=randomize, sensors=sensors) for _ in seeds]
     first = [env.reset(seed=int(s)) for env, s in zip(envs, seeds)]
-    images = [[o["image"]] for o, _ in first]
-    proprio = [[o["proprio"]] for o, _ in first]
+    observed = [{k: [v] for k, v in o.items()} for o, _ in first]  # every sensor that is on, one frame per state
     actions: list[list[np.ndarray]] = [[] for _ in seeds]
     infos = [info for _, info in first]
     # The simulator also records where the named block and target are (privileged state) for the auxiliary
@@ -65,8 +65,8 @@ def run_episodes(
     while running:
         if policy is not None:
             chunk = policy.act(
-                np.stack([images[i][-1] for i in running]),
-                np.stack([proprio[i][-1] for i in running]),
+                np.stack([observed[i]["image"][-1] for i in running]),
+                np.stack([observed[i]["proprio"][-1] for i in running]),
                 [infos[i]["instruction"] for i in running],
                 seed=sample_seed * 100_003 + call,
             )
@@ -80,8 +80,8 @@ def run_episodes(
             for k in range(execute if policy is not None else 1):
                 a = chunk[row, k] if policy is not None else expert_action(env, rng, expert_noise)
                 obs, _, term, trunc, info = env.step(a)
-                images[i].append(obs["image"])
-                proprio[i].append(obs["proprio"])
+                for k, v in obs.items():
+                    observed[i][k].append(v)
                 actions[i].append(np.asarray(a, np.float32))
                 aux[i].append(_aux_positions(env))
                 infos[i] = info
@@ -101,7 +101,7 @@ def run_episodes(
             seed=int(seeds[i]),
             split=split,
             policy_version=int(policy_version),
-            observations={"image": np.stack(images[i]), "proprio": np.stack(proprio[i])},
+            observations={k: np.stack(v) for k, v in observed[i].items()},
             actions=np.stack(actions[i]),
             extras={"aux_positions": np.stack(aux[i]), **(
                 {"chunks": np.stack(chunks[i]).astype(np.float32), "chunk_steps": np.asarray(chunk_steps[i], np.int64)}

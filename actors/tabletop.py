@@ -68,6 +68,16 @@ OPEN_AT, SHUT_AT = 0.9, 0.1  # openings that count as open / shut
 HORIZON_SCALE = {"sort": 2}  # families with two moves to make get this many times max_steps
 AXES = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])  # directions a drawer can open toward
 RANDOMIZE_KEYS = ("colour", "lighting", "camera", "size", "friction")
+# Sensors. "overhead": the RGB camera above the table (observation key "image"); "wrist": an RGB camera on the hand,
+# looking down, WRIST_SPAN table widths across; "depth": the overhead camera's distance to the nearest surface,
+# float32 (S, S), table at CAMERA_HEIGHT; "touch": 1.0 while the hand holds something or its fist pushes a block.
+# Proprioception is always on.
+SENSORS = ("overhead", "wrist", "depth", "touch")
+SENSOR_KEYS = {"overhead": "image", "wrist": "wrist", "depth": "depth", "touch": "touch"}
+WRIST_SPAN = 0.4
+CAMERA_HEIGHT = 1.0
+HEIGHTS = {"pad": 0.002, "bowl": 0.04, "button": 0.015, "pressed": 0.005, "cabinet": 0.08, "drawer": 0.06,
+           "handle": 0.07, "lifted": 0.12, "effector": 0.15}  # above the table; a block is 2 half-sizes tall
 # Seeds for each split live in disjoint ranges, so "held-out" is never a matter of luck.
 SPLIT_SEED_BASE = {"train": 0, "eval": 10_000_000, "holdout": 20_000_000}
 
@@ -105,12 +115,17 @@ class TabletopEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
     def __init__(self, family: str = "any", image_size: int = 64, max_steps: int = 40, render_mode: str | None = None,
-                 phrasing: str = "canonical", combos: str = "all", randomize: dict[str, float] | None = None):
+                 phrasing: str = "canonical", combos: str = "all", randomize: dict[str, float] | None = None,
+                 sensors: tuple[str, ...] | list[str] | str = ("overhead",)):
         """``randomize`` gives each knob's amplitude (0 = off): ``colour`` (each palette colour shifted by up to this
         fraction of full scale per channel), ``lighting`` (brightness scaled by 1 +- this), ``camera`` (the view
         shifted by up to this many table widths and zoomed by 1 +- this), ``size`` (blocks scaled by 1 +- this) and
         ``friction`` (a pushed block keeps up to this fraction of its push speed each following step)."""
         self.families = parse_families(family)
+        self.sensors = tuple(sensors.split(",") if isinstance(sensors, str) else sensors)
+        if not self.sensors or set(self.sensors) - set(SENSORS) or not {"overhead", "wrist"} & set(self.sensors):
+            raise ValueError(f"bad sensors {self.sensors!r}: choose from {SENSORS}, with at least one camera "
+                             f"(overhead or wrist)")
         self.randomize = {k: float(v) for k, v in (randomize or {}).items()}
         unknown = sorted(set(self.randomize) - set(RANDOMIZE_KEYS))
         if unknown:
@@ -126,11 +141,15 @@ class TabletopEnv(gym.Env):
         self.max_steps = int(max_steps)
         self.render_mode = render_mode
         s = self.image_size
+        spaces = {
+            "image": gym.spaces.Box(0, 255, (s, s, 3), np.uint8),
+            "wrist": gym.spaces.Box(0, 255, (s, s, 3), np.uint8),
+            "depth": gym.spaces.Box(0.0, CAMERA_HEIGHT, (s, s), np.float32),
+            "touch": gym.spaces.Box(0.0, 1.0, (1,), np.float32),
+        }
         self.observation_space = gym.spaces.Dict(
-            {
-                "image": gym.spaces.Box(0, 255, (s, s, 3), np.uint8),
-                "proprio": gym.spaces.Box(0.0, 1.0, (3,), np.float32),
-            }
+            {**{SENSOR_KEYS[k]: spaces[SENSOR_KEYS[k]] for k in self.sensors},
+             "proprio": gym.spaces.Box(0.0, 1.0, (3,), np.float32)}
         )
         self.action_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
         self._centers = (np.arange(s, dtype=np.float32) + 0.5) / s  # pixel-centre coordinates, for drawing
@@ -158,6 +177,7 @@ class TabletopEnv(gym.Env):
         self.holding: int | None = None  # the block in hand
         self.holding_drawer: int | None = None  # the drawer whose handle is in hand
         self.gripper_closed = False
+        self.contact = False  # touch: holding something, or the fist pushed a block this step
         self.steps = 0
         self.horizon = self.max_steps
         self.instruction = ""
@@ -304,6 +324,7 @@ class TabletopEnv(gym.Env):
             self._close_hand()
         self.gripper_closed = close
         move = a[:2] * MAX_SPEED
+        self.contact = self.holding is not None or self.holding_drawer is not None
         if self.holding_drawer is not None:  # the hand slides the drawer along its rail
             j = self.holding_drawer
             self.opening[j] = np.clip(self.opening[j] + float(move @ self.drawer_axes[j]) / DRAWER_TRAVEL, 0.0, 1.0)
@@ -326,6 +347,7 @@ class TabletopEnv(gym.Env):
             if dist < reach:  # pushed out of the effector's way, along the line between their centres
                 direction = delta / dist if dist > 1e-9 else np.array([1.0, 0.0])
                 self.blocks[i] = np.clip(self.effector + direction * reach, 0.05, 0.95)
+                self.contact = True
                 if self.slip:
                     self.block_vel[i] = (self.blocks[i] - before) * self.slip
         self.steps += 1
@@ -403,8 +425,17 @@ class TabletopEnv(gym.Env):
         }
 
     def _obs(self) -> dict[str, np.ndarray]:
-        proprio = np.array([self.effector[0], self.effector[1], float(self.gripper_closed)], np.float32)
-        return {"image": self.render_image(), "proprio": proprio}
+        obs = {"proprio": np.array([self.effector[0], self.effector[1], float(self.gripper_closed)], np.float32)}
+        for sensor in self.sensors:
+            if sensor == "overhead":
+                obs["image"] = self.render_image()
+            elif sensor == "wrist":
+                obs["wrist"] = self.wrist_image()
+            elif sensor == "depth":
+                obs["depth"] = self.depth_image()
+            else:
+                obs["touch"] = np.array([float(self.contact)], np.float32)
+        return obs
 
     def render(self):
         return self.render_image()
@@ -419,40 +450,70 @@ class TabletopEnv(gym.Env):
         ``reference_image`` is the plain drawing that tests compare against)."""
         return self._render(cached=True, windowed=True)
 
-    def _render(self, cached: bool, windowed: bool) -> np.ndarray:
-        if self._static is None or not cached:
-            self._static = self._draw_static()
-        img = self._static.copy()
+    def wrist_image(self) -> np.ndarray:
+        """The hand camera: the scene WRIST_SPAN table widths across, centred on the hand (rigidly mounted, so the
+        overhead camera's jitter does not move it)."""
+        saved, zoom = self.camera, 1.0 / WRIST_SPAN
+        self.camera = ((0.5 - float(self.effector[0])) * zoom, (0.5 - float(self.effector[1])) * zoom, zoom)
+        try:
+            return self._render(cached=False, windowed=True)
+        finally:
+            self.camera = saved
+
+    def depth_image(self) -> np.ndarray:
+        """The overhead camera's depth: distance down to the nearest surface, float32 (S, S)."""
+        return self._render(cached=False, windowed=True, depth=True)
+
+    def _render(self, cached: bool, windowed: bool, depth: bool = False) -> np.ndarray:
+        """Draw the scene in colour, or in depth (the same shapes, each painted with its distance to the camera)."""
+        if cached and not depth:
+            if self._static is None:
+                self._static = self._draw_static(False)
+            img = self._static.copy()
+        else:
+            img = self._draw_static(depth)
+        d = (lambda part: np.float32(CAMERA_HEIGHT - HEIGHTS[part])) if depth else None
         for j in range(len(self.drawers)):  # the drawer box, out of its cabinet as far as it is open, and its handle
             h, ax = self.handle(j), self.drawer_axes[j]
             back = self.drawers[j] - ax * CABINET_HALF
             half = np.abs(ax) * np.abs(h - back) / 2 + np.abs(ax[::-1]) * DRAWER_HALF_WIDTH
-            self._rect(img, (h + back) / 2, half, self._drawer_rgb[j])
-            self._rect(img, h, np.array([HANDLE_HALF, HANDLE_HALF]), self._lit(HANDLE_RGB))
+            self._rect(img, (h + back) / 2, half, d("drawer") if depth else self._drawer_rgb[j])
+            self._rect(img, h, np.array([HANDLE_HALF, HANDLE_HALF]), d("handle") if depth else self._lit(HANDLE_RGB))
         order = sorted((i for i in range(len(self.blocks)) if i != self.holding), key=lambda i: self.block_z[i])
         for i in order + ([self.holding] if self.holding is not None else []):
-            self._box(img, self.blocks[i], self.block_half, self._block_rgb[i])
-        self._ring(img, self.effector, EFFECTOR_R, EFFECTOR_R * 0.45, self._effector_rgb[self.gripper_closed],
-                   windowed)
+            if depth:
+                top = HEIGHTS["lifted"] if i == self.holding else 2 * self.block_half * (1 + self.block_z[i])
+                value = np.float32(CAMERA_HEIGHT - top)
+            else:
+                value = self._block_rgb[i]
+            self._box(img, self.blocks[i], self.block_half, value)
+        self._ring(img, self.effector, EFFECTOR_R, EFFECTOR_R * 0.45,
+                   d("effector") if depth else self._effector_rgb[self.gripper_closed], windowed)
         return img
 
-    def _draw_static(self) -> np.ndarray:
+    def _draw_static(self, depth: bool = False) -> np.ndarray:
+        """What does not move: the table, pads or bowls, buttons, cabinets (in colour, or in depth)."""
         self._effector_rgb = {False: self._lit(EFFECTOR_RGB), True: self._lit(GRIPPING_RGB)}
-        img = np.empty((self.image_size, self.image_size, 3), np.uint8)
-        img[:] = self._lit(TABLE_RGB)
+        s = self.image_size
+        img = np.full((s, s), CAMERA_HEIGHT, np.float32) if depth else np.empty((s, s, 3), np.uint8)
+        if not depth:
+            img[:] = self._lit(TABLE_RGB)
+        d = lambda part: np.float32(CAMERA_HEIGHT - HEIGHTS[part])  # noqa: E731
         for center, name in zip(self.targets, self.target_colors):
             rgb = self._rgb(name)
-            if self.family == "push":
-                self._box(img, center, PAD_HALF, (0.5 * rgb + 0.5 * 255).astype(np.uint8))  # pastel pad
-            else:
-                self._ring(img, center, BOWL_R_OUT, BOWL_R_IN, (0.55 * rgb).astype(np.uint8), False)  # bowl rim
+            if self.family == "push":  # pastel pad
+                self._box(img, center, PAD_HALF, d("pad") if depth else (0.5 * rgb + 0.5 * 255).astype(np.uint8))
+            else:  # dark bowl rim
+                self._ring(img, center, BOWL_R_OUT, BOWL_R_IN, d("bowl") if depth else (0.55 * rgb).astype(np.uint8),
+                           False)
         for center, name, pressed in zip(self.buttons, self.button_colors, self.pressed):
             rgb = self._rgb(name)
-            self._ring(img, center, BUTTON_R, 0.0, (0.55 * rgb).astype(np.uint8), True)
-            self._ring(img, center, BUTTON_R * 0.7, 0.0, self._lit(PRESSED_RGB) if pressed else rgb.astype(np.uint8),
-                       True)
+            self._ring(img, center, BUTTON_R, 0.0, d("button") if depth else (0.55 * rgb).astype(np.uint8), True)
+            inner = d("pressed" if pressed else "button") if depth else (
+                self._lit(PRESSED_RGB) if pressed else rgb.astype(np.uint8))
+            self._ring(img, center, BUTTON_R * 0.7, 0.0, inner, True)
         for center in self.drawers:
-            self._box(img, center, CABINET_HALF, self._lit(CABINET_RGB))
+            self._box(img, center, CABINET_HALF, d("cabinet") if depth else self._lit(CABINET_RGB))
         return img
 
     def _view(self, x: float, y: float, size: float) -> tuple[float, float, float]:
@@ -528,16 +589,14 @@ def reference_image(env: TabletopEnv) -> np.ndarray:
     """The picture ``render_image`` must give, drawn the plain way: everything redrawn, every ring's distances over
     the whole pixel grid. Tests check the fast path against it pixel for pixel; ``bench/env_throughput.py`` times
     both."""
-    static = env._static
-    img = env._render(cached=False, windowed=False)
-    env._static = static
-    return img
+    return env._render(cached=False, windowed=False)
 
 
 def make_env(family: str = "any", image_size: int = 64, max_steps: int = 40, phrasing: str = "canonical",
-             combos: str = "all", randomize: dict[str, float] | None = None) -> TabletopEnv:
+             combos: str = "all", randomize: dict[str, float] | None = None,
+             sensors: tuple[str, ...] | list[str] | str = ("overhead",)) -> TabletopEnv:
     return TabletopEnv(family=family, image_size=image_size, max_steps=max_steps, phrasing=phrasing, combos=combos,
-                       randomize=randomize)
+                       randomize=randomize, sensors=sensors)
 
 
 gym.register(id="flywheel/Tabletop-v0", entry_point="actors.tabletop:TabletopEnv")

@@ -34,6 +34,8 @@ class EnvConfig:
     phrasing: str = "canonical"  # canonical (the one phrasing the shipped base knows) | train | heldout | all
     combos: str = "all"  # all | train | heldout: which named-colour pairings occur (actors/instructions.py)
     randomize: RandomizeConfig = field(default_factory=RandomizeConfig)
+    sensors: list[str] = field(default_factory=lambda: ["overhead"])  # overhead, wrist, depth, touch; every
+    #                   episode records each one that is on. The shipped VLA reads the overhead camera and proprio
     image_size: int = 64
     max_steps: int = 40  # episode horizon
     execute: int = 4  # actions of each predicted chunk executed before the policy is asked again

@@ -289,3 +289,24 @@ def test_low_friction_lets_a_pushed_block_slide_on():
     x = env.blocks[i][0]
     env.step(np.array([0, 0, -1], np.float32))  # hand opened and still: the block slides on
     assert env.blocks[i][0] > x
+
+
+def test_sensors_are_on_when_asked_and_agree_with_the_scene():
+    env = TabletopEnv(family="place", sensors=("overhead", "wrist", "depth", "touch"))
+    check_env(env, skip_render_check=True)
+    obs, _ = env.reset(seed=5)
+    assert set(obs) == {"image", "wrist", "depth", "touch", "proprio"}
+    assert obs["depth"].shape == (64, 64) and obs["depth"].dtype == np.float32 and obs["touch"].shape == (1,)
+    # depth: a block is nearer the camera than the table around it
+    bx, by = env.blocks[env.target_block]
+    assert obs["depth"][int(by * 64), int(bx * 64)] < obs["depth"][0, 0] == 1.0
+    # the wrist camera is centred on the hand: the ring sits at the middle of its image
+    assert (obs["wrist"][32, 28:37] != obs["wrist"][0, 0]).any()
+    assert obs["touch"][0] == 0.0
+    env.effector[:] = env.blocks[env.target_block]
+    obs, *_ = env.step(np.array([0, 0, 1], np.float32))  # grasp
+    assert obs["touch"][0] == 1.0
+    eps = run_episodes([split_seed("train", 0)], "train", None, policy_version=-1, sensors=("overhead", "depth"))
+    assert set(eps[0].observations) == {"image", "depth", "proprio"}
+    with pytest.raises(ValueError, match="at least one camera"):
+        TabletopEnv(sensors=("depth",))
