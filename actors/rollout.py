@@ -14,7 +14,7 @@ import numpy as np
 
 from actors.expert import expert_action
 from actors.tabletop import TabletopEnv
-from flywheel.contracts import Episode, Policy, PolicySnapshot
+from flywheel.contracts import Episode, Policy, PolicySnapshot, sensor_inputs
 
 ENV_ID = "flywheel/Tabletop-v0"
 
@@ -64,9 +64,9 @@ def run_episodes(
     call = 0
     while running:
         if policy is not None:
+            latest = {k: np.stack([observed[i][k][-1] for i in running]) for k in observed[running[0]]}
             chunk = policy.act(
-                np.stack([observed[i]["image"][-1] for i in running]),
-                np.stack([observed[i]["proprio"][-1] for i in running]),
+                *sensor_inputs(latest, getattr(policy, "sensors", ("overhead",))),
                 [infos[i]["instruction"] for i in running],
                 seed=sample_seed * 100_003 + call,
             )

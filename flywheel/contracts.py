@@ -13,6 +13,9 @@ Shapes and dtypes (B = batch, T = steps, H x W = image, P = proprio dims, C = ch
 
 - ``observations["image"]``:   uint8   (T+1, H, W, 3)  RGB, the overhead camera, one frame per state
 - ``observations["proprio"]``: float32 (T+1, P)        end-effector x, y in [0, 1] and gripper closed in {0, 1}
+- optional sensors, where on:  ``"wrist"`` uint8 (T+1, H, W, 3) (a camera on the hand), ``"depth"`` float32
+                               (T+1, H, W) (distance from the overhead camera), ``"touch"`` float32 (T+1, 1)
+- what a model reads of them:  ``sensor_inputs`` -> the image channels of its sensors, stacked, and proprio (+ touch)
 - ``actions``:                 float32 (T, A)          as executed, each in [-1, 1]
 - a policy's action chunk:     float32 (B, C, A)
 - ``extras["chunks"]``:        float32 (K, C, A)        policy episodes: every chunk the policy sampled ...
@@ -94,6 +97,40 @@ class PolicySnapshot:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"sampling": {"indicator": 1, "guidance": 2}}
 
 
+CAMERA_CHANNELS = {"overhead": ("image", 3), "wrist": ("wrist", 3), "depth": ("depth", 1)}
+DEPTH_NEAR, DEPTH_FAR = 0.75, 1.0  # depth readings mapped to image bytes 255 .. 0 (nearer is brighter)
+
+
+def sensor_inputs(observations: dict[str, np.ndarray], sensors: tuple[str, ...] | list[str],
+                  index: Any = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+    """What a model with ``sensors`` reads from observations (an episode's, or a batch's), at ``index`` along the
+    first axis: (image uint8 (..., H, W, channels), proprio float32 (..., P [+1 with touch])).
+
+    The image stacks, in this order, the overhead RGB, the wrist RGB and the depth (as one byte channel). With the
+    overhead camera alone it is ``observations["image"]`` itself (a view, not a copy)."""
+    missing = [s for s in sensors if (CAMERA_CHANNELS[s][0] if s in CAMERA_CHANNELS else s) not in observations]
+    if missing:
+        raise KeyError(f"the model reads sensors {list(sensors)}, but these observations lack {missing}: turn them "
+                       f"on with env.sensors")
+    parts = []
+    for s in sensors:
+        if s not in CAMERA_CHANNELS:
+            continue
+        x = observations[CAMERA_CHANNELS[s][0]][index]
+        if s == "depth":
+            x = np.clip((DEPTH_FAR - x) / (DEPTH_FAR - DEPTH_NEAR) * 255.0, 0, 255).astype(np.uint8)[..., None]
+        parts.append(x)
+    image = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+    proprio = observations["proprio"][index]
+    if "touch" in sensors:
+        proprio = np.concatenate([proprio, observations["touch"][index]], axis=-1)
+    return image, np.asarray(proprio, np.float32)
+
+
+def image_channels(sensors: tuple[str, ...] | list[str]) -> int:
+    return sum(CAMERA_CHANNELS[s][1] for s in sensors if s in CAMERA_CHANNELS)
+
+
 @runtime_checkable
 class Policy(Protocol):
     """Observation batch + instructions -> action chunk."""
@@ -104,7 +141,8 @@ class Policy(Protocol):
     def act(
         self, images: np.ndarray, proprio: np.ndarray, instructions: list[str], seed: int | None = None
     ) -> np.ndarray:
-        """images uint8 (B, H, W, 3), proprio float32 (B, P) -> actions float32 (B, C, A) in [-1, 1]."""
+        """images uint8 (B, H, W, channels), proprio float32 (B, P) -> actions float32 (B, C, A) in [-1, 1].
+        Both as ``sensor_inputs`` builds them for the policy's ``sensors`` (default: the overhead camera)."""
         ...
 
     def get_weights(self) -> dict[str, np.ndarray]: ...

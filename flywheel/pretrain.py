@@ -46,7 +46,7 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
     env_kwargs = to_dict(cfg.env)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model = SmallVLA(VLAConfig(image_size=cfg.env.image_size))
+    model = SmallVLA(VLAConfig(image_size=cfg.env.image_size, sensors=tuple(cfg.env.sensors)))  # reads all on
     trainer = BCTrainer(model, lr=cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed)
     ckpts = CheckpointDir(out / "checkpoints", prefix="step", keep=2)

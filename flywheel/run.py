@@ -34,6 +34,7 @@ from flywheel.store import EpisodeStore, atomic_write_bytes
 from flywheel.vla.checkpoint import load_policy_checkpoint
 from flywheel.vla.model import SmallVLA
 from learner.registry import ALGORITHMS, make_learner
+from reward.detector import DetectorConfig
 from reward.train import episode_label, train_detector
 
 class RunDirError(RuntimeError):
@@ -72,8 +73,8 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
     """
     run_dir = Path(cfg.run_dir)
     store = store or EpisodeStore(run_dir / "episodes")
-    if policy_weights is None:
-        vla_cfg, policy_weights, _ = load_policy_checkpoint(cfg.policy.checkpoint)
+    vla_cfg, checkpoint_weights, _ = load_policy_checkpoint(cfg.policy.checkpoint)
+    policy_weights = checkpoint_weights if policy_weights is None else policy_weights
     data = [ep for ep in store.iter(with_ground_truth=True) if episode_label(ep) is not None]
     if not data:
         say("detector: collecting labelled episodes (demonstrations + starting-policy rollouts)")
@@ -93,7 +94,7 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
     detector, det_metrics = train_detector(
         train, held, version=version, steps=cfg.detector.steps, batch_size=cfg.detector.batch_size,
         lr=cfg.detector.lr, seed=cfg.seed, threshold=cfg.detector.threshold, init_weights=init,
-        augment=cfg.detector.augment,
+        augment=cfg.detector.augment, cfg=DetectorConfig(image_size=cfg.env.image_size, sensors=vla_cfg.sensors),
     )
     save_weights(run_dir / "detector" / f"{version}.safetensors", numpy_state(detector.net),
                  {"version": version, "threshold": detector.threshold, "heldout": det_metrics,
@@ -150,6 +151,10 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
     try:
         vla_cfg, base_weights, base_meta = load_policy_checkpoint(cfg.policy.checkpoint)
         say(f"policy: {cfg.policy.checkpoint} ({base_meta.get('description', 'no description')})")
+        missing = [s for s in vla_cfg.sensors if s not in cfg.env.sensors]
+        if missing:
+            raise ConfigError(f"the policy reads sensors {list(vla_cfg.sensors)} but env.sensors={list(cfg.env.sensors)}"
+                              f" lacks {missing}: add them, e.g. env.sensors=[{','.join(vla_cfg.sensors)}]")
         env_kwargs = env_kwargs_of(cfg)
         if cfg.rollout.use_ray:
             import ray

@@ -20,7 +20,7 @@ import torch
 
 from typing import NamedTuple
 
-from flywheel.contracts import Episode
+from flywheel.contracts import Episode, sensor_inputs
 from flywheel.vla.model import SmallVLA
 
 
@@ -92,7 +92,7 @@ class ChunkDataset:
                 steps, targets = np.arange(t_len), action_chunks(ep.actions, self.chunk)
             n = len(steps)
             ids = np.repeat(self.tokenizer([ep.instruction])[0], n, axis=0)
-            images, proprio = ep.observations["image"][steps], ep.observations["proprio"][steps].astype(np.float32)
+            images, proprio = sensor_inputs(ep.observations, self.model.cfg.sensors, steps)
             if self.encode:
                 inputs = {"ctx": self.model.encoder.contexts(images, ids, proprio).numpy()}
             else:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flywheel.contracts import Episode
+from flywheel.contracts import Episode, sensor_inputs
 from flywheel.vla.model import SmallVLA
 
 
@@ -55,7 +55,8 @@ class ValueModel:
     def features(self, ep: Episode, frames: np.ndarray) -> torch.Tensor:
         """The backbone's context at the given frame indices of one episode: (len(frames), D)."""
         ids = np.repeat(self.tokenizer([ep.instruction])[0], len(frames), axis=0)
-        return self.encoder.contexts(ep.observations["image"][frames], ids, ep.observations["proprio"][frames])
+        images, proprio = sensor_inputs(ep.observations, self.encoder.sensors, frames)
+        return self.encoder.contexts(images, ids, proprio)
 
     def fit(self, feats: torch.Tensor, returns: np.ndarray, steps: int, batch_size: int = 256) -> float:
         """Cross-entropy steps on features (N, D) and their returns to go (N,); returns the mean loss."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flywheel.contracts import Episode
+from flywheel.contracts import Episode, sensor_inputs
 from flywheel.vla.model import VisionLanguageEncoder, VLAConfig
 from flywheel.vla.tokenizer import Tokenizer
 
@@ -29,6 +29,10 @@ class DetectorConfig:
     ground_layers: int = 2
     trunk_layers: int = 2
     max_tokens: int = 12
+    sensors: tuple[str, ...] = ("overhead",)  # the cameras it judges from (flywheel/contracts.py sensor_inputs)
+
+    def __post_init__(self):
+        self.sensors = tuple(s for s in self.sensors if s != "touch")  # it has no proprioception
 
 
 class DetectorNet(nn.Module):
@@ -38,7 +42,7 @@ class DetectorNet(nn.Module):
         c = self.cfg
         enc_cfg = VLAConfig(
             image_size=c.image_size, patch=c.patch, dim=c.dim, heads=c.heads, ground_layers=c.ground_layers,
-            trunk_layers=c.trunk_layers, max_tokens=c.max_tokens,
+            trunk_layers=c.trunk_layers, max_tokens=c.max_tokens, sensors=c.sensors,
         )
         self.tokenizer = Tokenizer(c.max_tokens)
         self.encoder = VisionLanguageEncoder(enc_cfg, self.tokenizer.vocab_size, use_proprio=False)
@@ -93,5 +97,7 @@ class LearnedSuccessDetector:
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
     def score(self, episodes: list[Episode]) -> np.ndarray:
-        frames = np.stack([ep.observations["image"][-1] for ep in episodes]) if episodes else np.zeros((0,))
+        sensors = self.net.cfg.sensors
+        frames = np.stack([sensor_inputs(ep.observations, sensors, -1)[0] for ep in episodes]) if episodes \
+            else np.zeros((0,))
         return self.score_frames(frames, [ep.instruction for ep in episodes])

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from sklearn.metrics import precision_score, recall_score, roc_auc_score
 
-from flywheel.contracts import Episode
+from flywheel.contracts import Episode, sensor_inputs
 from reward.detector import DetectorConfig, DetectorNet, LearnedSuccessDetector, init_from_policy
 
 
@@ -33,14 +33,16 @@ def episode_label(ep: Episode) -> bool | None:
 
 
 def detector_examples(
-    episodes: list[Episode], rng: np.random.Generator, hard_negatives: bool = True
+    episodes: list[Episode], rng: np.random.Generator, hard_negatives: bool = True,
+    sensors: tuple[str, ...] = ("overhead",),
 ) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """(frames uint8 (N,H,W,3), instructions, labels float32 (N,), aux positions float32 (N,4), aux mask (N,))
-    from labelled episodes. Aux positions are the named objects' true positions where the simulator recorded them."""
+    """(frames uint8 (N,H,W,channels), instructions, labels float32 (N,), aux positions float32 (N,4), aux mask (N,))
+    from labelled episodes; a frame stacks the cameras in ``sensors``. Aux positions are the named objects' true
+    positions where the simulator recorded them."""
     frames, texts, ys, aux, has_aux = [], [], [], [], []
 
     def add(ep: Episode, t: int, y: float) -> None:
-        frames.append(ep.observations["image"][t])
+        frames.append(sensor_inputs(ep.observations, sensors, t)[0])
         texts.append(ep.instruction)
         ys.append(y)
         positions = ep.extras.get("aux_positions")
@@ -109,8 +111,8 @@ def train_detector(
     ``init_weights``: a policy's weights to start the encoder from (see ``init_from_policy``)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    frames, texts, ys, aux, has_aux = detector_examples(train_episodes, rng)
     net = DetectorNet(cfg)
+    frames, texts, ys, aux, has_aux = detector_examples(train_episodes, rng, sensors=net.cfg.sensors)
     if init_weights is not None:
         init_from_policy(net, init_weights)
     ids = torch.from_numpy(net.tokenizer(texts)[0])

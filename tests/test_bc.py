@@ -41,3 +41,38 @@ def test_dataset_keeps_pinned_demos_when_full(demos):
     data.add(demos[5:20])
     assert data.num_episodes == 10
     assert sum(e.pinned for e in data._eps) == 5
+
+
+def test_a_vla_reading_every_sensor_learns_and_acts():
+    # Wrist camera, depth and touch on: the policy reads them all (stacked image channels, touch with proprio),
+    # behaviour cloning lowers its loss, and it acts on what a rollout gives it.
+    from actors.rollout import run_episodes
+    from actors.tabletop import split_seed
+    from flywheel.vla.model import VLAConfig, VLAPolicy
+
+    sensors = ("overhead", "wrist", "depth", "touch")
+    demos = run_episodes([split_seed("train", i) for i in range(12)], "train", None, policy_version=-1,
+                         sensors=sensors)
+    torch.manual_seed(0)
+    model = SmallVLA(VLAConfig(sensors=sensors))
+    assert model.encoder.patchify.in_channels == 3 + 3 + 1 + 2  # + the two coordinate planes
+    data = ChunkDataset(model)
+    data.add(demos, pinned=True)
+    fixed = data.sample(64, torch.Generator().manual_seed(1))
+    assert fixed["images"].shape[-1] == 7 and fixed["proprio"].shape[-1] == 4
+
+    def held_loss():
+        torch.manual_seed(2)
+        with torch.no_grad():
+            return model.flow_loss(fixed["images"], fixed["ids"], fixed["proprio"], fixed["actions"]).item()
+
+    before = held_loss()
+    trainer, gen = BCTrainer(model, lr=1e-3), torch.Generator().manual_seed(0)
+    for _ in range(60):
+        trainer.step(data.sample(32, gen))
+    assert held_loss() < 0.8 * before
+    eps = run_episodes([split_seed("eval", 0), split_seed("eval", 1)], "eval", VLAPolicy(model=model),
+                       policy_version=0, sensors=sensors, max_steps=8)
+    assert all(e.num_steps > 0 for e in eps)
+    with np.testing.assert_raises_regex(KeyError, "turn them on with env.sensors"):
+        run_episodes([split_seed("eval", 0)], "eval", VLAPolicy(model=model), policy_version=0, max_steps=4)

@@ -63,3 +63,20 @@ def test_dihedral_augmentation_moves_positions_with_the_image():
         out, pos = dihedral(img, torch.tensor([[block[0], block[1], 0.5, 0.5]], dtype=torch.float32), k)
         x, y = pos[0, 0].item(), pos[0, 1].item()
         assert torch.equal(out[0, int(y * 64), int(x * 64)], colour), k
+
+
+def test_detector_judges_from_whichever_cameras_are_on():
+    from flywheel.contracts import sensor_inputs
+    from reward.detector import DetectorConfig, DetectorNet, LearnedSuccessDetector
+    from reward.train import detector_examples
+
+    sensors = ("overhead", "wrist", "depth", "touch")
+    eps = run_episodes([split_seed("train", i) for i in range(3)], "train", None, policy_version=-1, sensors=sensors)
+    net = DetectorNet(DetectorConfig(sensors=sensors))
+    assert net.cfg.sensors == ("overhead", "wrist", "depth")  # no proprioception, so no touch
+    frames, *_ = detector_examples(_labelled(eps), np.random.default_rng(0), sensors=net.cfg.sensors)
+    assert frames.shape[-1] == 7
+    scores = LearnedSuccessDetector(net, version="t").score(eps)
+    assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 1))
+    image = sensor_inputs(eps[0].observations, ("overhead",))[0]  # the overhead camera alone: a view, no copy
+    assert np.shares_memory(image, eps[0].observations["image"]) and image.shape == (eps[0].num_steps + 1, 64, 64, 3)

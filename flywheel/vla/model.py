@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flywheel.checkpoint import numpy_state
+from flywheel.contracts import image_channels
 from flywheel.vla.tokenizer import Tokenizer
 
 
@@ -51,6 +52,10 @@ class VLAConfig:
     action_dim: int = 3  # A
     head_hidden: int = 256
     flow_steps: int = 10  # Euler steps when sampling
+    sensors: tuple[str, ...] = ("overhead",)  # what it reads (flywheel/contracts.py sensor_inputs)
+
+    def __post_init__(self):
+        self.sensors = tuple(self.sensors)  # a checkpoint's metadata stores a list
 
 
 class GroundingBlock(nn.Module):
@@ -124,13 +129,15 @@ class PixelKeypoints(nn.Module):
 
 
 class VisionLanguageEncoder(nn.Module):
-    """image uint8 (B,H,W,3*frames) + token ids (B,L) + proprio (B,P) or None -> context float32 (B, 2d)."""
+    """image uint8 (B,H,W,channels of cfg.sensors) + token ids (B,L) + proprio (B,P[+touch]) or None -> context."""
 
-    def __init__(self, cfg: VLAConfig, vocab_size: int, in_frames: int = 1, use_proprio: bool = True):
+    def __init__(self, cfg: VLAConfig, vocab_size: int, use_proprio: bool = True):
         super().__init__()
         d, n_side = cfg.dim, cfg.image_size // cfg.patch
+        channels = image_channels(cfg.sensors)
+        self.sensors = cfg.sensors
         self.use_proprio = use_proprio
-        self.patchify = nn.Conv2d(3 * in_frames + 2, d, kernel_size=cfg.patch, stride=cfg.patch)
+        self.patchify = nn.Conv2d(channels + 2, d, kernel_size=cfg.patch, stride=cfg.patch)
         self.context = nn.Conv2d(d, d, kernel_size=3, padding=1, groups=d)
         self.patch_pos = nn.Parameter(torch.randn(1, n_side * n_side, d) * 0.02)
         coords = (torch.arange(cfg.image_size, dtype=torch.float32) + 0.5) / cfg.image_size - 0.5
@@ -139,8 +146,9 @@ class VisionLanguageEncoder(nn.Module):
         self.tok_emb = nn.Embedding(vocab_size, d)
         self.tok_pos = nn.Parameter(torch.randn(1, cfg.max_tokens, d) * 0.02)
         self.text = nn.TransformerEncoderLayer(d, cfg.heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
-        self.proprio = nn.Linear(cfg.proprio_dim, d) if use_proprio else None
-        self.keypoints = PixelKeypoints(d, cfg.heads, 3 * in_frames + 2)
+        proprio_dim = cfg.proprio_dim + ("touch" in cfg.sensors)
+        self.proprio = nn.Linear(proprio_dim, d) if use_proprio else None
+        self.keypoints = PixelKeypoints(d, cfg.heads, channels + 2)
         centres = (torch.arange(n_side, dtype=torch.float32) + 0.5) / n_side - 0.5
         gy, gx = torch.meshgrid(centres, centres, indexing="ij")
         patch_xy = torch.stack([gx.flatten(), gy.flatten()], dim=-1)
@@ -153,7 +161,7 @@ class VisionLanguageEncoder(nn.Module):
         # heads directly. Through the trunk alone they arrive slowly (a probe: position MSE 0.014 after 600 steps
         # via the trunk, 0.0003 straight from the keypoints).
         queries = cfg.max_tokens + (1 if use_proprio else 0)
-        self.out_dim = 2 * d + queries * 2 * cfg.heads + (cfg.proprio_dim if use_proprio else 0)
+        self.out_dim = 2 * d + queries * 2 * cfg.heads + (proprio_dim if use_proprio else 0)
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B,H,W,C) -> float (B,C+2,H,W) in [-0.5, 0.5], with x/y coordinate planes appended."""
@@ -334,6 +342,7 @@ class VLAPolicy:
         self.sampling = {"indicator": 0, "guidance": 1.0}  # set per snapshot by the learner that made it
         self.chunk = self.model.cfg.chunk
         self.action_dim = self.model.cfg.action_dim
+        self.sensors = self.model.cfg.sensors  # what act() is given: contracts.sensor_inputs for these
 
     def act(self, images: np.ndarray, proprio: np.ndarray, instructions: list[str], seed: int | None = None):
         gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
