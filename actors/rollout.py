@@ -109,7 +109,7 @@ def run_episodes(
             )},
             ground_truth={"success": bool(infos[i]["success"])},
             info={"created": now, "max_steps": max_steps, "execute": execute, "phrasing": phrasing, "combos": combos,
-                  "combo_heldout": bool(infos[i]["combo_heldout"]), "randomization": infos[i]["randomization"]},
+                  "combo_heldout": bool(infos[i]["combo_heldout"]), "randomization": first[i][1]["randomization"]},
         )
         for i in range(len(seeds))
     ]

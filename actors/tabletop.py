@@ -109,7 +109,7 @@ class TabletopEnv(gym.Env):
     Observation: ``{"image": uint8 (S, S, 3), "proprio": float32 (3,)}`` with proprio = effector x, y, gripper closed.
     Action: float32 (3,) in [-1, 1]: velocity x, velocity y, gripper (> 0 closes).
     ``info`` holds the instruction, the family, the ground-truth success and ``combo_heldout`` (whether what the
-    instruction names is a held-out combination).
+    instruction names is a held-out combination); ``reset``'s info also holds the episode's ``randomization``.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
@@ -190,6 +190,8 @@ class TabletopEnv(gym.Env):
         self.brightness = 1.0
         self.camera = (0.0, 0.0, 1.0)  # view shift x, y (table widths) and zoom
         self._static: np.ndarray | None = None  # what does not move, drawn on first render
+        self._combo_heldout = False
+        self._randomization: dict[str, Any] = {}
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
@@ -209,9 +211,11 @@ class TabletopEnv(gym.Env):
         self.horizon = self.max_steps * HORIZON_SCALE.get(self.family, 1)
         if any(self.randomize.values()):
             self._draw_randomization(rng)
+        self._combo_heldout = not combo_allowed("train", self.kind, *self.combo)
+        self._randomization = self.randomization()
         self._block_rgb = [self._rgb(name).astype(np.uint8) for name in self.block_colors]
         self._drawer_rgb = [self._rgb(name).astype(np.uint8) for name in self.drawer_colors]
-        return self._obs(), self._info()
+        return self._obs(), {**self._info(), "randomization": self._randomization}  # drawn once, told once
 
     def _draw_randomization(self, rng: np.random.Generator) -> None:
         r = {k: self.randomize.get(k, 0.0) for k in RANDOMIZE_KEYS}
@@ -280,15 +284,28 @@ class TabletopEnv(gym.Env):
 
     def _layout_drawer(self, rng: np.random.Generator) -> None:
         self.drawer_colors = self._colours(rng, 2)
-        reach = CABINET_HALF + DRAWER_TRAVEL + HANDLE_HALF  # from a cabinet's centre to its open handle's edge
+        reach = CABINET_HALF + DRAWER_TRAVEL + HANDLE_HALF  # from a cabinet's centre to its open handle's far edge
+        across = max(CABINET_HALF, DRAWER_HALF_WIDTH)
+
+        def footprint(centre: np.ndarray, axis: np.ndarray) -> np.ndarray:
+            """(x0, y0, x1, y1): everything the drawer covers, shut to fully open."""
+            ends = np.stack([centre - axis * CABINET_HALF, centre + axis * reach])
+            lo, hi = ends.min(0) - np.abs(axis[::-1]) * across, ends.max(0) + np.abs(axis[::-1]) * across
+            return np.concatenate([lo, hi])
+
         for _ in range(1000):
-            cabinets = rng.uniform(0.1 + reach, 0.9 - reach, size=(2, 2))
+            axes = AXES[rng.integers(len(AXES), size=2)]
+            cabinets = rng.uniform(0.1, 0.9, size=(2, 2))
             effector = rng.uniform(0.14, 0.86, size=2)
-            if np.linalg.norm(cabinets[0] - cabinets[1]) > 2 * reach + 0.02 and \
-                    np.linalg.norm(cabinets - effector, axis=1).min() > reach + 0.05:
+            boxes = [footprint(c, a) for c, a in zip(cabinets, axes)]
+            inside = all(b[0] >= 0.03 and b[1] >= 0.03 and b[2] <= 0.97 and b[3] <= 0.97 for b in boxes)
+            apart = (boxes[0][2] + 0.03 < boxes[1][0] or boxes[1][2] + 0.03 < boxes[0][0]
+                     or boxes[0][3] + 0.03 < boxes[1][1] or boxes[1][3] + 0.03 < boxes[0][1])
+            clear = all(not (b[0] - 0.05 < effector[0] < b[2] + 0.05 and b[1] - 0.05 < effector[1] < b[3] + 0.05)
+                        for b in boxes)
+            if inside and apart and clear:
                 break
-        self.drawers, self.effector = cabinets, effector
-        self.drawer_axes = AXES[rng.integers(len(AXES), size=2)]
+        self.drawers, self.drawer_axes, self.effector = cabinets, axes, effector
         self.target_index = int(rng.integers(2))
         self.verb = ("open", "close")[int(rng.integers(2))]
         self.opening = rng.integers(2, size=2).astype(np.float64)  # the other drawer: shut or open at random
@@ -410,8 +427,7 @@ class TabletopEnv(gym.Env):
             "family": self.family,
             "success": self.is_success(),
             "steps": self.steps,
-            "combo_heldout": not combo_allowed("train", self.kind, *self.combo),
-            "randomization": self.randomization(),
+            "combo_heldout": self._combo_heldout,
         }
 
     def randomization(self) -> dict[str, Any]:
@@ -474,11 +490,14 @@ class TabletopEnv(gym.Env):
             img = self._draw_static(depth)
         d = (lambda part: np.float32(CAMERA_HEIGHT - HEIGHTS[part])) if depth else None
         for j in range(len(self.drawers)):  # the drawer box, out of its cabinet as far as it is open, and its handle
-            h, ax = self.handle(j), self.drawer_axes[j]
-            back = self.drawers[j] - ax * CABINET_HALF
-            half = np.abs(ax) * np.abs(h - back) / 2 + np.abs(ax[::-1]) * DRAWER_HALF_WIDTH
-            self._rect(img, (h + back) / 2, half, d("drawer") if depth else self._drawer_rgb[j])
-            self._rect(img, h, np.array([HANDLE_HALF, HANDLE_HALF]), d("handle") if depth else self._lit(HANDLE_RGB))
+            (cx, cy), (ax, ay) = self.drawers[j].tolist(), self.drawer_axes[j].tolist()
+            out = CABINET_HALF + float(self.opening[j]) * DRAWER_TRAVEL  # centre to handle, along the rail
+            mid = (out - CABINET_HALF) / 2  # the box spans the cabinet's back to the handle
+            half = (abs(ax) * (out + CABINET_HALF) / 2 + abs(ay) * DRAWER_HALF_WIDTH,
+                    abs(ay) * (out + CABINET_HALF) / 2 + abs(ax) * DRAWER_HALF_WIDTH)
+            self._rect(img, (cx + ax * mid, cy + ay * mid), half, d("drawer") if depth else self._drawer_rgb[j])
+            self._rect(img, (cx + ax * out, cy + ay * out), (HANDLE_HALF, HANDLE_HALF),
+                       d("handle") if depth else self._handle_rgb)
         order = sorted((i for i in range(len(self.blocks)) if i != self.holding), key=lambda i: self.block_z[i])
         for i in order + ([self.holding] if self.holding is not None else []):
             if depth:
@@ -494,6 +513,7 @@ class TabletopEnv(gym.Env):
     def _draw_static(self, depth: bool = False) -> np.ndarray:
         """What does not move: the table, pads or bowls, buttons, cabinets (in colour, or in depth)."""
         self._effector_rgb = {False: self._lit(EFFECTOR_RGB), True: self._lit(GRIPPING_RGB)}
+        self._handle_rgb = self._lit(HANDLE_RGB)
         s = self.image_size
         img = np.full((s, s), CAMERA_HEIGHT, np.float32) if depth else np.empty((s, s, 3), np.uint8)
         if not depth:
@@ -531,7 +551,7 @@ class TabletopEnv(gym.Env):
         y0, y1 = round((cy - half) * s), round((cy + half) * s)
         img[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = rgb
 
-    def _rect(self, img: np.ndarray, center: np.ndarray, half: np.ndarray, rgb) -> None:
+    def _rect(self, img: np.ndarray, center, half, rgb) -> None:
         s = self.image_size
         cx, cy, hx = self._view(float(center[0]), float(center[1]), float(half[0]))
         hy = self._view(0.0, 0.0, float(half[1]))[2]

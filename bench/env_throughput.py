@@ -13,12 +13,12 @@ import time
 
 import numpy as np
 
-from actors.tabletop import TabletopEnv, reference_image
+from actors.tabletop import SUITE, TabletopEnv, reference_image
 
 
-def steps_per_second(render: str, steps: int, seed: int = 0) -> float:
+def steps_per_second(render: str, steps: int, seed: int = 0, family: str = "any") -> float:
     """render: "fast" (the env's renderer), "reference" (every shape over the whole grid) or "none" (physics only)."""
-    env = TabletopEnv()
+    env = TabletopEnv(family=family)
     if render == "none":  # same physics, observation without the image
         env.render_image = lambda: None  # type: ignore[method-assign]
     elif render == "reference":
@@ -68,6 +68,12 @@ def main() -> None:
         "reference_render_over_physics": round(physics / reference - 1, 2),
         "rendered_step_over_bare_loop": round(bare / rendered, 1),
     }))
+    # Per family of the suite: microseconds per step, physics only and rendered, and the render's share.
+    for family in SUITE:
+        phys = max(steps_per_second("none", args.steps // 5, r, family) for r in range(args.repeats))
+        rend = max(steps_per_second("fast", args.steps // 5, r, family) for r in range(args.repeats))
+        print(json.dumps({"family": family, "physics_us": round(1e6 / phys, 1), "rendered_us": round(1e6 / rend, 1),
+                          "render_over_physics": round(phys / rend - 1, 2)}))
 
 
 if __name__ == "__main__":
