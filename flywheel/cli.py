@@ -3,6 +3,7 @@
     flywheel run [key=value ...]            the self-improvement loop (Hydra overrides: budget.minutes=480, ...)
     flywheel pretrain [key=value ...]       behaviour-clone the small VLA on scripted demonstrations (resumable)
     flywheel reward train [key=value ...]   train a success detector on a run's labelled episodes
+    flywheel demos out_dir=PATH [key=value ...]  scripted demonstrations into an episode store (resumable)
     flywheel store check RUN_DIR [--repair] find (and move aside) damaged episode files
 """
 
@@ -117,6 +118,19 @@ def cmd_reward_train(overrides: list[str]) -> int:
     return 0
 
 
+def cmd_demos(overrides: list[str]) -> int:
+    cfg = _load("demos", overrides)
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(cfg, "out_dir"):
+        console.print("[red]error:[/red] give the store: flywheel demos out_dir=PATH")
+        return 2
+    from flywheel.run import write_demos
+
+    write_demos(cfg, say=console.print)
+    return 0
+
+
 def cmd_store_check(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="flywheel store check")
     parser.add_argument("run_dir")
@@ -157,7 +171,7 @@ def _dispatch(argv: list[str] | None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if rest and rest[0] in ("-h", "--help"):
-        name = "pretrain" if cmd == "pretrain" else "run"
+        name = cmd if cmd in ("pretrain", "demos") else "run"
         console.print(__doc__, markup=False)
         console.print("keys and defaults:\n" + _schema_help(name), markup=False)
         return 0
@@ -165,6 +179,8 @@ def _dispatch(argv: list[str] | None) -> int:
         return cmd_run(rest)
     if cmd == "pretrain":
         return cmd_pretrain(rest)
+    if cmd == "demos":
+        return cmd_demos(rest)
     if cmd == "reward" and rest[:1] == ["train"]:
         return cmd_reward_train(rest[1:])
     if cmd == "store" and rest[:1] == ["check"]:

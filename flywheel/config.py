@@ -146,7 +146,20 @@ class PretrainConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
 
 
-_SCHEMAS = {"run": ("run_schema", RunConfig), "pretrain": ("pretrain_schema", PretrainConfig)}
+@dataclasses.dataclass
+class DemosConfig:
+    """``flywheel demos``: scripted demonstrations into an episode store."""
+
+    out_dir: str = "???"  # the episode store to append to (created if missing)
+    episodes: int = 100
+    split: str = "train"  # train | eval | holdout: which disjoint seed range (actors/tabletop.py split_seed)
+    first: int = 0  # index of the first seed in that range
+    noise: float = 0.1  # the expert's motion noise
+    env: EnvConfig = field(default_factory=EnvConfig)
+
+
+_SCHEMAS = {"run": ("run_schema", RunConfig), "pretrain": ("pretrain_schema", PretrainConfig),
+            "demos": ("demos_schema", DemosConfig)}
 
 
 def _register() -> None:

@@ -48,6 +48,25 @@ DETECTOR_POLICY_SEEDS = 3_000_000
 LOOP_SEEDS = 5_000_000
 
 
+def write_demos(cfg: DictConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """``flywheel demos``: the scripted expert's episodes, labelled by the simulator, appended to ``cfg.out_dir``.
+
+    Seeds already in the store are skipped, so running it again (or after an interruption) adds only what is
+    missing."""
+    store = EpisodeStore(Path(cfg.out_dir))
+    have = {ep.seed for ep in store.iter(cfg.split)}
+    seeds = [s for s in (split_seed(cfg.split, cfg.first + i) for i in range(cfg.episodes)) if s not in have]
+    episodes = ground_truth_labelled(run_episodes(seeds, cfg.split, None, policy_version=-1,
+                                                  expert_noise=cfg.noise, **env_kwargs_of(cfg)))
+    for ep in episodes:
+        store.add(ep)
+    done = {"written": len(episodes), "already_there": cfg.episodes - len(seeds), "store": str(cfg.out_dir),
+            "success": float(np.mean([ep.ground_truth["success"] for ep in episodes])) if episodes else None,
+            "per_family": {f: sum(ep.task == f for ep in episodes) for f in sorted({ep.task for ep in episodes})}}
+    say(f"demos: {done}")
+    return done
+
+
 def ground_truth_labelled(episodes: list[Episode]) -> list[Episode]:
     for ep in episodes:
         source = "demo" if ep.policy_version < 0 else "ground_truth"

@@ -63,3 +63,17 @@ def test_label_line_cut_short_is_skipped(tmp_path, demos):
     with open(store.labels_path, "a") as f:
         f.write(json.dumps({"episode": demos[0].id, "source": "detector"})[:20])
     assert [lab.version for lab in store.labels()[demos[0].id]] == ["ana"]
+
+
+def test_demos_command_appends_labelled_demonstrations_and_resumes(tmp_path):
+    from flywheel.cli import main
+    from flywheel.store import EpisodeStore
+
+    out = tmp_path / "demos"
+    assert main(["demos", f"out_dir={out}", "episodes=6", "env.family=suite"]) == 0
+    eps = list(EpisodeStore(out).iter("train", with_ground_truth=True))
+    assert len(eps) == 6 and all(ep.policy_version == -1 for ep in eps)
+    assert all(ep.labels and ep.labels[-1].source == "demo" and ep.labels[-1].success for ep in eps)
+    assert main(["demos", f"out_dir={out}", "episodes=8", "env.family=suite"]) == 0  # only the 2 missing seeds
+    assert sorted(ep.seed for ep in EpisodeStore(out).iter("train")) == list(range(8))
+    assert main(["demos", "episodes=2"]) == 2  # no store given
