@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test test-slow smoke setup clean
+.PHONY: run test test-slow smoke setup sims clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Meta-World and Fetch (actors/thirdparty.py): MuJoCo renders offscreen through EGL (MUJOCO_GL=egl, the default
+# here) or OSMesa (apt-get install libosmesa6, MUJOCO_GL=osmesa)
+sims: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[test,sims]"
 
 run: $(STAMP)
 	$(BIN)/flywheel run $(ARGS)

@@ -53,7 +53,8 @@ def run_episodes(
     # The simulator also records where the named block and target are (privileged state) for the auxiliary
     # grounding losses of pretraining and detector training. Policies never see it; the loop strips it before the
     # learner.
-    aux = [[_aux_positions(env)] for env in envs]
+    privileged = hasattr(envs[0], "state")  # third-party simulators (actors/thirdparty.py) have no such record
+    aux = [[_aux_positions(env)] if privileged else [] for env in envs]
     running = list(range(len(envs)))
     # The policy's own extras: every chunk it sampled and the step it was sampled at (the learner clones these
     # decisions exactly, rather than executed actions that splice two chunks together).
@@ -83,7 +84,8 @@ def run_episodes(
                 for k, v in obs.items():
                     observed[i][k].append(v)
                 actions[i].append(np.asarray(a, np.float32))
-                aux[i].append(_aux_positions(env))
+                if privileged:
+                    aux[i].append(_aux_positions(env))
                 infos[i] = info
                 if term or trunc:
                     done = True
@@ -97,19 +99,20 @@ def run_episodes(
             id=uuid.uuid4().hex,
             task=infos[i]["family"],
             instruction=infos[i]["instruction"],
-            env_id=ENV_ID,
+            env_id=ENV_ID if privileged else infos[i]["family"],
             seed=int(seeds[i]),
             split=split,
             policy_version=int(policy_version),
             observations={k: np.stack(v) for k, v in observed[i].items()},
             actions=np.stack(actions[i]),
-            extras={"aux_positions": np.stack(aux[i]), **(
+            extras={**({"aux_positions": np.stack(aux[i])} if privileged else {}), **(
                 {"chunks": np.stack(chunks[i]).astype(np.float32), "chunk_steps": np.asarray(chunk_steps[i], np.int64)}
                 if policy is not None else {}
             )},
             ground_truth={"success": bool(infos[i]["success"])},
             info={"created": now, "max_steps": max_steps, "execute": execute, "phrasing": phrasing, "combos": combos,
-                  "combo_heldout": bool(infos[i]["combo_heldout"]), "randomization": first[i][1]["randomization"]},
+                  "combo_heldout": bool(infos[i].get("combo_heldout", False)),
+                  "randomization": first[i][1].get("randomization", {})},
         )
         for i in range(len(seeds))
     ]
