@@ -67,6 +67,18 @@ def write_demos(cfg: DictConfig, say: Callable[[str], None] = print) -> dict[str
     return done
 
 
+def pretraining_demos(n: int, base_meta: dict, env_kwargs: dict) -> list[Episode]:
+    """The demonstrations the base was pretrained on (the first ``n``), for the learner to replay.
+
+    They are remade from the environment settings the base's record names (its family, phrasing and combinations),
+    not the run's: a run on held-out combinations must not hand the learner expert demonstrations of them, or a gain
+    would come from those demonstrations rather than from practice. Without a record, the run's settings serve."""
+    recorded = (base_meta.get("config") or {}).get("env") or {}
+    demo_env = {**env_kwargs, **{k: recorded[k] for k in ("family", "phrasing", "combos") if k in recorded}}
+    seeds = [split_seed("train", DEMO_SEEDS + i) for i in range(n)]
+    return run_episodes(seeds, "train", None, policy_version=-1, **demo_env)
+
+
 def ground_truth_labelled(episodes: list[Episode]) -> list[Episode]:
     for ep in episodes:
         source = "demo" if ep.policy_version < 0 else "ground_truth"
@@ -197,8 +209,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         # ---- the loop ---------------------------------------------------------------------------------------------
         model = SmallVLA(vla_cfg)
         model.load_weights(base_weights)
-        demo_seeds = [split_seed("train", DEMO_SEEDS + i) for i in range(cfg.learner.demos)]
-        demos = run_episodes(demo_seeds, "train", None, policy_version=-1, **env_kwargs)
+        demos = pretraining_demos(cfg.learner.demos, base_meta, env_kwargs)
         learner = make_learner(cfg.learner.algorithm, model, demos, version=0, seed=cfg.seed, **to_dict(cfg.learner))
         state = run_loop(
             rollouts=rollouts, store=store, detector=detector, learner=learner, metrics=metrics,
