@@ -13,15 +13,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned, so that nothing after it can swap in a CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test]"
+	# with the third-party simulators (Meta-World pins MuJoCo 3.3.0: one resolve), so their adapter tests run
+	$(BIN)/pip install --quiet -e ".[test,sims]"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-# Meta-World and Fetch (actors/thirdparty.py): MuJoCo renders offscreen through EGL (MUJOCO_GL=egl, the default
-# here) or OSMesa (apt-get install libosmesa6, MUJOCO_GL=osmesa)
+# Meta-World and Fetch (actors/thirdparty.py) come with the set-up; MuJoCo renders offscreen through EGL
+# (MUJOCO_GL=egl, the default here) or OSMesa (apt-get install libosmesa6, MUJOCO_GL=osmesa)
 sims: $(STAMP)
-	$(BIN)/pip install --quiet -e ".[test,sims]"
 
 run: $(STAMP)
 	$(BIN)/flywheel run $(ARGS)

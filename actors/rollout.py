@@ -14,7 +14,7 @@ import numpy as np
 
 from actors.expert import expert_action
 from actors.tabletop import TabletopEnv
-from flywheel.contracts import Episode, Policy, PolicySnapshot, sensor_inputs
+from flywheel.contracts import Episode, Policy, PolicySnapshot, sensor_inputs, sensor_key
 
 ENV_ID = "flywheel/Tabletop-v0"
 
@@ -63,11 +63,13 @@ def run_episodes(
     rng = np.random.default_rng(sample_seed)
     chunk: np.ndarray | None = None
     call = 0
+    sensors = getattr(policy, "sensors", ("overhead",))
+    reads = {"proprio", *(sensor_key(s) for s in sensors)} & set(observed[0])  # stack only what the policy reads
     while running:
         if policy is not None:
-            latest = {k: np.stack([observed[i][k][-1] for i in running]) for k in observed[running[0]]}
+            latest = {k: np.stack([observed[i][k][-1] for i in running]) for k in reads}
             chunk = policy.act(
-                *sensor_inputs(latest, getattr(policy, "sensors", ("overhead",))),
+                *sensor_inputs(latest, sensors),
                 [infos[i]["instruction"] for i in running],
                 seed=sample_seed * 100_003 + call,
             )

@@ -108,7 +108,7 @@ def sensor_inputs(observations: dict[str, np.ndarray], sensors: tuple[str, ...] 
 
     The image stacks, in this order, the overhead RGB, the wrist RGB and the depth (as one byte channel). With the
     overhead camera alone it is ``observations["image"]`` itself (a view, not a copy)."""
-    missing = [s for s in sensors if (CAMERA_CHANNELS[s][0] if s in CAMERA_CHANNELS else s) not in observations]
+    missing = [s for s in sensors if sensor_key(s) not in observations]
     if missing:
         raise KeyError(f"the model reads sensors {list(sensors)}, but these observations lack {missing}: turn them "
                        f"on with env.sensors")
@@ -125,6 +125,11 @@ def sensor_inputs(observations: dict[str, np.ndarray], sensors: tuple[str, ...] 
     if "touch" in sensors:
         proprio = np.concatenate([proprio, observations["touch"][index]], axis=-1)
     return image, np.asarray(proprio, np.float32)
+
+
+def sensor_key(sensor: str) -> str:
+    """The observation key a sensor is recorded under ("overhead" -> "image")."""
+    return CAMERA_CHANNELS[sensor][0] if sensor in CAMERA_CHANNELS else sensor
 
 
 def image_channels(sensors: tuple[str, ...] | list[str]) -> int:

@@ -96,7 +96,8 @@ def make_detector_data(cfg: DictConfig, rollouts: RolloutGroup, env_kwargs: dict
 
 
 def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: RolloutGroup | None = None,
-                 store: EpisodeStore | None = None, policy_weights: dict | None = None):
+                 store: EpisodeStore | None = None, policy_weights: dict | None = None,
+                 policy_sensors: tuple[str, ...] | None = None):
     """Train a success detector on the run's labelled episodes (made first if the store has none).
 
     Writes ``run_dir/detector/<version>.safetensors`` and ``run_dir/detector/metrics.json``; returns
@@ -104,8 +105,10 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
     """
     run_dir = Path(cfg.run_dir)
     store = store or EpisodeStore(run_dir / "episodes")
-    vla_cfg, checkpoint_weights, _ = load_policy_checkpoint(cfg.policy.checkpoint)
-    policy_weights = checkpoint_weights if policy_weights is None else policy_weights
+    if policy_weights is None or policy_sensors is None or rollouts is None:  # the run passes all three
+        vla_cfg, checkpoint_weights, _ = load_policy_checkpoint(cfg.policy.checkpoint)
+        policy_weights = checkpoint_weights if policy_weights is None else policy_weights
+        policy_sensors = vla_cfg.sensors if policy_sensors is None else policy_sensors
     data = [ep for ep in store.iter(with_ground_truth=True) if episode_label(ep) is not None]
     if not data:
         say("detector: collecting labelled episodes (demonstrations + starting-policy rollouts)")
@@ -125,7 +128,7 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
     detector, det_metrics = train_detector(
         train, held, version=version, steps=cfg.detector.steps, batch_size=cfg.detector.batch_size,
         lr=cfg.detector.lr, seed=cfg.seed, threshold=cfg.detector.threshold, init_weights=init,
-        augment=cfg.detector.augment, cfg=DetectorConfig(image_size=cfg.env.image_size, sensors=vla_cfg.sensors),
+        augment=cfg.detector.augment, cfg=DetectorConfig(image_size=cfg.env.image_size, sensors=policy_sensors),
     )
     save_weights(run_dir / "detector" / f"{version}.safetensors", numpy_state(detector.net),
                  {"version": version, "threshold": detector.threshold, "heldout": det_metrics,
@@ -202,7 +205,8 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
 
         # ---- the success detector, trained on simulator-labelled episodes ----------------------------------------
         store = EpisodeStore(run_dir / "episodes")
-        detector, det_metrics = train_reward(cfg, say, rollouts=rollouts, store=store, policy_weights=base_weights)
+        detector, det_metrics = train_reward(cfg, say, rollouts=rollouts, store=store, policy_weights=base_weights,
+                                              policy_sensors=vla_cfg.sensors)
         summary["detector"] = {"version": detector.version, **det_metrics}
         metrics.log({f"detector/{k}": v for k, v in det_metrics.items()}, step=0)
 

@@ -1,22 +1,16 @@
 """Meta-World and Fetch through the adapter contract and a rollout actor (actors/thirdparty.py).
 
-They need the `sims` extra; `.ci/run` installs it and sets FLYWHEEL_REQUIRE_SIMS=1, so that in CI a missing
-simulator fails these tests instead of skipping them."""
+They need the `sims` extra, which `make test` installs; without it they fail with the install line."""
 
 import functools
-import os
 
 import numpy as np
 import pytest
 
-if os.environ.get("FLYWHEEL_REQUIRE_SIMS") != "1":
-    pytest.importorskip("metaworld")
-    pytest.importorskip("gymnasium_robotics")
-
-from actors.rollout import RolloutWorker  # noqa: E402
-from actors.thirdparty import make_sim_env  # noqa: E402
-from flywheel.contracts import PolicySnapshot  # noqa: E402
-from flywheel.vla.model import VLAConfig, VLAPolicy  # noqa: E402
+from actors.rollout import RolloutWorker
+from actors.thirdparty import make_sim_env
+from flywheel.contracts import PolicySnapshot
+from flywheel.vla.model import VLAConfig, VLAPolicy
 
 SIMS = ["metaworld:reach-v3", "fetch:FetchReach-v4"]
 
