@@ -10,6 +10,7 @@ import time
 import uuid
 from typing import Callable
 
+import gymnasium as gym
 import numpy as np
 
 from actors.expert import expert_action
@@ -17,6 +18,28 @@ from actors.tabletop import TabletopEnv
 from flywheel.contracts import Episode, Policy, PolicySnapshot, sensor_inputs, sensor_key
 
 ENV_ID = "flywheel/Tabletop-v0"
+
+
+def make_env(family: str = "any", **kwargs) -> gym.Env:
+    """The environment a family names: ``"<simulator>:<task>"`` is a third-party simulator (actors/thirdparty.py,
+    which ignores the tabletop-only arguments); anything else is the built-in tabletop."""
+    if ":" in family:
+        from actors.thirdparty import make_sim_env  # imports MuJoCo: only when asked for
+
+        return make_sim_env(family, **kwargs)
+    return TabletopEnv(family=family, **kwargs)
+
+
+def _parallel_limit() -> int:
+    from actors.thirdparty import MAX_PARALLEL
+
+    return MAX_PARALLEL
+
+
+def scripted_action(env: gym.Env, rng: np.random.Generator, noise: float) -> np.ndarray:
+    """The scripted expert's action: the environment's own ``expert_action`` if it has one, else the tabletop's."""
+    own = getattr(env, "expert_action", None)
+    return own(rng, noise) if own is not None else expert_action(env, rng, noise)
 
 
 def run_episodes(
@@ -35,7 +58,7 @@ def run_episodes(
     execute: int = 4,
     expert_noise: float = 0.1,
     sample_seed: int = 0,
-    make_env: Callable[..., TabletopEnv] = TabletopEnv,
+    make_env: Callable[..., gym.Env] = make_env,
 ) -> list[Episode]:
     """Run one episode per seed, all environments in lock-step, and return them as Episodes.
 
@@ -44,6 +67,13 @@ def run_episodes(
     ``execute`` actions of each chunk are applied (receding horizon). ``sample_seed`` seeds the policy's sampling
     noise, so a rollout is reproducible given its seeds.
     """
+    if ":" in family and len(seeds) > _parallel_limit():  # third-party envs are heavy: step them in waves
+        kwargs = dict(policy_version=policy_version, family=family, phrasing=phrasing, combos=combos,
+                      randomize=randomize, sensors=sensors, image_size=image_size, max_steps=max_steps,
+                      execute=execute, expert_noise=expert_noise, make_env=make_env)
+        n = _parallel_limit()
+        return [ep for w in range(0, len(seeds), n)
+                for ep in run_episodes(seeds[w:w + n], split, policy, sample_seed=sample_seed + 7919 * w, **kwargs)]
     envs = [make_env(family=family, image_size=image_size, max_steps=max_steps, phrasing=phrasing, combos=combos,
                      randomize=randomize, sensors=sensors) for _ in seeds]
     first = [env.reset(seed=int(s)) for env, s in zip(envs, seeds)]
@@ -60,6 +90,7 @@ def run_episodes(
     # decisions exactly, rather than executed actions that splice two chunks together).
     chunks: list[list[np.ndarray]] = [[] for _ in seeds]
     chunk_steps: list[list[int]] = [[] for _ in seeds]
+    drawn: list[dict[str, list[np.ndarray]]] = [{} for _ in seeds]  # the policy's other draws per chunk, if any
     rng = np.random.default_rng(sample_seed)
     chunk: np.ndarray | None = None
     call = 0
@@ -80,8 +111,10 @@ def run_episodes(
             if policy is not None:
                 chunks[i].append(chunk[row])
                 chunk_steps[i].append(len(actions[i]))
+                for k, v in getattr(policy, "last_extras", {}).items():
+                    drawn[i].setdefault(k, []).append(v[row])
             for k in range(execute if policy is not None else 1):
-                a = chunk[row, k] if policy is not None else expert_action(env, rng, expert_noise)
+                a = chunk[row, k] if policy is not None else scripted_action(env, rng, expert_noise)
                 obs, _, term, trunc, info = env.step(a)
                 for k, v in obs.items():
                     observed[i][k].append(v)
@@ -95,6 +128,8 @@ def run_episodes(
             if not done:
                 still.append(i)
         running = still
+    for env in envs:  # a third-party adapter goes back to its pool; the others are closed
+        getattr(env, "release", env.close)()
     now = time.time()
     return [
         Episode(
@@ -108,7 +143,8 @@ def run_episodes(
             observations={k: np.stack(v) for k, v in observed[i].items()},
             actions=np.stack(actions[i]),
             extras={**({"aux_positions": np.stack(aux[i])} if privileged else {}), **(
-                {"chunks": np.stack(chunks[i]).astype(np.float32), "chunk_steps": np.asarray(chunk_steps[i], np.int64)}
+                {"chunks": np.stack(chunks[i]).astype(np.float32), "chunk_steps": np.asarray(chunk_steps[i], np.int64),
+                 **{k: np.stack(v).astype(np.float32) for k, v in drawn[i].items()}}
                 if policy is not None else {}
             )},
             ground_truth={"success": bool(infos[i]["success"])},
@@ -151,6 +187,7 @@ class RolloutWorker:
     def collect(self, seeds: list[int], split: str, sample_seed: int = 0) -> list[Episode]:
         if self.version < 0:
             raise RuntimeError("rollout worker has no weights yet: publish a PolicySnapshot before collecting")
+        self.policy.explore = split == "train"  # a policy that explores does so in practice, never in evaluation
         return run_episodes(
             list(seeds), split, self.policy, policy_version=self.version, sample_seed=sample_seed, **self.env_kwargs
         )

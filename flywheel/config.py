@@ -61,7 +61,7 @@ class DetectorConfig:
 
 @dataclasses.dataclass
 class LearnerConfig:
-    algorithm: str = "filtered_bc"  # filtered_bc | recap (learner/registry.py)
+    algorithm: str = "filtered_bc"  # filtered_bc | recap | residual_ppo (learner/registry.py)
     guidance: float = 2.0  # recap: classifier-free guidance weight when sampling
     indicator_dropout: float = 0.3  # recap: how often the advantage indicator is dropped in training
     indicator_lr: float = 3e-3  # recap: the indicator embedding's own learning rate (it starts at zero)
@@ -72,6 +72,13 @@ class LearnerConfig:
     #                      the whole buffer with warm-up + cosine (learner/filtered_bc.py::shrink_and_perturb)
     freeze_backbone: bool = False  # train the action expert only, on contexts cached once per sample: a step costs
     #                                no encoder pass, so an update can afford many more steps
+    ppo_lr: float = 3e-4  # residual_ppo: the residual head's learning rate (learner/residual_ppo.py)
+    ppo_epochs: int = 8  # residual_ppo: passes over each iteration's decisions
+    ppo_clip: float = 0.2  # residual_ppo: the clipped ratio's bound
+    ppo_minibatch: int = 256  # residual_ppo: decisions per gradient step
+    gamma: float = 0.95  # residual_ppo: discount per decision (a quicker success is worth more)
+    gae_lambda: float = 0.95  # residual_ppo: GAE's lambda
+    value_epochs: int = 20  # residual_ppo: passes of the value refit per iteration
     demos: int = 100  # the pretraining demonstrations, replayed so the policy does not drift from them
     steps_per_update: int = 300  # gradient steps per iteration
     batch_size: int = 64

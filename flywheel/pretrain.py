@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from actors.rollout import run_episodes
+from actors.rollout import make_env, run_episodes
 from actors.tabletop import split_seed
 from flywheel.checkpoint import CheckpointDir, CheckpointError
 from flywheel.config import to_dict
@@ -38,6 +38,19 @@ def evaluate_policy(model: SmallVLA, n: int, env_kwargs: dict) -> dict[str, Any]
             "per_task": per_task}
 
 
+def vla_config_for(env_kwargs: dict) -> VLAConfig:
+    """A VLA shaped for the environment: its image size, every sensor that is on, its action and proprio widths
+    (3 and 3 on the built-in tabletop, 4 and 4 through the Meta-World and Fetch adapters)."""
+    probe = make_env(**{k: v for k, v in env_kwargs.items() if k != "execute"})  # execute is the rollout's
+    try:
+        action_dim = int(probe.action_space.shape[0])
+        proprio_dim = int(probe.observation_space["proprio"].shape[0])
+    finally:
+        getattr(probe, "release", probe.close)()
+    return VLAConfig(image_size=env_kwargs["image_size"], sensors=tuple(env_kwargs["sensors"]),
+                     action_dim=action_dim, proprio_dim=proprio_dim)
+
+
 def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None, command: str = "") -> dict[str, Any]:
     """Train (or resume), evaluate, and write the base; ``command`` is recorded as what made it."""
     out = Path(cfg.out_dir)
@@ -46,7 +59,7 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
     env_kwargs = to_dict(cfg.env)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model = SmallVLA(VLAConfig(image_size=cfg.env.image_size, sensors=tuple(cfg.env.sensors)))  # reads all on
+    model = SmallVLA(vla_config_for(env_kwargs))
     trainer = BCTrainer(model, lr=cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed)
     ckpts = CheckpointDir(out / "checkpoints", prefix="step", keep=2)

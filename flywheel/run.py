@@ -201,7 +201,14 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
             vla_policy_factory(vla_cfg), env_kwargs, num_workers=cfg.rollout.num_workers,
             use_ray=cfg.rollout.use_ray, cpus_per_worker=cfg.rollout.cpus_per_worker,
         )
-        rollouts.publish(PolicySnapshot(version=0, weights=base_weights, meta={"source": cfg.policy.checkpoint}))
+        # The learner first: version 0 is the base as its algorithm acts with it (a residual policy explores).
+        model = SmallVLA(vla_cfg)
+        model.load_weights(base_weights)
+        demos = pretraining_demos(cfg.learner.demos, base_meta, env_kwargs)
+        learner = make_learner(cfg.learner.algorithm, model, demos, version=0, seed=cfg.seed, **to_dict(cfg.learner))
+        first = learner.snapshot()
+        rollouts.publish(PolicySnapshot(version=0, weights=first.weights,
+                                        meta={**first.meta, "source": cfg.policy.checkpoint}))
 
         # ---- the success detector, trained on simulator-labelled episodes ----------------------------------------
         store = EpisodeStore(run_dir / "episodes")
@@ -211,10 +218,6 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         metrics.log({f"detector/{k}": v for k, v in det_metrics.items()}, step=0)
 
         # ---- the loop ---------------------------------------------------------------------------------------------
-        model = SmallVLA(vla_cfg)
-        model.load_weights(base_weights)
-        demos = pretraining_demos(cfg.learner.demos, base_meta, env_kwargs)
-        learner = make_learner(cfg.learner.algorithm, model, demos, version=0, seed=cfg.seed, **to_dict(cfg.learner))
         state = run_loop(
             rollouts=rollouts, store=store, detector=detector, learner=learner, metrics=metrics,
             checkpoints=CheckpointDir(run_dir / "checkpoints", keep=3),

@@ -4,8 +4,9 @@ import inspect
 
 from learner.filtered_bc import FilteredBCLearner
 from learner.recap import RecapLearner
+from learner.residual_ppo import ResidualPPOLearner
 
-ALGORITHMS = {"filtered_bc": FilteredBCLearner, "recap": RecapLearner}
+ALGORITHMS = {"filtered_bc": FilteredBCLearner, "recap": RecapLearner, "residual_ppo": ResidualPPOLearner}
 
 
 def accepted_options(cls) -> set[str]:

@@ -151,3 +151,33 @@ def test_shrink_and_perturb_shrinks_weight_matrices_only(demos):
     w = "head.out.weight"
     assert torch.allclose(after[w], 0.5 * before[w])
     assert torch.equal(after["head.out.bias"], before["head.out.bias"])
+
+
+def test_residual_ppo_moves_its_corrections_toward_what_the_detector_approves(demos):
+    """Episodes acted with exploring residual corrections; a detector that approves those whose corrections pushed
+    right (+x). PPO must shift the residual's mean that way, and leave the VLA itself untouched."""
+    from actors.rollout import RolloutWorker
+    from learner.residual_ppo import ResidualPPOLearner
+
+    torch.manual_seed(0)
+    model = SmallVLA()
+    frozen = {k: v.copy() for k, v in model.get_weights().items() if not k.startswith("residual.")}
+    learner = ResidualPPOLearner(model, seed=0, ppo_lr=3e-3)
+    worker = RolloutWorker(lambda: VLAPolicy(model.cfg), {"max_steps": 12})
+
+    def mean_x_offset(seeds):
+        episodes = worker.collect(seeds, "eval")  # evaluation: the residual's mean, no exploration
+        return float(np.mean([ep.extras["residuals"][:, 1].mean() for ep in episodes]))
+
+    worker.set_weights(learner.snapshot())
+    before = mean_x_offset(list(range(900, 916)))
+    for it in range(3):
+        episodes = worker.collect(list(range(100 * it, 100 * it + 48)), "train", sample_seed=it)
+        for ep in episodes:
+            ep.labels.append(Label(source="detector", success=bool(ep.extras["residuals"][:, 1].mean() > 0),
+                                   version="d", score=0.0, threshold=0.5))
+        stats = learner.update(episodes)
+        worker.set_weights(learner.snapshot())
+    assert before == 0.0 and learner.version == 3 and stats["decisions"] == 48 * 3
+    assert mean_x_offset(list(range(900, 916))) > 0.05  # exploration std 0.1: half a standard deviation or more
+    assert all(np.array_equal(v, model.get_weights()[k]) for k, v in frozen.items())

@@ -3,16 +3,21 @@
 They need the `sims` extra, which `make test` installs; without it they fail with the install line."""
 
 import functools
+import json
 
 import numpy as np
 import pytest
 
-from actors.rollout import RolloutWorker
+from actors.rollout import RolloutWorker, run_episodes
 from actors.thirdparty import make_sim_env
+from flywheel.config import load_config
 from flywheel.contracts import PolicySnapshot
-from flywheel.vla.model import VLAConfig, VLAPolicy
+from flywheel.pretrain import vla_config_for
+from flywheel.run import run
+from flywheel.vla.checkpoint import save_policy
+from flywheel.vla.model import SmallVLA, VLAConfig, VLAPolicy
 
-SIMS = ["metaworld:reach-v3", "fetch:FetchReach-v4"]
+SIMS = ["metaworld:button-press-topdown-v3", "fetch:FetchReach-v4"]
 
 
 @pytest.mark.parametrize("family", SIMS)
@@ -35,11 +40,44 @@ def test_adapter_observations_are_the_contract_and_resets_are_deterministic(fami
 @pytest.mark.parametrize("family", SIMS)
 def test_an_episode_through_a_rollout_actor(family):
     cfg = VLAConfig(action_dim=4, proprio_dim=4)
-    worker = RolloutWorker(functools.partial(VLAPolicy, cfg), {"family": family, "max_steps": 8,
-                                                              "make_env": make_sim_env})
+    worker = RolloutWorker(functools.partial(VLAPolicy, cfg), {"family": family, "max_steps": 8})
     worker.set_weights(PolicySnapshot(version=1, weights=VLAPolicy(cfg).get_weights()))
     (ep,) = worker.collect([5], "train", sample_seed=0)
     assert ep.policy_version == 1 and ep.task == family and ep.env_id == family
     assert ep.observations["image"].shape[1:] == (64, 64, 3) and ep.actions.shape[1] == 4
     assert len(ep.observations["image"]) == ep.num_steps + 1 and "aux_positions" not in ep.extras
     assert "success" in ep.ground_truth
+
+
+def test_one_adapter_gives_each_seed_its_own_layout_again_and_again():
+    env = make_sim_env("metaworld:button-press-topdown-v3", max_steps=5)
+    first = env.reset(seed=3)[0]["image"]
+    other = env.reset(seed=4)[0]["image"]
+    assert not np.array_equal(first, other)
+    env.step(env.action_space.sample())
+    assert np.array_equal(env.reset(seed=3)[0]["image"], first)
+
+
+@pytest.mark.parametrize("family", SIMS)
+def test_the_scripted_expert_succeeds_and_the_vla_is_shaped_for_the_adapter(family):
+    eps = run_episodes(list(range(100, 106)), "train", None, policy_version=-1, family=family, max_steps=100)
+    assert all(ep.ground_truth["success"] for ep in eps) and all(ep.actions.shape[1] == 4 for ep in eps)
+    cfg = vla_config_for({"family": family, "image_size": 64, "sensors": ["overhead"], "max_steps": 10, "execute": 4})
+    assert (cfg.action_dim, cfg.proprio_dim) == (4, 4)
+
+
+def test_the_loop_runs_end_to_end_on_meta_world(tmp_path):
+    """Every stage on a Meta-World task, from an untrained VLA, on tiny numbers: detector data from Meta-World's
+    scripted policy and the policy's rollouts, a detector, one learner update, evaluations before and after."""
+    env = {"family": "metaworld:button-press-topdown-v3", "image_size": 64, "sensors": ["overhead"]}
+    checkpoint = save_policy(tmp_path / "mw.safetensors", SmallVLA(vla_config_for(env)),
+                             {"config": {"env": {"family": env["family"]}}})
+    cfg = load_config("run", ["experiment=tiny", f"run_dir={tmp_path / 'run'}", f"env.family={env['family']}",
+                              "env.max_steps=60", f"policy.checkpoint={checkpoint}", "rollout.use_ray=false",
+                              "detector.demo_episodes=6", "detector.policy_episodes=6", "detector.steps=40",
+                              "learner.demos=4", "learner.steps_per_update=5", "rollout.episodes_per_iteration=4",
+                              "eval.episodes=4", "budget.iterations=1", "wandb.mode=disabled"])
+    summary = run(cfg, say=lambda m: None)
+    assert summary["status"] == "completed" and summary["policy_version_final"] == 1
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["evaluations"][0]["per_task"] == {
+        env["family"]: summary["initial_success"]}

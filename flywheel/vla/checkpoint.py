@@ -17,8 +17,13 @@ BASE = ASSETS / "base_vla.safetensors"
 
 
 def resolve(spec: str) -> Path:
-    """``base`` -> the shipped pretrained checkpoint; anything else is a path."""
-    return BASE if spec == "base" else Path(spec).expanduser()
+    """``base`` -> the shipped pretrained checkpoint; ``base:NAME`` -> the shipped ``flywheel/assets/NAME_vla``
+    (``base:metaworld_button``: the base for Meta-World's button-press-topdown); anything else is a path."""
+    if spec == "base":
+        return BASE
+    if spec.startswith("base:"):
+        return ASSETS / f"{spec[5:]}_vla.safetensors"
+    return Path(spec).expanduser()
 
 
 def save_policy(path: str | Path, model: SmallVLA, meta: dict[str, Any]) -> Path:
@@ -28,10 +33,11 @@ def save_policy(path: str | Path, model: SmallVLA, meta: dict[str, Any]) -> Path
 def load_policy_checkpoint(spec: str, as_model: bool = False):
     """-> (VLAConfig, weights, meta), or (SmallVLA, meta) with ``as_model``. Errors say what is wrong and the fix."""
     path = resolve(spec)
-    if spec == "base" and not path.exists():
+    if spec.startswith("base") and not path.exists():
         raise CheckpointError(
             f"the shipped base checkpoint {path} is missing. Restore it with `git checkout -- "
-            f"flywheel/assets/{path.name}`, or rebuild it with the command recorded in flywheel/assets/base_vla.json."
+            f"flywheel/assets/{path.name}`, or rebuild it with the command recorded in flywheel/assets/"
+            f"{path.with_suffix('.json').name}."
         )
     weights, meta = load_weights(path)
     if "vla_config" not in meta:

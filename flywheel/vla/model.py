@@ -235,6 +235,38 @@ class FlowActionHead(nn.Module):
         return self.out(h).view_as(x_t)
 
 
+class ResidualHead(nn.Module):
+    """A Gaussian correction of the sampled chunk, learned by RL (learner/residual_ppo.py), the VLA frozen.
+
+    From the context and the flow's chunk it gives r = (log-gain, offset per action dim): the chunk's movement dims
+    are scaled by exp(log-gain) and shifted by their offsets, the gripper (the last dim) shifted by its own. The last
+    layer starts at zero, so a VLA with an untrained residual acts exactly as without one. ``log_std`` is the
+    exploration noise of each of the R = A + 1 numbers."""
+
+    def __init__(self, cfg: VLAConfig, ctx_dim: int, hidden: int = 128):
+        super().__init__()
+        self.dim = cfg.action_dim + 1
+        self.net = nn.Sequential(nn.Linear(ctx_dim + cfg.chunk * cfg.action_dim, hidden), nn.Tanh(),
+                                 nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, self.dim))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+        self.log_std = nn.Parameter(torch.full((self.dim,), math.log(0.1)))
+
+    def forward(self, ctx: torch.Tensor, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (mean (B, R), std (R,))."""
+        return self.net(torch.cat([ctx, chunk.flatten(1)], dim=-1)), self.log_std.exp()
+
+    @staticmethod
+    def apply(chunk: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        move = chunk[..., :-1] * r[:, None, :1].exp() + r[:, None, 1:-1]
+        grip = chunk[..., -1:] + r[:, None, -1:]
+        return torch.cat([move, grip], dim=-1).clamp(-1.0, 1.0)
+
+    def log_prob(self, ctx: torch.Tensor, chunk: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        mean, std = self(ctx, chunk)
+        return torch.distributions.Normal(mean, std).log_prob(r).sum(-1)
+
+
 class SmallVLA(nn.Module):
     def __init__(self, cfg: VLAConfig | None = None):
         super().__init__()
@@ -249,6 +281,9 @@ class SmallVLA(nn.Module):
         # first, so a checkpoint trained without it acts exactly as before.
         self.indicator = nn.Embedding(3, self.encoder.out_dim)
         nn.init.zeros_(self.indicator.weight)
+        with torch.random.fork_rng(devices=[]):  # drawn aside: the global stream (pretraining's noise) is as before
+            torch.manual_seed(0)
+            self.residual = ResidualHead(self.cfg, self.encoder.out_dim)
 
     def tokenize(self, instructions: list[str], device: torch.device | None = None) -> torch.Tensor:
         ids, _ = self.tokenizer(instructions)
@@ -294,12 +329,15 @@ class SmallVLA(nn.Module):
     @torch.no_grad()
     def sample(
         self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor, generator: torch.Generator | None = None,
-        indicator: int = 0, guidance: float = 1.0,
+        indicator: int = 0, guidance: float = 1.0, residual: str = "off", extras: dict | None = None,
     ) -> torch.Tensor:
         """Integrate the flow from noise to an action chunk (B,C,A), clipped to [-1, 1].
 
         ``indicator`` conditions on an advantage (1 = positive); ``guidance`` > 1 applies classifier-free guidance,
         v = v_none + guidance * (v_indicator - v_none), pushing the actions further from what failed.
+        ``residual`` = "sample" (or "mean") corrects the chunk with a draw from (or the mean of) the residual head;
+        then ``extras``, if given, receives the flow's chunk ("base_chunks"), the draw ("residuals") and its
+        log-probability ("residual_logp"): what an RL learner needs of every decision.
         """
         ctx = self.encoder(images, ids, proprio)
         b, cfg = images.shape[0], self.cfg
@@ -314,7 +352,15 @@ class SmallVLA(nn.Module):
                 v_free = self.head(free, x, t)
                 v = v_free + guidance * (v - v_free)
             x = x + dt * v
-        return x.clamp(-1.0, 1.0)
+        x = x.clamp(-1.0, 1.0)
+        if residual == "off":
+            return x
+        mean, std = self.residual(ctx, x)
+        r = mean + std * torch.randn(mean.shape, generator=generator) if residual == "sample" else mean
+        if extras is not None:
+            extras.update(base_chunks=x, residuals=r,
+                          residual_logp=torch.distributions.Normal(mean, std).log_prob(r).sum(-1))
+        return self.residual.apply(x, r)
 
     def get_weights(self) -> dict[str, np.ndarray]:
         return numpy_state(self)
@@ -326,6 +372,8 @@ class SmallVLA(nn.Module):
         state = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
         if "indicator.weight" not in state:
             state["indicator.weight"] = torch.zeros_like(self.indicator.weight)
+        for k, v in self.residual.state_dict().items():  # from before the residual head: it starts untrained
+            state.setdefault(f"residual.{k}", v.detach().clone())
         key = "encoder.tok_emb.weight"
         own = self.encoder.tok_emb.weight
         if key in state and state[key].shape[0] < own.shape[0] and state[key].shape[1:] == own.shape[1:]:
@@ -340,6 +388,8 @@ class VLAPolicy:
         self.model = model or SmallVLA(cfg)
         self.model.eval()
         self.sampling = {"indicator": 0, "guidance": 1.0}  # set per snapshot by the learner that made it
+        self.last_extras: dict[str, np.ndarray] = {}  # what the last act() drew besides its actions, by row
+        self.explore = False  # set by the rollout worker: True while collecting practice episodes
         self.chunk = self.model.cfg.chunk
         self.action_dim = self.model.cfg.action_dim
         self.sensors = self.model.cfg.sensors  # what act() is given: contracts.sensor_inputs for these
@@ -347,8 +397,13 @@ class VLAPolicy:
     def act(self, images: np.ndarray, proprio: np.ndarray, instructions: list[str], seed: int | None = None):
         gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         ids = self.model.tokenize(instructions)
+        extras: dict = {}
+        sampling = dict(self.sampling)
+        if sampling.get("residual") == "explore":  # draw corrections in practice; their mean in evaluation
+            sampling["residual"] = "sample" if self.explore else "mean"
         out = self.model.sample(torch.from_numpy(images), ids, torch.from_numpy(proprio).float(), generator=gen,
-                                **self.sampling)
+                                extras=extras, **sampling)
+        self.last_extras = {k: v.numpy().astype(np.float32) for k, v in extras.items()}  # per row: recorded
         return out.numpy().astype(np.float32)
 
     def get_weights(self) -> dict[str, np.ndarray]:

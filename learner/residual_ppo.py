@@ -1,0 +1,148 @@
+"""Residual PPO: the VLA stays frozen; a small Gaussian residual on its action chunks learns from the detector.
+
+Why this, for a base that has converged by behaviour cloning (see README "Where it stands"): its failures are
+continuous (it moves slower than its teacher and closes its gripper a little off the block), and every update that
+clones its own samples, however they are filtered or weighted, re-learns the same imprecision. A residual policy
+does not imitate: it adds a correction to every sampled chunk (a gain on the movement, an offset per action
+dimension, ``flywheel.vla.model.ResidualHead``) and PPO moves it toward what the detector judged successful, with
+exact log-probabilities of its own Gaussian draws. Corrections of this kind are what residual RL on top of
+imitation policies is known to learn well (Ankile et al. 2024, "From Imitation to Refinement").
+
+Each update, on freshly collected, detector-labelled episodes (every episode records its decisions: the flow's
+chunk, the residual draw and its log-probability, flywheel.vla.model.SmallVLA.sample):
+
+1. the frozen backbone encodes the frame of every decision (once);
+2. the reward is the detector's verdict at the end, discounted by ``gamma`` per decision, so a quicker success is
+   worth more; a value network on the same features is refitted to those returns;
+3. advantages by GAE(``gae_lambda``) from that value, normalised;
+4. ``ppo_epochs`` passes of the clipped PPO objective over the decisions, in minibatches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from flywheel.contracts import Episode, PolicySnapshot, sensor_inputs
+from flywheel.vla.model import SmallVLA
+
+
+class ResidualPPOLearner:
+    """The ``Learner`` contract: ``update(labelled episodes) -> stats``; ``snapshot() -> PolicySnapshot``."""
+
+    def __init__(
+        self,
+        model: SmallVLA,
+        demos: list[Episode] | None = None,  # unused: nothing is cloned
+        *,
+        version: int = 0,
+        seed: int = 0,
+        ppo_lr: float = 3e-4,
+        ppo_epochs: int = 8,
+        ppo_clip: float = 0.2,
+        ppo_minibatch: int = 256,
+        gamma: float = 0.95,
+        gae_lambda: float = 0.95,
+        value_epochs: int = 20,
+    ):
+        self.model, self.version = model, version
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in model.residual.parameters():
+            p.requires_grad_(True)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.optimizer = torch.optim.Adam(model.residual.parameters(), lr=ppo_lr)
+        torch.manual_seed(seed)
+        d = model.encoder.out_dim
+        self.value = nn.Sequential(nn.Linear(d, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 1))
+        self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=1e-3)
+        self.epochs, self.clip, self.minibatch = ppo_epochs, ppo_clip, ppo_minibatch
+        self.gamma, self.lam, self.value_epochs = gamma, gae_lambda, value_epochs
+
+    @staticmethod
+    def judged_success(ep: Episode) -> bool:
+        label = ep.latest_label("detector")
+        if label is None:
+            raise ValueError(f"episode {ep.id} has no detector label: label episodes before the update")
+        return label.success
+
+    @torch.no_grad()
+    def _features(self, episodes: list[Episode]) -> list[torch.Tensor]:
+        """The frozen backbone's context at each decision, and at each episode's last frame: (K+1, D) per episode."""
+        model, out = self.model, []
+        for ep in episodes:
+            steps = np.append(ep.extras["chunk_steps"], ep.num_steps)
+            images, proprio = sensor_inputs(ep.observations, model.cfg.sensors, steps)
+            ids = model.tokenize([ep.instruction] * len(steps))
+            out.append(model.encoder(torch.from_numpy(np.ascontiguousarray(images)), ids, torch.from_numpy(proprio)))
+        return out
+
+    def _advantages(self, feats: list[torch.Tensor], episodes: list[Episode]) -> tuple[np.ndarray, np.ndarray]:
+        """GAE over each episode's decisions -> (advantages, returns), concatenated in decision order."""
+        with torch.no_grad():
+            values = [self.value(f).squeeze(-1).numpy() for f in feats]
+        advs, rets = [], []
+        for ep, v in zip(episodes, values):
+            k = len(ep.extras["chunk_steps"])
+            success = self.judged_success(ep)
+            reward = np.zeros(k)
+            reward[-1] = float(success)
+            # After the last decision: nothing (the episode ended, by success or by running out of time).
+            nxt = np.append(v[1:k], 0.0)
+            delta = reward + self.gamma * nxt - v[:k]
+            adv = np.zeros(k)
+            running = 0.0
+            for t in reversed(range(k)):
+                running = delta[t] + self.gamma * self.lam * running
+                adv[t] = running
+            advs.append(adv)
+            rets.append(adv + v[:k])
+        return np.concatenate(advs), np.concatenate(rets)
+
+    def update(self, episodes: list[Episode]) -> dict[str, float]:
+        episodes = [ep for ep in episodes if len(ep.extras.get("chunk_steps", ())) and "residuals" in ep.extras]
+        if not episodes:
+            raise ValueError("residual_ppo needs episodes acted by the residual policy (extras 'residuals'); "
+                             "were they collected with this learner's snapshot?")
+        feats = self._features(episodes)
+        ctx = torch.cat([f[:-1] for f in feats])
+        base = torch.from_numpy(np.concatenate([ep.extras["base_chunks"] for ep in episodes]))
+        drawn = torch.from_numpy(np.concatenate([ep.extras["residuals"] for ep in episodes]))
+        old_logp = torch.from_numpy(np.concatenate([ep.extras["residual_logp"] for ep in episodes]))
+        adv, ret = self._advantages(feats, episodes)
+        adv_t = torch.from_numpy((adv - adv.mean()) / (adv.std() + 1e-8)).float()
+        ret_t = torch.from_numpy(ret).float()
+
+        n, stats = len(ctx), {"policy_loss": [], "value_loss": [], "clip_fraction": [], "approx_kl": []}
+        for _ in range(self.epochs):
+            for idx in torch.randperm(n, generator=self.generator).split(self.minibatch):
+                logp = self.model.residual.log_prob(ctx[idx], base[idx], drawn[idx])
+                ratio = (logp - old_logp[idx]).exp()
+                a = adv_t[idx]
+                loss = -torch.min(ratio * a, ratio.clamp(1 - self.clip, 1 + self.clip) * a).mean()
+                self.optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(self.model.residual.parameters(), 1.0)
+                self.optimizer.step()
+                with torch.no_grad():
+                    stats["policy_loss"].append(float(loss))
+                    stats["clip_fraction"].append(float(((ratio - 1).abs() > self.clip).float().mean()))
+                    stats["approx_kl"].append(float((old_logp[idx] - logp).mean()))
+        for _ in range(self.value_epochs):  # after the policy step: the advantages above used the value as it was
+            for idx in torch.randperm(n, generator=self.generator).split(self.minibatch):
+                vloss = (self.value(ctx[idx]).squeeze(-1) - ret_t[idx]).pow(2).mean()
+                self.value_optimizer.zero_grad()
+                vloss.backward()
+                self.value_optimizer.step()
+                stats["value_loss"].append(float(vloss.detach()))
+        self.version += 1
+        with torch.no_grad():
+            mean, std = self.model.residual(ctx[:1], base[:1])
+        return {**{k: float(np.mean(v)) for k, v in stats.items()}, "decisions": n,
+                "judged_success": float(np.mean([self.judged_success(ep) for ep in episodes])),
+                "residual_std": float(std.mean()), "residual_gain": float(mean[0, 0].exp())}
+
+    def snapshot(self) -> PolicySnapshot:
+        return PolicySnapshot(version=self.version, weights=self.model.get_weights(),
+                              meta={"algorithm": type(self).__name__, "sampling": {"residual": "explore"}})
