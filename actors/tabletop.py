@@ -190,6 +190,7 @@ class TabletopEnv(gym.Env):
         self.brightness = 1.0
         self.camera = (0.0, 0.0, 1.0)  # view shift x, y (table widths) and zoom
         self._static: np.ndarray | None = None  # what does not move, drawn on first render
+        self._drawn_openings: np.ndarray | None = None  # the drawer openings drawn on self._with_drawers
         self._combo_heldout = False
         self._randomization: dict[str, Any] = {}
 
@@ -484,20 +485,18 @@ class TabletopEnv(gym.Env):
         """Draw the scene in colour, or in depth (the same shapes, each painted with its distance to the camera)."""
         if cached and not depth:
             if self._static is None:
-                self._static = self._draw_static(False)
-            img = self._static.copy()
+                self._static, self._drawn_openings = self._draw_static(False), None
+            # Drawers move only while held: the static layer with the drawers drawn is kept until one slides.
+            if self._drawn_openings is None or (len(self.drawers) and not np.array_equal(self._drawn_openings,
+                                                                                       self.opening)):
+                self._with_drawers = self._static.copy()
+                self._draw_drawers(self._with_drawers, False)
+                self._drawn_openings = self.opening.copy()
+            img = self._with_drawers.copy()
         else:
             img = self._draw_static(depth)
+            self._draw_drawers(img, depth)
         d = (lambda part: np.float32(CAMERA_HEIGHT - HEIGHTS[part])) if depth else None
-        for j in range(len(self.drawers)):  # the drawer box, out of its cabinet as far as it is open, and its handle
-            (cx, cy), (ax, ay) = self.drawers[j].tolist(), self.drawer_axes[j].tolist()
-            out = CABINET_HALF + float(self.opening[j]) * DRAWER_TRAVEL  # centre to handle, along the rail
-            mid = (out - CABINET_HALF) / 2  # the box spans the cabinet's back to the handle
-            half = (abs(ax) * (out + CABINET_HALF) / 2 + abs(ay) * DRAWER_HALF_WIDTH,
-                    abs(ay) * (out + CABINET_HALF) / 2 + abs(ax) * DRAWER_HALF_WIDTH)
-            self._rect(img, (cx + ax * mid, cy + ay * mid), half, d("drawer") if depth else self._drawer_rgb[j])
-            self._rect(img, (cx + ax * out, cy + ay * out), (HANDLE_HALF, HANDLE_HALF),
-                       d("handle") if depth else self._handle_rgb)
         order = sorted((i for i in range(len(self.blocks)) if i != self.holding), key=lambda i: self.block_z[i])
         for i in order + ([self.holding] if self.holding is not None else []):
             if depth:
@@ -509,6 +508,19 @@ class TabletopEnv(gym.Env):
         self._ring(img, self.effector, EFFECTOR_R, EFFECTOR_R * 0.45,
                    d("effector") if depth else self._effector_rgb[self.gripper_closed], windowed)
         return img
+
+    def _draw_drawers(self, img: np.ndarray, depth: bool) -> None:
+        """Each drawer's box, out of its cabinet as far as it is open, and its handle."""
+        d = (lambda part: np.float32(CAMERA_HEIGHT - HEIGHTS[part])) if depth else None
+        for j in range(len(self.drawers)):
+            (cx, cy), (ax, ay) = self.drawers[j].tolist(), self.drawer_axes[j].tolist()
+            out = CABINET_HALF + float(self.opening[j]) * DRAWER_TRAVEL  # centre to handle, along the rail
+            mid = (out - CABINET_HALF) / 2  # the box spans the cabinet's back to the handle
+            half = (abs(ax) * (out + CABINET_HALF) / 2 + abs(ay) * DRAWER_HALF_WIDTH,
+                    abs(ay) * (out + CABINET_HALF) / 2 + abs(ax) * DRAWER_HALF_WIDTH)
+            self._rect(img, (cx + ax * mid, cy + ay * mid), half, d("drawer") if depth else self._drawer_rgb[j])
+            self._rect(img, (cx + ax * out, cy + ay * out), (HANDLE_HALF, HANDLE_HALF),
+                       d("handle") if depth else self._handle_rgb)
 
     def _draw_static(self, depth: bool = False) -> np.ndarray:
         """What does not move: the table, pads or bowls, buttons, cabinets (in colour, or in depth)."""

@@ -135,7 +135,9 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
                   "config": dataclasses.asdict(detector.net.cfg)})
     atomic_write_bytes(run_dir / "detector" / "metrics.json", json.dumps({"version": version, **det_metrics},
                                                                          indent=2).encode())
-    say("detector: precision {precision:.3f}  recall {recall:.3f}  AUROC {auroc:.3f} on {n} held-out episodes".format(
+    auroc = det_metrics["auroc"]
+    say("detector: precision {precision:.3f}  recall {recall:.3f}  AUROC {a} on {n} held-out episodes".format(
+        a=f"{auroc:.3f}" if auroc is not None else "undefined (every held-out episode has the same label)",
         **det_metrics))
     return detector, det_metrics
 
@@ -215,7 +217,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         detector, det_metrics = train_reward(cfg, say, rollouts=rollouts, store=store, policy_weights=base_weights,
                                               policy_sensors=vla_cfg.sensors)
         summary["detector"] = {"version": detector.version, **det_metrics}
-        metrics.log({f"detector/{k}": v for k, v in det_metrics.items()}, step=0)
+        metrics.log({f"detector/{k}": v for k, v in det_metrics.items() if v is not None}, step=0)
 
         # ---- the loop ---------------------------------------------------------------------------------------------
         state = run_loop(

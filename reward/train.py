@@ -84,7 +84,7 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, threshold: fl
     return {
         "precision": float(precision_score(labels, pred, zero_division=0.0)),
         "recall": float(recall_score(labels, pred, zero_division=0.0)),
-        "auroc": float(roc_auc_score(labels, scores)) if both else float("nan"),
+        "auroc": float(roc_auc_score(labels, scores)) if both else None,  # undefined with one class only
         "accuracy": float((pred == labels).mean()),
         "positives": int(labels.sum()),
         "n": int(len(labels)),

@@ -81,3 +81,13 @@ def test_the_loop_runs_end_to_end_on_meta_world(tmp_path):
     assert summary["status"] == "completed" and summary["policy_version_final"] == 1
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["evaluations"][0]["per_task"] == {
         env["family"]: summary["initial_success"]}
+
+
+def test_the_shipped_meta_world_base_loads_and_says_how_it_was_made():
+    from flywheel.vla.checkpoint import load_policy_checkpoint
+
+    cfg, weights, meta = load_policy_checkpoint("base:metaworld_button")
+    assert (cfg.action_dim, cfg.proprio_dim) == (4, 4) and weights
+    assert "env.family=metaworld:button-press-topdown-v3" in meta["command"]
+    with pytest.raises(Exception, match="rebuild it with the command recorded"):
+        load_policy_checkpoint("base:no_such_task")
