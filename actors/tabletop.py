@@ -190,7 +190,7 @@ class TabletopEnv(gym.Env):
         self.brightness = 1.0
         self.camera = (0.0, 0.0, 1.0)  # view shift x, y (table widths) and zoom
         self._static: np.ndarray | None = None  # what does not move, drawn on first render
-        self._drawn_openings: np.ndarray | None = None  # the drawer openings drawn on self._with_drawers
+        self._drawn_openings: tuple[float, ...] | None = None  # the drawer openings drawn on self._with_drawers
         self._combo_heldout = False
         self._randomization: dict[str, Any] = {}
 
@@ -487,11 +487,11 @@ class TabletopEnv(gym.Env):
             if self._static is None:
                 self._static, self._drawn_openings = self._draw_static(False), None
             # Drawers move only while held: the static layer with the drawers drawn is kept until one slides.
-            if self._drawn_openings is None or (len(self.drawers) and not np.array_equal(self._drawn_openings,
-                                                                                       self.opening)):
+            openings = tuple(self.opening.tolist())
+            if self._drawn_openings != openings:
                 self._with_drawers = self._static.copy()
                 self._draw_drawers(self._with_drawers, False)
-                self._drawn_openings = self.opening.copy()
+                self._drawn_openings = openings
             img = self._with_drawers.copy()
         else:
             img = self._draw_static(depth)
@@ -575,14 +575,20 @@ class TabletopEnv(gym.Env):
         """Pixels whose centres lie at distance [r_in, r_out) from center; ``windowed`` looks only inside the ring's
         bounding box (the same pixels, far fewer distances)."""
         s, c = self.image_size, self._centers
-        cx, cy, r_out = self._view(float(center[0]), float(center[1]), r_out)
-        r_in = self._view(0.0, 0.0, r_in)[2]
+        cx, cy = float(center[0]), float(center[1])
+        if self.camera != (0.0, 0.0, 1.0):
+            cx, cy, r_out = self._view(cx, cy, r_out)
+            r_in = self._view(0.0, 0.0, r_in)[2]
         x0, x1, y0, y1 = 0, s, 0, s
         if windowed:
             x0, x1 = max(int((cx - r_out) * s) - 1, 0), min(int((cx + r_out) * s) + 2, s)
             y0, y1 = max(int((cy - r_out) * s) - 1, 0), min(int((cy + r_out) * s) + 2, s)
-        d2 = np.add.outer((c[y0:y1] - cy) ** 2, (c[x0:x1] - cx) ** 2)
-        img[y0:y1, x0:x1][(d2 < r_out**2) & (d2 >= r_in**2)] = rgb
+        dy, dx = c[y0:y1] - cy, c[x0:x1] - cx
+        d2 = np.add.outer(dy * dy, dx * dx)
+        inside = d2 < r_out * r_out
+        if r_in > 0.0:
+            inside &= d2 >= r_in * r_in
+        img[y0:y1, x0:x1][inside] = rgb
 
     # Ground-truth state, for the scripted expert, the auxiliary grounding targets and tests (policies see pixels
     # and proprio). "block" is what to act on next and "target" where it must go.
