@@ -150,6 +150,7 @@ def run_episodes(
             ground_truth={"success": bool(infos[i]["success"])},
             info={"created": now, "max_steps": max_steps, "execute": execute, "phrasing": phrasing, "combos": combos,
                   "combo_heldout": bool(infos[i].get("combo_heldout", False)),
+                  "kind": infos[i].get("kind", infos[i]["family"]), "named": list(infos[i].get("named", [])),
                   "randomization": first[i][1].get("randomization", {})},
         )
         for i in range(len(seeds))

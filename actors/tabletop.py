@@ -429,6 +429,8 @@ class TabletopEnv(gym.Env):
             "success": self.is_success(),
             "steps": self.steps,
             "combo_heldout": self._combo_heldout,
+            "kind": self.kind,  # what the instruction asks (the family, or "open" / "close" for drawers)
+            "named": list(self.combo),  # the colours it names, in order (none for sort)
         }
 
     def randomization(self) -> dict[str, Any]:

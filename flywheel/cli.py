@@ -3,6 +3,7 @@
     flywheel run [key=value ...]            the self-improvement loop (Hydra overrides: budget.minutes=480, ...)
     flywheel pretrain [key=value ...]       behaviour-clone the small VLA on scripted demonstrations (resumable)
     flywheel reward train [key=value ...]   train a success detector on a run's labelled episodes
+    flywheel reward eval run_dir=PATH [detector=FILE]   the detector's report: PATH/reward/report.{json,html}
     flywheel demos out_dir=PATH [key=value ...]  scripted demonstrations into an episode store (resumable)
     flywheel store check RUN_DIR [--repair] find (and move aside) damaged episode files
 """
@@ -71,6 +72,9 @@ def cmd_run(overrides: list[str]) -> int:
                 progress.console.print(
                     f"iter {row['iteration']:3d}  v{row['policy_version']}  claimed {row['train/claimed_success']:.2f}"
                     f"  true {row['train/true_success']:.2f}  kept {row.get('learner/kept_episodes', 0)}"
+                    + (f"  audit {row['audit/claimed_success']:.2f}/{row['audit/audited_success']:.2f}"
+                       if "audit/gap" in row else "")
+                    + ("  [red]ALARM: updates paused, detector retrained[/red]" if row.get("audit/alarm") else "")
                     + (f"  eval {row['eval/success']:.3f}" if "eval/success" in row else "")
                 )
 
@@ -115,6 +119,27 @@ def cmd_reward_train(overrides: list[str]) -> int:
 
     _, metrics = train_reward(cfg, say=console.print)
     console.print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_reward_eval(args: list[str]) -> int:
+    given = dict(a.split("=", 1) for a in args if "=" in a)
+    unknown = sorted(set(given) - {"run_dir", "detector", "seed"}) + [a for a in args if "=" not in a]
+    if unknown or "run_dir" not in given:
+        console.print(f"[red]error:[/red] usage: flywheel reward eval run_dir=PATH [detector=FILE] [seed=N]"
+                      + (f" (not understood: {', '.join(unknown)})" if unknown else ""))
+        return 2
+    from reward.report import evaluate_run
+
+    try:
+        report = evaluate_run(given["run_dir"], given.get("detector"), seed=int(given.get("seed", 0)))
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    keys = ("auroc", "precision", "recall", "ece", "swapped_instruction_rejection")
+    console.print("newest policy (v{}): ".format(report["newest_policy_version"]) + "  ".join(
+        f"{k} {report[k]:.3f}" if report[k] is not None else f"{k} —" for k in keys))
+    console.print(f"report: {Path(given['run_dir']) / 'reward' / 'report.html'} (and report.json)")
     return 0
 
 
@@ -183,6 +208,8 @@ def _dispatch(argv: list[str] | None) -> int:
         return cmd_demos(rest)
     if cmd == "reward" and rest[:1] == ["train"]:
         return cmd_reward_train(rest[1:])
+    if cmd == "reward" and rest[:1] == ["eval"]:
+        return cmd_reward_eval(rest[1:])
     if cmd == "store" and rest[:1] == ["check"]:
         return cmd_store_check(rest[1:])
     console.print(f"[red]error:[/red] unknown command {' '.join(argv[:2])!r}")

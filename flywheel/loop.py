@@ -13,6 +13,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from flywheel.audit import AuditResult, audit
 from flywheel.checkpoint import CheckpointDir
 from flywheel.contracts import Episode, Label, Learner, PolicySnapshot, SuccessDetector
 from flywheel.metrics import MetricsSink, PhaseTimer, wilson_interval
@@ -81,9 +82,11 @@ PRIVILEGED_EXTRAS = ("aux_positions",)
 
 
 def learner_view(ep: Episode) -> Episode:
-    """The episode as the learner may see it: no ground-truth success, no privileged simulator state."""
+    """The episode as the learner may see it: no ground-truth success (nor an audit's ground-truth label), no
+    privileged simulator state."""
     extras = {k: v for k, v in ep.extras.items() if k not in PRIVILEGED_EXTRAS}
-    return dataclasses.replace(ep, ground_truth=None, extras=extras)
+    labels = [lab for lab in ep.labels if lab.source != "ground_truth"]
+    return dataclasses.replace(ep, ground_truth=None, extras=extras, labels=labels)
 
 
 @dataclasses.dataclass
@@ -109,6 +112,31 @@ class LoopState:
     env_steps: int = 0
     next_train_index: int = 0  # the next training seed index: seeds are never reused
     evaluations: list[Evaluation] = dataclasses.field(default_factory=list)
+    audits: list[AuditResult] = dataclasses.field(default_factory=list)  # one per iteration (before any retrain)
+    alarms: int = 0
+    paused_updates: int = 0
+    detector_versions: list[str] = dataclasses.field(default_factory=list)  # every detector that labelled
+    rollbacks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    best: tuple[int, float, dict] | None = None  # (version, held-out success, weights) of the best evaluated policy
+
+
+@dataclasses.dataclass
+class AuditSettings:
+    """The audit in the loop (flywheel/audit.py). ``retrain``: the run layer's way to train a new detector on the
+    store's trusted labels (the audited episodes' included); None: an alarm only pauses updates."""
+
+    sample: int = 64
+    bound: float = 0.15
+    retrain: Callable[[], SuccessDetector] | None = None
+    seed: int = 0
+
+    def as_summary(self, state: "LoopState") -> dict[str, Any]:
+        return {
+            "sample": self.sample, "bound": self.bound, "alarms": state.alarms,
+            "paused_updates": state.paused_updates, "detector_versions": state.detector_versions,
+            "rollbacks": state.rollbacks,
+            "per_iteration": [dataclasses.asdict(a) | {"gap": a.gap} for a in state.audits],
+        }
 
 
 def run_loop(
@@ -127,10 +155,15 @@ def run_loop(
     group_size: int = 1,
     state: LoopState,
     on_iteration: Callable[[LoopState, dict[str, Any]], None] = lambda state, row: None,
+    audit_settings: AuditSettings | None = None,
 ) -> LoopState:
     """Turn the flywheel until the budget runs out; returns the final state (evaluations first to last)."""
+    audit_rng = np.random.default_rng(audit_settings.seed if audit_settings else 0)
+    if not state.detector_versions:
+        state.detector_versions.append(detector.version)
     if not state.evaluations:
         state.evaluations.append(evaluate(rollouts, eval_seeds, learner.version))
+        _remember_best(state, state.evaluations[-1], learner)
         metrics.log(state.evaluations[-1].as_metrics(), step=0)
         on_iteration(state, state.evaluations[-1].as_metrics())
     last_iteration_s, eval_s = 0.0, 0.0
@@ -149,13 +182,25 @@ def run_loop(
         with timer("label"):
             labels = label_episodes(detector, episodes)
             store.add_labels([(ep.id, lab) for ep, lab in zip(episodes, labels)])
-        with timer("update"):
-            # The learner sees labels, never the simulator's ground truth or privileged state.
-            stats = learner.update([learner_view(ep) for ep in episodes])
+        trusted = True
+        audit_row: dict[str, Any] = {}
+        if audit_settings is not None and audit_settings.sample > 0:
+            with timer("audit"):
+                detector, labels, trusted, audit_row = _audit_and_recover(
+                    audit_settings, audit_rng, state, store, detector, episodes, labels, learner, rollouts,
+                    eval_seeds, metrics)
+        stats: dict[str, float] = {}
+        if trusted:
+            with timer("update"):
+                # The learner sees labels, never the simulator's ground truth or privileged state.
+                stats = learner.update([learner_view(ep) for ep in episodes])
+        else:
+            state.paused_updates += 1  # labels not to be trusted: no update from them
         with timer("publish"):
             snapshot = learner.snapshot()
-            rollouts.publish(snapshot)
-            checkpoints.save(snapshot.version, snapshot.weights, {"version": snapshot.version, **snapshot.meta})
+            if snapshot.version > getattr(rollouts, "published_version", -1):
+                rollouts.publish(snapshot)
+                checkpoints.save(snapshot.version, snapshot.weights, {"version": snapshot.version, **snapshot.meta})
         state.iteration += 1
         state.episodes += len(episodes)
         state.env_steps += sum(ep.num_steps for ep in episodes)
@@ -169,10 +214,12 @@ def run_loop(
             "train/claimed_success": float(np.mean([lab.success for lab in labels])),
             "train/true_success": float(np.mean([bool(ep.ground_truth["success"]) for ep in episodes])),
             **{f"learner/{k}": v for k, v in stats.items()},
+            **audit_row,
         }
-        if state.iteration % eval_every == 0:
+        if state.iteration % eval_every == 0 and state.evaluations[-1].version != snapshot.version:
             with timer("evaluate"):
                 state.evaluations.append(evaluate(rollouts, eval_seeds, snapshot.version))
+            _remember_best(state, state.evaluations[-1], learner)
             row.update(state.evaluations[-1].as_metrics())
             eval_s = timer.seconds["evaluate"]
         row.update(timer.as_metrics())
@@ -186,3 +233,46 @@ def run_loop(
         metrics.log(state.evaluations[-1].as_metrics(), step=state.iteration)
         on_iteration(state, state.evaluations[-1].as_metrics())
     return state
+
+
+def _remember_best(state: LoopState, ev: Evaluation, learner: Learner) -> None:
+    if state.best is None or ev.success >= state.best[1]:
+        state.best = (ev.version, ev.success, learner.snapshot().weights)
+
+
+def _audit_and_recover(settings: AuditSettings, rng: np.random.Generator, state: LoopState, store: EpisodeStore,
+                       detector: SuccessDetector, episodes: list[Episode], labels: list[Label], learner: Learner,
+                       rollouts: Rollouts, eval_seeds: list[int], metrics: MetricsSink):
+    """Audit this iteration's labels; on an alarm retrain the detector, relabel, audit again, and roll the policy
+    back if it regressed. -> (detector, labels, whether the labels can be trusted, metrics row)."""
+    result, record = audit(episodes, labels, settings.sample, settings.bound, rng)
+    if result is None:
+        return detector, labels, True, {}
+    store.add_labels([(ep.id, lab) for ep, lab in record])
+    state.audits.append(result)
+    row = result.as_metrics()
+    if not result.alarm:
+        return detector, labels, True, row
+    state.alarms += 1
+    if settings.retrain is not None:
+        detector = settings.retrain()  # on every trusted label in the store: the audited episodes are among them
+        state.detector_versions.append(detector.version)
+        labels = label_episodes(detector, episodes)  # appended: the first detector's labels stay on record
+        store.add_labels([(ep.id, lab) for ep, lab in zip(episodes, labels)])
+        again, _ = audit([ep for ep, _ in record], [labels[episodes.index(ep)] for ep, _ in record], len(record),
+                         settings.bound, np.random.default_rng(0))
+        row.update({"audit/retrained_detector": len(state.detector_versions) - 1,
+                     **({"audit/gap_after_retrain": again.gap} if again else {})})
+        trusted = again is not None and not again.alarm
+    else:
+        trusted = False
+    # Roll back if the policy regressed while the labels were wrong: the newest evaluation below the best one's
+    # lower 95% bound.
+    latest = state.evaluations[-1]
+    if state.best is not None and latest.version != state.best[0] and latest.ci95[1] < state.best[1]:
+        version, success, weights = state.best
+        learner.restore(weights)
+        state.rollbacks.append({"iteration": state.iteration + 1, "from_version": latest.version,
+                                "to_weights_of": version, "new_version": learner.version})
+        row["audit/rollback_to"] = version
+    return detector, labels, trusted, row

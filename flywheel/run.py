@@ -28,7 +28,7 @@ from actors.tabletop import split_seed
 from flywheel.checkpoint import CheckpointDir, numpy_state, save_weights
 from flywheel.config import ConfigError, to_dict
 from flywheel.contracts import Episode, Label, PolicySnapshot
-from flywheel.loop import Budget, LoopState, run_loop
+from flywheel.loop import AuditSettings, Budget, LoopState, run_loop
 from flywheel.metrics import MetricsSink
 from flywheel.store import EpisodeStore, atomic_write_bytes
 from flywheel.vla.checkpoint import load_policy_checkpoint
@@ -122,23 +122,34 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
     version = f"detector-{len(previous) + 1}"
     order = np.random.default_rng(cfg.seed).permutation(len(data))
     n_held = int(round(len(data) * cfg.detector.heldout_fraction))
-    held, train = [data[i] for i in order[:n_held]], [data[i] for i in order[n_held:]]
-    say(f"detector: training {version} on {len(train)} episodes, {n_held} held out")
+    n_cal = int(round((len(data) - n_held) * cfg.detector.calibration_fraction))
+    held = [data[i] for i in order[:n_held]]
+    # Without a calibration split of its own, the held-out episodes fit the temperature (and threshold): no training
+    # data is given up, the held-out AUROC is untouched, and `flywheel reward eval` judges on newer episodes.
+    calibration = [data[i] for i in order[n_held:n_held + n_cal]] if n_cal else held
+    train = [data[i] for i in order[n_held + n_cal:]]
+    # The starting policy's success rate: the mix of successes the detector will judge, which sets its precision.
+    rollouts_ok = [episode_label(ep) for ep in data if ep.policy_version >= 0]
+    base_rate = float(np.mean(rollouts_ok)) if rollouts_ok else None
+    say(f"detector: training {version} on {len(train)} episodes, {n_cal} for calibration, {n_held} held out")
     init = policy_weights if cfg.detector.init_from_policy else None
     detector, det_metrics = train_detector(
         train, held, version=version, steps=cfg.detector.steps, batch_size=cfg.detector.batch_size,
         lr=cfg.detector.lr, seed=cfg.seed, threshold=cfg.detector.threshold, init_weights=init,
         augment=cfg.detector.augment, cfg=DetectorConfig(image_size=cfg.env.image_size, sensors=policy_sensors),
+        calibration_episodes=calibration, target_precision=cfg.detector.target_precision, base_rate=base_rate,
     )
     save_weights(run_dir / "detector" / f"{version}.safetensors", numpy_state(detector.net),
-                 {"version": version, "threshold": detector.threshold, "heldout": det_metrics,
-                  "config": dataclasses.asdict(detector.net.cfg)})
+                 {"version": version, "threshold": detector.threshold, "temperature": detector.temperature,
+                  "heldout": det_metrics, "config": dataclasses.asdict(detector.net.cfg),
+                  "episodes": {"train": [ep.id for ep in train], "heldout": [ep.id for ep in held],
+                               "calibration": [ep.id for ep in calibration] if calibration is not held else []}})
     atomic_write_bytes(run_dir / "detector" / "metrics.json", json.dumps({"version": version, **det_metrics},
                                                                          indent=2).encode())
-    auroc = det_metrics["auroc"]
-    say("detector: precision {precision:.3f}  recall {recall:.3f}  AUROC {a} on {n} held-out episodes".format(
-        a=f"{auroc:.3f}" if auroc is not None else "undefined (every held-out episode has the same label)",
-        **det_metrics))
+    fmt = lambda k: "undefined" if det_metrics[k] is None else f"{det_metrics[k]:.3f}"  # noqa: E731 (one class)
+    say(f"detector: precision {fmt('precision')}  recall {fmt('recall')}  AUROC {fmt('auroc')}  ECE {fmt('ece')} "
+        f"on {det_metrics['n']} held-out episodes (threshold {detector.threshold:.3f}, temperature "
+        f"{detector.temperature:.2f})")
     return detector, det_metrics
 
 
@@ -220,6 +231,9 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         metrics.log({f"detector/{k}": v for k, v in det_metrics.items() if v is not None}, step=0)
 
         # ---- the loop ---------------------------------------------------------------------------------------------
+        audit_settings = AuditSettings(sample=cfg.audit.sample, bound=cfg.audit.bound, seed=cfg.seed, retrain=(
+            (lambda: train_reward(cfg, say, rollouts=rollouts, store=store, policy_weights=base_weights,
+                                  policy_sensors=vla_cfg.sensors)[0]) if cfg.audit.retrain else None))
         state = run_loop(
             rollouts=rollouts, store=store, detector=detector, learner=learner, metrics=metrics,
             checkpoints=CheckpointDir(run_dir / "checkpoints", keep=3),
@@ -228,7 +242,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
             eval_seeds=[split_seed("eval", i) for i in range(cfg.eval.episodes)],
             episodes_per_iteration=cfg.rollout.episodes_per_iteration,
             eval_every=cfg.eval.every, group_size=cfg.rollout.group_size, state=LoopState(),
-            on_iteration=on_iteration or (lambda s, row: None),
+            on_iteration=on_iteration or (lambda s, row: None), audit_settings=audit_settings,
         )
         first, last = state.evaluations[0], state.evaluations[-1]
         summary.update(
@@ -244,6 +258,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
             eval_episodes=last.episodes,
             evaluations=[{"version": e.version, "success": e.success, "ci95": list(e.ci95), "episodes": e.episodes,
                           "per_task": e.per_task} for e in state.evaluations],
+            audit=audit_settings.as_summary(state),
         )
     except KeyboardInterrupt:
         summary["status"] = "interrupted"

@@ -129,6 +129,12 @@ class FilteredBCLearner:
         return {"loss": float(np.mean(losses)) if losses else float("nan"), "buffer_episodes": self.data.num_episodes,
                 **stats}
 
+    def restore(self, weights: dict) -> None:
+        """Roll the policy back to earlier weights (the loop's audit does, after a regression); the result is a
+        new version, so actors pick it up like any other."""
+        self.model.load_weights(weights)
+        self.version += 1
+
     def snapshot(self) -> PolicySnapshot:
         weights = self.model.get_weights()
         sampling = {"indicator": self.sampling_indicator, "guidance": self.guidance if self.sampling_indicator else 1.0}

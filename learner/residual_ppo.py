@@ -143,6 +143,12 @@ class ResidualPPOLearner:
                 "judged_success": float(np.mean([self.judged_success(ep) for ep in episodes])),
                 "residual_std": float(std.mean()), "residual_gain": float(mean[0, 0].exp())}
 
+    def restore(self, weights: dict) -> None:
+        """Roll the policy back to earlier weights (the loop's audit does, after a regression); the result is a
+        new version, so actors pick it up like any other."""
+        self.model.load_weights(weights)
+        self.version += 1
+
     def snapshot(self) -> PolicySnapshot:
         return PolicySnapshot(version=self.version, weights=self.model.get_weights(),
                               meta={"algorithm": type(self).__name__, "sampling": {"residual": "explore"}})

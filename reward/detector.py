@@ -80,24 +80,36 @@ def init_from_policy(net: DetectorNet, policy_weights: dict[str, np.ndarray]) ->
 
 
 class LearnedSuccessDetector:
-    """The ``SuccessDetector`` contract: a frozen DetectorNet, its version and its decision threshold."""
+    """The ``SuccessDetector`` contract: a frozen DetectorNet, its version, its decision threshold and its
+    calibration temperature (P(success) = sigmoid(logit / temperature); reward/metrics.py fit_temperature)."""
 
-    def __init__(self, net: DetectorNet, version: str, threshold: float = 0.5):
+    def __init__(self, net: DetectorNet, version: str, threshold: float = 0.5, temperature: float = 1.0):
         self.net = net.eval()
         self.version = version
         self.threshold = float(threshold)
+        self.temperature = float(temperature)
 
     @torch.no_grad()
-    def score_frames(self, frames: np.ndarray, instructions: list[str], batch: int = 256) -> np.ndarray:
+    def logits_frames(self, frames: np.ndarray, instructions: list[str], batch: int = 256) -> np.ndarray:
         out = []
         for i in range(0, len(frames), batch):
             ids, _ = self.net.tokenizer(instructions[i : i + batch])
-            logits = self.net(torch.from_numpy(frames[i : i + batch]), torch.from_numpy(ids))
-            out.append(torch.sigmoid(logits).numpy())
+            out.append(self.net(torch.from_numpy(frames[i : i + batch]), torch.from_numpy(ids)).numpy())
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
-    def score(self, episodes: list[Episode]) -> np.ndarray:
+    def score_frames(self, frames: np.ndarray, instructions: list[str], batch: int = 256) -> np.ndarray:
+        logits = self.logits_frames(frames, instructions, batch)
+        return (1.0 / (1.0 + np.exp(-logits.astype(np.float64) / self.temperature))).astype(np.float32)
+
+    def last_frames(self, episodes: list[Episode]) -> np.ndarray:
         sensors = self.net.cfg.sensors
-        frames = np.stack([sensor_inputs(ep.observations, sensors, -1)[0] for ep in episodes]) if episodes \
+        return np.stack([sensor_inputs(ep.observations, sensors, -1)[0] for ep in episodes]) if episodes \
             else np.zeros((0,))
-        return self.score_frames(frames, [ep.instruction for ep in episodes])
+
+    def logits(self, episodes: list[Episode], instructions: list[str] | None = None) -> np.ndarray:
+        """Raw logits of each episode's last frame, under its own instruction or the ``instructions`` given."""
+        return self.logits_frames(self.last_frames(episodes), instructions or [ep.instruction for ep in episodes])
+
+    def score(self, episodes: list[Episode], instructions: list[str] | None = None) -> np.ndarray:
+        """P(success) of each episode, under its own instruction or the ``instructions`` given (a swapped one)."""
+        return self.score_frames(self.last_frames(episodes), instructions or [ep.instruction for ep in episodes])

@@ -1,9 +1,13 @@
 """Training and evaluating the success detector on labelled episodes.
 
-Examples come from whole episodes: each episode's last frame with its label. A successful episode also gives a
-hard negative for free: any earlier frame of it, which shows the moment *before* success (the built-in episodes end
-at the first successful step, so no earlier state is a success). Such frames teach the detector the exact
-predicate rather than "the policy looked busy".
+Examples come from whole episodes: each episode's last frame with its label. A successful episode also gives two
+hard negatives for free: any earlier frame of it, which shows the moment *before* success (the built-in episodes end
+at the first successful step, so no earlier state is a success), and its last frame under a swapped instruction
+that names other objects. They teach the detector the exact predicate rather than "the policy looked busy" or "some
+block is on some pad".
+
+A calibration split, kept out of the gradient steps, fits the temperature of P(success) and the threshold for a
+target precision (reward/metrics.py).
 
 Held-out metrics are computed on whole episodes the detector never trained on.
 """
@@ -11,14 +15,14 @@ Held-out metrics are computed on whole episodes the detector never trained on.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
-from sklearn.metrics import precision_score, recall_score, roc_auc_score
 
 from flywheel.contracts import Episode, sensor_inputs
 from reward.detector import DetectorConfig, DetectorNet, LearnedSuccessDetector, init_from_policy
+from reward.metrics import detector_metrics, fit_temperature, threshold_for_precision
 
 
 AUX_WEIGHT = 10.0  # position errors are ~0.01-0.04 in MSE; weighted up so grounding leads the judgement
@@ -32,6 +36,25 @@ def episode_label(ep: Episode) -> bool | None:
     return None
 
 
+def swapped_instructions(episodes: list[Episode], rng: np.random.Generator,
+                         pool: list[Episode] | None = None) -> list[str | None]:
+    """For each episode, an instruction that asks for something else in the same kind of task: one from another
+    episode of the ``pool`` (default: the same list) of the same kind that names other objects
+    (``info["named"]``). Judged on the first episode's frames, it is a hard negative: the scene is a success, but not
+    of what is now asked. ``None`` where there is no such instruction (one task, one instruction)."""
+    pool = episodes if pool is None else pool
+    by_kind: dict[str, list[tuple[tuple, str]]] = {}
+    for ep in pool:
+        if ep.info.get("named"):
+            by_kind.setdefault(ep.info.get("kind", ep.task), []).append((tuple(ep.info["named"]), ep.instruction))
+    out: list[str | None] = []
+    for ep in episodes:
+        named = tuple(ep.info.get("named") or ())
+        others = [text for n, text in by_kind.get(ep.info.get("kind", ep.task), []) if named and n != named]
+        out.append(others[int(rng.integers(len(others)))] if others else None)
+    return out
+
+
 def detector_examples(
     episodes: list[Episode], rng: np.random.Generator, hard_negatives: bool = True,
     sensors: tuple[str, ...] = ("overhead",),
@@ -41,15 +64,16 @@ def detector_examples(
     positions where the simulator recorded them."""
     frames, texts, ys, aux, has_aux = [], [], [], [], []
 
-    def add(ep: Episode, t: int, y: float) -> None:
+    def add(ep: Episode, t: int, y: float, instruction: str | None = None, with_aux: bool = True) -> None:
         frames.append(sensor_inputs(ep.observations, sensors, t)[0])
-        texts.append(ep.instruction)
+        texts.append(instruction or ep.instruction)
         ys.append(y)
-        positions = ep.extras.get("aux_positions")
+        positions = ep.extras.get("aux_positions") if with_aux else None
         aux.append(positions[t] if positions is not None else np.zeros(4, np.float32))
         has_aux.append(positions is not None)
 
-    for ep in episodes:
+    swapped = swapped_instructions(episodes, rng) if hard_negatives else [None] * len(episodes)
+    for ep, other in zip(episodes, swapped):
         y = episode_label(ep)
         if y is None:
             continue
@@ -57,6 +81,8 @@ def detector_examples(
         add(ep, n - 1, float(y))
         if hard_negatives and y and n > 2:
             add(ep, int(rng.integers(0, n - 1)), 0.0)
+        if y and other is not None:  # the positions recorded are of the original instruction's objects
+            add(ep, n - 1, 0.0, instruction=other, with_aux=False)
     if not frames:
         raise ValueError("no labelled episodes to train the detector on: label episodes first (ground truth or human)")
     return (np.stack(frames), texts, np.asarray(ys, np.float32), np.asarray(aux, np.float32),
@@ -77,18 +103,10 @@ def dihedral(images: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[tor
     return images.contiguous(), pos.view_as(positions)
 
 
-def classification_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
-    labels = labels.astype(bool)
-    pred = scores >= threshold
-    both = labels.any() and (~labels).any()
-    return {
-        "precision": float(precision_score(labels, pred, zero_division=0.0)),
-        "recall": float(recall_score(labels, pred, zero_division=0.0)),
-        "auroc": float(roc_auc_score(labels, scores)) if both else None,  # undefined with one class only
-        "accuracy": float((pred == labels).mean()),
-        "positives": int(labels.sum()),
-        "n": int(len(labels)),
-    }
+def classification_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, Any]:
+    """The held-out figures a run prints and stores (reward/metrics.py detector_metrics has them all)."""
+    m = detector_metrics(scores, labels, threshold)
+    return {k: m[k] for k in ("precision", "recall", "auroc", "accuracy", "ece", "positives", "n")}
 
 
 def train_detector(
@@ -105,10 +123,15 @@ def train_detector(
     init_weights: dict[str, np.ndarray] | None = None,
     augment: bool = True,
     progress: Callable[[int, int, float], None] | None = None,
-) -> tuple[LearnedSuccessDetector, dict[str, float]]:
-    """Train a detector on labelled episodes; report precision / recall / AUROC on the held-out episodes.
+    calibration_episodes: list[Episode] | None = None,
+    target_precision: float = 0.0,
+    base_rate: float | None = None,
+) -> tuple[LearnedSuccessDetector, dict[str, Any]]:
+    """Train a detector on labelled episodes; report precision / recall / AUROC / ECE on the held-out episodes.
 
-    ``init_weights``: a policy's weights to start the encoder from (see ``init_from_policy``)."""
+    ``init_weights``: a policy's weights to start the encoder from (see ``init_from_policy``).
+    ``calibration_episodes`` (never trained on): fit the temperature there, and with ``target_precision`` > 0 the
+    threshold that reaches it at success rate ``base_rate`` (reward/metrics.py); otherwise ``threshold`` stays."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = DetectorNet(cfg)
@@ -143,7 +166,16 @@ def train_detector(
         if progress is not None:
             progress(step, steps, float(loss.item()))
     detector = LearnedSuccessDetector(net, version=version, threshold=threshold)
+    calibration = [ep for ep in calibration_episodes or [] if episode_label(ep) is not None]
+    if calibration:
+        labels = np.array([episode_label(ep) for ep in calibration], bool)
+        detector.temperature = fit_temperature(detector.logits(calibration), labels)
+        if target_precision > 0:
+            detector.threshold = threshold_for_precision(detector.score(calibration), labels, target_precision,
+                                                         base_rate)
     metrics = evaluate_detector(detector, heldout_episodes)
+    metrics.update(temperature=detector.temperature, threshold=detector.threshold,
+                   calibration_episodes=len(calibration))
     metrics["train_seconds"] = time.time() - start
     metrics["train_examples"] = int(len(ys))
     return detector, metrics

@@ -25,9 +25,19 @@ def _labelled(eps):
             for ep in eps]
 
 
-def test_hard_negatives_come_from_before_success(demos):
-    frames, texts, ys, aux, has_aux = detector_examples(_labelled(list(demos[:4])), np.random.default_rng(0))
-    assert len(ys) == 8 and ys.sum() == 4  # one final frame and one earlier frame per success
+def test_hard_negatives_come_from_before_success_and_from_swapped_instructions(demos):
+    eps = _labelled(list(demos[:4]))
+    frames, texts, ys, aux, has_aux = detector_examples(eps, np.random.default_rng(0))
+    # Per success: its final frame (1), an earlier frame (0), and, where another demo of its kind names other
+    # objects, its final frame under that instruction (0, with no position targets: those are the original's).
+    swapped = [i for i in range(len(ys)) for ep in eps
+               if np.array_equal(frames[i], ep.observations["image"][-1]) and texts[i] != ep.instruction]
+    assert len(ys) == 8 + len(swapped) and ys.sum() == 4 and swapped
+    assert all(ys[i] == 0 and has_aux[i] == 0 for i in swapped)
+    kinds = {ep.instruction: (ep.info["kind"], ep.info["named"]) for ep in eps}
+    for i in swapped:
+        own = next(ep for ep in eps if np.array_equal(frames[i], ep.observations["image"][-1]))
+        assert kinds[texts[i]][0] == own.info["kind"] and kinds[texts[i]][1] != own.info["named"]
 
 
 def test_detector_separates_successes_from_failures():

@@ -1,0 +1,217 @@
+"""``flywheel reward eval``: how far a run's success detector can be trusted, as ``reward/report.json`` and a
+self-contained ``reward/report.html`` (plots inline; no network needed to read it).
+
+The episodes judged are those the detector never trained on nor calibrated with, each against its true label (a
+human or simulator label where there is one, else the simulator's ground truth the store keeps). They are grouped
+into splits:
+
+- ``heldout``: the detector's own held-out episodes (its training data's split);
+- ``newest_policy``: the episodes of the newest policy version in the store, the policy the detector judges now
+  (newer than any it trained on, once the loop has run). The report's headline figures are this split's;
+- ``heldout_combos``: episodes whose instruction pairs colours held out of training (actors/instructions.py);
+- ``swapped_instruction``: the newest policy's successes judged under an instruction that names other objects
+  (reward/train.py swapped_instructions); ``rejection`` is the share the detector calls failures, as it should.
+
+Each split is reported whole and per task family, with the figures of reward/metrics.py detector_metrics.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flywheel.checkpoint import load_weights
+from flywheel.contracts import Episode
+from flywheel.store import EpisodeStore, atomic_write_bytes
+from reward.detector import DetectorConfig, DetectorNet, LearnedSuccessDetector
+from reward.metrics import detector_metrics, reliability
+from reward.train import episode_label, swapped_instructions
+
+
+def load_detector(path: str | Path) -> tuple[LearnedSuccessDetector, dict[str, Any]]:
+    """A detector checkpoint written by a run (``run_dir/detector/detector-N.safetensors``) -> (detector, meta)."""
+    weights, meta = load_weights(path)
+    net = DetectorNet(DetectorConfig(**meta.get("config", {})))
+    net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+    return LearnedSuccessDetector(net, meta.get("version", Path(path).stem), meta.get("threshold", 0.5),
+                                  meta.get("temperature", 1.0)), meta
+
+
+def latest_detector(run_dir: Path) -> Path:
+    found = sorted((run_dir / "detector").glob("detector-*.safetensors"), key=lambda p: int(p.stem.split("-")[-1]))
+    if not found:
+        raise FileNotFoundError(f"{run_dir}/detector holds no detector: train one with "
+                                f"`flywheel reward train run_dir={run_dir}`")
+    return found[-1]
+
+
+def true_label(ep: Episode) -> bool | None:
+    """A trusted label (human, simulator, demonstration marker) if the episode has one, else the simulator's
+    ground truth kept in the store; never a detector's own judgement."""
+    trusted = episode_label(ep)
+    if trusted is not None:
+        return trusted
+    if ep.ground_truth and "success" in ep.ground_truth:
+        return bool(ep.ground_truth["success"])
+    return None
+
+
+def _group(scores: np.ndarray, labels: np.ndarray, tasks: list[str], threshold: float) -> dict[str, Any]:
+    return {"all": detector_metrics(scores, labels, threshold),
+            "per_task": {t: detector_metrics(scores[[x == t for x in tasks]], labels[[x == t for x in tasks]],
+                                             threshold) for t in sorted(set(tasks))}}
+
+
+def build_report(detector: LearnedSuccessDetector, meta: dict[str, Any], episodes: list[Episode],
+                 seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """-> (the report, the curves behind its plots). ``episodes``: the run's store, whole."""
+    used = set(meta.get("episodes", {}).get("train", [])) | set(meta.get("episodes", {}).get("calibration", []))
+    pool = [ep for ep in episodes if ep.id not in used and true_label(ep) is not None]
+    if not pool:
+        raise ValueError("no labelled episodes that the detector did not train on: nothing to evaluate it with")
+    heldout_ids = set(meta.get("episodes", {}).get("heldout", []))
+    policy_versions = [ep.policy_version for ep in pool if ep.policy_version >= 0]
+    newest = max(policy_versions) if policy_versions else -1
+    splits = {
+        "heldout": [ep for ep in pool if ep.id in heldout_ids],
+        "newest_policy": [ep for ep in pool if ep.policy_version == newest],
+        "heldout_combos": [ep for ep in pool if ep.info.get("combo_heldout")],
+    }
+    threshold = detector.threshold
+    report: dict[str, Any] = {
+        "detector": {"version": detector.version, "threshold": threshold, "temperature": detector.temperature},
+        "newest_policy_version": newest, "created": time.time(), "splits": {},
+    }
+    curves: dict[str, Any] = {}
+    for name, eps in splits.items():
+        if not eps:
+            continue
+        scores = detector.score(eps)
+        labels = np.array([true_label(ep) for ep in eps], bool)
+        report["splits"][name] = _group(scores, labels, [ep.task for ep in eps], threshold)
+        curves[name] = {"scores": scores, "labels": labels, "tasks": [ep.task for ep in eps],
+                        "reliability": reliability(scores, labels.astype(float))}
+
+    # Swapped instructions: the newest policy's successes (any successes, if it has none), asked for something else.
+    rng = np.random.default_rng(seed)
+    successes = [ep for ep in splits["newest_policy"] if true_label(ep)] or [ep for ep in pool if true_label(ep)]
+    swaps = swapped_instructions(successes, rng, pool=pool)
+    chosen = [(ep, text) for ep, text in zip(successes, swaps) if text is not None]
+    if chosen:
+        scores = detector.score([ep for ep, _ in chosen], [text for _, text in chosen])
+        rejected = scores < threshold
+        tasks = [ep.task for ep, _ in chosen]
+        report["splits"]["swapped_instruction"] = {
+            "rejection": float(rejected.mean()), "n": len(chosen),
+            "per_task": {t: float(rejected[[x == t for x in tasks]].mean()) for t in sorted(set(tasks))}}
+    headline = report["splits"].get("newest_policy", {}).get("all", {})
+    report.update({k: headline.get(k) for k in ("auroc", "precision", "recall", "ece")})
+    report["swapped_instruction_rejection"] = report["splits"].get("swapped_instruction", {}).get("rejection")
+    return report, curves
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _plots(report: dict[str, Any], curves: dict[str, Any]) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    out = []
+    fig, (roc, pr, rel) = plt.subplots(1, 3, figsize=(13, 4))
+    for name, c in curves.items():
+        if c["labels"].all() or not c["labels"].any():
+            continue
+        fpr, tpr, _ = roc_curve(c["labels"], c["scores"])
+        roc.plot(fpr, tpr, label=name)
+        prec, rec, _ = precision_recall_curve(c["labels"], c["scores"])
+        pr.plot(rec, prec, label=name)
+    for name, c in curves.items():
+        pts = c["reliability"]
+        rel.plot([p["score"] for p in pts], [p["observed"] for p in pts], "o-", label=name)
+    roc.plot([0, 1], [0, 1], ":", color="grey")
+    rel.plot([0, 1], [0, 1], ":", color="grey")
+    roc.set(title="ROC", xlabel="false-positive rate", ylabel="recall")
+    pr.set(title="precision-recall", xlabel="recall", ylabel="precision")
+    rel.set(title="reliability (calibrated P(success))", xlabel="predicted", ylabel="observed success rate")
+    for ax in (roc, pr, rel):
+        ax.legend(fontsize=8)
+    out.append(("ROC, precision-recall and reliability, per split", _png(fig)))
+    plt.close(fig)
+
+    split = "newest_policy" if "newest_policy" in report["splits"] else next(iter(report["splits"]))
+    per_task = report["splits"][split]["per_task"]
+    fig, axes = plt.subplots(1, len(per_task), figsize=(3.8 * len(per_task), 3.2), squeeze=False)
+    for ax, (task, m) in zip(axes[0], per_task.items()):
+        c = m["confusion"]
+        grid = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
+        ax.imshow(grid, cmap="Blues")
+        for (i, j), v in np.ndenumerate(grid):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > grid.max() / 2 else "black")
+        ax.set(title=task, xticks=[0, 1], xticklabels=["judged fail", "judged success"], yticks=[0, 1],
+               yticklabels=["failed", "succeeded"])
+    fig.tight_layout()
+    out.append((f"confusion matrices per task ({split}, threshold {report['detector']['threshold']:.3f})",
+                _png(fig)))
+    plt.close(fig)
+    return out
+
+
+def _fmt(v: Any) -> str:
+    return "—" if v is None else f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+
+
+def render_html(report: dict[str, Any], curves: dict[str, Any]) -> str:
+    cols = ["n", "positives", "auroc", "auprc", "precision", "recall", "f1", "balanced_accuracy",
+            "recall_at_1pct_fpr", "recall_at_5pct_fpr", "ece", "brier"]
+    rows = []
+    for split, body in report["splits"].items():
+        if split == "swapped_instruction":
+            continue
+        for task, m in [("all", body["all"]), *body["per_task"].items()]:
+            rows.append("<tr><td>" + html.escape(split) + "</td><td>" + html.escape(task) + "</td>" +
+                        "".join(f"<td>{_fmt(m[c])}</td>" for c in cols) + "</tr>")
+    swap = report["splits"].get("swapped_instruction")
+    swap_html = "<p>No swapped instructions could be made (one instruction per task).</p>" if not swap else (
+        f"<p>Swapped-instruction rejection: <b>{swap['rejection']:.3f}</b> over {swap['n']} successes; per task: "
+        + ", ".join(f"{html.escape(t)} {v:.3f}" for t, v in swap["per_task"].items()) + "</p>")
+    d = report["detector"]
+    head = (f"<p>Detector <b>{html.escape(d['version'])}</b>, threshold {d['threshold']:.3f}, temperature "
+            f"{d['temperature']:.3f}. Newest policy version: {report['newest_policy_version']}. Headline (newest "
+            f"policy): AUROC {_fmt(report['auroc'])}, precision {_fmt(report['precision'])}, recall "
+            f"{_fmt(report['recall'])}, ECE {_fmt(report['ece'])}, swapped-instruction rejection "
+            f"{_fmt(report['swapped_instruction_rejection'])}.</p>")
+    figs = "".join(f"<h2>{html.escape(t)}</h2><img src='{src}'>" for t, src in _plots(report, curves))
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>flywheel detector report</title><style>"
+            "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
+            "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:first-child,td:nth-child(2)"
+            "{text-align:left}</style></head><body><h1>Success detector report</h1>" + head + swap_html +
+            "<table><tr><th>split</th><th>task</th>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>" +
+            "".join(rows) + "</table>" + figs + "</body></html>")
+
+
+def evaluate_run(run_dir: str | Path, detector_path: str | Path | None = None, seed: int = 0) -> dict[str, Any]:
+    """Write ``run_dir/reward/report.json`` and ``report.html`` for the run's newest (or the given) detector."""
+    run_dir = Path(run_dir)
+    detector, meta = load_detector(detector_path or latest_detector(run_dir))
+    episodes = list(EpisodeStore(run_dir / "episodes").iter(with_ground_truth=True))
+    report, curves = build_report(detector, meta, episodes, seed=seed)
+    out = run_dir / "reward"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
+    atomic_write_bytes(out / "report.html", render_html(report, curves).encode())
+    return report

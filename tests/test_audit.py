@@ -1,0 +1,116 @@
+"""The audit in the loop (flywheel/audit.py, flywheel/loop.py): a detector corrupted on purpose is caught, the
+alarm pauses updates, a retrained detector relabels, and a policy that regressed is rolled back."""
+
+import time
+
+import numpy as np
+import torch
+
+from actors.ray_actors import RolloutGroup, vla_policy_factory
+from actors.tabletop import split_seed
+from flywheel.checkpoint import CheckpointDir
+from flywheel.loop import AuditSettings, Budget, LoopState, run_loop
+from flywheel.metrics import MetricsSink
+from flywheel.store import EpisodeStore
+from flywheel.vla.checkpoint import load_policy_checkpoint
+from flywheel.vla.model import SmallVLA
+from learner.filtered_bc import FilteredBCLearner
+
+
+class Oracle:
+    """A detector that is always right (the simulator's verdict), or, ``corrupt``, one that also calls every
+    failed push a success: a class of near misses it has learned to accept."""
+
+    def __init__(self, version: str, corrupt: bool = False):
+        self.version, self.threshold, self.corrupt = version, 0.5, corrupt
+
+    def score(self, episodes):
+        return np.array([float(ep.ground_truth["success"] or (self.corrupt and ep.task == "push"))
+                         for ep in episodes], np.float32)
+
+
+class Recording(FilteredBCLearner):
+    """Filtered BC that remembers the labels of every episode it was given."""
+
+    seen: list
+
+    def update(self, episodes):
+        self.seen = getattr(self, "seen", []) + [(ep.id, ep.latest_label("detector").success) for ep in episodes]
+        return super().update(episodes)
+
+
+def _loop(tmp_path, detector, learner_cls=Recording, iterations=2, retrain=None, eval_every=1):
+    cfg, weights, _ = load_policy_checkpoint("base")
+    model = SmallVLA(cfg)
+    model.load_weights(weights)
+    torch.manual_seed(0)
+    learner = learner_cls(model, [], steps_per_update=5, batch_size=16, lr=1e-4)
+    rollouts = RolloutGroup(vla_policy_factory(cfg), {}, num_workers=1, use_ray=False)
+    rollouts.publish(learner.snapshot())
+    store = EpisodeStore(tmp_path / "episodes")
+    state = run_loop(
+        rollouts=rollouts, store=store, detector=detector, learner=learner,
+        metrics=MetricsSink(tmp_path, {}, mode="disabled"), checkpoints=CheckpointDir(tmp_path / "ckpt", keep=2),
+        budget=Budget(time.time() + 600, max_iterations=iterations), train_seed=lambda i: split_seed("train", i),
+        eval_seeds=[split_seed("eval", i) for i in range(48)], episodes_per_iteration=48, eval_every=eval_every,
+        group_size=2, state=LoopState(),
+        audit_settings=AuditSettings(sample=48, bound=0.15, retrain=retrain),
+    )
+    return state, learner, store
+
+
+def test_a_corrupted_detector_is_caught_retrained_and_never_taught_to_the_policy(tmp_path):
+    state, learner, store = _loop(tmp_path, Oracle("corrupt", corrupt=True), retrain=lambda: Oracle("detector-2"))
+    first, second = state.audits
+    assert first.alarm and first.detector == "corrupt" and first.gap > 0.15 and first.precision < 0.8
+    assert not second.alarm and second.detector == "detector-2" and second.gap == 0.0
+    assert state.alarms == 1 and state.detector_versions == ["corrupt", "detector-2"] and state.paused_updates == 0
+    # The learner only ever saw the retrained detector's labels, which are the truth.
+    truth = {ep.id: bool(ep.ground_truth["success"]) for ep in store.iter(with_ground_truth=True)}
+    assert len(learner.seen) == 96 and all(truth[i] == judged for i, judged in learner.seen)
+    # Nothing was rewritten: the corrupt labels are still on record next to the new ones and the audit's.
+    first_batch = [ep for ep in store.iter() if ep.policy_version == 0]
+    assert all([lab.version for lab in ep.labels if lab.source == "detector"] == ["corrupt", "detector-2"]
+               for ep in first_batch)
+    assert sum(any(lab.version == "audit" for lab in ep.labels) for ep in first_batch) == 48
+
+
+def test_without_a_retrain_the_alarm_pauses_updates(tmp_path):
+    state, learner, _ = _loop(tmp_path, Oracle("corrupt", corrupt=True), iterations=2)
+    assert state.alarms == 2 and state.paused_updates == 2
+    assert learner.version == 0 and not getattr(learner, "seen", [])
+    assert [e.version for e in state.evaluations] == [0]  # no new version was made, so none was evaluated
+
+
+class Sabotaged(Recording):
+    """Its first update wrecks the action expert (a policy that learned something disastrous)."""
+
+    def update(self, episodes):
+        stats = super().update(episodes)
+        if self.version == 1:
+            with torch.no_grad():
+                for p in self.model.head.parameters():
+                    p.mul_(-3.0)
+        return stats
+
+
+class HonestThenCorrupt(Oracle):
+    def __init__(self):
+        super().__init__("flaky")
+        self.calls = 0
+
+    def score(self, episodes):
+        self.calls += 1
+        self.corrupt = self.calls > 1
+        return super().score(episodes)
+
+
+def test_after_an_alarm_a_regressed_policy_is_rolled_back(tmp_path):
+    state, learner, _ = _loop(tmp_path, HonestThenCorrupt(), learner_cls=Sabotaged, iterations=2,
+                              retrain=lambda: Oracle("detector-2"))
+    v0, v1 = state.evaluations[0], state.evaluations[1]
+    assert v1.version == 1 and v1.ci95[1] < v0.success  # the sabotaged update regressed
+    assert state.alarms == 1 and state.rollbacks == [
+        {"iteration": 2, "from_version": 1, "to_weights_of": 0, "new_version": 2}]
+    final = state.evaluations[-1]
+    assert final.version == 3 and final.success >= v0.ci95[0]  # restored, then one honest update on top
