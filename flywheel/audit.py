@@ -7,7 +7,7 @@ simulator's ground truth here; a human's on a robot). The audit reports, for tha
 - audited precision and recall of the detector's labels.
 
 A detector whose false positives the policy learns to exploit shows up first as claimed success running ahead of
-audited success: when the two part by more than ``bound``, the audit raises an alarm and the loop stops trusting
+audited success: when the two part by more than ``bound`` (with 95% confidence), the audit raises an alarm and the loop stops trusting
 the labels (flywheel/loop.py: updates pause, the detector is retrained on the audited episodes, the iteration is
 relabelled, and the policy is rolled back if it regressed).
 """
@@ -21,6 +21,8 @@ import numpy as np
 
 from flywheel.contracts import Episode, Label
 
+Z_ONE_SIDED_95 = 1.645
+
 
 @dataclasses.dataclass
 class AuditResult:
@@ -32,6 +34,7 @@ class AuditResult:
     precision: float | None  # of the detector's "success" labels on the sample
     recall: float | None
     alarm: bool
+    gap_se: float = 0.0  # standard error of the gap (paired: per episode, judged minus true)
 
     @property
     def gap(self) -> float:
@@ -39,7 +42,8 @@ class AuditResult:
 
     def as_metrics(self, prefix: str = "audit") -> dict[str, Any]:
         out = {f"{prefix}/claimed_success": self.claimed, f"{prefix}/audited_success": self.audited,
-               f"{prefix}/gap": self.gap, f"{prefix}/n": self.n, f"{prefix}/alarm": int(self.alarm)}
+               f"{prefix}/gap": self.gap, f"{prefix}/gap_se": self.gap_se, f"{prefix}/n": self.n,
+               f"{prefix}/alarm": int(self.alarm)}
         out.update({f"{prefix}/{k}": v for k, v in (("precision", self.precision), ("recall", self.recall))
                     if v is not None})
         return out
@@ -76,7 +80,12 @@ def audit(episodes: list[Episode], labels: list[Label], sample: int, bound: floa
         recall=tp / int(truth.sum()) if truth.any() else None,
         alarm=False,
     )
-    result.alarm = abs(result.gap) > bound
+    # The alarm needs the gap beyond the bound with 95% one-sided confidence: a detector that is merely imperfect
+    # (precision 0.8 gives a steady +0.1) does not ring it on a 64-episode sample by chance; one that is being
+    # exploited, or has gone wrong, does.
+    diff = judged.astype(float) - truth.astype(float)
+    result.gap_se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    result.alarm = abs(result.gap) - Z_ONE_SIDED_95 * result.gap_se > bound
     source = lambda ep: "human" if ep.latest_label("human") is not None else "ground_truth"  # noqa: E731
     record = [(episodes[i], Label(source=source(episodes[i]), success=bool(t), version="audit"))
               for i, t in zip(chosen, truth)]

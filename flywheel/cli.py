@@ -117,7 +117,13 @@ def cmd_reward_train(overrides: list[str]) -> int:
         return 2
     from flywheel.run import train_reward
 
-    _, metrics = train_reward(cfg, say=console.print)
+    with _progress() as progress:
+        task = progress.add_task("detector", total=cfg.detector.steps, info="")
+
+        def on_step(step, steps, loss):
+            progress.update(task, completed=step, info=f"loss {loss:.4f}")
+
+        _, metrics = train_reward(cfg, say=lambda m: progress.console.print(m), progress=on_step)
     console.print(json.dumps(metrics, indent=2))
     return 0
 

@@ -115,7 +115,7 @@ class AuditConfig:
     simulator's ground truth (a human's labels on a robot)."""
 
     sample: int = 64  # 0 = no audit
-    bound: float = 0.15  # |claimed - audited success| beyond which the alarm fires and updates pause
+    bound: float = 0.15  # |claimed - audited success| beyond which (with 95% confidence) the alarm fires
     retrain: bool = True  # on an alarm, retrain the detector on every trusted label (the audited ones included)
 
 

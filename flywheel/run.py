@@ -97,11 +97,12 @@ def make_detector_data(cfg: DictConfig, rollouts: RolloutGroup, env_kwargs: dict
 
 def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: RolloutGroup | None = None,
                  store: EpisodeStore | None = None, policy_weights: dict | None = None,
-                 policy_sensors: tuple[str, ...] | None = None):
+                 policy_sensors: tuple[str, ...] | None = None, progress=None):
     """Train a success detector on the run's labelled episodes (made first if the store has none).
 
     Writes ``run_dir/detector/<version>.safetensors`` and ``run_dir/detector/metrics.json``; returns
-    (detector, held-out metrics).
+    (detector, held-out metrics). Interrupted, it continues where it stopped when started again
+    (``run_dir/detector/<version>.partial/``). ``progress(step, steps, loss)`` is called every step.
     """
     run_dir = Path(cfg.run_dir)
     store = store or EpisodeStore(run_dir / "episodes")
@@ -131,13 +132,15 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
     # The starting policy's success rate: the mix of successes the detector will judge, which sets its precision.
     rollouts_ok = [episode_label(ep) for ep in data if ep.policy_version >= 0]
     base_rate = float(np.mean(rollouts_ok)) if rollouts_ok else None
-    say(f"detector: training {version} on {len(train)} episodes, {n_cal} for calibration, {n_held} held out")
+    say(f"detector: training {version} on {len(train)} episodes, {n_held} held out, calibrated on "
+        + (f"{n_cal} others" if n_cal else "the held-out ones"))
     init = policy_weights if cfg.detector.init_from_policy else None
     detector, det_metrics = train_detector(
         train, held, version=version, steps=cfg.detector.steps, batch_size=cfg.detector.batch_size,
         lr=cfg.detector.lr, seed=cfg.seed, threshold=cfg.detector.threshold, init_weights=init,
         augment=cfg.detector.augment, cfg=DetectorConfig(image_size=cfg.env.image_size, sensors=policy_sensors),
         calibration_episodes=calibration, target_precision=cfg.detector.target_precision, base_rate=base_rate,
+        checkpoint_dir=run_dir / "detector" / f"{version}.partial", progress=progress,
     )
     save_weights(run_dir / "detector" / f"{version}.safetensors", numpy_state(detector.net),
                  {"version": version, "threshold": detector.threshold, "temperature": detector.temperature,

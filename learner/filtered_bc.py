@@ -120,7 +120,7 @@ class FilteredBCLearner:
             self.shrink_and_perturb()
             self.trainer = self._trainer()
         losses = []
-        for step in range(self.steps_per_update):
+        for step in range(self.steps_per_update if self.data.num_episodes else 0):  # nothing kept, no demos: no step
             if self.shrink > 0:
                 self.trainer.schedule(warmup_cosine(step, self.steps_per_update, self.steps_per_update // 10))
             batch = self.data.sample(self.batch_size, self.generator, self.demo_fraction)

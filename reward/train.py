@@ -15,6 +15,7 @@ Held-out metrics are computed on whole episodes the detector never trained on.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -126,12 +127,16 @@ def train_detector(
     calibration_episodes: list[Episode] | None = None,
     target_precision: float = 0.0,
     base_rate: float | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 200,
 ) -> tuple[LearnedSuccessDetector, dict[str, Any]]:
     """Train a detector on labelled episodes; report precision / recall / AUROC / ECE on the held-out episodes.
 
     ``init_weights``: a policy's weights to start the encoder from (see ``init_from_policy``).
     ``calibration_episodes`` (never trained on): fit the temperature there, and with ``target_precision`` > 0 the
-    threshold that reaches it at success rate ``base_rate`` (reward/metrics.py); otherwise ``threshold`` stays."""
+    threshold that reaches it at success rate ``base_rate`` (reward/metrics.py); otherwise ``threshold`` stays.
+    ``checkpoint_dir``: every ``checkpoint_every`` steps the training state is saved there, and a training started
+    again with the same data and settings continues from it."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = DetectorNet(cfg)
@@ -146,8 +151,18 @@ def train_detector(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
     start = time.time()
+    first = 1
+    resume = Path(checkpoint_dir) / "partial.pt" if checkpoint_dir is not None else None
+    if resume is not None and resume.exists():  # an interrupted training of this same version: continue it
+        state = torch.load(resume, weights_only=True)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        first = int(state["step"]) + 1
     net.train()
-    for step in range(1, steps + 1):
+    for step in range(first, steps + 1):
         idx = torch.randint(0, len(ys_t), (batch_size,), generator=gen)
         img, aux_y = frames_t[idx], aux_t[idx]
         if augment:
@@ -165,6 +180,15 @@ def train_detector(
         sched.step()
         if progress is not None:
             progress(step, steps, float(loss.item()))
+        if resume is not None and (step % checkpoint_every == 0) and step < steps:
+            resume.parent.mkdir(parents=True, exist_ok=True)
+            tmp = resume.with_suffix(".tmp")
+            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step}, tmp)
+            tmp.replace(resume)  # atomic: a crash mid-write leaves the previous checkpoint
+    if resume is not None and resume.exists():
+        resume.unlink()
+        resume.parent.rmdir()
     detector = LearnedSuccessDetector(net, version=version, threshold=threshold)
     calibration = [ep for ep in calibration_episodes or [] if episode_label(ep) is not None]
     if calibration:

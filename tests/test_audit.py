@@ -51,7 +51,7 @@ def _loop(tmp_path, detector, learner_cls=Recording, iterations=2, retrain=None,
     state = run_loop(
         rollouts=rollouts, store=store, detector=detector, learner=learner,
         metrics=MetricsSink(tmp_path, {}, mode="disabled"), checkpoints=CheckpointDir(tmp_path / "ckpt", keep=2),
-        budget=Budget(time.time() + 600, max_iterations=iterations), train_seed=lambda i: split_seed("train", i),
+        budget=Budget(time.time() + 600, max_iterations=iterations), train_seed=lambda i: split_seed("train", 5_000_000 + i),  # layouts it never saw
         eval_seeds=[split_seed("eval", i) for i in range(48)], episodes_per_iteration=48, eval_every=eval_every,
         group_size=2, state=LoopState(),
         audit_settings=AuditSettings(sample=48, bound=0.15, retrain=retrain),

@@ -1,6 +1,7 @@
 import dataclasses
 
 import numpy as np
+import pytest
 
 from actors.rollout import run_episodes
 from actors.tabletop import split_seed
@@ -90,3 +91,27 @@ def test_detector_judges_from_whichever_cameras_are_on():
     assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 1))
     image = sensor_inputs(eps[0].observations, ("overhead",))[0]  # the overhead camera alone: a view, no copy
     assert np.shares_memory(image, eps[0].observations["image"]) and image.shape == (eps[0].num_steps + 1, 64, 64, 3)
+
+
+def test_detector_training_resumes_where_it_stopped(tmp_path, demos):
+    """Interrupted at step 25 of 40, started again: the same detector as one trained without a stop."""
+    import torch
+
+    eps = _labelled(list(demos[:8]))
+    kwargs = dict(version="d", steps=40, batch_size=8, seed=0, checkpoint_every=10)
+    whole, _ = train_detector(eps, eps, checkpoint_dir=tmp_path / "a", **kwargs)
+
+    def stop_at_25(step, steps, loss):
+        if step == 25:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_detector(eps, eps, checkpoint_dir=tmp_path / "b", progress=stop_at_25, **kwargs)
+    assert (tmp_path / "b" / "partial.pt").exists()
+    steps_seen = []
+    resumed, _ = train_detector(eps, eps, checkpoint_dir=tmp_path / "b",
+                                progress=lambda step, steps, loss: steps_seen.append(step), **kwargs)
+    assert steps_seen[0] == 21 and steps_seen[-1] == 40  # from the checkpoint at step 20
+    assert not (tmp_path / "b").exists()  # done: the partial state is gone
+    a, b = whole.net.state_dict(), resumed.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

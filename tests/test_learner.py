@@ -181,3 +181,13 @@ def test_residual_ppo_moves_its_corrections_toward_what_the_detector_approves(de
     assert before == 0.0 and learner.version == 3 and stats["decisions"] == 48 * 3
     assert mean_x_offset(list(range(900, 916))) > 0.05  # exploration std 0.1: half a standard deviation or more
     assert all(np.array_equal(v, model.get_weights()[k]) for k, v in frozen.items())
+
+
+def test_filtered_bc_with_nothing_to_clone_keeps_the_policy():
+    """No demonstrations and no judged success: the update makes no step (and does not crash), the weights stay."""
+    model = SmallVLA()
+    before = model.get_weights()
+    learner = FilteredBCLearner(model, demos=[], steps_per_update=5)
+    stats = learner.update([])
+    assert learner.version == 1 and np.isnan(stats["loss"]) and stats["kept_episodes"] == 0
+    assert all(np.array_equal(v, model.get_weights()[k]) for k, v in before.items())
