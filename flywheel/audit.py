@@ -7,9 +7,9 @@ simulator's ground truth here; a human's on a robot). The audit reports, for tha
 - audited precision and recall of the detector's labels.
 
 A detector whose false positives the policy learns to exploit shows up first as claimed success running ahead of
-audited success: when the two part by more than ``bound`` (with 95% confidence), the audit raises an alarm and the loop stops trusting
-the labels (flywheel/loop.py: updates pause, the detector is retrained on the audited episodes, the iteration is
-relabelled, and the policy is rolled back if it regressed).
+audited success: when the two part by more than ``bound`` (with 95% confidence), the audit raises an alarm and the
+loop stops trusting the labels (flywheel/loop.py: updates pause, the detector is retrained on the audited episodes,
+the iteration is relabelled, and the policy is rolled back if it regressed).
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ class PolicyConfig:
 @dataclasses.dataclass
 class DetectorConfig:
     demo_episodes: int = 200  # scripted successes to train on
-    policy_episodes: int = 600  # rollouts of the starting policy (successes and failures), labelled by the simulator
+    policy_episodes: int = 1000  # rollouts of the starting policy (successes and failures), labelled by the simulator
     heldout_fraction: float = 0.25  # of those episodes, kept out of training to measure the detector
     steps: int = 1500
     batch_size: int = 64
@@ -117,6 +117,8 @@ class AuditConfig:
     sample: int = 64  # 0 = no audit
     bound: float = 0.15  # |claimed - audited success| beyond which (with 95% confidence) the alarm fires
     retrain: bool = True  # on an alarm, retrain the detector on every trusted label (the audited ones included)
+    retrain_every: int = 0  # > 0: every N iterations, train a candidate detector on every trusted label (audited
+    #                         on-policy episodes included) and promote it if it judges the newest audit no worse
 
 
 @dataclasses.dataclass

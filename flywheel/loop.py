@@ -117,6 +117,7 @@ class LoopState:
     paused_updates: int = 0
     detector_versions: list[str] = dataclasses.field(default_factory=list)  # every detector that labelled
     rollbacks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    promotions: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # periodic retraining's decisions
     best: tuple[int, float, dict] | None = None  # (version, held-out success, weights) of the best evaluated policy
 
 
@@ -127,12 +128,14 @@ class AuditSettings:
 
     sample: int = 64
     bound: float = 0.15
-    retrain: Callable[[], SuccessDetector] | None = None
+    retrain: Callable[..., SuccessDetector] | None = None  # retrain(exclude=ids) -> a new detector
     seed: int = 0
+    retrain_every: int = 0  # > 0: every so many iterations a candidate detector is trained on every trusted label
+    #                         but this iteration's audit, and promoted if it judges that audit no worse (AUROC)
 
     def as_summary(self, state: "LoopState") -> dict[str, Any]:
         return {
-            "sample": self.sample, "bound": self.bound, "alarms": state.alarms,
+            "sample": self.sample, "bound": self.bound, "alarms": state.alarms, "promotions": state.promotions,
             "paused_updates": state.paused_updates, "detector_versions": state.detector_versions,
             "rollbacks": state.rollbacks,
             "per_iteration": [dataclasses.asdict(a) | {"gap": a.gap} for a in state.audits],
@@ -252,6 +255,9 @@ def _audit_and_recover(settings: AuditSettings, rng: np.random.Generator, state:
     state.audits.append(result)
     row = result.as_metrics()
     if not result.alarm:
+        due = settings.retrain_every and (state.iteration + 1) % settings.retrain_every == 0
+        if settings.retrain is not None and due:
+            detector = _periodic_retrain(settings, state, detector, record, row)
         return detector, labels, True, row
     state.alarms += 1
     if settings.retrain is not None:
@@ -276,3 +282,28 @@ def _audit_and_recover(settings: AuditSettings, rng: np.random.Generator, state:
                                 "to_weights_of": version, "new_version": learner.version})
         row["audit/rollback_to"] = version
     return detector, labels, trusted, row
+
+
+def _periodic_retrain(settings: AuditSettings, state: LoopState, detector: SuccessDetector,
+                      record: list[tuple[Episode, Label]], row: dict[str, Any]) -> SuccessDetector:
+    """Train a candidate on every trusted label but this iteration's audit, judge both detectors on that audit (the
+    newest policy's episodes, which neither trained on), and keep the candidate only if its AUROC is no worse."""
+    from sklearn.metrics import roc_auc_score
+
+    audited = [ep for ep, _ in record]
+    truth = np.array([lab.success for _, lab in record], bool)
+    if truth.all() or not truth.any():
+        return detector  # one class: nothing to compare on
+    candidate = settings.retrain(exclude={ep.id for ep in audited})
+    current_auroc = float(roc_auc_score(truth, detector.score(audited)))
+    candidate_auroc = float(roc_auc_score(truth, candidate.score(audited)))
+    promoted = candidate_auroc >= current_auroc
+    state.promotions.append({"iteration": state.iteration + 1, "current": detector.version,
+                             "candidate": candidate.version, "current_auroc": current_auroc,
+                             "candidate_auroc": candidate_auroc, "promoted": promoted})
+    row.update({"detector/candidate_auroc": candidate_auroc, "detector/current_auroc": current_auroc,
+                "detector/promoted": int(promoted)})
+    if promoted:
+        state.detector_versions.append(candidate.version)
+        return candidate
+    return detector

@@ -97,12 +97,13 @@ def make_detector_data(cfg: DictConfig, rollouts: RolloutGroup, env_kwargs: dict
 
 def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: RolloutGroup | None = None,
                  store: EpisodeStore | None = None, policy_weights: dict | None = None,
-                 policy_sensors: tuple[str, ...] | None = None, progress=None):
+                 policy_sensors: tuple[str, ...] | None = None, progress=None, exclude=()):
     """Train a success detector on the run's labelled episodes (made first if the store has none).
 
     Writes ``run_dir/detector/<version>.safetensors`` and ``run_dir/detector/metrics.json``; returns
     (detector, held-out metrics). Interrupted, it continues where it stopped when started again
-    (``run_dir/detector/<version>.partial/``). ``progress(step, steps, loss)`` is called every step.
+    (``run_dir/detector/<version>.partial/``). ``progress(step, steps, loss)`` is called every step. Episodes
+    whose ids are in ``exclude`` are left out (the loop keeps its newest audit to judge the result on).
     """
     run_dir = Path(cfg.run_dir)
     store = store or EpisodeStore(run_dir / "episodes")
@@ -110,7 +111,7 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
         vla_cfg, checkpoint_weights, _ = load_policy_checkpoint(cfg.policy.checkpoint)
         policy_weights = checkpoint_weights if policy_weights is None else policy_weights
         policy_sensors = vla_cfg.sensors if policy_sensors is None else policy_sensors
-    data = [ep for ep in store.iter(with_ground_truth=True) if episode_label(ep) is not None]
+    data = [ep for ep in store.iter(with_ground_truth=True) if episode_label(ep) is not None and ep.id not in exclude]
     if not data:
         say("detector: collecting labelled episodes (demonstrations + starting-policy rollouts)")
         if rollouts is None:
@@ -144,6 +145,7 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
     )
     save_weights(run_dir / "detector" / f"{version}.safetensors", numpy_state(detector.net),
                  {"version": version, "threshold": detector.threshold, "temperature": detector.temperature,
+                  "bias": detector.bias,
                   "heldout": det_metrics, "config": dataclasses.asdict(detector.net.cfg),
                   "episodes": {"train": [ep.id for ep in train], "heldout": [ep.id for ep in held],
                                "calibration": [ep.id for ep in calibration] if calibration is not held else []}})
@@ -152,7 +154,7 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
     fmt = lambda k: "undefined" if det_metrics[k] is None else f"{det_metrics[k]:.3f}"  # noqa: E731 (one class)
     say(f"detector: precision {fmt('precision')}  recall {fmt('recall')}  AUROC {fmt('auroc')}  ECE {fmt('ece')} "
         f"on {det_metrics['n']} held-out episodes (threshold {detector.threshold:.3f}, temperature "
-        f"{detector.temperature:.2f})")
+        f"{detector.temperature:.2f}, bias {detector.bias:.2f})")
     return detector, det_metrics
 
 
@@ -234,9 +236,12 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         metrics.log({f"detector/{k}": v for k, v in det_metrics.items() if v is not None}, step=0)
 
         # ---- the loop ---------------------------------------------------------------------------------------------
-        audit_settings = AuditSettings(sample=cfg.audit.sample, bound=cfg.audit.bound, seed=cfg.seed, retrain=(
-            (lambda: train_reward(cfg, say, rollouts=rollouts, store=store, policy_weights=base_weights,
-                                  policy_sensors=vla_cfg.sensors)[0]) if cfg.audit.retrain else None))
+        audit_settings = AuditSettings(
+            sample=cfg.audit.sample, bound=cfg.audit.bound, seed=cfg.seed, retrain_every=cfg.audit.retrain_every,
+            retrain=(lambda exclude=(): train_reward(cfg, say, rollouts=rollouts, store=store,
+                                                      policy_weights=base_weights, policy_sensors=vla_cfg.sensors,
+                                                      exclude=exclude)[0])
+            if cfg.audit.retrain or cfg.audit.retrain_every else None)
         state = run_loop(
             rollouts=rollouts, store=store, detector=detector, learner=learner, metrics=metrics,
             checkpoints=CheckpointDir(run_dir / "checkpoints", keep=3),

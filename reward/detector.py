@@ -81,13 +81,15 @@ def init_from_policy(net: DetectorNet, policy_weights: dict[str, np.ndarray]) ->
 
 class LearnedSuccessDetector:
     """The ``SuccessDetector`` contract: a frozen DetectorNet, its version, its decision threshold and its
-    calibration temperature (P(success) = sigmoid(logit / temperature); reward/metrics.py fit_temperature)."""
+    calibration (P(success) = sigmoid(logit / temperature + bias); reward/metrics.py fit_calibration)."""
 
-    def __init__(self, net: DetectorNet, version: str, threshold: float = 0.5, temperature: float = 1.0):
+    def __init__(self, net: DetectorNet, version: str, threshold: float = 0.5, temperature: float = 1.0,
+                 bias: float = 0.0):
         self.net = net.eval()
         self.version = version
         self.threshold = float(threshold)
         self.temperature = float(temperature)
+        self.bias = float(bias)
 
     @torch.no_grad()
     def logits_frames(self, frames: np.ndarray, instructions: list[str], batch: int = 256) -> np.ndarray:
@@ -99,7 +101,8 @@ class LearnedSuccessDetector:
 
     def score_frames(self, frames: np.ndarray, instructions: list[str], batch: int = 256) -> np.ndarray:
         logits = self.logits_frames(frames, instructions, batch)
-        return (1.0 / (1.0 + np.exp(-logits.astype(np.float64) / self.temperature))).astype(np.float32)
+        z = logits.astype(np.float64) / self.temperature + self.bias
+        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
     def last_frames(self, episodes: list[Episode]) -> np.ndarray:
         sensors = self.net.cfg.sensors

@@ -42,7 +42,7 @@ def load_detector(path: str | Path) -> tuple[LearnedSuccessDetector, dict[str, A
     net = DetectorNet(DetectorConfig(**meta.get("config", {})))
     net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
     return LearnedSuccessDetector(net, meta.get("version", Path(path).stem), meta.get("threshold", 0.5),
-                                  meta.get("temperature", 1.0)), meta
+                                  meta.get("temperature", 1.0), meta.get("bias", 0.0)), meta
 
 
 def latest_detector(run_dir: Path) -> Path:
@@ -87,7 +87,8 @@ def build_report(detector: LearnedSuccessDetector, meta: dict[str, Any], episode
     }
     threshold = detector.threshold
     report: dict[str, Any] = {
-        "detector": {"version": detector.version, "threshold": threshold, "temperature": detector.temperature},
+        "detector": {"version": detector.version, "threshold": threshold, "temperature": detector.temperature,
+                     "bias": detector.bias},
         "newest_policy_version": newest, "created": time.time(), "splits": {},
     }
     curves: dict[str, Any] = {}
@@ -191,9 +192,10 @@ def render_html(report: dict[str, Any], curves: dict[str, Any]) -> str:
         + ", ".join(f"{html.escape(t)} {v:.3f}" for t, v in swap["per_task"].items()) + "</p>")
     d = report["detector"]
     head = (f"<p>Detector <b>{html.escape(d['version'])}</b>, threshold {d['threshold']:.3f}, temperature "
-            f"{d['temperature']:.3f}. Newest policy version: {report['newest_policy_version']}. Headline (newest "
-            f"policy): AUROC {_fmt(report['auroc'])}, precision {_fmt(report['precision'])}, recall "
-            f"{_fmt(report['recall'])}, ECE {_fmt(report['ece'])}, swapped-instruction rejection "
+            f"{d['temperature']:.3f}, bias {d['bias']:.3f}. Newest policy version: "
+            f"{report['newest_policy_version']}. Headline (newest policy): AUROC {_fmt(report['auroc'])}, "
+            f"precision {_fmt(report['precision'])}, recall {_fmt(report['recall'])}, ECE {_fmt(report['ece'])}, "
+            f"swapped-instruction rejection "
             f"{_fmt(report['swapped_instruction_rejection'])}.</p>")
     figs = "".join(f"<h2>{html.escape(t)}</h2><img src='{src}'>" for t, src in _plots(report, curves))
     return ("<!doctype html><html><head><meta charset='utf-8'><title>flywheel detector report</title><style>"

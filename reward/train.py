@@ -6,8 +6,8 @@ at the first successful step, so no earlier state is a success), and its last fr
 that names other objects. They teach the detector the exact predicate rather than "the policy looked busy" or "some
 block is on some pad".
 
-A calibration split, kept out of the gradient steps, fits the temperature of P(success) and the threshold for a
-target precision (reward/metrics.py).
+Calibration episodes, kept out of the gradient steps, fit the temperature and bias of P(success) and the threshold
+for a target precision (reward/metrics.py).
 
 Held-out metrics are computed on whole episodes the detector never trained on.
 """
@@ -23,7 +23,7 @@ import torch
 
 from flywheel.contracts import Episode, sensor_inputs
 from reward.detector import DetectorConfig, DetectorNet, LearnedSuccessDetector, init_from_policy
-from reward.metrics import detector_metrics, fit_temperature, threshold_for_precision
+from reward.metrics import detector_metrics, fit_calibration, threshold_for_precision
 
 
 AUX_WEIGHT = 10.0  # position errors are ~0.01-0.04 in MSE; weighted up so grounding leads the judgement
@@ -133,8 +133,9 @@ def train_detector(
     """Train a detector on labelled episodes; report precision / recall / AUROC / ECE on the held-out episodes.
 
     ``init_weights``: a policy's weights to start the encoder from (see ``init_from_policy``).
-    ``calibration_episodes`` (never trained on): fit the temperature there, and with ``target_precision`` > 0 the
-    threshold that reaches it at success rate ``base_rate`` (reward/metrics.py); otherwise ``threshold`` stays.
+    ``calibration_episodes`` (never trained on): fit the temperature and bias there, and with ``target_precision``
+    > 0 the threshold that reaches it at success rate ``base_rate`` (reward/metrics.py); otherwise ``threshold``
+    stays.
     ``checkpoint_dir``: every ``checkpoint_every`` steps the training state is saved there, and a training started
     again with the same data and settings continues from it."""
     torch.manual_seed(seed)
@@ -193,12 +194,12 @@ def train_detector(
     calibration = [ep for ep in calibration_episodes or [] if episode_label(ep) is not None]
     if calibration:
         labels = np.array([episode_label(ep) for ep in calibration], bool)
-        detector.temperature = fit_temperature(detector.logits(calibration), labels)
+        detector.temperature, detector.bias = fit_calibration(detector.logits(calibration), labels)
         if target_precision > 0:
             detector.threshold = threshold_for_precision(detector.score(calibration), labels, target_precision,
                                                          base_rate)
     metrics = evaluate_detector(detector, heldout_episodes)
-    metrics.update(temperature=detector.temperature, threshold=detector.threshold,
+    metrics.update(temperature=detector.temperature, bias=detector.bias, threshold=detector.threshold,
                    calibration_episodes=len(calibration))
     metrics["train_seconds"] = time.time() - start
     metrics["train_examples"] = int(len(ys))

@@ -39,7 +39,7 @@ class Recording(FilteredBCLearner):
         return super().update(episodes)
 
 
-def _loop(tmp_path, detector, learner_cls=Recording, iterations=2, retrain=None, eval_every=1):
+def _loop(tmp_path, detector, learner_cls=Recording, iterations=2, retrain=None, eval_every=1, retrain_every=0):
     cfg, weights, _ = load_policy_checkpoint("base")
     model = SmallVLA(cfg)
     model.load_weights(weights)
@@ -51,10 +51,11 @@ def _loop(tmp_path, detector, learner_cls=Recording, iterations=2, retrain=None,
     state = run_loop(
         rollouts=rollouts, store=store, detector=detector, learner=learner,
         metrics=MetricsSink(tmp_path, {}, mode="disabled"), checkpoints=CheckpointDir(tmp_path / "ckpt", keep=2),
-        budget=Budget(time.time() + 600, max_iterations=iterations), train_seed=lambda i: split_seed("train", 5_000_000 + i),  # layouts it never saw
+        budget=Budget(time.time() + 600, max_iterations=iterations),
+        train_seed=lambda i: split_seed("train", 5_000_000 + i),  # layouts the policy never saw
         eval_seeds=[split_seed("eval", i) for i in range(48)], episodes_per_iteration=48, eval_every=eval_every,
         group_size=2, state=LoopState(),
-        audit_settings=AuditSettings(sample=48, bound=0.15, retrain=retrain),
+        audit_settings=AuditSettings(sample=48, bound=0.15, retrain=retrain, retrain_every=retrain_every),
     )
     return state, learner, store
 
@@ -114,3 +115,30 @@ def test_after_an_alarm_a_regressed_policy_is_rolled_back(tmp_path):
         {"iteration": 2, "from_version": 1, "to_weights_of": 0, "new_version": 2}]
     final = state.evaluations[-1]
     assert final.version == 3 and final.success >= v0.ci95[0]  # restored, then one honest update on top
+
+
+class Noisy(Oracle):
+    """Right more often than not, but with no better than a coin's confidence ordering within each class."""
+
+    def score(self, episodes):
+        rng = np.random.default_rng(len(episodes))
+        truth = np.array([float(ep.ground_truth["success"]) for ep in episodes])
+        return np.clip(0.35 + 0.3 * truth + rng.uniform(-0.3, 0.3, len(truth)), 0, 1).astype(np.float32)
+
+
+def test_periodic_retraining_promotes_a_candidate_only_if_it_judges_the_newest_audit_no_worse(tmp_path):
+    excluded = []
+
+    def retrain(exclude=()):
+        excluded.append(set(exclude))
+        return Oracle(f"detector-{len(excluded) + 1}") if len(excluded) == 1 else Noisy(f"detector-{len(excluded) + 1}")
+
+    state, _, store = _loop(tmp_path, Noisy("detector-1"), iterations=2, retrain=retrain, retrain_every=1)
+    first, second = state.promotions
+    assert first["promoted"] and first["candidate_auroc"] == 1.0 > first["current_auroc"]
+    assert not second["promoted"] and second["candidate_auroc"] < second["current_auroc"] == 1.0
+    assert state.detector_versions == ["detector-1", "detector-2"]  # the oracle kept, the worse one refused
+    # each candidate trained without the audit it was judged on
+    audited = [{ep.id for ep in store.iter() if ep.policy_version == v and any(lab.version == "audit" for lab in
+                                                                             ep.labels)} for v in (0, 1)]
+    assert excluded == audited and all(len(ids) == 48 for ids in audited)

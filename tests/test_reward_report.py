@@ -7,7 +7,7 @@ import pytest
 
 from flywheel.contracts import Label
 from flywheel.store import EpisodeStore
-from reward.metrics import (detector_metrics, expected_calibration_error, fit_temperature, recall_at_fpr,
+from reward.metrics import (detector_metrics, expected_calibration_error, fit_calibration, recall_at_fpr,
                             threshold_for_precision)
 from reward.report import evaluate_run
 from reward.train import swapped_instructions
@@ -34,13 +34,13 @@ def test_ece_is_zero_when_probabilities_come_true_and_large_when_overconfident()
     assert expected_calibration_error(np.full(1000, 0.99), np.r_[np.ones(500), np.zeros(500)]) == pytest.approx(0.49)
 
 
-def test_temperature_scaling_recovers_the_overconfidence_and_keeps_the_order():
+def test_calibration_recovers_overconfidence_and_a_lean_and_keeps_the_order():
     rng = np.random.default_rng(1)
     true_logits = rng.normal(0, 2, 5000)
     labels = rng.uniform(size=5000) < 1 / (1 + np.exp(-true_logits))
-    t = fit_temperature(3.0 * true_logits, labels)  # a detector three times too sure of itself
-    assert t == pytest.approx(3.0, rel=0.1)
-    calibrated = 1 / (1 + np.exp(-3.0 * true_logits / t))
+    t, b = fit_calibration(3.0 * true_logits + 1.5, labels)  # three times too sure, and leaning to "success"
+    assert t == pytest.approx(3.0, rel=0.1) and b == pytest.approx(-0.5, abs=0.1)
+    calibrated = 1 / (1 + np.exp(-((3.0 * true_logits + 1.5) / t + b)))
     assert expected_calibration_error(calibrated, labels) < 0.02
     assert recall_at_fpr(calibrated, labels, 0.05) == recall_at_fpr(3.0 * true_logits, labels, 0.05)
 
