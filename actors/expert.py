@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from actors.tabletop import EFFECTOR_R, MAX_SPEED, TabletopEnv
+from actors.tabletop import BLOCK_HALF, BOWL_R_IN, EFFECTOR_R, MAX_SPEED, PAD_HALF, TabletopEnv
+
+# How far from the true target a near-miss demonstration aims: just outside what counts as success, so the block
+# ends touching the pad, on the bowl's rim, or half off the base block (the failures a detector finds hardest).
+NEAR_MISS = {"push": PAD_HALF + 0.015, "place": BOWL_R_IN + 0.02, "stack": BLOCK_HALF * 1.1,
+             "sort": BOWL_R_IN + 0.02}
 
 
 def _toward(src: np.ndarray, dst: np.ndarray, gain: float = 1.0) -> np.ndarray:
@@ -14,14 +19,24 @@ def _toward(src: np.ndarray, dst: np.ndarray, gain: float = 1.0) -> np.ndarray:
     return v / n if n > 1.0 else v
 
 
-def expert_action(env: TabletopEnv, rng: np.random.Generator | None = None, noise: float = 0.0) -> np.ndarray:
+def expert_action(env: TabletopEnv, rng: np.random.Generator | None = None, noise: float = 0.0,
+                  miss: np.ndarray | None = None) -> np.ndarray:
     """One action for the current state. ``noise`` adds Gaussian motion noise (more varied demonstrations).
 
     Every family but push is the same two moves on ``env.state()``: reach what to act on (a block, a button, a
     drawer's handle) and close on it; then, holding it, carry it to where it must go and let go there (a pressed
-    button or a drawer slid home ends the episode on the way)."""
+    button or a drawer slid home ends the episode on the way).
+
+    ``miss`` (x, y) shifts where the block must go (families in NEAR_MISS): a near-miss demonstration, which puts
+    the block down there once and then keeps the hand still and open."""
     s = env.state()
     eff, block, target = s["effector"], s["block"], s["target"]
+    if miss is not None and s["family"] in NEAR_MISS:
+        if s["family"] == "push" and float(miss @ (block - target)) < 0:
+            miss = -miss  # fall short: a push past the pad would cross it (and succeed) on the way
+        target = np.clip(target + miss, 0.03, 0.97)
+        if not s["holding_target"] and np.hypot(*(block - target)) < 0.03:
+            return np.array([0.0, 0.0, -1.0], np.float32)  # put down where it was aimed: stay clear of it
     if s["family"] != "push":
         if s["holding_target"]:
             move = _toward(eff, target)

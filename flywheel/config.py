@@ -49,6 +49,7 @@ class PolicyConfig:
 @dataclasses.dataclass
 class DetectorConfig:
     demo_episodes: int = 200  # scripted successes to train on
+    near_miss_episodes: int = 200  # scripted near misses (the expert aims just outside success; actors/expert.py)
     policy_episodes: int = 1000  # rollouts of the starting policy (successes and failures), labelled by the simulator
     heldout_fraction: float = 0.25  # of those episodes, kept out of training to measure the detector
     steps: int = 1500

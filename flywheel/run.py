@@ -45,6 +45,7 @@ class RunDirError(RuntimeError):
 DEMO_SEEDS = 0  # pretraining demonstrations (the learner replays the same ones)
 DETECTOR_DEMO_SEEDS = 2_000_000
 DETECTOR_POLICY_SEEDS = 3_000_000
+DETECTOR_NEAR_MISS_SEEDS = 4_000_000
 LOOP_SEEDS = 5_000_000
 
 
@@ -81,15 +82,19 @@ def pretraining_demos(n: int, base_meta: dict, env_kwargs: dict) -> list[Episode
 
 def ground_truth_labelled(episodes: list[Episode]) -> list[Episode]:
     for ep in episodes:
-        source = "demo" if ep.policy_version < 0 else "ground_truth"
+        source = "demo" if ep.policy_version < 0 and not ep.info.get("near_miss") else "ground_truth"
         ep.labels.append(Label(source=source, success=bool(ep.ground_truth["success"]), version="simulator"))
     return episodes
 
 
 def make_detector_data(cfg: DictConfig, rollouts: RolloutGroup, env_kwargs: dict) -> list[Episode]:
-    """Scripted demonstrations and starting-policy rollouts, labelled with the simulator's success."""
+    """Scripted demonstrations, near misses made on purpose (the expert aiming just outside success) and
+    starting-policy rollouts, labelled with the simulator's success."""
     demo_seeds = [split_seed("train", DETECTOR_DEMO_SEEDS + i) for i in range(cfg.detector.demo_episodes)]
     demos = run_episodes(demo_seeds, "train", None, policy_version=-1, **env_kwargs)
+    n_miss = 0 if ":" in cfg.env.family else cfg.detector.near_miss_episodes  # the tabletop's expert only
+    miss_seeds = [split_seed("train", DETECTOR_NEAR_MISS_SEEDS + i) for i in range(n_miss)]
+    demos += run_episodes(miss_seeds, "train", None, policy_version=-1, near_miss=True, **env_kwargs)
     policy_seeds = [split_seed("train", DETECTOR_POLICY_SEEDS + i) for i in range(cfg.detector.policy_episodes)]
     rollouts_eps = rollouts.collect(policy_seeds, "train", sample_seed=7)
     return ground_truth_labelled(demos + rollouts_eps)

@@ -310,3 +310,17 @@ def test_sensors_are_on_when_asked_and_agree_with_the_scene():
     assert set(eps[0].observations) == {"image", "depth", "proprio"}
     with pytest.raises(ValueError, match="at least one camera"):
         TabletopEnv(sensors=("depth",))
+
+
+def test_near_miss_demonstrations_end_just_outside_success():
+    """The expert aiming just off the target (detector hard negatives): place never succeeds and push rarely; the
+    block ends near the target, not anywhere."""
+    eps = run_episodes([split_seed("train", 9_000_000 + i) for i in range(120)], "train", None, policy_version=-1,
+                       near_miss=True)
+    by_task = {t: [ep for ep in eps if ep.task == t] for t in ("push", "place")}
+    assert not any(ep.ground_truth["success"] for ep in by_task["place"])
+    assert np.mean([ep.ground_truth["success"] for ep in by_task["push"]]) < 0.25
+    assert all(ep.info["near_miss"] for ep in eps)
+    final = np.array([ep.extras["aux_positions"][-1] for ep in eps if not ep.ground_truth["success"]])
+    assert np.median(np.hypot(*(final[:, :2] - final[:, 2:]).T)) < 0.12  # near the target: a miss, not a wander
+    assert "near_miss" not in run_episodes([split_seed("train", 0)], "train", None, policy_version=-1)[0].info
