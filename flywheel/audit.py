@@ -1,7 +1,8 @@
 """The audit in the loop: how far the detector's labels can be trusted right now, on the policy it judges now.
 
-Every iteration, a random sample of the freshly labelled episodes is checked against trusted labels (the
-simulator's ground truth here; a human's on a robot). The audit reports, for that policy version:
+Every iteration, a random sample of the freshly labelled episodes is checked against trusted labels
+(``Episode.trusted_success``: the simulator's ground truth here; a human's on a robot). The audit reports, for that
+policy version:
 
 - claimed success (the share the detector calls successes) against audited success (the share that are);
 - audited precision and recall of the detector's labels.
@@ -49,16 +50,6 @@ class AuditResult:
         return out
 
 
-def trusted_success(ep: Episode) -> bool | None:
-    """A human label if there is one, else the simulator's ground truth; None where neither exists."""
-    human = ep.latest_label("human")
-    if human is not None:
-        return human.success
-    if ep.ground_truth and "success" in ep.ground_truth:
-        return bool(ep.ground_truth["success"])
-    return None
-
-
 def audit(episodes: list[Episode], labels: list[Label], sample: int, bound: float,
           rng: np.random.Generator) -> tuple[AuditResult | None, list[tuple[Episode, Label]]]:
     """Check ``sample`` of the episodes' detector ``labels`` against trusted labels.
@@ -66,12 +57,12 @@ def audit(episodes: list[Episode], labels: list[Label], sample: int, bound: floa
     Returns the result (None if no sampled episode has a trusted label) and, for the record, a trusted label for
     each audited episode (source ``ground_truth`` or ``human``, version ``audit``), to be appended to the store:
     these are also what a retrained detector learns from."""
-    candidates = [i for i, ep in enumerate(episodes) if trusted_success(ep) is not None]
+    candidates = [i for i, ep in enumerate(episodes) if ep.trusted_success() is not None]
     if not candidates or sample <= 0:
         return None, []
     chosen = rng.choice(candidates, size=min(sample, len(candidates)), replace=False)
     judged = np.array([labels[i].success for i in chosen], bool)
-    truth = np.array([trusted_success(episodes[i]) for i in chosen], bool)
+    truth = np.array([episodes[i].trusted_success() for i in chosen], bool)
     tp = int((judged & truth).sum())
     result = AuditResult(
         policy_version=int(episodes[chosen[0]].policy_version), detector=labels[chosen[0]].version, n=len(chosen),

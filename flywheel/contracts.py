@@ -87,6 +87,16 @@ class Episode:
         chosen = [lab for lab in self.labels if source is None or lab.source == source]
         return max(chosen, key=lambda lab: lab.created) if chosen else None
 
+    def trusted_success(self) -> bool | None:
+        """The verdict to judge a detector by: the newest label that is not a detector's (a human's, the
+        simulator's, a demonstration marker), else the simulator's ground truth; None where there is neither."""
+        trusted = [lab for lab in self.labels if lab.source != "detector"]
+        if trusted:
+            return max(trusted, key=lambda lab: lab.created).success
+        if self.ground_truth and "success" in self.ground_truth:
+            return bool(self.ground_truth["success"])
+        return None
+
 
 @dataclasses.dataclass(frozen=True)
 class PolicySnapshot:

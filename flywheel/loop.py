@@ -265,7 +265,8 @@ def _audit_and_recover(settings: AuditSettings, rng: np.random.Generator, state:
         state.detector_versions.append(detector.version)
         labels = label_episodes(detector, episodes)  # appended: the first detector's labels stay on record
         store.add_labels([(ep.id, lab) for ep, lab in zip(episodes, labels)])
-        again, _ = audit([ep for ep, _ in record], [labels[episodes.index(ep)] for ep, _ in record], len(record),
+        position = {ep.id: i for i, ep in enumerate(episodes)}
+        again, _ = audit([ep for ep, _ in record], [labels[position[ep.id]] for ep, _ in record], len(record),
                          settings.bound, np.random.default_rng(0))
         row.update({"audit/retrained_detector": len(state.detector_versions) - 1,
                      **({"audit/gap_after_retrain": again.gap} if again else {})})

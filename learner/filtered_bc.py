@@ -15,10 +15,11 @@ import torch
 
 from flywheel.contracts import Episode, PolicySnapshot
 from flywheel.vla.model import SmallVLA
+from learner.base import LearnerBase
 from learner.bc import BCTrainer, ChunkDataset, warmup_cosine
 
 
-class FilteredBCLearner:
+class FilteredBCLearner(LearnerBase):
     """The ``Learner`` contract: ``update(labelled episodes) -> stats``; ``snapshot() -> PolicySnapshot``."""
 
     def __init__(
@@ -62,13 +63,6 @@ class FilteredBCLearner:
     def _trainer(self) -> BCTrainer:
         return BCTrainer(self.model, lr=self.lr, indicator_dropout=self.indicator_dropout,
                          indicator_lr=self.indicator_lr)
-
-    @staticmethod
-    def judged_success(ep: Episode) -> bool:
-        label = ep.latest_label("detector")
-        if label is None:
-            raise ValueError(f"episode {ep.id} has no detector label: label episodes before the update")
-        return label.success
 
     @classmethod
     def advantages(cls, episodes: list[Episode]) -> np.ndarray:
@@ -128,12 +122,6 @@ class FilteredBCLearner:
         self.version += 1
         return {"loss": float(np.mean(losses)) if losses else float("nan"), "buffer_episodes": self.data.num_episodes,
                 **stats}
-
-    def restore(self, weights: dict) -> None:
-        """Roll the policy back to earlier weights (the loop's audit does, after a regression); the result is a
-        new version, so actors pick it up like any other."""
-        self.model.load_weights(weights)
-        self.version += 1
 
     def snapshot(self) -> PolicySnapshot:
         weights = self.model.get_weights()

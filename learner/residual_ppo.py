@@ -26,9 +26,10 @@ from torch import nn
 
 from flywheel.contracts import Episode, PolicySnapshot, sensor_inputs
 from flywheel.vla.model import SmallVLA
+from learner.base import LearnerBase
 
 
-class ResidualPPOLearner:
+class ResidualPPOLearner(LearnerBase):
     """The ``Learner`` contract: ``update(labelled episodes) -> stats``; ``snapshot() -> PolicySnapshot``."""
 
     def __init__(
@@ -59,13 +60,6 @@ class ResidualPPOLearner:
         self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=1e-3)
         self.epochs, self.clip, self.minibatch = ppo_epochs, ppo_clip, ppo_minibatch
         self.gamma, self.lam, self.value_epochs = gamma, gae_lambda, value_epochs
-
-    @staticmethod
-    def judged_success(ep: Episode) -> bool:
-        label = ep.latest_label("detector")
-        if label is None:
-            raise ValueError(f"episode {ep.id} has no detector label: label episodes before the update")
-        return label.success
 
     @torch.no_grad()
     def _features(self, episodes: list[Episode]) -> list[torch.Tensor]:
@@ -142,12 +136,6 @@ class ResidualPPOLearner:
         return {**{k: float(np.mean(v)) for k, v in stats.items()}, "decisions": n,
                 "judged_success": float(np.mean([self.judged_success(ep) for ep in episodes])),
                 "residual_std": float(std.mean()), "residual_gain": float(mean[0, 0].exp())}
-
-    def restore(self, weights: dict) -> None:
-        """Roll the policy back to earlier weights (the loop's audit does, after a regression); the result is a
-        new version, so actors pick it up like any other."""
-        self.model.load_weights(weights)
-        self.version += 1
 
     def snapshot(self) -> PolicySnapshot:
         return PolicySnapshot(version=self.version, weights=self.model.get_weights(),

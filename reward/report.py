@@ -1,8 +1,8 @@
 """``flywheel reward eval``: how far a run's success detector can be trusted, as ``reward/report.json`` and a
 self-contained ``reward/report.html`` (plots inline; no network needed to read it).
 
-The episodes judged are those the detector never trained on nor calibrated with, each against its true label (a
-human or simulator label where there is one, else the simulator's ground truth the store keeps). They are grouped
+The episodes judged are those the detector never trained on nor calibrated with, each against its true label
+(``Episode.trusted_success``: a human or simulator label where there is one, else the ground truth the store keeps). They are grouped
 into splits:
 
 - ``heldout``: the detector's own held-out episodes (its training data's split);
@@ -33,7 +33,7 @@ from flywheel.contracts import Episode
 from flywheel.store import EpisodeStore, atomic_write_bytes
 from reward.detector import DetectorConfig, DetectorNet, LearnedSuccessDetector
 from reward.metrics import detector_metrics, reliability
-from reward.train import episode_label, swapped_instructions
+from reward.train import swapped_instructions
 
 
 def load_detector(path: str | Path) -> tuple[LearnedSuccessDetector, dict[str, Any]]:
@@ -46,22 +46,14 @@ def load_detector(path: str | Path) -> tuple[LearnedSuccessDetector, dict[str, A
 
 
 def latest_detector(run_dir: Path) -> Path:
+    if not (run_dir / "episodes").is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no episodes/ in it): give the run_dir of a "
+                                f"`flywheel run`")
     found = sorted((run_dir / "detector").glob("detector-*.safetensors"), key=lambda p: int(p.stem.split("-")[-1]))
     if not found:
         raise FileNotFoundError(f"{run_dir}/detector holds no detector: train one with "
                                 f"`flywheel reward train run_dir={run_dir}`")
     return found[-1]
-
-
-def true_label(ep: Episode) -> bool | None:
-    """A trusted label (human, simulator, demonstration marker) if the episode has one, else the simulator's
-    ground truth kept in the store; never a detector's own judgement."""
-    trusted = episode_label(ep)
-    if trusted is not None:
-        return trusted
-    if ep.ground_truth and "success" in ep.ground_truth:
-        return bool(ep.ground_truth["success"])
-    return None
 
 
 def _group(scores: np.ndarray, labels: np.ndarray, tasks: list[str], threshold: float) -> dict[str, Any]:
@@ -74,7 +66,7 @@ def build_report(detector: LearnedSuccessDetector, meta: dict[str, Any], episode
                  seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
     """-> (the report, the curves behind its plots). ``episodes``: the run's store, whole."""
     used = set(meta.get("episodes", {}).get("train", [])) | set(meta.get("episodes", {}).get("calibration", []))
-    pool = [ep for ep in episodes if ep.id not in used and true_label(ep) is not None]
+    pool = [ep for ep in episodes if ep.id not in used and ep.trusted_success() is not None]
     if not pool:
         raise ValueError("no labelled episodes that the detector did not train on: nothing to evaluate it with")
     heldout_ids = set(meta.get("episodes", {}).get("heldout", []))
@@ -96,14 +88,15 @@ def build_report(detector: LearnedSuccessDetector, meta: dict[str, Any], episode
         if not eps:
             continue
         scores = detector.score(eps)
-        labels = np.array([true_label(ep) for ep in eps], bool)
+        labels = np.array([ep.trusted_success() for ep in eps], bool)
         report["splits"][name] = _group(scores, labels, [ep.task for ep in eps], threshold)
         curves[name] = {"scores": scores, "labels": labels, "tasks": [ep.task for ep in eps],
                         "reliability": reliability(scores, labels.astype(float))}
 
     # Swapped instructions: the newest policy's successes (any successes, if it has none), asked for something else.
     rng = np.random.default_rng(seed)
-    successes = [ep for ep in splits["newest_policy"] if true_label(ep)] or [ep for ep in pool if true_label(ep)]
+    successes = ([ep for ep in splits["newest_policy"] if ep.trusted_success()]
+                 or [ep for ep in pool if ep.trusted_success()])
     swaps = swapped_instructions(successes, rng, pool=pool)
     chosen = [(ep, text) for ep, text in zip(successes, swaps) if text is not None]
     if chosen:

@@ -33,6 +33,14 @@ def save_policy(path: str | Path, model: SmallVLA, meta: dict[str, Any]) -> Path
 def load_policy_checkpoint(spec: str, as_model: bool = False):
     """-> (VLAConfig, weights, meta), or (SmallVLA, meta) with ``as_model``. Errors say what is wrong and the fix."""
     path = resolve(spec)
+    shipped = sorted(p.name[: -len("_vla.safetensors")] for p in ASSETS.glob("*_vla.safetensors"))
+    if spec.startswith("base:") and not path.exists() and not path.with_suffix(".json").exists():
+        name = spec[len("base:"):]
+        raise CheckpointError(
+            f"there is no shipped base {spec!r}: the shipped ones are policy.checkpoint=base and "
+            + ", ".join(f"base:{n}" for n in shipped if n != "base")
+            + f". To ship one of your own, pretrain it with export=flywheel/assets/{name}_vla.safetensors; anyone can "
+            f"then rebuild it with the command recorded in {name}_vla.json.")
     if spec.startswith("base") and not path.exists():
         raise CheckpointError(
             f"the shipped base checkpoint {path} is missing. Restore it with `git checkout -- "
