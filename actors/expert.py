@@ -6,10 +6,32 @@ import numpy as np
 
 from actors.tabletop import BLOCK_HALF, BOWL_R_IN, EFFECTOR_R, MAX_SPEED, PAD_HALF, TabletopEnv
 
-# How far from the true target a near-miss demonstration aims: just outside what counts as success, so the block
-# ends touching the pad, on the bowl's rim, or half off the base block (the failures a detector finds hardest).
-NEAR_MISS = {"push": PAD_HALF + 0.015, "place": BOWL_R_IN + 0.02, "stack": BLOCK_HALF * 1.1,
-             "sort": BOWL_R_IN + 0.02}
+# Hard examples for the success detector, made on purpose: the cases a detector trained on demonstrations and
+# rollouts alone gets wrong (measured on the newest policy: blocks held over the bowl at time-out called successes,
+# blocks let go just inside the bowl's rim called failures).
+# - near_miss: the block ends just outside what counts as success (touching the pad, on the bowl's rim, half off the
+#   base block): a failure;
+# - near_hit: the block is let go just inside it: a success at the border;
+# - hover: the block is carried over the target and never let go (held at time-out): a failure that looks like one.
+# Offsets from the target's centre, per family; a family not named gets a plain demonstration.
+AIM_OFFSET = {
+    "near_miss": {"push": PAD_HALF + 0.015, "place": BOWL_R_IN + 0.02, "stack": BLOCK_HALF * 1.1,
+                  "sort": BOWL_R_IN + 0.02},
+    "near_hit": {"place": BOWL_R_IN - 0.015, "stack": BLOCK_HALF * 0.6, "sort": BOWL_R_IN - 0.015},
+}
+HOVER_FAMILIES = ("push", "place", "stack", "sort")
+HARD_EXAMPLES = ("near_miss", "near_hit", "hover")
+
+
+def hard_example_plan(kind: str, family: str, angle: float) -> dict | None:
+    """How the expert makes a ``kind`` of hard example (HARD_EXAMPLES) in ``family``: ``expert_action``'s keyword
+    arguments, the offset pointing along ``angle``; None where the kind does not apply to the family."""
+    if kind not in HARD_EXAMPLES:
+        raise ValueError(f"unknown hard example {kind!r}: choose from {HARD_EXAMPLES}")
+    if kind == "hover":
+        return {"hold": True} if family in HOVER_FAMILIES else None
+    r = AIM_OFFSET[kind].get(family)
+    return None if r is None else {"miss": r * np.array([np.cos(angle), np.sin(angle)])}
 
 
 def _toward(src: np.ndarray, dst: np.ndarray, gain: float = 1.0) -> np.ndarray:
@@ -20,27 +42,28 @@ def _toward(src: np.ndarray, dst: np.ndarray, gain: float = 1.0) -> np.ndarray:
 
 
 def expert_action(env: TabletopEnv, rng: np.random.Generator | None = None, noise: float = 0.0,
-                  miss: np.ndarray | None = None) -> np.ndarray:
+                  miss: np.ndarray | None = None, hold: bool = False) -> np.ndarray:
     """One action for the current state. ``noise`` adds Gaussian motion noise (more varied demonstrations).
 
     Every family but push is the same two moves on ``env.state()``: reach what to act on (a block, a button, a
     drawer's handle) and close on it; then, holding it, carry it to where it must go and let go there (a pressed
     button or a drawer slid home ends the episode on the way).
 
-    ``miss`` (x, y) shifts where the block must go (families in NEAR_MISS): a near-miss demonstration, which puts
-    the block down there once and then keeps the hand still and open."""
+    ``miss`` (x, y) shifts where the block must go (families in AIM_OFFSET): a near miss or a near hit, which puts
+    the block down there once and then keeps the hand still and open. ``hold``: grasp the block (push too), carry
+    it over the target and never let go."""
     s = env.state()
     eff, block, target = s["effector"], s["block"], s["target"]
-    if miss is not None and s["family"] in NEAR_MISS:
+    if miss is not None:
         if s["family"] == "push" and float(miss @ (block - target)) < 0:
             miss = -miss  # fall short: a push past the pad would cross it (and succeed) on the way
         target = np.clip(target + miss, 0.03, 0.97)
         if not s["holding_target"] and np.hypot(*(block - target)) < 0.03:
             return np.array([0.0, 0.0, -1.0], np.float32)  # put down where it was aimed: stay clear of it
-    if s["family"] != "push":
+    if s["family"] != "push" or hold:
         if s["holding_target"]:
             move = _toward(eff, target)
-            grip = 1.0 if np.hypot(*(target - eff)) > 0.02 else -1.0  # release over the bowl
+            grip = 1.0 if hold or np.hypot(*(target - eff)) > 0.02 else -1.0  # release over the bowl
         else:
             move = _toward(eff, block)
             near = np.hypot(*(block - eff)) < 0.02

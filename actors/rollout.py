@@ -36,11 +36,11 @@ def _parallel_limit() -> int:
     return MAX_PARALLEL
 
 
-def scripted_action(env: gym.Env, rng: np.random.Generator, noise: float, miss: np.ndarray | None = None) -> np.ndarray:
+def scripted_action(env: gym.Env, rng: np.random.Generator, noise: float, plan: dict | None = None) -> np.ndarray:
     """The scripted expert's action: the environment's own ``expert_action`` if it has one, else the tabletop's
-    (``miss``: aim that far off the target, actors/expert.py)."""
+    (``plan``: how to make a hard example, actors/expert.py hard_example_plan)."""
     own = getattr(env, "expert_action", None)
-    return own(rng, noise) if own is not None else expert_action(env, rng, noise, miss)
+    return own(rng, noise) if own is not None else expert_action(env, rng, noise, **(plan or {}))
 
 
 def run_episodes(
@@ -58,7 +58,7 @@ def run_episodes(
     max_steps: int = 40,
     execute: int = 4,
     expert_noise: float = 0.1,
-    near_miss: bool = False,
+    hard: str | None = None,
     sample_seed: int = 0,
     make_env: Callable[..., gym.Env] = make_env,
 ) -> list[Episode]:
@@ -67,14 +67,15 @@ def run_episodes(
     With ``policy=None`` the scripted expert acts (demonstrations, ``policy_version`` should be -1). Otherwise the
     policy is called once per ``execute`` steps on the batch of still-running environments and the first
     ``execute`` actions of each chunk are applied (receding horizon). ``sample_seed`` seeds the policy's sampling
-    noise, so a rollout is reproducible given its seeds.
+    noise, so a rollout is reproducible given its seeds. ``hard`` (expert only): make that kind of hard example for
+    the detector (actors/expert.py HARD_EXAMPLES); ``info["hard"]`` names it where it applied.
     """
     if not seeds:
         return []
     if ":" in family and len(seeds) > _parallel_limit():  # third-party envs are heavy: step them in waves
         kwargs = dict(policy_version=policy_version, family=family, phrasing=phrasing, combos=combos,
                       randomize=randomize, sensors=sensors, image_size=image_size, max_steps=max_steps,
-                      execute=execute, expert_noise=expert_noise, near_miss=near_miss, make_env=make_env)
+                      execute=execute, expert_noise=expert_noise, hard=hard, make_env=make_env)
         n = _parallel_limit()
         return [ep for w in range(0, len(seeds), n)
                 for ep in run_episodes(seeds[w:w + n], split, policy, sample_seed=sample_seed + 7919 * w, **kwargs)]
@@ -96,14 +97,14 @@ def run_episodes(
     chunk_steps: list[list[int]] = [[] for _ in seeds]
     drawn: list[dict[str, list[np.ndarray]]] = [{} for _ in seeds]  # the policy's other draws per chunk, if any
     rng = np.random.default_rng(sample_seed)
-    # Near misses: the expert aims just outside success, each episode in its own direction (actors/expert.py).
-    misses = [None] * len(seeds)
-    if near_miss and policy is None:
-        from actors.expert import NEAR_MISS
+    # Hard examples: the expert aims just off (or just inside) success, each episode in its own direction, or never
+    # lets go (actors/expert.py).
+    plans: list[dict | None] = [None] * len(seeds)
+    if hard is not None and policy is None:
+        from actors.expert import hard_example_plan
 
         angles = rng.uniform(0, 2 * np.pi, len(seeds))
-        misses = [NEAR_MISS.get(info["family"], 0.0) * np.array([np.cos(a), np.sin(a)]) for a, (_, info) in
-                  zip(angles, first)]
+        plans = [hard_example_plan(hard, info["family"], a) for a, (_, info) in zip(angles, first)]
     chunk: np.ndarray | None = None
     call = 0
     sensors = getattr(policy, "sensors", ("overhead",))
@@ -126,7 +127,7 @@ def run_episodes(
                 for k, v in getattr(policy, "last_extras", {}).items():
                     drawn[i].setdefault(k, []).append(v[row])
             for k in range(execute if policy is not None else 1):
-                a = chunk[row, k] if policy is not None else scripted_action(env, rng, expert_noise, misses[i])
+                a = chunk[row, k] if policy is not None else scripted_action(env, rng, expert_noise, plans[i])
                 obs, _, term, trunc, info = env.step(a)
                 for k, v in obs.items():
                     observed[i][k].append(v)
@@ -161,7 +162,7 @@ def run_episodes(
             )},
             ground_truth={"success": bool(infos[i]["success"])},
             info={"created": now, "max_steps": max_steps, "execute": execute, "phrasing": phrasing, "combos": combos,
-                  **({"near_miss": True} if misses[i] is not None else {}),
+                  **({"hard": hard} if plans[i] is not None else {}),
                   "combo_heldout": bool(infos[i].get("combo_heldout", False)),
                   "kind": infos[i].get("kind", infos[i]["family"]), "named": list(infos[i].get("named", [])),
                   "randomization": first[i][1].get("randomization", {})},

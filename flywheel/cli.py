@@ -123,7 +123,7 @@ def cmd_reward_train(overrides: list[str]) -> int:
         def on_step(step, steps, loss):
             progress.update(task, completed=step, info=f"loss {loss:.4f}")
 
-        _, metrics = train_reward(cfg, say=lambda m: progress.console.print(m), progress=on_step)
+        _, metrics = train_reward(cfg, say=lambda m: progress.console.print(m), progress=on_step, offline=True)
     console.print(json.dumps(metrics, indent=2))
     return 0
 

@@ -49,7 +49,10 @@ class PolicyConfig:
 @dataclasses.dataclass
 class DetectorConfig:
     demo_episodes: int = 200  # scripted successes to train on
-    near_miss_episodes: int = 200  # scripted near misses (the expert aims just outside success; actors/expert.py)
+    # Hard examples made on purpose (actors/expert.py HARD_EXAMPLES), on the built-in tabletop only:
+    near_miss_episodes: int = 200  # the block put just outside success (touching the pad, on the bowl's rim)
+    near_hit_episodes: int = 100  # the block let go just inside success (inside the bowl's rim)
+    hover_episodes: int = 100  # the block carried over the target and held there until time-out
     policy_episodes: int = 1000  # rollouts of the starting policy (successes and failures), labelled by the simulator
     heldout_fraction: float = 0.25  # of those episodes, kept out of training to measure the detector
     steps: int = 1500
@@ -64,6 +67,9 @@ class DetectorConfig:
     #                                    P(success) and the threshold; 0: the held-out episodes serve (a split of
     #                                    0.15 cost ~0.03 AUROC on 450 episodes)
     init_from_policy: bool = True  # start the detector's encoder from the starting policy's (it already grounds)
+    window: int = 3  # frames judged together (the last and those before it, `stride` steps apart): a hand that has
+    #                  just let go differs from one still holding the block over the target
+    stride: int = 2
     augment: bool = True  # flips/transposes of the frame: valid for a top-down camera; turn off for other views
 
 

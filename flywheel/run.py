@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from actors.ray_actors import RolloutGroup, vla_policy_factory
 from actors.rollout import run_episodes
+from actors.expert import HARD_EXAMPLES
 from actors.tabletop import split_seed
 from flywheel.checkpoint import CheckpointDir, numpy_state, save_weights
 from flywheel.config import ConfigError, to_dict
@@ -34,8 +35,8 @@ from flywheel.store import EpisodeStore, atomic_write_bytes
 from flywheel.vla.checkpoint import load_policy_checkpoint
 from flywheel.vla.model import SmallVLA
 from learner.registry import ALGORITHMS, make_learner
-from reward.detector import DetectorConfig
-from reward.train import episode_label, train_detector
+from reward.detector import DetectorNetConfig
+from reward.train import train_detector
 
 class RunDirError(RuntimeError):
     """A run directory that cannot be used for a new run."""
@@ -45,7 +46,7 @@ class RunDirError(RuntimeError):
 DEMO_SEEDS = 0  # pretraining demonstrations (the learner replays the same ones)
 DETECTOR_DEMO_SEEDS = 2_000_000
 DETECTOR_POLICY_SEEDS = 3_000_000
-DETECTOR_NEAR_MISS_SEEDS = 4_000_000
+DETECTOR_HARD_SEEDS = 4_000_000  # + 100,000 per kind of hard example
 LOOP_SEEDS = 5_000_000
 
 
@@ -82,19 +83,23 @@ def pretraining_demos(n: int, base_meta: dict, env_kwargs: dict) -> list[Episode
 
 def ground_truth_labelled(episodes: list[Episode]) -> list[Episode]:
     for ep in episodes:
-        source = "demo" if ep.policy_version < 0 and not ep.info.get("near_miss") else "ground_truth"
+        made_on_purpose = ep.info.get("hard") or ep.info.get("near_miss")  # (stores before 2026-11-21: near_miss)
+        source = "demo" if ep.policy_version < 0 and not made_on_purpose else "ground_truth"
         ep.labels.append(Label(source=source, success=bool(ep.ground_truth["success"]), version="simulator"))
     return episodes
 
 
 def make_detector_data(cfg: DictConfig, rollouts: RolloutGroup, env_kwargs: dict) -> list[Episode]:
-    """Scripted demonstrations, near misses made on purpose (the expert aiming just outside success) and
-    starting-policy rollouts, labelled with the simulator's success."""
+    """Scripted demonstrations, hard examples made on purpose (the expert putting the block just outside or just
+    inside success, or holding it over the target; actors/expert.py) and starting-policy rollouts, labelled with the
+    simulator's success."""
     demo_seeds = [split_seed("train", DETECTOR_DEMO_SEEDS + i) for i in range(cfg.detector.demo_episodes)]
     demos = run_episodes(demo_seeds, "train", None, policy_version=-1, **env_kwargs)
-    n_miss = 0 if ":" in cfg.env.family else cfg.detector.near_miss_episodes  # the tabletop's expert only
-    miss_seeds = [split_seed("train", DETECTOR_NEAR_MISS_SEEDS + i) for i in range(n_miss)]
-    demos += run_episodes(miss_seeds, "train", None, policy_version=-1, near_miss=True, **env_kwargs)
+    if ":" not in cfg.env.family:  # the tabletop's expert makes them; third-party experts do not
+        for k, kind in enumerate(HARD_EXAMPLES):
+            n = getattr(cfg.detector, f"{kind}_episodes")
+            seeds = [split_seed("train", DETECTOR_HARD_SEEDS + 100_000 * k + i) for i in range(n)]
+            demos += run_episodes(seeds, "train", None, policy_version=-1, hard=kind, **env_kwargs)
     policy_seeds = [split_seed("train", DETECTOR_POLICY_SEEDS + i) for i in range(cfg.detector.policy_episodes)]
     rollouts_eps = rollouts.collect(policy_seeds, "train", sample_seed=7)
     return ground_truth_labelled(demos + rollouts_eps)
@@ -102,8 +107,15 @@ def make_detector_data(cfg: DictConfig, rollouts: RolloutGroup, env_kwargs: dict
 
 def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: RolloutGroup | None = None,
                  store: EpisodeStore | None = None, policy_weights: dict | None = None,
-                 policy_sensors: tuple[str, ...] | None = None, progress=None, exclude=()):
+                 policy_sensors: tuple[str, ...] | None = None, progress=None, exclude=(), offline: bool = False):
     """Train a success detector on the run's labelled episodes (made first if the store has none).
+
+    In the loop (``offline=False``) it trains on the episodes that carry a label (a human's, the simulator's, a
+    demonstration marker: the audit's budget of labels, never the simulator's record of every episode) and holds
+    out a random share, so a retrain learns from the newest audit. ``flywheel reward train`` (``offline=True``) is
+    the reward-model workflow: every episode whose truth is known (``Episode.trusted_success``, which includes the
+    simulator's record) trains it, and the newest policy's episodes are held out: trained on older policies,
+    validated on the newest, as the detector will be used.
 
     Writes ``run_dir/detector/<version>.safetensors`` and ``run_dir/detector/metrics.json``; returns
     (detector, held-out metrics). Interrupted, it continues where it stopped when started again
@@ -116,7 +128,9 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
         vla_cfg, checkpoint_weights, _ = load_policy_checkpoint(cfg.policy.checkpoint)
         policy_weights = checkpoint_weights if policy_weights is None else policy_weights
         policy_sensors = vla_cfg.sensors if policy_sensors is None else policy_sensors
-    data = [ep for ep in store.iter(with_ground_truth=True) if episode_label(ep) is not None and ep.id not in exclude]
+    known = (lambda ep: ep.trusted_success() is not None) if offline else (
+        lambda ep: any(lab.source != "detector" for lab in ep.labels))
+    data = [ep for ep in store.iter(with_ground_truth=True) if known(ep) and ep.id not in exclude]
     if not data:
         say("detector: collecting labelled episodes (demonstrations + starting-policy rollouts)")
         if rollouts is None:
@@ -127,8 +141,15 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
             store.add(ep)
     previous = sorted((run_dir / "detector").glob("detector-*.safetensors"))
     version = f"detector-{len(previous) + 1}"
-    order = np.random.default_rng(cfg.seed).permutation(len(data))
-    n_held = int(round(len(data) * cfg.detector.heldout_fraction))
+    newest = max(ep.policy_version for ep in data)
+    if offline and newest > 0:  # train on older policies, validate on the newest
+        data = sorted(data, key=lambda ep: ep.policy_version == newest)
+        n_held = sum(ep.policy_version == newest for ep in data)
+        order = np.concatenate([np.arange(len(data) - n_held, len(data)),
+                                np.random.default_rng(cfg.seed).permutation(len(data) - n_held)])
+    else:
+        order = np.random.default_rng(cfg.seed).permutation(len(data))
+        n_held = int(round(len(data) * cfg.detector.heldout_fraction))
     n_cal = int(round((len(data) - n_held) * cfg.detector.calibration_fraction))
     held = [data[i] for i in order[:n_held]]
     # Without a calibration split of its own, the held-out episodes fit the temperature (and threshold): no training
@@ -136,15 +157,18 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
     calibration = [data[i] for i in order[n_held:n_held + n_cal]] if n_cal else held
     train = [data[i] for i in order[n_held + n_cal:]]
     # The starting policy's success rate: the mix of successes the detector will judge, which sets its precision.
-    rollouts_ok = [episode_label(ep) for ep in data if ep.policy_version >= 0]
+    rollouts_ok = [ep.trusted_success() for ep in data if ep.policy_version >= 0]
     base_rate = float(np.mean(rollouts_ok)) if rollouts_ok else None
-    say(f"detector: training {version} on {len(train)} episodes, {n_held} held out, calibrated on "
+    held_what = f"the newest policy's (v{newest})" if offline and newest > 0 else "at random"
+    say(f"detector: training {version} on {len(train)} episodes, {n_held} held out ({held_what}), calibrated on "
         + (f"{n_cal} others" if n_cal else "the held-out ones"))
     init = policy_weights if cfg.detector.init_from_policy else None
     detector, det_metrics = train_detector(
         train, held, version=version, steps=cfg.detector.steps, batch_size=cfg.detector.batch_size,
         lr=cfg.detector.lr, seed=cfg.seed, threshold=cfg.detector.threshold, init_weights=init,
-        augment=cfg.detector.augment, cfg=DetectorConfig(image_size=cfg.env.image_size, sensors=policy_sensors),
+        augment=cfg.detector.augment, cfg=DetectorNetConfig(image_size=cfg.env.image_size, sensors=policy_sensors,
+                                                               window=cfg.detector.window, stride=cfg.detector.stride,
+                                                               horizon=cfg.env.max_steps),
         calibration_episodes=calibration, target_precision=cfg.detector.target_precision, base_rate=base_rate,
         checkpoint_dir=run_dir / "detector" / f"{version}.partial", progress=progress,
     )

@@ -1,4 +1,8 @@
-"""A learned success detector: the last frame of an episode + its instruction -> P(success).
+"""A learned success detector: a window of an episode's last frames (every camera that is on) + its instruction ->
+P(success).
+
+The window shows what one frame cannot: a hand that has just let go of the block over the bowl, against one still
+holding it there at time-out (from above they differ only in the ring's shade).
 
 It reuses the VLA's vision-language encoder (instruction tokens cross-attending over image patches), and starts from
 the starting policy's encoder weights, because judging "is the *red* block on the *green* pad" is the same
@@ -15,13 +19,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from flywheel.contracts import Episode, sensor_inputs
+from flywheel.contracts import Episode, image_channels, sensor_inputs
 from flywheel.vla.model import VisionLanguageEncoder, VLAConfig
 from flywheel.vla.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass
-class DetectorConfig:
+class DetectorNetConfig:
+    """The detector network's shape (the run's detector settings are flywheel/config.py DetectorConfig)."""
+
     image_size: int = 64
     patch: int = 8
     dim: int = 64
@@ -30,19 +36,22 @@ class DetectorConfig:
     trunk_layers: int = 2
     max_tokens: int = 12
     sensors: tuple[str, ...] = ("overhead",)  # the cameras it judges from (flywheel/contracts.py sensor_inputs)
+    window: int = 1  # frames judged together: the judged step and the window - 1 before it, ``stride`` apart
+    stride: int = 2
+    horizon: int = 40  # the progress head's steps-to-go bins: 0 .. horizon, and one more for "not before the end"
 
     def __post_init__(self):
         self.sensors = tuple(s for s in self.sensors if s != "touch")  # it has no proprioception
 
 
 class DetectorNet(nn.Module):
-    def __init__(self, cfg: DetectorConfig | None = None):
+    def __init__(self, cfg: DetectorNetConfig | None = None):
         super().__init__()
-        self.cfg = cfg or DetectorConfig()
+        self.cfg = cfg or DetectorNetConfig()
         c = self.cfg
         enc_cfg = VLAConfig(
             image_size=c.image_size, patch=c.patch, dim=c.dim, heads=c.heads, ground_layers=c.ground_layers,
-            trunk_layers=c.trunk_layers, max_tokens=c.max_tokens, sensors=c.sensors,
+            trunk_layers=c.trunk_layers, max_tokens=c.max_tokens, sensors=c.sensors, frames=c.window,
         )
         self.tokenizer = Tokenizer(c.max_tokens)
         self.encoder = VisionLanguageEncoder(enc_cfg, self.tokenizer.vocab_size, use_proprio=False)
@@ -53,28 +62,68 @@ class DetectorNet(nn.Module):
         # The success head reads the context plus those positions, their offset and distance: "is the named block
         # on the named target" is then close to a linear decision once grounding is learned.
         self.head = nn.Sequential(nn.Linear(self.encoder.out_dim + 9, c.dim), nn.GELU(), nn.Linear(c.dim, 1))
+        # Progress: a distribution over steps to success (0 .. horizon, or not before the episode ends), read from
+        # the same features. Its expectation is a value the learner can shape with (progress_value).
+        self.progress_head = nn.Sequential(nn.Linear(self.encoder.out_dim + 9, c.dim), nn.GELU(),
+                                           nn.Linear(c.dim, c.horizon + 2))
 
-    def forward(self, images: torch.Tensor, ids: torch.Tensor, with_aux: bool = False):
-        """images uint8 (B,H,W,3), ids int64 (B,L) -> success logits (B,) [, predicted positions (B,4)]."""
+    def features(self, images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (features both heads read, predicted positions of the named block and target (B,4))."""
         ctx = self.encoder(images, ids)
         pos = self.aux_head(ctx[:, self.keypoint_start :])
         rel = pos[:, :2] - pos[:, 2:]
-        feats = torch.cat([ctx, pos, rel, rel.abs(), rel.norm(dim=-1, keepdim=True)], dim=-1)
+        return torch.cat([ctx, pos, rel, rel.abs(), rel.norm(dim=-1, keepdim=True)], dim=-1), pos
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, with_aux: bool = False):
+        """images uint8 (B,H,W,C), ids int64 (B,L) -> success logits (B,) [, predicted positions (B,4), progress
+        logits (B, horizon + 2)]."""
+        feats, pos = self.features(images, ids)
         logits = self.head(feats).squeeze(-1)
-        return (logits, pos) if with_aux else logits
+        return (logits, pos, self.progress_head(feats)) if with_aux else logits
+
+    def progress_value(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """1 - E[steps to go] / (horizon + 1), in [0, 1]: 1 at success, 0 where success is not expected before the
+        episode ends."""
+        probs = self.progress_head(self.features(images, ids)[0]).softmax(-1)
+        steps = torch.arange(probs.shape[-1], dtype=probs.dtype)
+        return 1.0 - (probs * steps).sum(-1) / (probs.shape[-1] - 1)
+
+
+def window_frames(observations: dict[str, np.ndarray], sensors: tuple[str, ...], t: int, window: int = 1,
+                  stride: int = 2) -> np.ndarray:
+    """The frames a detector judges step ``t`` (>= 0) by: steps t, t - stride, ... (``window`` of them, clamped at
+    the first step), newest first, stacked on the channels: uint8 (H, W, channels x window)."""
+    steps = [max(0, t - k * stride) for k in range(window)]
+    frames = sensor_inputs(observations, sensors, steps)[0]  # (window, H, W, C)
+    return np.concatenate(list(frames), axis=-1) if window > 1 else frames[0]
 
 
 def init_from_policy(net: DetectorNet, policy_weights: dict[str, np.ndarray]) -> int:
-    """Start the detector's encoder from a policy's encoder (every tensor whose name and shape match).
+    """Start the detector's encoder from a policy's encoder (every tensor whose name matches).
 
     The policy has already learned to find the objects an instruction names; the detector then only learns the
-    judgement. Returns the number of tensors copied.
+    judgement. The tensors that read pixels have more input channels with a window of frames: the policy's weights
+    go to the newest frame's channels (and the coordinate planes), zeros to the older frames', so the detector
+    starts by judging the newest frame as the policy sees it. Returns the number of tensors copied.
     """
     own = net.encoder.state_dict()
+    channels = image_channels(net.cfg.sensors)
     copied = {}
     for name, value in policy_weights.items():
-        if name.startswith("encoder.") and name[8:] in own and tuple(own[name[8:]].shape) == tuple(value.shape):
-            copied[name[8:]] = torch.from_numpy(np.array(value))
+        key = name[8:]
+        if not name.startswith("encoder.") or key not in own:
+            continue
+        value = torch.from_numpy(np.array(value))
+        target = own[key]
+        if tuple(target.shape) != tuple(value.shape):
+            if target.ndim < 2 or target.shape[0] != value.shape[0] or value.shape[1] not in (channels, channels + 2):
+                continue
+            widened = torch.zeros_like(target)
+            widened[:, :channels] = value[:, :channels]
+            if value.shape[1] == channels + 2:  # the x/y coordinate planes come last
+                widened[:, -2:] = value[:, -2:]
+            value = widened
+        copied[key] = value
     net.encoder.load_state_dict(copied, strict=False)
     return len(copied)
 
@@ -104,14 +153,26 @@ class LearnedSuccessDetector:
         z = logits.astype(np.float64) / self.temperature + self.bias
         return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
+    def frames(self, ep: Episode, t: int) -> np.ndarray:
+        """The window of ``ep``'s frames this detector judges step ``t`` by."""
+        c = self.net.cfg
+        return window_frames(ep.observations, c.sensors, t, c.window, c.stride)
+
     def last_frames(self, episodes: list[Episode]) -> np.ndarray:
-        sensors = self.net.cfg.sensors
-        return np.stack([sensor_inputs(ep.observations, sensors, -1)[0] for ep in episodes]) if episodes \
-            else np.zeros((0,))
+        return np.stack([self.frames(ep, ep.num_steps) for ep in episodes]) if episodes else np.zeros((0,))
 
     def logits(self, episodes: list[Episode], instructions: list[str] | None = None) -> np.ndarray:
-        """Raw logits of each episode's last frame, under its own instruction or the ``instructions`` given."""
+        """Raw logits of each episode's last window, under its own instruction or the ``instructions`` given."""
         return self.logits_frames(self.last_frames(episodes), instructions or [ep.instruction for ep in episodes])
+
+    @torch.no_grad()
+    def progress(self, ep: Episode, steps: np.ndarray | None = None, batch: int = 256) -> np.ndarray:
+        """The progress head's value (DetectorNet.progress_value) at ``steps`` of ``ep`` (default: every frame)."""
+        steps = np.arange(ep.num_steps + 1) if steps is None else np.asarray(steps)
+        frames = np.stack([self.frames(ep, int(t)) for t in steps])
+        ids = torch.from_numpy(self.net.tokenizer([ep.instruction] * len(steps))[0])
+        return np.concatenate([self.net.progress_value(torch.from_numpy(frames[i:i + batch]), ids[i:i + batch])
+                               .numpy() for i in range(0, len(steps), batch)])
 
     def score(self, episodes: list[Episode], instructions: list[str] | None = None) -> np.ndarray:
         """P(success) of each episode, under its own instruction or the ``instructions`` given (a swapped one)."""

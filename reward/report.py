@@ -12,7 +12,9 @@ into splits:
 - ``swapped_instruction``: the newest policy's successes judged under an instruction that names other objects
   (reward/train.py swapped_instructions); ``rejection`` is the share the detector calls failures, as it should.
 
-Each split is reported whole and per task family, with the figures of reward/metrics.py detector_metrics.
+Each split is reported whole and per task family, with the figures of reward/metrics.py detector_metrics, and the
+progress head's value-order correlation ``voc``: over the split's successful episodes, the mean Spearman
+correlation between the head's progress and time (1: progress only ever rises toward success).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from flywheel.checkpoint import load_weights
 from flywheel.contracts import Episode
 from flywheel.store import EpisodeStore, atomic_write_bytes
-from reward.detector import DetectorConfig, DetectorNet, LearnedSuccessDetector
+from reward.detector import DetectorNet, DetectorNetConfig, LearnedSuccessDetector
 from reward.metrics import detector_metrics, reliability
 from reward.train import swapped_instructions
 
@@ -39,8 +41,14 @@ from reward.train import swapped_instructions
 def load_detector(path: str | Path) -> tuple[LearnedSuccessDetector, dict[str, Any]]:
     """A detector checkpoint written by a run (``run_dir/detector/detector-N.safetensors``) -> (detector, meta)."""
     weights, meta = load_weights(path)
-    net = DetectorNet(DetectorConfig(**meta.get("config", {})))
-    net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+    net = DetectorNet(DetectorNetConfig(**meta.get("config", {})))
+    missing, unexpected = net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()},
+                                              strict=False)
+    if unexpected or any(not k.startswith("progress_head.") for k in missing):
+        raise ValueError(f"{path} is not a detector of this shape (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}): give a checkpoint written by `flywheel run` or `flywheel reward train`")
+    # A detector from before the progress head has none: it reports no VOC.
+    meta = {**meta, "progress_head": not missing}
     return LearnedSuccessDetector(net, meta.get("version", Path(path).stem), meta.get("threshold", 0.5),
                                   meta.get("temperature", 1.0), meta.get("bias", 0.0)), meta
 
@@ -56,10 +64,28 @@ def latest_detector(run_dir: Path) -> Path:
     return found[-1]
 
 
-def _group(scores: np.ndarray, labels: np.ndarray, tasks: list[str], threshold: float) -> dict[str, Any]:
-    return {"all": detector_metrics(scores, labels, threshold),
-            "per_task": {t: detector_metrics(scores[[x == t for x in tasks]], labels[[x == t for x in tasks]],
-                                             threshold) for t in sorted(set(tasks))}}
+def value_order_correlation(detector: LearnedSuccessDetector, episode: Episode, frames: int = 16) -> float | None:
+    """Spearman correlation between the progress head's value and time over ``frames`` evenly spaced steps of the
+    episode; None where it is undefined (too short, or a constant value)."""
+    from scipy.stats import spearmanr
+
+    steps = np.unique(np.linspace(0, episode.num_steps, frames).round().astype(int))
+    if len(steps) < 3:
+        return None
+    rho = spearmanr(steps, detector.progress(episode, steps)).statistic
+    return None if np.isnan(rho) else float(rho)
+
+
+def _group(scores: np.ndarray, labels: np.ndarray, tasks: list[str], threshold: float,
+           voc: list[float | None]) -> dict[str, Any]:
+    def figures(keep: np.ndarray) -> dict[str, Any]:
+        rhos = [v for v, k in zip(voc, keep) if k and v is not None]
+        return {**detector_metrics(scores[keep], labels[keep], threshold),
+                "voc": float(np.mean(rhos)) if rhos else None, "voc_episodes": len(rhos)}
+
+    tasks_a = np.array(tasks)
+    return {"all": figures(np.ones(len(tasks), bool)),
+            "per_task": {t: figures(tasks_a == t) for t in sorted(set(tasks))}}
 
 
 def build_report(detector: LearnedSuccessDetector, meta: dict[str, Any], episodes: list[Episode],
@@ -89,7 +115,9 @@ def build_report(detector: LearnedSuccessDetector, meta: dict[str, Any], episode
             continue
         scores = detector.score(eps)
         labels = np.array([ep.trusted_success() for ep in eps], bool)
-        report["splits"][name] = _group(scores, labels, [ep.task for ep in eps], threshold)
+        progress = meta.get("progress_head", True)
+        voc = [value_order_correlation(detector, ep) if ok and progress else None for ep, ok in zip(eps, labels)]
+        report["splits"][name] = _group(scores, labels, [ep.task for ep in eps], threshold, voc)
         curves[name] = {"scores": scores, "labels": labels, "tasks": [ep.task for ep in eps],
                         "reliability": reliability(scores, labels.astype(float))}
 
@@ -107,7 +135,7 @@ def build_report(detector: LearnedSuccessDetector, meta: dict[str, Any], episode
             "rejection": float(rejected.mean()), "n": len(chosen),
             "per_task": {t: float(rejected[[x == t for x in tasks]].mean()) for t in sorted(set(tasks))}}
     headline = report["splits"].get("newest_policy", {}).get("all", {})
-    report.update({k: headline.get(k) for k in ("auroc", "precision", "recall", "ece")})
+    report.update({k: headline.get(k) for k in ("auroc", "precision", "recall", "ece", "voc")})
     report["swapped_instruction_rejection"] = report["splits"].get("swapped_instruction", {}).get("rejection")
     return report, curves
 
@@ -171,7 +199,7 @@ def _fmt(v: Any) -> str:
 
 def render_html(report: dict[str, Any], curves: dict[str, Any]) -> str:
     cols = ["n", "positives", "auroc", "auprc", "precision", "recall", "f1", "balanced_accuracy",
-            "recall_at_1pct_fpr", "recall_at_5pct_fpr", "ece", "brier"]
+            "recall_at_1pct_fpr", "recall_at_5pct_fpr", "ece", "brier", "voc"]
     rows = []
     for split, body in report["splits"].items():
         if split == "swapped_instruction":
@@ -189,7 +217,8 @@ def render_html(report: dict[str, Any], curves: dict[str, Any]) -> str:
             f"{report['newest_policy_version']}. Headline (newest policy): AUROC {_fmt(report['auroc'])}, "
             f"precision {_fmt(report['precision'])}, recall {_fmt(report['recall'])}, ECE {_fmt(report['ece'])}, "
             f"swapped-instruction rejection "
-            f"{_fmt(report['swapped_instruction_rejection'])}.</p>")
+            f"{_fmt(report['swapped_instruction_rejection'])}, progress value-order correlation "
+            f"{_fmt(report['voc'])}.</p>")
     figs = "".join(f"<h2>{html.escape(t)}</h2><img src='{src}'>" for t, src in _plots(report, curves))
     return ("<!doctype html><html><head><meta charset='utf-8'><title>flywheel detector report</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"

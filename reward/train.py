@@ -16,25 +16,29 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
 
-from flywheel.contracts import Episode, sensor_inputs
-from reward.detector import DetectorConfig, DetectorNet, LearnedSuccessDetector, init_from_policy
+from flywheel.contracts import Episode
+from reward.detector import DetectorNet, DetectorNetConfig, LearnedSuccessDetector, init_from_policy, window_frames
 from reward.metrics import detector_metrics, fit_calibration, threshold_for_precision
 
 
 AUX_WEIGHT = 10.0  # position errors are ~0.01-0.04 in MSE; weighted up so grounding leads the judgement
+PROGRESS_WEIGHT = 0.5  # the progress head's cross-entropy, beside the success head's
 
 
-def episode_label(ep: Episode) -> bool | None:
-    """The label to train on: the newest non-detector label (human > ground truth > demo marker, by recency)."""
-    trusted = [lab for lab in ep.labels if lab.source != "detector"]
-    if trusted:
-        return max(trusted, key=lambda lab: lab.created).success
-    return None
+class Examples(NamedTuple):
+    """What the detector trains on, one row per example."""
+
+    frames: np.ndarray  # uint8 (N, H, W, channels): a window of frames (reward/detector.py window_frames)
+    texts: list[str]  # the instruction it is judged under
+    labels: np.ndarray  # float32 (N,): success at that step; NaN where only the progress head trains on it
+    aux: np.ndarray  # float32 (N, 4): the named block's and target's true positions, where recorded
+    has_aux: np.ndarray  # float32 (N,)
+    to_go: np.ndarray  # int64 (N,): steps to success (horizon + 1: not before the end); -1 where unknown
 
 
 def swapped_instructions(episodes: list[Episode], rng: np.random.Generator,
@@ -58,36 +62,43 @@ def swapped_instructions(episodes: list[Episode], rng: np.random.Generator,
 
 def detector_examples(
     episodes: list[Episode], rng: np.random.Generator, hard_negatives: bool = True,
-    sensors: tuple[str, ...] = ("overhead",),
-) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """(frames uint8 (N,H,W,channels), instructions, labels float32 (N,), aux positions float32 (N,4), aux mask (N,))
-    from labelled episodes; a frame stacks the cameras in ``sensors``. Aux positions are the named objects' true
-    positions where the simulator recorded them."""
-    frames, texts, ys, aux, has_aux = [], [], [], [], []
+    cfg: DetectorNetConfig | None = None,
+) -> Examples:
+    """The examples of episodes whose truth is known (``Episode.trusted_success``).
 
-    def add(ep: Episode, t: int, y: float, instruction: str | None = None, with_aux: bool = True) -> None:
-        frames.append(sensor_inputs(ep.observations, sensors, t)[0])
-        texts.append(instruction or ep.instruction)
-        ys.append(y)
+    Per episode: its last step, with its label; one earlier step, a failure (a built-in episode ends at its first
+    success), which teaches the success head "not yet" where the episode succeeded and the progress head the steps
+    still to go; and, for a success, its last step under a swapped instruction. A step is a window of frames
+    stacking the cameras in ``cfg.sensors`` (reward/detector.py window_frames)."""
+    cfg = cfg or DetectorNetConfig()
+    never = cfg.horizon + 1  # the progress class "no success before the episode ends"
+    rows: list[tuple] = []
+
+    def add(ep: Episode, t: int, y: float, to_go: int, instruction: str | None = None, with_aux: bool = True):
         positions = ep.extras.get("aux_positions") if with_aux else None
-        aux.append(positions[t] if positions is not None else np.zeros(4, np.float32))
-        has_aux.append(positions is not None)
+        rows.append((window_frames(ep.observations, cfg.sensors, t, cfg.window, cfg.stride),
+                     instruction or ep.instruction, y, positions[t] if positions is not None else np.zeros(4),
+                     positions is not None, to_go))
 
     swapped = swapped_instructions(episodes, rng) if hard_negatives else [None] * len(episodes)
     for ep, other in zip(episodes, swapped):
-        y = episode_label(ep)
+        y = ep.trusted_success()
         if y is None:
             continue
-        n = len(ep.observations["image"])
-        add(ep, n - 1, float(y))
-        if hard_negatives and y and n > 2:
-            add(ep, int(rng.integers(0, n - 1)), 0.0)
+        last = ep.num_steps
+        add(ep, last, float(y), 0 if y else never)
+        if last > 1:
+            t = int(rng.integers(0, last))
+            # Before a success: a hard negative for the success head. Before a failure: an easy one, which only
+            # the progress head learns from (it would dilute the success head's hard examples).
+            add(ep, t, 0.0 if y and hard_negatives else float("nan"), min(last - t, cfg.horizon) if y else never)
         if y and other is not None:  # the positions recorded are of the original instruction's objects
-            add(ep, n - 1, 0.0, instruction=other, with_aux=False)
-    if not frames:
+            add(ep, last, 0.0, -1, instruction=other, with_aux=False)
+    if not rows:
         raise ValueError("no labelled episodes to train the detector on: label episodes first (ground truth or human)")
-    return (np.stack(frames), texts, np.asarray(ys, np.float32), np.asarray(aux, np.float32),
-            np.asarray(has_aux, np.float32))
+    frames, texts, ys, aux, has_aux, to_go = zip(*rows)
+    return Examples(np.stack(frames), list(texts), np.asarray(ys, np.float32), np.asarray(aux, np.float32),
+                    np.asarray(has_aux, np.float32), np.asarray(to_go, np.int64))
 
 
 def dihedral(images: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +130,7 @@ def train_detector(
     batch_size: int = 64,
     lr: float = 1e-3,
     seed: int = 0,
-    cfg: DetectorConfig | None = None,
+    cfg: DetectorNetConfig | None = None,
     threshold: float = 0.5,
     init_weights: dict[str, np.ndarray] | None = None,
     augment: bool = True,
@@ -141,13 +152,14 @@ def train_detector(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = DetectorNet(cfg)
-    frames, texts, ys, aux, has_aux = detector_examples(train_episodes, rng, sensors=net.cfg.sensors)
+    ex = detector_examples(train_episodes, rng, cfg=net.cfg)
     if init_weights is not None:
         init_from_policy(net, init_weights)
-    ids = torch.from_numpy(net.tokenizer(texts)[0])
-    frames_t, ys_t = torch.from_numpy(frames), torch.from_numpy(ys)
-    aux_t, has_aux_t = torch.from_numpy(aux), torch.from_numpy(has_aux)
-    pos_weight = torch.tensor(max(1.0, float((ys == 0).sum()) / max(1.0, float(ys.sum()))))
+    ids = torch.from_numpy(net.tokenizer(ex.texts)[0])
+    frames_t, ys_t, to_go_t = torch.from_numpy(ex.frames), torch.from_numpy(ex.labels), torch.from_numpy(ex.to_go)
+    aux_t, has_aux_t = torch.from_numpy(ex.aux), torch.from_numpy(ex.has_aux)
+    judged = ex.labels[~np.isnan(ex.labels)]
+    pos_weight = torch.tensor(max(1.0, float((judged == 0).sum()) / max(1.0, float(judged.sum()))))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
@@ -168,8 +180,14 @@ def train_detector(
         img, aux_y = frames_t[idx], aux_t[idx]
         if augment:
             img, aux_y = dihedral(img, aux_y, int(torch.randint(0, 8, (1,), generator=gen)))
-        logits, aux_pred = net(img, ids[idx], with_aux=True)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, ys_t[idx], pos_weight=pos_weight)
+        logits, aux_pred, to_go_logits = net(img, ids[idx], with_aux=True)
+        y, to_go = ys_t[idx], to_go_t[idx]
+        judge = ~torch.isnan(y)
+        loss = torch.zeros(())
+        if judge.any():
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[judge], y[judge], pos_weight=pos_weight)
+        if (to_go >= 0).any():
+            loss = loss + PROGRESS_WEIGHT * torch.nn.functional.cross_entropy(to_go_logits[to_go >= 0], to_go[to_go >= 0])
         mask = has_aux_t[idx]
         if mask.any():  # privileged positions teach the encoder to find the named objects (as for the policy)
             err = (aux_pred - (aux_y - 0.5)).pow(2).mean(dim=1)
@@ -191,9 +209,9 @@ def train_detector(
         resume.unlink()
         resume.parent.rmdir()
     detector = LearnedSuccessDetector(net, version=version, threshold=threshold)
-    calibration = [ep for ep in calibration_episodes or [] if episode_label(ep) is not None]
+    calibration = [ep for ep in calibration_episodes or [] if ep.trusted_success() is not None]
     if calibration:
-        labels = np.array([episode_label(ep) for ep in calibration], bool)
+        labels = np.array([ep.trusted_success() for ep in calibration], bool)
         detector.temperature, detector.bias = fit_calibration(detector.logits(calibration), labels)
         if target_precision > 0:
             detector.threshold = threshold_for_precision(detector.score(calibration), labels, target_precision,
@@ -202,15 +220,15 @@ def train_detector(
     metrics.update(temperature=detector.temperature, bias=detector.bias, threshold=detector.threshold,
                    calibration_episodes=len(calibration))
     metrics["train_seconds"] = time.time() - start
-    metrics["train_examples"] = int(len(ys))
+    metrics["train_examples"] = int(len(ex.labels))
     return detector, metrics
 
 
 def evaluate_detector(detector: LearnedSuccessDetector, episodes: list[Episode]) -> dict[str, float]:
     """Precision / recall / AUROC of the detector's last-frame judgement against the episodes' trusted labels."""
-    labelled = [ep for ep in episodes if episode_label(ep) is not None]
+    labelled = [ep for ep in episodes if ep.trusted_success() is not None]
     if not labelled:
         raise ValueError("no labelled held-out episodes to evaluate the detector on")
     scores = detector.score(labelled)
-    labels = np.array([episode_label(ep) for ep in labelled], bool)
+    labels = np.array([ep.trusted_success() for ep in labelled], bool)
     return classification_metrics(scores, labels, detector.threshold)

@@ -28,13 +28,17 @@ def _labelled(eps):
 
 def test_hard_negatives_come_from_before_success_and_from_swapped_instructions(demos):
     eps = _labelled(list(demos[:4]))
-    frames, texts, ys, aux, has_aux = detector_examples(eps, np.random.default_rng(0))
+    frames, texts, ys, aux, has_aux, to_go = detector_examples(eps, np.random.default_rng(0))
     # Per success: its final frame (1), an earlier frame (0), and, where another demo of its kind names other
     # objects, its final frame under that instruction (0, with no position targets: those are the original's).
+    # The progress head learns the steps still to go: 0 at the end, more before it, nothing under a swap.
     swapped = [i for i in range(len(ys)) for ep in eps
                if np.array_equal(frames[i], ep.observations["image"][-1]) and texts[i] != ep.instruction]
     assert len(ys) == 8 + len(swapped) and ys.sum() == 4 and swapped
-    assert all(ys[i] == 0 and has_aux[i] == 0 for i in swapped)
+    assert all(ys[i] == 0 and has_aux[i] == 0 and to_go[i] == -1 for i in swapped)
+    assert sorted(to_go[ys == 1]) == [0] * 4
+    earlier = [i for i in range(len(ys)) if ys[i] == 0 and i not in swapped]
+    assert len(earlier) == 4 and all(to_go[i] > 0 for i in earlier)
     kinds = {ep.instruction: (ep.info["kind"], ep.info["named"]) for ep in eps}
     for i in swapped:
         own = next(ep for ep in eps if np.array_equal(frames[i], ep.observations["image"][-1]))
@@ -57,6 +61,34 @@ def test_detector_separates_successes_from_failures():
     assert metrics["auroc"] >= 0.85, metrics
     scores = detector.score(held)
     assert scores.shape == (50,) and ((scores >= 0) & (scores <= 1)).all()
+    # The progress head has learned that a successful episode nears its success step by step.
+    from reward.report import value_order_correlation
+
+    rhos = [value_order_correlation(detector, ep) for ep in held if ep.ground_truth["success"]]
+    assert np.mean([r for r in rhos if r is not None]) > 0.5, rhos
+
+
+def test_a_window_of_frames_starts_as_the_policy_sees_the_newest_frame():
+    """With three frames stacked, the layers that read pixels take the policy's weights on the newest frame's
+    channels (and the coordinate planes) and zeros on the older frames': the detector starts by judging the frame the
+    policy was trained on."""
+    import torch
+
+    from reward.detector import DetectorNet, DetectorNetConfig, init_from_policy, window_frames
+
+    base = load_policy_checkpoint("base")[1]
+    net = DetectorNet(DetectorNetConfig(window=3, stride=2))
+    init_from_policy(net, base)
+    w = net.encoder.patchify.weight.detach()
+    policy_w = torch.from_numpy(np.array(base["encoder.patchify.weight"]))
+    assert w.shape[1] == 9 + 2 and torch.equal(w[:, :3], policy_w[:, :3]) and torch.equal(w[:, -2:], policy_w[:, -2:])
+    assert not w[:, 3:9].any()
+    keys = net.encoder.keypoints.keys[0].weight.detach()
+    assert torch.equal(keys[:, :3], torch.from_numpy(np.array(base["encoder.keypoints.keys.0.weight"]))[:, :3])
+    ep = run_episodes([split_seed("train", 5)], "train", None, policy_version=-1)[0]
+    window = window_frames(ep.observations, ("overhead",), 3, window=3, stride=2)  # steps 3, 1, 0 (clamped)
+    img = ep.observations["image"]
+    assert np.array_equal(window, np.concatenate([img[3], img[1], img[0]], axis=-1))
 
 
 def test_dihedral_augmentation_moves_positions_with_the_image():
@@ -78,14 +110,14 @@ def test_dihedral_augmentation_moves_positions_with_the_image():
 
 def test_detector_judges_from_whichever_cameras_are_on():
     from flywheel.contracts import sensor_inputs
-    from reward.detector import DetectorConfig, DetectorNet, LearnedSuccessDetector
+    from reward.detector import DetectorNet, DetectorNetConfig, LearnedSuccessDetector
     from reward.train import detector_examples
 
     sensors = ("overhead", "wrist", "depth", "touch")
     eps = run_episodes([split_seed("train", i) for i in range(3)], "train", None, policy_version=-1, sensors=sensors)
-    net = DetectorNet(DetectorConfig(sensors=sensors))
+    net = DetectorNet(DetectorNetConfig(sensors=sensors))
     assert net.cfg.sensors == ("overhead", "wrist", "depth")  # no proprioception, so no touch
-    frames, *_ = detector_examples(_labelled(eps), np.random.default_rng(0), sensors=net.cfg.sensors)
+    frames, *_ = detector_examples(_labelled(eps), np.random.default_rng(0), cfg=net.cfg)
     assert frames.shape[-1] == 7
     scores = LearnedSuccessDetector(net, version="t").score(eps)
     assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 1))

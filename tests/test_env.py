@@ -2,12 +2,12 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.utils.env_checker import check_env
 
-from actors.expert import expert_action
+from actors.expert import HARD_EXAMPLES, expert_action
 from actors.rollout import run_episodes
 import pytest
 
 from actors.instructions import TEMPLATES, combinations, combo_is_heldout
-from actors.tabletop import COLORS, SUITE, TabletopEnv, reference_image, split_seed
+from actors.tabletop import BOWL_R_IN, COLORS, SUITE, TabletopEnv, reference_image, split_seed
 
 
 @pytest.mark.parametrize("family", ["any", *SUITE])
@@ -312,15 +312,28 @@ def test_sensors_are_on_when_asked_and_agree_with_the_scene():
         TabletopEnv(sensors=("depth",))
 
 
-def test_near_miss_demonstrations_end_just_outside_success():
-    """The expert aiming just off the target (detector hard negatives): place never succeeds and push rarely; the
-    block ends near the target, not anywhere."""
-    eps = run_episodes([split_seed("train", 9_000_000 + i) for i in range(120)], "train", None, policy_version=-1,
-                       near_miss=True)
-    by_task = {t: [ep for ep in eps if ep.task == t] for t in ("push", "place")}
-    assert not any(ep.ground_truth["success"] for ep in by_task["place"])
-    assert np.mean([ep.ground_truth["success"] for ep in by_task["push"]]) < 0.25
-    assert all(ep.info["near_miss"] for ep in eps)
-    final = np.array([ep.extras["aux_positions"][-1] for ep in eps if not ep.ground_truth["success"]])
-    assert np.median(np.hypot(*(final[:, :2] - final[:, 2:]).T)) < 0.12  # near the target: a miss, not a wander
-    assert "near_miss" not in run_episodes([split_seed("train", 0)], "train", None, policy_version=-1)[0].info
+def test_hard_examples_end_where_they_were_made_to():
+    """The detector's hard examples (actors/expert.py): near misses end just outside success (place never succeeds,
+    push rarely), near hits just inside it (place always succeeds, near the rim), hovers hold the block over the
+    target until time-out and never succeed. Each is near the target, not anywhere."""
+    seeds = [split_seed("train", 9_000_000 + i) for i in range(120)]
+    eps = {kind: run_episodes(seeds, "train", None, policy_version=-1, hard=kind) for kind in HARD_EXAMPLES}
+
+    def final_distance(episodes):
+        final = np.array([ep.extras["aux_positions"][-1] for ep in episodes])
+        return np.hypot(*(final[:, :2] - final[:, 2:]).T)
+
+    miss = {t: [ep for ep in eps["near_miss"] if ep.task == t] for t in ("push", "place")}
+    assert not any(ep.ground_truth["success"] for ep in miss["place"])
+    assert np.mean([ep.ground_truth["success"] for ep in miss["push"]]) < 0.25
+    assert np.median(final_distance([ep for ep in eps["near_miss"] if not ep.ground_truth["success"]])) < 0.12
+    hits = [ep for ep in eps["near_hit"] if ep.task == "place"]
+    assert all(ep.ground_truth["success"] for ep in hits)
+    assert np.all((final_distance(hits) > BOWL_R_IN - 0.03) & (final_distance(hits) < BOWL_R_IN))
+    hover = eps["hover"]
+    assert not any(ep.ground_truth["success"] for ep in hover)
+    assert all(ep.num_steps == 40 and ep.observations["proprio"][-1, 2] == 1.0 for ep in hover)  # held to the end
+    assert np.all(final_distance(hover) < 0.03)  # right over the target
+    assert all(ep.info["hard"] == kind for kind in ("near_miss", "hover") for ep in eps[kind])
+    assert {ep.task for ep in eps["near_hit"] if "hard" in ep.info} == {"place"}  # push has no near hit
+    assert "hard" not in run_episodes([split_seed("train", 0)], "train", None, policy_version=-1)[0].info

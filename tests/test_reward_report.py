@@ -79,8 +79,9 @@ def test_reward_eval_writes_the_report_of_a_run(tmp_path):
     report = evaluate_run(run_dir)
     on_disk = json.loads((run_dir / "reward" / "report.json").read_text())
     assert on_disk["newest_policy_version"] == 0 == report["newest_policy_version"]  # v1 collected nothing yet
-    for key in ("auroc", "precision", "recall", "ece", "swapped_instruction_rejection"):
+    for key in ("auroc", "precision", "recall", "ece", "swapped_instruction_rejection", "voc"):
         assert key in on_disk
+    assert -1.0 <= on_disk["voc"] <= 1.0 and on_disk["splits"]["newest_policy"]["all"]["voc_episodes"] > 0
     assert {"heldout", "newest_policy", "swapped_instruction"} <= set(on_disk["splits"])
     assert set(on_disk["splits"]["newest_policy"]["per_task"]) == {"push", "place"}
     assert 0.0 <= on_disk["swapped_instruction_rejection"] <= 1.0

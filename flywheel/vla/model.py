@@ -53,6 +53,7 @@ class VLAConfig:
     head_hidden: int = 256
     flow_steps: int = 10  # Euler steps when sampling
     sensors: tuple[str, ...] = ("overhead",)  # what it reads (flywheel/contracts.py sensor_inputs)
+    frames: int = 1  # frames stacked on the image's channels, newest first (the detector judges a window of them)
 
     def __post_init__(self):
         self.sensors = tuple(self.sensors)  # a checkpoint's metadata stores a list
@@ -134,7 +135,7 @@ class VisionLanguageEncoder(nn.Module):
     def __init__(self, cfg: VLAConfig, vocab_size: int, use_proprio: bool = True):
         super().__init__()
         d, n_side = cfg.dim, cfg.image_size // cfg.patch
-        channels = image_channels(cfg.sensors)
+        channels = image_channels(cfg.sensors) * cfg.frames
         self.sensors = cfg.sensors
         self.use_proprio = use_proprio
         self.patchify = nn.Conv2d(channels + 2, d, kernel_size=cfg.patch, stride=cfg.patch)
