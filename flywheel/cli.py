@@ -118,7 +118,7 @@ def cmd_reward_train(overrides: list[str]) -> int:
     from flywheel.run import train_reward
 
     with _progress() as progress:
-        task = progress.add_task("detector", total=cfg.detector.steps, info="")
+        task = progress.add_task("detector", total=cfg.detector.steps * cfg.detector.ensemble, info="")
 
         def on_step(step, steps, loss):
             progress.update(task, completed=step, info=f"loss {loss:.4f}")

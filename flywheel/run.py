@@ -26,7 +26,7 @@ from actors.ray_actors import RolloutGroup, vla_policy_factory
 from actors.rollout import run_episodes
 from actors.expert import HARD_EXAMPLES
 from actors.tabletop import split_seed
-from flywheel.checkpoint import CheckpointDir, numpy_state, save_weights
+from flywheel.checkpoint import CheckpointDir, save_weights
 from flywheel.config import ConfigError, to_dict
 from flywheel.contracts import Episode, Label, PolicySnapshot
 from flywheel.loop import AuditSettings, Budget, LoopState, run_loop
@@ -83,8 +83,7 @@ def pretraining_demos(n: int, base_meta: dict, env_kwargs: dict) -> list[Episode
 
 def ground_truth_labelled(episodes: list[Episode]) -> list[Episode]:
     for ep in episodes:
-        made_on_purpose = ep.info.get("hard") or ep.info.get("near_miss")  # (stores before 2026-11-21: near_miss)
-        source = "demo" if ep.policy_version < 0 and not made_on_purpose else "ground_truth"
+        source = "demo" if ep.policy_version < 0 and not made_on_purpose(ep) else "ground_truth"
         ep.labels.append(Label(source=source, success=bool(ep.ground_truth["success"]), version="simulator"))
     return episodes
 
@@ -141,27 +140,12 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
             store.add(ep)
     previous = sorted((run_dir / "detector").glob("detector-*.safetensors"))
     version = f"detector-{len(previous) + 1}"
-    newest = max(ep.policy_version for ep in data)
-    if offline and newest > 0:  # train on older policies, validate on the newest
-        data = sorted(data, key=lambda ep: ep.policy_version == newest)
-        n_held = sum(ep.policy_version == newest for ep in data)
-        order = np.concatenate([np.arange(len(data) - n_held, len(data)),
-                                np.random.default_rng(cfg.seed).permutation(len(data) - n_held)])
-    else:
-        order = np.random.default_rng(cfg.seed).permutation(len(data))
-        n_held = int(round(len(data) * cfg.detector.heldout_fraction))
-    n_cal = int(round((len(data) - n_held) * cfg.detector.calibration_fraction))
-    held = [data[i] for i in order[:n_held]]
-    # Without a calibration split of its own, the held-out episodes fit the temperature (and threshold): no training
-    # data is given up, the held-out AUROC is untouched, and `flywheel reward eval` judges on newer episodes.
-    calibration = [data[i] for i in order[n_held:n_held + n_cal]] if n_cal else held
-    train = [data[i] for i in order[n_held + n_cal:]]
+    train, held, calibration, how = split_detector_data(data, cfg, offline)
+    held_ids = {ep.id for ep in held}
     # The starting policy's success rate: the mix of successes the detector will judge, which sets its precision.
     rollouts_ok = [ep.trusted_success() for ep in data if ep.policy_version >= 0]
     base_rate = float(np.mean(rollouts_ok)) if rollouts_ok else None
-    held_what = f"the newest policy's (v{newest})" if offline and newest > 0 else "at random"
-    say(f"detector: training {version} on {len(train)} episodes, {n_held} held out ({held_what}), calibrated on "
-        + (f"{n_cal} others" if n_cal else "the held-out ones"))
+    say(f"detector: training {version} on {len(train)} episodes, {len(held)} held out {how}")
     init = policy_weights if cfg.detector.init_from_policy else None
     detector, det_metrics = train_detector(
         train, held, version=version, steps=cfg.detector.steps, batch_size=cfg.detector.batch_size,
@@ -170,14 +154,15 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
                                                                window=cfg.detector.window, stride=cfg.detector.stride,
                                                                horizon=cfg.env.max_steps),
         calibration_episodes=calibration, target_precision=cfg.detector.target_precision, base_rate=base_rate,
-        checkpoint_dir=run_dir / "detector" / f"{version}.partial", progress=progress,
+        checkpoint_dir=run_dir / "detector" / f"{version}.partial", progress=progress, ensemble=cfg.detector.ensemble,
+        swaps=cfg.detector.swaps,
     )
-    save_weights(run_dir / "detector" / f"{version}.safetensors", numpy_state(detector.net),
-                 {"version": version, "threshold": detector.threshold, "temperature": detector.temperature,
-                  "bias": detector.bias,
+    save_weights(run_dir / "detector" / f"{version}.safetensors", detector.weights(),
+                 {"version": version, "members": len(detector.members), "threshold": detector.threshold,
+                  "temperature": detector.temperature, "bias": detector.bias,
                   "heldout": det_metrics, "config": dataclasses.asdict(detector.net.cfg),
                   "episodes": {"train": [ep.id for ep in train], "heldout": [ep.id for ep in held],
-                               "calibration": [ep.id for ep in calibration] if calibration is not held else []}})
+                               "calibration": [ep.id for ep in calibration if ep.id not in held_ids]}})
     atomic_write_bytes(run_dir / "detector" / "metrics.json", json.dumps({"version": version, **det_metrics},
                                                                          indent=2).encode())
     fmt = lambda k: "undefined" if det_metrics[k] is None else f"{det_metrics[k]:.3f}"  # noqa: E731 (one class)
@@ -185,6 +170,45 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
         f"on {det_metrics['n']} held-out episodes (threshold {detector.threshold:.3f}, temperature "
         f"{detector.temperature:.2f}, bias {detector.bias:.2f})")
     return detector, det_metrics
+
+
+def made_on_purpose(ep: Episode) -> bool:
+    """A hard example the expert made for the detector (actors/expert.py; ``near_miss`` in stores before the other
+    kinds existed)."""
+    return bool(ep.info.get("hard") or ep.info.get("near_miss"))
+
+
+def split_detector_data(data: list[Episode], cfg: DictConfig, offline: bool
+                        ) -> tuple[list[Episode], list[Episode], list[Episode], str]:
+    """-> (train, held out, calibration, how they were split). Hard examples made on purpose always train and are
+    never judged on: they are not what the detector will meet. Offline, the newest policy's episodes are held out
+    (train on older policies, validate on the newest) and, as `flywheel reward eval` judges on them, a tenth of the
+    others' policy episodes (at least) calibrates. In the loop, a random ``heldout_fraction`` is held out and, without
+    a calibration split of its own (``calibration_fraction`` 0), its policy episodes also calibrate: no training data
+    is given up and the held-out AUROC is untouched (the temperature reorders nothing)."""
+    made = [ep for ep in data if made_on_purpose(ep)]
+    met = [ep for ep in data if not made_on_purpose(ep)]
+    newest = max((ep.policy_version for ep in met), default=-1)
+    rng = np.random.default_rng(cfg.seed)
+    if offline and newest > 0:
+        held = [ep for ep in met if ep.policy_version == newest]
+        rest = [met[i] for i in rng.permutation(len(met)) if met[i].policy_version != newest]
+        fraction, how = max(cfg.detector.calibration_fraction, 0.1), f"(the newest policy's, v{newest})"
+    else:
+        order = rng.permutation(len(met))
+        n_held = int(round(len(met) * cfg.detector.heldout_fraction))
+        held, rest = [met[i] for i in order[:n_held]], [met[i] for i in order[n_held:]]
+        fraction, how = cfg.detector.calibration_fraction, "(at random)"
+    # Calibration fits P(success) to the policy's episodes, which the detector will judge (demonstrations, all
+    # successes and easy, pulled it toward over-claiming: bias +0.24 against -0.20 fitted on the rollouts alone).
+    rollouts = [ep for ep in rest if ep.policy_version >= 0]
+    n_cal = int(round(len(rollouts) * fraction))
+    cal_ids = {ep.id for ep in rollouts[:n_cal]}
+    judged = [ep for ep in held if ep.policy_version >= 0] or held
+    calibration = rollouts[:n_cal] if n_cal else judged
+    rest = [ep for ep in rest if ep.id not in cal_ids]
+    how += f", calibrated on {n_cal} others" if n_cal else ", calibrated on the held-out rollouts"
+    return rest + made, held, calibration, how
 
 
 def env_kwargs_of(cfg: DictConfig) -> dict:

@@ -129,29 +129,66 @@ def init_from_policy(net: DetectorNet, policy_weights: dict[str, np.ndarray]) ->
 
 
 class LearnedSuccessDetector:
-    """The ``SuccessDetector`` contract: a frozen DetectorNet, its version, its decision threshold and its
-    calibration (P(success) = sigmoid(logit / temperature + bias); reward/metrics.py fit_calibration)."""
+    """The ``SuccessDetector`` contract: an ensemble of frozen DetectorNets (one or more ``members``), its version,
+    its decision threshold and its calibration: P(success) = sigmoid(mean member logit / temperature + bias)
+    (reward/metrics.py fit_calibration). The members' spread is its uncertainty (``uncertainty``)."""
 
-    def __init__(self, net: DetectorNet, version: str, threshold: float = 0.5, temperature: float = 1.0,
-                 bias: float = 0.0):
-        self.net = net.eval()
+    def __init__(self, nets: DetectorNet | list[DetectorNet], version: str, threshold: float = 0.5,
+                 temperature: float = 1.0, bias: float = 0.0):
+        self.members = [n.eval() for n in (nets if isinstance(nets, list) else [nets])]
+        self.net = self.members[0]  # the shape, tokenizer and window every member shares
         self.version = version
         self.threshold = float(threshold)
         self.temperature = float(temperature)
         self.bias = float(bias)
 
-    @torch.no_grad()
-    def logits_frames(self, frames: np.ndarray, instructions: list[str], batch: int = 256) -> np.ndarray:
-        out = []
-        for i in range(0, len(frames), batch):
-            ids, _ = self.net.tokenizer(instructions[i : i + batch])
-            out.append(self.net(torch.from_numpy(frames[i : i + batch]), torch.from_numpy(ids)).numpy())
-        return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+    def weights(self) -> dict[str, np.ndarray]:
+        """Every member's tensors, as numpy (member k's under ``member{k}.`` when there are several)."""
+        if len(self.members) == 1:
+            return {k: v.detach().numpy().copy() for k, v in self.net.state_dict().items()}
+        return {f"member{i}.{k}": v.detach().numpy().copy()
+                for i, net in enumerate(self.members) for k, v in net.state_dict().items()}
 
-    def score_frames(self, frames: np.ndarray, instructions: list[str], batch: int = 256) -> np.ndarray:
-        logits = self.logits_frames(frames, instructions, batch)
+    @classmethod
+    def from_weights(cls, weights: dict[str, np.ndarray], meta: dict) -> tuple["LearnedSuccessDetector", list[str]]:
+        """The detector a checkpoint's tensors and metadata describe -> (detector, tensors it lacked). Only a
+        detector from before the progress head may lack tensors (its progress_head's); anything else is an error."""
+        cfg = DetectorNetConfig(**meta.get("config", {}))
+        count = int(meta.get("members", 1))
+        nets, missing = [], []
+        for i in range(count):
+            prefix = f"member{i}." if count > 1 else ""
+            own = {k[len(prefix):]: torch.from_numpy(np.array(v)) for k, v in weights.items() if k.startswith(prefix)}
+            net = DetectorNet(cfg)
+            lacked, unexpected = net.load_state_dict(own, strict=False)
+            if unexpected or any(not k.startswith("progress_head.") for k in lacked):
+                raise ValueError(f"these weights are not a detector of the shape their metadata names (missing "
+                                 f"{lacked[:3]}, unexpected {unexpected[:3]})")
+            nets.append(net)
+            missing += lacked
+        return cls(nets, meta.get("version", "detector"), meta.get("threshold", 0.5), meta.get("temperature", 1.0),
+                   meta.get("bias", 0.0)), missing
+
+    @torch.no_grad()
+    def member_logits_frames(self, frames: np.ndarray, instructions: list[str], batch: int = 256) -> np.ndarray:
+        """Each member's raw logits: float32 (members, N)."""
+        out = np.zeros((len(self.members), len(frames)), np.float32)
+        for i in range(0, len(frames), batch):
+            ids = torch.from_numpy(self.net.tokenizer(instructions[i : i + batch])[0])
+            images = torch.from_numpy(frames[i : i + batch])
+            for k, net in enumerate(self.members):
+                out[k, i : i + batch] = net(images, ids).numpy()
+        return out
+
+    def logits_frames(self, frames: np.ndarray, instructions: list[str], batch: int = 256) -> np.ndarray:
+        return self.member_logits_frames(frames, instructions, batch).mean(0)
+
+    def _calibrated(self, logits: np.ndarray) -> np.ndarray:
         z = logits.astype(np.float64) / self.temperature + self.bias
         return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+
+    def score_frames(self, frames: np.ndarray, instructions: list[str], batch: int = 256) -> np.ndarray:
+        return self._calibrated(self.logits_frames(frames, instructions, batch))
 
     def frames(self, ep: Episode, t: int) -> np.ndarray:
         """The window of ``ep``'s frames this detector judges step ``t`` by."""
@@ -171,8 +208,17 @@ class LearnedSuccessDetector:
         steps = np.arange(ep.num_steps + 1) if steps is None else np.asarray(steps)
         frames = np.stack([self.frames(ep, int(t)) for t in steps])
         ids = torch.from_numpy(self.net.tokenizer([ep.instruction] * len(steps))[0])
-        return np.concatenate([self.net.progress_value(torch.from_numpy(frames[i:i + batch]), ids[i:i + batch])
-                               .numpy() for i in range(0, len(steps), batch)])
+        return np.concatenate([
+            np.mean([net.progress_value(torch.from_numpy(frames[i:i + batch]), ids[i:i + batch]).numpy()
+                     for net in self.members], axis=0)
+            for i in range(0, len(steps), batch)])
+
+    def uncertainty(self, episodes: list[Episode], instructions: list[str] | None = None) -> np.ndarray:
+        """How much the members disagree on each episode: the standard deviation of their calibrated P(success)
+        (0 for a single member, which cannot say)."""
+        logits = self.member_logits_frames(self.last_frames(episodes),
+                                           instructions or [ep.instruction for ep in episodes])
+        return self._calibrated(logits).std(0)
 
     def score(self, episodes: list[Episode], instructions: list[str] | None = None) -> np.ndarray:
         """P(success) of each episode, under its own instruction or the ``instructions`` given (a swapped one)."""

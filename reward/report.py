@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+from sklearn.metrics import roc_auc_score
 
 from flywheel.checkpoint import load_weights
 from flywheel.contracts import Episode
 from flywheel.store import EpisodeStore, atomic_write_bytes
-from reward.detector import DetectorNet, DetectorNetConfig, LearnedSuccessDetector
+from reward.detector import LearnedSuccessDetector
 from reward.metrics import detector_metrics, reliability
 from reward.train import swapped_instructions
 
@@ -41,16 +41,11 @@ from reward.train import swapped_instructions
 def load_detector(path: str | Path) -> tuple[LearnedSuccessDetector, dict[str, Any]]:
     """A detector checkpoint written by a run (``run_dir/detector/detector-N.safetensors``) -> (detector, meta)."""
     weights, meta = load_weights(path)
-    net = DetectorNet(DetectorNetConfig(**meta.get("config", {})))
-    missing, unexpected = net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()},
-                                              strict=False)
-    if unexpected or any(not k.startswith("progress_head.") for k in missing):
-        raise ValueError(f"{path} is not a detector of this shape (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}): give a checkpoint written by `flywheel run` or `flywheel reward train`")
-    # A detector from before the progress head has none: it reports no VOC.
-    meta = {**meta, "progress_head": not missing}
-    return LearnedSuccessDetector(net, meta.get("version", Path(path).stem), meta.get("threshold", 0.5),
-                                  meta.get("temperature", 1.0), meta.get("bias", 0.0)), meta
+    try:
+        detector, missing = LearnedSuccessDetector.from_weights(weights, {"version": Path(path).stem, **meta})
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}. Give a checkpoint written by `flywheel run` or `flywheel reward train`") from e
+    return detector, {**meta, "progress_head": not missing}  # one from before the progress head reports no VOC
 
 
 def latest_detector(run_dir: Path) -> Path:
@@ -118,6 +113,12 @@ def build_report(detector: LearnedSuccessDetector, meta: dict[str, Any], episode
         progress = meta.get("progress_head", True)
         voc = [value_order_correlation(detector, ep) if ok and progress else None for ep, ok in zip(eps, labels)]
         report["splits"][name] = _group(scores, labels, [ep.task for ep in eps], threshold, voc)
+        if len(detector.members) > 1:  # an ensemble: is its uncertainty highest where it is wrong?
+            spread = detector.uncertainty(eps)
+            wrong = (scores >= threshold) != labels
+            report["splits"][name]["uncertainty"] = {
+                "mean": float(spread.mean()), "mean_when_wrong": float(spread[wrong].mean()) if wrong.any() else None,
+                "error_auroc": float(roc_auc_score(wrong, spread)) if wrong.any() and (~wrong).any() else None}
         curves[name] = {"scores": scores, "labels": labels, "tasks": [ep.task for ep in eps],
                         "reliability": reliability(scores, labels.astype(float))}
 

@@ -1,10 +1,11 @@
 """Training and evaluating the success detector on labelled episodes.
 
-Examples come from whole episodes: each episode's last frame with its label. A successful episode also gives two
-hard negatives for free: any earlier frame of it, which shows the moment *before* success (the built-in episodes end
-at the first successful step, so no earlier state is a success), and its last frame under a swapped instruction
-that names other objects. They teach the detector the exact predicate rather than "the policy looked busy" or "some
-block is on some pad".
+Examples come from whole episodes: each episode's last step (a window of frames ending there) with its label. A
+successful episode also gives hard negatives for free: an earlier step of it, which shows the moment *before*
+success (the built-in episodes end at the first successful step, so no earlier state is a success), and its last
+step under swapped instructions that name other objects. They teach the detector the exact predicate rather than
+"the policy looked busy" or "some block is on some pad". Every example also teaches the progress head how many steps
+remain until success (or that none will come before the episode ends).
 
 Calibration episodes, kept out of the gradient steps, fit the temperature and bias of P(success) and the threshold
 for a target precision (reward/metrics.py).
@@ -14,6 +15,7 @@ Held-out metrics are computed on whole episodes the detector never trained on.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -62,7 +64,7 @@ def swapped_instructions(episodes: list[Episode], rng: np.random.Generator,
 
 def detector_examples(
     episodes: list[Episode], rng: np.random.Generator, hard_negatives: bool = True,
-    cfg: DetectorNetConfig | None = None,
+    cfg: DetectorNetConfig | None = None, swaps: int = 1,
 ) -> Examples:
     """The examples of episodes whose truth is known (``Episode.trusted_success``).
 
@@ -80,8 +82,8 @@ def detector_examples(
                      instruction or ep.instruction, y, positions[t] if positions is not None else np.zeros(4),
                      positions is not None, to_go))
 
-    swapped = swapped_instructions(episodes, rng) if hard_negatives else [None] * len(episodes)
-    for ep, other in zip(episodes, swapped):
+    draws = [swapped_instructions(episodes, rng) for _ in range(swaps if hard_negatives else 0)]
+    for i, ep in enumerate(episodes):
         y = ep.trusted_success()
         if y is None:
             continue
@@ -92,8 +94,9 @@ def detector_examples(
             # Before a success: a hard negative for the success head. Before a failure: an easy one, which only
             # the progress head learns from (it would dilute the success head's hard examples).
             add(ep, t, 0.0 if y and hard_negatives else float("nan"), min(last - t, cfg.horizon) if y else never)
-        if y and other is not None:  # the positions recorded are of the original instruction's objects
-            add(ep, last, 0.0, -1, instruction=other, with_aux=False)
+        for other in dict.fromkeys(d[i] for d in draws) if y else ():  # distinct, in order
+            if other is not None:  # the positions recorded are of the original instruction's objects
+                add(ep, last, 0.0, -1, instruction=other, with_aux=False)
     if not rows:
         raise ValueError("no labelled episodes to train the detector on: label episodes first (ground truth or human)")
     frames, texts, ys, aux, has_aux, to_go = zip(*rows)
@@ -140,19 +143,60 @@ def train_detector(
     base_rate: float | None = None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 200,
+    ensemble: int = 1,
+    swaps: int = 1,
 ) -> tuple[LearnedSuccessDetector, dict[str, Any]]:
     """Train a detector on labelled episodes; report precision / recall / AUROC / ECE on the held-out episodes.
 
+    ``swaps``: swapped-instruction negatives per success (detector_examples).
+    ``ensemble``: members trained one after another on the same examples, each from its own seed (seed + k) for
+    its heads and its batches (as in deep ensembles; each member starts its encoder from the policy's all the same).
     ``init_weights``: a policy's weights to start the encoder from (see ``init_from_policy``).
     ``calibration_episodes`` (never trained on): fit the temperature and bias there, and with ``target_precision``
     > 0 the threshold that reaches it at success rate ``base_rate`` (reward/metrics.py); otherwise ``threshold``
     stays.
     ``checkpoint_dir``: every ``checkpoint_every`` steps the training state is saved there, and a training started
-    again with the same data and settings continues from it."""
+    again with the same data and settings continues from it. ``progress(step, steps, loss)`` counts the steps of
+    every member."""
+    start = time.time()
+    cfg = cfg or DetectorNetConfig()
+    ex = detector_examples(train_episodes, np.random.default_rng(seed), cfg=cfg, swaps=swaps)
+    members = []
+    for k in range(ensemble):
+        where = Path(checkpoint_dir) / f"member-{k}" if checkpoint_dir is not None else None
+        report = None if progress is None else (
+            lambda step, total, loss, k=k: progress(k * steps + step, ensemble * steps, loss))
+        members.append(_train_member(ex, cfg, init_weights, seed=seed + k, steps=steps, batch_size=batch_size, lr=lr,
+                                     augment=augment, progress=report, where=where, checkpoint_every=checkpoint_every))
+    if checkpoint_dir is not None and Path(checkpoint_dir).exists():
+        shutil.rmtree(checkpoint_dir)  # every member is done: the partial states go
+    detector = LearnedSuccessDetector(members, version=version, threshold=threshold)
+    calibration = [ep for ep in calibration_episodes or [] if ep.trusted_success() is not None]
+    if calibration:
+        labels = np.array([ep.trusted_success() for ep in calibration], bool)
+        detector.temperature, detector.bias = fit_calibration(detector.logits(calibration), labels)
+        if target_precision > 0:
+            detector.threshold = threshold_for_precision(detector.score(calibration), labels, target_precision,
+                                                         base_rate)
+    metrics = evaluate_detector(detector, heldout_episodes)
+    metrics.update(temperature=detector.temperature, bias=detector.bias, threshold=detector.threshold,
+                   calibration_episodes=len(calibration), members=ensemble)
+    metrics["train_seconds"] = time.time() - start
+    metrics["train_examples"] = int(len(ex.labels))
+    return detector, metrics
+
+
+def _train_member(ex: Examples, cfg: DetectorNetConfig, init_weights: dict[str, np.ndarray] | None, *, seed: int,
+                  steps: int, batch_size: int, lr: float, augment: bool,
+                  progress: Callable[[int, int, float], None] | None, where: Path | None,
+                  checkpoint_every: int) -> DetectorNet:
+    """One member of the ensemble. ``where``: its resumable state (``partial.pt`` while training, ``done.pt``
+    once trained, so that a training stopped at a later member does not train this one again)."""
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     net = DetectorNet(cfg)
-    ex = detector_examples(train_episodes, rng, cfg=net.cfg)
+    if where is not None and (where / "done.pt").exists():
+        net.load_state_dict(torch.load(where / "done.pt", weights_only=True))
+        return net.eval()
     if init_weights is not None:
         init_from_policy(net, init_weights)
     ids = torch.from_numpy(net.tokenizer(ex.texts)[0])
@@ -163,10 +207,9 @@ def train_detector(
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
-    start = time.time()
     first = 1
-    resume = Path(checkpoint_dir) / "partial.pt" if checkpoint_dir is not None else None
-    if resume is not None and resume.exists():  # an interrupted training of this same version: continue it
+    resume = where / "partial.pt" if where is not None else None
+    if resume is not None and resume.exists():  # an interrupted training of this same member: continue it
         state = torch.load(resume, weights_only=True)
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
@@ -182,12 +225,12 @@ def train_detector(
             img, aux_y = dihedral(img, aux_y, int(torch.randint(0, 8, (1,), generator=gen)))
         logits, aux_pred, to_go_logits = net(img, ids[idx], with_aux=True)
         y, to_go = ys_t[idx], to_go_t[idx]
-        judge = ~torch.isnan(y)
+        judge, timed = ~torch.isnan(y), to_go >= 0
         loss = torch.zeros(())
         if judge.any():
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[judge], y[judge], pos_weight=pos_weight)
-        if (to_go >= 0).any():
-            loss = loss + PROGRESS_WEIGHT * torch.nn.functional.cross_entropy(to_go_logits[to_go >= 0], to_go[to_go >= 0])
+        if timed.any():
+            loss = loss + PROGRESS_WEIGHT * torch.nn.functional.cross_entropy(to_go_logits[timed], to_go[timed])
         mask = has_aux_t[idx]
         if mask.any():  # privileged positions teach the encoder to find the named objects (as for the policy)
             err = (aux_pred - (aux_y - 0.5)).pow(2).mean(dim=1)
@@ -200,28 +243,20 @@ def train_detector(
         if progress is not None:
             progress(step, steps, float(loss.item()))
         if resume is not None and (step % checkpoint_every == 0) and step < steps:
-            resume.parent.mkdir(parents=True, exist_ok=True)
-            tmp = resume.with_suffix(".tmp")
-            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step}, tmp)
-            tmp.replace(resume)  # atomic: a crash mid-write leaves the previous checkpoint
-    if resume is not None and resume.exists():
-        resume.unlink()
-        resume.parent.rmdir()
-    detector = LearnedSuccessDetector(net, version=version, threshold=threshold)
-    calibration = [ep for ep in calibration_episodes or [] if ep.trusted_success() is not None]
-    if calibration:
-        labels = np.array([ep.trusted_success() for ep in calibration], bool)
-        detector.temperature, detector.bias = fit_calibration(detector.logits(calibration), labels)
-        if target_precision > 0:
-            detector.threshold = threshold_for_precision(detector.score(calibration), labels, target_precision,
-                                                         base_rate)
-    metrics = evaluate_detector(detector, heldout_episodes)
-    metrics.update(temperature=detector.temperature, bias=detector.bias, threshold=detector.threshold,
-                   calibration_episodes=len(calibration))
-    metrics["train_seconds"] = time.time() - start
-    metrics["train_examples"] = int(len(ex.labels))
-    return detector, metrics
+            _atomic_save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                          "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step}, resume)
+    if where is not None:
+        _atomic_save(net.state_dict(), where / "done.pt")
+        if resume.exists():
+            resume.unlink()
+    return net.eval()
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)  # a crash mid-write leaves the previous file
 
 
 def evaluate_detector(detector: LearnedSuccessDetector, episodes: list[Episode]) -> dict[str, float]:

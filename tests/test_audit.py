@@ -142,3 +142,55 @@ def test_periodic_retraining_promotes_a_candidate_only_if_it_judges_the_newest_a
     audited = [{ep.id for ep in store.iter() if ep.policy_version == v and any(lab.version == "audit" for lab in
                                                                              ep.labels)} for v in (0, 1)]
     assert excluded == audited and all(len(ids) == 48 for ids in audited)
+
+
+def calls_failed_pushes_successes(detector):
+    """Corrupt a trained detector on purpose: from now on it accepts every failed push (a class of near misses)."""
+    honest = detector.score
+
+    def score(episodes, instructions=None):
+        failed_push = [ep.task == "push" and not ep.ground_truth["success"] for ep in episodes]
+        return np.where(failed_push, 1.0, honest(episodes, instructions)).astype(np.float32)
+
+    detector.score = score
+    return detector
+
+
+def test_a_whole_run_catches_a_corrupted_detector_and_recovers(tmp_path, monkeypatch):
+    """`flywheel run` end to end, its first detector corrupted: the first audit rings the alarm, the detector is
+    retrained (honest this time), and from then on the labels the learner gets track the truth; the summary's audit
+    block records it all."""
+    import json
+
+    import flywheel.run as run_module
+    from flywheel.config import load_config
+
+    trained = []
+    real = run_module.train_detector
+
+    def corrupt_the_first(*args, **kwargs):
+        detector, metrics = real(*args, **kwargs)
+        trained.append(detector.version)
+        return (calls_failed_pushes_successes(detector) if len(trained) == 1 else detector), metrics
+
+    monkeypatch.setattr(run_module, "train_detector", corrupt_the_first)
+    run_dir = tmp_path / "run"
+    cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}", "rollout.use_ray=false", "audit.bound=0.15",
+                              "rollout.episodes_per_iteration=64", "audit.sample=64", "budget.iterations=4",
+                              "detector.steps=300", "wandb.mode=disabled"])
+    run_module.run(cfg, say=lambda m: None)
+    audit = json.loads((run_dir / "summary.json").read_text())["audit"]
+    rang = [a for a in audit["per_iteration"] if a["alarm"]]
+    assert rang and rang[0]["detector"] == "detector-1" and rang[0]["gap"] > 0.15, json.dumps(audit)
+    assert audit["detector_versions"][:2] == ["detector-1", "detector-2"] == trained[:2]
+    after = audit["per_iteration"][audit["per_iteration"].index(rang[0]) + 1:]
+    assert after and all(a["detector"] != "detector-1" for a in after), json.dumps(audit)  # recovered
+    assert np.mean([abs(a["gap"]) for a in after]) < rang[0]["gap"] - 0.15, json.dumps(audit)
+    # The corrupt verdicts stay on record, never rewritten; a newer detector judged those episodes again.
+    from flywheel.store import EpisodeStore
+
+    alarmed = rang[0]["policy_version"]
+    for ep in EpisodeStore(run_dir / "episodes").iter(with_ground_truth=True):
+        if ep.policy_version == alarmed and ep.task == "push" and not ep.ground_truth["success"]:
+            verdicts = [(lab.version, lab.success) for lab in ep.labels if lab.source == "detector"]
+            assert verdicts[0] == ("detector-1", True) and verdicts[-1][0] == "detector-2"

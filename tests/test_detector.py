@@ -126,24 +126,79 @@ def test_detector_judges_from_whichever_cameras_are_on():
 
 
 def test_detector_training_resumes_where_it_stopped(tmp_path, demos):
-    """Interrupted at step 25 of 40, started again: the same detector as one trained without a stop."""
+    """An ensemble of two, interrupted at step 25 of its second member's 40, started again: the first member is not
+    trained again, the second continues from its checkpoint, and the detector is the one trained without a stop."""
     import torch
 
     eps = _labelled(list(demos[:8]))
-    kwargs = dict(version="d", steps=40, batch_size=8, seed=0, checkpoint_every=10)
+    kwargs = dict(version="d", steps=40, batch_size=8, seed=0, checkpoint_every=10, ensemble=2)
     whole, _ = train_detector(eps, eps, checkpoint_dir=tmp_path / "a", **kwargs)
 
-    def stop_at_25(step, steps, loss):
-        if step == 25:
+    def stop_in_the_second_member(step, steps, loss):
+        if step == 40 + 25:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_detector(eps, eps, checkpoint_dir=tmp_path / "b", progress=stop_at_25, **kwargs)
-    assert (tmp_path / "b" / "partial.pt").exists()
+        train_detector(eps, eps, checkpoint_dir=tmp_path / "b", progress=stop_in_the_second_member, **kwargs)
+    assert (tmp_path / "b" / "member-0" / "done.pt").exists()
+    assert (tmp_path / "b" / "member-1" / "partial.pt").exists()
     steps_seen = []
     resumed, _ = train_detector(eps, eps, checkpoint_dir=tmp_path / "b",
                                 progress=lambda step, steps, loss: steps_seen.append(step), **kwargs)
-    assert steps_seen[0] == 21 and steps_seen[-1] == 40  # from the checkpoint at step 20
+    assert steps_seen[0] == 40 + 21 and steps_seen[-1] == 80  # member 1, from its checkpoint at step 20
     assert not (tmp_path / "b").exists()  # done: the partial state is gone
-    a, b = whole.net.state_dict(), resumed.net.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for a, b in zip(whole.members, resumed.members):
+        a, b = a.state_dict(), b.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_ensemble_saves_loads_and_says_how_unsure_it_is(tmp_path, demos):
+    """Members differ (their own seeds), the detector averages their logits, its uncertainty is their spread (none
+    for a single member), and it survives a round trip through its checkpoint."""
+    from flywheel.checkpoint import load_weights, save_weights
+    from reward.detector import LearnedSuccessDetector
+
+    eps = _labelled(list(demos[:8]))
+    ensemble, _ = train_detector(eps, eps, version="e", steps=20, batch_size=8, ensemble=3)
+    frames = ensemble.last_frames(eps)
+    each = ensemble.member_logits_frames(frames, [ep.instruction for ep in eps])
+    assert each.shape == (3, 8) and not np.allclose(each[0], each[1])
+    assert np.allclose(ensemble.logits(eps), each.mean(0), atol=1e-6)
+    assert (ensemble.uncertainty(eps) > 0).all()
+    single = LearnedSuccessDetector(ensemble.members[0], version="one")
+    assert not single.uncertainty(eps).any()
+    save_weights(tmp_path / "e.safetensors", ensemble.weights(), {"members": 3, "config": {}})
+    loaded, missing = LearnedSuccessDetector.from_weights(*load_weights(tmp_path / "e.safetensors"))
+    assert not missing and np.allclose(loaded.score(eps), ensemble.score(eps))
+
+
+def test_reward_train_learns_from_older_policies_and_is_validated_on_the_newest(tmp_path, demos):
+    """`flywheel reward train` (offline): every episode whose truth is known trains it, the newest policy's are held
+    out, and a tenth of the older policies' episodes calibrates it. In the loop only labelled episodes count, split at
+    random."""
+    import json
+
+    from flywheel.config import load_config
+    from flywheel.run import train_reward
+    from flywheel.store import EpisodeStore
+
+    store = EpisodeStore(tmp_path / "run" / "episodes")
+    for ep in _labelled(list(demos[:10])):
+        store.add(ep)
+    for version in range(3):  # rollouts with the simulator's record only, no label
+        for ep in run_episodes([split_seed("train", 50 * version + i) for i in range(10)], "train", RandomPolicy(),
+                               policy_version=version):
+            store.add(ep)
+    cfg = load_config("run", ["experiment=tiny", f"run_dir={tmp_path / 'run'}", "detector.steps=4"])
+    train_reward(cfg, say=lambda m: None, offline=True)
+    meta = json.loads((tmp_path / "run" / "detector" / "metrics.json").read_text())
+    assert meta["n"] == 10  # the newest policy's ten
+    from reward.report import load_detector
+
+    _, saved = load_detector(tmp_path / "run" / "detector" / "detector-1.safetensors")
+    newest = {ep.id for ep in store.iter() if ep.policy_version == 2}
+    assert set(saved["episodes"]["heldout"]) == newest
+    assert len(saved["episodes"]["calibration"]) == 2 and len(saved["episodes"]["train"]) == 28  # a tenth of v0-v1
+    train_reward(cfg, say=lambda m: None)  # in the loop: the ten labelled demonstrations alone
+    _, saved = load_detector(tmp_path / "run" / "detector" / "detector-2.safetensors")
+    assert len(saved["episodes"]["train"]) + len(saved["episodes"]["heldout"]) == 10
