@@ -152,6 +152,7 @@ class Policy(Protocol):
 
     chunk: int  # C: steps per predicted chunk
     action_dim: int  # A
+    explore: bool  # set by the rollout worker: True while practising (train split), False in evaluation
 
     def act(
         self, images: np.ndarray, proprio: np.ndarray, instructions: list[str], seed: int | None = None

@@ -162,11 +162,13 @@ def run_loop(
 ) -> LoopState:
     """Turn the flywheel until the budget runs out; returns the final state (evaluations first to last)."""
     audit_rng = np.random.default_rng(audit_settings.seed if audit_settings else 0)
+    keep_best = audit_settings is not None  # the best weights are kept only for the audit's rollback
     if not state.detector_versions:
         state.detector_versions.append(detector.version)
     if not state.evaluations:
         state.evaluations.append(evaluate(rollouts, eval_seeds, learner.version))
-        _remember_best(state, state.evaluations[-1], learner)
+        if keep_best:
+            _remember_best(state, state.evaluations[-1], learner)
         metrics.log(state.evaluations[-1].as_metrics(), step=0)
         on_iteration(state, state.evaluations[-1].as_metrics())
     last_iteration_s, eval_s = 0.0, 0.0
@@ -222,7 +224,8 @@ def run_loop(
         if state.iteration % eval_every == 0 and state.evaluations[-1].version != snapshot.version:
             with timer("evaluate"):
                 state.evaluations.append(evaluate(rollouts, eval_seeds, snapshot.version))
-            _remember_best(state, state.evaluations[-1], learner)
+            if keep_best:
+                _remember_best(state, state.evaluations[-1], learner)
             row.update(state.evaluations[-1].as_metrics())
             eval_s = timer.seconds["evaluate"]
         row.update(timer.as_metrics())
