@@ -159,7 +159,7 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
     )
     save_weights(run_dir / "detector" / f"{version}.safetensors", detector.weights(),
                  {"version": version, "members": len(detector.members), "threshold": detector.threshold,
-                  "temperature": detector.temperature, "bias": detector.bias,
+                  "temperature": detector.temperature, "bias": detector.bias, "per_task": detector.per_task,
                   "heldout": det_metrics, "config": dataclasses.asdict(detector.net.cfg),
                   "episodes": {"train": [ep.id for ep in train], "heldout": [ep.id for ep in held],
                                "calibration": [ep.id for ep in calibration if ep.id not in held_ids]}})

@@ -131,16 +131,19 @@ def init_from_policy(net: DetectorNet, policy_weights: dict[str, np.ndarray]) ->
 class LearnedSuccessDetector:
     """The ``SuccessDetector`` contract: an ensemble of frozen DetectorNets (one or more ``members``), its version,
     its decision threshold and its calibration: P(success) = sigmoid(mean member logit / temperature + bias)
-    (reward/metrics.py fit_calibration). The members' spread is its uncertainty (``uncertainty``)."""
+    (reward/metrics.py fit_calibration), with a (temperature, bias) of its own for each task family in
+    ``per_task``. The members' spread is its uncertainty (``uncertainty``)."""
 
     def __init__(self, nets: DetectorNet | list[DetectorNet], version: str, threshold: float = 0.5,
-                 temperature: float = 1.0, bias: float = 0.0):
+                 temperature: float = 1.0, bias: float = 0.0,
+                 per_task: dict[str, tuple[float, float]] | None = None):
         self.members = [n.eval() for n in (nets if isinstance(nets, list) else [nets])]
         self.net = self.members[0]  # the shape, tokenizer and window every member shares
         self.version = version
         self.threshold = float(threshold)
         self.temperature = float(temperature)
         self.bias = float(bias)
+        self.per_task = {t: (float(a), float(b)) for t, (a, b) in (per_task or {}).items()}
 
     def weights(self) -> dict[str, np.ndarray]:
         """Every member's tensors, as numpy (member k's under ``member{k}.`` when there are several)."""
@@ -167,7 +170,7 @@ class LearnedSuccessDetector:
             nets.append(net)
             missing += lacked
         return cls(nets, meta.get("version", "detector"), meta.get("threshold", 0.5), meta.get("temperature", 1.0),
-                   meta.get("bias", 0.0)), missing
+                   meta.get("bias", 0.0), meta.get("per_task")), missing
 
     @torch.no_grad()
     def member_logits_frames(self, frames: np.ndarray, instructions: list[str], batch: int = 256) -> np.ndarray:
@@ -183,12 +186,18 @@ class LearnedSuccessDetector:
     def logits_frames(self, frames: np.ndarray, instructions: list[str], batch: int = 256) -> np.ndarray:
         return self.member_logits_frames(frames, instructions, batch).mean(0)
 
-    def _calibrated(self, logits: np.ndarray) -> np.ndarray:
-        z = logits.astype(np.float64) / self.temperature + self.bias
+    def _calibrated(self, logits: np.ndarray, tasks: list[str] | None = None) -> np.ndarray:
+        """Logits (..., N) -> calibrated P(success), each episode by its task family's fit where there is one."""
+        n = logits.shape[-1]
+        fits = [self.per_task.get(t, (self.temperature, self.bias)) for t in tasks] if tasks is not None else \
+            [(self.temperature, self.bias)] * n
+        temperature, bias = (np.array(x, np.float64) for x in zip(*fits)) if n else (1.0, 0.0)
+        z = logits.astype(np.float64) / temperature + bias
         return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
-    def score_frames(self, frames: np.ndarray, instructions: list[str], batch: int = 256) -> np.ndarray:
-        return self._calibrated(self.logits_frames(frames, instructions, batch))
+    def score_frames(self, frames: np.ndarray, instructions: list[str], batch: int = 256,
+                     tasks: list[str] | None = None) -> np.ndarray:
+        return self._calibrated(self.logits_frames(frames, instructions, batch), tasks)
 
     def frames(self, ep: Episode, t: int) -> np.ndarray:
         """The window of ``ep``'s frames this detector judges step ``t`` by."""
@@ -218,8 +227,9 @@ class LearnedSuccessDetector:
         (0 for a single member, which cannot say)."""
         logits = self.member_logits_frames(self.last_frames(episodes),
                                            instructions or [ep.instruction for ep in episodes])
-        return self._calibrated(logits).std(0)
+        return self._calibrated(logits, [ep.task for ep in episodes]).std(0)
 
     def score(self, episodes: list[Episode], instructions: list[str] | None = None) -> np.ndarray:
         """P(success) of each episode, under its own instruction or the ``instructions`` given (a swapped one)."""
-        return self.score_frames(self.last_frames(episodes), instructions or [ep.instruction for ep in episodes])
+        return self.score_frames(self.last_frames(episodes), instructions or [ep.instruction for ep in episodes],
+                                 tasks=[ep.task for ep in episodes])

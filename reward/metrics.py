@@ -95,6 +95,21 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray) -> tuple[float, floa
     return float(np.clip(log_t.exp().item(), 0.05, 20.0)), float(np.clip(bias.item(), -10.0, 10.0))
 
 
+def fit_task_calibrations(logits: np.ndarray, labels: np.ndarray, tasks: list[str], min_episodes: int = 30
+                          ) -> dict[str, tuple[float, float]]:
+    """(temperature, bias) per task family, for the families with at least ``min_episodes`` calibration episodes of
+    both outcomes (the others keep the global fit). Families differ in how often the policy succeeds and in how sure
+    the detector is (push against place: bias -1.12 against -0.69); one fit for all leaves each off. Measured on
+    the newest policy: pooled AUROC 0.973 -> 0.976, ECE 0.050 -> 0.043."""
+    labels, tasks_a = np.asarray(labels, bool), np.asarray(tasks)
+    out = {}
+    for task in sorted(set(tasks)):
+        mine = tasks_a == task
+        if mine.sum() >= min_episodes and labels[mine].any() and not labels[mine].all():
+            out[task] = fit_calibration(np.asarray(logits)[mine], labels[mine])
+    return out
+
+
 def threshold_for_precision(scores: np.ndarray, labels: np.ndarray, target: float,
                             base_rate: float | None = None) -> float:
     """The lowest threshold (so the highest recall) whose precision reaches ``target``.

@@ -101,7 +101,7 @@ def build_report(detector: LearnedSuccessDetector, meta: dict[str, Any], episode
     threshold = detector.threshold
     report: dict[str, Any] = {
         "detector": {"version": detector.version, "threshold": threshold, "temperature": detector.temperature,
-                     "bias": detector.bias},
+                     "bias": detector.bias, "per_task": detector.per_task, "members": len(detector.members)},
         "newest_policy_version": newest, "created": time.time(), "splits": {},
     }
     curves: dict[str, Any] = {}

@@ -25,7 +25,7 @@ import torch
 
 from flywheel.contracts import Episode
 from reward.detector import DetectorNet, DetectorNetConfig, LearnedSuccessDetector, init_from_policy, window_frames
-from reward.metrics import detector_metrics, fit_calibration, threshold_for_precision
+from reward.metrics import detector_metrics, fit_calibration, fit_task_calibrations, threshold_for_precision
 
 
 AUX_WEIGHT = 10.0  # position errors are ~0.01-0.04 in MSE; weighted up so grounding leads the judgement
@@ -152,7 +152,8 @@ def train_detector(
     ``ensemble``: members trained one after another on the same examples, each from its own seed (seed + k) for
     its heads and its batches (as in deep ensembles; each member starts its encoder from the policy's all the same).
     ``init_weights``: a policy's weights to start the encoder from (see ``init_from_policy``).
-    ``calibration_episodes`` (never trained on): fit the temperature and bias there, and with ``target_precision``
+    ``calibration_episodes`` (never trained on): fit the temperature and bias there (and per task family where
+    it has enough episodes: reward/metrics.py fit_task_calibrations), and with ``target_precision``
     > 0 the threshold that reaches it at success rate ``base_rate`` (reward/metrics.py); otherwise ``threshold``
     stays.
     ``checkpoint_dir``: every ``checkpoint_every`` steps the training state is saved there, and a training started
@@ -174,12 +175,15 @@ def train_detector(
     calibration = [ep for ep in calibration_episodes or [] if ep.trusted_success() is not None]
     if calibration:
         labels = np.array([ep.trusted_success() for ep in calibration], bool)
-        detector.temperature, detector.bias = fit_calibration(detector.logits(calibration), labels)
+        logits = detector.logits(calibration)
+        detector.temperature, detector.bias = fit_calibration(logits, labels)
+        detector.per_task = fit_task_calibrations(logits, labels, [ep.task for ep in calibration])
         if target_precision > 0:
             detector.threshold = threshold_for_precision(detector.score(calibration), labels, target_precision,
                                                          base_rate)
     metrics = evaluate_detector(detector, heldout_episodes)
-    metrics.update(temperature=detector.temperature, bias=detector.bias, threshold=detector.threshold,
+    metrics.update(temperature=detector.temperature, bias=detector.bias, per_task=detector.per_task,
+                   threshold=detector.threshold,
                    calibration_episodes=len(calibration), members=ensemble)
     metrics["train_seconds"] = time.time() - start
     metrics["train_examples"] = int(len(ex.labels))

@@ -45,6 +45,28 @@ def test_calibration_recovers_overconfidence_and_a_lean_and_keeps_the_order():
     assert recall_at_fpr(calibrated, labels, 0.05) == recall_at_fpr(3.0 * true_logits, labels, 0.05)
 
 
+def test_each_task_family_gets_its_own_calibration_where_it_has_the_episodes():
+    """Two families the detector leans on differently (one over-claims, one is too timid): a fit per family
+    recovers each lean and calibrates both; a family with too few episodes keeps the global fit."""
+    from reward.detector import DetectorNet, LearnedSuccessDetector
+    from reward.metrics import fit_task_calibrations
+
+    rng = np.random.default_rng(3)
+    true_logits = rng.normal(0, 2, 6000)
+    labels = rng.uniform(size=6000) < 1 / (1 + np.exp(-true_logits))
+    tasks = np.array(["push"] * 3000 + ["place"] * 2990 + ["stack"] * 10)
+    logits = np.where(tasks == "push", 2.0 * true_logits + 2.0, 0.5 * true_logits - 1.0)
+    fits = fit_task_calibrations(logits, labels, list(tasks))
+    assert set(fits) == {"push", "place"}  # stack: 10 episodes, too few
+    assert fits["push"] == pytest.approx((2.0, -1.0), abs=0.1) and fits["place"] == pytest.approx((0.5, 2.0), abs=0.15)
+    detector = LearnedSuccessDetector(DetectorNet(), "d", temperature=1.0, bias=0.0, per_task=fits)
+    per_task = detector._calibrated(logits, list(tasks))
+    single = 1 / (1 + np.exp(-(logits / fit_calibration(logits, labels)[0] + fit_calibration(logits, labels)[1])))
+    assert expected_calibration_error(per_task, labels) < 0.02 < expected_calibration_error(single, labels)
+    stack = tasks == "stack"
+    assert np.allclose(per_task[stack], 1 / (1 + np.exp(-logits[stack])), atol=1e-6)  # the global fit (T 1, b 0)
+
+
 def test_the_threshold_reaches_the_target_precision_at_the_policys_success_rate():
     rng = np.random.default_rng(2)
     labels = rng.uniform(size=4000) < 0.5
