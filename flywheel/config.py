@@ -11,7 +11,7 @@ from typing import Any
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
-from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -216,7 +216,7 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
     try:
         with initialize_config_module(config_module="configs", version_base=None):
             cfg = compose(config_name=name, overrides=list(overrides))
-    except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException) as e:
+    except (ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException) as e:
         cause = e.__cause__ or e
         raise ConfigError(
             f"bad config for `flywheel {name}`: {cause}\n"
@@ -225,7 +225,14 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
         ) from e
     finally:
         GlobalHydra.instance().clear()
+    for key in _AT_LEAST_ONE.get(name, ()):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: it counts frames, steps or models, so it must be at "
+                              f"least 1 (the default is {OmegaConf.select(OmegaConf.structured(_SCHEMAS[name][1]), key)})")
     return cfg
+
+
+_AT_LEAST_ONE = {"run": ("detector.ensemble", "detector.window", "detector.stride", "detector.swaps")}
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

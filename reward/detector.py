@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flywheel.checkpoint import numpy_state
 from flywheel.contracts import Episode, image_channels, sensor_inputs
 from flywheel.vla.model import VisionLanguageEncoder, VLAConfig
 from flywheel.vla.tokenizer import Tokenizer
@@ -148,9 +149,8 @@ class LearnedSuccessDetector:
     def weights(self) -> dict[str, np.ndarray]:
         """Every member's tensors, as numpy (member k's under ``member{k}.`` when there are several)."""
         if len(self.members) == 1:
-            return {k: v.detach().numpy().copy() for k, v in self.net.state_dict().items()}
-        return {f"member{i}.{k}": v.detach().numpy().copy()
-                for i, net in enumerate(self.members) for k, v in net.state_dict().items()}
+            return numpy_state(self.net)
+        return {f"member{i}.{k}": v for i, net in enumerate(self.members) for k, v in numpy_state(net).items()}
 
     @classmethod
     def from_weights(cls, weights: dict[str, np.ndarray], meta: dict) -> tuple["LearnedSuccessDetector", list[str]]:

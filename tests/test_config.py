@@ -26,3 +26,14 @@ def test_a_wrong_type_fails():
 def test_an_unknown_experiment_fails():
     with pytest.raises(ConfigError):
         load_config("run", ["experiment=nope"])
+
+
+def test_counts_below_one_and_unparsable_overrides_are_config_errors():
+    import pytest
+
+    from flywheel.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="detector.ensemble=0.*at least 1"):
+        load_config("run", ["detector.ensemble=0"])
+    with pytest.raises(ConfigError, match="Valid keys"):
+        load_config("run", ["--help"])
