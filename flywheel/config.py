@@ -73,6 +73,9 @@ class DetectorConfig:
     window: int = 3  # frames judged together (the last and those before it, `stride` steps apart): a hand that has
     #                  just let go differs from one still holding the block over the target
     stride: int = 2
+    sensors: list[str] = field(default_factory=list)  # the cameras it judges from; empty: the policy's. Each must be
+    #                    on in env.sensors. A camera the policy does not read, e.g. [overhead,wrist], gives the
+    #                    detector a closer look (its pixel weights for that camera start at zero)
     augment: bool = True  # flips/transposes of the frame: valid for a top-down camera; turn off for other views
 
 
@@ -229,6 +232,10 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: it counts frames, steps or models, so it must be at "
                               f"least 1 (the default is {OmegaConf.select(OmegaConf.structured(_SCHEMAS[name][1]), key)})")
+    if name == "run" and set(cfg.detector.sensors) - set(cfg.env.sensors):
+        raise ConfigError(f"detector.sensors={list(cfg.detector.sensors)} but env.sensors={list(cfg.env.sensors)} does "
+                          f"not record {sorted(set(cfg.detector.sensors) - set(cfg.env.sensors))}: add them to "
+                          f"env.sensors (the episodes must carry every camera the detector judges from)")
     return cfg
 
 

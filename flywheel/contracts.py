@@ -146,6 +146,16 @@ def image_channels(sensors: tuple[str, ...] | list[str]) -> int:
     return sum(CAMERA_CHANNELS[s][1] for s in sensors if s in CAMERA_CHANNELS)
 
 
+def camera_channels(sensors: tuple[str, ...] | list[str]) -> dict[str, slice]:
+    """Where each camera's channels lie in the image ``sensor_inputs`` stacks for ``sensors``."""
+    out, start = {}, 0
+    for s in sensors:
+        if s in CAMERA_CHANNELS:
+            out[s] = slice(start, start + CAMERA_CHANNELS[s][1])
+            start += CAMERA_CHANNELS[s][1]
+    return out
+
+
 @runtime_checkable
 class Policy(Protocol):
     """Observation batch + instructions -> action chunk."""

@@ -127,6 +127,7 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
         vla_cfg, checkpoint_weights, _ = load_policy_checkpoint(cfg.policy.checkpoint)
         policy_weights = checkpoint_weights if policy_weights is None else policy_weights
         policy_sensors = vla_cfg.sensors if policy_sensors is None else policy_sensors
+    judged_by = tuple(cfg.detector.sensors) or tuple(policy_sensors)  # flywheel/config.py checks env.sensors has them
     known = (lambda ep: ep.trusted_success() is not None) if offline else (
         lambda ep: any(lab.source != "detector" for lab in ep.labels))
     data = [ep for ep in store.iter(with_ground_truth=True) if known(ep) and ep.id not in exclude]
@@ -149,8 +150,8 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
     init = policy_weights if cfg.detector.init_from_policy else None
     detector, det_metrics = train_detector(
         train, held, version=version, steps=cfg.detector.steps, batch_size=cfg.detector.batch_size,
-        lr=cfg.detector.lr, seed=cfg.seed, threshold=cfg.detector.threshold, init_weights=init,
-        augment=cfg.detector.augment, cfg=DetectorNetConfig(image_size=cfg.env.image_size, sensors=policy_sensors,
+        lr=cfg.detector.lr, seed=cfg.seed, threshold=cfg.detector.threshold, init_weights=init, init_sensors=tuple(policy_sensors),
+        augment=cfg.detector.augment, cfg=DetectorNetConfig(image_size=cfg.env.image_size, sensors=judged_by,
                                                                window=cfg.detector.window, stride=cfg.detector.stride,
                                                                horizon=cfg.env.max_steps),
         calibration_episodes=calibration, target_precision=cfg.detector.target_precision, base_rate=base_rate,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from flywheel.checkpoint import numpy_state
-from flywheel.contracts import Episode, image_channels, sensor_inputs
+from flywheel.contracts import Episode, camera_channels, image_channels, sensor_inputs
 from flywheel.vla.model import VisionLanguageEncoder, VLAConfig
 from flywheel.vla.tokenizer import Tokenizer
 
@@ -99,16 +99,20 @@ def window_frames(observations: dict[str, np.ndarray], sensors: tuple[str, ...],
     return np.concatenate(list(frames), axis=-1) if window > 1 else frames[0]
 
 
-def init_from_policy(net: DetectorNet, policy_weights: dict[str, np.ndarray]) -> int:
+def init_from_policy(net: DetectorNet, policy_weights: dict[str, np.ndarray],
+                     policy_sensors: tuple[str, ...] | list[str] = ("overhead",)) -> int:
     """Start the detector's encoder from a policy's encoder (every tensor whose name matches).
 
     The policy has already learned to find the objects an instruction names; the detector then only learns the
-    judgement. The tensors that read pixels have more input channels with a window of frames: the policy's weights
-    go to the newest frame's channels (and the coordinate planes), zeros to the older frames', so the detector
-    starts by judging the newest frame as the policy sees it. Returns the number of tensors copied.
+    judgement. The tensors that read pixels have more input channels when the detector judges a window of frames,
+    or from cameras the policy does not read (``policy_sensors``: the policy's): each of the policy's cameras gives
+    its weights to the same camera's channels in the newest frame (the coordinate planes keep theirs), and the older
+    frames and the other cameras start at zero, so the detector starts by judging the newest frame as the policy
+    sees it. Returns the number of tensors copied.
     """
     own = net.encoder.state_dict()
-    channels = image_channels(net.cfg.sensors)
+    mine, theirs = camera_channels(net.cfg.sensors), camera_channels(policy_sensors)
+    policy_channels = image_channels(policy_sensors)
     copied = {}
     for name, value in policy_weights.items():
         key = name[8:]
@@ -117,11 +121,14 @@ def init_from_policy(net: DetectorNet, policy_weights: dict[str, np.ndarray]) ->
         value = torch.from_numpy(np.array(value))
         target = own[key]
         if tuple(target.shape) != tuple(value.shape):
-            if target.ndim < 2 or target.shape[0] != value.shape[0] or value.shape[1] not in (channels, channels + 2):
+            if (target.ndim < 2 or target.shape[0] != value.shape[0]
+                    or value.shape[1] not in (policy_channels, policy_channels + 2)):
                 continue
             widened = torch.zeros_like(target)
-            widened[:, :channels] = value[:, :channels]
-            if value.shape[1] == channels + 2:  # the x/y coordinate planes come last
+            for camera, where in theirs.items():
+                if camera in mine:
+                    widened[:, mine[camera]] = value[:, where]
+            if value.shape[1] == policy_channels + 2:  # the x/y coordinate planes come last
                 widened[:, -2:] = value[:, -2:]
             value = widened
         copied[key] = value

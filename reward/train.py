@@ -136,6 +136,7 @@ def train_detector(
     cfg: DetectorNetConfig | None = None,
     threshold: float = 0.5,
     init_weights: dict[str, np.ndarray] | None = None,
+    init_sensors: tuple[str, ...] = ("overhead",),
     augment: bool = True,
     progress: Callable[[int, int, float], None] | None = None,
     calibration_episodes: list[Episode] | None = None,
@@ -151,7 +152,8 @@ def train_detector(
     ``swaps``: swapped-instruction negatives per success (detector_examples).
     ``ensemble``: members trained one after another on the same examples, each from its own seed (seed + k) for
     its heads and its batches (as in deep ensembles; each member starts its encoder from the policy's all the same).
-    ``init_weights``: a policy's weights to start the encoder from (see ``init_from_policy``).
+    ``init_weights``: a policy's weights to start the encoder from, ``init_sensors`` what that policy reads (see
+    ``init_from_policy``).
     ``calibration_episodes`` (never trained on): fit the temperature and bias there (and per task family where
     it has enough episodes: reward/metrics.py fit_task_calibrations), and with ``target_precision``
     > 0 the threshold that reaches it at success rate ``base_rate`` (reward/metrics.py); otherwise ``threshold``
@@ -167,7 +169,7 @@ def train_detector(
         where = Path(checkpoint_dir) / f"member-{k}" if checkpoint_dir is not None else None
         report = None if progress is None else (
             lambda step, total, loss, k=k: progress(k * steps + step, ensemble * steps, loss))
-        members.append(_train_member(ex, cfg, init_weights, seed=seed + k, steps=steps, batch_size=batch_size, lr=lr,
+        members.append(_train_member(ex, cfg, init_weights, init_sensors, seed=seed + k, steps=steps, batch_size=batch_size, lr=lr,
                                      augment=augment, progress=report, where=where, checkpoint_every=checkpoint_every))
     if checkpoint_dir is not None and Path(checkpoint_dir).exists():
         shutil.rmtree(checkpoint_dir)  # every member is done: the partial states go
@@ -190,7 +192,8 @@ def train_detector(
     return detector, metrics
 
 
-def _train_member(ex: Examples, cfg: DetectorNetConfig, init_weights: dict[str, np.ndarray] | None, *, seed: int,
+def _train_member(ex: Examples, cfg: DetectorNetConfig, init_weights: dict[str, np.ndarray] | None,
+                  init_sensors: tuple[str, ...], *, seed: int,
                   steps: int, batch_size: int, lr: float, augment: bool,
                   progress: Callable[[int, int, float], None] | None, where: Path | None,
                   checkpoint_every: int) -> DetectorNet:
@@ -202,7 +205,7 @@ def _train_member(ex: Examples, cfg: DetectorNetConfig, init_weights: dict[str, 
         net.load_state_dict(torch.load(where / "done.pt", weights_only=True))
         return net.eval()
     if init_weights is not None:
-        init_from_policy(net, init_weights)
+        init_from_policy(net, init_weights, init_sensors)
     ids = torch.from_numpy(net.tokenizer(ex.texts)[0])
     frames_t, ys_t, to_go_t = torch.from_numpy(ex.frames), torch.from_numpy(ex.labels), torch.from_numpy(ex.to_go)
     aux_t, has_aux_t = torch.from_numpy(ex.aux), torch.from_numpy(ex.has_aux)

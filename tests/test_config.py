@@ -37,3 +37,10 @@ def test_counts_below_one_and_unparsable_overrides_are_config_errors():
         load_config("run", ["detector.ensemble=0"])
     with pytest.raises(ConfigError, match="Valid keys"):
         load_config("run", ["--help"])
+
+
+def test_a_detector_camera_the_episodes_do_not_record_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"env.sensors=\['overhead'\] does not record \['wrist'\]: add them"):
+        load_config("run", ["detector.sensors=[overhead,wrist]"])
+    cfg = load_config("run", ["detector.sensors=[overhead,wrist]", "env.sensors=[overhead,wrist]"])
+    assert list(cfg.detector.sensors) == ["overhead", "wrist"]

@@ -91,6 +91,28 @@ def test_a_window_of_frames_starts_as_the_policy_sees_the_newest_frame():
     assert np.array_equal(window, np.concatenate([img[3], img[1], img[0]], axis=-1))
 
 
+def test_a_camera_the_policy_does_not_read_starts_at_zero_and_the_detector_judges_it():
+    """detector.sensors=[overhead,wrist] on an overhead-only policy: the overhead channels of the newest frame take the
+    policy's weights, the wrist channels (and the older frame's) start at zero, and the window stacks both cameras,
+    frame by frame."""
+    import torch
+
+    from reward.detector import DetectorNet, DetectorNetConfig, init_from_policy, window_frames
+
+    base = load_policy_checkpoint("base")[1]
+    net = DetectorNet(DetectorNetConfig(sensors=("overhead", "wrist"), window=2, stride=2))
+    init_from_policy(net, base, ("overhead",))
+    w = net.encoder.patchify.weight.detach()
+    policy_w = torch.from_numpy(np.array(base["encoder.patchify.weight"]))
+    assert w.shape[1] == 2 * 6 + 2 and torch.equal(w[:, :3], policy_w[:, :3])
+    assert torch.equal(w[:, -2:], policy_w[:, -2:]) and not w[:, 3:12].any()
+    ep = run_episodes([split_seed("train", 5)], "train", None, policy_version=-1, sensors=("overhead", "wrist"))[0]
+    window = window_frames(ep.observations, ("overhead", "wrist"), 2, window=2, stride=2)
+    obs = ep.observations
+    assert np.array_equal(window, np.concatenate([obs["image"][2], obs["wrist"][2], obs["image"][0], obs["wrist"][0]],
+                                                 axis=-1))
+
+
 def test_dihedral_augmentation_moves_positions_with_the_image():
     import torch
 
