@@ -201,7 +201,7 @@ def _dispatch(argv: list[str] | None) -> int:
         console.print(__doc__, markup=False)
         return 0
     cmd, rest = argv[0], argv[1:]
-    if rest and rest[0] in ("-h", "--help"):
+    if {"-h", "--help"} & set(rest):  # anywhere after the command: `flywheel run budget.minutes=480 --help` too
         name = cmd if cmd in ("pretrain", "demos") else "run"
         console.print(__doc__, markup=False)
         console.print("keys and defaults:\n" + _schema_help(name), markup=False)

@@ -44,3 +44,11 @@ def test_a_detector_camera_the_episodes_do_not_record_is_a_config_error():
         load_config("run", ["detector.sensors=[overhead,wrist]"])
     cfg = load_config("run", ["detector.sensors=[overhead,wrist]", "env.sensors=[overhead,wrist]"])
     assert list(cfg.detector.sensors) == ["overhead", "wrist"]
+
+
+def test_help_anywhere_after_the_command_lists_the_keys(capsys):
+    from flywheel.cli import main
+
+    for argv in (["run", "--help"], ["run", "budget.minutes=480", "--help"], ["reward", "train", "-h"]):
+        assert main(argv) == 0
+        assert "budget.minutes" in capsys.readouterr().out
