@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 ECE_BINS = 15
 
@@ -44,6 +44,15 @@ def recall_at_fpr(scores: np.ndarray, labels: np.ndarray, fpr: float) -> float |
     return float(tprs[fprs <= fpr].max())
 
 
+def precision_at_recall(scores: np.ndarray, labels: np.ndarray, recall: float) -> float | None:
+    """The best precision of any threshold whose recall is at least ``recall`` (issue 4 asks for 0.95 at 0.90): what
+    the detector can do at that recall, whatever threshold is deployed."""
+    if labels.all() or not labels.any():
+        return None
+    precisions, recalls, _ = precision_recall_curve(labels, scores)
+    return float(precisions[recalls >= recall].max())
+
+
 def detector_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float | int | None]:
     """Everything the report states for one group of episodes, at the deployed ``threshold``."""
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
@@ -66,6 +75,7 @@ def detector_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -
         "auprc": float(average_precision_score(labels, scores)) if both else None,
         "recall_at_1pct_fpr": recall_at_fpr(scores, labels, 0.01),
         "recall_at_5pct_fpr": recall_at_fpr(scores, labels, 0.05),
+        "precision_at_90pct_recall": precision_at_recall(scores, labels, 0.90),
         "ece": expected_calibration_error(scores, labels.astype(np.float64)),
         "brier": float(((scores - labels) ** 2).mean()) if len(labels) else None,
         "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},

@@ -136,7 +136,7 @@ def build_report(detector: LearnedSuccessDetector, meta: dict[str, Any], episode
             "rejection": float(rejected.mean()), "n": len(chosen),
             "per_task": {t: float(rejected[[x == t for x in tasks]].mean()) for t in sorted(set(tasks))}}
     headline = report["splits"].get("newest_policy", {}).get("all", {})
-    report.update({k: headline.get(k) for k in ("auroc", "precision", "recall", "ece", "voc")})
+    report.update({k: headline.get(k) for k in ("auroc", "precision", "recall", "precision_at_90pct_recall", "ece", "voc")})
     report["swapped_instruction_rejection"] = report["splits"].get("swapped_instruction", {}).get("rejection")
     return report, curves
 
@@ -200,7 +200,7 @@ def _fmt(v: Any) -> str:
 
 def render_html(report: dict[str, Any], curves: dict[str, Any]) -> str:
     cols = ["n", "positives", "auroc", "auprc", "precision", "recall", "f1", "balanced_accuracy",
-            "recall_at_1pct_fpr", "recall_at_5pct_fpr", "ece", "brier", "voc"]
+            "recall_at_1pct_fpr", "recall_at_5pct_fpr", "precision_at_90pct_recall", "ece", "brier", "voc"]
     rows = []
     for split, body in report["splits"].items():
         if split == "swapped_instruction":

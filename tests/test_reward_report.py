@@ -21,9 +21,11 @@ def test_figures_on_known_scores():
     assert m["precision"] == 0.75 and m["recall"] == 0.75 and m["f1"] == 0.75 and m["balanced_accuracy"] == 0.75
     assert m["auroc"] == pytest.approx(15 / 16)  # one of the 16 positive-negative pairs is out of order
     assert m["recall_at_1pct_fpr"] == 0.75  # above every negative's score: 0.9, 0.8, 0.7
+    assert m["precision_at_90pct_recall"] == 0.8  # all four successes need a threshold of 0.2: one negative passes
     assert m["brier"] == pytest.approx(np.mean((scores - labels) ** 2))
     one_class = detector_metrics(scores[:4], labels[:4], 0.5)
     assert one_class["auroc"] is None and one_class["recall_at_5pct_fpr"] is None and one_class["precision"] == 1.0
+    assert one_class["precision_at_90pct_recall"] is None
     assert json.loads(json.dumps(one_class)) == one_class  # no NaN: the report stays valid JSON
 
 
