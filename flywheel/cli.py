@@ -108,8 +108,24 @@ def cmd_pretrain(overrides: list[str]) -> int:
     return 0
 
 
+def as_recorded(overrides: list[str]) -> list[str]:
+    """``overrides`` plus the run's own recording settings (``run_dir/config.yaml``: env.sensors, image_size,
+    max_steps) where they give none, so that a detector trained on a run reads its episodes as they were recorded
+    (every camera that was on) without the user repeating the run's command line."""
+    given = dict(a.split("=", 1) for a in overrides if "=" in a)
+    recorded = Path(given.get("run_dir", "")) / "config.yaml"
+    if "run_dir" not in given or not recorded.is_file():
+        return overrides
+    from omegaconf import OmegaConf
+
+    env = OmegaConf.to_container(OmegaConf.load(recorded)).get("env", {})
+    show = lambda v: "[" + ",".join(map(str, v)) + "]" if isinstance(v, list) else str(v)  # noqa: E731
+    return [f"env.{k}={show(env[k])}" for k in ("sensors", "image_size", "max_steps")
+            if k in env and f"env.{k}" not in given] + overrides
+
+
 def cmd_reward_train(overrides: list[str]) -> int:
-    cfg = _load("run", overrides)
+    cfg = _load("run", as_recorded(overrides))
     from omegaconf import OmegaConf
 
     if OmegaConf.is_missing(cfg, "run_dir"):

@@ -73,9 +73,10 @@ class DetectorConfig:
     window: int = 3  # frames judged together (the last and those before it, `stride` steps apart): a hand that has
     #                  just let go differs from one still holding the block over the target
     stride: int = 2
-    sensors: list[str] = field(default_factory=list)  # the cameras it judges from; empty: the policy's. Each must be
-    #                    on in env.sensors. A camera the policy does not read, e.g. [overhead,wrist], gives the
-    #                    detector a closer look (its pixel weights for that camera start at zero)
+    sensors: list[str] = field(default_factory=list)  # the cameras it judges from; empty: every camera env.sensors
+    #                    records. One the policy does not read starts with zero pixel weights. The wrist camera gives
+    #                    it a close look at where the block ended: env.sensors=[overhead,wrist] took the newest
+    #                    policy's AUROC from 0.954 to 0.996 (README)
     augment: bool = True  # flips/transposes of the frame: valid for a top-down camera; turn off for other views
 
 

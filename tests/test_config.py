@@ -52,3 +52,19 @@ def test_help_anywhere_after_the_command_lists_the_keys(capsys):
     for argv in (["run", "--help"], ["run", "budget.minutes=480", "--help"], ["reward", "train", "-h"]):
         assert main(argv) == 0
         assert "budget.minutes" in capsys.readouterr().out
+
+
+def test_reward_train_reads_a_run_as_it_was_recorded(tmp_path):
+    """`flywheel reward train run_dir=...` takes the run's cameras, image size and horizon from its config.yaml unless
+    the command line gives them: the detector then judges from every camera the run recorded."""
+    from omegaconf import OmegaConf
+
+    from flywheel.cli import as_recorded
+
+    recorded = load_config("run", [f"run_dir={tmp_path}", "env.sensors=[overhead,wrist]", "env.max_steps=60"])
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(recorded))
+    cfg = load_config("run", as_recorded([f"run_dir={tmp_path}", "detector.steps=10"]))
+    assert list(cfg.env.sensors) == ["overhead", "wrist"] and cfg.env.max_steps == 60 and cfg.detector.steps == 10
+    cfg = load_config("run", as_recorded([f"run_dir={tmp_path}", "env.max_steps=40"]))
+    assert cfg.env.max_steps == 40  # the command line wins
+    assert as_recorded(["run_dir=" + str(tmp_path / "nowhere")]) == ["run_dir=" + str(tmp_path / "nowhere")]
