@@ -97,6 +97,12 @@ class Episode:
             return bool(self.ground_truth["success"])
         return None
 
+    def made_on_purpose(self) -> bool:
+        """A hard example the scripted expert made for the detector (actors/expert.py HARD_EXAMPLES; ``near_miss``
+        in stores from before the other kinds): not what a detector will meet, and, up to the step where it turns
+        away, no different from a success."""
+        return bool(self.info.get("hard") or self.info.get("near_miss"))
+
 
 @dataclasses.dataclass(frozen=True)
 class PolicySnapshot:

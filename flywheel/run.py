@@ -83,7 +83,7 @@ def pretraining_demos(n: int, base_meta: dict, env_kwargs: dict) -> list[Episode
 
 def ground_truth_labelled(episodes: list[Episode]) -> list[Episode]:
     for ep in episodes:
-        source = "demo" if ep.policy_version < 0 and not made_on_purpose(ep) else "ground_truth"
+        source = "demo" if ep.policy_version < 0 and not ep.made_on_purpose() else "ground_truth"
         ep.labels.append(Label(source=source, success=bool(ep.ground_truth["success"]), version="simulator"))
     return episodes
 
@@ -174,12 +174,6 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
     return detector, det_metrics
 
 
-def made_on_purpose(ep: Episode) -> bool:
-    """A hard example the expert made for the detector (actors/expert.py; ``near_miss`` in stores before the other
-    kinds existed)."""
-    return bool(ep.info.get("hard") or ep.info.get("near_miss"))
-
-
 def split_detector_data(data: list[Episode], cfg: DictConfig, offline: bool
                         ) -> tuple[list[Episode], list[Episode], list[Episode], str]:
     """-> (train, held out, calibration, how they were split). Hard examples made on purpose always train and are
@@ -188,8 +182,8 @@ def split_detector_data(data: list[Episode], cfg: DictConfig, offline: bool
     others' policy episodes (at least) calibrates. In the loop, a random ``heldout_fraction`` is held out and, without
     a calibration split of its own (``calibration_fraction`` 0), its policy episodes also calibrate: no training data
     is given up and the held-out AUROC is untouched (the temperature reorders nothing)."""
-    made = [ep for ep in data if made_on_purpose(ep)]
-    met = [ep for ep in data if not made_on_purpose(ep)]
+    made = [ep for ep in data if ep.made_on_purpose()]
+    met = [ep for ep in data if not ep.made_on_purpose()]
     newest = max((ep.policy_version for ep in met), default=-1)
     rng = np.random.default_rng(cfg.seed)
     if offline and newest > 0:

@@ -70,7 +70,9 @@ def detector_examples(
 
     Per episode: its last step, with its label; one earlier step, a failure (a built-in episode ends at its first
     success), which teaches the success head "not yet" where the episode succeeded and the progress head the steps
-    still to go; and, for a success, its last step under a swapped instruction. A step is a window of frames
+    still to go (not for a hard example made on purpose, whose earlier steps look like a success's and which would
+    teach the progress head that carrying the block to the target leads nowhere); and, for a success, its last step
+    under a swapped instruction. A step is a window of frames
     stacking the cameras in ``cfg.sensors`` (reward/detector.py window_frames)."""
     cfg = cfg or DetectorNetConfig()
     never = cfg.horizon + 1  # the progress class "no success before the episode ends"
@@ -89,7 +91,7 @@ def detector_examples(
             continue
         last = ep.num_steps
         add(ep, last, float(y), 0 if y else never)
-        if last > 1:
+        if last > 1 and not ep.made_on_purpose():  # a hard example's earlier steps are a success's: no label fits
             t = int(rng.integers(0, last))
             # Before a success: a hard negative for the success head. Before a failure: an easy one, which only
             # the progress head learns from (it would dilute the success head's hard examples).
