@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Collection, Protocol
 
 import numpy as np
 
@@ -81,12 +81,14 @@ def label_episodes(detector: SuccessDetector, episodes: list[Episode]) -> list[L
 PRIVILEGED_EXTRAS = ("aux_positions",)
 
 
-def learner_view(ep: Episode) -> Episode:
+def learner_view(ep: Episode, reads: Collection[str] | None = None) -> Episode:
     """The episode as the learner may see it: no ground-truth success (nor an audit's ground-truth label), no
-    privileged simulator state."""
+    privileged simulator state; with ``reads`` (the observation keys the policy reads), no other observations
+    either: a camera recorded for the detector alone would otherwise double what the learner's replay holds."""
     extras = {k: v for k, v in ep.extras.items() if k not in PRIVILEGED_EXTRAS}
     labels = [lab for lab in ep.labels if lab.source != "ground_truth"]
-    return dataclasses.replace(ep, ground_truth=None, extras=extras, labels=labels)
+    observations = ep.observations if reads is None else {k: v for k, v in ep.observations.items() if k in reads}
+    return dataclasses.replace(ep, ground_truth=None, extras=extras, labels=labels, observations=observations)
 
 
 @dataclasses.dataclass
@@ -159,8 +161,10 @@ def run_loop(
     state: LoopState,
     on_iteration: Callable[[LoopState, dict[str, Any]], None] = lambda state, row: None,
     audit_settings: AuditSettings | None = None,
+    learner_reads: Collection[str] | None = None,
 ) -> LoopState:
-    """Turn the flywheel until the budget runs out; returns the final state (evaluations first to last)."""
+    """Turn the flywheel until the budget runs out; returns the final state (evaluations first to last).
+    ``learner_reads``: the observation keys the policy reads (learner_view drops the others)."""
     audit_rng = np.random.default_rng(audit_settings.seed if audit_settings else 0)
     keep_best = audit_settings is not None  # the best weights are kept only for the audit's rollback
     if not state.detector_versions:
@@ -198,7 +202,7 @@ def run_loop(
         if trusted:
             with timer("update"):
                 # The learner sees labels, never the simulator's ground truth or privileged state.
-                stats = learner.update([learner_view(ep) for ep in episodes])
+                stats = learner.update([learner_view(ep, learner_reads) for ep in episodes])
         else:
             state.paused_updates += 1  # labels not to be trusted: no update from them
         with timer("publish"):

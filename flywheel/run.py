@@ -28,7 +28,7 @@ from actors.expert import HARD_EXAMPLES
 from actors.tabletop import split_seed
 from flywheel.checkpoint import CheckpointDir, save_weights
 from flywheel.config import ConfigError, to_dict
-from flywheel.contracts import CAMERA_CHANNELS, Episode, Label, PolicySnapshot
+from flywheel.contracts import CAMERA_CHANNELS, Episode, Label, PolicySnapshot, sensor_key
 from flywheel.loop import AuditSettings, Budget, LoopState, run_loop
 from flywheel.metrics import MetricsSink
 from flywheel.store import EpisodeStore, atomic_write_bytes
@@ -300,6 +300,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
             episodes_per_iteration=cfg.rollout.episodes_per_iteration,
             eval_every=cfg.eval.every, group_size=cfg.rollout.group_size, state=LoopState(),
             on_iteration=on_iteration or (lambda s, row: None), audit_settings=audit_settings,
+            learner_reads={"proprio", *(sensor_key(s) for s in vla_cfg.sensors)},
         )
         first, last = state.evaluations[0], state.evaluations[-1]
         summary.update(

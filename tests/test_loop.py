@@ -96,3 +96,19 @@ def test_learner_replays_the_bases_own_demonstrations_not_the_runs_task():
     demos = pretraining_demos(12, trained_on_train_combos, env)
     assert len(demos) == 12 and not any(ep.info["combo_heldout"] for ep in demos)
     assert all(ep.info["combo_heldout"] for ep in pretraining_demos(6, {}, env))  # no record: the run's settings
+
+
+def test_the_learner_sees_only_what_the_policy_reads():
+    """A camera recorded for the detector alone (here the wrist) never reaches the learner's replay, nor does the
+    simulator's verdict; the stored episode keeps both."""
+    from actors.rollout import run_episodes
+    from actors.tabletop import split_seed
+    from flywheel.contracts import Label
+    from flywheel.loop import learner_view
+
+    ep = run_episodes([split_seed("train", 1)], "train", None, policy_version=-1, sensors=("overhead", "wrist"))[0]
+    ep.labels.append(Label(source="ground_truth", success=True))
+    view = learner_view(ep, {"image", "proprio"})
+    assert set(view.observations) == {"image", "proprio"} and view.ground_truth is None and not view.labels
+    assert "wrist" in ep.observations and ep.ground_truth is not None
+    assert set(learner_view(ep).observations) == {"image", "proprio", "wrist"}
