@@ -155,7 +155,9 @@ class RunConfig:
     run_dir: str = "???"  # where everything of this run is written
     seed: int = 0
     experiment: str = "default"
-    env: EnvConfig = field(default_factory=EnvConfig)
+    # The wrist camera is recorded for the detector (the shipped policy reads the overhead camera only): it sees
+    # where a block came to rest, which the overhead camera resolves to under a pixel (README, "the detector").
+    env: EnvConfig = field(default_factory=lambda: EnvConfig(sensors=["overhead", "wrist"]))
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)

@@ -41,7 +41,7 @@ def test_counts_below_one_and_unparsable_overrides_are_config_errors():
 
 def test_a_detector_camera_the_episodes_do_not_record_is_a_config_error():
     with pytest.raises(ConfigError, match=r"env.sensors=\['overhead'\] does not record \['wrist'\]: add them"):
-        load_config("run", ["detector.sensors=[overhead,wrist]"])
+        load_config("run", ["detector.sensors=[overhead,wrist]", "env.sensors=[overhead]"])
     cfg = load_config("run", ["detector.sensors=[overhead,wrist]", "env.sensors=[overhead,wrist]"])
     assert list(cfg.detector.sensors) == ["overhead", "wrist"]
 

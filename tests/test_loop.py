@@ -112,3 +112,19 @@ def test_the_learner_sees_only_what_the_policy_reads():
     assert set(view.observations) == {"image", "proprio"} and view.ground_truth is None and not view.labels
     assert "wrist" in ep.observations and ep.ground_truth is not None
     assert set(learner_view(ep).observations) == {"image", "proprio", "wrist"}
+
+
+def test_the_default_cameras_reach_the_detector_and_not_the_policy(tmp_path):
+    """`flywheel run`'s default records the wrist camera as well: the detector judges from both cameras, the
+    stored episodes carry both, and the policy (which reads the overhead camera) still turns."""
+    from safetensors import safe_open
+
+    run_dir = tmp_path / "run"
+    assert list(load_config("run", [f"run_dir={run_dir}"]).env.sensors) == ["overhead", "wrist"]
+    cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}", "env.sensors=[overhead,wrist]",
+                              "budget.iterations=1", "rollout.use_ray=false", "wandb.mode=disabled"])
+    summary = run(cfg, say=lambda m: None)
+    assert summary["status"] == "completed" and summary["policy_version_final"] == 1
+    with safe_open(str(run_dir / "detector" / "detector-1.safetensors"), "np") as f:
+        assert json.loads(f.metadata()["flywheel"])["config"]["sensors"] == ["overhead", "wrist"]
+    assert all("wrist" in ep.observations for ep in EpisodeStore(run_dir / "episodes").iter())
