@@ -271,7 +271,8 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         # The learner first: version 0 is the base as its algorithm acts with it (a residual policy explores).
         model = SmallVLA(vla_cfg)
         model.load_weights(base_weights)
-        demos = pretraining_demos(cfg.learner.demos, base_meta, env_kwargs)
+        # recorded with the policy's own cameras: one the run records for its detector alone has no place in replay
+        demos = pretraining_demos(cfg.learner.demos, base_meta, {**env_kwargs, "sensors": list(vla_cfg.sensors)})
         learner = make_learner(cfg.learner.algorithm, model, demos, version=0, seed=cfg.seed, **to_dict(cfg.learner))
         first = learner.snapshot()
         rollouts.publish(PolicySnapshot(version=0, weights=first.weights,
