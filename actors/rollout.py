@@ -15,7 +15,7 @@ import numpy as np
 
 from actors.expert import expert_action
 from actors.tabletop import TabletopEnv
-from flywheel.contracts import Episode, Policy, PolicySnapshot, sensor_inputs, sensor_key
+from flywheel.contracts import Episode, Policy, PolicySnapshot, observation_keys, sensor_inputs
 
 ENV_ID = "flywheel/Tabletop-v0"
 
@@ -108,7 +108,7 @@ def run_episodes(
     chunk: np.ndarray | None = None
     call = 0
     sensors = getattr(policy, "sensors", ("overhead",))
-    reads = {"proprio", *(sensor_key(s) for s in sensors)} & set(observed[0])  # stack only what the policy reads
+    reads = observation_keys(sensors) & set(observed[0])  # stack only what the policy reads
     while running:
         if policy is not None:
             latest = {k: np.stack([observed[i][k][-1] for i in running]) for k in reads}

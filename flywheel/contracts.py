@@ -148,6 +148,11 @@ def sensor_key(sensor: str) -> str:
     return CAMERA_CHANNELS[sensor][0] if sensor in CAMERA_CHANNELS else sensor
 
 
+def observation_keys(sensors: tuple[str, ...] | list[str]) -> set[str]:
+    """Every observation key a model with ``sensors`` reads (proprioception is always among them)."""
+    return {"proprio", *(sensor_key(s) for s in sensors)}
+
+
 def image_channels(sensors: tuple[str, ...] | list[str]) -> int:
     return sum(CAMERA_CHANNELS[s][1] for s in sensors if s in CAMERA_CHANNELS)
 

@@ -28,7 +28,7 @@ from actors.expert import HARD_EXAMPLES
 from actors.tabletop import split_seed
 from flywheel.checkpoint import CheckpointDir, save_weights
 from flywheel.config import ConfigError, to_dict
-from flywheel.contracts import CAMERA_CHANNELS, Episode, Label, PolicySnapshot, sensor_key
+from flywheel.contracts import Episode, Label, PolicySnapshot, observation_keys
 from flywheel.loop import AuditSettings, Budget, LoopState, run_loop
 from flywheel.metrics import MetricsSink
 from flywheel.store import EpisodeStore, atomic_write_bytes
@@ -127,8 +127,9 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
         vla_cfg, checkpoint_weights, _ = load_policy_checkpoint(cfg.policy.checkpoint)
         policy_weights = checkpoint_weights if policy_weights is None else policy_weights
         policy_sensors = vla_cfg.sensors if policy_sensors is None else policy_sensors
-    # Every camera that is on (flywheel/config.py checks that env.sensors records the ones asked for).
-    judged_by = tuple(cfg.detector.sensors) or tuple(s for s in cfg.env.sensors if s in CAMERA_CHANNELS)
+    # Every camera that is on (flywheel/config.py checks that env.sensors records the ones asked for; the detector's
+    # config drops touch, which it does not read).
+    judged_by = tuple(cfg.detector.sensors or cfg.env.sensors)
     known = (lambda ep: ep.trusted_success() is not None) if offline else (
         lambda ep: any(lab.source != "detector" for lab in ep.labels))
     data = [ep for ep in store.iter(with_ground_truth=True) if known(ep) and ep.id not in exclude]
@@ -301,7 +302,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
             episodes_per_iteration=cfg.rollout.episodes_per_iteration,
             eval_every=cfg.eval.every, group_size=cfg.rollout.group_size, state=LoopState(),
             on_iteration=on_iteration or (lambda s, row: None), audit_settings=audit_settings,
-            learner_reads={"proprio", *(sensor_key(s) for s in vla_cfg.sensors)},
+            learner_reads=observation_keys(vla_cfg.sensors),
         )
         first, last = state.evaluations[0], state.evaluations[-1]
         summary.update(
