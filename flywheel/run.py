@@ -28,7 +28,7 @@ from actors.expert import HARD_EXAMPLES
 from actors.tabletop import split_seed
 from flywheel.checkpoint import CheckpointDir, save_weights
 from flywheel.config import ConfigError, to_dict
-from flywheel.contracts import Episode, Label, PolicySnapshot, observation_keys
+from flywheel.contracts import Episode, Label, PolicySnapshot, observation_keys, sensor_key
 from flywheel.loop import AuditSettings, Budget, LoopState, run_loop
 from flywheel.metrics import MetricsSink
 from flywheel.store import EpisodeStore, atomic_write_bytes
@@ -134,13 +134,15 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
         lambda ep: any(lab.source != "detector" for lab in ep.labels))
     data = [ep for ep in store.iter(with_ground_truth=True) if known(ep) and ep.id not in exclude]
     if not data:
-        say("detector: collecting labelled episodes (demonstrations + starting-policy rollouts)")
+        say(f"detector: {run_dir} holds no labelled episodes, so new ones are made there (demonstrations + "
+            f"starting-policy rollouts). To train on a run's episodes instead, give that run's directory.")
         if rollouts is None:
             rollouts = RolloutGroup(vla_policy_factory(vla_cfg), env_kwargs_of(cfg), num_workers=1, use_ray=False)
             rollouts.publish(PolicySnapshot(0, policy_weights))
         data = make_detector_data(cfg, rollouts, env_kwargs_of(cfg))
         for ep in data:
             store.add(ep)
+    check_recorded(data, judged_by)
     previous = sorted((run_dir / "detector").glob("detector-*.safetensors"))
     version = f"detector-{len(previous) + 1}"
     train, held, calibration, how = split_detector_data(data, cfg, offline)
@@ -173,6 +175,22 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
         f"on {det_metrics['n']} held-out episodes (threshold {detector.threshold:.3f}, temperature "
         f"{detector.temperature:.2f}, bias {detector.bias:.2f})")
     return detector, det_metrics
+
+
+def check_recorded(episodes: list[Episode], sensors: tuple[str, ...]) -> None:
+    """A ConfigError, before any training, when stored episodes lack a camera the detector is to judge from."""
+    missing = {s: 0 for s in sensors}
+    for ep in episodes:
+        for s in sensors:
+            missing[s] += sensor_key(s) not in ep.observations
+    lacking = {s: n for s, n in missing.items() if n}
+    if lacking:
+        recorded = sorted(s for s in sensors if s not in lacking)
+        raise ConfigError(
+            f"the detector is to judge from {list(sensors)}, but {max(lacking.values())} of {len(episodes)} stored "
+            f"episodes lack {sorted(lacking)}: they were recorded without it. Judge from what they hold "
+            f"(detector.sensors={recorded or '[overhead]'}), or record it in the run (env.sensors=...)."
+            .replace("'", ""))
 
 
 def split_detector_data(data: list[Episode], cfg: DictConfig, offline: bool

@@ -224,3 +224,21 @@ def test_reward_train_learns_from_older_policies_and_is_validated_on_the_newest(
     train_reward(cfg, say=lambda m: None)  # in the loop: the ten labelled demonstrations alone
     _, saved = load_detector(tmp_path / "run" / "detector" / "detector-2.safetensors")
     assert len(saved["episodes"]["train"]) + len(saved["episodes"]["heldout"]) == 10
+
+
+def test_reward_train_refuses_episodes_without_the_cameras_it_is_to_judge_from(tmp_path, demos):
+    """Episodes recorded with the overhead camera alone, a detector asked to judge from the wrist camera too: a
+    ConfigError naming the camera and the fix, before any training, and nothing written."""
+    from flywheel.config import ConfigError, load_config
+    from flywheel.run import train_reward
+    from flywheel.store import EpisodeStore
+
+    store = EpisodeStore(tmp_path / "run" / "episodes")
+    for ep in _labelled(list(demos[:4])):
+        store.add(ep)
+    cfg = load_config("run", ["experiment=tiny", f"run_dir={tmp_path / 'run'}", "detector.steps=4",
+                              "env.sensors=[overhead,wrist]"])
+    with pytest.raises(ConfigError, match=r"lack \[wrist\].*detector.sensors=\[overhead\]"):
+        train_reward(cfg, say=lambda m: None, offline=True)
+    assert not (tmp_path / "run" / "detector").exists()
+    assert len(list(store.iter())) == 4
