@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from actors.tabletop import BLOCK_HALF, BOWL_R_IN, EFFECTOR_R, MAX_SPEED, PAD_HALF, TabletopEnv
+from actors.tabletop import (BLOCK_HALF, BOWL_R_IN, BUTTON_R, DRAWER_TRAVEL, EFFECTOR_R, MAX_SPEED, OPEN_AT, PAD_HALF,
+                             TabletopEnv)
 
 # Hard examples for the success detector, made on purpose: the cases a detector trained on demonstrations and
 # rollouts alone gets wrong (measured on the newest policy: blocks held over the bowl at time-out called successes,
@@ -13,11 +14,15 @@ from actors.tabletop import BLOCK_HALF, BOWL_R_IN, EFFECTOR_R, MAX_SPEED, PAD_HA
 #   base block): a failure;
 # - near_hit: the block is let go just inside it: a success at the border;
 # - hover: the block is carried over the target and never let go (held at time-out): a failure that looks like one.
-# Offsets from the target's centre, per family; a family not named gets a plain demonstration.
+# Offsets from the target's centre, per family; a family not named gets a plain demonstration. A drawer's handle
+# stops short of its goal along the rail (opening 0.8 or 0.2, where 0.9 / 0.1 count; a near hit 0.93 / 0.07); a
+# button is closed on off its centre (just outside its disc: nothing pressed; a near hit just inside its edge).
+DRAWER_SLACK = (1.0 - OPEN_AT) * DRAWER_TRAVEL  # how far short of fully open (or shut) still counts
 AIM_OFFSET = {
     "near_miss": {"push": PAD_HALF + 0.015, "place": BOWL_R_IN + 0.02, "stack": BLOCK_HALF * 1.1,
-                  "sort": BOWL_R_IN + 0.02},
-    "near_hit": {"place": BOWL_R_IN - 0.015, "stack": BLOCK_HALF * 0.6, "sort": BOWL_R_IN - 0.015},
+                  "sort": BOWL_R_IN + 0.02, "drawer": 2 * DRAWER_SLACK, "button": BUTTON_R + 0.03},
+    "near_hit": {"place": BOWL_R_IN - 0.015, "stack": BLOCK_HALF * 0.6, "sort": BOWL_R_IN - 0.015,
+                 "drawer": 0.7 * DRAWER_SLACK, "button": BUTTON_R - 0.012},
 }
 HOVER_FAMILIES = ("push", "place", "stack", "sort")
 HARD_EXAMPLES = ("near_miss", "near_hit", "hover")
@@ -54,7 +59,12 @@ def expert_action(env: TabletopEnv, rng: np.random.Generator | None = None, nois
     it over the target and never let go."""
     s = env.state()
     eff, block, target = s["effector"], s["block"], s["target"]
-    if miss is not None:
+    if miss is not None and s["family"] == "button":
+        block = target = np.clip(block + miss, 0.03, 0.97)  # close the hand there: a press, or not, off centre
+    elif miss is not None:
+        if s["family"] == "drawer":  # stop short along the rail: back from the goal toward where the handle is
+            back = block - target
+            miss = float(np.hypot(*miss)) * back / max(float(np.hypot(*back)), 1e-9)
         if s["family"] == "push" and float(miss @ (block - target)) < 0:
             miss = -miss  # fall short: a push past the pad would cross it (and succeed) on the way
         target = np.clip(target + miss, 0.03, 0.97)
@@ -63,7 +73,10 @@ def expert_action(env: TabletopEnv, rng: np.random.Generator | None = None, nois
     if s["family"] != "push" or hold:
         if s["holding_target"]:
             move = _toward(eff, target)
-            grip = 1.0 if hold or np.hypot(*(target - eff)) > 0.02 else -1.0  # release over the bowl
+            # Release over the bowl; a drawer made to stop short is let go only where it was aimed (it moves 0.4 of
+            # its travel a step, so 0.02 early would be another opening altogether).
+            let_go = 0.004 if miss is not None and s["family"] == "drawer" else 0.02
+            grip = 1.0 if hold or np.hypot(*(target - eff)) > let_go else -1.0
         else:
             move = _toward(eff, block)
             near = np.hypot(*(block - eff)) < 0.02

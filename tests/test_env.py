@@ -337,3 +337,26 @@ def test_hard_examples_end_where_they_were_made_to():
     assert all(ep.info["hard"] == kind for kind in ("near_miss", "hover") for ep in eps[kind])
     assert {ep.task for ep in eps["near_hit"] if "hard" in ep.info} == {"place"}  # push has no near hit
     assert "hard" not in run_episodes([split_seed("train", 0)], "train", None, policy_version=-1)[0].info
+
+
+def test_drawer_and_button_hard_examples_straddle_success():
+    """A drawer left just short of open (or shut), a button closed on just off its disc: failures; just inside:
+    successes. The drawer's near miss really is near: opened most of the way (or nearly shut)."""
+    seeds = [split_seed("train", 9_100_000 + i) for i in range(30)]
+    for family in ("drawer", "button"):
+        miss, hit = (run_episodes(seeds, "train", None, policy_version=-1, hard=kind, family=family)
+                     for kind in ("near_miss", "near_hit"))
+        assert not any(ep.ground_truth["success"] for ep in miss), family
+        assert all(ep.ground_truth["success"] for ep in hit), family
+        assert all(ep.info["hard"] == "near_miss" for ep in miss)
+    env = TabletopEnv(family="drawer")
+    rng = np.random.default_rng(0)
+    from actors.expert import hard_example_plan
+
+    for seed in seeds[:10]:
+        env.reset(seed=seed)
+        plan = hard_example_plan("near_miss", "drawer", 1.0)
+        for _ in range(40):
+            env.step(expert_action(env, rng, 0.1, **plan))
+        opening = env.opening[env.target_index]
+        assert (0.6 < opening < 0.9) if env.verb == "open" else (0.1 < opening < 0.4)
