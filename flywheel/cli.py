@@ -5,6 +5,7 @@
     flywheel reward train [key=value ...]   train a success detector on a run's labelled episodes
     flywheel reward eval run_dir=PATH [detector=FILE]   the detector's report: PATH/reward/report.{json,html}
     flywheel demos out_dir=PATH [key=value ...]  scripted demonstrations into an episode store (resumable)
+    flywheel store verify run_dir=PATH      read every stored episode; print what was found as JSON (after a crash)
     flywheel store check RUN_DIR [--repair] find (and move aside) damaged episode files
 """
 
@@ -195,6 +196,25 @@ def cmd_store_check(args: list[str]) -> int:
     return 1 if bad and not ns.repair else 0
 
 
+def cmd_store_verify(args: list[str]) -> int:
+    """Read every stored episode of a run and print what was found, as JSON (EpisodeStore.verify); exit 1 unless
+    the store is whole."""
+    given = dict(a.split("=", 1) for a in args if "=" in a)
+    if "run_dir" not in given or len(given) != len(args) or set(given) != {"run_dir"}:
+        console.print("[red]error:[/red] usage: flywheel store verify run_dir=PATH")
+        return 2
+    from flywheel.store import EpisodeStore
+
+    root = Path(given["run_dir"])
+    if not (root / "episodes").is_dir():
+        console.print(f"[red]error:[/red] {root} holds no episode store ({root / 'episodes'} is not a directory): "
+                      f"give a run's directory")
+        return 1
+    report = EpisodeStore(root / "episodes").verify()
+    print(json.dumps(report, indent=2))
+    return 0 if report["ok"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Known errors (bad config, bad checkpoint, damaged episode file, unusable run directory) print their message,
     which says what to do, and exit 1; anything else keeps its traceback."""
@@ -232,6 +252,8 @@ def _dispatch(argv: list[str] | None) -> int:
         return cmd_reward_train(rest[1:])
     if cmd == "reward" and rest[:1] == ["eval"]:
         return cmd_reward_eval(rest[1:])
+    if cmd == "store" and rest[:1] == ["verify"]:
+        return cmd_store_verify(rest[1:])
     if cmd == "store" and rest[:1] == ["check"]:
         return cmd_store_check(rest[1:])
     console.print(f"[red]error:[/red] unknown command {' '.join(argv[:2])!r}")

@@ -32,6 +32,10 @@ from flywheel.contracts import SPLITS, Episode, Label
 log = logging.getLogger(__name__)
 
 
+# What every stored episode must say about where it came from (../shared/DESIGN.md "The episode and its lineage").
+LINEAGE = ("id", "task", "instruction", "env_id", "seed", "split", "policy_version", "ground_truth")
+
+
 class CorruptEpisodeError(RuntimeError):
     """An episode file that cannot be read back (cut short, overwritten, not an episode)."""
 
@@ -131,20 +135,32 @@ class EpisodeStore:
                     log.warning("labels.jsonl line %d is unreadable (%s); skipped (a write cut short by a crash?)", n, e)
         return out
 
-    def read(self, path: Path, labels: list[Label] | None = None, with_ground_truth: bool = True) -> Episode:
-        """Read one episode file. Raises CorruptEpisodeError, naming the file and the fix, if it is damaged."""
+    def _arrays(self, path: Path) -> tuple[dict, dict, dict, np.ndarray]:
+        """Every array of an episode file, read in full (so the zip checks each one's CRC): (lineage meta,
+        observations, extras, actions). Raises CorruptEpisodeError, naming the file and the fix."""
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["meta"]).decode())
                 observations = {k[4:]: z[k] for k in z.files if k.startswith("obs.")}
                 extras = {k[6:]: z[k] for k in z.files if k.startswith("extra.")}
                 actions = z["actions"]
+            if not isinstance(meta, dict):
+                raise ValueError("its lineage is not a JSON object")
         except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, json.JSONDecodeError) as e:
             raise CorruptEpisodeError(
                 f"episode file {path} cannot be read ({type(e).__name__}: {e}). It was cut short or damaged after "
                 f"it was written. Move it aside with `flywheel store check --repair {self.root}` (it is kept in "
                 f"quarantine/, not deleted); the rest of the store is unaffected."
             ) from e
+        return meta, observations, extras, actions
+
+    def read(self, path: Path, labels: list[Label] | None = None, with_ground_truth: bool = True) -> Episode:
+        """Read one episode file. Raises CorruptEpisodeError, naming the file and the fix, if it is damaged."""
+        meta, observations, extras, actions = self._arrays(path)
+        missing = [k for k in LINEAGE if k not in meta]
+        if missing:
+            raise CorruptEpisodeError(f"episode file {path} lacks lineage {missing}: it was not written by this "
+                                      f"store. Move it aside with `flywheel store check --repair {self.root}`.")
         return Episode(
             id=meta["id"],
             task=meta["task"],
@@ -179,6 +195,45 @@ class EpisodeStore:
                 if not skip_corrupt:
                     raise
                 log.warning("%s", e)
+
+    def verify(self) -> dict:
+        """Read every stored episode in full, as after a crash: ``episodes`` (files), ``unique_ids``, ``duplicates``
+        (ids stored more than once), ``unreadable`` (each file with what was wrong), ``lineage_missing`` (how many
+        readable files lack each lineage field), ``labels`` and ``labels_unreadable`` (lines of labels.jsonl), and
+        ``ok``. Reads only; moves nothing."""
+        paths = self.paths()
+        seen: dict[str, int] = {}
+        unreadable, lineage_missing = [], {k: 0 for k in LINEAGE}
+        for path in paths:
+            seen[path.stem] = seen.get(path.stem, 0) + 1  # a file is named by its episode's id
+            try:
+                meta = self._arrays(path)[0]
+            except CorruptEpisodeError as e:
+                cause = e.__cause__ or e
+                unreadable.append({"path": str(path), "error": f"{type(cause).__name__}: {cause}"})
+                continue
+            for k in LINEAGE:
+                lineage_missing[k] += k not in meta
+            if meta.get("id", path.stem) != path.stem:
+                unreadable.append({"path": str(path), "error": f"its lineage names another id, {meta['id']!r}"})
+        lines = bad_lines = 0
+        if self.labels_path.exists():
+            with open(self.labels_path, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        lines += 1
+                        try:
+                            row = json.loads(line)
+                            Label(**{k: v for k, v in row.items() if k != "episode"})
+                            bad_lines += "episode" not in row
+                        except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
+                            bad_lines += 1
+        lineage_missing = {k: n for k, n in lineage_missing.items() if n}
+        duplicates = sorted(i for i, n in seen.items() if n > 1)
+        return {"store": str(self.root), "episodes": len(paths), "unique_ids": len(seen), "duplicates": duplicates,
+                "unreadable": unreadable, "lineage_missing": lineage_missing, "labels": lines,
+                "labels_unreadable": bad_lines,
+                "ok": not (unreadable or lineage_missing or duplicates or bad_lines)}
 
     def check(self, repair: bool = False) -> list[Path]:
         """Find unreadable episode files; with ``repair`` move them to quarantine/. Returns the bad paths."""

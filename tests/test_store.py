@@ -77,3 +77,46 @@ def test_demos_command_appends_labelled_demonstrations_and_resumes(tmp_path):
     assert main(["demos", f"out_dir={out}", "episodes=8", "env.family=suite"]) == 0  # only the 2 missing seeds
     assert sorted(ep.seed for ep in EpisodeStore(out).iter("train")) == list(range(8))
     assert main(["demos", "episodes=2"]) == 2  # no store given
+
+
+def test_store_verify_reports_every_kind_of_damage_as_json(tmp_path, demos, capsys):
+    """`flywheel store verify run_dir=PATH`: counts, duplicate ids, each unreadable file with what was wrong, lineage
+    fields missing, label lines cut short; exit 0 only for a whole store. It reads, it never moves anything."""
+    import io
+    import shutil
+
+    from flywheel.cli import main
+
+    store = EpisodeStore(tmp_path / "run" / "episodes")
+    paths = [store.add(ep) for ep in demos[:4]]
+    store.add_label(demos[0].id, Label(source="human", success=True, version="ana"))
+    assert main(["store", "verify", f"run_dir={tmp_path / 'run'}"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report == {**report, "episodes": 4, "unique_ids": 4, "duplicates": [], "unreadable": [],
+                      "lineage_missing": {}, "labels": 1, "labels_unreadable": 0, "ok": True}
+
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data[: len(data) // 2])  # cut short
+    (tmp_path / "run" / "episodes" / "holdout").mkdir(exist_ok=True)
+    shutil.copy(paths[2], tmp_path / "run" / "episodes" / "holdout" / paths[2].name)  # the same id twice
+    with np.load(paths[3]) as z:  # readable, but written without its seed
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    del meta["seed"]
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    paths[3].write_bytes(buf.getvalue())
+    with open(store.labels_path, "a") as f:
+        f.write('{"episode": "x", "sour')
+    assert main(["store", "verify", f"run_dir={tmp_path / 'run'}"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["episodes"] == 5 and report["unique_ids"] == 4 and report["duplicates"] == [demos[2].id]
+    assert [u["path"] for u in report["unreadable"]] == [str(paths[1])]
+    assert "BadZipFile" in report["unreadable"][0]["error"] or "EOF" in report["unreadable"][0]["error"]
+    assert report["lineage_missing"] == {"seed": 1} and report["labels_unreadable"] == 1 and not report["ok"]
+    assert paths[1].exists() and len(store) == 5  # nothing moved
+    with pytest.raises(CorruptEpisodeError, match=r"lacks lineage \['seed'\]"):
+        store.read(paths[3])
+    assert main(["store", "verify", f"run_dir={tmp_path / 'nowhere'}"]) == 1
+    assert main(["store", "verify"]) == 2
