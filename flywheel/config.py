@@ -82,7 +82,7 @@ class DetectorConfig:
 
 @dataclasses.dataclass
 class LearnerConfig:
-    algorithm: str = "filtered_bc"  # filtered_bc | recap | residual_ppo (learner/registry.py)
+    algorithm: str = "filtered_bc"  # filtered_bc | recap | residual_ppo | token_ppo (learner/registry.py)
     guidance: float = 2.0  # recap: classifier-free guidance weight when sampling
     indicator_dropout: float = 0.3  # recap: how often the advantage indicator is dropped in training
     indicator_lr: float = 3e-3  # recap: the indicator embedding's own learning rate (it starts at zero)
@@ -93,13 +93,15 @@ class LearnerConfig:
     #                      the whole buffer with warm-up + cosine (learner/filtered_bc.py::shrink_and_perturb)
     freeze_backbone: bool = False  # train the action expert only, on contexts cached once per sample: a step costs
     #                                no encoder pass, so an update can afford many more steps
-    ppo_lr: float = 3e-4  # residual_ppo: the residual head's learning rate (learner/residual_ppo.py)
-    ppo_epochs: int = 8  # residual_ppo: passes over each iteration's decisions
-    ppo_clip: float = 0.2  # residual_ppo: the clipped ratio's bound
-    ppo_minibatch: int = 256  # residual_ppo: decisions per gradient step
+    ppo_lr: float = 3e-4  # residual_ppo / token_ppo: the learning rate of what PPO trains
+    ppo_epochs: int = 8  # residual_ppo / token_ppo: passes over each iteration's decisions
+    ppo_clip: float = 0.2  # residual_ppo / token_ppo: the clipped ratio's bound
+    ppo_minibatch: int = 256  # residual_ppo / token_ppo: decisions per gradient step
     gamma: float = 0.95  # residual_ppo: discount per decision (a quicker success is worth more)
     gae_lambda: float = 0.95  # residual_ppo: GAE's lambda
     value_epochs: int = 20  # residual_ppo: passes of the value refit per iteration
+    anchor: float = 0.5  # token_ppo: weight of behaviour cloning on the replayed demonstrations beside PPO's loss
+    max_staleness: int = 2  # token_ppo: episodes acted by a version older than this many updates are dropped
     demos: int = 100  # the pretraining demonstrations, replayed so the policy does not drift from them
     steps_per_update: int = 300  # gradient steps per iteration
     batch_size: int = 64
@@ -182,6 +184,8 @@ class PretrainConfig:
     eval_every: int = 1000
     eval_episodes: int = 500
     checkpoint_every: int = 500
+    action_head: str = "flow"  # "flow" (continuous chunks, pi0-style) or "tokens" (discrete bins, RT-2/OpenVLA-style)
+    bins: int = 64  # action tokens: bins per action dimension over [-1, 1]
     export: str = ""  # also copy the final weights here (e.g. flywheel/assets/base_vla.safetensors)
     threads: int = 2  # torch intra-op threads: fixed, because the order of float sums (and so the weights) depends
     #                   on it. Two runs with the same seed and threads give the same base; BC success at equal loss

@@ -21,11 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from actors.rollout import make_env, run_episodes
 from actors.tabletop import split_seed
 from flywheel.checkpoint import CheckpointDir, CheckpointError
-from flywheel.config import to_dict
+from flywheel.config import ConfigError, to_dict
 from flywheel.metrics import wilson_interval
 from flywheel.store import EpisodeStore, atomic_write_bytes
 from flywheel.vla.checkpoint import save_policy
-from flywheel.vla.model import SmallVLA, VLAConfig, VLAPolicy
+from flywheel.vla.model import ACTION_HEADS, SmallVLA, VLAConfig, VLAPolicy
 from learner.bc import BCTrainer, ChunkDataset, warmup_cosine
 
 
@@ -38,7 +38,7 @@ def evaluate_policy(model: SmallVLA, n: int, env_kwargs: dict) -> dict[str, Any]
             "per_task": per_task}
 
 
-def vla_config_for(env_kwargs: dict) -> VLAConfig:
+def vla_config_for(env_kwargs: dict, **shape) -> VLAConfig:
     """A VLA shaped for the environment: its image size, every sensor that is on, its action and proprio widths
     (3 and 3 on the built-in tabletop, 4 and 4 through the Meta-World and Fetch adapters)."""
     probe = make_env(**{k: v for k, v in env_kwargs.items() if k != "execute"})  # execute is the rollout's
@@ -48,7 +48,7 @@ def vla_config_for(env_kwargs: dict) -> VLAConfig:
     finally:
         getattr(probe, "release", probe.close)()
     return VLAConfig(image_size=env_kwargs["image_size"], sensors=tuple(env_kwargs["sensors"]),
-                     action_dim=action_dim, proprio_dim=proprio_dim)
+                     action_dim=action_dim, proprio_dim=proprio_dim, **shape)
 
 
 def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None, command: str = "") -> dict[str, Any]:
@@ -59,7 +59,9 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
     env_kwargs = to_dict(cfg.env)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model = SmallVLA(vla_config_for(env_kwargs))
+    if cfg.action_head not in ACTION_HEADS:
+        raise ConfigError(f"action_head={cfg.action_head!r} is unknown: choose one of {list(ACTION_HEADS)}")
+    model = SmallVLA(vla_config_for(env_kwargs, action_head=cfg.action_head, bins=cfg.bins))
     trainer = BCTrainer(model, lr=cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed)
     ckpts = CheckpointDir(out / "checkpoints", prefix="step", keep=2)
@@ -112,7 +114,8 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
                        ckpts.path(step).with_suffix(".optim.pt"))
     final = history[-1] if history else evaluate_policy(model, cfg.eval_episodes, env_kwargs)
     record = {
-        "description": f"small VLA, behaviour cloning on {cfg.demos} scripted demonstrations for {cfg.steps} steps",
+        "description": f"small VLA{' with action tokens' if cfg.action_head == 'tokens' else ''}, behaviour cloning "
+                       f"on {cfg.demos} scripted demonstrations for {cfg.steps} steps",
         "command": command,
         "seed": cfg.seed,
         "config": OmegaConf.to_container(cfg, resolve=True),

@@ -198,7 +198,7 @@ class BCTrainer:
         if "ctx" in batch:  # the backbone is frozen: train the action expert on cached contexts
             loss = self.model.head_loss(batch["ctx"], batch["actions"], weights, indicator)
         else:
-            loss = self.model.flow_loss(batch["images"], batch["ids"], batch["proprio"], batch["actions"],
+            loss = self.model.action_loss(batch["images"], batch["ids"], batch["proprio"], batch["actions"],
                                         weights=weights, aux=batch["aux"], aux_mask=batch["aux_mask"],
                                         indicator=indicator)
         if not torch.isfinite(loss):

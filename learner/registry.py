@@ -5,8 +5,10 @@ import inspect
 from learner.filtered_bc import FilteredBCLearner
 from learner.recap import RecapLearner
 from learner.residual_ppo import ResidualPPOLearner
+from learner.token_ppo import TokenPPOLearner
 
-ALGORITHMS = {"filtered_bc": FilteredBCLearner, "recap": RecapLearner, "residual_ppo": ResidualPPOLearner}
+ALGORITHMS = {"filtered_bc": FilteredBCLearner, "recap": RecapLearner, "residual_ppo": ResidualPPOLearner,
+              "token_ppo": TokenPPOLearner}
 
 
 def accepted_options(cls) -> set[str]:

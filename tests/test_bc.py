@@ -25,7 +25,7 @@ def test_bc_loss_goes_down(demos):
     def held_loss():
         torch.manual_seed(2)
         with torch.no_grad():
-            return model.flow_loss(fixed["images"], fixed["ids"], fixed["proprio"], fixed["actions"]).item()
+            return model.action_loss(fixed["images"], fixed["ids"], fixed["proprio"], fixed["actions"]).item()
 
     before = held_loss()
     for _ in range(120):
@@ -64,7 +64,7 @@ def test_a_vla_reading_every_sensor_learns_and_acts():
     def held_loss():
         torch.manual_seed(2)
         with torch.no_grad():
-            return model.flow_loss(fixed["images"], fixed["ids"], fixed["proprio"], fixed["actions"]).item()
+            return model.action_loss(fixed["images"], fixed["ids"], fixed["proprio"], fixed["actions"]).item()
 
     before = held_loss()
     trainer, gen = BCTrainer(model, lr=1e-3), torch.Generator().manual_seed(0)

@@ -191,3 +191,44 @@ def test_filtered_bc_with_nothing_to_clone_keeps_the_policy():
     stats = learner.update([])
     assert learner.version == 1 and np.isnan(stats["loss"]) and stats["kept_episodes"] == 0
     assert all(np.array_equal(v, model.get_weights()[k]) for k, v in before.items())
+
+
+def test_token_ppo_moves_a_token_vla_toward_what_the_detector_approves():
+    """A VLA acting in action tokens, 4 attempts per layout; the detector approves the attempts whose chunks moved
+    right (+x) more than the others at the same layout. PPO, with the exact log-probabilities the rollout recorded,
+    must shift the policy that way; stale episodes are dropped; a flow VLA is refused with the fix."""
+    import pytest
+
+    from actors.rollout import RolloutWorker
+    from flywheel.vla.model import VLAConfig
+    from learner.token_ppo import TokenPPOLearner
+
+    torch.manual_seed(0)
+    cfg = VLAConfig(action_head="tokens", bins=16)
+    model = SmallVLA(cfg)
+    learner = TokenPPOLearner(model, seed=0, ppo_lr=1e-3, ppo_epochs=4, anchor=0.0)
+    worker = RolloutWorker(lambda: VLAPolicy(cfg), {"max_steps": 8})
+
+    def mean_x(seeds):
+        return float(np.mean([ep.extras["chunks"][..., 0].mean() for ep in worker.collect(seeds, "eval")]))
+
+    worker.set_weights(learner.snapshot())
+    before = mean_x(list(range(900, 932)))
+    for it in range(3):
+        seeds = [100 * it + i // 4 for i in range(48)]
+        episodes = worker.collect(seeds, "train", sample_seed=it)
+        assert all(ep.extras["logp"].shape == (len(ep.extras["chunk_steps"]),) for ep in episodes)
+        for i in range(0, 48, 4):
+            group = episodes[i:i + 4]
+            xs = [ep.extras["chunks"][..., 0].mean() for ep in group]
+            for ep, x in zip(group, xs):
+                ep.labels.append(Label(source="detector", success=bool(x > np.median(xs)), version="d"))
+        stats = learner.update(episodes)
+        worker.set_weights(learner.snapshot())
+    assert learner.version == 3 and stats["informative_episodes"] == 48 and stats["stale_dropped"] == 0
+    after = mean_x(list(range(900, 932)))
+    assert after > before + 0.1
+    stale = dataclasses.replace(episodes[0], policy_version=0)
+    assert learner.update([stale])["stale_dropped"] == 1
+    with pytest.raises(ValueError, match="action_head=tokens"):
+        TokenPPOLearner(SmallVLA())

@@ -31,10 +31,10 @@ def test_weights_round_trip_between_policies():
     assert np.allclose(a.act(images, proprio, texts, seed=1), b.act(images, proprio, texts, seed=1))
 
 
-def test_flow_loss_is_scalar_and_backpropagates_to_every_part():
+def test_action_loss_is_scalar_and_backpropagates_to_every_part():
     model = SmallVLA()
     images, proprio, texts = _batch(4)
-    loss = model.flow_loss(
+    loss = model.action_loss(
         torch.from_numpy(images), model.tokenize(texts), torch.from_numpy(proprio), torch.rand(4, 8, 3) * 2 - 1,
         aux=torch.rand(4, 4), aux_mask=torch.ones(4),
     )
@@ -66,3 +66,42 @@ def test_checkpoint_from_a_smaller_vocabulary_loads_and_acts_the_same_on_known_w
     images, proprio, texts = _batch(2)  # push/place instructions: only old words
     a, b = VLAPolicy(model=old), VLAPolicy(model=new)
     assert np.allclose(a.act(images, proprio, texts, seed=3), b.act(images, proprio, texts, seed=3))
+
+
+def test_action_token_head_samples_bins_with_their_exact_log_probability():
+    """The discrete head (RT-2 / OpenVLA style): every action is a bin centre, the recorded log-probability is the
+    chunk's exact one (the sum of its tokens' log-softmaxes: PPO's denominator), seeded draws repeat, and the
+    cross-entropy teaches it a target chunk."""
+    torch.manual_seed(0)
+    cfg = VLAConfig(action_head="tokens", bins=16)
+    policy = VLAPolicy(cfg)
+    images, proprio, texts = _batch(3)
+    out = policy.act(images, proprio, texts, seed=0)
+    assert out.shape == (3, cfg.chunk, cfg.action_dim)
+    centres = np.linspace(-1, 1, 16)
+    assert np.abs(out[..., None] - centres).min(-1).max() < 1e-6  # bin centres only
+    assert np.array_equal(out, policy.act(images, proprio, texts, seed=0))
+    model = policy.model
+    with torch.no_grad():
+        logits = model.head(model.encoder(torch.from_numpy(images), model.tokenize(texts), torch.from_numpy(proprio)))
+        idx = torch.from_numpy(np.abs(out[..., None] - centres).argmin(-1))
+        manual = torch.log_softmax(logits, -1).gather(-1, idx[..., None]).squeeze(-1).sum(dim=(1, 2))
+    assert np.allclose(policy.last_extras["logp"], manual.numpy(), atol=1e-4)
+
+    target = torch.from_numpy(np.tile(centres[[3, 12, 8]], (3, cfg.chunk, 1)).astype(np.float32))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    args = (torch.from_numpy(images), model.tokenize(texts), torch.from_numpy(proprio), target)
+    first = model.action_loss(*args).item()
+    for _ in range(60):
+        optimizer.zero_grad()
+        model.action_loss(*args).backward()
+        optimizer.step()
+    assert model.action_loss(*args).item() < 0.1 * first
+    assert np.allclose(policy.act(images, proprio, texts, seed=3), target.numpy())  # it now draws the target
+
+
+def test_an_unknown_action_head_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="action_head='diffusion' is unknown"):
+        VLAConfig(action_head="diffusion")

@@ -11,6 +11,7 @@ Architecture (sizes for the defaults; B batch, N = (64/4)^2 = 256 patches, L = 1
     grounding:  [text tokens, proprio token] cross-attend over the patch tokens (x2)   <- instruction picks objects
     trunk:      self-attention over [cls, grounded tokens] (x2)                       -> context (B,2d)
     action expert (flow matching): MLP(context, noisy chunk, t) -> velocity (B,C,A)
+      or action tokens (action_head="tokens"): MLP(context) -> logits over bins (B,C,A,bins), exact log-probs
 
 Why grounding by cross-attention: a quick trial found that FiLM conditioning with spatial-softmax keypoints fitted
 its demonstrations but ignored the colour words on new layouts; a colour word needs a way to *look up* where the
@@ -52,11 +53,18 @@ class VLAConfig:
     action_dim: int = 3  # A
     head_hidden: int = 256
     flow_steps: int = 10  # Euler steps when sampling
+    action_head: str = "flow"  # "flow" (pi0-style action expert) or "tokens" (RT-2 / OpenVLA-style action bins)
+    bins: int = 64  # tokens: bins per action dimension, evenly spaced over [-1, 1]
     sensors: tuple[str, ...] = ("overhead",)  # what it reads (flywheel/contracts.py sensor_inputs)
     frames: int = 1  # frames stacked on the image's channels, newest first (the detector judges a window of them)
 
     def __post_init__(self):
         self.sensors = tuple(self.sensors)  # a checkpoint's metadata stores a list
+        if self.action_head not in ACTION_HEADS:
+            raise ValueError(f"action_head={self.action_head!r} is unknown: choose one of {ACTION_HEADS}")
+
+
+ACTION_HEADS = ("flow", "tokens")
 
 
 class GroundingBlock(nn.Module):
@@ -236,6 +244,41 @@ class FlowActionHead(nn.Module):
         return self.out(h).view_as(x_t)
 
 
+class TokenActionHead(nn.Module):
+    """Discrete action tokens (RT-2 / OpenVLA style): each of the chunk's C*A numbers is one of ``bins`` evenly
+    spaced values in [-1, 1], and the head gives every one of them a categorical distribution from the context.
+
+    Decoded in parallel (as OpenVLA-OFT does), not one token after another: one forward pass per chunk, and the
+    chunk's log-probability is exactly the sum of its tokens' log-softmaxes, which is what PPO needs. The price is
+    that the tokens of a chunk are independent given the context: it cannot represent two distinct ways of acting in
+    the same state as the flow head can (scripted demonstrations rarely have two)."""
+
+    def __init__(self, cfg: VLAConfig, ctx_dim: int):
+        super().__init__()
+        self.shape, self.bins = (cfg.chunk, cfg.action_dim), cfg.bins
+        h = cfg.head_hidden
+        self.inp = nn.Linear(ctx_dim, h)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(h), nn.Linear(h, h), nn.GELU()) for _ in range(2))
+        self.out = nn.Linear(h, cfg.chunk * cfg.action_dim * cfg.bins)
+        self.register_buffer("centres", torch.linspace(-1.0, 1.0, cfg.bins), persistent=False)
+
+    def forward(self, ctx: torch.Tensor) -> torch.Tensor:
+        """-> logits (B, C, A, bins)."""
+        h = F.gelu(self.inp(ctx))
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h).view(ctx.shape[0], *self.shape, self.bins)
+
+    def tokens(self, actions: torch.Tensor) -> torch.Tensor:
+        """Actions (B, C, A) in [-1, 1] -> the index of the nearest bin (B, C, A)."""
+        return ((actions.clamp(-1.0, 1.0) + 1.0) / 2.0 * (self.bins - 1)).round().long()
+
+    def log_prob(self, logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Exact log-probability of each chunk (B,) under ``logits`` (B, C, A, bins): actions are binned first."""
+        picked = logits.log_softmax(-1).gather(-1, self.tokens(actions)[..., None]).squeeze(-1)
+        return picked.sum(dim=(1, 2))
+
+
 class ResidualHead(nn.Module):
     """A Gaussian correction of the sampled chunk, learned by RL (learner/residual_ppo.py), the VLA frozen.
 
@@ -274,7 +317,8 @@ class SmallVLA(nn.Module):
         self.cfg = cfg or VLAConfig()
         self.tokenizer = Tokenizer(self.cfg.max_tokens)
         self.encoder = VisionLanguageEncoder(self.cfg, self.tokenizer.vocab_size)
-        self.head = FlowActionHead(self.cfg, self.encoder.out_dim)
+        self.head = (FlowActionHead if self.cfg.action_head == "flow" else TokenActionHead)(self.cfg,
+                                                                                             self.encoder.out_dim)
         # Auxiliary grounding head: predicts the named block's and target's (x, y) from the context. Trained only
         # where an episode carries them (scripted demonstrations in simulation); unused when acting.
         self.aux_head = nn.Linear(self.encoder.out_dim, 4)
@@ -294,12 +338,13 @@ class SmallVLA(nn.Module):
     def cls_device(self) -> torch.device:
         return self.encoder.cls.device
 
-    def flow_loss(
+    def action_loss(
         self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor, actions: torch.Tensor,
         weights: torch.Tensor | None = None, aux: torch.Tensor | None = None, aux_mask: torch.Tensor | None = None,
         indicator: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Conditional flow-matching loss for target chunks ``actions`` (B,C,A); optional per-sample weights (B,).
+        """Behaviour-cloning loss for target chunks ``actions`` (B,C,A): conditional flow matching, or the action
+        tokens' cross-entropy (``head_loss``); optional per-sample weights (B,).
 
         ``aux`` (B,4) are the named block's and target's true positions where known (``aux_mask`` (B,) True), added
         as a regression loss: privileged supervision that teaches the encoder to find what the instruction names
@@ -315,10 +360,15 @@ class SmallVLA(nn.Module):
 
     def head_loss(self, ctx: torch.Tensor, actions: torch.Tensor, weights: torch.Tensor | None = None,
                   indicator: torch.Tensor | None = None) -> torch.Tensor:
-        """The flow-matching loss of the action expert alone, given the backbone's context (B, out_dim): what a
-        learner with a frozen backbone trains on cached contexts."""
+        """The action head's loss alone, given the backbone's context (B, out_dim): what a learner with a frozen
+        backbone trains on cached contexts. Flow: the flow-matching regression; tokens: the cross-entropy of each
+        action's bin (minus the chunk's log-probability, averaged over its C*A tokens)."""
         if indicator is not None:
             ctx = ctx + self.indicator(indicator)
+        if self.cfg.action_head == "tokens":
+            per_sample = -self.head.log_prob(self.head(ctx), actions) / actions[0].numel()
+            return per_sample.mean() if weights is None else \
+                (per_sample * weights).sum() / weights.sum().clamp_min(1e-8)
         noise = torch.randn_like(actions)
         t = torch.rand(actions.shape[0], device=actions.device)
         x_t = t[:, None, None] * actions + (1 - t[:, None, None]) * noise
@@ -332,7 +382,8 @@ class SmallVLA(nn.Module):
         self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor, generator: torch.Generator | None = None,
         indicator: int = 0, guidance: float = 1.0, residual: str = "off", extras: dict | None = None,
     ) -> torch.Tensor:
-        """Integrate the flow from noise to an action chunk (B,C,A), clipped to [-1, 1].
+        """An action chunk (B,C,A) in [-1, 1]: the flow integrated from noise, or action tokens drawn from their
+        categoricals (then ``extras``, if given, receives each chunk's exact log-probability, "logp").
 
         ``indicator`` conditions on an advantage (1 = positive); ``guidance`` > 1 applies classifier-free guidance,
         v = v_none + guidance * (v_indicator - v_none), pushing the actions further from what failed.
@@ -344,16 +395,17 @@ class SmallVLA(nn.Module):
         b, cfg = images.shape[0], self.cfg
         cond = ctx + self.indicator.weight[indicator]
         free = ctx + self.indicator.weight[0]
-        x = torch.randn(b, cfg.chunk, cfg.action_dim, generator=generator, device=images.device)
-        dt = 1.0 / cfg.flow_steps
-        for k in range(cfg.flow_steps):
-            t = torch.full((b,), k * dt, device=images.device)
-            v = self.head(cond, x, t)
+        if cfg.action_head == "tokens":
+            logits = self.head(cond)
             if guidance != 1.0:
-                v_free = self.head(free, x, t)
-                v = v_free + guidance * (v - v_free)
-            x = x + dt * v
-        x = x.clamp(-1.0, 1.0)
+                free_logits = self.head(free)
+                logits = free_logits + guidance * (logits - free_logits)
+            idx = torch.multinomial(logits.softmax(-1).reshape(-1, cfg.bins), 1, generator=generator)
+            x = self.head.centres[idx.view(b, cfg.chunk, cfg.action_dim)]
+            if extras is not None:  # the exact log-probability of what was drawn: PPO's denominator
+                extras.update(logp=self.head.log_prob(logits, x))
+        else:
+            x = self._integrate(cond, free, guidance, generator)
         if residual == "off":
             return x
         mean, std = self.residual(ctx, x)
@@ -362,6 +414,21 @@ class SmallVLA(nn.Module):
             extras.update(base_chunks=x, residuals=r,
                           residual_logp=torch.distributions.Normal(mean, std).log_prob(r).sum(-1))
         return self.residual.apply(x, r)
+
+    def _integrate(self, cond: torch.Tensor, free: torch.Tensor, guidance: float,
+                   generator: torch.Generator | None) -> torch.Tensor:
+        """The flow head's chunk: Euler steps from noise (t=0) to actions (t=1), with classifier-free guidance."""
+        cfg = self.cfg
+        x = torch.randn(cond.shape[0], cfg.chunk, cfg.action_dim, generator=generator, device=cond.device)
+        dt = 1.0 / cfg.flow_steps
+        for k in range(cfg.flow_steps):
+            t = torch.full((cond.shape[0],), k * dt, device=cond.device)
+            v = self.head(cond, x, t)
+            if guidance != 1.0:
+                v_free = self.head(free, x, t)
+                v = v_free + guidance * (v - v_free)
+            x = x + dt * v
+        return x.clamp(-1.0, 1.0)
 
     def get_weights(self) -> dict[str, np.ndarray]:
         return numpy_state(self)
