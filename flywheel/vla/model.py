@@ -381,9 +381,11 @@ class SmallVLA(nn.Module):
     def sample(
         self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor, generator: torch.Generator | None = None,
         indicator: int = 0, guidance: float = 1.0, residual: str = "off", extras: dict | None = None,
+        greedy: bool = False,
     ) -> torch.Tensor:
         """An action chunk (B,C,A) in [-1, 1]: the flow integrated from noise, or action tokens drawn from their
-        categoricals (then ``extras``, if given, receives each chunk's exact log-probability, "logp").
+        categoricals (then ``extras``, if given, receives each chunk's exact log-probability, "logp"), or with
+        ``greedy`` each token's most likely bin.
 
         ``indicator`` conditions on an advantage (1 = positive); ``guidance`` > 1 applies classifier-free guidance,
         v = v_none + guidance * (v_indicator - v_none), pushing the actions further from what failed.
@@ -400,7 +402,8 @@ class SmallVLA(nn.Module):
             if guidance != 1.0:
                 free_logits = self.head(free)
                 logits = free_logits + guidance * (logits - free_logits)
-            idx = torch.multinomial(logits.softmax(-1).reshape(-1, cfg.bins), 1, generator=generator)
+            idx = logits.argmax(-1) if greedy else \
+                torch.multinomial(logits.softmax(-1).reshape(-1, cfg.bins), 1, generator=generator)
             x = self.head.centres[idx.view(b, cfg.chunk, cfg.action_dim)]
             if extras is not None:  # the exact log-probability of what was drawn: PPO's denominator
                 extras.update(logp=self.head.log_prob(logits, x))
@@ -469,6 +472,11 @@ class VLAPolicy:
         sampling = dict(self.sampling)
         if sampling.get("residual") == "explore":  # draw corrections in practice; their mean in evaluation
             sampling["residual"] = "sample" if self.explore else "mean"
+        if self.model.cfg.action_head == "tokens":
+            # Action tokens are drawn in practice (PPO needs the draws and their probabilities) and decoded greedily
+            # otherwise, as token VLAs are evaluated: each token drawn on its own, a chunk's gripper tokens would
+            # let go of a block whenever one of them came up "open".
+            sampling["greedy"] = not self.explore
         out = self.model.sample(torch.from_numpy(images), ids, torch.from_numpy(proprio).float(), generator=gen,
                                 extras=extras, **sampling)
         self.last_extras = {k: v.numpy().astype(np.float32) for k, v in extras.items()}  # per row: recorded
