@@ -278,6 +278,18 @@ class TokenActionHead(nn.Module):
         picked = logits.log_softmax(-1).gather(-1, self.tokens(actions)[..., None]).squeeze(-1)
         return picked.sum(dim=(1, 2))
 
+    def soft_targets(self, actions: torch.Tensor, sigma_bins: float = 0.75) -> torch.Tensor:
+        """Actions (B, C, A) -> target distributions over the bins (B, C, A, bins): a Gaussian around each action,
+        sigma 0.75 bin widths, integrated over each bin (HL-Gauss, Farebrother et al. 2024, "Stop Regressing").
+        Neighbouring bins share the credit, so cloning learns that bin 30 is nearly right where bin 0 is far off; a
+        one-hot target treats both as equally wrong, and the small VLA did not reach a single success after 2,500
+        steps with it."""
+        width = 2.0 / (self.bins - 1)
+        edges = torch.cat([self.centres - width / 2, self.centres[-1:] + width / 2])
+        edges[0], edges[-1] = -float("inf"), float("inf")  # the end bins take the tails
+        cdf = torch.special.ndtr((edges - actions.clamp(-1.0, 1.0)[..., None]) / (sigma_bins * width))
+        return cdf[..., 1:] - cdf[..., :-1]
+
 
 class ResidualHead(nn.Module):
     """A Gaussian correction of the sampled chunk, learned by RL (learner/residual_ppo.py), the VLA frozen.
@@ -361,12 +373,13 @@ class SmallVLA(nn.Module):
     def head_loss(self, ctx: torch.Tensor, actions: torch.Tensor, weights: torch.Tensor | None = None,
                   indicator: torch.Tensor | None = None) -> torch.Tensor:
         """The action head's loss alone, given the backbone's context (B, out_dim): what a learner with a frozen
-        backbone trains on cached contexts. Flow: the flow-matching regression; tokens: the cross-entropy of each
-        action's bin (minus the chunk's log-probability, averaged over its C*A tokens)."""
+        backbone trains on cached contexts. Flow: the flow-matching regression; tokens: each token's cross-entropy
+        against a Gaussian over the bins around its action (``TokenActionHead.soft_targets``), averaged."""
         if indicator is not None:
             ctx = ctx + self.indicator(indicator)
         if self.cfg.action_head == "tokens":
-            per_sample = -self.head.log_prob(self.head(ctx), actions) / actions[0].numel()
+            log_p = self.head(ctx).log_softmax(-1)
+            per_sample = -(self.head.soft_targets(actions) * log_p).sum(-1).mean(dim=(1, 2))
             return per_sample.mean() if weights is None else \
                 (per_sample * weights).sum() / weights.sum().clamp_min(1e-8)
         noise = torch.randn_like(actions)
