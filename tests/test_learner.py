@@ -217,7 +217,7 @@ def test_token_ppo_moves_a_token_vla_toward_what_the_detector_approves():
     for it in range(3):
         seeds = [100 * it + i // 4 for i in range(48)]
         episodes = worker.collect(seeds, "train", sample_seed=it)
-        assert all(ep.extras["logp"].shape == (len(ep.extras["chunk_steps"]),) for ep in episodes)
+        assert all(ep.extras["logp"].shape == (len(ep.extras["chunk_steps"]), 8, 3) for ep in episodes)
         for i in range(0, 48, 4):
             group = episodes[i:i + 4]
             xs = [ep.extras["chunks"][..., 0].mean() for ep in group]

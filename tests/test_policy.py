@@ -69,8 +69,8 @@ def test_checkpoint_from_a_smaller_vocabulary_loads_and_acts_the_same_on_known_w
 
 
 def test_action_token_head_samples_bins_with_their_exact_log_probability():
-    """The discrete head (RT-2 / OpenVLA style): every action is a bin centre, the recorded log-probability is the
-    chunk's exact one (the sum of its tokens' log-softmaxes: PPO's denominator), seeded draws repeat, and the
+    """The discrete head (RT-2 / OpenVLA style): every action is a bin centre, the recorded log-probabilities are
+    each token's exact one (its log-softmax: PPO's denominators), seeded draws repeat, and the
     cross-entropy (against a Gaussian over the bins) teaches it a target chunk."""
     torch.manual_seed(0)
     cfg = VLAConfig(action_head="tokens", bins=16)
@@ -85,8 +85,8 @@ def test_action_token_head_samples_bins_with_their_exact_log_probability():
     with torch.no_grad():
         logits = model.head(model.encoder(torch.from_numpy(images), model.tokenize(texts), torch.from_numpy(proprio)))
         idx = torch.from_numpy(np.abs(out[..., None] - centres).argmin(-1))
-        manual = torch.log_softmax(logits, -1).gather(-1, idx[..., None]).squeeze(-1).sum(dim=(1, 2))
-    assert np.allclose(policy.last_extras["logp"], manual.numpy(), atol=1e-4)
+        manual = torch.log_softmax(logits, -1).gather(-1, idx[..., None]).squeeze(-1)
+    assert np.allclose(policy.last_extras["logp"], manual.numpy(), atol=1e-4)  # per token: (B, C, A)
 
     target = torch.from_numpy(np.tile(centres[[3, 12, 8]], (3, cfg.chunk, 1)).astype(np.float32))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)

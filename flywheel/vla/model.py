@@ -274,9 +274,9 @@ class TokenActionHead(nn.Module):
         return ((actions.clamp(-1.0, 1.0) + 1.0) / 2.0 * (self.bins - 1)).round().long()
 
     def log_prob(self, logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Exact log-probability of each chunk (B,) under ``logits`` (B, C, A, bins): actions are binned first."""
-        picked = logits.log_softmax(-1).gather(-1, self.tokens(actions)[..., None]).squeeze(-1)
-        return picked.sum(dim=(1, 2))
+        """Exact log-probability of each token (B, C, A) under ``logits`` (B, C, A, bins): actions are binned first.
+        A chunk's is their sum."""
+        return logits.log_softmax(-1).gather(-1, self.tokens(actions)[..., None]).squeeze(-1)
 
     def soft_targets(self, actions: torch.Tensor, sigma_bins: float = 0.75) -> torch.Tensor:
         """Actions (B, C, A) -> target distributions over the bins (B, C, A, bins): a Gaussian around each action,
@@ -397,7 +397,7 @@ class SmallVLA(nn.Module):
         greedy: bool = False,
     ) -> torch.Tensor:
         """An action chunk (B,C,A) in [-1, 1]: the flow integrated from noise, or action tokens drawn from their
-        categoricals (then ``extras``, if given, receives each chunk's exact log-probability, "logp"), or with
+        categoricals (then ``extras``, if given, receives each token's exact log-probability, "logp" (B,C,A)), or with
         ``greedy`` each token's most likely bin.
 
         ``indicator`` conditions on an advantage (1 = positive); ``guidance`` > 1 applies classifier-free guidance,
@@ -418,7 +418,7 @@ class SmallVLA(nn.Module):
             idx = logits.argmax(-1) if greedy else \
                 torch.multinomial(logits.softmax(-1).reshape(-1, cfg.bins), 1, generator=generator)
             x = self.head.centres[idx.view(b, cfg.chunk, cfg.action_dim)]
-            if extras is not None:  # the exact log-probability of what was drawn: PPO's denominator
+            if extras is not None:  # the exact log-probability of each token drawn: PPO's denominators
                 extras.update(logp=self.head.log_prob(logits, x))
         else:
             x = self._integrate(cond, free, guidance, generator)
