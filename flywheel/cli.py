@@ -81,7 +81,8 @@ def cmd_run(overrides: list[str]) -> int:
 
         summary = run(cfg, say=lambda m: progress.console.print(m), on_iteration=on_iteration)
         progress.update(task, completed=budget_s)
-    console.print(f"\nrun: [bold]{summary['run_dir']}[/bold]")
+    stopped = f"  (stopped early: {summary['stop_reason']})" if summary["status"] == "stopped" else ""
+    console.print(f"\nrun: [bold]{summary['run_dir']}[/bold]{stopped}")
     console.print(
         f"held-out success (ground truth, {summary['eval_episodes']} episodes, same seeds): "
         f"before {summary['initial_success']:.3f} [{summary['initial_ci95'][0]:.3f}, {summary['initial_ci95'][1]:.3f}]"

@@ -98,8 +98,11 @@ class Budget:
     deadline: float  # time.time() by which the run must be done
     max_iterations: int = 0
     max_env_steps: int = 0
+    stop_requested: str | None = None  # why the run was asked to stop early (a signal's name); set from outside
 
     def allows(self, iteration: int, env_steps: int, next_iteration_s: float, reserve_s: float) -> bool:
+        if self.stop_requested:
+            return False
         if self.max_iterations and iteration >= self.max_iterations:
             return False
         if self.max_env_steps and env_steps >= self.max_env_steps:

@@ -10,10 +10,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -236,6 +239,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def graceful_stop(budget: Budget, say: Callable[[str], None]):
+    """While the loop turns, SIGTERM or SIGINT (a scheduler ending the job, Ctrl-C) asks it to stop: the iteration
+    in flight finishes (its episodes stored, its update checkpointed), the policy gets its final evaluation, and
+    summary.json says status "stopped". A second signal stops at once, as without this. Only in the main thread
+    (where Python delivers signals); elsewhere it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ask(signum, frame):
+        name = signal.Signals(signum).name
+        if budget.stop_requested:  # the second time: stop now
+            raise KeyboardInterrupt(f"{name} again: stopping at once")
+        budget.stop_requested = name
+        say(f"run: {name} received: finishing this iteration, then the final evaluation and summary "
+            f"(send it again to stop at once)")
+
+    previous = {s: signal.signal(s, ask) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def _holds_a_run(run_dir: Path) -> bool:
     """Stored episodes, or a run that did not fail. A run that failed before storing anything (a mistyped
     checkpoint path, say) leaves nothing to lose, so its directory can be used again once the mistake is fixed."""
@@ -268,6 +297,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
     metrics = MetricsSink(run_dir, to_dict(cfg), mode=cfg.wandb.mode, project=cfg.wandb.project)
     rollouts = None
     ray_started = False
+    stack = contextlib.ExitStack()
     try:
         vla_cfg, base_weights, base_meta = load_policy_checkpoint(cfg.policy.checkpoint)
         say(f"policy: {cfg.policy.checkpoint} ({base_meta.get('description', 'no description')})")
@@ -311,10 +341,12 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
                                                       policy_weights=base_weights, policy_sensors=vla_cfg.sensors,
                                                       exclude=exclude)[0])
             if cfg.audit.retrain or cfg.audit.retrain_every else None)
+        budget = Budget(started + cfg.budget.minutes * 60, cfg.budget.iterations, cfg.budget.env_steps)
+        stack.enter_context(graceful_stop(budget, say))
         state = run_loop(
             rollouts=rollouts, store=store, detector=detector, learner=learner, metrics=metrics,
             checkpoints=CheckpointDir(run_dir / "checkpoints", keep=3),
-            budget=Budget(started + cfg.budget.minutes * 60, cfg.budget.iterations, cfg.budget.env_steps),
+            budget=budget,
             train_seed=lambda i: split_seed("train", LOOP_SEEDS + i),
             eval_seeds=[split_seed("eval", i) for i in range(cfg.eval.episodes)],
             episodes_per_iteration=cfg.rollout.episodes_per_iteration,
@@ -324,7 +356,8 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         )
         first, last = state.evaluations[0], state.evaluations[-1]
         summary.update(
-            status="completed",
+            status="stopped" if budget.stop_requested else "completed",
+            **({"stop_reason": budget.stop_requested} if budget.stop_requested else {}),
             episodes=state.episodes,
             env_steps=state.env_steps,
             iterations=state.iteration,
@@ -346,6 +379,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         summary["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
+        stack.close()
         summary["wall_seconds"] = time.time() - started
         atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
         metrics.close(summary)

@@ -128,3 +128,30 @@ def test_the_default_cameras_reach_the_detector_and_not_the_policy(tmp_path):
     with safe_open(str(run_dir / "detector" / "detector-1.safetensors"), "np") as f:
         assert json.loads(f.metadata()["flywheel"])["config"]["sensors"] == ["overhead", "wrist"]
     assert all("wrist" in ep.observations for ep in EpisodeStore(run_dir / "episodes").iter())
+
+
+def test_sigterm_finishes_the_iteration_in_flight_and_says_stopped(tmp_path):
+    """A scheduler's SIGTERM mid-run: the iteration in flight completes (episodes stored, update checkpointed), the
+    final evaluation runs, summary.json says "stopped" and why, the store verifies whole, and the process's own
+    signal handling is back as it was."""
+    import os
+    import signal
+
+    run_dir = tmp_path / "run"
+    cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}", "rollout.use_ray=false", "wandb.mode=disabled",
+                              "budget.iterations=3"])
+    before = signal.getsignal(signal.SIGTERM)
+
+    def after_iteration(state, row):  # also called after the evaluations, which have no iteration of their own
+        if state.iteration == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    summary = run(cfg, say=lambda m: None, on_iteration=after_iteration)
+    assert summary["status"] == "stopped" and summary["stop_reason"] == "SIGTERM"
+    assert summary["iterations"] == 1 and summary["policy_version_final"] == 1
+    assert [e["version"] for e in summary["evaluations"]] == [0, 1]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "stopped"
+    assert (run_dir / "checkpoints" / "policy-000001.safetensors").exists()
+    report = EpisodeStore(run_dir / "episodes").verify()
+    assert report["ok"] and report["unique_ids"] == report["episodes"] >= 32
+    assert signal.getsignal(signal.SIGTERM) is before
