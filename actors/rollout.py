@@ -70,15 +70,13 @@ def run_episodes(
     noise, so a rollout is reproducible given its seeds. ``hard`` (expert only): make that kind of hard example for
     the detector (actors/expert.py HARD_EXAMPLES); ``info["hard"]`` names it where it applied.
     """
+    given = dict(locals())  # every argument, as given (the waves below pass them on)
     if not seeds:
         return []
     if ":" in family and len(seeds) > _parallel_limit():  # third-party envs are heavy: step them in waves
-        kwargs = dict(policy_version=policy_version, family=family, phrasing=phrasing, combos=combos,
-                      randomize=randomize, sensors=sensors, image_size=image_size, max_steps=max_steps,
-                      execute=execute, expert_noise=expert_noise, hard=hard, make_env=make_env)
         n = _parallel_limit()
         return [ep for w in range(0, len(seeds), n)
-                for ep in run_episodes(seeds[w:w + n], split, policy, sample_seed=sample_seed + 7919 * w, **kwargs)]
+                for ep in run_episodes(**{**given, "seeds": seeds[w:w + n], "sample_seed": sample_seed + 7919 * w})]
     envs = [make_env(family=family, image_size=image_size, max_steps=max_steps, phrasing=phrasing, combos=combos,
                      randomize=randomize, sensors=sensors) for _ in seeds]
     first = [env.reset(seed=int(s)) for env, s in zip(envs, seeds)]

@@ -46,3 +46,29 @@ def test_worker_ignores_stale_snapshots():
     assert worker.set_weights(old) == 5
     w = worker.policy.get_weights()
     assert any(np.abs(v).sum() > 0 for v in w.values() if v.dtype.kind == "f")
+
+
+def test_third_party_episodes_run_in_waves_with_every_argument_passed_on():
+    """A heavy third-party simulator ("sim:task") is stepped at most MAX_PARALLEL environments at a time; every
+    argument reaches every wave, and the episodes come back one per seed, in order."""
+    from actors.rollout import run_episodes
+    from actors.tabletop import TabletopEnv
+    from actors.thirdparty import MAX_PARALLEL
+
+    alive, most, calls = [0], [0], []
+
+    class Counted(TabletopEnv):
+        def close(self):
+            alive[0] -= 1
+            super().close()
+
+    def make(family, **kwargs):
+        calls.append((family, kwargs["max_steps"]))
+        alive[0] += 1
+        most[0] = max(most[0], alive[0])
+        return Counted(family="push", image_size=kwargs["image_size"], max_steps=kwargs["max_steps"])
+
+    seeds = list(range(2 * MAX_PARALLEL + 1))
+    eps = run_episodes(seeds, "train", None, policy_version=-1, family="fake:push", max_steps=7, make_env=make)
+    assert [ep.seed for ep in eps] == seeds and all(ep.num_steps <= 7 for ep in eps)
+    assert most[0] <= MAX_PARALLEL and alive[0] == 0 and calls == [("fake:push", 7)] * len(seeds)
