@@ -182,18 +182,14 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
 
 def check_recorded(episodes: list[Episode], sensors: tuple[str, ...]) -> None:
     """A ConfigError, before any training, when stored episodes lack a camera the detector is to judge from."""
-    missing = {s: 0 for s in sensors}
-    for ep in episodes:
-        for s in sensors:
-            missing[s] += sensor_key(s) not in ep.observations
-    lacking = {s: n for s, n in missing.items() if n}
-    if lacking:
-        recorded = sorted(s for s in sensors if s not in lacking)
+    short = [ep for ep in episodes if not all(sensor_key(s) in ep.observations for s in sensors)]
+    if short:
+        lacking = [s for s in sensors if any(sensor_key(s) not in ep.observations for ep in short)]
+        held = [s for s in sensors if s not in lacking] or ["overhead"]
         raise ConfigError(
-            f"the detector is to judge from {list(sensors)}, but {max(lacking.values())} of {len(episodes)} stored "
-            f"episodes lack {sorted(lacking)}: they were recorded without it. Judge from what they hold "
-            f"(detector.sensors={recorded or '[overhead]'}), or record it in the run (env.sensors=...)."
-            .replace("'", ""))
+            f"the detector is to judge from [{', '.join(sensors)}], but {len(short)} of {len(episodes)} stored "
+            f"episodes lack [{', '.join(lacking)}]: they were recorded without it. Judge from what they hold "
+            f"(detector.sensors=[{','.join(held)}]), or record it in the run (env.sensors=...).")
 
 
 def split_detector_data(data: list[Episode], cfg: DictConfig, offline: bool
@@ -297,7 +293,6 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
     metrics = MetricsSink(run_dir, to_dict(cfg), mode=cfg.wandb.mode, project=cfg.wandb.project)
     rollouts = None
     ray_started = False
-    stack = contextlib.ExitStack()
     try:
         vla_cfg, base_weights, base_meta = load_policy_checkpoint(cfg.policy.checkpoint)
         say(f"policy: {cfg.policy.checkpoint} ({base_meta.get('description', 'no description')})")
@@ -342,18 +337,18 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
                                                       exclude=exclude)[0])
             if cfg.audit.retrain or cfg.audit.retrain_every else None)
         budget = Budget(started + cfg.budget.minutes * 60, cfg.budget.iterations, cfg.budget.env_steps)
-        stack.enter_context(graceful_stop(budget, say))
-        state = run_loop(
-            rollouts=rollouts, store=store, detector=detector, learner=learner, metrics=metrics,
-            checkpoints=CheckpointDir(run_dir / "checkpoints", keep=3),
-            budget=budget,
-            train_seed=lambda i: split_seed("train", LOOP_SEEDS + i),
-            eval_seeds=[split_seed("eval", i) for i in range(cfg.eval.episodes)],
-            episodes_per_iteration=cfg.rollout.episodes_per_iteration,
-            eval_every=cfg.eval.every, group_size=cfg.rollout.group_size, state=LoopState(),
-            on_iteration=on_iteration or (lambda s, row: None), audit_settings=audit_settings,
-            learner_reads=observation_keys(vla_cfg.sensors),
-        )
+        with graceful_stop(budget, say):
+            state = run_loop(
+                rollouts=rollouts, store=store, detector=detector, learner=learner, metrics=metrics,
+                checkpoints=CheckpointDir(run_dir / "checkpoints", keep=3),
+                budget=budget,
+                train_seed=lambda i: split_seed("train", LOOP_SEEDS + i),
+                eval_seeds=[split_seed("eval", i) for i in range(cfg.eval.episodes)],
+                episodes_per_iteration=cfg.rollout.episodes_per_iteration,
+                eval_every=cfg.eval.every, group_size=cfg.rollout.group_size, state=LoopState(),
+                on_iteration=on_iteration or (lambda s, row: None), audit_settings=audit_settings,
+                learner_reads=observation_keys(vla_cfg.sensors),
+            )
         first, last = state.evaluations[0], state.evaluations[-1]
         summary.update(
             status="stopped" if budget.stop_requested else "completed",
@@ -379,7 +374,6 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         summary["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
-        stack.close()
         summary["wall_seconds"] = time.time() - started
         atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
         metrics.close(summary)

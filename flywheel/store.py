@@ -121,8 +121,18 @@ class EpisodeStore:
     def labels(self) -> dict[str, list[Label]]:
         """Every label ever given, by episode id, oldest first."""
         out: dict[str, list[Label]] = {}
+        for n, eid, label in self._label_lines():
+            if isinstance(label, Exception):
+                log.warning("labels.jsonl line %d is unreadable (%s); skipped (a write cut short by a crash?)", n,
+                            label)
+            else:
+                out.setdefault(eid, []).append(label)
+        return out
+
+    def _label_lines(self) -> Iterator[tuple[int, str | None, Label | Exception]]:
+        """Each non-empty line of labels.jsonl: (line number, episode id, its Label, or what made it unreadable)."""
         if not self.labels_path.exists():
-            return out
+            return
         with open(self.labels_path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -130,10 +140,9 @@ class EpisodeStore:
                 try:
                     row = json.loads(line)
                     eid = row.pop("episode")
-                    out.setdefault(eid, []).append(Label(**row))
-                except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
-                    log.warning("labels.jsonl line %d is unreadable (%s); skipped (a write cut short by a crash?)", n, e)
-        return out
+                    yield n, eid, Label(**row)
+                except (json.JSONDecodeError, TypeError, KeyError, ValueError, AttributeError) as e:
+                    yield n, None, e
 
     def _arrays(self, path: Path) -> tuple[dict, dict, dict, np.ndarray]:
         """Every array of an episode file, read in full (so the zip checks each one's CRC): (lineage meta,
@@ -216,22 +225,12 @@ class EpisodeStore:
                 lineage_missing[k] += k not in meta
             if meta.get("id", path.stem) != path.stem:
                 unreadable.append({"path": str(path), "error": f"its lineage names another id, {meta['id']!r}"})
-        lines = bad_lines = 0
-        if self.labels_path.exists():
-            with open(self.labels_path, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        lines += 1
-                        try:
-                            row = json.loads(line)
-                            Label(**{k: v for k, v in row.items() if k != "episode"})
-                            bad_lines += "episode" not in row
-                        except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
-                            bad_lines += 1
+        label_lines = [label for _, _, label in self._label_lines()]
+        bad_lines = sum(isinstance(label, Exception) for label in label_lines)
         lineage_missing = {k: n for k, n in lineage_missing.items() if n}
         duplicates = sorted(i for i, n in seen.items() if n > 1)
         return {"store": str(self.root), "episodes": len(paths), "unique_ids": len(seen), "duplicates": duplicates,
-                "unreadable": unreadable, "lineage_missing": lineage_missing, "labels": lines,
+                "unreadable": unreadable, "lineage_missing": lineage_missing, "labels": len(label_lines),
                 "labels_unreadable": bad_lines,
                 "ok": not (unreadable or lineage_missing or duplicates or bad_lines)}
 

@@ -71,11 +71,8 @@ class FilteredBCLearner(LearnerBase):
         layout it always solves weighs nothing (there is nothing to learn there). Single attempts fall back to the
         batch mean."""
         success = np.array([float(cls.judged_success(ep)) for ep in episodes])
-        groups: dict[int, list[int]] = {}
-        for i, ep in enumerate(episodes):
-            groups.setdefault(ep.seed, []).append(i)
         baseline = np.empty_like(success)
-        for members in groups.values():
+        for members in cls.layout_groups(episodes):
             baseline[members] = success[members].mean() if len(members) > 1 else success.mean()
         return success - baseline
 

@@ -65,10 +65,7 @@ class TokenPPOLearner(LearnerBase):
         """(success - mean) / std over the attempts at each layout (env seed); 0 where they all ended alike."""
         success = np.array([float(cls.judged_success(ep)) for ep in episodes])
         adv = np.zeros_like(success)
-        groups: dict[int, list[int]] = {}
-        for i, ep in enumerate(episodes):
-            groups.setdefault(ep.seed, []).append(i)
-        for members in groups.values():
+        for members in cls.layout_groups(episodes):
             s = success[members]
             if len(members) > 1 and s.std() > 0:
                 adv[members] = (s - s.mean()) / s.std()
