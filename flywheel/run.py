@@ -137,7 +137,8 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
         lambda ep: any(lab.source != "detector" for lab in ep.labels))
     data = [ep for ep in store.iter(with_ground_truth=True) if known(ep) and ep.id not in exclude]
     if not data:
-        say(f"detector: {run_dir} holds no labelled episodes, so new ones are made there (demonstrations + "
+        say("detector: collecting labelled episodes (demonstrations + starting-policy rollouts)" if not offline else
+            f"detector: {run_dir} holds no labelled episodes, so new ones are made there (demonstrations + "
             f"starting-policy rollouts). To train on a run's episodes instead, give that run's directory.")
         if rollouts is None:
             rollouts = RolloutGroup(vla_policy_factory(vla_cfg), env_kwargs_of(cfg), num_workers=1, use_ray=False)
