@@ -201,7 +201,7 @@ def cmd_store_verify(args: list[str]) -> int:
     """Read every stored episode of a run and print what was found, as JSON (EpisodeStore.verify); exit 1 unless
     the store is whole."""
     given = dict(a.split("=", 1) for a in args if "=" in a)
-    if "run_dir" not in given or len(given) != len(args) or set(given) != {"run_dir"}:
+    if set(given) != {"run_dir"} or len(given) != len(args):
         console.print("[red]error:[/red] usage: flywheel store verify run_dir=PATH")
         return 2
     from flywheel.store import EpisodeStore
