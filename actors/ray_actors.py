@@ -3,17 +3,29 @@
 Weights travel as one ``ray.put`` per version: every actor receives the same object reference, Ray resolves it to
 the numpy arrays in shared memory (no per-actor copy through the driver), and an actor applies a snapshot only if it
 is newer than the one it has.
+
+Faults. With Ray, every call to the actors has a deadline (``call_timeout_s``). An actor that dies (killed, out of
+memory), raises, or misses the deadline (an environment that hangs) is killed and replaced by a new one, which gets
+the newest snapshot and runs that share of seeds again; the episodes it had in flight are lost, never half-stored.
+If the share fails a second time, a training collection goes on without it and an evaluation raises a
+``RolloutError`` (an evaluation missing seeds would not be comparable). An environment that raises while stepping
+costs only its own episode (``actors.rollout.run_episodes``). Every fault is in ``faults``.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from typing import Callable
 
 import numpy as np
 
 from actors.rollout import RolloutWorker
 from flywheel.contracts import Episode, Policy, PolicySnapshot
+
+
+class RolloutError(RuntimeError):
+    """A rollout share that failed twice where it cannot be left out (an evaluation)."""
 
 
 class RolloutGroup:
@@ -24,25 +36,75 @@ class RolloutGroup:
         num_workers: int = 2,
         use_ray: bool = True,
         cpus_per_worker: float = 1.0,
+        call_timeout_s: float = 600.0,
     ):
         self.use_ray = use_ray
         self.num_workers = int(num_workers)
+        self.call_timeout_s = call_timeout_s
+        self._make = functools.partial(RolloutWorker, policy_factory, env_kwargs)
         if use_ray:
             import ray
 
-            remote = ray.remote(num_cpus=cpus_per_worker, max_restarts=0)(RolloutWorker)
-            self.workers = [remote.remote(policy_factory, env_kwargs, i) for i in range(self.num_workers)]
-        else:
-            self.workers = [RolloutWorker(policy_factory, env_kwargs, i) for i in range(self.num_workers)]
+            self._remote = ray.remote(num_cpus=cpus_per_worker, max_restarts=0)(RolloutWorker)
+            self._make = functools.partial(self._remote.remote, policy_factory, env_kwargs)
+        self.workers = [self._make(i) for i in range(self.num_workers)]
         self.published_version = -1
+        self._payload = None  # the newest snapshot as sent (an object reference with Ray), for replaced workers
+        self.faults: list[dict] = []  # every fault, in order: what failed, where, and what was done about it
+        self.restarts = 0
 
-    def _call(self, method: str, args_per_worker: list[tuple]) -> list:
-        if self.use_ray:
-            import ray
+    def _call(self, method: str, calls: list[tuple[int, tuple]]) -> list:
+        """``(worker index, args)`` calls, in parallel; -> each one's result, or the exception that stopped it."""
+        if not self.use_ray:
+            return [getattr(self.workers[i], method)(*a) for i, a in calls]
+        import ray
 
-            refs = [getattr(w, method).remote(*a) for w, a in zip(self.workers, args_per_worker)]
-            return ray.get(refs)
-        return [getattr(w, method)(*a) for w, a in zip(self.workers, args_per_worker)]
+        refs = [getattr(self.workers[i], method).remote(*a) for i, a in calls]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.call_timeout_s)
+        ready = set(ready)
+        out: list = []
+        for ref in refs:
+            if ref not in ready:
+                out.append(TimeoutError(f"no answer within {self.call_timeout_s:g} s (rollout.call_timeout_s)"))
+                continue
+            try:
+                out.append(ray.get(ref))
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                out.append(e)
+        return out
+
+    def _replace(self, i: int, why: str) -> None:
+        """Kill worker ``i`` (whatever its state) and start a new one with the newest snapshot."""
+        import ray
+
+        ray.kill(self.workers[i], no_restart=True)
+        self.workers[i] = self._make(i)
+        self.restarts += 1
+        if self._payload is not None:
+            ray.get(self.workers[i].set_weights.remote(self._payload), timeout=self.call_timeout_s)
+        self.faults.append({"time": time.time(), "worker": i, "error": why, "action": "replaced"})
+
+    def _checked(self, method: str, args_per_worker: list[tuple], leave_out: bool) -> list:
+        """One call per worker; a worker that fails is replaced and its call run again, once. A call that fails
+        again is left out (None) if ``leave_out``, else raises RolloutError."""
+        results = self._call(method, list(enumerate(args_per_worker)))
+        for attempt in (1, 2):
+            failed = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
+            for i, error in failed.items():
+                self._replace(i, f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}")
+            if not failed or attempt == 2:
+                break
+            for i, r in zip(failed, self._call(method, [(i, args_per_worker[i]) for i in failed])):
+                results[i] = r
+        for i, error in failed.items():
+            if not leave_out:
+                raise RolloutError(f"rollout worker {i} failed twice in {method} ({type(error).__name__}: "
+                                   f"{(str(error).splitlines() or [''])[0][:300]}); it was replaced each time. The "
+                                   f"episodes stored so far are kept.") from error
+            self.faults.append({"time": time.time(), "worker": i, "error": type(error).__name__,
+                                "action": f"left out {len(args_per_worker[i][0])} seeds"})
+            results[i] = None
+        return results
 
     def publish(self, snapshot: PolicySnapshot) -> list[int]:
         """Send one snapshot to every worker (one put); returns each worker's version afterwards."""
@@ -55,19 +117,26 @@ class RolloutGroup:
             import ray
 
             payload = ray.put(snapshot)
-        versions = self._call("set_weights", [(payload,)] * self.num_workers)
+        self._payload = payload
+        versions = self._checked("set_weights", [(payload,)] * self.num_workers, leave_out=False)
         self.published_version = snapshot.version
         return versions
 
     def collect(self, seeds: list[int], split: str, sample_seed: int = 0) -> list[Episode]:
-        """One episode per seed, the seeds shared out among the workers; episodes come back in seed order."""
+        """One episode per seed, the seeds shared out among the workers; episodes come back in seed order, less
+        those lost to faults (recorded in ``faults``)."""
         shares = [list(s) for s in np.array_split(np.asarray(seeds, dtype=np.int64), self.num_workers)]
         args = [(share, split, sample_seed * 1000 + i) for i, share in enumerate(shares)]
-        results = self._call("collect", args)
-        return [ep for batch in results for ep in batch]
+        results = self._checked("collect_with_faults", args, leave_out=split == "train")
+        episodes = []
+        for result in results:
+            if result is not None:
+                episodes += result[0]
+                self.faults += [{"time": time.time(), **f, "action": "episode discarded"} for f in result[1]]
+        return episodes
 
     def applied_versions(self) -> list[list[int]]:
-        return self._call("applied_versions", [()] * self.num_workers)
+        return self._checked("applied_versions", [()] * self.num_workers, leave_out=False)
 
     def close(self) -> None:
         if self.use_ray:

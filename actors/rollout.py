@@ -61,6 +61,7 @@ def run_episodes(
     hard: str | None = None,
     sample_seed: int = 0,
     make_env: Callable[..., gym.Env] = make_env,
+    faults: list[dict] | None = None,
 ) -> list[Episode]:
     """Run one episode per seed, all environments in lock-step, and return them as Episodes.
 
@@ -68,7 +69,9 @@ def run_episodes(
     policy is called once per ``execute`` steps on the batch of still-running environments and the first
     ``execute`` actions of each chunk are applied (receding horizon). ``sample_seed`` seeds the policy's sampling
     noise, so a rollout is reproducible given its seeds. ``hard`` (expert only): make that kind of hard example for
-    the detector (actors/expert.py HARD_EXAMPLES); ``info["hard"]`` names it where it applied.
+    the detector (actors/expert.py HARD_EXAMPLES); ``info["hard"]`` names it where it applied. ``faults``: given a
+    list, an environment that raises while stepping has its episode discarded (the others go on) and what happened
+    appended to it; without one, the error propagates.
     """
     given = dict(locals())  # every argument, as given (the waves below pass them on)
     if not seeds:
@@ -104,6 +107,7 @@ def run_episodes(
         angles = rng.uniform(0, 2 * np.pi, len(seeds))
         plans = [hard_example_plan(hard, info["family"], a) for a, (_, info) in zip(angles, first)]
     chunk: np.ndarray | None = None
+    broken: set[int] = set()  # environments that raised: their episodes are discarded
     call = 0
     sensors = getattr(policy, "sensors", ("overhead",))
     reads = observation_keys(sensors) & set(observed[0])  # stack only what the policy reads
@@ -126,7 +130,15 @@ def run_episodes(
                     drawn[i].setdefault(k, []).append(v[row])
             for k in range(execute if policy is not None else 1):
                 a = chunk[row, k] if policy is not None else scripted_action(env, rng, expert_noise, plans[i])
-                obs, _, term, trunc, info = env.step(a)
+                try:
+                    obs, _, term, trunc, info = env.step(a)
+                except Exception as e:
+                    if faults is None:
+                        raise
+                    faults.append({"seed": int(seeds[i]), "step": len(actions[i]), "error": f"{type(e).__name__}: {e}"})
+                    broken.add(i)
+                    done = True
+                    break
                 for k, v in obs.items():
                     observed[i][k].append(v)
                 actions[i].append(np.asarray(a, np.float32))
@@ -139,8 +151,12 @@ def run_episodes(
             if not done:
                 still.append(i)
         running = still
-    for env in envs:  # a third-party adapter goes back to its pool; the others are closed
-        getattr(env, "release", env.close)()
+    for i, env in enumerate(envs):  # a third-party adapter goes back to its pool; the others are closed
+        try:
+            getattr(env, "release", env.close)()
+        except Exception:
+            if i not in broken:
+                raise
     now = time.time()
     return [
         Episode(
@@ -165,7 +181,7 @@ def run_episodes(
                   "kind": infos[i].get("kind", infos[i]["family"]), "named": list(infos[i].get("named", [])),
                   "randomization": first[i][1].get("randomization", {})},
         )
-        for i in range(len(seeds))
+        for i in range(len(seeds)) if i not in broken
     ]
 
 
@@ -198,9 +214,20 @@ class RolloutWorker:
         return list(self.applied)
 
     def collect(self, seeds: list[int], split: str, sample_seed: int = 0) -> list[Episode]:
+        return self.collect_with_faults(seeds, split, sample_seed)[0]
+
+    def collect_with_faults(self, seeds: list[int], split: str, sample_seed: int = 0
+                            ) -> tuple[list[Episode], list[dict]]:
+        """(episodes, faults): an environment that raises loses its episode, not the others (``run_episodes``)."""
         if self.version < 0:
             raise RuntimeError("rollout worker has no weights yet: publish a PolicySnapshot before collecting")
         self.policy.explore = split == "train"  # a policy that explores does so in practice, never in evaluation
-        return run_episodes(
-            list(seeds), split, self.policy, policy_version=self.version, sample_seed=sample_seed, **self.env_kwargs
-        )
+        faults: list[dict] = []
+        episodes = run_episodes(list(seeds), split, self.policy, policy_version=self.version,
+                                sample_seed=sample_seed, faults=faults, **self.env_kwargs)
+        return episodes, [{**f, "worker": self.worker_index} for f in faults]
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()

@@ -6,6 +6,7 @@ short is detected, not half-loaded), and other tools (and other frameworks) read
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -67,7 +68,12 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
 
 
 class CheckpointDir:
-    """``<dir>/<prefix>-<number>.safetensors``, keeping the newest ``keep``. Numbers are versions or steps."""
+    """``<dir>/<prefix>-<number>.safetensors``, keeping the newest ``keep``. Numbers are versions or steps.
+
+    Beside each, optionally, ``<prefix>-<number>.state.pt``: the trainer's state (optimizer moments, random
+    generators, a learner's value network; tensors and plain values, read with ``torch.load(weights_only=True)``,
+    which cannot run code). It is written before the weights, so a checkpoint whose weights are on disk is complete.
+    """
 
     def __init__(self, directory: str | os.PathLike, prefix: str = "policy", keep: int = 3):
         self.dir = Path(directory)
@@ -78,24 +84,57 @@ class CheckpointDir:
     def path(self, number: int) -> Path:
         return self.dir / f"{self.prefix}-{number:06d}.safetensors"
 
+    def state_path(self, number: int) -> Path:
+        return self.dir / f"{self.prefix}-{number:06d}.state.pt"
+
     def numbers(self) -> list[int]:
         if not self.dir.exists():
             return []
         return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := self._pattern.match(p.name)))
 
-    def save(self, number: int, weights: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+    def save(self, number: int, weights: dict[str, np.ndarray], meta: dict[str, Any], state: dict | None = None,
+             keep_also: tuple[int, ...] = ()) -> Path:
+        """Write checkpoint ``number`` (and its trainer ``state``), then delete all but the newest ``keep`` and
+        those in ``keep_also`` (a run keeps the version its actors run and its best, whatever their age)."""
+        import torch
+
+        if state is not None:
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            atomic_write_bytes(self.state_path(number), buf.getvalue())
         path = save_weights(self.path(number), weights, {**meta, "number": number})
         for old in self.numbers()[: -self.keep]:
-            self.path(old).unlink(missing_ok=True)
-            self.path(old).with_suffix(".optim.pt").unlink(missing_ok=True)
+            if old not in keep_also:
+                self.path(old).unlink(missing_ok=True)
+                self.state_path(old).unlink(missing_ok=True)
         return path
 
-    def latest_good(self) -> tuple[int, dict[str, np.ndarray], dict[str, Any]] | None:
-        """The newest checkpoint that loads cleanly; damaged ones are skipped (and left in place for inspection)."""
+    def load(self, number: int, with_state: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any], dict | None]:
+        """(weights, meta, trainer state or None). CheckpointError if it is missing, damaged or, ``with_state``,
+        has no readable state."""
+        weights, meta = load_weights(self.path(number))
+        if not with_state:
+            return weights, meta, None
+        import torch
+
+        path = self.state_path(number)
+        try:
+            state = torch.load(path, weights_only=True)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{path} is missing: checkpoint {number} cannot resume training") from e
+        except Exception as e:  # a damaged file: torch raises RuntimeError, pickle's UnpicklingError, EOFError...
+            raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e})") from e
+        return weights, meta, state
+
+    def latest_good(self, with_state: bool = False, at_most: int | None = None
+                    ) -> tuple[int, dict[str, np.ndarray], dict[str, Any], dict | None] | None:
+        """The newest checkpoint (numbered ``at_most`` or lower) that loads cleanly, with its state if asked for:
+        (number, weights, meta, state). Damaged ones are skipped and left in place for inspection."""
         for number in reversed(self.numbers()):
+            if at_most is not None and number > at_most:
+                continue
             try:
-                weights, meta = load_weights(self.path(number))
-                return number, weights, meta
+                return number, *self.load(number, with_state)
             except CheckpointError:
                 continue
         return None

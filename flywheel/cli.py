@@ -1,6 +1,7 @@
 """The ``flywheel`` command.
 
-    flywheel run [key=value ...]            the self-improvement loop (Hydra overrides: budget.minutes=480, ...)
+    flywheel run [key=value ...]            the self-improvement loop (Hydra overrides: budget.minutes=480, ...);
+                                            on a run_dir that holds a run, resume it
     flywheel pretrain [key=value ...]       behaviour-clone the small VLA on scripted demonstrations (resumable)
     flywheel reward train [key=value ...]   train a success detector on a run's labelled episodes
     flywheel reward eval run_dir=PATH [detector=FILE]   the detector's report: PATH/reward/report.{json,html}
@@ -57,7 +58,10 @@ def cmd_run(overrides: list[str]) -> int:
     cfg = _load("run", overrides)
     if OmegaConf.is_missing(cfg, "run_dir"):
         OmegaConf.update(cfg, "run_dir", f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    from flywheel.resume import resumed_config
     from flywheel.run import run
+
+    cfg = resumed_config(cfg, overrides)  # a run_dir that holds a run: its own config, resumed
 
     budget_s = cfg.budget.minutes * 60
     with _progress() as progress:
@@ -76,6 +80,9 @@ def cmd_run(overrides: list[str]) -> int:
                     + (f"  audit {row['audit/claimed_success']:.2f}/{row['audit/audited_success']:.2f}"
                        if "audit/gap" in row else "")
                     + ("  [red]ALARM: updates paused, detector retrained[/red]" if row.get("audit/alarm") else "")
+                    + (f"  [yellow]gate: held back v{row['policy_version'] - 1} "
+                       f"({row['gate/difference']:+.3f}), back to v{row['gate/rollback_to']}'s weights[/yellow]"
+                       if "gate/rollback_to" in row else "")
                     + (f"  eval {row['eval/success']:.3f}" if "eval/success" in row else "")
                 )
 

@@ -117,6 +117,8 @@ class RolloutConfig:
     cpus_per_worker: float = 1.0
     episodes_per_iteration: int = 512
     group_size: int = 4  # attempts per layout (seed) in one iteration: the learner's group baseline
+    call_timeout_s: float = 600.0  # with Ray: an actor that does not answer a call within this is killed and
+    #                                replaced (an environment that hangs); its episodes in flight are lost
 
 
 @dataclasses.dataclass
@@ -135,6 +137,17 @@ class AuditConfig:
     retrain: bool = True  # on an alarm, retrain the detector on every trusted label (the audited ones included)
     retrain_every: int = 0  # > 0: every N iterations, train a candidate detector on every trusted label (audited
     #                         on-policy episodes included) and promote it if it judges the newest audit no worse
+
+
+@dataclasses.dataclass
+class GateConfig:
+    """The promotion gate (flywheel/gate.py): each new version runs ``episodes`` held-out seeds (disjoint from the
+    reported evaluation's) and is held back, the run rolling back to the deployed version, when it is worse with
+    ``confidence`` by more than ``margin`` (paired, seed by seed)."""
+
+    episodes: int = 256  # 0 = no gate: every update goes straight to practice
+    confidence: float = 0.95  # one-sided
+    margin: float = 0.0  # success rate a candidate may lose before it counts as worse
 
 
 @dataclasses.dataclass
@@ -166,6 +179,7 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 

@@ -16,6 +16,7 @@ import numpy as np
 from flywheel.audit import AuditResult, audit
 from flywheel.checkpoint import CheckpointDir
 from flywheel.contracts import Episode, Label, Learner, PolicySnapshot, SuccessDetector
+from flywheel.gate import GateDecision, judge
 from flywheel.metrics import MetricsSink, PhaseTimer, wilson_interval
 from flywheel.store import EpisodeStore
 
@@ -35,6 +36,7 @@ class Evaluation:
     successes: int
     ci95: tuple[float, float]
     per_task: dict[str, float]
+    outcomes: tuple[int, ...] = dataclasses.field(default=(), repr=False)  # 1/0 per seed, in seed order
 
     @property
     def success(self) -> float:
@@ -59,10 +61,12 @@ def evaluate(rollouts: Rollouts, seeds: list[int], version: int, sample_seed: in
     Evaluation episodes are not stored and never reach the learner.
     """
     episodes = rollouts.collect(seeds, "eval", sample_seed=sample_seed)
-    ok = np.array([bool(ep.ground_truth and ep.ground_truth["success"]) for ep in episodes])
+    succeeded = {ep.seed: bool(ep.ground_truth and ep.ground_truth["success"]) for ep in episodes}
+    ok = np.array([succeeded.get(s, False) for s in seeds])  # an episode lost to a crashing environment failed
     tasks = sorted({ep.task for ep in episodes})
-    per_task = {t: float(np.mean([o for o, ep in zip(ok, episodes) if ep.task == t])) for t in tasks}
-    return Evaluation(version, len(ok), int(ok.sum()), wilson_interval(int(ok.sum()), len(ok)), per_task)
+    per_task = {t: float(np.mean([succeeded[ep.seed] for ep in episodes if ep.task == t])) for t in tasks}
+    return Evaluation(version, len(ok), int(ok.sum()), wilson_interval(int(ok.sum()), len(ok)), per_task,
+                      tuple(int(o) for o in ok))
 
 
 def label_episodes(detector: SuccessDetector, episodes: list[Episode]) -> list[Label]:
@@ -112,6 +116,9 @@ class Budget:
 
 @dataclasses.dataclass
 class LoopState:
+    """Where the loop stands. ``to_json``/``from_json`` carry it across processes (a resumed run); weights are not
+    in it: they are checkpoints, named by version."""
+
     iteration: int = 0
     episodes: int = 0
     env_steps: int = 0
@@ -124,6 +131,47 @@ class LoopState:
     rollbacks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     promotions: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # periodic retraining's decisions
     best: tuple[int, float, dict] | None = None  # (version, held-out success, weights) of the best evaluated policy
+    gates: list[GateDecision] = dataclasses.field(default_factory=list)  # the promotion gate's decisions
+    deployed: tuple[int, tuple[int, ...], dict] | None = None  # (version, gate outcomes, weights) the actors run
+
+    def to_json(self) -> dict[str, Any]:
+        plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        plain["evaluations"] = [{k: v for k, v in dataclasses.asdict(e).items() if k != "outcomes"}
+                                for e in self.evaluations]
+        plain["audits"] = [dataclasses.asdict(a) for a in self.audits]
+        plain["gates"] = [dataclasses.asdict(g) for g in self.gates]
+        plain["best"] = None if self.best is None else list(self.best[:2])
+        plain["deployed"] = None if self.deployed is None else [self.deployed[0], list(self.deployed[1])]
+        return plain
+
+    @classmethod
+    def from_json(cls, plain: dict[str, Any], weights_of: Callable[[int], dict]) -> "LoopState":
+        """``weights_of(version)``: the policy weights of a version (its checkpoint)."""
+        state = cls(**{k: v for k, v in plain.items() if k not in ("evaluations", "audits", "gates", "best",
+                                                                  "deployed")})
+        state.evaluations = [Evaluation(**{**e, "ci95": tuple(e["ci95"])}) for e in plain["evaluations"]]
+        state.audits = [AuditResult(**a) for a in plain["audits"]]
+        state.gates = [GateDecision(**g) for g in plain["gates"]]
+        if plain["best"] is not None:
+            state.best = (plain["best"][0], plain["best"][1], weights_of(plain["best"][0]))
+        if plain["deployed"] is not None:
+            version, outcomes = plain["deployed"]
+            state.deployed = (version, tuple(outcomes), weights_of(version))
+        return state
+
+    def protected_versions(self) -> tuple[int, ...]:
+        """Versions whose checkpoints must outlive the newest K: the deployed one and the best evaluated."""
+        return tuple(v for v in (self.deployed and self.deployed[0], self.best and self.best[0]) if v is not None)
+
+
+@dataclasses.dataclass
+class GateSettings:
+    """The promotion gate (flywheel/gate.py): ``seeds`` held out from training and from the reported evaluation."""
+
+    seeds: list[int]
+    confidence: float = 0.95
+    margin: float = 0.0
+    sample_seed: int = 54321
 
 
 @dataclasses.dataclass
@@ -165,9 +213,16 @@ def run_loop(
     on_iteration: Callable[[LoopState, dict[str, Any]], None] = lambda state, row: None,
     audit_settings: AuditSettings | None = None,
     learner_reads: Collection[str] | None = None,
+    gate: GateSettings | None = None,
+    save_state: Callable[[LoopState], None] = lambda state: None,
+    in_flight: Collection[Episode] = (),
 ) -> LoopState:
     """Turn the flywheel until the budget runs out; returns the final state (evaluations first to last).
-    ``learner_reads``: the observation keys the policy reads (learner_view drops the others)."""
+
+    ``learner_reads``: the observation keys the policy reads (learner_view drops the others). ``gate``: every new
+    version must pass the promotion gate before practice, or the run rolls back. ``save_state(state)`` is called
+    after each iteration, once its checkpoint is on disk (a resumable point). ``in_flight``: episodes of the next
+    iteration stored before a crash (a resumed run); only the attempts they lack are collected."""
     audit_rng = np.random.default_rng(audit_settings.seed if audit_settings else 0)
     keep_best = audit_settings is not None  # the best weights are kept only for the audit's rollback
     if not state.detector_versions:
@@ -178,6 +233,10 @@ def run_loop(
             _remember_best(state, state.evaluations[-1], learner)
         metrics.log(state.evaluations[-1].as_metrics(), step=0)
         on_iteration(state, state.evaluations[-1].as_metrics())
+    if gate is not None and state.deployed is None:
+        ran = evaluate(rollouts, gate.seeds, learner.version, sample_seed=gate.sample_seed)
+        state.deployed = (learner.version, ran.outcomes, learner.snapshot().weights)
+    in_flight = list(in_flight)
     last_iteration_s, eval_s = 0.0, 0.0
     while budget.allows(state.iteration, state.env_steps, last_iteration_s, reserve_s=eval_s * 1.2 + 2.0):
         started = time.perf_counter()
@@ -186,11 +245,14 @@ def run_loop(
             # ``group_size`` attempts at each layout, so that the learner can compare attempts (group advantages).
             layouts = max(1, episodes_per_iteration // group_size)
             seeds = [train_seed(state.next_train_index + i // group_size) for i in range(layouts * group_size)]
-            episodes = rollouts.collect(seeds, "train", sample_seed=state.next_train_index)
+            adopted, seeds = _adopt(in_flight, seeds)
+            in_flight = []
+            new = rollouts.collect(seeds, "train", sample_seed=state.next_train_index) if seeds else []
             state.next_train_index += layouts
         with timer("store"):
-            for ep in episodes:
+            for ep in new:
                 store.add(ep)
+        episodes = adopted + new
         with timer("label"):
             labels = label_episodes(detector, episodes)
             store.add_labels([(ep.id, lab) for ep, lab in zip(episodes, labels)])
@@ -210,9 +272,17 @@ def run_loop(
             state.paused_updates += 1  # labels not to be trusted: no update from them
         with timer("publish"):
             snapshot = learner.snapshot()
-            if snapshot.version > getattr(rollouts, "published_version", -1):
+            published = snapshot.version > getattr(rollouts, "published_version", -1)
+            if published:
                 rollouts.publish(snapshot)
-                checkpoints.save(snapshot.version, snapshot.weights, {"version": snapshot.version, **snapshot.meta})
+        gate_row: dict[str, Any] = {}
+        if gate is not None and published:
+            with timer("gate"):
+                snapshot, gate_row = _gate(gate, state, rollouts, learner, snapshot)
+        if published:
+            with timer("checkpoint"):
+                checkpoints.save(snapshot.version, snapshot.weights, {"version": snapshot.version, **snapshot.meta},
+                                 state=learner.training_state(), keep_also=state.protected_versions())
         state.iteration += 1
         state.episodes += len(episodes)
         state.env_steps += sum(ep.num_steps for ep in episodes)
@@ -227,6 +297,8 @@ def run_loop(
             "train/true_success": float(np.mean([bool(ep.ground_truth["success"]) for ep in episodes])),
             **{f"learner/{k}": v for k, v in stats.items()},
             **audit_row,
+            **gate_row,
+            "rollout/faults": len(getattr(rollouts, "faults", ())),  # so far: actors replaced, episodes lost
         }
         if state.iteration % eval_every == 0 and state.evaluations[-1].version != snapshot.version:
             with timer("evaluate"):
@@ -236,6 +308,7 @@ def run_loop(
             row.update(state.evaluations[-1].as_metrics())
             eval_s = timer.seconds["evaluate"]
         row.update(timer.as_metrics())
+        save_state(state)
         metrics.log(row, step=state.iteration)
         on_iteration(state, row)
         last_iteration_s = time.perf_counter() - started - timer.seconds.get("evaluate", 0.0)
@@ -246,6 +319,46 @@ def run_loop(
         metrics.log(state.evaluations[-1].as_metrics(), step=state.iteration)
         on_iteration(state, state.evaluations[-1].as_metrics())
     return state
+
+
+def _adopt(stored: list[Episode], seeds: list[int]) -> tuple[list[Episode], list[int]]:
+    """Of the attempts ``seeds`` asks for (a seed once per attempt), those already in ``stored``, and the seeds
+    still to run. An attempt stored before a crash is used, never run again: none lost, none twice."""
+    wanted: dict[int, int] = {}
+    for s in seeds:
+        wanted[s] = wanted.get(s, 0) + 1
+    adopted = []
+    for ep in stored:
+        if wanted.get(ep.seed, 0) > 0:
+            wanted[ep.seed] -= 1
+            adopted.append(ep)
+    rest = [s for s, n in wanted.items() for _ in range(n)]
+    return adopted, rest
+
+
+def _gate(gate: GateSettings, state: LoopState, rollouts: Rollouts, learner: Learner, snapshot: PolicySnapshot
+          ) -> tuple[PolicySnapshot, dict[str, Any]]:
+    """Run the candidate (just published) on the gate's seeds and judge it against the deployed version's outcomes
+    there; promote it, or roll the learner and the actors back to the deployed weights (a new version)."""
+    assert state.deployed is not None
+    ran = evaluate(rollouts, gate.seeds, snapshot.version, sample_seed=gate.sample_seed)
+    deployed_version, deployed_outcomes, deployed_weights = state.deployed
+    decision = judge(np.array(ran.outcomes), np.array(deployed_outcomes), confidence=gate.confidence,
+                     margin=gate.margin, iteration=state.iteration + 1, candidate_version=snapshot.version,
+                     deployed_version=deployed_version)
+    state.gates.append(decision)
+    row = decision.as_metrics()
+    if decision.promoted:
+        state.deployed = (snapshot.version, ran.outcomes, snapshot.weights)
+        return snapshot, row
+    learner.restore(deployed_weights)
+    restored = learner.snapshot()
+    rollouts.publish(restored)
+    state.rollbacks.append({"iteration": state.iteration + 1, "from_version": snapshot.version,
+                            "to_weights_of": deployed_version, "new_version": restored.version, "reason": "gate"})
+    state.deployed = (restored.version, deployed_outcomes, deployed_weights)  # the same weights: the same outcomes
+    row["gate/rollback_to"] = deployed_version
+    return restored, row
 
 
 def _remember_best(state: LoopState, ev: Evaluation, learner: Learner) -> None:
@@ -290,7 +403,7 @@ def _audit_and_recover(settings: AuditSettings, rng: np.random.Generator, state:
         version, success, weights = state.best
         learner.restore(weights)
         state.rollbacks.append({"iteration": state.iteration + 1, "from_version": latest.version,
-                                "to_weights_of": version, "new_version": learner.version})
+                                "to_weights_of": version, "new_version": learner.version, "reason": "audit"})
         row["audit/rollback_to"] = version
     return detector, labels, trusted, row
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from actors.rollout import make_env, run_episodes
 from actors.tabletop import split_seed
-from flywheel.checkpoint import CheckpointDir, CheckpointError
+from flywheel.checkpoint import CheckpointDir
 from flywheel.config import ConfigError, to_dict
 from flywheel.metrics import wilson_interval
 from flywheel.store import EpisodeStore, atomic_write_bytes
@@ -66,14 +66,10 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
     generator = torch.Generator().manual_seed(cfg.seed)
     ckpts = CheckpointDir(out / "checkpoints", prefix="step", keep=2)
     step, history = 0, []
-    latest = ckpts.latest_good()
+    latest = ckpts.latest_good(with_state=True)
     if latest is not None:
-        step, weights, meta = latest
+        step, weights, meta, state = latest
         model.load_weights(weights)
-        optim_path = ckpts.path(step).with_suffix(".optim.pt")
-        if not optim_path.exists():
-            raise CheckpointError(f"{optim_path} is missing: cannot resume the optimizer. Delete {out} to start over.")
-        state = torch.load(optim_path, weights_only=True)
         trainer.optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])  # the flow-matching noise and times: resumed exactly
@@ -108,10 +104,9 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
             say(f"pretrain: step {step}  loss {history[-1]['loss']:.4f}  held-out success {ev['success']:.3f} "
                 f"[{ev['ci95'][0]:.3f}, {ev['ci95'][1]:.3f}]  {ev['per_task']}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            ckpts.save(step, model.get_weights(), {"history": history})
-            torch.save({"optimizer": trainer.optimizer.state_dict(), "generator": generator.get_state(),
-                        "torch_rng": torch.get_rng_state()},
-                       ckpts.path(step).with_suffix(".optim.pt"))
+            ckpts.save(step, model.get_weights(), {"history": history},
+                       state={"optimizer": trainer.optimizer.state_dict(), "generator": generator.get_state(),
+                              "torch_rng": torch.get_rng_state()})
     final = history[-1] if history else evaluate_policy(model, cfg.eval_episodes, env_kwargs)
     record = {
         "description": f"small VLA{' with action tokens' if cfg.action_head == 'tokens' else ''}, behaviour cloning "

@@ -29,21 +29,20 @@ from actors.ray_actors import RolloutGroup, vla_policy_factory
 from actors.rollout import run_episodes
 from actors.expert import HARD_EXAMPLES
 from actors.tabletop import split_seed
-from flywheel.checkpoint import CheckpointDir, save_weights
+from flywheel.checkpoint import CheckpointDir, CheckpointError, save_weights
 from flywheel.config import ConfigError, to_dict
 from flywheel.contracts import Episode, Label, PolicySnapshot, observation_keys, sensor_key
-from flywheel.loop import AuditSettings, Budget, LoopState, run_loop
+from flywheel.loop import AuditSettings, Budget, GateSettings, LoopState, learner_view, run_loop
 from flywheel.metrics import MetricsSink
+from flywheel.resume import (RunDirError, check_unchanged, holds_a_run, loop_episodes, read_state,  # noqa: F401
+                             write_state)
 from flywheel.store import EpisodeStore, atomic_write_bytes
 from flywheel.vla.checkpoint import load_policy_checkpoint
 from flywheel.vla.model import SmallVLA
 from learner.registry import ALGORITHMS, make_learner
 from reward.detector import DetectorNetConfig
+from reward.report import latest_detector, load_detector
 from reward.train import train_detector
-
-class RunDirError(RuntimeError):
-    """A run directory that cannot be used for a new run."""
-
 
 # Where each use of the training split draws its seeds, so that no two uses share a layout.
 DEMO_SEEDS = 0  # pretraining demonstrations (the learner replays the same ones)
@@ -51,6 +50,17 @@ DETECTOR_DEMO_SEEDS = 2_000_000
 DETECTOR_POLICY_SEEDS = 3_000_000
 DETECTOR_HARD_SEEDS = 4_000_000  # + 100,000 per kind of hard example
 LOOP_SEEDS = 5_000_000
+GATE_SEEDS = 1_000_000  # in the eval split, after the reported evaluation's: the promotion gate's own layouts
+
+
+def loop_seed(index: int) -> int:
+    return split_seed("train", LOOP_SEEDS + index)
+
+
+def loop_seed_index(seed: int) -> int | None:
+    """The practice episode index of a training seed (None for a seed of any other use)."""
+    index = seed - loop_seed(0)
+    return index if 0 <= index < split_seed("eval", 0) - loop_seed(0) else None
 
 
 def write_demos(cfg: DictConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
@@ -262,35 +272,29 @@ def graceful_stop(budget: Budget, say: Callable[[str], None]):
             signal.signal(s, handler)
 
 
-def _holds_a_run(run_dir: Path) -> bool:
-    """Stored episodes, or a run that did not fail. A run that failed before storing anything (a mistyped
-    checkpoint path, say) leaves nothing to lose, so its directory can be used again once the mistake is fixed."""
-    if (run_dir / "episodes").exists():
-        return True
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("status") != "failed"
-    except FileNotFoundError:
-        return False
-    except (json.JSONDecodeError, AttributeError):
-        return True  # unreadable: do not guess, leave it alone
-
-
 def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) -> dict[str, Any]:
-    """Run the flywheel for its budget; returns (and writes) the summary."""
+    """Run the flywheel for its budget; returns (and writes) the summary. On a run_dir that holds a run, resume it
+    (flywheel/resume.py): ``cfg`` must then be its recorded config, changed only where RESUMABLE allows."""
     started = time.time()
     run_dir = Path(cfg.run_dir)
-    if _holds_a_run(run_dir):
-        raise RunDirError(
-            f"{run_dir} already holds a run; resuming one is not supported yet. Choose a new run_dir (or leave it "
-            f"out for runs/<date-time>); nothing in {run_dir} was touched."
-        )
+    resuming = holds_a_run(run_dir)
+    if resuming:
+        check_unchanged(cfg, run_dir)
     if cfg.learner.algorithm not in ALGORITHMS:  # before anything starts, not after the detector has trained
         raise ConfigError(f"learner.algorithm={cfg.learner.algorithm!r} is unknown: choose one of {sorted(ALGORITHMS)}")
+    saved = read_state(run_dir) if resuming else None
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg).encode())
     seed_everything(cfg.seed)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    summary: dict[str, Any] = {"status": "running", "run_dir": str(run_dir.resolve()), "experiment": cfg.experiment}
+    attempt = (saved or {}).get("attempt", 0) + 1 if resuming else 1
+    summary: dict[str, Any] = {"status": "running", "run_dir": str(run_dir.resolve()), "experiment": cfg.experiment,
+                               "attempt": attempt}
+    if resuming and (run_dir / "summary.json").exists():  # what the attempt before said, kept: nothing is lost
+        try:
+            summary["previous_attempt"] = json.loads((run_dir / "summary.json").read_text())
+        except json.JSONDecodeError:
+            pass
     metrics = MetricsSink(run_dir, to_dict(cfg), mode=cfg.wandb.mode, project=cfg.wandb.project)
     rollouts = None
     ray_started = False
@@ -312,6 +316,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         rollouts = RolloutGroup(
             vla_policy_factory(vla_cfg), env_kwargs, num_workers=cfg.rollout.num_workers,
             use_ray=cfg.rollout.use_ray, cpus_per_worker=cfg.rollout.cpus_per_worker,
+            call_timeout_s=cfg.rollout.call_timeout_s,
         )
         # The learner first: version 0 is the base as its algorithm acts with it (a residual policy explores).
         model = SmallVLA(vla_cfg)
@@ -319,16 +324,40 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         # recorded with the policy's own cameras: one the run records for its detector alone has no place in replay
         demos = pretraining_demos(cfg.learner.demos, base_meta, {**env_kwargs, "sensors": list(vla_cfg.sensors)})
         learner = make_learner(cfg.learner.algorithm, model, demos, version=0, seed=cfg.seed, **to_dict(cfg.learner))
+        checkpoints = CheckpointDir(run_dir / "checkpoints", keep=3)
+        store = EpisodeStore(run_dir / "episodes")
+        reads = observation_keys(vla_cfg.sensors)
+        state, in_flight = LoopState(), []
+        if saved is not None:
+            state = restore_learner_and_state(learner, checkpoints, saved, run_dir)
+        if resuming:
+            layouts = max(1, cfg.rollout.episodes_per_iteration // cfg.rollout.group_size)
+            learned, in_flight = loop_episodes(store, loop_seed_index, state.next_train_index, layouts,
+                                               keep=2 * cfg.learner.max_episodes)
+            learner.refill([learner_view(ep, reads) for ep in learned if ep.latest_label("detector") is not None])
+            say(f"run: resuming {run_dir} (attempt {attempt}) at iteration {state.iteration}, policy "
+                f"v{learner.version}: the learner's buffer refilled from {len(learned)} stored episodes; "
+                f"{len(in_flight)} episodes of the iteration in flight are used, the rest collected")
         first = learner.snapshot()
-        rollouts.publish(PolicySnapshot(version=0, weights=first.weights,
+        rollouts.publish(PolicySnapshot(version=first.version, weights=first.weights,
                                         meta={**first.meta, "source": cfg.policy.checkpoint}))
+        if saved is None:  # every version the loop may return to has a checkpoint, the starting one too
+            checkpoints.save(first.version, first.weights, {"version": first.version, **first.meta},
+                             state=learner.training_state())
 
         # ---- the success detector, trained on simulator-labelled episodes ----------------------------------------
-        store = EpisodeStore(run_dir / "episodes")
-        detector, det_metrics = train_reward(cfg, say, rollouts=rollouts, store=store, policy_weights=base_weights,
-                                              policy_sensors=vla_cfg.sensors)
+        if resuming and list((run_dir / "detector").glob("detector-*.safetensors")):
+            # the one that labelled last (a retrain the run did not get to use is not it), else the one it trained
+            path = (run_dir / "detector" / f"{state.detector_versions[-1]}.safetensors" if state.detector_versions
+                    else latest_detector(run_dir))
+            detector, det_meta = load_detector(path)
+            det_metrics = det_meta.get("heldout", {})
+            say(f"detector: {detector.version}, as the run left it ({path})")
+        else:
+            detector, det_metrics = train_reward(cfg, say, rollouts=rollouts, store=store,
+                                                  policy_weights=base_weights, policy_sensors=vla_cfg.sensors)
+            metrics.log({f"detector/{k}": v for k, v in det_metrics.items() if v is not None}, step=0)
         summary["detector"] = {"version": detector.version, **det_metrics}
-        metrics.log({f"detector/{k}": v for k, v in det_metrics.items() if v is not None}, step=0)
 
         # ---- the loop ---------------------------------------------------------------------------------------------
         audit_settings = AuditSettings(
@@ -337,18 +366,24 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
                                                       policy_weights=base_weights, policy_sensors=vla_cfg.sensors,
                                                       exclude=exclude)[0])
             if cfg.audit.retrain or cfg.audit.retrain_every else None)
-        budget = Budget(started + cfg.budget.minutes * 60, cfg.budget.iterations, cfg.budget.env_steps)
+        spent = (saved or {}).get("elapsed_s", 0.0)  # by earlier attempts: the budget is the run's, not each one's
+        budget = Budget(started + cfg.budget.minutes * 60 - spent, cfg.budget.iterations, cfg.budget.env_steps)
+        gate = GateSettings([split_seed("eval", GATE_SEEDS + i) for i in range(cfg.gate.episodes)],
+                            confidence=cfg.gate.confidence, margin=cfg.gate.margin) if cfg.gate.episodes else None
+
+        def save_state(s: LoopState) -> None:
+            write_state(run_dir, {"loop": s.to_json(), "policy_version": learner.version, "attempt": attempt,
+                                  "elapsed_s": spent + time.time() - started, "written": time.time()})
+
         with graceful_stop(budget, say):
             state = run_loop(
                 rollouts=rollouts, store=store, detector=detector, learner=learner, metrics=metrics,
-                checkpoints=CheckpointDir(run_dir / "checkpoints", keep=3),
-                budget=budget,
-                train_seed=lambda i: split_seed("train", LOOP_SEEDS + i),
+                checkpoints=checkpoints, budget=budget, train_seed=loop_seed,
                 eval_seeds=[split_seed("eval", i) for i in range(cfg.eval.episodes)],
                 episodes_per_iteration=cfg.rollout.episodes_per_iteration,
-                eval_every=cfg.eval.every, group_size=cfg.rollout.group_size, state=LoopState(),
+                eval_every=cfg.eval.every, group_size=cfg.rollout.group_size, state=state,
                 on_iteration=on_iteration or (lambda s, row: None), audit_settings=audit_settings,
-                learner_reads=observation_keys(vla_cfg.sensors),
+                learner_reads=reads, gate=gate, save_state=save_state, in_flight=in_flight,
             )
         first, last = state.evaluations[0], state.evaluations[-1]
         summary.update(
@@ -366,6 +401,11 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
             evaluations=[{"version": e.version, "success": e.success, "ci95": list(e.ci95), "episodes": e.episodes,
                           "per_task": e.per_task} for e in state.evaluations],
             audit=audit_settings.as_summary(state),
+            gate={"episodes": cfg.gate.episodes, "confidence": cfg.gate.confidence, "margin": cfg.gate.margin,
+                  "decisions": [dataclasses.asdict(g) for g in state.gates],
+                  "held_back": sum(not g.promoted for g in state.gates)},
+            rollbacks=state.rollbacks,
+            faults={"restarts": rollouts.restarts, "events": rollouts.faults},
         )
     except KeyboardInterrupt:
         summary["status"] = "interrupted"
@@ -375,7 +415,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         summary["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
-        summary["wall_seconds"] = time.time() - started
+        summary["wall_seconds"] = (saved or {}).get("elapsed_s", 0.0) + time.time() - started
         atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
         metrics.close(summary)
         if rollouts is not None:
@@ -385,3 +425,20 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
 
             ray.shutdown()
     return summary
+
+
+def restore_learner_and_state(learner, checkpoints: CheckpointDir, saved: dict[str, Any], run_dir: Path) -> LoopState:
+    """The learner as the last resumable point left it (policy weights, optimizer, generators), and the loop's
+    state. A damaged checkpoint is a CheckpointError that says how to go on from an earlier one."""
+    version = int(saved["policy_version"])
+    try:
+        weights, _, training = checkpoints.load(version, with_state=True)
+        state = LoopState.from_json(saved["loop"], weights_of=lambda v: checkpoints.load(v)[0])
+    except CheckpointError as e:
+        good = checkpoints.latest_good()
+        hint = (f"start a new run from the newest good one: flywheel run run_dir=NEW "
+                f"policy.checkpoint={checkpoints.path(good[0])}" if good else "start a new run_dir")
+        raise CheckpointError(f"{run_dir} cannot be resumed: {e}. Its episodes are intact; {hint}") from e
+    learner.model.load_weights(weights)
+    learner.load_training_state(training)
+    return state

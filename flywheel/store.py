@@ -163,6 +163,16 @@ class EpisodeStore:
             ) from e
         return meta, observations, extras, actions
 
+    def lineage(self, split: str | None = None) -> Iterator[tuple[Path, dict]]:
+        """(path, lineage) of every stored episode, reading only its lineage (cheap: no frames are decompressed).
+        Unreadable files are skipped with a warning."""
+        for path in self.paths(split):
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    yield path, json.loads(bytes(z["meta"]).decode())
+            except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+                log.warning("episode file %s cannot be read (%s): skipped", path, e)
+
     def read(self, path: Path, labels: list[Label] | None = None, with_ground_truth: bool = True) -> Episode:
         """Read one episode file. Raises CorruptEpisodeError, naming the file and the fix, if it is damaged."""
         meta, observations, extras, actions = self._arrays(path)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 from flywheel.contracts import Episode
 
 
@@ -24,8 +28,53 @@ class LearnerBase:
             groups.setdefault(ep.seed, []).append(i)
         return list(groups.values())
 
+    def training_state(self) -> dict[str, Any]:
+        """What an update depends on besides the policy's weights, for a checkpoint: the version, and every
+        optimizer, random generator and auxiliary network (a value, a critic) the learner holds, directly or in a
+        helper (a trainer). Tensors and plain values only, so it loads with ``torch.load(weights_only=True)``.
+        The replay buffer is not in it: ``refill`` rebuilds it from the episode store."""
+        return {"version": self.version, **_state_of(self, "")}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Restore ``training_state()`` into a learner built the same way (same algorithm and options)."""
+        _load_state_of(self, "", state)
+        self.version = int(state["version"])
+
+    def refill(self, episodes: list[Episode]) -> None:
+        """Put episodes an earlier process of this run already learned from back in the replay buffer, without an
+        update (a resumed run; a learner restarted after a crash). On-policy learners keep no buffer: nothing."""
+
     def restore(self, weights: dict) -> None:
         """Roll the policy back to earlier weights (the loop's audit does, after a regression); the result is a
         new version, so actors pick it up like any other."""
         self.model.load_weights(weights)
         self.version += 1
+
+
+def _state_of(obj: Any, prefix: str, depth: int = 0) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in vars(obj).items():
+        key = f"{prefix}{name}"
+        if isinstance(value, torch.optim.Optimizer):
+            out[f"optimizer:{key}"] = value.state_dict()
+        elif isinstance(value, torch.Generator):
+            out[f"generator:{key}"] = value.get_state()
+        elif isinstance(value, torch.nn.Module):
+            if name != "model":  # the policy: its weights are the checkpoint itself
+                out[f"module:{key}"] = value.state_dict()
+        elif depth == 0 and type(value).__module__.startswith("learner."):  # a helper: a trainer, a value model
+            out.update(_state_of(value, f"{key}.", depth + 1))
+    return out
+
+
+def _load_state_of(obj: Any, prefix: str, state: dict[str, Any], depth: int = 0) -> None:
+    for name, value in vars(obj).items():
+        key = f"{prefix}{name}"
+        if isinstance(value, torch.optim.Optimizer) and f"optimizer:{key}" in state:
+            value.load_state_dict(state[f"optimizer:{key}"])
+        elif isinstance(value, torch.Generator) and f"generator:{key}" in state:
+            value.set_state(state[f"generator:{key}"])
+        elif isinstance(value, torch.nn.Module) and f"module:{key}" in state:
+            value.load_state_dict(state[f"module:{key}"])
+        elif depth == 0 and type(value).__module__.startswith("learner."):
+            _load_state_of(value, f"{key}.", state, depth + 1)

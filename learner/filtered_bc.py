@@ -94,6 +94,9 @@ class FilteredBCLearner(LearnerBase):
             "mean_positive_advantage": float(adv[adv > 0].mean()) if kept else 0.0,
         }
 
+    def refill(self, episodes: list[Episode]) -> None:
+        self.add_episodes(episodes)
+
     @torch.no_grad()
     def shrink_and_perturb(self) -> None:
         """theta <- shrink * theta + perturb * noise on every weight matrix (Ash & Adams 2020, "On warm-starting

@@ -112,7 +112,7 @@ def test_after_an_alarm_a_regressed_policy_is_rolled_back(tmp_path):
     v0, v1 = state.evaluations[0], state.evaluations[1]
     assert v1.version == 1 and v1.ci95[1] < v0.success  # the sabotaged update regressed
     assert state.alarms == 1 and state.rollbacks == [
-        {"iteration": 2, "from_version": 1, "to_weights_of": 0, "new_version": 2}]
+        {"iteration": 2, "from_version": 1, "to_weights_of": 0, "new_version": 2, "reason": "audit"}]
     final = state.evaluations[-1]
     assert final.version == 3 and final.success >= v0.ci95[0]  # restored, then one honest update on top
 

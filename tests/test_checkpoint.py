@@ -30,8 +30,25 @@ def test_keeps_last_k_and_skips_damaged(tmp_path):
         ckpts.save(v, {"a": np.full(10, v, np.float32)}, {})
     assert ckpts.numbers() == [3, 4]
     ckpts.path(4).write_bytes(b"garbage")
-    number, weights, _ = ckpts.latest_good()
+    number, weights, _, _ = ckpts.latest_good()
     assert number == 3 and weights["a"][0] == 3
+
+
+def test_trainer_state_travels_with_its_checkpoint_and_an_incomplete_one_is_skipped(tmp_path):
+    import torch
+
+    ckpts = CheckpointDir(tmp_path, keep=3)
+    for v in (1, 2):
+        ckpts.save(v, {"a": np.full(4, v, np.float32)}, {}, state={"step": v, "moments": torch.full((3,), float(v))})
+    ckpts.state_path(2).write_bytes(b"cut")  # the state of the newest is damaged: it cannot resume training
+    number, weights, _, state = ckpts.latest_good(with_state=True)
+    assert number == 1 and state["step"] == 1 and torch.equal(state["moments"], torch.ones(3))
+    assert ckpts.latest_good()[0] == 2  # for its weights alone it is still good
+    ckpts.save(3, {"a": np.zeros(4, np.float32)}, {}, keep_also=(1,))
+    ckpts.save(4, {"a": np.zeros(4, np.float32)}, {}, keep_also=(1,))
+    assert ckpts.numbers() == [1, 2, 3, 4] and ckpts.latest_good(at_most=2)[0] == 2
+    ckpts.save(5, {"a": np.zeros(4, np.float32)}, {})
+    assert ckpts.numbers() == [3, 4, 5] and not ckpts.state_path(1).exists()
 
 
 def test_shipped_base_loads():

@@ -1,0 +1,160 @@
+"""Resuming a run, and the promotion gate: a run killed at any point continues where it stopped, with no completed
+episode lost and none used twice; a version that regresses is held back and the run rolls back."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+import torch
+
+from flywheel.config import ConfigError, load_config
+from flywheel.resume import resumed_config
+from flywheel.run import loop_seed_index, run
+from flywheel.store import EpisodeStore
+
+TINY = ["experiment=tiny", "rollout.use_ray=false", "wandb.mode=disabled"]
+
+
+def _resume(run_dir, *extra):
+    given = [f"run_dir={run_dir}", *extra]
+    return run(resumed_config(load_config("run", given), given), say=lambda m: None)
+
+
+def _practice(run_dir):
+    """Stored practice episodes: {seed index: attempts}, and the store's own check."""
+    store = EpisodeStore(run_dir / "episodes")
+    counts = Counter(loop_seed_index(meta["seed"]) for _, meta in store.lineage("train")
+                     if meta["policy_version"] >= 0 and loop_seed_index(meta["seed"]) is not None)
+    return counts, store.verify()
+
+
+def test_a_run_killed_with_sigkill_resumes_with_no_episode_lost_or_repeated(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "flywheel.cli", "run", *TINY, f"run_dir={run_dir}", "budget.iterations=4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        state_file, deadline = run_dir / "run_state.json", time.time() + 240
+        while time.time() < deadline and proc.poll() is None:  # until two iterations are done
+            if state_file.exists() and json.loads(state_file.read_text())["loop"]["iteration"] >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, with no chance to clean up
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = json.loads(state_file.read_text())["loop"]
+    assert 2 <= before["iteration"] < 4 and not (run_dir / "summary.json").exists()  # it had no time to write one
+
+    summary = _resume(run_dir)
+    assert summary["status"] == "completed" and summary["attempt"] == 2 and summary["iterations"] == 4
+    assert summary["initial_success"] * 64 == before["evaluations"][0]["successes"]  # the same starting point
+    assert len(summary["evaluations"]) == 5  # before, and after each of the 4 iterations: none repeated
+    counts, verified = _practice(run_dir)
+    assert verified["ok"] and verified["duplicates"] == []
+    # 4 iterations of 16 layouts x 2 attempts: every attempt there exactly once
+    assert sorted(counts) == list(range(4 * 16)) and set(counts.values()) == {2}
+    assert summary["episodes"] == 4 * 32
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A tiny run of two iterations, and its resumable point after the first (as a crash in the second leaves it)."""
+    root = tmp_path_factory.mktemp("finished")
+    run_dir, kept = root / "run", root / "state-after-1.json"
+
+    def after(state, row):
+        if row.get("iteration") == 1:
+            shutil.copy(run_dir / "run_state.json", kept)
+
+    run(load_config("run", [*TINY, f"run_dir={run_dir}", "budget.iterations=2"]), say=lambda m: None,
+        on_iteration=after)
+    return run_dir, kept
+
+
+def _copy(finished_run, tmp_path):
+    shutil.copytree(finished_run[0], tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_the_iteration_in_flight_uses_what_it_stored_and_collects_only_the_rest(finished_run, tmp_path):
+    run_dir = _copy(finished_run, tmp_path)
+    shutil.copy(finished_run[1], run_dir / "run_state.json")  # back to the end of iteration 1
+    store = EpisodeStore(run_dir / "episodes")
+    second = [(p, m) for p, m in store.lineage("train") if (loop_seed_index(m["seed"]) or -1) >= 16]
+    assert len(second) == 32
+    lost = second[:10]  # iteration 2 had stored only 22 of its 32 when it was killed
+    for path, _ in lost:
+        path.unlink()
+
+    summary = _resume(run_dir, "budget.iterations=3")
+    assert summary["iterations"] == 3 and summary["episodes"] == 3 * 32
+    counts, verified = _practice(run_dir)
+    assert verified["ok"] and sorted(counts) == list(range(3 * 16)) and set(counts.values()) == {2}
+    ids = {p.stem for p in store.paths("train")}
+    assert all(p.stem in ids for p, _ in second[10:])  # the 22 stored attempts were used, not run again
+    assert not any(p.stem in ids for p, _ in lost)  # the 10 missing ones were run anew (new episodes)
+
+
+def test_a_resumed_run_keeps_its_config_and_says_which_key_may_not_change(finished_run):
+    run_dir = finished_run[0]
+    given = [f"run_dir={run_dir}", "learner.lr=0.01"]
+    with pytest.raises(ConfigError, match=r"learner.lr: 0.0001 -> 0.01"):
+        resumed_config(load_config("run", given), given)
+    given = [f"run_dir={run_dir}", "budget.iterations=5"]
+    cfg = resumed_config(load_config("run", given), given)
+    assert cfg.experiment == "tiny" and cfg.budget.iterations == 5 and cfg.rollout.use_ray is False
+
+
+def test_a_resumed_run_with_a_damaged_checkpoint_says_how_to_go_on(finished_run, tmp_path):
+    from flywheel.checkpoint import CheckpointError
+
+    run_dir = _copy(finished_run, tmp_path)
+    wanted = json.loads((run_dir / "run_state.json").read_text())["policy_version"]
+    damaged = run_dir / "checkpoints" / f"policy-{wanted:06d}.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    stored = len(EpisodeStore(run_dir / "episodes"))
+    with pytest.raises(CheckpointError, match=r"cannot be resumed.*cut short.*policy.checkpoint=.*policy-\d+"):
+        _resume(run_dir, "budget.iterations=3")
+    assert len(EpisodeStore(run_dir / "episodes")) == stored
+
+
+def test_the_gate_holds_back_a_regressing_version_and_rolls_back(tmp_path, monkeypatch):
+    from learner import registry
+    from learner.filtered_bc import FilteredBCLearner
+
+    class Saboteur(FilteredBCLearner):
+        """Its second update wrecks the action expert: a regression made on purpose."""
+
+        def update(self, episodes):
+            stats = super().update(episodes)
+            if self.version == 2:
+                with torch.no_grad():
+                    for p in self.model.head.parameters():
+                        p.add_(torch.randn_like(p) * 3.0)
+            return stats
+
+    monkeypatch.setitem(registry.ALGORITHMS, "saboteur", Saboteur)
+    run_dir = tmp_path / "run"
+    cfg = load_config("run", [*TINY, f"run_dir={run_dir}", "budget.iterations=3", "learner.algorithm=saboteur",
+                              "gate.episodes=64"])
+    summary = run(cfg, say=lambda m: None)
+    decisions = summary["gate"]["decisions"]
+    assert len(decisions) == 3 and [d["promoted"] for d in decisions[:2]] == [True, False]
+    held = decisions[1]
+    assert held["candidate"] == 2 and held["deployed"] == 1 and held["upper"] < 0
+    assert held["candidate_success"] < held["deployed_success"] - 0.15
+    rollback = summary["rollbacks"][0]
+    assert rollback == {**rollback, "from_version": 2, "to_weights_of": 1, "new_version": 3, "reason": "gate"}
+    # the actors practised with v3 (v1's weights), never with the wrecked v2
+    store = EpisodeStore(run_dir / "episodes")
+    versions = {m["policy_version"] for _, m in store.lineage("train") if loop_seed_index(m["seed"]) is not None}
+    assert versions == {0, 1, 3}
+    assert summary["gate"]["held_back"] >= 1
