@@ -6,6 +6,7 @@
     flywheel reward train [key=value ...]   train a success detector on a run's labelled episodes
     flywheel reward eval run_dir=PATH [detector=FILE]   the detector's report: PATH/reward/report.{json,html}
     flywheel demos out_dir=PATH [key=value ...]  scripted demonstrations into an episode store (resumable)
+    flywheel report RUN_DIR                 the run at a glance: RUN_DIR/report.html, self-contained (no network)
     flywheel store verify run_dir=PATH      read every stored episode; print what was found as JSON (after a crash)
     flywheel store check RUN_DIR [--repair] find (and move aside) damaged episode files
 """
@@ -187,6 +188,21 @@ def cmd_demos(overrides: list[str]) -> int:
     return 0
 
 
+def cmd_report(args: list[str]) -> int:
+    if len(args) != 1 or "=" in args[0] and not args[0].startswith("run_dir="):
+        console.print("[red]error:[/red] usage: flywheel report RUN_DIR")
+        return 2
+    from flywheel.report import write_report
+
+    try:
+        path = write_report(args[0].removeprefix("run_dir="))
+    except FileNotFoundError as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    console.print(f"report: {path}")
+    return 0
+
+
 def cmd_store_check(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="flywheel store check")
     parser.add_argument("run_dir")
@@ -260,6 +276,8 @@ def _dispatch(argv: list[str] | None) -> int:
         return cmd_reward_train(rest[1:])
     if cmd == "reward" and rest[:1] == ["eval"]:
         return cmd_reward_eval(rest[1:])
+    if cmd == "report":
+        return cmd_report(rest)
     if cmd == "store" and rest[:1] == ["verify"]:
         return cmd_store_verify(rest[1:])
     if cmd == "store" and rest[:1] == ["check"]:

@@ -19,9 +19,7 @@ correlation between the head's progress and time (1: progress only ever rises to
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import time
 from pathlib import Path
@@ -32,6 +30,7 @@ from sklearn.metrics import roc_auc_score
 
 from flywheel.checkpoint import load_weights
 from flywheel.contracts import Episode
+from flywheel.metrics import png_data_uri
 from flywheel.store import EpisodeStore, atomic_write_bytes
 from reward.detector import LearnedSuccessDetector
 from reward.metrics import detector_metrics, reliability
@@ -141,12 +140,6 @@ def build_report(detector: LearnedSuccessDetector, meta: dict[str, Any], episode
     return report, curves
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def _plots(report: dict[str, Any], curves: dict[str, Any]) -> list[tuple[str, str]]:
     import matplotlib
 
@@ -173,7 +166,7 @@ def _plots(report: dict[str, Any], curves: dict[str, Any]) -> list[tuple[str, st
     rel.set(title="reliability (calibrated P(success))", xlabel="predicted", ylabel="observed success rate")
     for ax in (roc, pr, rel):
         ax.legend(fontsize=8)
-    out.append(("ROC, precision-recall and reliability, per split", _png(fig)))
+    out.append(("ROC, precision-recall and reliability, per split", png_data_uri(fig)))
     plt.close(fig)
 
     split = "newest_policy" if "newest_policy" in report["splits"] else next(iter(report["splits"]))
@@ -189,7 +182,7 @@ def _plots(report: dict[str, Any], curves: dict[str, Any]) -> list[tuple[str, st
                yticklabels=["failed", "succeeded"])
     fig.tight_layout()
     out.append((f"confusion matrices per task ({split}, threshold {report['detector']['threshold']:.3f})",
-                _png(fig)))
+                png_data_uri(fig)))
     plt.close(fig)
     return out
 

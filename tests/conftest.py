@@ -24,3 +24,23 @@ def demos():
     from actors.tabletop import split_seed
 
     return run_episodes([split_seed("train", i) for i in range(24)], "train", None, policy_version=-1)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """A tiny run of two iterations, and its resumable point after the first (as a crash in the second leaves it)."""
+    import shutil
+
+    from flywheel.config import load_config
+    from flywheel.run import run
+
+    root = tmp_path_factory.mktemp("finished")
+    run_dir, kept = root / "run", root / "state-after-1.json"
+
+    def after(state, row):
+        if row.get("iteration") == 1:
+            shutil.copy(run_dir / "run_state.json", kept)
+
+    run(load_config("run", ["experiment=tiny", "rollout.use_ray=false", "wandb.mode=disabled", f"run_dir={run_dir}",
+                            "budget.iterations=2"]), say=lambda m: None, on_iteration=after)
+    return run_dir, kept

@@ -64,21 +64,6 @@ def test_a_run_killed_with_sigkill_resumes_with_no_episode_lost_or_repeated(tmp_
     assert summary["episodes"] == 4 * 32
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """A tiny run of two iterations, and its resumable point after the first (as a crash in the second leaves it)."""
-    root = tmp_path_factory.mktemp("finished")
-    run_dir, kept = root / "run", root / "state-after-1.json"
-
-    def after(state, row):
-        if row.get("iteration") == 1:
-            shutil.copy(run_dir / "run_state.json", kept)
-
-    run(load_config("run", [*TINY, f"run_dir={run_dir}", "budget.iterations=2"]), say=lambda m: None,
-        on_iteration=after)
-    return run_dir, kept
-
-
 def _copy(finished_run, tmp_path):
     shutil.copytree(finished_run[0], tmp_path / "run")
     return tmp_path / "run"
