@@ -155,6 +155,7 @@ class BudgetConfig:
     minutes: float = 15.0  # wall clock for the whole run, start-up and final evaluation included
     iterations: int = 0  # 0 = no limit
     env_steps: int = 0  # 0 = no limit
+    episodes: int = 0  # practice episodes; 0 = no limit
 
 
 @dataclasses.dataclass

@@ -102,14 +102,18 @@ class Budget:
     deadline: float  # time.time() by which the run must be done
     max_iterations: int = 0
     max_env_steps: int = 0
+    max_episodes: int = 0
     stop_requested: str | None = None  # why the run was asked to stop early (a signal's name); set from outside
 
-    def allows(self, iteration: int, env_steps: int, next_iteration_s: float, reserve_s: float) -> bool:
+    def allows(self, iteration: int, env_steps: int, next_iteration_s: float, reserve_s: float,
+               episodes: int = 0) -> bool:
         if self.stop_requested:
             return False
         if self.max_iterations and iteration >= self.max_iterations:
             return False
         if self.max_env_steps and env_steps >= self.max_env_steps:
+            return False
+        if self.max_episodes and episodes >= self.max_episodes:
             return False
         return time.time() + next_iteration_s + reserve_s <= self.deadline
 
@@ -133,6 +137,8 @@ class LoopState:
     best: tuple[int, float, dict] | None = None  # (version, held-out success, weights) of the best evaluated policy
     gates: list[GateDecision] = dataclasses.field(default_factory=list)  # the promotion gate's decisions
     deployed: tuple[int, tuple[int, ...], dict] | None = None  # (version, gate outcomes, weights) the actors run
+    recoveries: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the learner diverged (NaN/inf)
+    diverged_in_a_row: int = 0
 
     def to_json(self) -> dict[str, Any]:
         plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -238,7 +244,8 @@ def run_loop(
         state.deployed = (learner.version, ran.outcomes, learner.snapshot().weights)
     in_flight = list(in_flight)
     last_iteration_s, eval_s = 0.0, 0.0
-    while budget.allows(state.iteration, state.env_steps, last_iteration_s, reserve_s=eval_s * 1.2 + 2.0):
+    while budget.allows(state.iteration, state.env_steps, last_iteration_s, reserve_s=eval_s * 1.2 + 2.0,
+                        episodes=state.episodes):
         started = time.perf_counter()
         timer = PhaseTimer()
         with timer("collect"):
@@ -267,7 +274,12 @@ def run_loop(
         if trusted:
             with timer("update"):
                 # The learner sees labels, never the simulator's ground truth or privileged state.
-                stats = learner.update([learner_view(ep, learner_reads) for ep in episodes])
+                try:
+                    stats = learner.update([learner_view(ep, learner_reads) for ep in episodes])
+                    _check_finite(learner)
+                    state.diverged_in_a_row = 0
+                except FloatingPointError as e:
+                    stats = _recover(learner, checkpoints, rollouts, state, e)
         else:
             state.paused_updates += 1  # labels not to be trusted: no update from them
         with timer("publish"):
@@ -319,6 +331,34 @@ def run_loop(
         metrics.log(state.evaluations[-1].as_metrics(), step=state.iteration)
         on_iteration(state, state.evaluations[-1].as_metrics())
     return state
+
+
+MAX_DIVERGED_IN_A_ROW = 3
+
+
+def _check_finite(learner: Learner) -> None:
+    """The NaN/inf guard after every update (trainers check each step's loss; this checks what it left)."""
+    bad = [k for k, v in learner.snapshot().weights.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"the update left NaN/inf in {bad[:3]}")
+
+
+def _recover(learner: Learner, checkpoints: CheckpointDir, rollouts: Rollouts, state: LoopState,
+             error: FloatingPointError) -> dict[str, float]:
+    """A learner that diverged goes back to the checkpoint of the version the actors run (weights, optimizer,
+    generators); the iteration's update is lost, its episodes stay stored. Three in a row stop the run."""
+    state.diverged_in_a_row += 1
+    version = getattr(rollouts, "published_version", learner.version)
+    weights, _, training = checkpoints.load(version, with_state=True)
+    learner.model.load_weights(weights)
+    learner.load_training_state(training)
+    state.recoveries.append({"iteration": state.iteration + 1, "error": str(error)[:300], "restored": version})
+    if state.diverged_in_a_row >= MAX_DIVERGED_IN_A_ROW:
+        raise FloatingPointError(
+            f"the learner diverged (NaN/inf) in {state.diverged_in_a_row} updates in a row, each time restored from "
+            f"checkpoint v{version}: {error}. Lower learner.lr (or learner.ppo_lr), then resume the run with "
+            f"flywheel run run_dir=... ; its episodes and checkpoints are intact.") from error
+    return {"diverged": 1.0}
 
 
 def _adopt(stored: list[Episode], seeds: list[int]) -> tuple[list[Episode], list[int]]:

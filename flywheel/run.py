@@ -367,7 +367,8 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
                                                       exclude=exclude)[0])
             if cfg.audit.retrain or cfg.audit.retrain_every else None)
         spent = (saved or {}).get("elapsed_s", 0.0)  # by earlier attempts: the budget is the run's, not each one's
-        budget = Budget(started + cfg.budget.minutes * 60 - spent, cfg.budget.iterations, cfg.budget.env_steps)
+        budget = Budget(started + cfg.budget.minutes * 60 - spent, cfg.budget.iterations, cfg.budget.env_steps,
+                        cfg.budget.episodes)
         gate = GateSettings([split_seed("eval", GATE_SEEDS + i) for i in range(cfg.gate.episodes)],
                             confidence=cfg.gate.confidence, margin=cfg.gate.margin) if cfg.gate.episodes else None
 
@@ -406,6 +407,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
                   "held_back": sum(not g.promoted for g in state.gates)},
             rollbacks=state.rollbacks,
             faults={"restarts": rollouts.restarts, "events": rollouts.faults},
+            learner_recoveries=state.recoveries,
         )
     except KeyboardInterrupt:
         summary["status"] = "interrupted"

@@ -97,3 +97,38 @@ def test_a_share_that_fails_twice_is_left_out_of_practice_and_stops_an_evaluatio
             group.collect(SEEDS, "eval")
     finally:
         group.close()
+
+
+def test_a_learner_that_diverges_is_restored_from_its_checkpoint_and_the_run_goes_on(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    from flywheel.checkpoint import load_weights
+    from flywheel.config import load_config
+    from flywheel.run import run
+    from learner import registry
+    from learner.filtered_bc import FilteredBCLearner
+
+    class Diverging(FilteredBCLearner):
+        """Its second update leaves NaN in the weights, as a blown-up gradient would."""
+
+        calls = 0
+
+        def update(self, episodes):
+            stats = super().update(episodes)
+            Diverging.calls += 1
+            if Diverging.calls == 2:
+                with torch.no_grad():
+                    next(self.model.head.parameters()).fill_(float("nan"))
+            return stats
+
+    monkeypatch.setitem(registry.ALGORITHMS, "diverging", Diverging)
+    cfg = load_config("run", ["experiment=tiny", "rollout.use_ray=false", "wandb.mode=disabled",
+                              f"run_dir={tmp_path}", "budget.iterations=3", "learner.algorithm=diverging"])
+    summary = run(cfg, say=lambda m: None)
+    assert summary["status"] == "completed" and summary["iterations"] == 3
+    (recovery,) = summary["learner_recoveries"]
+    assert recovery["iteration"] == 2 and recovery["restored"] == 1 and "NaN/inf" in recovery["error"]
+    assert summary["policy_version_final"] == 2  # v1, the lost update, then one more
+    weights, _ = load_weights(tmp_path / "checkpoints" / "policy-000002.safetensors")
+    assert all(np.isfinite(v).all() for v in weights.values() if v.dtype.kind == "f")

@@ -155,3 +155,15 @@ def test_sigterm_finishes_the_iteration_in_flight_and_says_stopped(tmp_path):
     report = EpisodeStore(run_dir / "episodes").verify()
     assert report["ok"] and report["unique_ids"] == report["episodes"] >= 32
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_every_budget_stops_the_loop():
+    import time
+
+    from flywheel.loop import Budget
+
+    assert Budget(time.time() + 600).allows(5, 10_000, 1.0, 1.0, episodes=1_000)
+    assert not Budget(time.time() + 600, max_episodes=64).allows(2, 500, 1.0, 1.0, episodes=64)
+    assert not Budget(time.time() + 600, max_env_steps=500).allows(2, 500, 1.0, 1.0, episodes=64)
+    assert not Budget(time.time() + 600, max_iterations=2).allows(2, 500, 1.0, 1.0, episodes=64)
+    assert not Budget(time.time() + 5).allows(0, 0, next_iteration_s=4.0, reserve_s=2.0)  # no time for another
