@@ -37,7 +37,9 @@ class RolloutGroup:
         use_ray: bool = True,
         cpus_per_worker: float = 1.0,
         call_timeout_s: float = 600.0,
+        resources: dict[str, float] | None = None,
     ):
+        """``resources``: Ray custom resources each actor needs (``{"robot": 1}``): they decide its node."""
         self.use_ray = use_ray
         self.num_workers = int(num_workers)
         self.call_timeout_s = call_timeout_s
@@ -45,7 +47,8 @@ class RolloutGroup:
         if use_ray:
             import ray
 
-            self._remote = ray.remote(num_cpus=cpus_per_worker, max_restarts=0)(RolloutWorker)
+            self._remote = ray.remote(num_cpus=cpus_per_worker, max_restarts=0,
+                                      **({"resources": dict(resources)} if resources else {}))(RolloutWorker)
             self._make = functools.partial(self._remote.remote, policy_factory, env_kwargs)
         self.workers = [self._make(i) for i in range(self.num_workers)]
         self.published_version = -1
@@ -134,6 +137,10 @@ class RolloutGroup:
                 episodes += result[0]
                 self.faults += [{"time": time.time(), **f, "action": "episode discarded"} for f in result[1]]
         return episodes
+
+    def placement(self) -> list[dict]:
+        """Where each worker runs: its node, host and process."""
+        return self._checked("where", [()] * self.num_workers, leave_out=False)
 
     def applied_versions(self) -> list[list[int]]:
         return self._checked("applied_versions", [()] * self.num_workers, leave_out=False)

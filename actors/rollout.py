@@ -231,3 +231,16 @@ class RolloutWorker:
         import os
 
         return os.getpid()
+
+    def where(self) -> dict:
+        """{"node": the Ray node id ("local" outside Ray), "host", "pid"}."""
+        import os
+        import socket
+
+        try:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        except ImportError:
+            node = "local"
+        return {"worker": self.worker_index, "node": node, "host": socket.gethostname(), "pid": os.getpid()}

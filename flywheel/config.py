@@ -119,6 +119,15 @@ class RolloutConfig:
     group_size: int = 4  # attempts per layout (seed) in one iteration: the learner's group baseline
     call_timeout_s: float = 600.0  # with Ray: an actor that does not answer a call within this is killed and
     #                                replaced (an environment that hangs); its episodes in flight are lost
+    resources: dict[str, float] = field(default_factory=dict)  # Ray custom resources each actor needs, which
+    #                     places it: {robot: 1} puts actors on nodes started with --resources='{"robot": N}'
+
+
+@dataclasses.dataclass
+class RayConfig:
+    address: str = ""  # "": start Ray on this machine for the run; "auto" or HOST:PORT: join a running cluster
+    #                    (`ray start --head` on one machine, `ray start --address=HOST:PORT` on the others)
+    dashboard: bool = False  # a Ray the run starts serves its dashboard on 127.0.0.1:8265 (localhost only)
 
 
 @dataclasses.dataclass
@@ -178,6 +187,7 @@ class RunConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     gate: GateConfig = field(default_factory=GateConfig)
@@ -240,7 +250,7 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="configs", version_base=None):
-            cfg = compose(config_name=name, overrides=list(overrides))
+            cfg = compose(config_name=name, overrides=_dicts_replaced(name, overrides))
     except (ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException) as e:
         cause = e.__cause__ or e
         raise ConfigError(
@@ -259,6 +269,20 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
                           f"not record {sorted(set(cfg.detector.sensors) - set(cfg.env.sensors))}: add them to "
                           f"env.sensors (the episodes must carry every camera the detector judges from)")
     return cfg
+
+
+def _dicts_replaced(name: str, overrides: list[str]) -> list[str]:
+    """``rollout.resources={robot:1}`` replaces a dict-valued key whole; Hydra would refuse its new keys ("not in
+    struct") without a ``++`` in front, which nobody should have to know."""
+    schema = OmegaConf.structured(_SCHEMAS[name][1])
+    out = []
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        node = OmegaConf.select(schema, key) if "=" in o and not key.startswith(("+", "~")) else None
+        if isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict:  # a dict, not a section
+            o = "++" + o
+        out.append(o)
+    return out
 
 
 _AT_LEAST_ONE = {"run": ("detector.ensemble", "detector.window", "detector.stride", "detector.swaps")}

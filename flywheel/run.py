@@ -310,14 +310,15 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
             import ray
 
             if not ray.is_initialized():
-                ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
-                         configure_logging=False)
-                ray_started = True
+                start_ray(cfg, say)
+                ray_started = True  # started or joined: at the end the run leaves (a joined cluster goes on)
+            check_resources(cfg.rollout.resources, ray.cluster_resources())
         rollouts = RolloutGroup(
             vla_policy_factory(vla_cfg), env_kwargs, num_workers=cfg.rollout.num_workers,
             use_ray=cfg.rollout.use_ray, cpus_per_worker=cfg.rollout.cpus_per_worker,
-            call_timeout_s=cfg.rollout.call_timeout_s,
+            call_timeout_s=cfg.rollout.call_timeout_s, resources=to_dict(cfg.rollout.resources),
         )
+        summary["rollout_workers"] = rollouts.placement()
         # The learner first: version 0 is the base as its algorithm acts with it (a residual policy explores).
         model = SmallVLA(vla_cfg)
         model.load_weights(base_weights)
@@ -427,6 +428,31 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
 
             ray.shutdown()
     return summary
+
+
+def start_ray(cfg: DictConfig, say: Callable[[str], None]) -> None:
+    """Join the cluster at ``ray.address``, or start Ray on this machine (its dashboard on localhost if asked)."""
+    import ray
+
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, log_to_driver=False, configure_logging=False)
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        say(f"ray: joined {cfg.ray.address}: {len(nodes)} nodes, {ray.cluster_resources()}")
+        return
+    started = ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=cfg.ray.dashboard,
+                       dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False)
+    if cfg.ray.dashboard:
+        say(f"ray: dashboard at http://{getattr(started, 'dashboard_url', None) or '127.0.0.1:8265'}")
+
+
+def check_resources(wanted: dict, offered: dict) -> None:
+    """A ConfigError, before any actor waits forever, when no node offers a custom resource the actors need."""
+    missing = {k: v for k, v in dict(wanted).items() if offered.get(k, 0) < v}
+    if missing:
+        raise ConfigError(
+            f"rollout.resources={dict(wanted)}, but the Ray cluster offers {dict(offered)}: no node has "
+            f"{sorted(missing)}. Start the robot (or sim) hosts with `ray start --address=HEAD:6379 "
+            f"--resources='{{\"{next(iter(missing))}\": 1}}'` and give ray.address=HEAD:6379, or drop the setting.")
 
 
 def restore_learner_and_state(learner, checkpoints: CheckpointDir, saved: dict[str, Any], run_dir: Path) -> LoopState:
