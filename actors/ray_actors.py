@@ -52,8 +52,9 @@ class RolloutGroup:
             self._make = functools.partial(self._remote.remote, policy_factory, env_kwargs)
         self.workers = [self._make(i) for i in range(self.num_workers)]
         self.published_version = -1
-        self._payload = None  # the newest snapshot as sent (an object reference with Ray), for replaced workers
+        self._whole: PolicySnapshot | None = None  # the newest snapshot, every array: for a replaced worker
         self.faults: list[dict] = []  # every fault, in order: what failed, where, and what was done about it
+        self.last_sync: dict = {}
         self.restarts = 0
 
     def _call(self, method: str, calls: list[tuple[int, tuple]]) -> list:
@@ -77,14 +78,14 @@ class RolloutGroup:
         return out
 
     def _replace(self, i: int, why: str) -> None:
-        """Kill worker ``i`` (whatever its state) and start a new one with the newest snapshot."""
+        """Kill worker ``i`` (whatever its state) and start a new one with the newest snapshot, whole."""
         import ray
 
         ray.kill(self.workers[i], no_restart=True)
         self.workers[i] = self._make(i)
         self.restarts += 1
-        if self._payload is not None:
-            ray.get(self.workers[i].set_weights.remote(self._payload), timeout=self.call_timeout_s)
+        if self._whole is not None:
+            ray.get(self.workers[i].set_weights.remote(self._whole), timeout=self.call_timeout_s)
         self.faults.append({"time": time.time(), "worker": i, "error": why, "action": "replaced"})
 
     def _checked(self, method: str, args_per_worker: list[tuple], leave_out: bool) -> list:
@@ -110,19 +111,31 @@ class RolloutGroup:
         return results
 
     def publish(self, snapshot: PolicySnapshot) -> list[int]:
-        """Send one snapshot to every worker (one put); returns each worker's version afterwards."""
+        """Send one snapshot to every worker (one put); returns each worker's version afterwards. Only the arrays
+        that changed since the last snapshot travel (a frozen backbone, a residual head: a fraction of the model);
+        ``last_sync`` says how many bytes and how long until every worker had applied it."""
         if snapshot.version <= self.published_version:
             raise ValueError(
                 f"snapshot version {snapshot.version} is not newer than the published {self.published_version}"
             )
-        payload = snapshot
+        started = time.perf_counter()
+        sent = snapshot
+        if self._whole is not None:
+            old = self._whole.weights
+            changed = {k: v for k, v in snapshot.weights.items()
+                       if k not in old or v.shape != old[k].shape or not np.array_equal(v, old[k])}
+            sent = PolicySnapshot(snapshot.version, changed, {**snapshot.meta, "delta_on": self.published_version})
+        payload = sent
         if self.use_ray:
             import ray
 
-            payload = ray.put(snapshot)
-        self._payload = payload
+            payload = ray.put(sent)
+        self._whole = snapshot
         versions = self._checked("set_weights", [(payload,)] * self.num_workers, leave_out=False)
         self.published_version = snapshot.version
+        self.last_sync = {"seconds": time.perf_counter() - started, "arrays": len(sent.weights),
+                          "bytes": int(sum(v.nbytes for v in sent.weights.values())),
+                          "model_bytes": int(sum(v.nbytes for v in snapshot.weights.values()))}
         return versions
 
     def collect(self, seeds: list[int], split: str, sample_seed: int = 0) -> list[Episode]:

@@ -204,8 +204,16 @@ class RolloutWorker:
         self.applied: list[int] = []  # every version applied, in order (for lag/ordering checks)
 
     def set_weights(self, snapshot: PolicySnapshot) -> int:
+        """Apply a snapshot newer than the one held. A snapshot of the changed arrays only (``meta["delta_on"]``:
+        the version it changes) needs that version here; anything else is refused, and the group sends it whole."""
         if snapshot.version > self.version:
-            self.policy.load_weights(snapshot.weights, snapshot.meta.get("sampling"))
+            weights = snapshot.weights
+            if "delta_on" in snapshot.meta:
+                if snapshot.meta["delta_on"] != self.version:
+                    raise ValueError(f"worker {self.worker_index} holds v{self.version}; the snapshot v"
+                                     f"{snapshot.version} changes v{snapshot.meta['delta_on']}")
+                weights = {**self.policy.get_weights(), **weights}
+            self.policy.load_weights(weights, snapshot.meta.get("sampling"))
             self.version = snapshot.version
             self.applied.append(snapshot.version)
         return self.version

@@ -260,6 +260,7 @@ def run_loop(
             for ep in new:
                 store.add(ep)
         episodes = adopted + new
+        lag = learner.version - min((ep.policy_version for ep in episodes), default=learner.version)
         with timer("label"):
             labels = label_episodes(detector, episodes)
             store.add_labels([(ep.id, lab) for ep, lab in zip(episodes, labels)])
@@ -311,6 +312,10 @@ def run_loop(
             **audit_row,
             **gate_row,
             "rollout/faults": len(getattr(rollouts, "faults", ())),  # so far: actors replaced, episodes lost
+            # how many versions behind the learner the practice it learned from was (0: synchronous)
+            "rollout/lag_versions": lag,
+            **({f"sync/{k}": v for k, v in rollouts.last_sync.items()} if published and getattr(
+                rollouts, "last_sync", None) else {}),
         }
         if state.iteration % eval_every == 0 and state.evaluations[-1].version != snapshot.version:
             with timer("evaluate"):

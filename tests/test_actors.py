@@ -72,3 +72,33 @@ def test_third_party_episodes_run_in_waves_with_every_argument_passed_on():
     eps = run_episodes(seeds, "train", None, policy_version=-1, family="fake:push", max_steps=7, make_env=make)
     assert [ep.seed for ep in eps] == seeds and all(ep.num_steps <= 7 for ep in eps)
     assert most[0] <= MAX_PARALLEL and alive[0] == 0 and calls == [("fake:push", 7)] * len(seeds)
+
+
+@pytest.mark.parametrize("use_ray", [False, True])
+def test_only_the_arrays_that_changed_travel_and_a_replaced_worker_gets_them_all(use_ray, request):
+    if use_ray:
+        request.getfixturevalue("ray_local")
+    group = RolloutGroup(functools.partial(VLAPolicy, VLAConfig()), ENV, num_workers=2, use_ray=use_ray,
+                         cpus_per_worker=0.5)
+    try:
+        first = _snapshot(1, 1.0)
+        group.publish(first)
+        assert group.last_sync["arrays"] == len(first.weights)
+        key = next(k for k in first.weights if k.startswith("head."))
+        second = PolicySnapshot(2, {**first.weights, key: first.weights[key] + 1.0})
+        assert group.publish(second) == [2, 2]
+        assert group.last_sync["arrays"] == 1 and group.last_sync["bytes"] == first.weights[key].nbytes
+        held = group._call("collect", [(0, ([10], "eval", 0))])[0]  # the worker acts with the merged weights
+        assert held[0].policy_version == 2
+        if not use_ray:
+            np.testing.assert_array_equal(group.workers[0].policy.get_weights()[key], second.weights[key])
+            np.testing.assert_array_equal(group.workers[1].policy.get_weights()["encoder.tok_emb.weight"],
+                                          first.weights["encoder.tok_emb.weight"])
+        else:  # a worker that died holds no version to apply a change to: its replacement gets the whole snapshot
+            import ray
+
+            ray.kill(group.workers[0])
+            third = PolicySnapshot(3, {**second.weights, key: second.weights[key] + 1.0})
+            assert group.publish(third) == [3, 3] and group.restarts == 1 and group.last_sync["arrays"] == 1
+    finally:
+        group.close()
