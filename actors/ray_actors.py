@@ -57,13 +57,18 @@ class RolloutGroup:
         self.last_sync: dict = {}
         self.restarts = 0
 
-    def _call(self, method: str, calls: list[tuple[int, tuple]]) -> list:
-        """``(worker index, args)`` calls, in parallel; -> each one's result, or the exception that stopped it."""
+    def _submit(self, method: str, calls: list[tuple[int, tuple]]) -> list:
+        """Start ``(worker index, args)`` calls on the actors; -> their object references."""
+        return [getattr(self.workers[i], method).remote(*a) for i, a in calls]
+
+    def _call(self, method: str, calls: list[tuple[int, tuple]], refs: list | None = None) -> list:
+        """``(worker index, args)`` calls, in parallel (or the ``refs`` of calls already started); -> each one's
+        result, or the exception that stopped it."""
         if not self.use_ray:
             return [getattr(self.workers[i], method)(*a) for i, a in calls]
         import ray
 
-        refs = [getattr(self.workers[i], method).remote(*a) for i, a in calls]
+        refs = refs or self._submit(method, calls)
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.call_timeout_s)
         ready = set(ready)
         out: list = []
@@ -88,10 +93,10 @@ class RolloutGroup:
             ray.get(self.workers[i].set_weights.remote(self._whole), timeout=self.call_timeout_s)
         self.faults.append({"time": time.time(), "worker": i, "error": why, "action": "replaced"})
 
-    def _checked(self, method: str, args_per_worker: list[tuple], leave_out: bool) -> list:
-        """One call per worker; a worker that fails is replaced and its call run again, once. A call that fails
-        again is left out (None) if ``leave_out``, else raises RolloutError."""
-        results = self._call(method, list(enumerate(args_per_worker)))
+    def _checked(self, method: str, args_per_worker: list[tuple], leave_out: bool, refs: list | None = None) -> list:
+        """One call per worker (``refs``: already started); a worker that fails is replaced and its call run again,
+        once. A call that fails again is left out (None) if ``leave_out``, else raises RolloutError."""
+        results = self._call(method, list(enumerate(args_per_worker)), refs)
         for attempt in (1, 2):
             failed = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
             for i, error in failed.items():
@@ -141,15 +146,25 @@ class RolloutGroup:
     def collect(self, seeds: list[int], split: str, sample_seed: int = 0) -> list[Episode]:
         """One episode per seed, the seeds shared out among the workers; episodes come back in seed order, less
         those lost to faults (recorded in ``faults``)."""
+        return self.collect_async(seeds, split, sample_seed)()
+
+    def collect_async(self, seeds: list[int], split: str, sample_seed: int = 0) -> Callable[[], list[Episode]]:
+        """Start ``collect`` on the actors and return at once; calling the result waits for the episodes. Calls
+        made meanwhile (a new snapshot, an evaluation) queue behind it on each actor, so it runs with the weights
+        the actors had when it started. In-process workers collect when waited for."""
         shares = [list(s) for s in np.array_split(np.asarray(seeds, dtype=np.int64), self.num_workers)]
         args = [(share, split, sample_seed * 1000 + i) for i, share in enumerate(shares)]
-        results = self._checked("collect_with_faults", args, leave_out=split == "train")
-        episodes = []
-        for result in results:
-            if result is not None:
-                episodes += result[0]
-                self.faults += [{"time": time.time(), **f, "action": "episode discarded"} for f in result[1]]
-        return episodes
+        refs = self._submit("collect_with_faults", list(enumerate(args))) if self.use_ray else None
+
+        def wait() -> list[Episode]:
+            episodes = []
+            for result in self._checked("collect_with_faults", args, leave_out=split == "train", refs=refs):
+                if result is not None:
+                    episodes += result[0]
+                    self.faults += [{"time": time.time(), **f, "action": "episode discarded"} for f in result[1]]
+            return episodes
+
+        return wait
 
     def placement(self) -> list[dict]:
         """Where each worker runs: its node, host and process."""

@@ -119,6 +119,8 @@ class RolloutConfig:
     group_size: int = 4  # attempts per layout (seed) in one iteration: the learner's group baseline
     call_timeout_s: float = 600.0  # with Ray: an actor that does not answer a call within this is killed and
     #                                replaced (an environment that hangs); its episodes in flight are lost
+    overlap: bool = False  # with Ray: collect the next iteration while the learner trains on this one (practice one
+    #                        version behind the learner; the gate's evaluation waits for that collection)
     resources: dict[str, float] = field(default_factory=dict)  # Ray custom resources each actor needs, which
     #                     places it: {robot: 1} puts actors on nodes started with --resources='{"robot": N}'
 

@@ -222,13 +222,16 @@ def run_loop(
     gate: GateSettings | None = None,
     save_state: Callable[[LoopState], None] = lambda state: None,
     in_flight: Collection[Episode] = (),
+    overlap: bool = False,
 ) -> LoopState:
     """Turn the flywheel until the budget runs out; returns the final state (evaluations first to last).
 
     ``learner_reads``: the observation keys the policy reads (learner_view drops the others). ``gate``: every new
     version must pass the promotion gate before practice, or the run rolls back. ``save_state(state)`` is called
     after each iteration, once its checkpoint is on disk (a resumable point). ``in_flight``: episodes of the next
-    iteration stored before a crash (a resumed run); only the attempts they lack are collected."""
+    iteration stored before a crash (a resumed run); only the attempts they lack are collected. ``overlap``: the
+    actors collect the next iteration's episodes while this one's are labelled and learned from (with the weights
+    they had: practice one version behind); a new snapshot and the gate's evaluation queue behind that collection."""
     audit_rng = np.random.default_rng(audit_settings.seed if audit_settings else 0)
     keep_best = audit_settings is not None  # the best weights are kept only for the audit's rollback
     if not state.detector_versions:
@@ -243,6 +246,8 @@ def run_loop(
         ran = evaluate(rollouts, gate.seeds, learner.version, sample_seed=gate.sample_seed)
         state.deployed = (learner.version, ran.outcomes, learner.snapshot().weights)
     in_flight = list(in_flight)
+    pending: Callable[[], list[Episode]] | None = None  # the next iteration's collection, started (overlap)
+    overlap = overlap and hasattr(rollouts, "collect_async")
     last_iteration_s, eval_s = 0.0, 0.0
     while budget.allows(state.iteration, state.env_steps, last_iteration_s, reserve_s=eval_s * 1.2 + 2.0,
                         episodes=state.episodes):
@@ -252,14 +257,21 @@ def run_loop(
             # ``group_size`` attempts at each layout, so that the learner can compare attempts (group advantages).
             layouts = max(1, episodes_per_iteration // group_size)
             seeds = [train_seed(state.next_train_index + i // group_size) for i in range(layouts * group_size)]
-            adopted, seeds = _adopt(in_flight, seeds)
-            in_flight = []
-            new = rollouts.collect(seeds, "train", sample_seed=state.next_train_index) if seeds else []
+            if pending is not None:  # started last iteration, on these very seeds
+                adopted, new, pending = [], pending(), None
+            else:
+                adopted, seeds = _adopt(in_flight, seeds)
+                in_flight = []
+                new = rollouts.collect(seeds, "train", sample_seed=state.next_train_index) if seeds else []
             state.next_train_index += layouts
         with timer("store"):
             for ep in new:
                 store.add(ep)
         episodes = adopted + new
+        if overlap and budget.allows(state.iteration + 1, state.env_steps, 2 * last_iteration_s,
+                                     reserve_s=eval_s * 1.2 + 2.0, episodes=state.episodes + len(episodes)):
+            ahead = [train_seed(state.next_train_index + i // group_size) for i in range(layouts * group_size)]
+            pending = rollouts.collect_async(ahead, "train", sample_seed=state.next_train_index)
         lag = learner.version - min((ep.policy_version for ep in episodes), default=learner.version)
         with timer("label"):
             labels = label_episodes(detector, episodes)
@@ -331,6 +343,9 @@ def run_loop(
         last_iteration_s = time.perf_counter() - started - timer.seconds.get("evaluate", 0.0)
         if eval_s == 0.0:
             eval_s = timer.seconds["collect"] * len(eval_seeds) / max(1, episodes_per_iteration)
+    if pending is not None:  # collected while the budget ran out: stored, for a resumed run to learn from
+        for ep in pending():
+            store.add(ep)
     if state.evaluations[-1].version != learner.version:
         state.evaluations.append(evaluate(rollouts, eval_seeds, learner.version))
         metrics.log(state.evaluations[-1].as_metrics(), step=state.iteration)

@@ -386,6 +386,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
                 eval_every=cfg.eval.every, group_size=cfg.rollout.group_size, state=state,
                 on_iteration=on_iteration or (lambda s, row: None), audit_settings=audit_settings,
                 learner_reads=reads, gate=gate, save_state=save_state, in_flight=in_flight,
+                overlap=cfg.rollout.overlap and cfg.rollout.use_ray,
             )
         first, last = state.evaluations[0], state.evaluations[-1]
         summary.update(

@@ -167,3 +167,17 @@ def test_every_budget_stops_the_loop():
     assert not Budget(time.time() + 600, max_env_steps=500).allows(2, 500, 1.0, 1.0, episodes=64)
     assert not Budget(time.time() + 600, max_iterations=2).allows(2, 500, 1.0, 1.0, episodes=64)
     assert not Budget(time.time() + 5).allows(0, 0, next_iteration_s=4.0, reserve_s=2.0)  # no time for another
+
+
+def test_with_overlap_the_actors_collect_while_the_learner_trains(tmp_path, ray_local):
+    run_dir = tmp_path / "run"
+    cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}", "rollout.overlap=true", "gate.episodes=0",
+                              "wandb.mode=disabled"])
+    summary = run(cfg, say=lambda m: None)
+    assert summary["status"] == "completed" and summary["iterations"] == 3 and summary["episodes"] == 3 * 32
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lags = [r["rollout/lag_versions"] for r in rows if "iteration" in r]
+    assert lags == [0, 1, 1]  # the second and third iterations' practice ran while the update before them trained
+    store = EpisodeStore(run_dir / "episodes")
+    versions = sorted(ep.policy_version for ep in store.iter() if ep.policy_version >= 0 and ep.seed >= 5_000_000)
+    assert versions == [0] * 64 + [1] * 32 and store.verify()["ok"]
