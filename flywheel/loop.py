@@ -329,6 +329,10 @@ def run_loop(
             **({f"sync/{k}": v for k, v in rollouts.last_sync.items()} if published and getattr(
                 rollouts, "last_sync", None) else {}),
         }
+        if state.iteration % eval_every == 0 or state.iteration == 1:  # what practice looked like
+            judged = {lab.success: ep for ep, lab in zip(episodes, labels) if "image" in ep.observations}
+            metrics.log_clips([(f"v{ep.policy_version}-judged-{'success' if ok else 'failure'}",
+                                ep.observations["image"]) for ok, ep in sorted(judged.items())], state.iteration)
         if state.iteration % eval_every == 0 and state.evaluations[-1].version != snapshot.version:
             with timer("evaluate"):
                 state.evaluations.append(evaluate(rollouts, eval_seeds, snapshot.version))

@@ -31,6 +31,16 @@ def png_data_uri(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def gif_bytes(frames, scale: int = 3, ms_per_frame: int = 120) -> bytes:
+    """Frames (T, H, W, 3) uint8 as an animated GIF, each pixel ``scale`` wide (Pillow, which matplotlib brings)."""
+    from PIL import Image
+
+    images = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in frames]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=ms_per_frame, loop=0)
+    return buf.getvalue()
+
+
 class PhaseTimer:
     """Named wall-clock timers for the phases of one iteration: ``with timer("collect"): ...``."""
 
@@ -75,6 +85,20 @@ class MetricsSink:
             f.write(json.dumps(row) + "\n")
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def log_clips(self, clips: list[tuple[str, Any]], step: int) -> list[Path]:
+        """Rollout clips, ``(name, frames (T, H, W, 3) uint8)``: GIFs under ``<run_dir>/media/``, and wandb videos."""
+        paths = []
+        for name, frames in clips:
+            path = self.path.parent / "media" / f"{name}-step{step:05d}.gif"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(gif_bytes(frames))
+            paths.append(path)
+            if self._wandb is not None:
+                import wandb
+
+                self._wandb.log({f"clips/{name}": wandb.Video(str(path), format="gif")}, step=step)
+        return paths
 
     def close(self, summary: dict[str, Any] | None = None) -> None:
         if self._wandb is not None:

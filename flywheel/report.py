@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flywheel.metrics import png_data_uri
+from flywheel.metrics import gif_bytes, png_data_uri
 from flywheel.store import EpisodeStore, atomic_write_bytes
 
 PHASES = ("collect", "store", "label", "audit", "update", "publish", "gate", "checkpoint", "evaluate")
@@ -130,14 +129,8 @@ def _plots(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
-def _gif(frames: np.ndarray, scale: int = 3) -> str:
-    """Frames (T, H, W, 3) uint8 -> an animated GIF as a data URI (Pillow, which matplotlib already brings)."""
-    from PIL import Image
-
-    images = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in frames]
-    buf = io.BytesIO()
-    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=120, loop=0)
-    return "data:image/gif;base64," + base64.b64encode(buf.getvalue()).decode()
+def _gif(frames: np.ndarray) -> str:
+    return "data:image/gif;base64," + base64.b64encode(gif_bytes(frames)).decode()
 
 
 def _clips(run_dir: Path, count: int = 2) -> list[tuple[str, str]]:

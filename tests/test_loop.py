@@ -1,6 +1,7 @@
 """The loop end to end, through the same entry point as `flywheel run`, on small numbers."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -42,6 +43,8 @@ def test_tiny_run_end_to_end(tmp_path):
     assert any("time/update" in r for r in rows) and any("detector/auroc" in r for r in rows)
     assert (run_dir / "config.yaml").exists() and (run_dir / "detector" / "detector-1.safetensors").exists()
     assert list((run_dir / "wandb").glob("offline-run-*"))
+    clips = sorted(p.name for p in (run_dir / "media").glob("*.gif"))  # practice clips, also logged to wandb
+    assert clips and all(re.match(r"v\d+-judged-(success|failure)-step\d{5}\.gif$", c) for c in clips)
 
 
 def test_a_failed_run_says_so_in_its_summary(tmp_path):
