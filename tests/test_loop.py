@@ -11,10 +11,66 @@ from flywheel.run import run
 from flywheel.store import EpisodeStore
 
 
+def _our_actor_pids() -> list[int]:
+    """Rollout actor processes (titled ray::RolloutWorker...) descended from this process: the Ray this test process
+    started, never another run's on the same machine."""
+    import os
+    from pathlib import Path
+
+    parent = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit():
+                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError, ValueError):
+            continue
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            pid = parent.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    found = []
+    for pid in parent:
+        try:
+            if b"RolloutWorker" in Path(f"/proc/{pid}/cmdline").read_bytes() and ours(pid):
+                found.append(pid)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return found
+
+
+def _kill_an_actor_after_the_first_iteration(run_dir, stop):
+    """SIGKILL one of this test's rollout actors once the run has finished an iteration."""
+    import os
+    import signal
+
+    while not stop.wait(0.05):
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and '"iteration": 1' in metrics.read_text():
+            for pid in _our_actor_pids()[:1]:
+                os.kill(pid, signal.SIGKILL)
+                return
+
+
 def test_tiny_run_end_to_end(tmp_path):
+    """The whole loop with Ray actors, one of which is killed with SIGKILL after the first iteration: the run
+    replaces it and completes with every episode it should have."""
+    import threading
+
     run_dir = tmp_path / "run"
     cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}"])
-    summary = run(cfg, say=lambda m: None)
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_an_actor_after_the_first_iteration, args=(run_dir, stop), daemon=True)
+    killer.start()
+    try:
+        summary = run(cfg, say=lambda m: None)
+    finally:
+        stop.set()
+        killer.join()
+    assert summary["faults"]["restarts"] == 1 and summary["faults"]["events"][0]["action"] == "replaced"
 
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["status"] == "completed"
