@@ -158,7 +158,12 @@ class RolloutGroup:
 
         def wait() -> list[Episode]:
             episodes = []
-            for result in self._checked("collect_with_faults", args, leave_out=split == "train", refs=refs):
+            results = self._checked("collect_with_faults", args, leave_out=split == "train", refs=refs)
+            if all(r is None for r in results):
+                raise RolloutError(f"every rollout worker failed twice on the same seeds ({self.faults[-1]['error']}):"
+                                   f" something beyond one actor is wrong (the environment, the machine). The "
+                                   f"episodes stored so far are kept; the run resumes from its last iteration.")
+            for result in results:
                 if result is not None:
                     episodes += result[0]
                     self.faults += [{"time": time.time(), **f, "action": "episode discarded"} for f in result[1]]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from flywheel.config import ConfigError, RunConfig
 from flywheel.contracts import Episode
@@ -75,7 +76,12 @@ def recorded_config(run_dir: Path) -> DictConfig:
     if not path.is_file():
         raise RunDirError(f"{run_dir} holds a run but no config.yaml: it cannot be resumed. Choose a new run_dir; "
                           f"nothing in {run_dir} was touched.")
-    return OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+    try:
+        return OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+    except OmegaConfBaseException as e:  # written by another version of flywheel, or edited by hand
+        raise RunDirError(f"{path} does not fit this version of flywheel ({type(e).__name__}: {e}), so the run "
+                          f"cannot be resumed. Its episodes and checkpoints are intact: start a new run_dir (with "
+                          f"policy.checkpoint= its newest checkpoint to go on from its policy).") from e
 
 
 def check_unchanged(cfg: DictConfig, run_dir: Path) -> None:

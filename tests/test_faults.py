@@ -95,6 +95,8 @@ def test_a_share_that_fails_twice_is_left_out_of_practice_and_stops_an_evaluatio
         assert [f["action"] for f in group.faults] == ["replaced", "replaced", "left out 4 seeds"]
         with pytest.raises(RolloutError, match="rollout worker 0 failed twice"):
             group.collect(SEEDS, "eval")
+        with pytest.raises(RolloutError, match="every rollout worker failed twice"):  # nothing left to practise on
+            group.collect([FAULT_SEED, FAULT_SEED], "train")
     finally:
         group.close()
 
