@@ -89,8 +89,12 @@ class RolloutGroup:
         ray.kill(self.workers[i], no_restart=True)
         self.workers[i] = self._make(i)
         self.restarts += 1
-        if self._whole is not None:
-            ray.get(self.workers[i].set_weights.remote(self._whole), timeout=self.call_timeout_s)
+        if self._whole is not None:  # a new actor must start first (a process, torch, the policy): allow for it
+            try:
+                ray.get(self.workers[i].set_weights.remote(self._whole), timeout=max(self.call_timeout_s, 120.0))
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
+                raise RolloutError(f"rollout worker {i} was replaced ({why}), and its replacement did not start: "
+                                   f"{type(e).__name__}. The episodes stored so far are kept.") from e
         self.faults.append({"time": time.time(), "worker": i, "error": why, "action": "replaced"})
 
     def _checked(self, method: str, args_per_worker: list[tuple], leave_out: bool, refs: list | None = None) -> list:

@@ -105,7 +105,7 @@ def test_a_run_whose_config_this_version_does_not_know_is_refused_untouched(fini
     recorded = run_dir / "config.yaml"
     recorded.write_text(recorded.read_text() + "retired_key: 1\n")
     given = [f"run_dir={run_dir}"]
-    with pytest.raises(RunDirError, match="does not fit this version of flywheel.*start a new run_dir"):
+    with pytest.raises(RunDirError, match="(?s)does not fit this version of flywheel.*start a new run_dir"):
         resumed_config(load_config("run", given), given)
     assert recorded.read_text().endswith("retired_key: 1\n")
 
