@@ -44,17 +44,27 @@ def memory_mb(pid: int) -> dict[str, float]:
 
 
 def actor_pids() -> dict[int, str]:
-    """Ray's rollout actors: processes titled ray::RolloutWorker... -> their titles."""
-    pids = {}
+    """This run's rollout actors: processes titled ray::RolloutWorker... descended from this process (the Ray it
+    started), never another run's or a test's on the same machine -> their titles."""
+    parent, titles = {}, {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
+                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
                 title = (entry / "cmdline").read_bytes()
                 if title.startswith(b"ray::RolloutWorker"):
-                    pids[int(entry.name)] = title.split(b"\0")[0].decode(errors="replace")
-            except (FileNotFoundError, PermissionError, ProcessLookupError):
+                    titles[int(entry.name)] = title.split(b"\0")[0].decode(errors="replace")
+            except (FileNotFoundError, PermissionError, ProcessLookupError, IndexError, ValueError):
                 continue
-    return pids
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            pid = parent.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return {pid: title for pid, title in titles.items() if ours(pid)}
 
 
 def main(overrides: list[str]) -> None:
