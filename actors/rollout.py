@@ -215,13 +215,17 @@ def trim_heap() -> None:
 class RolloutWorker:
     """Holds its own copy of the policy; applies only snapshots newer than the one it has; stamps every episode."""
 
-    def __init__(self, policy_factory: Callable[[], Policy], env_kwargs: dict, worker_index: int = 0):
+    def __init__(self, policy_factory: Callable[[], Policy], env_kwargs: dict, worker_index: int = 0,
+                 trim: bool = False):
+        """``trim``: hand freed heap pages back after each collection (``trim_heap``): for a worker in a process of
+        its own (a Ray actor). Off in a process that holds more (the driver), where it would walk a large heap."""
         import torch
 
         torch.set_num_threads(1)  # one core per worker; the machine's cores go to workers, not to intra-op threads
         self.policy = policy_factory()
         self.env_kwargs = dict(env_kwargs)
         self.worker_index = worker_index
+        self.trim = trim
         self.version = -1
         self.applied: list[int] = []  # every version applied, in order (for lag/ordering checks)
 
@@ -255,7 +259,8 @@ class RolloutWorker:
         faults: list[dict] = []
         episodes = run_episodes(list(seeds), split, self.policy, policy_version=self.version,
                                 sample_seed=sample_seed, faults=faults, **self.env_kwargs)
-        trim_heap()
+        if self.trim:
+            trim_heap()
         return episodes, [{**f, "worker": self.worker_index} for f in faults]
 
     def pid(self) -> int:

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python bench/actor_memory.py [collections]     # default 30 collections of 256 episodes
 
-Each mode runs in a fresh process: one RolloutWorker (the shipped VLA, both cameras), collections of 256 episodes,
+Each mode runs in a fresh process: one RolloutWorker (``trim=True``, as Ray actors run it, or ``False``) (the shipped VLA, both cameras), collections of 256 episodes,
 private resident memory (RssAnon) read after each. The figure is the growth from the 5th collection to the last,
 trimmed against untrimmed, measured in this run. Results: bench/results/actor_memory.json.
 """
@@ -34,10 +34,8 @@ def measure(trim: bool, collections: int) -> list[float]:
     from flywheel.vla.model import VLAPolicy
 
     torch.set_num_threads(1)
-    if not trim:
-        rollout.trim_heap = lambda: None
     cfg, weights, _ = load_policy_checkpoint("base")
-    worker = rollout.RolloutWorker(functools.partial(VLAPolicy, cfg), {"sensors": ["overhead", "wrist"]})
+    worker = rollout.RolloutWorker(functools.partial(VLAPolicy, cfg), {"sensors": ["overhead", "wrist"]}, trim=trim)
     worker.set_weights(PolicySnapshot(0, weights))
     out = []
     for i in range(collections):
