@@ -191,7 +191,7 @@ def test_a_whole_run_catches_a_corrupted_detector_and_recovers(tmp_path, monkeyp
     assert np.mean([abs(a["gap"]) for a in after]) < rang[0]["gap"], json.dumps(audit)
     from flywheel.store import EpisodeStore
 
-    alarmed, exploited = rang[0]["policy_version"], {"before": [], "after": []}
+    alarmed, exploited, relabelled = rang[0]["policy_version"], {"before": [], "after": []}, []
     for ep in EpisodeStore(run_dir / "episodes").iter(with_ground_truth=True):
         if ep.task != "push" or ep.ground_truth["success"] or ep.policy_version < 0:
             continue
@@ -200,6 +200,8 @@ def test_a_whole_run_catches_a_corrupted_detector_and_recovers(tmp_path, monkeyp
             continue
         # The learner trains on the newest verdict; the corrupt ones stay on record, never rewritten.
         exploited["after" if ep.policy_version > alarmed else "before"].append(verdicts[-1][1])
-        if ep.policy_version == alarmed:
-            assert verdicts[0] == ("detector-1", True) and verdicts[-1][0] == "detector-2"
+        if verdicts[0][0] == "detector-1" and ep.policy_version == alarmed:  # the iteration the alarm rang on
+            relabelled.append(verdicts)
+    # (updates may pause after the alarm: episodes of that version collected later are judged by detector-2 alone)
+    assert relabelled and all(v[0] == ("detector-1", True) and v[-1][0] == "detector-2" for v in relabelled)
     assert exploited["after"] and np.mean(exploited["after"]) < 0.5, exploited  # detector-1 rewarded every one
