@@ -119,7 +119,7 @@ class CheckpointDir:
 
         path = self.state_path(number)
         try:
-            state = torch.load(path, weights_only=True)
+            state = torch.load(path, weights_only=True, map_location="cpu")
         except FileNotFoundError as e:
             raise CheckpointError(f"{path} is missing: checkpoint {number} cannot resume training") from e
         except Exception as e:  # a damaged file: torch raises RuntimeError, pickle's UnpicklingError, EOFError...

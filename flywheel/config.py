@@ -108,6 +108,13 @@ class LearnerConfig:
     lr: float = 1e-4  # the base ends its pretraining at 1e-4; more than ~3x that shocks it
     demo_fraction: float = 0.5  # of every batch, drawn from the replayed demonstrations
     max_episodes: int = 4000  # in-memory replay bound (oldest non-demo episodes dropped first)
+    device: str = "auto"  # where the learner trains: auto (a GPU if its process sees one), cpu, cuda, cuda:N
+    remote: bool = False  # a Ray actor of its own (learner/remote.py): placed by gpus / resources, and restarted
+    #                       from the deployed checkpoint if its process dies; false: in the driver's process
+    cpus: float = 1.0  # remote: the CPUs it reserves (and its torch threads)
+    gpus: float = 0.0  # remote: the GPUs it reserves, which puts it on a GPU node
+    resources: dict[str, float] = field(default_factory=dict)  # remote: Ray custom resources that place it
+    call_timeout_s: float = 3600.0  # remote: a call (an update) not answered within this restarts the learner
 
 
 @dataclasses.dataclass

@@ -216,3 +216,12 @@ class Learner(Protocol):
     def restore(self, weights: dict[str, np.ndarray]) -> None:
         """Go back to earlier weights, as a new version (a rollback)."""
         ...
+
+    def resume_from(self, weights: dict[str, np.ndarray], training: dict[str, Any]) -> None:
+        """Become a checkpoint again, version and optimizer included (a resumed run; recovery after a fault)."""
+        ...
+
+
+class LearnerLost(RuntimeError):
+    """The learner's process died (or missed its deadline) during an update. The update is lost; the learner has
+    been restarted and restored from the checkpoint of the deployed version, so the loop goes on from there."""

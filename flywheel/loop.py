@@ -15,7 +15,7 @@ import numpy as np
 
 from flywheel.audit import AuditResult, audit
 from flywheel.checkpoint import CheckpointDir
-from flywheel.contracts import Episode, Label, Learner, PolicySnapshot, SuccessDetector
+from flywheel.contracts import Episode, Label, Learner, LearnerLost, PolicySnapshot, SuccessDetector
 from flywheel.gate import GateDecision, judge
 from flywheel.metrics import MetricsSink, PhaseTimer, wilson_interval
 from flywheel.store import EpisodeStore
@@ -287,8 +287,14 @@ def run_loop(
         if trusted:
             with timer("update"):
                 # The learner sees labels, never the simulator's ground truth or privileged state.
+                view = [learner_view(ep, learner_reads) for ep in episodes]
                 try:
-                    stats = learner.update([learner_view(ep, learner_reads) for ep in episodes])
+                    try:
+                        stats = learner.update(view)
+                    except LearnerLost as e:  # restarted from the deployed checkpoint: the same update, once more
+                        state.recoveries.append({"iteration": state.iteration + 1, "error": str(e)[:300],
+                                                 "restored": learner.version, "action": "update made again"})
+                        stats = learner.update(view)
                     _check_finite(learner)
                     state.diverged_in_a_row = 0
                 except FloatingPointError as e:
@@ -374,8 +380,7 @@ def _recover(learner: Learner, checkpoints: CheckpointDir, rollouts: Rollouts, s
     state.diverged_in_a_row += 1
     version = getattr(rollouts, "published_version", learner.version)
     weights, _, training = checkpoints.load(version, with_state=True)
-    learner.model.load_weights(weights)
-    learner.load_training_state(training)
+    learner.resume_from(weights, training)
     state.recoveries.append({"iteration": state.iteration + 1, "error": str(error)[:300], "restored": version})
     if state.diverged_in_a_row >= MAX_DIVERGED_IN_A_ROW:
         raise FloatingPointError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -296,7 +297,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         except json.JSONDecodeError:
             pass
     metrics = MetricsSink(run_dir, to_dict(cfg), mode=cfg.wandb.mode, project=cfg.wandb.project)
-    rollouts = None
+    rollouts = learner = None
     ray_started = False
     try:
         vla_cfg, base_weights, base_meta = load_policy_checkpoint(cfg.policy.checkpoint)
@@ -320,24 +321,25 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         )
         summary["rollout_workers"] = rollouts.placement()
         # The learner first: version 0 is the base as its algorithm acts with it (a residual policy explores).
-        model = SmallVLA(vla_cfg)
-        model.load_weights(base_weights)
-        # recorded with the policy's own cameras: one the run records for its detector alone has no place in replay
-        demos = pretraining_demos(cfg.learner.demos, base_meta, {**env_kwargs, "sensors": list(vla_cfg.sensors)})
-        learner = make_learner(cfg.learner.algorithm, model, demos, version=0, seed=cfg.seed, **to_dict(cfg.learner))
         checkpoints = CheckpointDir(run_dir / "checkpoints", keep=3)
         store = EpisodeStore(run_dir / "episodes")
         reads = observation_keys(vla_cfg.sensors)
+        # recorded with the policy's own cameras: one the run records for its detector alone has no place in replay
+        factory = functools.partial(build_learner, to_dict(cfg.learner), cfg.seed, vla_cfg, base_weights, base_meta,
+                                    {**env_kwargs, "sensors": list(vla_cfg.sensors)})
+        if cfg.learner.remote:
+            learner = start_remote_learner(cfg, factory, lambda new: put_back(new, cfg, checkpoints, store, rollouts,
+                                                                              run_dir, reads, say))
+            summary["learner"] = learner.placement
+        else:
+            learner = factory(cfg.learner.device)
         state, in_flight = LoopState(), []
         if saved is not None:
             state = restore_learner_and_state(learner, checkpoints, saved, run_dir)
         if resuming:
-            layouts = max(1, cfg.rollout.episodes_per_iteration // cfg.rollout.group_size)
-            learned, in_flight = loop_episodes(store, loop_seed_index, state.next_train_index, layouts,
-                                               keep=2 * cfg.learner.max_episodes)
-            learner.refill([learner_view(ep, reads) for ep in learned if ep.latest_label("detector") is not None])
+            learned, in_flight = refill_learner(learner, cfg, store, state.next_train_index, reads)
             say(f"run: resuming {run_dir} (attempt {attempt}) at iteration {state.iteration}, policy "
-                f"v{learner.version}: the learner's buffer refilled from {len(learned)} stored episodes; "
+                f"v{learner.version}: the learner's buffer refilled from {learned} stored episodes; "
                 f"{len(in_flight)} episodes of the iteration in flight are used, the rest collected")
         first = learner.snapshot()
         rollouts.publish(PolicySnapshot(version=first.version, weights=first.weights,
@@ -408,7 +410,8 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
                   "decisions": [dataclasses.asdict(g) for g in state.gates],
                   "held_back": sum(not g.promoted for g in state.gates)},
             rollbacks=state.rollbacks,
-            faults={"restarts": rollouts.restarts, "events": rollouts.faults},
+            faults={"restarts": rollouts.restarts, "events": rollouts.faults,
+                    "learner_restarts": getattr(learner, "restarts", 0), "learner_events": getattr(learner, "faults", [])},
             learner_recoveries=state.recoveries,
         )
     except KeyboardInterrupt:
@@ -424,6 +427,8 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         metrics.close(summary)
         if rollouts is not None:
             rollouts.close()
+        if hasattr(learner, "close"):
+            learner.close()
         if ray_started:
             import ray
 
@@ -446,14 +451,16 @@ def start_ray(cfg: DictConfig, say: Callable[[str], None]) -> None:
         say(f"ray: dashboard at http://{getattr(started, 'dashboard_url', None) or '127.0.0.1:8265'}")
 
 
-def check_resources(wanted: dict, offered: dict) -> None:
-    """A ConfigError, before any actor waits forever, when no node offers a custom resource the actors need."""
+def check_resources(wanted: dict, offered: dict, who: str = "rollout") -> None:
+    """A ConfigError, before any actor waits forever, when no node offers a resource the actors (``who``) need."""
     missing = {k: v for k, v in dict(wanted).items() if offered.get(k, 0) < v}
     if missing:
+        start = ("--num-gpus=1" if "GPU" in missing else
+                 f"--resources='{{\"{next(iter(k for k in missing if k != 'GPU'))}\": 1}}'")
         raise ConfigError(
-            f"rollout.resources={dict(wanted)}, but the Ray cluster offers {dict(offered)}: no node has "
-            f"{sorted(missing)}. Start the robot (or sim) hosts with `ray start --address=HEAD:6379 "
-            f"--resources='{{\"{next(iter(missing))}\": 1}}'` and give ray.address=HEAD:6379, or drop the setting.")
+            f"{who}.resources={dict(wanted)}, but the Ray cluster offers {dict(offered)}: no node has "
+            f"{sorted(missing)}. Start the hosts that have them with `ray start --address=HEAD:6379 {start}` and "
+            f"give ray.address=HEAD:6379, or drop the setting.")
 
 
 def restore_learner_and_state(learner, checkpoints: CheckpointDir, saved: dict[str, Any], run_dir: Path) -> LoopState:
@@ -468,6 +475,58 @@ def restore_learner_and_state(learner, checkpoints: CheckpointDir, saved: dict[s
         hint = (f"start a new run from the newest good one: flywheel run run_dir=NEW "
                 f"policy.checkpoint={checkpoints.path(good[0])}" if good else "start a new run_dir")
         raise CheckpointError(f"{run_dir} cannot be resumed: {e}. Its episodes are intact; {hint}") from e
-    learner.model.load_weights(weights)
-    learner.load_training_state(training)
+    learner.resume_from(weights, training)
     return state
+
+
+def build_learner(options: dict[str, Any], seed: int, vla_cfg, base_weights: dict, base_meta: dict, demo_env: dict,
+                  device: str = "cpu"):
+    """The run's learner at version 0, on ``device`` ("auto": a GPU if there is one): the base's weights, its
+    pretraining demonstrations to replay, and the algorithm's options. Module-level, so that a learner actor on
+    another node can build it from a pickled partial."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"learner.device={device}, but the learner's process sees no GPU (torch "
+                          f"{torch.__version__}, CUDA {torch.version.cuda}): use learner.device=auto or cpu, or run "
+                          f"the learner on a GPU node (learner.remote=true learner.gpus=1)")
+    model = SmallVLA(vla_cfg)
+    model.load_weights(base_weights)
+    demos = pretraining_demos(options["demos"], base_meta, demo_env)
+    return make_learner(options["algorithm"], model.to(device), demos, version=0, seed=seed, **options)
+
+
+def start_remote_learner(cfg: DictConfig, factory, on_restart):
+    """``learner.remote=true``: the learner as a Ray actor, placed by learner.gpus / learner.resources."""
+    import ray
+
+    from learner.remote import RemoteLearner
+
+    if not cfg.rollout.use_ray:
+        raise ConfigError("learner.remote=true needs Ray: drop rollout.use_ray=false (or set learner.remote=false)")
+    check_resources({**({"GPU": cfg.learner.gpus} if cfg.learner.gpus else {}), **to_dict(cfg.learner.resources)},
+                    ray.cluster_resources(), who="learner")
+    return RemoteLearner(factory, device=cfg.learner.device, cpus=cfg.learner.cpus, gpus=cfg.learner.gpus,
+                         resources=to_dict(cfg.learner.resources), call_timeout_s=cfg.learner.call_timeout_s,
+                         on_restart=on_restart)
+
+
+def refill_learner(learner, cfg: DictConfig, store: EpisodeStore, next_index: int, reads) -> tuple[int, list]:
+    """Put the practice episodes the learner had learned from (seed indices below ``next_index``; the newest
+    2 x learner.max_episodes) back in its replay buffer. -> (how many, the iteration in flight's stored episodes)."""
+    layouts = max(1, cfg.rollout.episodes_per_iteration // cfg.rollout.group_size)
+    learned, in_flight = loop_episodes(store, loop_seed_index, next_index, layouts, keep=2 * cfg.learner.max_episodes)
+    learner.refill([learner_view(ep, reads) for ep in learned if ep.latest_label("detector") is not None])
+    return len(learned), in_flight
+
+
+def put_back(learner, cfg: DictConfig, checkpoints: CheckpointDir, store: EpisodeStore, rollouts: RolloutGroup,
+             run_dir: Path, reads, say: Callable[[str], None]) -> None:
+    """A restarted learner actor, put back where the run was: the deployed version's checkpoint (weights, optimizer,
+    generators) and the replay buffer of every iteration that had ended."""
+    version = rollouts.published_version
+    weights, _, training = checkpoints.load(version, with_state=True)
+    learner.resume_from(weights, training)
+    saved = read_state(run_dir)
+    count, _ = refill_learner(learner, cfg, store, saved["loop"]["next_train_index"] if saved else 0, reads)
+    say(f"learner: lost, restarted on {learner.placement['host']} at v{version} with {count} episodes refilled")

@@ -33,12 +33,17 @@ class LearnerBase:
         optimizer, random generator and auxiliary network (a value, a critic) the learner holds, directly or in a
         helper (a trainer). Tensors and plain values only, so it loads with ``torch.load(weights_only=True)``.
         The replay buffer is not in it: ``refill`` rebuilds it from the episode store."""
-        return {"version": self.version, **_state_of(self, "")}
+        return {"version": self.version, **_on_cpu(_state_of(self, ""))}
 
     def load_training_state(self, state: dict[str, Any]) -> None:
         """Restore ``training_state()`` into a learner built the same way (same algorithm and options)."""
         _load_state_of(self, "", state)
         self.version = int(state["version"])
+
+    def resume_from(self, weights: dict, training: dict[str, Any]) -> None:
+        """Become a checkpoint again: its policy weights and ``training_state()`` (version included)."""
+        self.model.load_weights(weights)
+        self.load_training_state(training)
 
     def refill(self, episodes: list[Episode]) -> None:
         """Put episodes an earlier process of this run already learned from back in the replay buffer, without an
@@ -49,6 +54,17 @@ class LearnerBase:
         new version, so actors pick it up like any other."""
         self.model.load_weights(weights)
         self.version += 1
+
+
+def _on_cpu(tree: Any) -> Any:
+    """Every tensor in a nested state on the CPU: a learner on a GPU hands its state to a driver that may have none."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: _on_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_on_cpu(v) for v in tree)
+    return tree
 
 
 def _state_of(obj: Any, prefix: str, depth: int = 0) -> dict[str, Any]:

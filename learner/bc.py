@@ -94,7 +94,7 @@ class ChunkDataset:
             ids = np.repeat(self.tokenizer([ep.instruction])[0], n, axis=0)
             images, proprio = sensor_inputs(ep.observations, self.model.cfg.sensors, steps)
             if self.encode:
-                inputs = {"ctx": self.model.encoder.contexts(images, ids, proprio).numpy()}
+                inputs = {"ctx": self.model.encoder.contexts(images, ids, proprio).cpu().numpy()}
             else:
                 aux = ep.extras.get("aux_positions")
                 inputs = {
@@ -189,11 +189,15 @@ class BCTrainer:
         classifier-free guidance)."""
         if self.indicator_dropout <= 0:
             return indicator
-        keep = torch.rand(indicator.shape) >= self.indicator_dropout
+        keep = torch.rand(indicator.shape, device=indicator.device) >= self.indicator_dropout
         return torch.where(keep, indicator, torch.zeros_like(indicator))
 
     def step(self, batch: dict[str, torch.Tensor], weighted: bool = False) -> float:
+        """One gradient step on a batch (CPU tensors, as ChunkDataset.sample draws them: moved to the model's
+        device here)."""
         self.model.train()
+        device = self.model.cls_device
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         weights, indicator = batch["weights"] if weighted else None, self._drop(batch["indicator"])
         if "ctx" in batch:  # the backbone is frozen: train the action expert on cached contexts
             loss = self.model.head_loss(batch["ctx"], batch["actions"], weights, indicator)

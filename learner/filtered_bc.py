@@ -104,7 +104,7 @@ class FilteredBCLearner(LearnerBase):
         0.39-0.43 for 1,500 steps; shrunk by 0.5 first, it reached 0.45 / 0.59 / 0.62 after 500 / 1,000 / 1,500."""
         for p in self.model.parameters():
             if p.ndim > 1 and p.requires_grad:
-                p.mul_(self.shrink).add_(torch.randn(p.shape, generator=self.generator) * self.perturb)
+                p.mul_(self.shrink).add_(torch.randn(p.shape, generator=self.generator).to(p.device) * self.perturb)
 
     def update(self, episodes: list[Episode]) -> dict[str, float]:
         stats = self.add_episodes(episodes)

@@ -56,7 +56,8 @@ class ResidualPPOLearner(LearnerBase):
         self.optimizer = torch.optim.Adam(model.residual.parameters(), lr=ppo_lr)
         torch.manual_seed(seed)
         d = model.encoder.out_dim
-        self.value = nn.Sequential(nn.Linear(d, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 1))
+        self.value = nn.Sequential(nn.Linear(d, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 1)
+                                   ).to(model.cls_device)
         self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=1e-3)
         self.epochs, self.clip, self.minibatch = ppo_epochs, ppo_clip, ppo_minibatch
         self.gamma, self.lam, self.value_epochs = gamma, gae_lambda, value_epochs
@@ -68,14 +69,14 @@ class ResidualPPOLearner(LearnerBase):
         for ep in episodes:
             steps = np.append(ep.extras["chunk_steps"], ep.num_steps)
             images, proprio = sensor_inputs(ep.observations, model.cfg.sensors, steps)
-            ids = model.tokenize([ep.instruction] * len(steps))
-            out.append(model.encoder(torch.from_numpy(np.ascontiguousarray(images)), ids, torch.from_numpy(proprio)))
+            ids = np.repeat(model.tokenizer([ep.instruction])[0], len(steps), axis=0)
+            out.append(model.encoder.contexts(images, ids, proprio))
         return out
 
     def _advantages(self, feats: list[torch.Tensor], episodes: list[Episode]) -> tuple[np.ndarray, np.ndarray]:
         """GAE over each episode's decisions -> (advantages, returns), concatenated in decision order."""
         with torch.no_grad():
-            values = [self.value(f).squeeze(-1).numpy() for f in feats]
+            values = [self.value(f).squeeze(-1).cpu().numpy() for f in feats]
         advs, rets = [], []
         for ep, v in zip(episodes, values):
             k = len(ep.extras["chunk_steps"])
@@ -101,12 +102,12 @@ class ResidualPPOLearner(LearnerBase):
                              "were they collected with this learner's snapshot?")
         feats = self._features(episodes)
         ctx = torch.cat([f[:-1] for f in feats])
-        base = torch.from_numpy(np.concatenate([ep.extras["base_chunks"] for ep in episodes]))
-        drawn = torch.from_numpy(np.concatenate([ep.extras["residuals"] for ep in episodes]))
-        old_logp = torch.from_numpy(np.concatenate([ep.extras["residual_logp"] for ep in episodes]))
+        on = lambda a: torch.from_numpy(np.asarray(a, np.float32)).to(ctx.device)  # noqa: E731
+        base = on(np.concatenate([ep.extras["base_chunks"] for ep in episodes]))
+        drawn = on(np.concatenate([ep.extras["residuals"] for ep in episodes]))
+        old_logp = on(np.concatenate([ep.extras["residual_logp"] for ep in episodes]))
         adv, ret = self._advantages(feats, episodes)
-        adv_t = torch.from_numpy((adv - adv.mean()) / (adv.std() + 1e-8)).float()
-        ret_t = torch.from_numpy(ret).float()
+        adv_t, ret_t = on((adv - adv.mean()) / (adv.std() + 1e-8)), on(ret)
 
         n, stats = len(ctx), {"policy_loss": [], "value_loss": [], "clip_fraction": [], "approx_kl": []}
         for _ in range(self.epochs):

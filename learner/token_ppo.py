@@ -86,7 +86,8 @@ class TokenPPOLearner(LearnerBase):
             cols["chunks"].append(ep.extras["chunks"].astype(np.float32))
             cols["logp"].append(ep.extras["logp"].astype(np.float32))
             cols["adv"].append(np.full(len(steps), a, np.float32))
-        return {k: torch.from_numpy(np.concatenate(v)) for k, v in cols.items()} if cols["adv"] else {}
+        device = self.model.cls_device
+        return {k: torch.from_numpy(np.concatenate(v)).to(device) for k, v in cols.items()} if cols["adv"] else {}
 
     def update(self, episodes: list[Episode]) -> dict[str, float]:
         acted = [ep for ep in episodes if "logp" in ep.extras and len(ep.extras.get("chunk_steps", ()))]
@@ -108,7 +109,7 @@ class TokenPPOLearner(LearnerBase):
                 loss = -torch.min(ratio * a, ratio.clamp(1 - self.clip, 1 + self.clip) * a).mean()
                 anchor = loss.new_zeros(())
                 if self.anchor > 0 and self.demos.num_episodes:
-                    b = self.demos.sample(self.batch_size, self.generator)
+                    b = {k: v.to(ctx.device) for k, v in self.demos.sample(self.batch_size, self.generator).items()}
                     anchor = self.model.action_loss(b["images"], b["ids"], b["proprio"], b["actions"])
                 total = loss + self.anchor * anchor
                 if not torch.isfinite(total):

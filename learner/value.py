@@ -49,6 +49,7 @@ class ValueModel:
                 nn.LayerNorm(self.encoder.out_dim), nn.Linear(self.encoder.out_dim, hidden), nn.GELU(),
                 nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, self.bins),
             )
+        self.head.to(policy_model.cls_device)
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=lr, weight_decay=1e-4)
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -62,7 +63,8 @@ class ValueModel:
         """Cross-entropy steps on features (N, D) and their returns to go (N,); returns the mean loss."""
         if len(feats) == 0:
             return float("nan")
-        targets = torch.from_numpy(np.clip(np.rint(-returns * self.horizon), 0, self.bins - 1).astype(np.int64))
+        targets = torch.from_numpy(np.clip(np.rint(-returns * self.horizon), 0, self.bins - 1).astype(np.int64)
+                                   ).to(feats.device)
         self.head.train()
         losses = []
         for _ in range(steps):
@@ -78,8 +80,8 @@ class ValueModel:
     @torch.no_grad()
     def value(self, feats: torch.Tensor) -> np.ndarray:
         """Expected return to go, (N,) in [-2, 0]."""
-        grid = -torch.arange(self.bins, dtype=torch.float32) / self.horizon
-        return (torch.softmax(self.head(feats), dim=-1) @ grid).numpy()
+        grid = -torch.arange(self.bins, dtype=torch.float32, device=feats.device) / self.horizon
+        return (torch.softmax(self.head(feats), dim=-1) @ grid).cpu().numpy()
 
 
 def chunk_advantages(values: np.ndarray, chunk_steps: np.ndarray, num_steps: int, success: bool, horizon: int,

@@ -1,5 +1,6 @@
 """Many machines: the same run against an existing Ray cluster, its actors placed by custom resources. Tested on a
-local two-node cluster (ray.cluster_utils: a head and a "robot host", each its own raylet on loopback)."""
+local three-node cluster (ray.cluster_utils: a head, a "robot host" and a "learner host" standing in for a GPU node,
+each its own raylet on loopback)."""
 
 import json
 import subprocess
@@ -11,23 +12,26 @@ from flywheel.config import ConfigError
 from flywheel.run import check_resources
 
 
-def test_actors_go_to_the_node_that_offers_their_resource(tmp_path):
+def test_actors_and_the_learner_go_to_the_nodes_that_offer_their_resources(tmp_path):
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
         robot_host = cluster.add_node(num_cpus=2, resources={"robot": 2})
+        learner_host = cluster.add_node(num_cpus=1, resources={"trainer": 1})
         cluster.wait_for_nodes()
         run_dir = tmp_path / "run"
         done = subprocess.run(
             [sys.executable, "-m", "flywheel.cli", "run", "experiment=tiny", f"run_dir={run_dir}", "wandb.mode=disabled",
-             "budget.iterations=1", "gate.episodes=0", f"ray.address={cluster.address}", "rollout.resources={robot:1}"],
+             "budget.iterations=1", "gate.episodes=0", f"ray.address={cluster.address}", "rollout.resources={robot:1}", "learner.remote=true",
+             "learner.resources={trainer:1}"],
             capture_output=True, text=True, timeout=400)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["episodes"] == 32
         assert [w["node"] for w in summary["rollout_workers"]] == [robot_host.node_id] * 2
-        assert "joined" in done.stdout and "2 nodes" in done.stdout
+        assert summary["learner"]["node"] == learner_host.node_id and summary["learner"]["device"] == "cpu"
+        assert "joined" in done.stdout and "3 nodes" in done.stdout
     finally:
         cluster.shutdown()
 
@@ -36,3 +40,5 @@ def test_a_resource_no_node_offers_is_named_before_any_actor_waits():
     check_resources({"robot": 1}, {"CPU": 2.0, "robot": 4.0})
     with pytest.raises(ConfigError, match=r"no node has \['robot'\].*ray start --address"):
         check_resources({"robot": 1}, {"CPU": 2.0})
+    with pytest.raises(ConfigError, match=r"learner.resources=.*no node has \['GPU'\].*--num-gpus=1"):
+        check_resources({"GPU": 1}, {"CPU": 2.0}, who="learner")

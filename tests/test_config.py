@@ -68,3 +68,13 @@ def test_reward_train_reads_a_run_as_it_was_recorded(tmp_path):
     cfg = load_config("run", as_recorded([f"run_dir={tmp_path}", "env.max_steps=40"]))
     assert cfg.env.max_steps == 40  # the command line wins
     assert as_recorded(["run_dir=" + str(tmp_path / "nowhere")]) == ["run_dir=" + str(tmp_path / "nowhere")]
+
+
+def test_a_gpu_learner_on_a_machine_without_one_is_refused_with_the_fix(monkeypatch):
+    import torch
+
+    from flywheel.run import build_learner
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"learner.device=cuda.*sees no GPU.*learner.device=auto"):
+        build_learner({"algorithm": "filtered_bc", "demos": 0}, 0, None, {}, {}, {}, device="cuda")

@@ -11,9 +11,9 @@ from flywheel.run import run
 from flywheel.store import EpisodeStore
 
 
-def _our_actor_pids() -> list[int]:
-    """Rollout actor processes (titled ray::RolloutWorker...) descended from this process: the Ray this test process
-    started, never another run's on the same machine."""
+def _our_actor_pids(title: bytes = b"RolloutWorker") -> list[int]:
+    """Actor processes (titled ray::RolloutWorker..., or another ``title``) descended from this process: the Ray this
+    test process started, never another run's on the same machine."""
     import os
     from pathlib import Path
 
@@ -35,7 +35,7 @@ def _our_actor_pids() -> list[int]:
     found = []
     for pid in parent:
         try:
-            if b"RolloutWorker" in Path(f"/proc/{pid}/cmdline").read_bytes() and ours(pid):
+            if title in Path(f"/proc/{pid}/cmdline").read_bytes() and ours(pid):
                 found.append(pid)
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
@@ -43,25 +43,26 @@ def _our_actor_pids() -> list[int]:
 
 
 def _kill_an_actor_after_the_first_iteration(run_dir, stop):
-    """SIGKILL one of this test's rollout actors once the run has finished an iteration."""
+    """SIGKILL one of this test's rollout actors, and its learner actor, once the run has finished an iteration."""
     import os
     import signal
 
     while not stop.wait(0.05):
         metrics = run_dir / "metrics.jsonl"
         if metrics.exists() and '"iteration": 1' in metrics.read_text():
-            for pid in _our_actor_pids()[:1]:
+            for pid in _our_actor_pids()[:1] + _our_actor_pids(b"_LearnerHost"):
                 os.kill(pid, signal.SIGKILL)
-                return
+            return
 
 
 def test_tiny_run_end_to_end(tmp_path):
-    """The whole loop with Ray actors, one of which is killed with SIGKILL after the first iteration: the run
-    replaces it and completes with every episode it should have."""
+    """The whole loop with Ray actors, the learner in one of its own. After the first iteration a rollout actor and
+    the learner are killed with SIGKILL: the run replaces the one, restarts the other from the deployed checkpoint
+    (its next update made again), and completes with every episode it should have."""
     import threading
 
     run_dir = tmp_path / "run"
-    cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}"])
+    cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}", "learner.remote=true"])
     stop = threading.Event()
     killer = threading.Thread(target=_kill_an_actor_after_the_first_iteration, args=(run_dir, stop), daemon=True)
     killer.start()
@@ -71,6 +72,10 @@ def test_tiny_run_end_to_end(tmp_path):
         stop.set()
         killer.join()
     assert summary["faults"]["restarts"] == 1 and summary["faults"]["events"][0]["action"] == "replaced"
+    assert summary["learner"]["device"] == "cpu" and summary["faults"]["learner_restarts"] == 1
+    lost = summary["faults"]["learner_events"][0]
+    assert lost["action"] == "restarted" and lost["restored"] == 1 and "update" in lost["error"]
+    assert [r["iteration"] for r in summary["learner_recoveries"]] == [2]
 
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["status"] == "completed"

@@ -184,11 +184,13 @@ class VisionLanguageEncoder(nn.Module):
 
     @torch.no_grad()
     def contexts(self, images: np.ndarray, ids: np.ndarray, proprio: np.ndarray, batch: int = 512) -> torch.Tensor:
-        """The context of many samples (numpy in, one row each; no grad; in batches): the features a learner caches
-        from a frozen encoder."""
+        """The context of many samples (numpy in, one row each; no grad; in batches; on the encoder's device): the
+        features a learner caches from a frozen encoder."""
+        dev = self.cls.device
         return torch.cat([
-            self(torch.from_numpy(np.ascontiguousarray(images[i : i + batch])), torch.from_numpy(ids[i : i + batch]),
-                 torch.from_numpy(np.asarray(proprio[i : i + batch], np.float32)))
+            self(torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).to(dev),
+                 torch.from_numpy(ids[i : i + batch]).to(dev),
+                 torch.from_numpy(np.asarray(proprio[i : i + batch], np.float32)).to(dev))
             for i in range(0, len(images), batch)
         ])
 
