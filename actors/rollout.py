@@ -228,21 +228,27 @@ class RolloutWorker:
         self.trim = trim
         self.version = -1
         self.applied: list[int] = []  # every version applied, in order (for lag/ordering checks)
+        self.created = time.perf_counter()
+        self.busy_s = 0.0  # seconds spent collecting or applying weights: the rest of its life it waited
 
     def set_weights(self, snapshot: PolicySnapshot) -> int:
         """Apply a snapshot newer than the one held. A snapshot of the changed arrays only (``meta["delta_on"]``:
-        the version it changes) needs that version here; anything else is refused, and the group sends it whole."""
+        the version it changes) needs that version here; anything else is refused, and the group sends it whole.
+        The policy may keep the snapshot's arrays (Policy.load_weights): nothing here writes to them."""
         if snapshot.version > self.version:
-            weights = snapshot.weights
-            if "delta_on" in snapshot.meta:
-                if snapshot.meta["delta_on"] != self.version:
-                    raise ValueError(f"worker {self.worker_index} holds v{self.version}; the snapshot v"
-                                     f"{snapshot.version} changes v{snapshot.meta['delta_on']}")
-                weights = {**self.policy.get_weights(), **weights}
-            self.policy.load_weights(weights, snapshot.meta.get("sampling"))
+            started = time.perf_counter()
+            if "delta_on" in snapshot.meta and snapshot.meta["delta_on"] != self.version:
+                raise ValueError(f"worker {self.worker_index} holds v{self.version}; the snapshot v"
+                                 f"{snapshot.version} changes v{snapshot.meta['delta_on']}")
+            self.policy.load_weights(snapshot.weights, snapshot.meta.get("sampling"))
             self.version = snapshot.version
             self.applied.append(snapshot.version)
+            self.busy_s += time.perf_counter() - started
         return self.version
+
+    def usage(self) -> dict[str, float]:
+        """{"busy_s": seconds it has spent collecting or applying weights, "alive_s": seconds since it started}."""
+        return {"busy_s": self.busy_s, "alive_s": time.perf_counter() - self.created}
 
     def applied_versions(self) -> list[int]:
         return list(self.applied)
@@ -257,10 +263,12 @@ class RolloutWorker:
             raise RuntimeError("rollout worker has no weights yet: publish a PolicySnapshot before collecting")
         self.policy.explore = split == "train"  # a policy that explores does so in practice, never in evaluation
         faults: list[dict] = []
+        started = time.perf_counter()
         episodes = run_episodes(list(seeds), split, self.policy, policy_version=self.version,
                                 sample_seed=sample_seed, faults=faults, **self.env_kwargs)
         if self.trim:
             trim_heap()
+        self.busy_s += time.perf_counter() - started
         return episodes, [{**f, "worker": self.worker_index} for f in faults]
 
     def pid(self) -> int:

@@ -185,7 +185,9 @@ class Policy(Protocol):
     def get_weights(self) -> dict[str, np.ndarray]: ...
 
     def load_weights(self, weights: dict[str, np.ndarray], sampling: dict[str, Any] | None = None) -> None:
-        """Apply weights; ``sampling`` carries how the learner wants this version sampled (PolicySnapshot.meta)."""
+        """Apply weights: all of them, or only the arrays that changed (a delta; the rest stay as they are).
+        ``sampling`` carries how the learner wants this version sampled (PolicySnapshot.meta). A policy may keep
+        the arrays it is given rather than copy them: the caller must not write to them afterwards."""
         ...
 
 

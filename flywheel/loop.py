@@ -249,6 +249,7 @@ def run_loop(
     pending: Callable[[], list[Episode]] | None = None  # the next iteration's collection, started (overlap)
     overlap = overlap and hasattr(rollouts, "collect_async")
     last_iteration_s, eval_s = 0.0, 0.0
+    usage = _usage(rollouts)  # the actors' busy time so far: each iteration reports its share of the interval
     while budget.allows(state.iteration, state.env_steps, last_iteration_s, reserve_s=eval_s * 1.2 + 2.0,
                         episodes=state.episodes):
         started = time.perf_counter()
@@ -264,14 +265,16 @@ def run_loop(
                 in_flight = []
                 new = rollouts.collect(seeds, "train", sample_seed=state.next_train_index) if seeds else []
             state.next_train_index += layouts
-        with timer("store"):
-            for ep in new:
-                store.add(ep)
+        busy, usage = _busy_fraction(usage, _usage(rollouts))  # the actors are idle now: the answer is at once
         episodes = adopted + new
         if overlap and budget.allows(state.iteration + 1, state.env_steps, 2 * last_iteration_s,
                                      reserve_s=eval_s * 1.2 + 2.0, episodes=state.episodes + len(episodes)):
+            # the next collection starts before this one is stored: the actors do not wait for the disk
             ahead = [train_seed(state.next_train_index + i // group_size) for i in range(layouts * group_size)]
             pending = rollouts.collect_async(ahead, "train", sample_seed=state.next_train_index)
+        with timer("store"):
+            for ep in new:
+                store.add(ep)
         lag = learner.version - min((ep.policy_version for ep in episodes), default=learner.version)
         with timer("label"):
             labels = label_episodes(detector, episodes)
@@ -347,6 +350,12 @@ def run_loop(
             row.update(state.evaluations[-1].as_metrics())
             eval_s = timer.seconds["evaluate"]
         row.update(timer.as_metrics())
+        # Pipeline: the share of the iteration the learner's side spent waiting for practice, and the share of
+        # the actors' time they spent working (the rest they waited for the next collection, and its weights).
+        row["time/learner_wait_fraction"] = timer.seconds["collect"] / max(
+            1e-9, time.perf_counter() - started - timer.seconds.get("evaluate", 0.0))
+        if busy is not None:
+            row["rollout/busy_fraction"] = busy
         save_state(state)
         metrics.log(row, step=state.iteration)
         on_iteration(state, row)
@@ -364,6 +373,23 @@ def run_loop(
 
 
 MAX_DIVERGED_IN_A_ROW = 3
+
+
+def _usage(rollouts: Rollouts) -> list[dict[str, float]] | None:
+    return rollouts.usage() if hasattr(rollouts, "usage") else None
+
+
+def _busy_fraction(before: list[dict] | None, now: list[dict] | None) -> tuple[float | None, list[dict] | None]:
+    """The actors' busy seconds over their alive seconds between two readings (a replaced worker counts from its
+    start) -> (fraction, ``now`` for the next interval)."""
+    if not before or not now or len(before) != len(now):
+        return None, now
+    busy = alive = 0.0
+    for b, n in zip(before, now):
+        fresh = n["alive_s"] < b["alive_s"]  # a new actor in that place
+        busy += n["busy_s"] - (0.0 if fresh else b["busy_s"])
+        alive += n["alive_s"] - (0.0 if fresh else b["alive_s"])
+    return (busy / alive if alive > 0 else None), now
 
 
 def _check_finite(learner: Learner) -> None:

@@ -105,7 +105,7 @@ def _plots(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
             ax.legend(fontsize=8)
             out.append(("Promotion gate decisions", png_data_uri(fig)))
             plt.close(fig)
-        fig, (rate, time_ax) = plt.subplots(1, 2, figsize=(13, 3.6))
+        fig, (rate, time_ax, idle) = plt.subplots(1, 3, figsize=(17, 3.6))
         x = [r["iteration"] for r in its]
         seconds = np.array([sum(r.get(f"time/{p}", 0.0) for p in PHASES) for r in its])
         episodes = np.diff([0] + [r["episodes"] for r in its])
@@ -120,11 +120,18 @@ def _plots(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
             if t.any():
                 time_ax.bar(x, t, bottom=bottom, label=p)
                 bottom += t
-        for a in (rate, time_ax):
+        for key, label in (("rollout/busy_fraction", "actors busy"), ("time/learner_wait_fraction",
+                                                                        "learner waiting for practice")):
+            if any(key in r for r in its):
+                idle.plot([r["iteration"] for r in its if key in r], [r[key] for r in its if key in r], "o-",
+                          label=label)
+        idle.set(xlabel="iteration", ylabel="fraction of the iteration", ylim=(0, 1), title="pipeline")
+        idle.legend(fontsize=8)
+        for a in (rate, time_ax, idle):
             a.xaxis.set_major_locator(MaxNLocator(integer=True))
         time_ax.set(xlabel="iteration", ylabel="seconds", title="where each iteration's time went")
         time_ax.legend(fontsize=7, ncol=3)
-        out.append(("Throughput and time per phase", png_data_uri(fig)))
+        out.append(("Throughput, time per phase, and pipeline waits", png_data_uri(fig)))
         plt.close(fig)
     return out
 

@@ -102,3 +102,32 @@ def test_only_the_arrays_that_changed_travel_and_a_replaced_worker_gets_them_all
             assert group.publish(third) == [3, 3] and group.restarts == 1 and group.last_sync["arrays"] == 1
     finally:
         group.close()
+
+
+def test_an_acting_policy_shares_the_snapshot_it_is_given_and_acts_as_a_copy_would():
+    """Applying weights to a rollout policy makes its parameters the snapshot's own arrays (no copy: a 100M model's
+    snapshot reaches 4 actors in 8-16 ms, bench/weight_sync.py); it acts exactly as a model that copied them, takes a
+    checkpoint file's arrays as they are stored, and a delta changes only the arrays it names."""
+    from flywheel.vla.checkpoint import load_policy_checkpoint
+    from flywheel.vla.model import SmallVLA
+
+    cfg, weights, _ = load_policy_checkpoint("base")  # as stored: a scalar parameter is saved with shape (1,)
+    shared = VLAPolicy(cfg)
+    shared.load_weights(weights)
+    copied = SmallVLA(cfg)
+    copied.load_weights(weights)
+    params = dict(shared.model.named_parameters())
+    assert all(np.shares_memory(params[k].detach().numpy(), v) for k, v in weights.items() if k in params)
+    rng = np.random.default_rng(0)
+    obs = (rng.integers(0, 255, (3, 64, 64, 3), dtype=np.uint8), rng.random((3, 3), dtype=np.float32),
+           ["push the red block onto the green pad"] * 3)
+    np.testing.assert_array_equal(shared.act(*obs, seed=1), VLAPolicy(model=copied).act(*obs, seed=1))
+
+    name = "head.out.bias"
+    shared.load_weights({name: weights[name] + 1.0})  # a delta: that array changes, and nothing else
+    after = shared.get_weights()
+    np.testing.assert_array_equal(after[name], weights[name] + 1.0)
+    assert all(np.array_equal(after[k], np.asarray(v).reshape(after[k].shape)) for k, v in weights.items()
+               if k != name)
+    with pytest.raises(KeyError, match="does not have"):
+        shared.load_weights({"no.such.weight": weights[name]})

@@ -242,6 +242,8 @@ def test_with_overlap_the_actors_collect_while_the_learner_trains(tmp_path, ray_
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     lags = [r["rollout/lag_versions"] for r in rows if "iteration" in r]
     assert lags == [0, 1, 1]  # the second and third iterations' practice ran while the update before them trained
+    its = [r for r in rows if "iteration" in r]  # the pipeline's waits, measured every iteration
+    assert all(0 < r["rollout/busy_fraction"] <= 1 and 0 <= r["time/learner_wait_fraction"] < 1 for r in its), its
     store = EpisodeStore(run_dir / "episodes")
     versions = sorted(ep.policy_version for ep in store.iter() if ep.policy_version >= 0 and ep.seed >= 5_000_000)
     assert versions == [0] * 64 + [1] * 32 and store.verify()["ok"]

@@ -17,7 +17,8 @@ def test_the_report_is_self_contained_and_shows_its_plots_in_a_browser(finished_
     shutil.copytree(finished_run[0], run_dir)
     page = write_report(run_dir).read_text()
     for title in ("Held-out success per policy version", "Detector success, claimed against audited",
-                  "Promotion gate decisions", "Throughput and time per phase", "Newest policy, in practice"):
+                  "Promotion gate decisions", "Throughput, time per phase, and pipeline waits",
+                  "Newest policy, in practice"):
         assert title in page
     sources = re.findall(r"<img[^>]* src='([^']*)'", page)
     assert len(sources) >= 6 and all(s.startswith("data:image/") for s in sources)  # nothing to fetch
