@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test test-slow smoke setup sims clean
+.PHONY: run test test-slow smoke bench setup sims clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ test: $(STAMP)
 # the acceptance runs too (the smoke preset end to end, ~4 min)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+# issue 7's benchmarks: ratios measured in one run each, into bench/results/*.json and the table in bench/RESULTS.md
+# (~15 min on 2 cores). The soak (bench/soak.py, 30 min) and the others in bench/ run on their own.
+bench: $(STAMP)
+	PYTHONPATH=. $(BIN)/python bench/rollout.py
+	PYTHONPATH=. $(BIN)/python bench/weight_sync.py
+	PYTHONPATH=. $(BIN)/python bench/learner_step.py
+	PYTHONPATH=. $(BIN)/python bench/pipeline.py
+	PYTHONPATH=. $(BIN)/python bench/table.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

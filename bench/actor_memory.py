@@ -15,12 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-
-def private_mb() -> float:
-    for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no RssAnon in /proc (Linux only)")
+from bench.common import memory_mb
 
 
 def measure(trim: bool, collections: int) -> list[float]:
@@ -40,7 +35,7 @@ def measure(trim: bool, collections: int) -> list[float]:
     out = []
     for i in range(collections):
         worker.collect(list(range(1000 * i, 1000 * i + 256)), "train", sample_seed=i)
-        out.append(private_mb())
+        out.append(memory_mb()["RssAnon"])
     return out
 
 

@@ -23,25 +23,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from bench.common import memory_mb
 from flywheel.config import load_config
 from flywheel.run import run
-
-PAGE_KB = 1  # /proc/PID/status reports its sizes in kB
-
-
-def memory_mb(pid: int) -> dict[str, float]:
-    """/proc/PID/status: VmRSS (resident) and its parts: RssAnon (the process's own heap), RssShmem (shared memory
-    it has touched: for a Ray worker, pages of the object store, a cache bounded by its size), RssFile."""
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key = line.split(":")[0]
-            if key in ("VmRSS", "RssAnon", "RssShmem", "RssFile"):
-                out[key] = int(line.split()[1]) * PAGE_KB / 1024
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        pass
-    return out
-
 
 def actor_pids() -> dict[int, str]:
     """This run's rollout actors: processes titled ray::RolloutWorker... descended from this process (the Ray it
