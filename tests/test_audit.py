@@ -145,12 +145,13 @@ def test_periodic_retraining_promotes_a_candidate_only_if_it_judges_the_newest_a
 
 
 def calls_failed_pushes_successes(detector):
-    """Corrupt a trained detector on purpose: from now on it accepts every failed push (a class of near misses)."""
-    honest = detector.score
+    """Corrupt a detector on purpose: it accepts every failed push (a class of near misses) and is otherwise right
+    (it reads the simulator's truth), so that the audit has this corruption alone to find."""
 
     def score(episodes, instructions=None):
-        failed_push = [ep.task == "push" and not ep.ground_truth["success"] for ep in episodes]
-        return np.where(failed_push, 1.0, honest(episodes, instructions)).astype(np.float32)
+        truth = np.array([bool(ep.ground_truth["success"]) for ep in episodes])
+        failed_push = np.array([ep.task == "push" for ep in episodes]) & ~truth
+        return np.where(failed_push | truth, 1.0, 0.0).astype(np.float32)
 
     detector.score = score
     return detector
@@ -169,8 +170,8 @@ def test_a_whole_run_catches_a_corrupted_detector_and_recovers(tmp_path, monkeyp
     real = run_module.train_detector
 
     def corrupt_the_first(*args, **kwargs):
-        if not trained:  # its verdicts on failed pushes are overridden anyway: a short training saves ~30 s
-            kwargs["steps"] = 100
+        if not trained:  # its verdicts are replaced (calls_failed_pushes_successes): a short training saves ~40 s
+            kwargs["steps"] = 1
         detector, metrics = real(*args, **kwargs)
         trained.append(detector.version)
         return (calls_failed_pushes_successes(detector) if len(trained) == 1 else detector), metrics
