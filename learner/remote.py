@@ -40,6 +40,9 @@ class _LearnerHost:
     def call(self, name: str, *args) -> tuple[Any, int]:
         return getattr(self.learner, name)(*args), self.learner.version
 
+    def version(self) -> int:
+        return self.learner.version
+
     def where(self) -> dict:
         import ray
 
@@ -74,7 +77,7 @@ class RemoteLearner:
         self._actor = self._remote.remote(*self._args)
         try:  # a new process, torch, the learner's demonstrations: allow for them
             self.placement = ray.get(self._actor.where.remote(), timeout=self.start_timeout_s)
-            _, self.version = ray.get(self._actor.call.remote("snapshot"), timeout=self.start_timeout_s)
+            self.version = ray.get(self._actor.version.remote(), timeout=self.start_timeout_s)
         except ray.exceptions.GetTimeoutError as e:
             ray.kill(self._actor, no_restart=True)
             raise LearnerStartError(
