@@ -11,26 +11,17 @@ Each figure is the best of 3 repeats (the machines are shared and noisy); ratios
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 import torch
 
 from actors.rollout import run_episodes
 from actors.tabletop import split_seed
+from bench.common import best_of as best
 from flywheel.contracts import Label
 from flywheel.store import EpisodeStore
 from reward.detector import DetectorNet, DetectorNetConfig, LearnedSuccessDetector
 from reward.train import train_detector
-
-
-def best(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
