@@ -504,11 +504,24 @@ def start_remote_learner(cfg: DictConfig, factory, on_restart):
 
     if not cfg.rollout.use_ray:
         raise ConfigError("learner.remote=true needs Ray: drop rollout.use_ray=false (or set learner.remote=false)")
-    check_resources({**({"GPU": cfg.learner.gpus} if cfg.learner.gpus else {}), **to_dict(cfg.learner.resources)},
-                    ray.cluster_resources(), who="learner")
+    check_learner_fits(cfg, ray.cluster_resources())
     return RemoteLearner(factory, device=cfg.learner.device, cpus=cfg.learner.cpus, gpus=cfg.learner.gpus,
                          resources=to_dict(cfg.learner.resources), call_timeout_s=cfg.learner.call_timeout_s,
                          on_restart=on_restart)
+
+
+def check_learner_fits(cfg: DictConfig, offered: dict) -> None:
+    """A ConfigError, before the learner actor waits for a place that will never come: a resource no node offers,
+    or more CPUs than the cluster has once the rollout actors hold theirs (a 2-core laptop with the defaults)."""
+    check_resources({**({"GPU": cfg.learner.gpus} if cfg.learner.gpus else {}), **to_dict(cfg.learner.resources)},
+                    offered, who="learner")
+    rollout = cfg.rollout.num_workers * cfg.rollout.cpus_per_worker
+    if rollout + cfg.learner.cpus > offered.get("CPU", 0) + 1e-9:
+        raise ConfigError(
+            f"learner.cpus={cfg.learner.cpus:g} does not fit: the rollout actors hold {rollout:g} of the cluster's "
+            f"{offered.get('CPU', 0):g} CPUs (rollout.num_workers={cfg.rollout.num_workers} x "
+            f"rollout.cpus_per_worker={cfg.rollout.cpus_per_worker:g}). Lower learner.cpus (0 shares the CPUs, as a "
+            f"learner in the driver does) or rollout.cpus_per_worker, or join a cluster with more (ray.address).")
 
 
 def refill_learner(learner, cfg: DictConfig, store: EpisodeStore, next_index: int, reads) -> tuple[int, list]:

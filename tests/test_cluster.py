@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from flywheel.config import ConfigError
-from flywheel.run import check_resources
+from flywheel.config import ConfigError, load_config
+from flywheel.run import check_learner_fits, check_resources
 
 
 def test_actors_and_the_learner_go_to_the_nodes_that_offer_their_resources(tmp_path):
@@ -42,3 +42,13 @@ def test_a_resource_no_node_offers_is_named_before_any_actor_waits():
         check_resources({"robot": 1}, {"CPU": 2.0})
     with pytest.raises(ConfigError, match=r"learner.resources=.*no node has \['GPU'\].*--num-gpus=1"):
         check_resources({"GPU": 1}, {"CPU": 2.0}, who="learner")
+
+
+def test_a_remote_learner_that_cannot_fit_is_refused_before_it_waits():
+    cfg = load_config("run", ["learner.remote=true"])  # 2 rollout actors of 1 CPU each, a learner of 1 CPU
+    with pytest.raises(ConfigError, match=r"learner.cpus=1 does not fit: the rollout actors hold 2 of the cluster's 2"):
+        check_learner_fits(cfg, {"CPU": 2.0})
+    check_learner_fits(cfg, {"CPU": 3.0})
+    check_learner_fits(load_config("run", ["learner.remote=true", "learner.cpus=0"]), {"CPU": 2.0})
+    with pytest.raises(ConfigError, match=r"no node has \['GPU'\]"):
+        check_learner_fits(load_config("run", ["learner.remote=true", "learner.gpus=1"]), {"CPU": 8.0})
