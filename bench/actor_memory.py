@@ -13,9 +13,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-from bench.common import memory_mb
+from bench.common import memory_mb, write_result
 
 
 def measure(trim: bool, collections: int) -> list[float]:
@@ -49,23 +48,11 @@ def main(collections: int) -> None:
                               check=True, env={**os.environ, "PYTHONPATH": "."})
         runs[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     growth = {m: r[-1] - r[4] for m, r in runs.items()}
-    result = {
-        "name": "actor_memory",
-        "ratio": growth["trim"] / growth["none"],
-        "target": None,
-        "met": None,
-        "command": f"PYTHONPATH=. .venv/bin/python bench/actor_memory.py {collections}",
-        "what": "a rollout worker's private memory growth from the 5th collection of 256 episodes to the last: "
-                "heap trimmed after each collection / not trimmed",
-        "growth_mb": growth,
-        "per_collection_mb": {m: g / (collections - 5) for m, g in growth.items()},
-        "private_mb": runs,
-    }
-    out = Path("bench/results/actor_memory.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k != "private_mb"}, indent=2))
-
+    write_result("actor_memory", growth["trim"] / growth["none"], None, None,
+                 what="a rollout worker's private memory growth from the 5th collection of 256 episodes to the last: "
+                      "heap trimmed after each collection / not trimmed",
+                 growth_mb=growth, per_collection_mb={m: g / (collections - 5) for m, g in growth.items()},
+                 private_mb=runs)
 
 if __name__ == "__main__":
     main(int(sys.argv[1]) if len(sys.argv) > 1 else 30)

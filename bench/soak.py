@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from bench.common import memory_mb
+from bench.common import memory_mb, write_result
 from flywheel.config import load_config
 from flywheel.run import run
 
@@ -89,32 +89,22 @@ def main(overrides: list[str]) -> None:
         return {"after_warm_up": start, "end": end, "ratio": end / start, "peak": max(map(value, samples))}
 
     private = growth(lambda s: s["driver"].get("RssAnon", 0.0) + s["actors_RssAnon"])
-    result = {
-        "name": "soak",
-        "ratio": private["ratio"],
-        "target": 1.05,
-        "met": private["ratio"] <= 1.05,
-        "command": "PYTHONPATH=. .venv/bin/python bench/soak.py " + " ".join(overrides),
-        "what": "private resident memory (RssAnon) of the driver and the rollout actors, end / just after warm-up; "
-                "resident memory in all (VmRSS, which counts the pages of Ray's object store each process touched) "
-                "beside it",
-        "warm_up": {"ends_s": warm_t, "why": f"replay buffer full ({bound} episodes) at iteration "
-                                             f"{full['iteration']}" if full else "a third of the run (buffer never full)"},
-        "memory_mb": {"private": private,
-                      "driver_private": growth(lambda s: s["driver"].get("RssAnon", 0.0)),
-                      "actors_private": growth(lambda s: s["actors_RssAnon"]),
-                      "actors_object_store_pages": growth(lambda s: s["actors_RssShmem"]),
-                      "resident_all": growth(lambda s: s["driver"].get("VmRSS", 0.0) + s["actors_VmRSS"])},
-        "run": {"run_dir": run_dir, "minutes": summary["wall_seconds"] / 60, "iterations": summary["iterations"],
-                "episodes": summary["episodes"], "status": summary["status"],
-                "config": OmegaConf.to_container(cfg.budget)},
-        "samples": samples,
-    }
-    out = Path("bench/results/soak.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
-
+    write_result(
+        "soak", private["ratio"], 1.05, private["ratio"] <= 1.05,
+        what="private resident memory (RssAnon) of the driver and the rollout actors, end / just after warm-up; "
+             "resident memory in all (VmRSS, which counts the pages of Ray's object store each process touched) "
+             "beside it",
+        warm_up={"ends_s": warm_t, "why": f"replay buffer full ({bound} episodes) at iteration {full['iteration']}"
+                 if full else "a third of the run (buffer never full)"},
+        memory_mb={"private": private,
+                   "driver_private": growth(lambda s: s["driver"].get("RssAnon", 0.0)),
+                   "actors_private": growth(lambda s: s["actors_RssAnon"]),
+                   "actors_object_store_pages": growth(lambda s: s["actors_RssShmem"]),
+                   "resident_all": growth(lambda s: s["driver"].get("VmRSS", 0.0) + s["actors_VmRSS"])},
+        run={"run_dir": run_dir, "minutes": summary["wall_seconds"] / 60, "iterations": summary["iterations"],
+             "episodes": summary["episodes"], "status": summary["status"],
+             "config": OmegaConf.to_container(cfg.budget)},
+        samples=samples)
 
 if __name__ == "__main__":
     main(sys.argv[1:])
