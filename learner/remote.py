@@ -34,8 +34,7 @@ class _LearnerHost:
 
         if threads > 0:
             torch.set_num_threads(threads)
-        self.device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.learner = factory(self.device)
+        self.learner = factory(device)  # the factory resolves "auto" (the run's build_learner)
 
     def call(self, name: str, *args) -> tuple[Any, int]:
         return getattr(self.learner, name)(*args), self.learner.version
@@ -50,7 +49,7 @@ class _LearnerHost:
         import ray
 
         return {"node": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid(),
-                "device": self.device}
+                "device": str(self.learner.model.cls_device)}
 
 
 class RemoteLearner:
@@ -142,9 +141,6 @@ class RemoteLearner:
 
     def refill(self, episodes) -> None:
         self._call("refill", episodes)
-
-    def pid(self) -> int:
-        return int(self.placement["pid"])
 
     def close(self) -> None:
         import ray
