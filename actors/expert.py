@@ -27,6 +27,15 @@ AIM_OFFSET = {
 HOVER_FAMILIES = ("push", "place", "stack", "sort")
 HARD_EXAMPLES = ("near_miss", "near_hit", "hover")
 
+# Operators: how a demonstrator goes about "push the block onto the pad", as the people of a real lab's
+# teleoperation pool differ. Both succeed when they demonstrate (they read the true state); what differs is how much
+# a policy that imitates them from pixels gets right.
+# - standard: hovers with an open hand to just behind the block, closes it there and pushes;
+# - carrier: picks the block up, carries it over the pad's centre and lets go there, as in place.
+# The shipped base learned from both (its record's config says so). Imitated from pixels, they differ: the base's
+# carried pushes succeed 0.62 of the time, its pushes with the fist almost never (bench notes in the README).
+OPERATORS = ("standard", "carrier")
+
 
 def hard_example_plan(kind: str, family: str, angle: float) -> dict | None:
     """How the expert makes a ``kind`` of hard example (HARD_EXAMPLES) in ``family``: ``expert_action``'s keyword
@@ -47,7 +56,7 @@ def _toward(src: np.ndarray, dst: np.ndarray, gain: float = 1.0) -> np.ndarray:
 
 
 def expert_action(env: TabletopEnv, rng: np.random.Generator | None = None, noise: float = 0.0,
-                  miss: np.ndarray | None = None, hold: bool = False) -> np.ndarray:
+                  miss: np.ndarray | None = None, hold: bool = False, operator: str = "standard") -> np.ndarray:
     """One action for the current state. ``noise`` adds Gaussian motion noise (more varied demonstrations).
 
     Every family but push is the same two moves on ``env.state()``: reach what to act on (a block, a button, a
@@ -56,7 +65,9 @@ def expert_action(env: TabletopEnv, rng: np.random.Generator | None = None, nois
 
     ``miss`` (x, y) shifts where the block must go (families in AIM_OFFSET): a near miss or a near hit, which puts
     the block down there once and then keeps the hand still and open. ``hold``: grasp the block (push too), carry
-    it over the target and never let go."""
+    it over the target and never let go. ``operator``: whose way of doing it (OPERATORS)."""
+    if operator not in OPERATORS:
+        raise ValueError(f"unknown operator {operator!r}: choose from {OPERATORS}")
     s = env.state()
     eff, block, target = s["effector"], s["block"], s["target"]
     if miss is not None and s["family"] == "button":
@@ -70,7 +81,7 @@ def expert_action(env: TabletopEnv, rng: np.random.Generator | None = None, nois
         target = np.clip(target + miss, 0.03, 0.97)
         if not s["holding_target"] and np.hypot(*(block - target)) < 0.03:
             return np.array([0.0, 0.0, -1.0], np.float32)  # put down where it was aimed: stay clear of it
-    if s["family"] != "push" or hold:
+    if s["family"] != "push" or hold or operator == "carrier":
         if s["holding_target"]:
             move = _toward(eff, target)
             # Release over the bowl; a drawer made to stop short is let go only where it was aimed (it moves 0.4 of

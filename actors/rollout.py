@@ -59,6 +59,7 @@ def run_episodes(
     execute: int = 4,
     expert_noise: float = 0.1,
     hard: str | None = None,
+    operators: tuple[str, ...] | list[str] = ("standard",),
     sample_seed: int = 0,
     make_env: Callable[..., gym.Env] = make_env,
     faults: list[dict] | None = None,
@@ -69,7 +70,9 @@ def run_episodes(
     policy is called once per ``execute`` steps on the batch of still-running environments and the first
     ``execute`` actions of each chunk are applied (receding horizon). ``sample_seed`` seeds the policy's sampling
     noise, so a rollout is reproducible given its seeds. ``hard`` (expert only): make that kind of hard example for
-    the detector (actors/expert.py HARD_EXAMPLES); ``info["hard"]`` names it where it applied. ``faults``: given a
+    the detector (actors/expert.py HARD_EXAMPLES); ``info["hard"]`` names it where it applied. ``operators`` (expert
+    only, the tabletop's): whose way of demonstrating (actors/expert.py OPERATORS), taken in turn by seed, so a seed's
+    demonstration is the same in any call; ``info["operator"]`` names it. ``faults``: given a
     list, an environment that raises while stepping has its episode discarded (the others go on) and what happened
     appended to it; without one, the error propagates.
     """
@@ -106,6 +109,9 @@ def run_episodes(
 
         angles = rng.uniform(0, 2 * np.pi, len(seeds))
         plans = [hard_example_plan(hard, info["family"], a) for a, (_, info) in zip(angles, first)]
+    made_hard = [p is not None for p in plans]
+    operator = [operators[int(s) % len(operators)] if policy is None and privileged else None for s in seeds]
+    plans = [{**(p or {}), "operator": op} if op is not None else p for p, op in zip(plans, operator)]
     chunk: np.ndarray | None = None
     broken: set[int] = set()  # environments that raised: their episodes are discarded
     call = 0
@@ -176,7 +182,8 @@ def run_episodes(
             )},
             ground_truth={"success": bool(infos[i]["success"])},
             info={"created": now, "max_steps": max_steps, "execute": execute, "phrasing": phrasing, "combos": combos,
-                  **({"hard": hard} if plans[i] is not None else {}),
+                  **({"hard": hard} if made_hard[i] else {}),
+                  **({"operator": operator[i]} if operator[i] is not None else {}),
                   "combo_heldout": bool(infos[i].get("combo_heldout", False)),
                   "kind": infos[i].get("kind", infos[i]["family"]), "named": list(infos[i].get("named", [])),
                   "randomization": first[i][1].get("randomization", {})},

@@ -211,6 +211,8 @@ class PretrainConfig:
     out_dir: str = "runs/pretrain"  # checkpoints, demos and metrics; the job resumes from here if started again
     seed: int = 0
     demos: int = 100  # the limited demonstration set (the shipped base: 100)
+    operators: list[str] = field(default_factory=lambda: ["standard"])  # whose demonstrations, taken in turn by
+    #                      seed (actors/expert.py OPERATORS): the shipped base's are [standard, carrier]
     steps: int = 6000
     batch_size: int = 64
     lr: float = 1e-3
@@ -236,6 +238,8 @@ class DemosConfig:
     split: str = "train"  # train | eval | holdout: which disjoint seed range (actors/tabletop.py split_seed)
     first: int = 0  # index of the first seed in that range
     noise: float = 0.1  # the expert's motion noise
+    operators: list[str] = field(default_factory=lambda: ["standard"])  # whose demonstrations, taken in turn by
+    #                      seed (actors/expert.py OPERATORS)
     env: EnvConfig = field(default_factory=EnvConfig)
 
 
@@ -277,6 +281,11 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
         raise ConfigError(f"detector.sensors={list(cfg.detector.sensors)} but env.sensors={list(cfg.env.sensors)} does "
                           f"not record {sorted(set(cfg.detector.sensors) - set(cfg.env.sensors))}: add them to "
                           f"env.sensors (the episodes must carry every camera the detector judges from)")
+    from actors.expert import OPERATORS
+
+    if name in ("pretrain", "demos") and (not cfg.operators or set(cfg.operators) - set(OPERATORS)):
+        raise ConfigError(f"operators={list(cfg.operators)}: each must be one of {list(OPERATORS)} (actors/expert.py), "
+                          f"and at least one given; e.g. operators=[standard,carrier]")
     return cfg
 
 

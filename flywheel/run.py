@@ -73,7 +73,8 @@ def write_demos(cfg: DictConfig, say: Callable[[str], None] = print) -> dict[str
     have = {ep.seed for ep in store.iter(cfg.split)}
     seeds = [s for s in (split_seed(cfg.split, cfg.first + i) for i in range(cfg.episodes)) if s not in have]
     episodes = ground_truth_labelled(run_episodes(seeds, cfg.split, None, policy_version=-1,
-                                                  expert_noise=cfg.noise, **env_kwargs_of(cfg)))
+                                                  expert_noise=cfg.noise, operators=list(cfg.operators),
+                                                  **env_kwargs_of(cfg)))
     for ep in episodes:
         store.add(ep)
     done = {"written": len(episodes), "already_there": cfg.episodes - len(seeds), "store": str(cfg.out_dir),
@@ -92,7 +93,8 @@ def pretraining_demos(n: int, base_meta: dict, env_kwargs: dict) -> list[Episode
     recorded = (base_meta.get("config") or {}).get("env") or {}
     demo_env = {**env_kwargs, **{k: recorded[k] for k in ("family", "phrasing", "combos") if k in recorded}}
     seeds = [split_seed("train", DEMO_SEEDS + i) for i in range(n)]
-    return run_episodes(seeds, "train", None, policy_version=-1, **demo_env)
+    operators = (base_meta.get("config") or {}).get("operators") or ["standard"]
+    return run_episodes(seeds, "train", None, policy_version=-1, operators=list(operators), **demo_env)
 
 
 def ground_truth_labelled(episodes: list[Episode]) -> list[Episode]:

@@ -360,3 +360,24 @@ def test_drawer_and_button_hard_examples_straddle_success():
             env.step(expert_action(env, rng, 0.1, **plan))
         opening = env.opening[env.target_index]
         assert (0.6 < opening < 0.9) if env.verb == "open" else (0.1 < opening < 0.4)
+
+
+def test_operators_take_turns_by_seed_and_each_succeeds_its_own_way():
+    """The demonstrators' pool (actors/expert.py OPERATORS): taken in turn by seed, so a seed's demonstration is the
+    same in any call. The standard operator pushes the block onto the pad with its fist, (almost) never holding it;
+    the carrier picks the block up and lets go over the pad. Both succeed."""
+    seeds = [split_seed("train", 9_200_000 + i) for i in range(80)]
+    pool = ["standard", "carrier"]
+    eps = run_episodes(seeds, "train", None, policy_version=-1, family="push", operators=pool)
+    assert [ep.info["operator"] for ep in eps] == [pool[s % 2] for s in seeds]
+    again = run_episodes(seeds[1::2], "train", None, policy_version=-1, family="push", operators=pool)
+    assert [ep.info["operator"] for ep in again] == [ep.info["operator"] for ep in eps[1::2]]
+    for name in pool:
+        own = [ep for ep in eps if ep.info["operator"] == name]
+        assert np.mean([ep.ground_truth["success"] for ep in own]) >= 0.95, name
+        # carried: the block sits exactly under the hand at some step
+        carried = [bool(np.any(np.all(np.isclose(ep.extras["aux_positions"][1:, :2],
+                                                 ep.observations["proprio"][1:, :2]), axis=1))) for ep in own]
+        assert all(carried) if name == "carrier" else np.mean(carried) < 0.1, name  # a noisy fist rarely grasps
+    with pytest.raises(ValueError, match="unknown operator"):
+        run_episodes(seeds[:1], "train", None, policy_version=-1, operators=["nobody"])
