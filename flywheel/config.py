@@ -102,10 +102,17 @@ class LearnerConfig:
     value_epochs: int = 20  # residual_ppo: passes of the value refit per iteration
     anchor: float = 0.5  # token_ppo: weight of behaviour cloning on the replayed demonstrations beside PPO's loss
     max_staleness: int = 2  # token_ppo: episodes acted by a version older than this many updates are dropped
+    practice_noise: float = 0.0  # filtered_bc, recap: scale of the flow's starting noise in practice (evaluation
+    #                              always samples, at 1). 0: the policy's one deterministic chunk per observation, so
+    #                              each success it clones is a clean trajectory, not one of its noisy draws (measured:
+    #                              README, session 10); repeated attempts at a layout would then be identical, so it
+    #                              needs rollout.group_size=1
+    clone: str = "executed"  # filtered_bc: "executed": clone what the policy did at every step, as a demonstration is
+    #                          cloned; "chunks": the chunks it sampled, at the steps it sampled them
     demos: int = 100  # the pretraining demonstrations, replayed so the policy does not drift from them
     steps_per_update: int = 300  # gradient steps per iteration
     batch_size: int = 64
-    lr: float = 1e-4  # the base ends its pretraining at 1e-4; more than ~3x that shocks it
+    lr: float = 2e-4  # the base ends its pretraining near 1e-4; more than ~3x that shocks it
     demo_fraction: float = 0.5  # of every batch, drawn from the replayed demonstrations
     max_episodes: int = 4000  # in-memory replay bound (oldest non-demo episodes dropped first)
     device: str = "auto"  # where the learner trains: auto (a GPU if its process sees one), cpu, cuda, cuda:N

@@ -77,14 +77,16 @@ class ChunkDataset:
         return {e.key for e in self._eps}
 
     def add(self, episodes: list[Episode], weight: float | np.ndarray = 1.0, pinned: bool = False,
-            indicator: int | np.ndarray = 0) -> None:
+            indicator: int | np.ndarray = 0, executed: bool = False) -> None:
         """``weight`` and ``indicator`` (the advantage indicator: 0 none, 1 positive, 2 negative) hold for every
-        sample of the episodes, or, given as arrays, per sample of a single episode (one per sampled chunk)."""
+        sample of the episodes, or, given as arrays, per sample of a single episode (one per sampled chunk).
+        ``executed``: a policy's own episode is cloned as a demonstration is, from what it executed at every step,
+        rather than from the chunks it sampled."""
         for ep in episodes:
             t_len = ep.num_steps
             if t_len == 0:
                 continue
-            if "chunks" in ep.extras:
+            if "chunks" in ep.extras and not executed:
                 # A policy's own episode: clone the chunks it sampled, at the steps it sampled them.
                 steps, targets = ep.extras["chunk_steps"], ep.extras["chunks"].astype(np.float32)
             else:

@@ -40,6 +40,8 @@ class FilteredBCLearner(LearnerBase):
         perturb: float = 0.01,
         indicator_lr: float | None = None,
         freeze_backbone: bool = False,
+        practice_noise: float = 1.0,
+        clone: str = "chunks",
     ):
         self.model = model
         self.version = version
@@ -54,6 +56,9 @@ class FilteredBCLearner(LearnerBase):
         self.data = ChunkDataset(model, max_episodes=max_episodes, encode=freeze_backbone)
         self.guidance = guidance
         self.shrink, self.perturb, self.lr = shrink, perturb, lr
+        if clone not in ("chunks", "executed"):
+            raise ValueError(f"learner.clone={clone!r}: choose chunks or executed")
+        self.practice_noise, self.executed = practice_noise, clone == "executed"
         self.indicator_dropout = indicator_dropout
         self.data.add(demos, pinned=True, indicator=self.demo_indicator)
         self.indicator_lr = indicator_lr
@@ -86,7 +91,7 @@ class FilteredBCLearner(LearnerBase):
         adv = self.advantages(episodes)
         for ep, a in zip(episodes, adv):
             if a > 0:
-                self.data.add([ep], weight=float(a))
+                self.data.add([ep], weight=float(a), executed=self.executed)
         kept = int((adv > 0).sum())
         return {
             "kept_episodes": kept,
@@ -125,6 +130,7 @@ class FilteredBCLearner(LearnerBase):
 
     def snapshot(self) -> PolicySnapshot:
         weights = self.model.get_weights()
-        sampling = {"indicator": self.sampling_indicator, "guidance": self.guidance if self.sampling_indicator else 1.0}
+        sampling = {"indicator": self.sampling_indicator, "guidance": self.guidance if self.sampling_indicator else 1.0,
+                    **({"practice_noise": self.practice_noise} if self.practice_noise != 1.0 else {})}
         return PolicySnapshot(version=self.version, weights=weights,
                               meta={"algorithm": type(self).__name__, "sampling": sampling})

@@ -232,3 +232,19 @@ def test_token_ppo_moves_a_token_vla_toward_what_the_detector_approves():
     assert learner.update([stale])["stale_dropped"] == 1
     with pytest.raises(ValueError, match="action_head=tokens"):
         TokenPPOLearner(SmallVLA())
+
+
+def test_filtered_bc_can_clone_what_its_policy_executed_at_every_step(demos):
+    """clone=executed: an approved episode of the policy's own is cloned as a demonstration is (every step, the
+    actions it executed), not from the chunks it sampled; with practice_noise its snapshots ask for that noise."""
+    own = []
+    for ep in _episodes_moving(demos[:4], 0.8, True):
+        chunks = np.full((2, 8, 3), -0.5, np.float32)  # sampled chunks that disagree with what was executed
+        own.append(dataclasses.replace(ep, extras={"chunks": chunks, "chunk_steps": np.array([0, 4])}))
+    for clone, samples in (("chunks", 2 * len(own)), ("executed", sum(ep.num_steps for ep in own))):
+        learner = FilteredBCLearner(SmallVLA(), demos=[], practice_noise=0.0, clone=clone)
+        learner.add_episodes(own + _episodes_moving(demos[4:6], -0.8, False))  # failures: never cloned
+        assert len(learner.data) == samples
+        targets = learner.data.sample(16, torch.Generator().manual_seed(0))["actions"]
+        assert torch.all(targets[:, 0, 0] == (0.8 if clone == "executed" else -0.5))  # (past the end: padding)
+    assert learner.snapshot().meta["sampling"]["practice_noise"] == 0.0

@@ -107,3 +107,13 @@ def test_an_unknown_action_head_is_refused():
 
     with pytest.raises(ValueError, match="action_head='diffusion' is unknown"):
         VLAConfig(action_head="diffusion")
+
+
+def test_practice_noise_zero_practises_one_chunk_per_observation_and_evaluation_still_samples():
+    policy = VLAPolicy(VLAConfig())
+    policy.load_weights(policy.get_weights(), {"practice_noise": 0.0})  # as a learner's snapshot asks
+    images, proprio, texts = _batch(2)
+    policy.explore = True  # practice
+    assert np.array_equal(policy.act(images, proprio, texts, seed=0), policy.act(images, proprio, texts, seed=1))
+    policy.explore = False  # evaluation samples the policy as it is
+    assert not np.array_equal(policy.act(images, proprio, texts, seed=0), policy.act(images, proprio, texts, seed=1))

@@ -397,7 +397,7 @@ class SmallVLA(nn.Module):
     def sample(
         self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor, generator: torch.Generator | None = None,
         indicator: int = 0, guidance: float = 1.0, residual: str = "off", extras: dict | None = None,
-        greedy: bool = False,
+        greedy: bool = False, noise: float = 1.0,
     ) -> torch.Tensor:
         """An action chunk (B,C,A) in [-1, 1]: the flow integrated from noise, or action tokens drawn from their
         categoricals (then ``extras``, if given, receives each token's exact log-probability, "logp" (B,C,A)), or with
@@ -405,7 +405,8 @@ class SmallVLA(nn.Module):
 
         ``indicator`` conditions on an advantage (1 = positive); ``guidance`` > 1 applies classifier-free guidance,
         v = v_none + guidance * (v_indicator - v_none), pushing the actions further from what failed.
-        ``residual`` = "sample" (or "mean") corrects the chunk with a draw from (or the mean of) the residual head;
+        ``noise`` scales the flow's starting noise: 1 samples the learned distribution, 0 follows the flow from its
+        mean alone (one deterministic chunk per observation). ``residual`` = "sample" (or "mean") corrects the chunk with a draw from (or the mean of) the residual head;
         then ``extras``, if given, receives the flow's chunk ("base_chunks"), the draw ("residuals") and its
         log-probability ("residual_logp"): what an RL learner needs of every decision.
         """
@@ -424,7 +425,7 @@ class SmallVLA(nn.Module):
             if extras is not None:  # the exact log-probability of each token drawn: PPO's denominators
                 extras.update(logp=self.head.log_prob(logits, x))
         else:
-            x = self._integrate(cond, free, guidance, generator)
+            x = self._integrate(cond, free, guidance, generator, noise)
         if residual == "off":
             return x
         mean, std = self.residual(ctx, x)
@@ -435,10 +436,10 @@ class SmallVLA(nn.Module):
         return self.residual.apply(x, r)
 
     def _integrate(self, cond: torch.Tensor, free: torch.Tensor, guidance: float,
-                   generator: torch.Generator | None) -> torch.Tensor:
+                   generator: torch.Generator | None, noise: float = 1.0) -> torch.Tensor:
         """The flow head's chunk: Euler steps from noise (t=0) to actions (t=1), with classifier-free guidance."""
         cfg = self.cfg
-        x = torch.randn(cond.shape[0], cfg.chunk, cfg.action_dim, generator=generator, device=cond.device)
+        x = noise * torch.randn(cond.shape[0], cfg.chunk, cfg.action_dim, generator=generator, device=cond.device)
         dt = 1.0 / cfg.flow_steps
         for k in range(cfg.flow_steps):
             t = torch.full((cond.shape[0],), k * dt, device=cond.device)
@@ -514,6 +515,9 @@ class VLAPolicy:
         sampling = dict(self.sampling)
         if sampling.get("residual") == "explore":  # draw corrections in practice; their mean in evaluation
             sampling["residual"] = "sample" if self.explore else "mean"
+        practice_noise = sampling.pop("practice_noise", 1.0)  # the learner's choice of how its policy practises
+        if self.explore and self.model.cfg.action_head == "flow":
+            sampling["noise"] = practice_noise
         if self.model.cfg.action_head == "tokens":
             # Action tokens are drawn in practice (PPO needs the draws and their probabilities) and decoded greedily
             # otherwise, as token VLAs are evaluated: each token drawn on its own, a chunk's gripper tokens would
