@@ -40,7 +40,7 @@ from flywheel.resume import (RunDirError, check_unchanged, holds_a_run, loop_epi
 from flywheel.store import EpisodeStore, atomic_write_bytes
 from flywheel.vla.checkpoint import load_policy_checkpoint
 from flywheel.vla.model import SmallVLA
-from learner.registry import ALGORITHMS, make_learner
+from learner.registry import ALGORITHMS, accepted_options, make_learner
 from reward.detector import DetectorNetConfig
 from reward.report import latest_detector, load_detector
 from reward.train import train_detector
@@ -285,6 +285,11 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         check_unchanged(cfg, run_dir)
     if cfg.learner.algorithm not in ALGORITHMS:  # before anything starts, not after the detector has trained
         raise ConfigError(f"learner.algorithm={cfg.learner.algorithm!r} is unknown: choose one of {sorted(ALGORITHMS)}")
+    if cfg.rollout.group_size > 1 and cfg.learner.practice_noise == 0 and "practice_noise" in accepted_options(
+            ALGORITHMS[cfg.learner.algorithm]):
+        raise ConfigError(f"rollout.group_size={cfg.rollout.group_size} with learner.practice_noise=0: the attempts at a "
+                          f"layout would all be the same, so none could be compared with another; give "
+                          f"rollout.group_size=1, or learner.practice_noise > 0 (e.g. 1: practise by sampling)")
     saved = read_state(run_dir) if resuming else None
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg).encode())

@@ -78,3 +78,18 @@ def test_a_gpu_learner_on_a_machine_without_one_is_refused_with_the_fix(monkeypa
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"learner.device=cuda.*sees no GPU.*learner.device=auto"):
         build_learner({"algorithm": "filtered_bc", "demos": 0}, 0, None, {}, {}, {}, device="cuda")
+
+
+def test_an_unknown_demonstrator_is_a_config_error():
+    with pytest.raises(ConfigError, match="operators=.*nobody.*standard"):
+        load_config("pretrain", ["operators=[standard,nobody]"])
+    assert list(load_config("demos", ["out_dir=x", "operators=[standard,carrier]"]).operators) == ["standard", "carrier"]
+
+
+def test_deterministic_practice_with_repeated_attempts_is_refused_before_anything_starts(tmp_path):
+    from flywheel.run import run
+
+    cfg = load_config("run", ["experiment=tiny", f"run_dir={tmp_path / 'r'}", "learner.practice_noise=0"])
+    with pytest.raises(ConfigError, match="group_size=2 with learner.practice_noise=0.*rollout.group_size=1"):
+        run(cfg)
+    assert not (tmp_path / "r").exists()

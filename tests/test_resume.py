@@ -91,7 +91,7 @@ def test_the_iteration_in_flight_uses_what_it_stored_and_collects_only_the_rest(
 def test_a_resumed_run_keeps_its_config_and_says_which_key_may_not_change(finished_run):
     run_dir = finished_run[0]
     given = [f"run_dir={run_dir}", "learner.lr=0.01"]
-    with pytest.raises(ConfigError, match=r"learner.lr: 0.0001 -> 0.01"):
+    with pytest.raises(ConfigError, match=r"learner.lr: 0.0002 -> 0.01"):
         resumed_config(load_config("run", given), given)
     given = [f"run_dir={run_dir}", "budget.iterations=5"]
     cfg = resumed_config(load_config("run", given), given)
