@@ -131,7 +131,7 @@ class RolloutConfig:
     cpus_per_worker: float = 1.0
     episodes_per_iteration: int = 512
     group_size: int = 1  # attempts per layout (seed) in one iteration: > 1 gives the learner a group baseline
-    #                      (GRPO-style; token_ppo and residual_ppo want 4), and needs learner.practice_noise > 0
+    #                      (GRPO-style; token_ppo wants 4), and needs learner.practice_noise > 0 (filtered_bc, recap)
     call_timeout_s: float = 600.0  # with Ray: an actor that does not answer a call within this is killed and
     #                                replaced (an environment that hangs); its episodes in flight are lost
     overlap: bool = False  # with Ray: collect the next iteration while the learner trains on this one (practice one
