@@ -289,6 +289,9 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
         raise ConfigError(f"detector.sensors={list(cfg.detector.sensors)} but env.sensors={list(cfg.env.sensors)} does "
                           f"not record {sorted(set(cfg.detector.sensors) - set(cfg.env.sensors))}: add them to "
                           f"env.sensors (the episodes must carry every camera the detector judges from)")
+    if name == "run" and cfg.learner.clone not in ("chunks", "executed"):
+        raise ConfigError(f"learner.clone={cfg.learner.clone!r}: choose executed (clone what the policy did at every "
+                          f"step, the default) or chunks (the chunks it sampled)")
     from actors.expert import OPERATORS
 
     if name in ("pretrain", "demos") and (not cfg.operators or set(cfg.operators) - set(OPERATORS)):

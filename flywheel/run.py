@@ -90,11 +90,12 @@ def pretraining_demos(n: int, base_meta: dict, env_kwargs: dict) -> list[Episode
     They are remade from the environment settings the base's record names (its family, phrasing and combinations),
     not the run's: a run on held-out combinations must not hand the learner expert demonstrations of them, or a gain
     would come from those demonstrations rather than from practice. Without a record, the run's settings serve."""
-    recorded = (base_meta.get("config") or {}).get("env") or {}
+    made_with = base_meta.get("config") or {}
+    recorded = made_with.get("env") or {}
     demo_env = {**env_kwargs, **{k: recorded[k] for k in ("family", "phrasing", "combos") if k in recorded}}
     seeds = [split_seed("train", DEMO_SEEDS + i) for i in range(n)]
-    operators = (base_meta.get("config") or {}).get("operators") or ["standard"]
-    return run_episodes(seeds, "train", None, policy_version=-1, operators=list(operators), **demo_env)
+    return run_episodes(seeds, "train", None, policy_version=-1, operators=list(made_with.get("operators") or
+                                                                                  ["standard"]), **demo_env)
 
 
 def ground_truth_labelled(episodes: list[Episode]) -> list[Episode]:

@@ -406,7 +406,8 @@ class SmallVLA(nn.Module):
         ``indicator`` conditions on an advantage (1 = positive); ``guidance`` > 1 applies classifier-free guidance,
         v = v_none + guidance * (v_indicator - v_none), pushing the actions further from what failed.
         ``noise`` scales the flow's starting noise: 1 samples the learned distribution, 0 follows the flow from its
-        mean alone (one deterministic chunk per observation). ``residual`` = "sample" (or "mean") corrects the chunk with a draw from (or the mean of) the residual head;
+        mean alone (one deterministic chunk per observation).
+        ``residual`` = "sample" (or "mean") corrects the chunk with a draw from (or the mean of) the residual head;
         then ``extras``, if given, receives the flow's chunk ("base_chunks"), the draw ("residuals") and its
         log-probability ("residual_logp"): what an RL learner needs of every decision.
         """
