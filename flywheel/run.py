@@ -109,6 +109,9 @@ def make_detector_data(cfg: DictConfig, rollouts: RolloutGroup, env_kwargs: dict
     """Scripted demonstrations, hard examples made on purpose (the expert putting the block just outside or just
     inside success, or holding it over the target; actors/expert.py) and starting-policy rollouts, labelled with the
     simulator's success."""
+    policy_seeds = [split_seed("train", DETECTOR_POLICY_SEEDS + i) for i in range(cfg.detector.policy_episodes)]
+    # The actors roll the policy out while this process runs the scripted expert (Ray actors: at the same time)
+    policy_rollouts = rollouts.collect_async(policy_seeds, "train", sample_seed=7)
     demo_seeds = [split_seed("train", DETECTOR_DEMO_SEEDS + i) for i in range(cfg.detector.demo_episodes)]
     demos = run_episodes(demo_seeds, "train", None, policy_version=-1, **env_kwargs)
     if ":" not in cfg.env.family:  # the tabletop's expert makes them; third-party experts do not
@@ -116,9 +119,7 @@ def make_detector_data(cfg: DictConfig, rollouts: RolloutGroup, env_kwargs: dict
             n = getattr(cfg.detector, f"{kind}_episodes")
             seeds = [split_seed("train", DETECTOR_HARD_SEEDS + 100_000 * k + i) for i in range(n)]
             demos += run_episodes(seeds, "train", None, policy_version=-1, hard=kind, **env_kwargs)
-    policy_seeds = [split_seed("train", DETECTOR_POLICY_SEEDS + i) for i in range(cfg.detector.policy_episodes)]
-    rollouts_eps = rollouts.collect(policy_seeds, "train", sample_seed=7)
-    return ground_truth_labelled(demos + rollouts_eps)
+    return ground_truth_labelled(demos + policy_rollouts())
 
 
 def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: RolloutGroup | None = None,
@@ -327,7 +328,6 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
             use_ray=cfg.rollout.use_ray, cpus_per_worker=cfg.rollout.cpus_per_worker,
             call_timeout_s=cfg.rollout.call_timeout_s, resources=to_dict(cfg.rollout.resources),
         )
-        summary["rollout_workers"] = rollouts.placement()
         # The learner first: version 0 is the base as its algorithm acts with it (a residual policy explores).
         checkpoints = CheckpointDir(run_dir / "checkpoints", keep=3)
         store = EpisodeStore(run_dir / "episodes")
@@ -349,6 +349,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
             say(f"run: resuming {run_dir} (attempt {attempt}) at iteration {state.iteration}, policy "
                 f"v{learner.version}: the learner's buffer refilled from {learned} stored episodes; "
                 f"{len(in_flight)} episodes of the iteration in flight are used, the rest collected")
+        summary["rollout_workers"] = rollouts.placement()  # asked only now: the actors started meanwhile
         first = learner.snapshot()
         rollouts.publish(PolicySnapshot(version=first.version, weights=first.weights,
                                         meta={**first.meta, "source": cfg.policy.checkpoint}))
