@@ -281,10 +281,11 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
         ) from e
     finally:
         GlobalHydra.instance().clear()
-    for key in _AT_LEAST_ONE.get(name, ()):
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: it counts frames, steps or models, so it must be at "
-                              f"least 1 (the default is {OmegaConf.select(OmegaConf.structured(_SCHEMAS[name][1]), key)})")
+    for keys, fits, why in _BOUNDS.get(name, ()):
+        for key in keys:
+            if not fits(OmegaConf.select(cfg, key)):
+                default = OmegaConf.select(OmegaConf.structured(_SCHEMAS[name][1]), key)
+                raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: {why} (the default is {default})")
     if name == "run" and set(cfg.detector.sensors) - set(cfg.env.sensors):
         raise ConfigError(f"detector.sensors={list(cfg.detector.sensors)} but env.sensors={list(cfg.env.sensors)} does "
                           f"not record {sorted(set(cfg.detector.sensors) - set(cfg.env.sensors))}: add them to "
@@ -314,7 +315,15 @@ def _dicts_replaced(name: str, overrides: list[str]) -> list[str]:
     return out
 
 
-_AT_LEAST_ONE = {"run": ("detector.ensemble", "detector.window", "detector.stride", "detector.swaps")}
+# Values a key can take and still mean something: (keys, test, why not), checked once the config has composed.
+_BOUNDS = {"run": (
+    (("detector.ensemble", "detector.window", "detector.stride", "detector.swaps"), lambda v: v >= 1,
+     "it counts frames, steps or models, so it must be at least 1"),
+    (("detector.threshold", "detector.target_precision"), lambda v: 0 <= v <= 1,
+     "it is a probability or a precision, so it must lie in [0, 1]"),
+    (("budget.minutes",), lambda v: v > 0, "the run's wall clock, so it must be more than 0 (a night: 480)"),
+    (("learner.practice_noise",), lambda v: v >= 0, "it scales the flow's starting noise, so it must be at least 0"),
+)}
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

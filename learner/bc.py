@@ -6,9 +6,13 @@ A sample is (image at step t, proprio at t, instruction, a chunk of C actions fr
 - Demonstrations: every step starts a sample, with the executed actions t..t+C-1 as the target (more samples from
   the same data; the policy learns to act from any state). Chunks that run past the episode's end are padded with
   "stay still, keep the gripper as it was", which is what the robot does after success.
-- A policy's own episodes: the samples are the chunks it actually sampled, at the steps it sampled them
-  (``extras["chunks"]``). Executed actions would splice two sampled chunks together at every replanning step: in a
-  trial, cloning those left the policy worse (0.42 -> 0.37) even with ground-truth success labels.
+- A policy's own episodes, two ways (``ChunkDataset.add(executed=)``, ``learner.clone``):
+  - executed (the run's default): as a demonstration is, every step with the actions that followed it. With
+    noiseless practice (``learner.practice_noise=0``) consecutive chunks come from one deterministic policy, and
+    these clean trajectories are what teaches (README, session 10: 0.513 -> 0.567);
+  - chunks: the chunks it actually sampled, at the steps it sampled them (``extras["chunks"]``). With sampled
+    practice, executed actions splice two independent draws together at every replanning step: in a trial, cloning
+    those left the policy worse (0.42 -> 0.37) even with ground-truth success labels.
 """
 
 from __future__ import annotations

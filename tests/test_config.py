@@ -93,3 +93,11 @@ def test_deterministic_practice_with_repeated_attempts_is_refused_before_anythin
     with pytest.raises(ConfigError, match="group_size=2 with learner.practice_noise=0.*rollout.group_size=1"):
         run(cfg)
     assert not (tmp_path / "r").exists()
+
+
+def test_values_out_of_their_range_are_config_errors():
+    for override, message in (("detector.threshold=1.5", r"detector.threshold=1.5: .*\[0, 1\]"),
+                              ("budget.minutes=-1", r"budget.minutes=-1.*more than 0"),
+                              ("learner.practice_noise=-0.5", r"practice_noise=-0.5.*at least 0")):
+        with pytest.raises(ConfigError, match=message):
+            load_config("run", [override])

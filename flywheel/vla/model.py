@@ -180,7 +180,7 @@ class VisionLanguageEncoder(nn.Module):
 
         Channels-last in memory (a (B,H,W,C+2) tensor, permuted): the patch convolution and the pooling run on it
         2-5x faster than on the usual layout, the more so the more channels (a detector's window of frames from two
-        cameras has 20): bench/RESULTS.md "Learner step"."""
+        cameras has 20): bench/encoder_layout.py, bench/RESULTS.md session 11."""
         b, h, w, c = images.shape
         out = self.coord_planes.new_empty(b, h, w, c + 2)  # written in place: one pass, not three (~9x faster)
         out[..., :c] = images
