@@ -147,10 +147,17 @@ def test_periodic_retraining_promotes_a_candidate_only_if_it_judges_the_newest_a
 def calls_failed_pushes_successes(detector):
     """Corrupt a detector on purpose: it accepts every failed push (a class of near misses) and is otherwise right
     (it reads the simulator's truth), so that the audit has this corruption alone to find."""
+    return _scored_by_truth(detector, failed_pushes_pass=True)
+
+
+def _scored_by_truth(detector, failed_pushes_pass=False):
+    """The detector the run trained, its verdicts replaced by the simulator's truth (and, ``failed_pushes_pass``,
+    every failed push called a success): what the whole-run test checks is the run's wiring, so the verdicts must
+    not depend on how well a short training went on this machine (tests/test_detector.py tests that)."""
 
     def score(episodes, instructions=None):
         truth = np.array([bool(ep.ground_truth["success"]) for ep in episodes])
-        failed_push = np.array([ep.task == "push" for ep in episodes]) & ~truth
+        failed_push = np.array([ep.task == "push" for ep in episodes]) & ~truth & failed_pushes_pass
         return np.where(failed_push | truth, 1.0, 0.0).astype(np.float32)
 
     detector.score = score
@@ -159,43 +166,46 @@ def calls_failed_pushes_successes(detector):
 
 def test_a_whole_run_catches_a_corrupted_detector_and_recovers(tmp_path, monkeypatch):
     """`flywheel run` end to end, its first detector corrupted: the first audit rings the alarm, the detector is
-    retrained (honest this time), and from then on the labels the learner gets track the truth; the summary's audit
-    block records it all."""
+    retrained on the labels the audit bought, relabels what was judged wrongly, and from then on the labels the learner
+    gets are the truth; the summary's audit block records it all.
+
+    Both detectors are trained by the run's own code (one step each: the wiring is under test here), and their
+    verdicts are replaced: the first's by the corruption, the retrained one's by the simulator's truth. An honest
+    detector trained briefly on this tiny data judged failed pushes right only about half the time, differently from
+    machine to machine, which made a test of the wiring a test of the machine."""
     import json
 
     import flywheel.run as run_module
     from flywheel.config import load_config
+    from flywheel.checkpoint import load_weights
 
     trained = []
     real = run_module.train_detector
 
     def corrupt_the_first(*args, **kwargs):
-        if not trained:  # its verdicts are replaced (calls_failed_pushes_successes): a short training saves ~40 s
-            kwargs["steps"] = 1
-        detector, metrics = real(*args, **kwargs)
+        detector, metrics = real(*args, **{**kwargs, "steps": 1})
         trained.append(detector.version)
-        return (calls_failed_pushes_successes(detector) if len(trained) == 1 else detector), metrics
+        return _scored_by_truth(detector, failed_pushes_pass=len(trained) == 1), metrics
 
     monkeypatch.setattr(run_module, "train_detector", corrupt_the_first)
     run_dir = tmp_path / "run"
     cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}", "rollout.use_ray=false", "audit.bound=0.15",
                               "rollout.episodes_per_iteration=64", "audit.sample=64", "budget.iterations=4",
-                              "detector.steps=300", "wandb.mode=disabled"])
+                              "wandb.mode=disabled"])
     run_module.run(cfg, say=lambda m: None)
     audit = json.loads((run_dir / "summary.json").read_text())["audit"]
     rang = [a for a in audit["per_iteration"] if a["alarm"]]
     assert rang and rang[0]["detector"] == "detector-1" and rang[0]["gap"] > 0.15, json.dumps(audit)
     assert audit["detector_versions"][:2] == ["detector-1", "detector-2"] == trained[:2]
     after = audit["per_iteration"][audit["per_iteration"].index(rang[0]) + 1:]
-    assert after and all(a["detector"] != "detector-1" for a in after), json.dumps(audit)  # recovered
-    # How close an honest detector trained for 300 steps on this tiny data comes to the truth varies from machine to
-    # machine (held-out AUROC 0.6-0.85; a weak calibrated one under-claims, which the audit also reports), so the
-    # gap only has to shrink. What must not survive is the exploit itself: failed pushes rewarded as successes.
-    assert np.mean([abs(a["gap"]) for a in after]) < rang[0]["gap"], json.dumps(audit)
+    assert after and all(a["detector"] == "detector-2" and not a["alarm"] and a["gap"] == 0.0 for a in after), \
+        json.dumps(audit)  # recovered
     from flywheel.store import EpisodeStore
 
-    alarmed, exploited, relabelled = rang[0]["policy_version"], {"before": [], "after": []}, []
+    alarmed, exploited, relabelled, audited = rang[0]["policy_version"], {"before": [], "after": []}, [], set()
     for ep in EpisodeStore(run_dir / "episodes").iter(with_ground_truth=True):
+        if ep.policy_version == alarmed and any(lab.version == "audit" for lab in ep.labels):
+            audited.add(ep.id)
         if ep.task != "push" or ep.ground_truth["success"] or ep.policy_version < 0:
             continue
         verdicts = [(lab.version, lab.success) for lab in ep.labels if lab.source == "detector"]
@@ -206,5 +216,9 @@ def test_a_whole_run_catches_a_corrupted_detector_and_recovers(tmp_path, monkeyp
         if verdicts[0][0] == "detector-1" and ep.policy_version == alarmed:  # the iteration the alarm rang on
             relabelled.append(verdicts)
     # (updates may pause after the alarm: episodes of that version collected later are judged by detector-2 alone)
-    assert relabelled and all(v[0] == ("detector-1", True) and v[-1][0] == "detector-2" for v in relabelled)
-    assert exploited["after"] and np.mean(exploited["after"]) < 0.5, exploited  # detector-1 rewarded every one
+    assert relabelled and all(v[0] == ("detector-1", True) and v[-1] == ("detector-2", False) for v in relabelled)
+    assert exploited["after"] and not any(exploited["after"]), exploited
+    # The retrain learned from the labels the alarm's audit bought: every one of them is in its data.
+    _, meta = load_weights(run_dir / "detector" / "detector-2.safetensors")
+    used = {i for ids in meta["episodes"].values() for i in ids}
+    assert len(audited) == 64 and audited <= used, (len(audited), len(audited - used))
