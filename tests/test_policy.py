@@ -117,3 +117,41 @@ def test_practice_noise_zero_practises_one_chunk_per_observation_and_evaluation_
     assert np.array_equal(policy.act(images, proprio, texts, seed=0), policy.act(images, proprio, texts, seed=1))
     policy.explore = False  # evaluation samples the policy as it is
     assert not np.array_equal(policy.act(images, proprio, texts, seed=0), policy.act(images, proprio, texts, seed=1))
+
+
+def test_keypoints_over_colours_are_the_keypoints_over_cells(monkeypatch):
+    """A flat-shaded scene has few colours, and the keypoint attention is computed over them (flywheel/vla/model.py
+    colour_groups): the same context and the same gradients as over every cell; a textured image falls back."""
+    import torch.nn.functional as F
+
+    import flywheel.vla.model as vla_model
+    from flywheel.vla.checkpoint import load_policy_checkpoint
+
+    model, _ = load_policy_checkpoint("base", as_model=True)
+    images, proprio, texts = _batch(8)
+    images, proprio, ids = torch.from_numpy(images), torch.from_numpy(proprio), model.tokenize(texts)
+    actions = torch.rand(8, 8, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    colour = F.avg_pool2d(model.encoder.pixels(images), 2).permute(0, 2, 3, 1).flatten(1, 2)[..., :-2]
+    palette, inverse = vla_model.colour_groups(colour, limit=colour.shape[1])
+    assert len(palette) < 200 and torch.allclose(palette[inverse], colour, atol=1e-6)
+    # eighteen channels (a detector's window): keys packed over several passes, still exact
+    deep = torch.cat([colour, colour.flip(1), colour.roll(5, 1)] * 2, dim=-1)
+    palette, inverse = vla_model.colour_groups(deep, limit=10**9)
+    assert torch.allclose(palette[inverse], deep, atol=1e-6)
+    assert vla_model.colour_groups(torch.rand(8, 1024, 3) - 0.5, limit=1024) is None  # textured: too many
+
+    def context_and_grads():
+        torch.manual_seed(0)
+        model.zero_grad()
+        ctx = model.encoder(images, ids, proprio)
+        model.action_loss(images, ids, proprio, actions).backward()
+        return ctx.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    grouped, grouped_grads = context_and_grads()
+    monkeypatch.setattr(vla_model, "colour_groups", lambda colour, limit: None)
+    cells, cell_grads = context_and_grads()
+    assert torch.allclose(grouped, cells, atol=1e-4)
+    # (the keys' LayerNorm bias has no true gradient: a shift of every key moves no softmax; both are rounding)
+    for name, g in cell_grads.items():
+        if name != "encoder.keypoints.ln_k.bias":
+            assert torch.allclose(grouped_grads[name], g, atol=1e-5, rtol=1e-3), name

@@ -106,14 +106,18 @@ class PixelKeypoints(nn.Module):
     """Language-conditioned spatial softmax over a fine pixel grid.
 
     Each query token, per head, scores every cell of the image pooled 2x2 (32x32 cells for a 64x64 image; keys
-    from each cell's colour only, so that attention cannot latch onto positions) and returns the expected cell position under the softmax: a precise
-    keypoint for "the red block" at little cost. Patch attention alone localises only to a patch (8 px = 0.125 of
-    the table), coarser than a grasp needs.
+    from each cell's colour only, so that attention cannot latch onto positions) and returns the expected cell
+    position under the softmax: a precise keypoint for "the red block" at little cost. Patch attention alone
+    localises only to a patch (8 px = 0.125 of the table), coarser than a grasp needs. Because keys come from
+    colours alone, a scene of few colours is computed per colour rather than per cell (``colour_groups``).
     """
 
-    def __init__(self, d: int, heads: int, in_channels: int, key_dim: int = 16):
+    def __init__(self, d: int, heads: int, in_channels: int, key_dim: int = 16, group_colours: bool = True):
+        """``group_colours``: try the per-colour computation. A window of frames (the detector's) has too many
+        distinct colours for it (~1,600 in a batch of 64 from two cameras, one of them moving, against 1,024 cells
+        an image), so there the check would be ~5% of a step spent for nothing."""
         super().__init__()
-        self.heads, self.key_dim = heads, key_dim
+        self.heads, self.key_dim, self.group_colours = heads, key_dim, group_colours
         # Linear layers per cell (not 1x1 convs: those are several times slower on CPU at this width).
         self.keys = nn.Sequential(nn.Linear(in_channels - 2, 32), nn.GELU(), nn.Linear(32, heads * key_dim))
         self.q = nn.Linear(d, heads * key_dim)
@@ -129,15 +133,56 @@ class PixelKeypoints(nn.Module):
         keypoints (B, Lq*2*heads))."""
         b, lq, _ = x.shape
         cells = F.avg_pool2d(pixels, 2).permute(0, 2, 3, 1).flatten(1, 2)  # (B,HW/4,C), cells in row-major order
-        xy = cells[..., -2:]  # (B,HW/4,2) cell centres
-        k = self.ln_k(self.keys(cells[..., :-2])).view(b, -1, self.heads, self.key_dim)  # (B,HW/4,h,k)
+        xy, colour = cells[..., -2:], cells[..., :-2]  # (B,HW/4,2) cell centres; the colours keys are made from
         q = self.q(self.ln(x)).view(b, lq, self.heads, self.key_dim)
         q = q * (self.log_scale.exp() / math.sqrt(self.key_dim))
+        groups = colour_groups(colour, limit=colour.shape[1]) if self.group_colours else None
+        if groups is not None:  # few colours (a flat-shaded scene): attend over colours, not cells
+            palette, inverse = groups
+            k = self.ln_k(self.keys(palette)).view(-1, self.heads, self.key_dim)  # (U,h,k)
+            # A cell's logit depends on its colour alone, so the softmax over cells sums to one over colours, each
+            # weighted by how many cells have it, and the keypoint is the mean position of each colour's cells under
+            # that: the same function, computed on ~100 colours instead of 1,024 cells (bench/keypoint_colours.py).
+            count = xy.new_zeros(b, len(palette)).scatter_add_(1, inverse, torch.ones_like(inverse, dtype=xy.dtype))
+            centre = xy.new_zeros(b, len(palette), 2).scatter_add_(1, inverse[..., None].expand(-1, -1, 2), xy)
+            centre = centre / count.clamp_min(1.0)[..., None]  # (B,U,2): where each colour is, on average
+            logits = torch.einsum("blhk,uhk->bhlu", q, k) + count.log()[:, None, None]  # absent colours: -inf
+            where = (torch.softmax(logits, dim=-1) @ centre[:, None]).permute(0, 2, 1, 3).reshape(b, lq, 2 * self.heads)
+            return x + self.out(where), where.flatten(1)
+        k = self.ln_k(self.keys(colour)).view(b, -1, self.heads, self.key_dim)  # (B,HW/4,h,k)
         # One head at a time: each head's keys are a strided view that a matmul reads as it is. All heads at once
         # need the keys transposed to (B,h,k,HW/4), a copy, and its gradient another (measured: ~10% of this layer).
         where = torch.stack([torch.softmax(q_h @ k_h.transpose(1, 2), dim=-1) @ xy  # (B,Lq,HW/4) @ (B,HW/4,2)
                              for q_h, k_h in zip(q.unbind(2), k.unbind(2))], dim=2).reshape(b, lq, 2 * self.heads)
         return x + self.out(where), where.flatten(1)
+
+
+LEVELS = 4 * 255  # a 2x2 cell of uint8 pixels: its mean colour is one of 1,021 levels per channel
+
+
+@torch.no_grad()
+def colour_groups(colour: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The distinct colours of a batch of 2x2 cells (pixels as ``VisionLanguageEncoder.pixels`` makes them from uint8
+    images, so each channel of a cell is one of ``LEVELS + 1`` levels), or None when there are more than ``limit``.
+
+    colour (B,N,C) -> (palette (U,C), inverse (B,N) int64): ``palette[inverse]`` is ``colour``.
+    Exact: the channels are packed into 1-D integer keys, as many as an int64 holds (six, then four a pass), and
+    numbered by ``torch.unique`` (along a dimension it is ~100x slower than on a 1-D key). It stops as soon as the
+    count passes ``limit``, so a textured scene costs one pass."""
+    b, n, c = colour.shape
+    flat = colour.reshape(b * n, c)
+    ids, bound, ch = torch.zeros(b * n, dtype=torch.int64, device=colour.device), 1, 0
+    while ch < c:  # pack as many channels into one int64 key as fit, then renumber the keys 0..distinct-1
+        while ch < c and bound * (LEVELS + 1) < 2**62:
+            code = torch.round((flat[:, ch] + 0.5) * LEVELS).to(torch.int64)  # per channel: a textured scene
+            ids, bound, ch = ids * (LEVELS + 1) + code, bound * (LEVELS + 1), ch + 1  # converts only what it reads
+        distinct, ids = torch.unique(ids, return_inverse=True)
+        if len(distinct) > limit:
+            return None
+        bound = len(distinct)
+    first = torch.full((len(distinct),), b * n, dtype=torch.int64, device=colour.device)
+    first = first.scatter_reduce_(0, ids, torch.arange(b * n, device=colour.device), "amin")  # a cell of each colour
+    return flat[first], ids.view(b, n)
 
 
 class VisionLanguageEncoder(nn.Module):
@@ -160,7 +205,7 @@ class VisionLanguageEncoder(nn.Module):
         self.text = nn.TransformerEncoderLayer(d, cfg.heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
         proprio_dim = cfg.proprio_dim + ("touch" in cfg.sensors)
         self.proprio = nn.Linear(proprio_dim, d) if use_proprio else None
-        self.keypoints = PixelKeypoints(d, cfg.heads, channels + 2)
+        self.keypoints = PixelKeypoints(d, cfg.heads, channels + 2, group_colours=cfg.frames == 1)
         centres = (torch.arange(n_side, dtype=torch.float32) + 0.5) / n_side - 0.5
         gy, gx = torch.meshgrid(centres, centres, indexing="ij")
         patch_xy = torch.stack([gx.flatten(), gy.flatten()], dim=-1)
