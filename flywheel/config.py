@@ -109,6 +109,8 @@ class LearnerConfig:
     #                              needs rollout.group_size=1
     clone: str = "executed"  # filtered_bc: "executed": clone what the policy did at every step, as a demonstration is
     #                          cloned; "chunks": the chunks it sampled, at the steps it sampled them
+    ema: float = 0.0  # filtered_bc, recap: > 0 publishes an exponential moving average of the weights (decay per
+    #                   step) instead of the last step's; training goes on from the trained weights
     demos: int = 100  # the pretraining demonstrations, replayed so the policy does not drift from them
     steps_per_update: int = 300  # gradient steps per iteration
     batch_size: int = 64
@@ -323,6 +325,7 @@ _BOUNDS = {"run": (
      "it is a probability or a precision, so it must lie in [0, 1]"),
     (("budget.minutes",), lambda v: v > 0, "the run's wall clock, so it must be more than 0 (a night: 480)"),
     (("learner.practice_noise",), lambda v: v >= 0, "it scales the flow's starting noise, so it must be at least 0"),
+    (("learner.ema",), lambda v: 0 <= v < 1, "a moving average's decay per step, so it must lie in [0, 1) (0: off)"),
 )}
 
 

@@ -42,7 +42,12 @@ class FilteredBCLearner(LearnerBase):
         freeze_backbone: bool = False,
         practice_noise: float = 1.0,
         clone: str = "chunks",
+        ema: float = 0.0,
     ):
+        """``ema`` > 0: publish an exponential moving average of the weights (this decay per step) rather than the
+        weights the last step left, which carry that step's noise; training goes on from the latter."""
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"learner.ema={ema}: a decay per step in [0, 1) (0: publish the trained weights)")
         self.model = model
         self.version = version
         self.steps_per_update = steps_per_update
@@ -64,6 +69,8 @@ class FilteredBCLearner(LearnerBase):
         self.indicator_lr = indicator_lr
         self.trainer = self._trainer()
         self.generator = torch.Generator().manual_seed(seed)
+        self.ema = ema
+        self._average = self._trained_weights() if ema > 0 else None
 
     def _trainer(self) -> BCTrainer:
         return BCTrainer(self.model, lr=self.lr, indicator_dropout=self.indicator_dropout,
@@ -124,13 +131,51 @@ class FilteredBCLearner(LearnerBase):
                 self.trainer.schedule(warmup_cosine(step, self.steps_per_update, self.steps_per_update // 10))
             batch = self.data.sample(self.batch_size, self.generator, self.demo_fraction)
             losses.append(self.trainer.step(batch, weighted=True))
+            if self._average is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(list(self._average.values()), self._trained_tensors(), 1.0 - self.ema)
         self.version += 1
         return {"loss": float(np.mean(losses)) if losses else float("nan"), "buffer_episodes": self.data.num_episodes,
                 **stats}
 
     def snapshot(self) -> PolicySnapshot:
         weights = self.model.get_weights()
+        if self._average is not None:
+            weights.update({k: v.detach().cpu().numpy().copy() for k, v in self._average.items()})
         sampling = {"indicator": self.sampling_indicator, "guidance": self.guidance if self.sampling_indicator else 1.0,
                     **({"practice_noise": self.practice_noise} if self.practice_noise != 1.0 else {})}
         return PolicySnapshot(version=self.version, weights=weights,
                               meta={"algorithm": type(self).__name__, "sampling": sampling})
+
+    # ---- the moving average (``ema``): published and checkpointed; the trained weights are training state ----
+
+    def _trained_tensors(self) -> list[torch.Tensor]:
+        params = dict(self.model.named_parameters())
+        return [params[k] for k in self._average]
+
+    def _trained_weights(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in self.model.named_parameters() if p.is_floating_point()}
+
+    def training_state(self) -> dict:
+        """With ``ema``, a checkpoint's weights are the average (what was published), and the weights training
+        continues from are kept here."""
+        state = super().training_state()
+        if self._average is not None:
+            state["trained_weights"] = {k: v.cpu() for k, v in self._trained_weights().items()}
+        return state
+
+    def resume_from(self, weights: dict, training: dict) -> None:
+        super().resume_from(weights, training)  # the checkpoint's weights: the average, with ema
+        if self._average is not None:
+            self._average = self._trained_weights()
+            trained = training.get("trained_weights")
+            if trained is not None:  # (a checkpoint written without ema: training goes on from its weights)
+                params = dict(self.model.named_parameters())
+                with torch.no_grad():
+                    for k, v in trained.items():
+                        params[k].copy_(v)
+
+    def restore(self, weights: dict) -> None:
+        super().restore(weights)
+        if self._average is not None:  # a rollback: the average restarts from the weights rolled back to
+            self._average = self._trained_weights()

@@ -248,3 +248,50 @@ def test_filtered_bc_can_clone_what_its_policy_executed_at_every_step(demos):
         targets = learner.data.sample(16, torch.Generator().manual_seed(0))["actions"]
         assert torch.all(targets[:, 0, 0] == (0.8 if clone == "executed" else -0.5))  # (past the end: padding)
     assert learner.snapshot().meta["sampling"]["practice_noise"] == 0.0
+
+
+def test_the_moving_average_is_published_and_a_resumed_learner_continues_it_exactly(demos):
+    """``ema``: the snapshot is the average of the weights along the steps, not the last step's; a checkpoint (the
+    snapshot + training_state) resumes both the average and the trained weights, so the next update is the one the
+    original learner makes; a rollback restarts the average from the weights rolled back to."""
+    import copy
+
+    torch.manual_seed(0)
+    base = SmallVLA()
+    data = _episodes_moving(demos, 0.8, True) + _episodes_moving(demos, -0.8, False)
+
+    def learner(ema):
+        return FilteredBCLearner(copy.deepcopy(base), demos=[], steps_per_update=10, batch_size=16, lr=1e-3, ema=ema)
+
+    def update(learner):  # (the flow's noise draws come from torch's global generator)
+        torch.manual_seed(1)
+        learner.update(data)
+
+    plain, averaged = learner(0.0), learner(0.9)
+    update(plain)
+    update(averaged)
+    name = "head.out.weight"
+    start, trained = base.get_weights()[name], plain.snapshot().weights[name]
+    published = averaged.snapshot().weights[name]
+    assert np.array_equal(averaged.model.get_weights()[name], trained)  # the same training
+    # the average lies between where training started and where it got, strictly
+    assert 0 < np.abs(published - start).mean() < np.abs(trained - start).mean()
+
+    import io
+
+    saved = io.BytesIO()  # as a checkpoint on disk holds it: a copy, not the live optimizer's tensors
+    torch.save(averaged.training_state(), saved)
+    checkpoint = averaged.snapshot().weights, torch.load(io.BytesIO(saved.getvalue()), weights_only=True)
+    resumed = learner(0.9)
+    resumed.resume_from(*checkpoint)
+    resumed.refill(data)  # (the run refills the buffer from the store)
+    assert resumed.version == 1
+    update(averaged)
+    update(resumed)
+    for a, b in ((averaged.snapshot().weights, resumed.snapshot().weights),
+                 (averaged.model.get_weights(), resumed.model.get_weights())):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+    averaged.restore(checkpoint[0])
+    assert np.array_equal(averaged.snapshot().weights[name], checkpoint[0][name])
+    assert np.array_equal(averaged.model.get_weights()[name], checkpoint[0][name])
