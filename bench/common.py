@@ -28,6 +28,14 @@ def best_of(job: Callable[[], Any], repeats: int = 3) -> float:
     return min(times)
 
 
+def training_steps(optimizer, loss: Callable[[], Any], n: int = 5) -> None:
+    """``n`` gradient steps: zero the gradients, ``loss().backward()``, step (what a training-step benchmark times)."""
+    for _ in range(n):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+
+
 def memory_mb(pid: int | None = None) -> dict[str, float]:
     """/proc/PID/status in MB: VmRSS (resident) and its parts, RssAnon (the process's own heap: what a leak grows),
     RssShmem (shared memory, e.g. Ray's object store pages) and RssFile (mapped files); {} for a process that has

@@ -19,7 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from bench.common import best_of, write_result
+from bench.common import best_of, training_steps, write_result
 from flywheel.vla.checkpoint import load_policy_checkpoint
 from flywheel.vla.model import PixelKeypoints, VisionLanguageEncoder
 from reward.detector import DetectorNet, DetectorNetConfig
@@ -70,17 +70,11 @@ def main() -> None:
     d_opt = torch.optim.AdamW(detector.parameters(), lr=1e-6)
     frames = torch.randint(0, 256, (64, 64, 64, 18), dtype=torch.uint8, generator=gen)
 
-    def policy_steps(n: int = 5) -> None:
-        for _ in range(n):
-            p_opt.zero_grad()
-            policy.action_loss(images, ids, proprio, actions).backward()
-            p_opt.step()
+    def policy_steps() -> None:
+        training_steps(p_opt, lambda: policy.action_loss(images, ids, proprio, actions))
 
-    def detector_steps(n: int = 5) -> None:
-        for _ in range(n):
-            d_opt.zero_grad()
-            detector(frames, ids).sum().backward()
-            d_opt.step()
+    def detector_steps() -> None:
+        training_steps(d_opt, lambda: detector(frames, ids).sum())
 
     with torch.no_grad():
         use(BEFORE)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import flywheel.vla.model as vla_model
 from actors.rollout import run_episodes
 from actors.tabletop import split_seed
-from bench.common import best_of, write_result
+from bench.common import best_of, training_steps, write_result
 from flywheel.contracts import sensor_inputs
 from flywheel.vla.checkpoint import load_policy_checkpoint
 from reward.detector import DetectorNet, DetectorNetConfig, window_frames
@@ -67,17 +67,11 @@ def main() -> None:
 
     palette = {"policy": distinct(policy.encoder, images), "detector": distinct(detector.encoder, frames)}
 
-    def policy_steps(n: int = 5, x=images) -> None:
-        for _ in range(n):
-            p_opt.zero_grad()
-            policy.action_loss(x, ids, proprio, actions).backward()
-            p_opt.step()
+    def policy_steps(x=images) -> None:
+        training_steps(p_opt, lambda: policy.action_loss(x, ids, proprio, actions))
 
-    def detector_steps(n: int = 5) -> None:
-        for _ in range(n):
-            d_opt.zero_grad()
-            detector(frames, ids).sum().backward()
-            d_opt.step()
+    def detector_steps() -> None:
+        training_steps(d_opt, lambda: detector(frames, ids).sum())
 
     def acting(n: int = 5) -> None:  # one worker's batch of 16 environments
         for _ in range(n):

@@ -127,7 +127,10 @@ def test_a_learner_that_diverges_is_restored_from_its_checkpoint_and_the_run_goe
     monkeypatch.setitem(registry.ALGORITHMS, "diverging", Diverging)
     cfg = load_config("run", ["experiment=tiny", "rollout.use_ray=false", "wandb.mode=disabled",
                               f"run_dir={tmp_path}", "budget.iterations=3", "learner.algorithm=diverging",
-                              "gate.episodes=0"])  # no gate: which version is deployed depends on the update alone
+                              "gate.episodes=0",  # no gate: which version is deployed depends on the update alone
+                              # the NaN is written after the update: a moving average taken during it would not
+                              # carry it into the snapshot (a real blow-up inside the steps reaches the average too)
+                              "learner.ema=0"])
     summary = run(cfg, say=lambda m: None)
     assert summary["status"] == "completed" and summary["iterations"] == 3
     (recovery,) = summary["learner_recoveries"]
