@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -113,6 +114,7 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
                        f"on {cfg.demos} scripted demonstrations for {cfg.steps} steps",
         "command": command,
         "seed": cfg.seed,
+        "code": code_commit(),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "final": final,
         "history": history,
@@ -127,3 +129,22 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
         shutil.copyfile(out / "base_vla.json", export.with_suffix(".json"))
         say(f"pretrain: exported the base to {export}")
     return record
+
+
+def code_commit() -> str | None:
+    """The git commit of the code running (``+changes`` when tracked files differ from it), or None outside a git
+    checkout. A base's record names it because the command alone reproduces a base only on the same code: a change
+    that keeps the model's function but rounds differently (session 12's keypoints per colour, outputs within 3e-6)
+    sends 6,000 steps down another path, to a base of similar loss whose success differs by a few points."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+changes" if changed else "")
