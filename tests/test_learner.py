@@ -295,3 +295,22 @@ def test_the_moving_average_is_published_and_a_resumed_learner_continues_it_exac
     averaged.restore(checkpoint[0])
     assert np.array_equal(averaged.snapshot().weights[name], checkpoint[0][name])
     assert np.array_equal(averaged.model.get_weights()[name], checkpoint[0][name])
+
+
+def test_a_checkpoint_from_before_the_average_resumes_with_it(demos):
+    """A run started before ``learner.ema`` existed (its checkpoints hold no trained weights), resumed with it on:
+    training and the average both go on from the checkpoint's weights."""
+    torch.manual_seed(0)
+    old = FilteredBCLearner(SmallVLA(), demos=[], steps_per_update=5, batch_size=16, lr=1e-3)
+    data = _episodes_moving(demos, 0.8, True) + _episodes_moving(demos, -0.8, False)
+    old.update(data)
+    weights, training = old.snapshot().weights, old.training_state()
+    assert "trained_weights" not in training
+    new = FilteredBCLearner(SmallVLA(), demos=[], steps_per_update=5, batch_size=16, lr=1e-3, ema=0.9)
+    new.resume_from(weights, training)
+    assert new.version == 1
+    for published in (new.snapshot().weights, new.model.get_weights()):
+        assert all(np.array_equal(published[k], weights[k]) for k in weights)
+    new.refill(data)
+    new.update(data)
+    assert new.version == 2 and all(np.isfinite(v).all() for v in new.snapshot().weights.values())
