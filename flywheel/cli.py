@@ -241,7 +241,7 @@ def cmd_store_verify(args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Known errors (bad config, bad checkpoint, damaged episode file, unusable run directory) print their message,
-    which says what to do, and exit 1; anything else keeps its traceback."""
+    which says what to do, and exit 1; Ctrl-C exits 130 without a traceback; anything else keeps its traceback."""
     from flywheel.checkpoint import CheckpointError
     from flywheel.config import ConfigError
     from flywheel.run import RunDirError
@@ -252,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, CorruptEpisodeError, RunDirError) as e:
         console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C outside a run's graceful stop, or twice
+        command = (sys.argv[1:] if argv is None else argv)[:1]
+        if command != ["run"]:  # (a run says itself what it kept and how to go on: its run_dir may be a new one)
+            console.print("interrupted: the same command again continues where this one stopped (pretrain, demos "
+                          "and reward train keep their progress)", markup=False, highlight=False)
+        return 130
 
 
 def _dispatch(argv: list[str] | None) -> int:

@@ -133,7 +133,7 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
 
 def code_commit() -> str | None:
     """The git commit of the code running (``+changes`` when tracked files differ from it), or None outside a git
-    checkout. A base's record names it because the command alone reproduces a base only on the same code: a change
+    checkout of flywheel (an installed copy inside a user's own repository is not it). A base's record names it because the command alone reproduces a base only on the same code: a change
     that keeps the model's function but rounds differently (session 12's keypoints per colour, outputs within 3e-6)
     sends 6,000 steps down another path, to a base of similar loss whose success differs by a few points."""
     root = Path(__file__).resolve().parent.parent
@@ -143,6 +143,8 @@ def code_commit() -> str | None:
                               check=True).stdout.strip()
 
     try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:  # installed inside another repository
+            return None
         head = git("rev-parse", "--short=12", "HEAD")
         changed = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):

@@ -425,6 +425,8 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         )
     except KeyboardInterrupt:
         summary["status"] = "interrupted"
+        say(f"run: interrupted; {run_dir} keeps everything stored so far (episodes, checkpoints, the detector's "
+            f"training so far). To go on from there: flywheel run run_dir={run_dir}")
         raise
     except BaseException as e:
         summary["status"] = "failed"

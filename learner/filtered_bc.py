@@ -154,7 +154,9 @@ class FilteredBCLearner(LearnerBase):
         return [params[k] for k in self._average]
 
     def _trained_weights(self) -> dict[str, torch.Tensor]:
-        return {k: p.detach().clone() for k, p in self.model.named_parameters() if p.is_floating_point()}
+        """What the average follows: the parameters that train (a frozen backbone's never change, and its steps are
+        cheap enough that averaging it too would be a tenth of each)."""
+        return {k: p.detach().clone() for k, p in self.model.named_parameters() if p.requires_grad}
 
     def training_state(self) -> dict:
         """With ``ema``, a checkpoint's weights are the average (what was published), and the weights training

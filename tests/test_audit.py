@@ -17,16 +17,22 @@ from flywheel.vla.model import SmallVLA
 from learner.filtered_bc import FilteredBCLearner
 
 
+def truth_scores(episodes, corrupt: bool = False) -> np.ndarray:
+    """The simulator's verdicts as a detector's scores, or, ``corrupt``, with every failed push also called a success:
+    a class of near misses a detector has learned to accept, the one corruption the audit is to find."""
+    return np.array([float(ep.ground_truth["success"] or (corrupt and ep.task == "push")) for ep in episodes],
+                    np.float32)
+
+
 class Oracle:
-    """A detector that is always right (the simulator's verdict), or, ``corrupt``, one that also calls every
-    failed push a success: a class of near misses it has learned to accept."""
+    """A detector that is always right (the simulator's verdict), or, ``corrupt``, one that also accepts every
+    failed push (``truth_scores``)."""
 
     def __init__(self, version: str, corrupt: bool = False):
         self.version, self.threshold, self.corrupt = version, 0.5, corrupt
 
     def score(self, episodes):
-        return np.array([float(ep.ground_truth["success"] or (self.corrupt and ep.task == "push"))
-                         for ep in episodes], np.float32)
+        return truth_scores(episodes, self.corrupt)
 
 
 class Recording(FilteredBCLearner):
@@ -144,23 +150,11 @@ def test_periodic_retraining_promotes_a_candidate_only_if_it_judges_the_newest_a
     assert excluded == audited and all(len(ids) == 48 for ids in audited)
 
 
-def calls_failed_pushes_successes(detector):
-    """Corrupt a detector on purpose: it accepts every failed push (a class of near misses) and is otherwise right
-    (it reads the simulator's truth), so that the audit has this corruption alone to find."""
-    return _scored_by_truth(detector, failed_pushes_pass=True)
-
-
-def _scored_by_truth(detector, failed_pushes_pass=False):
-    """The detector the run trained, its verdicts replaced by the simulator's truth (and, ``failed_pushes_pass``,
-    every failed push called a success): what the whole-run test checks is the run's wiring, so the verdicts must
-    not depend on how well a short training went on this machine (tests/test_detector.py tests that)."""
-
-    def score(episodes, instructions=None):
-        truth = np.array([bool(ep.ground_truth["success"]) for ep in episodes])
-        failed_push = np.array([ep.task == "push" for ep in episodes]) & ~truth & failed_pushes_pass
-        return np.where(failed_push | truth, 1.0, 0.0).astype(np.float32)
-
-    detector.score = score
+def _scored_by_truth(detector, corrupt=False):
+    """The detector the run trained, its verdicts replaced by ``truth_scores``: what the whole-run test checks is the
+    run's wiring, so the verdicts must not depend on how well a short training went on this machine
+    (tests/test_detector.py tests that)."""
+    detector.score = lambda episodes, instructions=None: truth_scores(episodes, corrupt)
     return detector
 
 
@@ -185,7 +179,7 @@ def test_a_whole_run_catches_a_corrupted_detector_and_recovers(tmp_path, monkeyp
     def corrupt_the_first(*args, **kwargs):
         detector, metrics = real(*args, **{**kwargs, "steps": 1})
         trained.append(detector.version)
-        return _scored_by_truth(detector, failed_pushes_pass=len(trained) == 1), metrics
+        return _scored_by_truth(detector, corrupt=len(trained) == 1), metrics
 
     monkeypatch.setattr(run_module, "train_detector", corrupt_the_first)
     run_dir = tmp_path / "run"

@@ -54,6 +54,21 @@ def test_help_anywhere_after_the_command_lists_the_keys(capsys):
         assert "budget.minutes" in capsys.readouterr().out
 
 
+def test_ctrl_c_ends_a_command_without_a_traceback_and_says_how_to_go_on(capsys, monkeypatch):
+    """A resumable command interrupted outside a run's graceful stop exits 130 and says that the same command
+    continues; `flywheel run` says it itself, with its run_dir (flywheel/run.py)."""
+    import flywheel.cli as cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_dispatch", interrupted)
+    assert cli.main(["pretrain", "steps=10"]) == 130
+    assert "the same command again continues" in capsys.readouterr().out
+    assert cli.main(["run"]) == 130
+    assert capsys.readouterr().out == ""
+
+
 def test_reward_train_reads_a_run_as_it_was_recorded(tmp_path):
     """`flywheel reward train run_dir=...` takes the run's cameras, image size and horizon from its config.yaml unless
     the command line gives them: the detector then judges from every camera the run recorded."""
