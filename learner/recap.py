@@ -51,6 +51,13 @@ class RecapLearner(FilteredBCLearner):
 
     def __init__(self, model, demos: list[Episode], *, value_steps: int = 300, lookahead: int = 2,
                  positive_fraction: float = 0.3, **kwargs):
+        with torch.no_grad():
+            rows = model.indicator.weight
+            if not rows[1:].any():
+                # "positive" and "negative" start as "none": a base pretrained without them learned row 0 (the
+                # shipped one's norm is 0.79), and conditioning on an untrained zero row would change how it acts
+                # (measured: practice success 0.48 -> 0.17 at version 0)
+                rows[1:] = rows[0]
         super().__init__(model, demos, **kwargs)
         horizon = int(demos[0].info.get("max_steps", 40)) if demos else 40
         self.value = ValueModel(model, horizon, seed=kwargs.get("seed", 0))
@@ -71,7 +78,7 @@ class RecapLearner(FilteredBCLearner):
             if "chunk_steps" not in ep.extras or ep.num_steps == 0:
                 continue
             self._own[ep.id] = self._decisions(ep, self.judged_success(ep), ep.extras["chunk_steps"])
-            self.data.add([ep], indicator=NEGATIVE)  # relabelled below
+            self.data.add([ep], indicator=NEGATIVE, executed=self.executed)  # relabelled below
         held = self.data.keys()  # past max_episodes the oldest leave the buffer; the value forgets them too
         self._own = {k: d for k, d in self._own.items() if k in held}
         every = [*self._demos, *self._own.values()]
@@ -90,8 +97,11 @@ class RecapLearner(FilteredBCLearner):
             threshold = np.quantile(np.concatenate([advs[k] for k in mine]), 1.0 - self.positive_fraction)
             for k in mine:
                 ind = np.where(advs[k] > threshold, POSITIVE, NEGATIVE)
-                labels[k] = (np.ones(len(ind), np.float32), ind)
                 positive.append(ind == POSITIVE)
+                if self.executed:  # a sample per step: each step takes the indicator of the chunk it was acted in
+                    d = self._own[k]
+                    ind = ind[np.searchsorted(d.chunk_steps, np.arange(d.num_steps), side="right") - 1]
+                labels[k] = (np.ones(len(ind), np.float32), ind)
         self.data.relabel(labels)
         all_adv = np.concatenate(list(advs.values())) if advs else np.zeros(1)
         pos = np.concatenate(positive) if positive else np.zeros(1, bool)
