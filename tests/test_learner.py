@@ -314,3 +314,52 @@ def test_a_checkpoint_from_before_the_average_resumes_with_it(demos):
     new.refill(data)
     new.update(data)
     assert new.version == 2 and all(np.isfinite(v).all() for v in new.snapshot().weights.values())
+
+
+def test_recap_starts_acting_as_its_base_does(demos):
+    """A base pretrained without the advantage indicator learned its "none" row only; RECAP conditions on
+    "positive" with guidance from its first practice, so that row must start as "none" (it did not: 0.49 -> 0.18)."""
+    from learner.recap import RecapLearner
+
+    torch.manual_seed(0)
+    base = SmallVLA()
+    with torch.no_grad():
+        base.indicator.weight[0] = torch.randn(base.encoder.out_dim)  # what pretraining leaves
+    weights = base.get_weights()
+    ep = demos[0]
+    obs = (ep.observations["image"][:3], ep.observations["proprio"][:3], [ep.instruction] * 3)
+    as_base = VLAPolicy(model=base).act(*obs, seed=1)
+    model = SmallVLA()
+    model.load_weights(weights)
+    learner = RecapLearner(model, demos=[], guidance=2.0)
+    policy = VLAPolicy(model=SmallVLA())
+    snap = learner.snapshot()
+    policy.load_weights(snap.weights, snap.meta["sampling"])
+    assert snap.meta["sampling"]["indicator"] == 1
+    assert np.allclose(policy.act(*obs, seed=1), as_base, atol=1e-5)
+
+
+def test_recap_clones_executed_steps_each_with_its_chunks_indicator(demos):
+    from learner.recap import NEGATIVE, POSITIVE, RecapLearner
+
+    torch.manual_seed(0)
+    learner = RecapLearner(SmallVLA(), demos=[], clone="executed", steps_per_update=2, value_steps=20)
+    own = _with_chunks(_episodes_moving(demos[:6], 0.8, True) + _episodes_moving(demos[6:12], -0.8, False))
+    stats = learner.update(own)
+    assert len(learner.data) == sum(ep.num_steps for ep in own)  # every step, not every chunk
+    seen = set()
+    for entry, ep in zip(learner.data._eps, own):
+        steps = ep.extras["chunk_steps"]
+        assert len(entry.indicators) == ep.num_steps
+        for start, end in zip(steps, [*steps[1:], ep.num_steps]):
+            assert len(set(entry.indicators[start:end])) == 1  # one chunk, one indicator
+        seen |= set(entry.indicators)
+    assert seen == {POSITIVE, NEGATIVE} and 0 < stats["positive_fraction"] < 1
+
+
+def test_imitation_learns_from_demonstrations_alone(demos):
+    from learner.imitation import ImitationLearner
+
+    learner = ImitationLearner(SmallVLA(), demos=demos[:4], steps_per_update=3)
+    stats = learner.update(_episodes_moving(demos[4:8], 0.8, True))
+    assert stats["kept_episodes"] == 0 and learner.data.num_episodes == 4 and np.isfinite(stats["loss"])
