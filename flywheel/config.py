@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import field
+from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_module
@@ -48,6 +49,9 @@ class PolicyConfig:
 
 @dataclasses.dataclass
 class DetectorConfig:
+    checkpoint: str = ""  # a trained detector (.safetensors: `flywheel reward train`'s, or another run's
+    #                       run_dir/detector/detector-N.safetensors) to judge with from the start instead of training
+    #                       one; the keys below that make and train one then go unused
     demo_episodes: int = 200  # scripted successes to train on
     # Hard examples made on purpose (actors/expert.py HARD_EXAMPLES), on the built-in tabletop only:
     near_miss_episodes: int = 200  # the block put just outside success (touching the pad, on the bowl's rim)
@@ -201,6 +205,8 @@ class RunConfig:
     run_dir: str = "???"  # where everything of this run is written
     seed: int = 0
     experiment: str = "default"
+    reward: str = "detector"  # who judges practice: detector (learned, below) | ground_truth (the simulator's record:
+    #                           in simulation only, the upper bound bench/rl_comparison.py measures detector reward by)
     # The wrist camera is recorded for the detector (the shipped policy reads the overhead camera only): it sees
     # where a block came to rest, which the overhead camera resolves to under a pixel (README, "the detector").
     env: EnvConfig = field(default_factory=lambda: EnvConfig(sensors=["overhead", "wrist"]))
@@ -294,6 +300,13 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
         raise ConfigError(f"detector.sensors={list(cfg.detector.sensors)} but env.sensors={list(cfg.env.sensors)} does "
                           f"not record {sorted(set(cfg.detector.sensors) - set(cfg.env.sensors))}: add them to "
                           f"env.sensors (the episodes must carry every camera the detector judges from)")
+    if name == "run" and cfg.reward not in ("detector", "ground_truth"):
+        raise ConfigError(f"reward={cfg.reward!r}: choose detector (a learned success detector judges practice) or "
+                          f"ground_truth (the simulator does; simulation only)")
+    if name == "run" and cfg.detector.checkpoint and not Path(cfg.detector.checkpoint).is_file():
+        raise ConfigError(f"detector.checkpoint={cfg.detector.checkpoint}: no such file. Give a detector's .safetensors "
+                          f"(`flywheel reward train` writes RUN_DIR/detector/detector-N.safetensors), or leave it empty "
+                          f"to train one")
     if name == "run" and cfg.learner.clone not in ("chunks", "executed"):
         raise ConfigError(f"learner.clone={cfg.learner.clone!r}: choose executed (clone what the policy did at every "
                           f"step, the default) or chunks (the chunks it sampled)")

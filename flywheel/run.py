@@ -42,6 +42,7 @@ from flywheel.vla.checkpoint import load_policy_checkpoint
 from flywheel.vla.model import SmallVLA
 from learner.registry import ALGORITHMS, accepted_options, make_learner
 from reward.detector import DetectorNetConfig
+from reward.ground_truth import GroundTruthJudge
 from reward.report import latest_detector, load_detector
 from reward.train import train_detector
 
@@ -194,6 +195,19 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
         f"on {det_metrics['n']} held-out episodes (threshold {detector.threshold:.3f}, temperature "
         f"{detector.temperature:.2f}, bias {detector.bias:.2f})")
     return detector, det_metrics
+
+
+def adopt_detector(path: Path, run_dir: Path):
+    """A detector trained elsewhere (``detector.checkpoint``), copied into the run as its first version, so that the
+    run holds everything it judged with (a resumed run, ``flywheel reward eval`` and an audit's retrain find it
+    there) -> (detector, its held-out metrics as recorded)."""
+    detector, meta = load_detector(path)
+    own = run_dir / "detector" / "detector-1.safetensors"
+    own.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: v for k, v in meta.items() if k != "progress_head"}  # load_detector's note, not the file's
+    save_weights(own, detector.weights(), {**meta, "version": "detector-1", "copied_from": str(path)})
+    detector.version = "detector-1"
+    return detector, meta.get("heldout", {})
 
 
 def check_recorded(episodes: list[Episode], sensors: tuple[str, ...]) -> None:
@@ -358,13 +372,20 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
                              state=learner.training_state())
 
         # ---- the success detector, trained on simulator-labelled episodes ----------------------------------------
-        if resuming and list((run_dir / "detector").glob("detector-*.safetensors")):
+        if cfg.reward == "ground_truth":
+            detector, det_metrics = GroundTruthJudge(), {}
+            say("reward: the simulator's ground truth judges practice (reward=ground_truth); no detector is trained")
+        elif resuming and list((run_dir / "detector").glob("detector-*.safetensors")):
             # the one that labelled last (a retrain the run did not get to use is not it), else the one it trained
             path = (run_dir / "detector" / f"{state.detector_versions[-1]}.safetensors" if state.detector_versions
                     else latest_detector(run_dir))
             detector, det_meta = load_detector(path)
             det_metrics = det_meta.get("heldout", {})
             say(f"detector: {detector.version}, as the run left it ({path})")
+        elif cfg.detector.checkpoint:
+            detector, det_metrics = adopt_detector(Path(cfg.detector.checkpoint), run_dir)
+            say(f"detector: {cfg.detector.checkpoint} (held-out AUROC {det_metrics.get('auroc', 'unknown')}), copied "
+                f"into {run_dir / 'detector'}")
         else:
             detector, det_metrics = train_reward(cfg, say, rollouts=rollouts, store=store,
                                                   policy_weights=base_weights, policy_sensors=vla_cfg.sensors)
@@ -373,11 +394,11 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
 
         # ---- the loop ---------------------------------------------------------------------------------------------
         audit_settings = AuditSettings(
-            sample=cfg.audit.sample, bound=cfg.audit.bound, seed=cfg.seed, retrain_every=cfg.audit.retrain_every,
+            sample=cfg.audit.sample if cfg.reward == "detector" else 0,  # the truth needs no audit bound=cfg.audit.bound, seed=cfg.seed, retrain_every=cfg.audit.retrain_every,
             retrain=(lambda exclude=(): train_reward(cfg, say, rollouts=rollouts, store=store,
                                                       policy_weights=base_weights, policy_sensors=vla_cfg.sensors,
                                                       exclude=exclude)[0])
-            if cfg.audit.retrain or cfg.audit.retrain_every else None)
+            if (cfg.audit.retrain or cfg.audit.retrain_every) and cfg.reward == "detector" else None)
         spent = (saved or {}).get("elapsed_s", 0.0)  # by earlier attempts: the budget is the run's, not each one's
         budget = Budget(started + cfg.budget.minutes * 60 - spent, cfg.budget.iterations, cfg.budget.env_steps,
                         cfg.budget.episodes)

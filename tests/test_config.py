@@ -116,3 +116,10 @@ def test_values_out_of_their_range_are_config_errors():
                               ("learner.practice_noise=-0.5", r"practice_noise=-0.5.*at least 0")):
         with pytest.raises(ConfigError, match=message):
             load_config("run", [override])
+
+
+def test_an_unknown_reward_or_a_missing_detector_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="choose detector .* or ground_truth"):
+        load_config("run", ["run_dir=x", "reward=oracle"])
+    with pytest.raises(ConfigError, match="detector.checkpoint=.*no such file.*flywheel reward train"):
+        load_config("run", ["run_dir=x", f"detector.checkpoint={tmp_path / 'nothing.safetensors'}"])

@@ -254,3 +254,27 @@ def test_with_overlap_the_actors_collect_while_the_learner_trains(tmp_path, ray_
     store = EpisodeStore(run_dir / "episodes")
     versions = sorted(ep.policy_version for ep in store.iter() if ep.policy_version >= 0 and ep.seed >= 5_000_000)
     assert versions == [0] * 64 + [1] * 32 and store.verify()["ok"]
+
+
+def test_a_run_judges_with_a_detector_it_is_given_or_with_the_simulator(tmp_path, finished_run):
+    """detector.checkpoint: no detector is trained; the given one is copied into the run and labels its practice.
+    reward=ground_truth: the simulator's record labels it (the comparison's upper bound), and nothing is audited."""
+    given = finished_run[0] / "detector" / "detector-1.safetensors"
+    base = ["experiment=tiny", "rollout.use_ray=false", "wandb.mode=disabled", "budget.iterations=1", "gate.episodes=0"]
+    runs = {"given": [f"detector.checkpoint={given}"], "truth": ["reward=ground_truth"]}
+    for name, extra in runs.items():
+        summary = run(load_config("run", [*base, *extra, f"run_dir={tmp_path / name}"]), say=lambda m: None)
+        assert summary["status"] == "completed" and summary["iterations"] == 1
+        practice = [ep for ep in EpisodeStore(tmp_path / name / "episodes").iter(with_ground_truth=True)
+                    if ep.policy_version >= 0]
+        assert len(practice) == 32  # what the loop collected, and nothing made for a detector's training
+        labels = [ep.latest_label("detector") for ep in practice]
+        if name == "given":
+            assert summary["detector"]["version"] == "detector-1" and summary["detector"]["auroc"] is not None
+            copied = tmp_path / name / "detector" / "detector-1.safetensors"
+            assert copied.read_bytes() != b"" and {lab.version for lab in labels} == {"detector-1"}
+            assert summary["audit"]["per_iteration"]
+        else:
+            assert summary["detector"] == {"version": "ground-truth"}
+            assert not (tmp_path / name / "detector").exists() and not summary["audit"]["per_iteration"]
+            assert [lab.success for lab in labels] == [ep.ground_truth["success"] for ep in practice]
