@@ -86,7 +86,7 @@ class DetectorConfig:
 
 @dataclasses.dataclass
 class LearnerConfig:
-    algorithm: str = "filtered_bc"  # filtered_bc | recap | residual_ppo | token_ppo (learner/registry.py)
+    algorithm: str = "filtered_bc"  # filtered_bc | recap | ppo | residual_ppo | imitation (learner/registry.py)
     guidance: float = 2.0  # recap: classifier-free guidance weight when sampling
     indicator_dropout: float = 0.3  # recap: how often the advantage indicator is dropped in training
     indicator_lr: float = 3e-3  # recap: the indicator embedding's own learning rate (it starts at zero)
@@ -97,16 +97,18 @@ class LearnerConfig:
     #                      the whole buffer with warm-up + cosine (learner/filtered_bc.py::shrink_and_perturb)
     freeze_backbone: bool = False  # train the action expert only, on contexts cached once per sample: a step costs
     #                                no encoder pass, so an update can afford many more steps
-    ppo_lr: float = 3e-4  # residual_ppo / token_ppo: the learning rate of what PPO trains
-    ppo_epochs: int = 8  # residual_ppo / token_ppo: passes over each iteration's decisions
-    ppo_clip: float = 0.2  # residual_ppo / token_ppo: the clipped ratio's bound
-    ppo_minibatch: int = 256  # residual_ppo / token_ppo: decisions per gradient step
+    ppo_lr: float = 3e-4  # ppo / residual_ppo: the learning rate of what PPO trains
+    ppo_epochs: int = 8  # ppo / residual_ppo: passes over each iteration's decisions
+    ppo_clip: float = 0.2  # ppo / residual_ppo: the clipped ratio's bound
+    ppo_minibatch: int = 256  # ppo / residual_ppo: decisions per gradient step
+    flow_noise: float = 0.03  # ppo on a flow VLA: the std of the Gaussian draw at each of the flow's Euler steps in
+    #                           practice (flow-noise, learner/ppo.py), which gives a chunk its exact log-probability
     gamma: float = 0.95  # residual_ppo: discount per decision (a quicker success is worth more)
     gae_lambda: float = 0.95  # residual_ppo: GAE's lambda
     value_epochs: int = 20  # residual_ppo: passes of the value refit per iteration
-    anchor: float = 0.5  # token_ppo: weight of behaviour cloning on the replayed demonstrations beside PPO's loss
-    max_staleness: int = 2  # token_ppo: episodes acted by a version older than this many updates are dropped
-    practice_noise: float = 0.0  # filtered_bc, recap: scale of the flow's starting noise in practice (evaluation
+    anchor: float = 0.5  # ppo: weight of behaviour cloning on the replayed demonstrations beside PPO's loss
+    max_staleness: int = 2  # ppo: episodes acted by a version older than this many updates are dropped
+    practice_noise: float = 0.0  # filtered_bc, recap, ppo: scale of the flow's starting noise in practice (evaluation
     #                              always samples, at 1). 0: the policy's one deterministic chunk per observation, so
     #                              each success it clones is a clean trajectory, not one of its noisy draws (measured:
     #                              README, session 10); repeated attempts at a layout would then be identical, so it
@@ -139,7 +141,7 @@ class RolloutConfig:
     cpus_per_worker: float = 1.0
     episodes_per_iteration: int = 512
     group_size: int = 1  # attempts per layout (seed) in one iteration: > 1 gives the learner a group baseline
-    #                      (GRPO-style; token_ppo wants 4), and needs learner.practice_noise > 0 (filtered_bc, recap)
+    #                      (GRPO-style; ppo wants 4), and needs learner.practice_noise > 0 (filtered_bc, recap)
     call_timeout_s: float = 600.0  # with Ray: an actor that does not answer a call within this is killed and
     #                                replaced (an environment that hangs); its episodes in flight are lost
     overlap: bool = False  # with Ray: collect the next iteration while the learner trains on this one (practice one

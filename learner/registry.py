@@ -4,12 +4,12 @@ import inspect
 
 from learner.filtered_bc import FilteredBCLearner
 from learner.imitation import ImitationLearner
+from learner.ppo import PPOLearner
 from learner.recap import RecapLearner
 from learner.residual_ppo import ResidualPPOLearner
-from learner.token_ppo import TokenPPOLearner
 
-ALGORITHMS = {"filtered_bc": FilteredBCLearner, "imitation": ImitationLearner, "recap": RecapLearner,
-              "residual_ppo": ResidualPPOLearner, "token_ppo": TokenPPOLearner}
+ALGORITHMS = {"filtered_bc": FilteredBCLearner, "imitation": ImitationLearner, "ppo": PPOLearner,
+              "recap": RecapLearner, "residual_ppo": ResidualPPOLearner}
 
 
 def accepted_options(cls) -> set[str]:

@@ -1,6 +1,7 @@
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 
 from flywheel.contracts import Label
@@ -193,20 +194,20 @@ def test_filtered_bc_with_nothing_to_clone_keeps_the_policy():
     assert all(np.array_equal(v, model.get_weights()[k]) for k, v in before.items())
 
 
-def test_token_ppo_moves_a_token_vla_toward_what_the_detector_approves():
-    """A VLA acting in action tokens, 4 attempts per layout; the detector approves the attempts whose chunks moved
-    right (+x) more than the others at the same layout. PPO, with the exact log-probabilities the rollout recorded,
-    must shift the policy that way; stale episodes are dropped; a flow VLA is refused with the fix."""
-    import pytest
-
+@pytest.mark.parametrize("head,lr,epochs", [("tokens", 1e-3, 4), ("flow", 3e-3, 8)])
+def test_ppo_moves_either_vla_toward_what_the_detector_approves(head, lr, epochs):
+    """A VLA acting in action tokens, or a flow VLA with flow-noise, 4 attempts per layout; the detector approves the
+    attempts whose chunks moved right (+x) more than the others at the same layout. PPO, with the exact
+    log-probabilities the rollout recorded, must shift the policy that way; stale episodes are dropped; a flow VLA
+    without the steps' noise is refused with the fix."""
     from actors.rollout import RolloutWorker
     from flywheel.vla.model import VLAConfig
-    from learner.token_ppo import TokenPPOLearner
+    from learner.ppo import PPOLearner
 
     torch.manual_seed(0)
-    cfg = VLAConfig(action_head="tokens", bins=16)
+    cfg = VLAConfig(action_head=head, bins=16)
     model = SmallVLA(cfg)
-    learner = TokenPPOLearner(model, seed=0, ppo_lr=1e-3, ppo_epochs=4, anchor=0.0)
+    learner = PPOLearner(model, seed=0, ppo_lr=lr, ppo_epochs=epochs, anchor=0.0, flow_noise=0.05)
     worker = RolloutWorker(lambda: VLAPolicy(cfg), {"max_steps": 8})
 
     def mean_x(seeds):
@@ -214,10 +215,11 @@ def test_token_ppo_moves_a_token_vla_toward_what_the_detector_approves():
 
     worker.set_weights(learner.snapshot())
     before = mean_x(list(range(900, 932)))
+    drawn = (cfg.flow_steps, 8, 3) if head == "flow" else (8, 3)
     for it in range(3):
         seeds = [100 * it + i // 4 for i in range(48)]
         episodes = worker.collect(seeds, "train", sample_seed=it)
-        assert all(ep.extras["logp"].shape == (len(ep.extras["chunk_steps"]), 8, 3) for ep in episodes)
+        assert all(ep.extras["logp"].shape == (len(ep.extras["chunk_steps"]), *drawn) for ep in episodes)
         for i in range(0, 48, 4):
             group = episodes[i:i + 4]
             xs = [ep.extras["chunks"][..., 0].mean() for ep in group]
@@ -227,11 +229,34 @@ def test_token_ppo_moves_a_token_vla_toward_what_the_detector_approves():
         worker.set_weights(learner.snapshot())
     assert learner.version == 3 and stats["informative_episodes"] == 48 and stats["stale_dropped"] == 0
     after = mean_x(list(range(900, 932)))
-    assert after > before + 0.1
+    assert after > before + 0.1, (before, after)
     stale = dataclasses.replace(episodes[0], policy_version=0)
     assert learner.update([stale])["stale_dropped"] == 1
-    with pytest.raises(ValueError, match="action_head=tokens"):
-        TokenPPOLearner(SmallVLA())
+    with pytest.raises(ValueError, match="flow_noise"):
+        PPOLearner(SmallVLA(), flow_noise=0.0)
+
+
+def test_flow_noise_log_probability_is_that_of_the_draws(demos):
+    """What sample() records with flow-noise is recomputed exactly by decision_log_prob, and it is the Gaussian
+    density of the steps actually drawn; without flow-noise nothing is recorded and the chunk is as before."""
+    torch.manual_seed(0)
+    model = SmallVLA().eval()
+    ep = demos[0]
+    images, proprio = torch.from_numpy(ep.observations["image"][:3]), torch.from_numpy(ep.observations["proprio"][:3])
+    ids = model.tokenize([ep.instruction] * 3)
+    extras: dict = {}
+    chunk = model.sample(images, ids, proprio, torch.Generator().manual_seed(0), extras=extras, noise=0.0,
+                         flow_noise=0.05)
+    chain = extras["flow_chain"]
+    assert chain.shape == (3, model.cfg.flow_steps + 1, 8, 3) and torch.equal(chunk, chain[:, -1].clamp(-1, 1))
+    with torch.no_grad():
+        again = model.decision_log_prob(model.encoder(images, ids, proprio), {"flow_chain": chain}, 0.05)
+    assert torch.allclose(again, extras["logp"], atol=1e-5)
+    steps = (extras["logp"] - torch.distributions.Normal(0.0, 0.05).log_prob(torch.zeros(()))) * -2 * 0.05 ** 2
+    assert 0.5 < float(steps.mean().sqrt() / 0.05) < 1.5  # the draws' own spread: about one std from each mean
+    quiet: dict = {}
+    plain = model.sample(images, ids, proprio, torch.Generator().manual_seed(0), extras=quiet, noise=0.0)
+    assert "logp" not in quiet and not torch.equal(plain, chunk)
 
 
 def test_filtered_bc_can_clone_what_its_policy_executed_at_every_step(demos):

@@ -452,7 +452,7 @@ class SmallVLA(nn.Module):
     def sample(
         self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor, generator: torch.Generator | None = None,
         indicator: int = 0, guidance: float = 1.0, residual: str = "off", extras: dict | None = None,
-        greedy: bool = False, noise: float = 1.0,
+        greedy: bool = False, noise: float = 1.0, flow_noise: float = 0.0,
     ) -> torch.Tensor:
         """An action chunk (B,C,A) in [-1, 1]: the flow integrated from noise, or action tokens drawn from their
         categoricals (then ``extras``, if given, receives each token's exact log-probability, "logp" (B,C,A)), or with
@@ -462,6 +462,11 @@ class SmallVLA(nn.Module):
         v = v_none + guidance * (v_indicator - v_none), pushing the actions further from what failed.
         ``noise`` scales the flow's starting noise: 1 samples the learned distribution, 0 follows the flow from its
         mean alone (one deterministic chunk per observation).
+        ``flow_noise`` > 0 makes every Euler step a Gaussian draw around where the flow would go (flow-noise, as in
+        piRL): x_{k+1} ~ N(x_k + dt v(x_k, t_k), flow_noise^2). The chunk then has an exact log-probability, the sum
+        over steps of those Gaussians'; ``extras``, if given, receives the chain ("flow_chain" (B, K+1, C, A)) and
+        each step's log-probability per number ("logp" (B, K, C, A)), which ``decision_log_prob`` recomputes under
+        other weights: what PPO on the flow VLA needs.
         ``residual`` = "sample" (or "mean") corrects the chunk with a draw from (or the mean of) the residual head;
         then ``extras``, if given, receives the flow's chunk ("base_chunks"), the draw ("residuals") and its
         log-probability ("residual_logp"): what an RL learner needs of every decision.
@@ -481,7 +486,7 @@ class SmallVLA(nn.Module):
             if extras is not None:  # the exact log-probability of each token drawn: PPO's denominators
                 extras.update(logp=self.head.log_prob(logits, x))
         else:
-            x = self._integrate(cond, free, guidance, generator, noise)
+            x = self._integrate(cond, free, guidance, generator, noise, flow_noise, extras)
         if residual == "off":
             return x
         mean, std = self.residual(ctx, x)
@@ -492,11 +497,14 @@ class SmallVLA(nn.Module):
         return self.residual.apply(x, r)
 
     def _integrate(self, cond: torch.Tensor, free: torch.Tensor, guidance: float,
-                   generator: torch.Generator | None, noise: float = 1.0) -> torch.Tensor:
-        """The flow head's chunk: Euler steps from noise (t=0) to actions (t=1), with classifier-free guidance."""
+                   generator: torch.Generator | None, noise: float = 1.0, flow_noise: float = 0.0,
+                   extras: dict | None = None) -> torch.Tensor:
+        """The flow head's chunk: Euler steps from noise (t=0) to actions (t=1), with classifier-free guidance, and
+        with ``flow_noise`` a Gaussian draw at every step (see ``sample``)."""
         cfg = self.cfg
         x = noise * torch.randn(cond.shape[0], cfg.chunk, cfg.action_dim, generator=generator, device=cond.device)
         dt = 1.0 / cfg.flow_steps
+        chain = [x]
         for k in range(cfg.flow_steps):
             t = torch.full((cond.shape[0],), k * dt, device=cond.device)
             v = self.head(cond, x, t)
@@ -504,7 +512,34 @@ class SmallVLA(nn.Module):
                 v_free = self.head(free, x, t)
                 v = v_free + guidance * (v - v_free)
             x = x + dt * v
+            if flow_noise > 0:
+                x = x + flow_noise * torch.randn(x.shape, generator=generator).to(x.device)
+                chain.append(x)
+        if flow_noise > 0 and extras is not None:
+            chain = torch.stack(chain, dim=1)
+            extras.update(flow_chain=chain, logp=self._chain_log_prob(cond, chain, flow_noise))
         return x.clamp(-1.0, 1.0)
+
+    def _chain_log_prob(self, ctx: torch.Tensor, chain: torch.Tensor, flow_noise: float) -> torch.Tensor:
+        """log N(x_{k+1}; x_k + dt v(x_k, t_k), flow_noise^2) of each step of each number of a recorded flow chain
+        (B, K+1, C, A) -> (B, K, C, A)."""
+        b, steps = chain.shape[0], chain.shape[1] - 1
+        dt = 1.0 / steps
+        x = chain[:, :-1].flatten(0, 1)  # (B*K, C, A): every step of every chain in one pass of the head
+        t = (torch.arange(steps, device=ctx.device, dtype=ctx.dtype) * dt).repeat(b)
+        mean = x + dt * self.head(ctx.repeat_interleave(steps, dim=0), x, t)
+        return torch.distributions.Normal(mean, flow_noise).log_prob(chain[:, 1:].flatten(0, 1)).view_as(chain[:, 1:])
+
+    def decision_log_prob(self, ctx: torch.Tensor, recorded: dict[str, torch.Tensor],
+                          flow_noise: float = 0.0) -> torch.Tensor:
+        """The exact log-probability, under these weights, of what a practice decision drew (what ``sample`` put in
+        ``extras``), per number: action tokens (B, C, A) from "chunks"; the flow, with flow-noise, (B, K, C, A) from
+        "flow_chain"."""
+        if self.cfg.action_head == "tokens":
+            return self.head.log_prob(self.head(ctx), recorded["chunks"])
+        if flow_noise <= 0:
+            raise ValueError("the flow's chunk has a log-probability only when sampled with flow_noise > 0")
+        return self._chain_log_prob(ctx, recorded["flow_chain"], flow_noise)
 
     def get_weights(self) -> dict[str, np.ndarray]:
         return numpy_state(self)
@@ -572,8 +607,9 @@ class VLAPolicy:
         if sampling.get("residual") == "explore":  # draw corrections in practice; their mean in evaluation
             sampling["residual"] = "sample" if self.explore else "mean"
         practice_noise = sampling.pop("practice_noise", 1.0)  # the learner's choice of how its policy practises
+        flow_noise = sampling.pop("flow_noise", 0.0)  # and whether each flow step draws (PPO's exploration)
         if self.explore and self.model.cfg.action_head == "flow":
-            sampling["noise"] = practice_noise
+            sampling.update(noise=practice_noise, flow_noise=flow_noise)
         if self.model.cfg.action_head == "tokens":
             # Action tokens are drawn in practice (PPO needs the draws and their probabilities) and decoded greedily
             # otherwise, as token VLAs are evaluated: each token drawn on its own, a chunk's gripper tokens would

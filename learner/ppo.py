@@ -1,9 +1,16 @@
-"""PPO with exact log-probabilities, for a VLA that acts in discrete action tokens (RT-2 / OpenVLA style).
+"""PPO with exact log-probabilities, for both kinds of VLA (``learner.algorithm=ppo``).
 
-A token VLA's chunk is a draw from categoricals, so its probability is exact (``TokenActionHead.log_prob``): the
-rollout records the log-probability of every token it drew (``extras["logp"]``, (C, A) per chunk), and the clipped
-PPO ratio pi_new / pi_behaviour is computed exactly, token by token, as PPO for language models does. A ratio of
-whole chunks (a product of 24 token ratios) swings so far that nearly every chunk was clipped in a trial
+- **Action tokens** (RT-2 / OpenVLA style): a chunk is a draw from categoricals, so its probability is exact
+  (``TokenActionHead.log_prob``).
+- **The flow head** (pi0 style), through flow-noise (as in piRL, Chen et al. 2025): in practice every Euler step of
+  the flow is a Gaussian draw around where the deterministic flow would go (``learner.flow_noise`` its std), so the
+  chunk is the end of a chain of Gaussian steps whose log-probability is exact; the flow's velocity field is what
+  PPO trains. Evaluation integrates the flow as always, without the steps' noise.
+
+Either way the rollout records the log-probability of every number it drew (``extras["logp"]``: (C, A) per chunk
+for tokens, (K, C, A) for the flow's K steps) and what it drew ("chunks", "flow_chain"), and the clipped PPO ratio
+pi_new / pi_behaviour is computed exactly, number by number, as PPO for language models does it token by token. A
+ratio of whole chunks (a product of 24 token ratios) swings so far that nearly every chunk was clipped in a trial
 (clip fraction 0.95-0.98, KL 2.6-6 nats a chunk).
 
 Credit is GRPO's (Shao et al. 2024), which needs no critic: an episode's advantage is its judged success minus the
@@ -28,7 +35,7 @@ from learner.base import LearnerBase
 from learner.bc import ChunkDataset
 
 
-class TokenPPOLearner(LearnerBase):
+class PPOLearner(LearnerBase):
     """The ``Learner`` contract: ``update(labelled episodes) -> stats``; ``snapshot() -> PolicySnapshot``."""
 
     def __init__(
@@ -45,13 +52,20 @@ class TokenPPOLearner(LearnerBase):
         anchor: float = 0.5,
         max_staleness: int = 2,
         batch_size: int = 64,
+        flow_noise: float = 0.03,
     ):
-        if model.cfg.action_head != "tokens":
-            raise ValueError(
-                "token_ppo needs a VLA with action tokens (exact log-probabilities), and this one has a "
-                f"{model.cfg.action_head!r} head: pretrain one with `flywheel pretrain action_head=tokens` and give it "
-                "as policy.checkpoint, or choose another learner.algorithm")
+        """``flow_noise``: the flow head's std per Euler step in practice (its exploration).
+
+        The flow VLA's policy under PPO is its flow from the mean (starting noise 0), in practice and in evaluation
+        alike, as a Gaussian policy is evaluated at its mean: the steps' draws are its only randomness, so every
+        difference between attempts at a layout is one PPO can credit. From the usual standard normal start, most
+        of that difference came from the start, whose density does not depend on the weights: in a trial the
+        approved direction moved 0.00-0.08 against 0.10 from the mean."""
+        if model.cfg.action_head == "flow" and flow_noise <= 0:
+            raise ValueError(f"learner.flow_noise={flow_noise}: PPO on a flow VLA needs the steps' noise (> 0) for "
+                             f"the exact log-probability of what it drew; e.g. 0.03")
         self.model, self.version = model, version
+        self.flow_noise = flow_noise
         self.generator = torch.Generator().manual_seed(seed)
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ppo_lr,
                                            weight_decay=1e-4)
@@ -74,7 +88,8 @@ class TokenPPOLearner(LearnerBase):
     def _decisions(self, episodes: list[Episode], adv: np.ndarray) -> dict[str, torch.Tensor]:
         """Every decision of the episodes with a nonzero advantage: its inputs, the chunk drawn, the log-probability
         of each of its tokens when drawn, and the episode's advantage."""
-        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("images", "proprio", "ids", "chunks", "logp", "adv")}
+        drawn = "flow_chain" if self.model.cfg.action_head == "flow" else "chunks"
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("images", "proprio", "ids", drawn, "logp", "adv")}
         for ep, a in zip(episodes, adv):
             if a == 0:
                 continue
@@ -83,7 +98,7 @@ class TokenPPOLearner(LearnerBase):
             cols["images"].append(np.ascontiguousarray(images))
             cols["proprio"].append(proprio)
             cols["ids"].append(np.repeat(self.model.tokenizer([ep.instruction])[0], len(steps), axis=0))
-            cols["chunks"].append(ep.extras["chunks"].astype(np.float32))
+            cols[drawn].append(ep.extras[drawn].astype(np.float32))
             cols["logp"].append(ep.extras["logp"].astype(np.float32))
             cols["adv"].append(np.full(len(steps), a, np.float32))
         device = self.model.cls_device
@@ -92,8 +107,8 @@ class TokenPPOLearner(LearnerBase):
     def update(self, episodes: list[Episode]) -> dict[str, float]:
         acted = [ep for ep in episodes if "logp" in ep.extras and len(ep.extras.get("chunk_steps", ()))]
         if episodes and not acted:
-            raise ValueError("token_ppo needs episodes that record each chunk's log-probability (extras 'logp'): "
-                             "were they acted by this learner's token VLA?")
+            raise ValueError("ppo needs episodes that record each chunk's log-probability (extras 'logp'): were they "
+                             "acted by this learner's snapshot (its sampling asks for it)?")
         fresh = [ep for ep in acted if ep.policy_version >= self.version - self.max_staleness]
         adv = self.group_advantages(fresh) if fresh else np.zeros(0)
         data = self._decisions(fresh, adv)
@@ -103,9 +118,11 @@ class TokenPPOLearner(LearnerBase):
         for _ in range(self.epochs if n else 0):
             for idx in torch.randperm(n, generator=self.generator).split(self.minibatch):
                 ctx = self.model.encoder(data["images"][idx], data["ids"][idx], data["proprio"][idx])
-                logp = self.model.head.log_prob(self.model.head(ctx), data["chunks"][idx])  # (b, C, A)
+                logp = self.model.decision_log_prob(ctx, {k: data[k][idx] for k in ("chunks", "flow_chain")
+                                                            if k in data}, self.flow_noise)  # (b, [K,] C, A)
                 log_ratio = (logp - data["logp"][idx]).clamp(-20.0, 20.0)
-                ratio, a = log_ratio.exp(), data["adv"][idx][:, None, None]
+                ratio = log_ratio.exp()
+                a = data["adv"][idx].view(-1, *[1] * (ratio.dim() - 1))
                 loss = -torch.min(ratio * a, ratio.clamp(1 - self.clip, 1 + self.clip) * a).mean()
                 anchor = loss.new_zeros(())
                 if self.anchor > 0 and self.demos.num_episodes:
@@ -113,7 +130,7 @@ class TokenPPOLearner(LearnerBase):
                     anchor = self.model.action_loss(b["images"], b["ids"], b["proprio"], b["actions"])
                 total = loss + self.anchor * anchor
                 if not torch.isfinite(total):
-                    raise FloatingPointError(f"token_ppo loss is {total.item()}: the weights or the batch hold "
+                    raise FloatingPointError(f"ppo loss is {total.item()}: the weights or the batch hold "
                                              "NaN/inf. Lower learner.ppo_lr or restore the last good checkpoint.")
                 self.optimizer.zero_grad(set_to_none=True)
                 total.backward()
@@ -123,7 +140,7 @@ class TokenPPOLearner(LearnerBase):
                     stats["policy_loss"].append(float(loss))
                     stats["anchor_loss"].append(float(anchor))
                     stats["clip_fraction"].append(float(((ratio - 1).abs() > self.clip).float().mean()))
-                    stats["approx_kl"].append(float((-log_ratio).sum(dim=(1, 2)).mean()))  # per chunk
+                    stats["approx_kl"].append(float((-log_ratio).flatten(1).sum(1).mean()))  # per chunk
         self.model.eval()
         self.version += 1
         return {**{k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}, "decisions": n,
@@ -131,5 +148,7 @@ class TokenPPOLearner(LearnerBase):
                 "judged_success": float(np.mean([self.judged_success(ep) for ep in fresh])) if fresh else 0.0}
 
     def snapshot(self) -> PolicySnapshot:
+        sampling = {"flow_noise": self.flow_noise, "noise": 0.0, "practice_noise": 0.0} \
+            if self.model.cfg.action_head == "flow" else {}
         return PolicySnapshot(version=self.version, weights=self.model.get_weights(),
-                              meta={"algorithm": type(self).__name__, "sampling": {}})
+                              meta={"algorithm": type(self).__name__, "sampling": sampling})
