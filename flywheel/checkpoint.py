@@ -75,10 +75,14 @@ class CheckpointDir:
     which cannot run code). It is written before the weights, so a checkpoint whose weights are on disk is complete.
     """
 
-    def __init__(self, directory: str | os.PathLike, prefix: str = "policy", keep: int = 3):
+    def __init__(self, directory: str | os.PathLike, prefix: str = "policy", keep: int = 3,
+                 meta: dict[str, Any] | None = None):
+        """``meta``: what every checkpoint's metadata carries besides its own (a run's: the VLA's config, so that
+        any of its checkpoints is a ``policy.checkpoint`` for the next run)."""
         self.dir = Path(directory)
         self.prefix = prefix
         self.keep = keep
+        self.meta = dict(meta or {})
         self._pattern = re.compile(rf"^{re.escape(prefix)}-(\d+)\.safetensors$")
 
     def path(self, number: int) -> Path:
@@ -102,7 +106,7 @@ class CheckpointDir:
             buf = io.BytesIO()
             torch.save(state, buf)
             atomic_write_bytes(self.state_path(number), buf.getvalue())
-        path = save_weights(self.path(number), weights, {**meta, "number": number})
+        path = save_weights(self.path(number), weights, {**self.meta, **meta, "number": number})
         for old in self.numbers()[: -self.keep]:
             if old not in keep_also:
                 self.path(old).unlink(missing_ok=True)

@@ -278,3 +278,15 @@ def test_a_run_judges_with_a_detector_it_is_given_or_with_the_simulator(tmp_path
             assert summary["detector"] == {"version": "ground-truth"}
             assert not (tmp_path / name / "detector").exists() and not summary["audit"]["per_iteration"]
             assert [lab.success for lab in labels] == [ep.ground_truth["success"] for ep in practice]
+
+
+def test_a_runs_checkpoint_is_the_next_runs_policy_checkpoint(finished_run):
+    """Any checkpoint a run wrote loads as policy.checkpoint, carrying the base's record (whose demonstrations the
+    next run's learner replays)."""
+    from flywheel.vla.checkpoint import load_policy_checkpoint
+
+    newest = sorted((finished_run[0] / "checkpoints").glob("policy-*.safetensors"))[-1]
+    model, meta = load_policy_checkpoint(str(newest), as_model=True)
+    _, _, base_meta = load_policy_checkpoint("base")
+    assert meta["config"] == base_meta["config"] and meta["version"] == 2
+    assert model.get_weights().keys() == load_policy_checkpoint("base", as_model=True)[0].get_weights().keys()
