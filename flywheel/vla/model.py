@@ -533,8 +533,9 @@ class SmallVLA(nn.Module):
     def decision_log_prob(self, ctx: torch.Tensor, recorded: dict[str, torch.Tensor],
                           flow_noise: float = 0.0) -> torch.Tensor:
         """The exact log-probability, under these weights, of what a practice decision drew (what ``sample`` put in
-        ``extras``), per number: action tokens (B, C, A) from "chunks"; the flow, with flow-noise, (B, K, C, A) from
-        "flow_chain"."""
+        ``extras``, unconditioned: indicator 0, no guidance), per number: action tokens (B, C, A) from "chunks"; the
+        flow, with flow-noise, (B, K, C, A) from "flow_chain". ``ctx`` is the encoder's context."""
+        ctx = ctx + self.indicator.weight[0]  # as sample() conditions it: a base learns this row in pretraining
         if self.cfg.action_head == "tokens":
             return self.head.log_prob(self.head(ctx), recorded["chunks"])
         if flow_noise <= 0:
