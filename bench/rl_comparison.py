@@ -1,0 +1,241 @@
+"""The learners compared side by side (issue 5): every algorithm through the same loop, from the same base, with the
+detector's reward and with the simulator's (the upper bound), beside two imitation baselines.
+
+    PYTHONPATH=. .venv/bin/python bench/rl_comparison.py [--iterations N] [--out DIR] [--only NAME,...] [overrides...]
+
+Each entry is one `flywheel run` of the default job (`make run`'s), the same in all but what the entry names, for a
+budget of ``--iterations`` updates (not minutes: the detector's training and a cheaper update must not buy an entry
+more practice). Every run evaluates on the same 500 held-out seeds at the start, every 2 iterations and at the end,
+so each entry has a curve of held-out success against practice env steps, each point with its Wilson 95% interval.
+
+- ``ALGORITHM-detector``: practice judged by the success detector. The first such run trains it; the others judge
+  with that very detector (``detector.checkpoint``), so they differ in their learner alone.
+- ``ALGORITHM-ground_truth``: judged by the simulator (``reward=ground_truth``): what a perfect detector would buy.
+- ``imitation-demos``: the same number of updates on the base's 100 demonstrations alone (``learner.algorithm=
+  imitation``, learner/imitation.py); its practice is one episode an iteration, kept from nothing.
+- ``imitation-more_demos``: the same, with ``--more-demos`` demonstrations (default 200: as many again, from the
+  same operators on new layouts), "more demonstrations, no RL".
+
+The RL entries are ``--algorithms`` (filtered_bc, recap and ppo by default; residual_ppo can be added), each with the
+settings in SETTINGS beside the default job's.
+
+The result, ``bench/results/rl_comparison.json``: one entry per algorithm and reward source (``algorithm``, ``reward``,
+``initial_success``, ``final_success``, ``ci95``, ``env_steps``, the curve), and the issue's three tests for the best
+of RECAP and PPO with the detector's reward: its failure rate against the base's (``ratio``; target <= 0.5), the share
+of the ground-truth gain the detector's reward reaches (>= 0.8), and its margin over filtered BC and both imitation
+baselines. A plot, ``bench/results/rl_comparison.png``, goes to wandb too (offline unless WANDB_API_KEY is set),
+and the table and plot to bench/RESULTS.md.
+
+A run already completed in ``--out`` is read, not run again: the comparison can be built up over several sittings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import RESULTS, write_result
+
+ROOT = Path(__file__).resolve().parent.parent
+RL = ("recap", "ppo", "residual_ppo")  # the issue's candidates: RECAP, and PPO (flow-noise; or on a residual)
+# Each algorithm's own settings, beside the default job's: PPO compares 4 attempts at each layout (GRPO); at this
+# learning rate and these epochs its clip fraction stayed at 0.04-0.09 on the shipped base (3e-4 and 8 epochs:
+# 0.16-0.34, and a worse policy after 8 updates; bench/RESULTS.md, session 13).
+SETTINGS = {"ppo": ["rollout.group_size=4", "learner.ppo_lr=1e-4", "learner.ppo_epochs=4"]}
+
+
+def entries(algorithms: list[str], more_demos: int) -> dict[str, list[str]]:
+    """Entry name -> the overrides that make it, on top of the default job."""
+    out = {}
+    for algorithm in algorithms:
+        for reward in ("detector", "ground_truth"):
+            out[f"{algorithm}-{reward}"] = [f"learner.algorithm={algorithm}", f"reward={reward}",
+                                            *SETTINGS.get(algorithm, [])]
+    imitation = ["learner.algorithm=imitation", "reward=ground_truth", "rollout.episodes_per_iteration=1"]
+    out["imitation-demos"] = imitation
+    out["imitation-more_demos"] = [*imitation, f"learner.demos={more_demos}"]
+    return out
+
+
+def run_entry(name: str, overrides: list[str], out: Path, detector: Path | None) -> dict:
+    """One `flywheel run`, in a process of its own (its own Ray); its summary. A completed one is only read."""
+    run_dir = out / name
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists() and json.loads(summary_path.read_text()).get("status") == "completed":
+        print(f"{name}: completed before, read from {run_dir}")
+        return json.loads(summary_path.read_text())
+    if detector is not None and name.endswith("-detector"):
+        overrides = [*overrides, f"detector.checkpoint={detector}"]
+    command = [sys.executable, "-m", "flywheel.cli", "run", f"run_dir={run_dir}", *overrides]
+    print(f"{name}: {' '.join(command[2:])}", flush=True)
+    with open(out / f"{name}.log", "a") as log:
+        done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if done.returncode != 0 or not summary_path.exists():
+        raise RuntimeError(f"{name}: `flywheel run` exited {done.returncode}; see {out / f'{name}.log'}")
+    return json.loads(summary_path.read_text())
+
+
+def curve(run_dir: Path) -> list[dict]:
+    """Held-out success at each evaluation, against the practice env steps before it."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps_at = {0: 0}
+    for r in rows:
+        if "env_steps" in r:
+            steps_at[r["step"]] = r["env_steps"]
+    return [{"iteration": r["step"], "env_steps": steps_at.get(r["step"], max(steps_at.values())),
+             "version": r["eval/version"], "success": r["eval/success"],
+             "ci95": [r["eval/ci95_low"], r["eval/ci95_high"]]} for r in rows if "eval/success" in r]
+
+
+def plot(results: list[dict], path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_steps, by_updates) = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    colours = {a: f"C{i}" for i, a in enumerate(["filtered_bc", *RL, "imitation"])}
+    for r in results:
+        points = r["curve"]
+        y = np.array([p["success"] for p in points])
+        err = np.abs(np.array([p["ci95"] for p in points]).T - y)
+        style = dict(color=colours[r["algorithm"]], linestyle="-" if r["reward"] == "detector" else "--",
+                     marker="o", markersize=3, capsize=2, label=r["name"])
+        if r["algorithm"] != "imitation":
+            by_steps.errorbar([p["env_steps"] for p in points], y, yerr=err, **style)
+        else:
+            style.update(linestyle=":" if "more" in r["name"] else "-.")
+        by_updates.errorbar([p["iteration"] for p in points], y, yerr=err, **style)
+    base = results[0]["initial_success"]
+    for ax in (by_steps, by_updates):
+        ax.axhline(1 - (1 - base) / 2, color="grey", linewidth=0.8, linestyle=":")
+        ax.grid(alpha=0.3)
+    by_steps.set(xlabel="practice env steps", ylabel="held-out success (500 seeds, 95% CI)",
+                 title="RL: detector reward (solid), ground truth (dashed)")
+    by_updates.set(xlabel="updates (iterations)", title="with the imitation baselines (grey: failures halved)")
+    by_updates.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return fig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iterations", type=int, default=12, help="updates per run (the budget every entry gets)")
+    parser.add_argument("--out", default="runs/rl-comparison", help="where the runs are kept (re-used if complete)")
+    parser.add_argument("--only", default="", help="comma-separated entry names to run now (others only read)")
+    parser.add_argument("--more-demos", type=int, default=200, help="demonstrations of 'more demonstrations, no RL'")
+    parser.add_argument("--algorithms", default="filtered_bc,recap,ppo", help="the RL entries (each with both rewards)")
+    args, overrides = parser.parse_known_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common = [f"budget.iterations={args.iterations}", "budget.minutes=600", "eval.every=2", *overrides]
+    wanted = set(filter(None, args.only.split(",")))
+    detector_path = out / "filtered_bc-detector" / "detector" / "detector-1.safetensors"
+    results = []
+    for name, own in entries(args.algorithms.split(","), args.more_demos).items():
+        done = (out / name / "summary.json").exists()
+        if wanted and name not in wanted and not done:
+            continue
+        summary = run_entry(name, [*common, *own], out, detector_path if detector_path.exists() else None)
+        algorithm, reward = name.split("-", 1)
+        results.append({
+            "name": name, "algorithm": algorithm, "reward": "ground_truth" if algorithm == "imitation" else reward,
+            "overrides": [*common, *own], "initial_success": summary["initial_success"],
+            "final_success": summary["final_success"], "ci95": summary["final_ci95"],
+            "env_steps": summary["env_steps"], "episodes": summary["episodes"], "iterations": summary["iterations"],
+            "policy_version_final": summary["policy_version_final"], "rollbacks": len(summary.get("rollbacks", [])),
+            "wall_seconds": summary["wall_seconds"], "detector_auroc": summary.get("detector", {}).get("auroc"),
+            "curve": curve(out / name)})
+    if not results:
+        raise SystemExit("no entry run or found")
+    verdict = judge(results)
+    fig = plot(results, RESULTS / "rl_comparison.png")
+    write_result("rl_comparison", verdict["ratio"], 0.5, verdict["met"], entries=results, **verdict,
+                 what="the best of RECAP and PPO with the detector's reward: final failure rate / the base's, over "
+                      f"{args.iterations} updates of the default job (500 held-out seeds); met also needs >= 0.8 of "
+                      "the ground-truth gain, and beating filtered BC and both imitation baselines",
+                 plot="bench/results/rl_comparison.png", iterations=args.iterations)
+    write_section(results, verdict, args.iterations)
+    log_to_wandb(results, fig)
+
+
+BEGIN, END = "<!-- rl_comparison: written by bench/rl_comparison.py -->", "<!-- end of rl_comparison -->"
+
+
+def write_section(results: list[dict], verdict: dict, iterations: int) -> None:
+    """The comparison's table and plot in bench/RESULTS.md, between markers (replaced on every run)."""
+    rows = ["| entry | reward | held-out success: start → end [95% CI] | gain | practice env steps | updates | "
+            "rollbacks | wall |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        rows.append(f"| {r['algorithm']} | {r['reward']} | {r['initial_success']:.3f} → **{r['final_success']:.3f}** "
+                    f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {r['final_success'] - r['initial_success']:+.3f} | "
+                    f"{r['env_steps']:,} | {r['iterations']} | {r['rollbacks']} | {r['wall_seconds'] / 60:.1f} min |")
+    share = verdict.get("detector_share_of_ground_truth_gain")
+    lines = [BEGIN, f"### RL fine-tuning compared (issue 5): {iterations} updates each, the default job", "",
+             "`PYTHONPATH=. .venv/bin/python bench/rl_comparison.py` (bench/results/rl_comparison.json has every "
+             "entry's curve and overrides)", "", *rows, "",
+             f"- best of RECAP and PPO with the detector's reward: **{verdict.get('best')}**; failure rate / the "
+             f"base's: {_fmt(verdict.get('ratio'))} (target <= 0.5)",
+             f"- its gain / the same algorithm's with ground-truth reward: {_fmt(share)} (target >= 0.8)",
+             "- its margin over " + ", ".join(f"{k} {v:+.3f}" for k, v in verdict.get("margin_over", {}).items()),
+             f"- all met: **{verdict.get('met')}**", "", "![held-out success against env steps and updates]"
+             "(results/rl_comparison.png)", END]
+    path = Path(__file__).resolve().parent / "RESULTS.md"
+    text = path.read_text()
+    block = "\n".join(lines)
+    text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):] if BEGIN in text else \
+        text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def _fmt(x) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+def judge(results: list[dict]) -> dict:
+    """The issue's three tests, for the best of RECAP and PPO with the detector's reward (as far as entries exist)."""
+    by = {r["name"]: r for r in results}
+    candidates = [by[f"{a}-detector"] for a in RL if f"{a}-detector" in by]
+    if not candidates:
+        return {"ratio": None, "met": None, "best": None}
+    best = max(candidates, key=lambda r: r["final_success"])
+    base = best["initial_success"]
+    ratio = (1 - best["final_success"]) / (1 - base)
+    truth = by.get(f"{best['algorithm']}-ground_truth")
+    share = ((best["final_success"] - base) / (truth["final_success"] - truth["initial_success"])
+             if truth and truth["final_success"] > truth["initial_success"] else None)
+    margins = {other: best["final_success"] - by[other]["final_success"]
+               for other in ("filtered_bc-detector", "imitation-demos", "imitation-more_demos") if other in by}
+    met = bool(ratio <= 0.5 and share is not None and share >= 0.8 and len(margins) == 3
+               and all(m > 0 for m in margins.values()))
+    return {"ratio": ratio, "met": met, "best": best["name"], "detector_share_of_ground_truth_gain": share,
+            "margin_over": margins}
+
+
+def log_to_wandb(results: list[dict], fig) -> None:
+    try:
+        import wandb
+    except ImportError:
+        return
+    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    run = wandb.init(project="flywheel", name="rl-comparison", job_type="bench", mode=mode,
+                     dir=str(ROOT / "runs"), reinit=True)
+    table = wandb.Table(columns=["name", "algorithm", "reward", "initial_success", "final_success", "ci95_low",
+                                 "ci95_high", "env_steps"])
+    for r in results:
+        table.add_data(r["name"], r["algorithm"], r["reward"], r["initial_success"], r["final_success"], *r["ci95"],
+                       r["env_steps"])
+    run.log({"rl_comparison/table": table, "rl_comparison/plot": wandb.Image(fig)})
+    run.finish()
+
+
+if __name__ == "__main__":
+    main()
