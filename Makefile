@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test test-slow smoke bench setup sims clean
+.PHONY: run test test-slow smoke bench bench-rl setup sims clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ bench: $(STAMP)
 	PYTHONPATH=. $(BIN)/python bench/weight_sync.py
 	PYTHONPATH=. $(BIN)/python bench/learner_step.py
 	PYTHONPATH=. $(BIN)/python bench/pipeline.py
+	PYTHONPATH=. $(BIN)/python bench/table.py
+
+# issue 5's comparison of the learners (8 runs of the default job, ~50 min on 2 cores alone; re-reads completed runs
+# in runs/rl-comparison, so it can be stopped and started again)
+bench-rl: $(STAMP)
+	PYTHONPATH=. $(BIN)/python bench/rl_comparison.py $(ARGS)
 	PYTHONPATH=. $(BIN)/python bench/table.py
 
 clean:

@@ -386,8 +386,9 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
             say(f"detector: {detector.version}, as the run left it ({path})")
         elif cfg.detector.checkpoint:
             detector, det_metrics = adopt_detector(Path(cfg.detector.checkpoint), run_dir)
-            say(f"detector: {cfg.detector.checkpoint} (held-out AUROC {det_metrics.get('auroc', 'unknown')}), copied "
-                f"into {run_dir / 'detector'}")
+            auroc = det_metrics.get("auroc")
+            say(f"detector: {cfg.detector.checkpoint} (held-out AUROC "
+                f"{'unknown' if auroc is None else f'{auroc:.3f}'}), copied into {run_dir / 'detector'}")
         else:
             detector, det_metrics = train_reward(cfg, say, rollouts=rollouts, store=store,
                                                   policy_weights=base_weights, policy_sensors=vla_cfg.sensors)
