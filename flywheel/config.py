@@ -93,8 +93,6 @@ class LearnerConfig:
     value_steps: int = 300  # recap: value refit steps per update (learner/value.py)
     lookahead: int = 2  # recap: chunks ahead that an advantage looks before bootstrapping from the value
     positive_fraction: float = 0.3  # recap: share of each task family's chunks marked "positive"
-    positive_share: float = 0.0  # recap: > 0: of each batch's practice part, the share drawn from positive chunks
-    #                              (the rest from negative ones); 0: uniformly, so positive_fraction of it
     shrink: float = 0.0  # > 0: every update first shrinks the weights (theta <- shrink*theta + noise) and retrains
     #                      the whole buffer with warm-up + cosine (learner/filtered_bc.py::shrink_and_perturb)
     freeze_backbone: bool = False  # train the action expert only, on contexts cached once per sample: a step costs

@@ -142,32 +142,19 @@ class ChunkDataset:
             pinned = np.repeat(np.array([e.pinned for e in eps], bool), [len(e.actions) for e in eps])
             self._pinned_idx = torch.from_numpy(np.flatnonzero(pinned))
             self._other_idx = torch.from_numpy(np.flatnonzero(~pinned))
-            indicator = self._cache["indicator"].numpy()
-            self._other_by_indicator = {int(i): torch.from_numpy(np.flatnonzero(~pinned & (indicator == i)))
-                                        for i in np.unique(indicator[~pinned])}
         return self._cache
 
-    def sample(self, batch_size: int, generator: torch.Generator, pinned_fraction: float | None = None,
-               shares: dict[int, float] | None = None) -> dict[str, torch.Tensor]:
+    def sample(self, batch_size: int, generator: torch.Generator, pinned_fraction: float | None = None
+               ) -> dict[str, torch.Tensor]:
         """A batch drawn uniformly over samples, or with ``pinned_fraction`` of it from the pinned episodes (the
-        demonstrations) and the rest from the others, whatever their sizes. ``shares`` {indicator: fraction}: the
-        others' part drawn that way from the samples with each indicator (one with none takes no share)."""
+        demonstrations) and the rest from the others, whatever their sizes."""
         data = self._tensors()
-        pick = lambda pool, n: pool[torch.randint(0, len(pool), (n,), generator=generator)]  # noqa: E731
         if pinned_fraction is None or len(self._pinned_idx) == 0 or len(self._other_idx) == 0:
             idx = torch.randint(0, data["actions"].shape[0], (batch_size,), generator=generator)
         else:
             n_pin = int(round(batch_size * pinned_fraction))
-            parts = [pick(self._pinned_idx, n_pin)]
-            held = {i: f for i, f in (shares or {}).items() if len(self._other_by_indicator.get(i, ())) and f > 0}
-            rest = batch_size - n_pin
-            if held:
-                counts = [int(round(rest * f / sum(held.values()))) for f in held.values()]
-                counts[-1] = rest - sum(counts[:-1])
-                parts += [pick(self._other_by_indicator[i], n) for i, n in zip(held, counts)]
-            else:
-                parts.append(pick(self._other_idx, rest))
-            idx = torch.cat(parts)
+            pick = lambda pool, n: pool[torch.randint(0, len(pool), (n,), generator=generator)]  # noqa: E731
+            idx = torch.cat([pick(self._pinned_idx, n_pin), pick(self._other_idx, batch_size - n_pin)])
         return {k: v[idx] for k, v in data.items()}
 
 

@@ -90,7 +90,6 @@ class FilteredBCLearner(LearnerBase):
 
     demo_indicator = 0  # filtered BC trains without the advantage indicator
     sampling_indicator = 0
-    shares: dict[int, float] | None = None  # how a batch's practice part splits by indicator (None: as it comes)
 
     def add_episodes(self, episodes: list[Episode]) -> dict[str, float]:
         """Put newly labelled episodes in the buffer: successes with positive group advantage, weighted by it."""
@@ -130,7 +129,7 @@ class FilteredBCLearner(LearnerBase):
         for step in range(self.steps_per_update if self.data.num_episodes else 0):  # nothing kept, no demos: no step
             if self.shrink > 0:
                 self.trainer.schedule(warmup_cosine(step, self.steps_per_update, self.steps_per_update // 10))
-            batch = self.data.sample(self.batch_size, self.generator, self.demo_fraction, self.shares)
+            batch = self.data.sample(self.batch_size, self.generator, self.demo_fraction)
             losses.append(self.trainer.step(batch, weighted=True))
             if self._average is not None:
                 with torch.no_grad():

@@ -50,10 +50,7 @@ class RecapLearner(FilteredBCLearner):
     sampling_indicator = POSITIVE
 
     def __init__(self, model, demos: list[Episode], *, value_steps: int = 300, lookahead: int = 2,
-                 positive_fraction: float = 0.3, positive_share: float = 0.0, **kwargs):
-        """``positive_share`` > 0: of each batch's practice part, this share is drawn from the positive chunks and
-        the rest from the negative ones, whatever their numbers (0: uniformly over the chunks, ``positive_fraction``
-        of them positive)."""
+                 positive_fraction: float = 0.3, **kwargs):
         with torch.no_grad():
             rows = model.indicator.weight
             if not rows[1:].any():
@@ -65,7 +62,6 @@ class RecapLearner(FilteredBCLearner):
         horizon = int(demos[0].info.get("max_steps", 40)) if demos else 40
         self.value = ValueModel(model, horizon, seed=kwargs.get("seed", 0))
         self.value_steps, self.lookahead, self.positive_fraction = value_steps, lookahead, positive_fraction
-        self.shares = {POSITIVE: positive_share, NEGATIVE: 1.0 - positive_share} if positive_share > 0 else None
         # Demonstrations teach the value what success looks like from every stage, at the policy's decision rate.
         self._demos = [self._decisions(ep, True, np.arange(0, ep.num_steps, int(ep.info.get("execute", 4))))
                        for ep in demos if ep.num_steps]

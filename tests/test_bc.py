@@ -76,20 +76,3 @@ def test_a_vla_reading_every_sensor_learns_and_acts():
     assert all(e.num_steps > 0 for e in eps)
     with np.testing.assert_raises_regex(KeyError, "turn them on with env.sensors"):
         run_episodes([split_seed("eval", 0)], "eval", VLAPolicy(model=model), policy_version=0, max_steps=4)
-
-
-def test_a_batch_can_split_its_practice_part_by_indicator(demos):
-    """RECAP's positive_share: whatever the numbers of positive and negative chunks held, a batch's practice part is
-    drawn in the asked shares; the demonstrations keep theirs."""
-    from learner.bc import ChunkDataset
-
-    data = ChunkDataset(SmallVLA())
-    data.add(demos[:2], pinned=True, indicator=1)
-    data.add(demos[2:3], indicator=1)
-    data.add(demos[3:12], indicator=2)  # nine times as many negatives
-    gen = torch.Generator().manual_seed(0)
-    batch = data.sample(64, gen, 0.5, shares={1: 0.75, 2: 0.25})
-    practice = batch["indicator"][32:]
-    assert (practice == 1).sum() == 24 and (practice == 2).sum() == 8
-    plain = data.sample(64, gen, 0.5)["indicator"][32:]
-    assert (plain == 2).sum() > 24  # as they come: mostly negatives
