@@ -106,7 +106,7 @@ def plot(results: list[dict], path: Path):
         points = r["curve"]
         y = np.array([p["success"] for p in points])
         err = np.abs(np.array([p["ci95"] for p in points]).T - y)
-        style = dict(color=colours[r["algorithm"]], linestyle="-" if r["reward"] == "detector" else "--",
+        style = dict(color=colours[r["algorithm"]], linestyle="--" if r["reward"] == "ground_truth" else "-",
                      marker="o", markersize=3, capsize=2, label=r["name"])
         if r["algorithm"] != "imitation":
             by_steps.errorbar([p["env_steps"] for p in points], y, yerr=err, **style)
@@ -147,7 +147,7 @@ def main() -> None:
         summary = run_entry(name, [*common, *own], out, detector_path if detector_path.exists() else None)
         algorithm, reward = name.split("-", 1)
         results.append({
-            "name": name, "algorithm": algorithm, "reward": "ground_truth" if algorithm == "imitation" else reward,
+            "name": name, "algorithm": algorithm, "reward": "none" if algorithm == "imitation" else reward,
             "overrides": [*common, *own], "initial_success": summary["initial_success"],
             "final_success": summary["final_success"], "ci95": summary["final_ci95"],
             "env_steps": summary["env_steps"], "episodes": summary["episodes"], "iterations": summary["iterations"],
@@ -158,7 +158,8 @@ def main() -> None:
         raise SystemExit("no entry run or found")
     verdict = judge(results)
     fig = plot(results, RESULTS / "rl_comparison.png")
-    write_result("rl_comparison", verdict["ratio"], 0.5, verdict["met"], entries=results, **verdict,
+    write_result("rl_comparison", verdict["ratio"], 0.5, verdict["met"], entries=results,
+                 **{k: v for k, v in verdict.items() if k not in ("ratio", "met")},
                  what="the best of RECAP and PPO with the detector's reward: final failure rate / the base's, over "
                       f"{args.iterations} updates of the default job (500 held-out seeds); met also needs >= 0.8 of "
                       "the ground-truth gain, and beating filtered BC and both imitation baselines",
@@ -173,9 +174,9 @@ BEGIN, END = "<!-- rl_comparison: written by bench/rl_comparison.py -->", "<!-- 
 def write_section(results: list[dict], verdict: dict, iterations: int) -> None:
     """The comparison's table and plot in bench/RESULTS.md, between markers (replaced on every run)."""
     rows = ["| entry | reward | held-out success: start → end [95% CI] | gain | practice env steps | updates | "
-            "rollbacks | wall |", "|---|---|---|---|---|---|---|---|"]
+            "rollbacks | wall (machine shared or not) |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        rows.append(f"| {r['algorithm']} | {r['reward']} | {r['initial_success']:.3f} → **{r['final_success']:.3f}** "
+        rows.append(f"| {r['name']} | {r['reward']} | {r['initial_success']:.3f} → **{r['final_success']:.3f}** "
                     f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {r['final_success'] - r['initial_success']:+.3f} | "
                     f"{r['env_steps']:,} | {r['iterations']} | {r['rollbacks']} | {r['wall_seconds'] / 60:.1f} min |")
     share = verdict.get("detector_share_of_ground_truth_gain")
@@ -227,7 +228,7 @@ def log_to_wandb(results: list[dict], fig) -> None:
         return
     mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
     run = wandb.init(project="flywheel", name="rl-comparison", job_type="bench", mode=mode,
-                     dir=str(ROOT / "runs"), reinit=True)
+                     dir=str(ROOT / "runs"), reinit="finish_previous")
     table = wandb.Table(columns=["name", "algorithm", "reward", "initial_success", "final_success", "ci95_low",
                                  "ci95_high", "env_steps"])
     for r in results:
