@@ -103,9 +103,10 @@ class LearnerConfig:
     ppo_minibatch: int = 256  # ppo / residual_ppo: decisions per gradient step
     flow_noise: float = 0.03  # ppo on a flow VLA: the std of the Gaussian draw at each of the flow's Euler steps in
     #                           practice (flow-noise, learner/ppo.py), which gives a chunk its exact log-probability
-    gamma: float = 0.95  # residual_ppo: discount per decision (a quicker success is worth more)
-    gae_lambda: float = 0.95  # residual_ppo: GAE's lambda
-    value_epochs: int = 20  # residual_ppo: passes of the value refit per iteration
+    advantage: str = "group"  # ppo: group (GRPO over rollout.group_size attempts a layout) | gae (a critic)
+    gamma: float = 0.95  # residual_ppo, ppo with gae: discount per decision (a quicker success is worth more)
+    gae_lambda: float = 0.95  # residual_ppo, ppo with gae: GAE's lambda
+    value_epochs: int = 20  # residual_ppo, ppo with gae: passes of the value refit per iteration
     anchor: float = 0.5  # ppo: weight of behaviour cloning on the replayed demonstrations beside PPO's loss
     max_staleness: int = 2  # ppo: episodes acted by a version older than this many updates are dropped
     practice_noise: float = 0.0  # filtered_bc, recap, ppo: scale of the flow's starting noise in practice (evaluation

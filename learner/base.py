@@ -76,7 +76,9 @@ def _state_of(obj: Any, prefix: str, depth: int = 0) -> dict[str, Any]:
         elif isinstance(value, torch.Generator):
             out[f"generator:{key}"] = value.get_state()
         elif isinstance(value, torch.nn.Module):
-            if name != "model":  # the policy: its weights are the checkpoint itself
+            # not the policy (its weights are the checkpoint itself), nor a frozen encoder a helper reads features
+            # from (made again, the same, whenever the learner is built)
+            if name != "model" and any(p.requires_grad for p in value.parameters()):
                 out[f"module:{key}"] = value.state_dict()
         elif depth == 0 and type(value).__module__.startswith("learner."):  # a helper: a trainer, a value model
             out.update(_state_of(value, f"{key}.", depth + 1))

@@ -33,6 +33,7 @@ from flywheel.contracts import Episode, PolicySnapshot, sensor_inputs
 from flywheel.vla.model import SmallVLA
 from learner.base import LearnerBase
 from learner.bc import ChunkDataset
+from learner.critic import Critic
 
 
 class PPOLearner(LearnerBase):
@@ -53,8 +54,15 @@ class PPOLearner(LearnerBase):
         max_staleness: int = 2,
         batch_size: int = 64,
         flow_noise: float = 0.03,
+        advantage: str = "group",
+        gamma: float = 0.95,
+        gae_lambda: float = 0.95,
+        value_epochs: int = 20,
     ):
-        """``flow_noise``: the flow head's std per Euler step in practice (its exploration).
+        """``flow_noise``: the flow head's std per Euler step in practice (its exploration). ``advantage``: "group"
+        (GRPO, over the attempts at each layout) or "gae" (a critic on a frozen copy of the starting encoder, GAE
+        with ``gamma`` and ``gae_lambda`` per decision, learner/critic.py: every episode is credited, one attempt a
+        layout is enough).
 
         The flow VLA's policy under PPO is its flow from the mean (starting noise 0), in practice and in evaluation
         alike, as a Gaussian policy is evaluated at its mean: the steps' draws are its only randomness, so every
@@ -73,6 +81,10 @@ class PPOLearner(LearnerBase):
         self.anchor, self.max_staleness, self.batch_size = anchor, max_staleness, batch_size
         self.demos = ChunkDataset(model)
         self.demos.add(list(demos or []), pinned=True)
+        if advantage not in ("group", "gae"):
+            raise ValueError(f"learner.advantage={advantage!r}: choose group (GRPO) or gae (a critic)")
+        self.critic = Critic(model, gamma=gamma, lam=gae_lambda, epochs=value_epochs, minibatch=ppo_minibatch,
+                             seed=seed) if advantage == "gae" else None
 
     @classmethod
     def group_advantages(cls, episodes: list[Episode]) -> np.ndarray:
@@ -85,13 +97,13 @@ class PPOLearner(LearnerBase):
                 adv[members] = (s - s.mean()) / s.std()
         return adv
 
-    def _decisions(self, episodes: list[Episode], adv: np.ndarray) -> dict[str, torch.Tensor]:
+    def _decisions(self, episodes: list[Episode], adv: list[np.ndarray]) -> dict[str, torch.Tensor]:
         """Every decision of the episodes with a nonzero advantage: its inputs, the chunk drawn, the log-probability
-        of each of its tokens when drawn, and the episode's advantage."""
+        of each number drawn, and its advantage (``adv``: one array per episode, one value per decision)."""
         drawn = "flow_chain" if self.model.cfg.action_head == "flow" else "chunks"
         cols: dict[str, list[np.ndarray]] = {k: [] for k in ("images", "proprio", "ids", drawn, "logp", "adv")}
         for ep, a in zip(episodes, adv):
-            if a == 0:
+            if not np.any(a):
                 continue
             steps = ep.extras["chunk_steps"]
             images, proprio = sensor_inputs(ep.observations, self.model.cfg.sensors, steps)
@@ -100,7 +112,7 @@ class PPOLearner(LearnerBase):
             cols["ids"].append(np.repeat(self.model.tokenizer([ep.instruction])[0], len(steps), axis=0))
             cols[drawn].append(ep.extras[drawn].astype(np.float32))
             cols["logp"].append(ep.extras["logp"].astype(np.float32))
-            cols["adv"].append(np.full(len(steps), a, np.float32))
+            cols["adv"].append(np.broadcast_to(np.asarray(a, np.float32), (len(steps),)))
         device = self.model.cls_device
         return {k: torch.from_numpy(np.concatenate(v)).to(device) for k, v in cols.items()} if cols["adv"] else {}
 
@@ -110,7 +122,17 @@ class PPOLearner(LearnerBase):
             raise ValueError("ppo needs episodes that record each chunk's log-probability (extras 'logp'): were they "
                              "acted by this learner's snapshot (its sampling asks for it)?")
         fresh = [ep for ep in acted if ep.policy_version >= self.version - self.max_staleness]
-        adv = self.group_advantages(fresh) if fresh else np.zeros(0)
+        value_loss: list[float] = []
+        if self.critic is not None and fresh:
+            feats = self.critic.features(fresh)
+            flat, returns = self.critic.advantages(feats, [self.judged_success(ep) for ep in fresh])
+            flat = (flat - flat.mean()) / (flat.std() + 1e-8)
+            adv = np.split(flat, np.cumsum([len(f) - 1 for f in feats])[:-1])
+            ctx = torch.cat([f[:-1] for f in feats])
+            value_loss = self.critic.fit(ctx, torch.from_numpy(returns.astype(np.float32)).to(ctx.device),
+                                         self.generator)  # for the next update: this one's advantages are made
+        else:
+            adv = list(self.group_advantages(fresh)) if fresh else []
         data = self._decisions(fresh, adv)
         stats: dict[str, list[float]] = {"policy_loss": [], "anchor_loss": [], "clip_fraction": [], "approx_kl": []}
         n = len(data["adv"]) if data else 0
@@ -145,7 +167,8 @@ class PPOLearner(LearnerBase):
         self.model.eval()
         self.version += 1
         return {**{k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}, "decisions": n,
-                "stale_dropped": len(acted) - len(fresh), "informative_episodes": int((adv != 0).sum()),
+                "stale_dropped": len(acted) - len(fresh), "informative_episodes": sum(bool(np.any(a)) for a in adv),
+                **({"value_loss": float(np.mean(value_loss))} if value_loss else {}),
                 "judged_success": float(np.mean([self.judged_success(ep) for ep in fresh])) if fresh else 0.0}
 
     def snapshot(self) -> PolicySnapshot:

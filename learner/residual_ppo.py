@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from flywheel.contracts import Episode, PolicySnapshot, sensor_inputs
+from flywheel.contracts import Episode, PolicySnapshot
 from flywheel.vla.model import SmallVLA
 from learner.base import LearnerBase
+from learner.critic import Critic
 
 
 class ResidualPPOLearner(LearnerBase):
@@ -54,59 +55,22 @@ class ResidualPPOLearner(LearnerBase):
             p.requires_grad_(True)
         self.generator = torch.Generator().manual_seed(seed)
         self.optimizer = torch.optim.Adam(model.residual.parameters(), lr=ppo_lr)
-        torch.manual_seed(seed)
-        d = model.encoder.out_dim
-        self.value = nn.Sequential(nn.Linear(d, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 1)
-                                   ).to(model.cls_device)
-        self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=1e-3)
+        self.critic = Critic(model, gamma=gamma, lam=gae_lambda, epochs=value_epochs, minibatch=ppo_minibatch,
+                             seed=seed, own_encoder=False)  # the VLA is frozen: its encoder serves as it is
         self.epochs, self.clip, self.minibatch = ppo_epochs, ppo_clip, ppo_minibatch
-        self.gamma, self.lam, self.value_epochs = gamma, gae_lambda, value_epochs
-
-    @torch.no_grad()
-    def _features(self, episodes: list[Episode]) -> list[torch.Tensor]:
-        """The frozen backbone's context at each decision, and at each episode's last frame: (K+1, D) per episode."""
-        model, out = self.model, []
-        for ep in episodes:
-            steps = np.append(ep.extras["chunk_steps"], ep.num_steps)
-            images, proprio = sensor_inputs(ep.observations, model.cfg.sensors, steps)
-            ids = np.repeat(model.tokenizer([ep.instruction])[0], len(steps), axis=0)
-            out.append(model.encoder.contexts(images, ids, proprio))
-        return out
-
-    def _advantages(self, feats: list[torch.Tensor], episodes: list[Episode]) -> tuple[np.ndarray, np.ndarray]:
-        """GAE over each episode's decisions -> (advantages, returns), concatenated in decision order."""
-        with torch.no_grad():
-            values = [self.value(f).squeeze(-1).cpu().numpy() for f in feats]
-        advs, rets = [], []
-        for ep, v in zip(episodes, values):
-            k = len(ep.extras["chunk_steps"])
-            success = self.judged_success(ep)
-            reward = np.zeros(k)
-            reward[-1] = float(success)
-            # After the last decision: nothing (the episode ended, by success or by running out of time).
-            nxt = np.append(v[1:k], 0.0)
-            delta = reward + self.gamma * nxt - v[:k]
-            adv = np.zeros(k)
-            running = 0.0
-            for t in reversed(range(k)):
-                running = delta[t] + self.gamma * self.lam * running
-                adv[t] = running
-            advs.append(adv)
-            rets.append(adv + v[:k])
-        return np.concatenate(advs), np.concatenate(rets)
 
     def update(self, episodes: list[Episode]) -> dict[str, float]:
         episodes = [ep for ep in episodes if len(ep.extras.get("chunk_steps", ())) and "residuals" in ep.extras]
         if not episodes:
             raise ValueError("residual_ppo needs episodes acted by the residual policy (extras 'residuals'); "
                              "were they collected with this learner's snapshot?")
-        feats = self._features(episodes)
+        feats = self.critic.features(episodes)
         ctx = torch.cat([f[:-1] for f in feats])
         on = lambda a: torch.from_numpy(np.asarray(a, np.float32)).to(ctx.device)  # noqa: E731
         base = on(np.concatenate([ep.extras["base_chunks"] for ep in episodes]))
         drawn = on(np.concatenate([ep.extras["residuals"] for ep in episodes]))
         old_logp = on(np.concatenate([ep.extras["residual_logp"] for ep in episodes]))
-        adv, ret = self._advantages(feats, episodes)
+        adv, ret = self.critic.advantages(feats, [self.judged_success(ep) for ep in episodes])
         adv_t, ret_t = on((adv - adv.mean()) / (adv.std() + 1e-8)), on(ret)
 
         n, stats = len(ctx), {"policy_loss": [], "value_loss": [], "clip_fraction": [], "approx_kl": []}
@@ -124,13 +88,7 @@ class ResidualPPOLearner(LearnerBase):
                     stats["policy_loss"].append(float(loss))
                     stats["clip_fraction"].append(float(((ratio - 1).abs() > self.clip).float().mean()))
                     stats["approx_kl"].append(float((old_logp[idx] - logp).mean()))
-        for _ in range(self.value_epochs):  # after the policy step: the advantages above used the value as it was
-            for idx in torch.randperm(n, generator=self.generator).split(self.minibatch):
-                vloss = (self.value(ctx[idx]).squeeze(-1) - ret_t[idx]).pow(2).mean()
-                self.value_optimizer.zero_grad()
-                vloss.backward()
-                self.value_optimizer.step()
-                stats["value_loss"].append(float(vloss.detach()))
+        stats["value_loss"] = self.critic.fit(ctx, ret_t, self.generator)
         self.version += 1
         with torch.no_grad():
             mean, std = self.model.residual(ctx[:1], base[:1])

@@ -195,8 +195,10 @@ def test_filtered_bc_with_nothing_to_clone_keeps_the_policy():
 
 
 # The flow's draws differ by its steps' noise alone, a smaller signal: +0.05 on each of three initialisations
-@pytest.mark.parametrize("head,lr,epochs,gain", [("tokens", 1e-3, 4, 0.1), ("flow", 3e-4, 8, 0.03)])
-def test_ppo_moves_either_vla_toward_what_the_detector_approves(head, lr, epochs, gain):
+@pytest.mark.parametrize("head,lr,epochs,gain,advantage", [("tokens", 1e-3, 4, 0.1, "group"),
+                                                             ("flow", 3e-4, 8, 0.03, "group"),
+                                                             ("flow", 3e-4, 8, 0.03, "gae")])
+def test_ppo_moves_either_vla_toward_what_the_detector_approves(head, lr, epochs, gain, advantage):
     """A VLA acting in action tokens, or a flow VLA with flow-noise, 4 attempts per layout; the detector approves the
     attempts whose chunks moved right (+x) more than the others at the same layout. PPO, with the exact
     log-probabilities the rollout recorded, must shift the policy that way; stale episodes are dropped; a flow VLA
@@ -210,7 +212,8 @@ def test_ppo_moves_either_vla_toward_what_the_detector_approves(head, lr, epochs
     model = SmallVLA(cfg)
     with torch.no_grad():
         model.indicator.weight[0] = 0.3 * torch.randn(model.encoder.out_dim)  # as a pretrained base has it
-    learner = PPOLearner(model, seed=0, ppo_lr=lr, ppo_epochs=epochs, anchor=0.0, flow_noise=0.05)
+    learner = PPOLearner(model, seed=0, ppo_lr=lr, ppo_epochs=epochs, anchor=0.0, flow_noise=0.05,
+                         advantage=advantage)
     worker = RolloutWorker(lambda: VLAPolicy(cfg), {"max_steps": 8})
 
     def mean_x(seeds):
