@@ -344,6 +344,10 @@ _BOUNDS = {"run": (
     (("budget.minutes",), lambda v: v > 0, "the run's wall clock, so it must be more than 0 (a night: 480)"),
     (("learner.practice_noise",), lambda v: v >= 0, "it scales the flow's starting noise, so it must be at least 0"),
     (("learner.ema",), lambda v: 0 <= v < 1, "a moving average's decay per step, so it must lie in [0, 1) (0: off)"),
+    (("learner.flow_noise",), lambda v: v > 0, "the std of each flow step's draw in PPO's practice, which gives a "
+                                               "chunk its log-probability, so it must be more than 0"),
+    (("learner.advantage",), lambda v: v in ("group", "gae"), "choose group (GRPO over rollout.group_size attempts "
+                                                              "a layout) or gae (a critic)"),
 )}
 
 

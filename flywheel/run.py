@@ -300,9 +300,11 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
     if resuming:
         check_unchanged(cfg, run_dir)
     if cfg.learner.algorithm not in ALGORITHMS:  # before anything starts, not after the detector has trained
-        raise ConfigError(f"learner.algorithm={cfg.learner.algorithm!r} is unknown: choose one of {sorted(ALGORITHMS)}")
-    options = accepted_options(ALGORITHMS[cfg.learner.algorithm])
-    if cfg.rollout.group_size > 1 and cfg.learner.practice_noise == 0 and "practice_noise" in options:
+        renamed = " (token_ppo is now ppo, for both kinds of VLA)" if cfg.learner.algorithm == "token_ppo" else ""
+        raise ConfigError(f"learner.algorithm={cfg.learner.algorithm!r} is unknown{renamed}: choose one of "
+                          f"{sorted(ALGORITHMS)}")
+    if cfg.rollout.group_size > 1 and cfg.learner.practice_noise == 0 and "practice_noise" in accepted_options(
+            ALGORITHMS[cfg.learner.algorithm]):
         raise ConfigError(f"rollout.group_size={cfg.rollout.group_size} with learner.practice_noise=0: the attempts at a "
                           f"layout would all be the same, so none could be compared with another; give "
                           f"rollout.group_size=1, or learner.practice_noise > 0 (e.g. 1: practise by sampling)")

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from flywheel.contracts import Episode, sensor_inputs
+from flywheel.contracts import Episode
+from learner.value import frame_features
 
 
 class Critic:
@@ -25,7 +26,7 @@ class Critic:
         self.encoder = copy.deepcopy(encoder).eval() if own_encoder else encoder
         for p in self.encoder.parameters() if own_encoder else ():
             p.requires_grad_(False)
-        self.tokenizer, self.sensors = policy_model.tokenizer, policy_model.cfg.sensors
+        self.tokenizer = policy_model.tokenizer
         d = encoder.out_dim
         with torch.random.fork_rng(devices=[]):  # seeded, without moving the global stream
             torch.manual_seed(seed)
@@ -37,13 +38,8 @@ class Critic:
     @torch.no_grad()
     def features(self, episodes: list[Episode]) -> list[torch.Tensor]:
         """The encoder's context at each decision and at each episode's last frame: (K+1, D) per episode."""
-        out = []
-        for ep in episodes:
-            steps = np.append(ep.extras["chunk_steps"], ep.num_steps)
-            images, proprio = sensor_inputs(ep.observations, self.sensors, steps)
-            ids = np.repeat(self.tokenizer([ep.instruction])[0], len(steps), axis=0)
-            out.append(self.encoder.contexts(images, ids, proprio))
-        return out
+        return [frame_features(self.encoder, self.tokenizer, ep, np.append(ep.extras["chunk_steps"], ep.num_steps))
+                for ep in episodes]
 
     def advantages(self, feats: list[torch.Tensor], successes: list[bool]) -> tuple[np.ndarray, np.ndarray]:
         """GAE over each episode's decisions -> (advantages, returns), concatenated in decision order."""

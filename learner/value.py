@@ -27,6 +27,13 @@ from flywheel.contracts import Episode, sensor_inputs
 from flywheel.vla.model import SmallVLA
 
 
+def frame_features(encoder, tokenizer, ep: Episode, frames: np.ndarray) -> torch.Tensor:
+    """A frozen encoder's context at the given frame indices of one episode: (len(frames), D)."""
+    ids = np.repeat(tokenizer([ep.instruction])[0], len(frames), axis=0)
+    images, proprio = sensor_inputs(ep.observations, encoder.sensors, frames)
+    return encoder.contexts(images, ids, proprio)
+
+
 def returns_to_go(num_steps: int, success: bool, horizon: int) -> np.ndarray:
     """G_t for frames t = 0..T of one episode (T = ``num_steps``), as defined above."""
     g = -(num_steps - np.arange(num_steps + 1, dtype=np.float32)) / horizon
@@ -54,10 +61,7 @@ class ValueModel:
         self.generator = torch.Generator().manual_seed(seed)
 
     def features(self, ep: Episode, frames: np.ndarray) -> torch.Tensor:
-        """The backbone's context at the given frame indices of one episode: (len(frames), D)."""
-        ids = np.repeat(self.tokenizer([ep.instruction])[0], len(frames), axis=0)
-        images, proprio = sensor_inputs(ep.observations, self.encoder.sensors, frames)
-        return self.encoder.contexts(images, ids, proprio)
+        return frame_features(self.encoder, self.tokenizer, ep, frames)
 
     def fit(self, feats: torch.Tensor, returns: np.ndarray, steps: int, batch_size: int = 256) -> float:
         """Cross-entropy steps on features (N, D) and their returns to go (N,); returns the mean loss."""

@@ -113,7 +113,9 @@ def test_deterministic_practice_with_repeated_attempts_is_refused_before_anythin
 def test_values_out_of_their_range_are_config_errors():
     for override, message in (("detector.threshold=1.5", r"detector.threshold=1.5: .*\[0, 1\]"),
                               ("budget.minutes=-1", r"budget.minutes=-1.*more than 0"),
-                              ("learner.practice_noise=-0.5", r"practice_noise=-0.5.*at least 0")):
+                              ("learner.practice_noise=-0.5", r"practice_noise=-0.5.*at least 0"),
+                              ("learner.flow_noise=0", r"flow_noise=0.*more than 0"),
+                              ("learner.advantage=critic", r"advantage=critic.*choose group .* or gae")):
         with pytest.raises(ConfigError, match=message):
             load_config("run", [override])
 

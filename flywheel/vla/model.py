@@ -433,8 +433,8 @@ class SmallVLA(nn.Module):
         """The action head's loss alone, given the backbone's context (B, out_dim): what a learner with a frozen
         backbone trains on cached contexts. Flow: the flow-matching regression; tokens: each token's cross-entropy
         against a Gaussian over the bins around its action (``TokenActionHead.soft_targets``), averaged."""
-        if indicator is not None:
-            ctx = ctx + self.indicator(indicator)
+        # the context as sample() conditions it: no indicator is "none" (row 0, which pretraining learns)
+        ctx = ctx + (self.indicator(indicator) if indicator is not None else self.indicator.weight[0])
         if self.cfg.action_head == "tokens":
             log_p = self.head(ctx).log_softmax(-1)
             per_sample = -(self.head.soft_targets(actions) * log_p).sum(-1).mean(dim=(1, 2))
@@ -535,7 +535,7 @@ class SmallVLA(nn.Module):
         """The exact log-probability, under these weights, of what a practice decision drew (what ``sample`` put in
         ``extras``, unconditioned: indicator 0, no guidance), per number: action tokens (B, C, A) from "chunks"; the
         flow, with flow-noise, (B, K, C, A) from "flow_chain". ``ctx`` is the encoder's context."""
-        ctx = ctx + self.indicator.weight[0]  # as sample() conditions it: a base learns this row in pretraining
+        ctx = ctx + self.indicator.weight[0]  # "none", as sample() and head_loss() condition it
         if self.cfg.action_head == "tokens":
             return self.head.log_prob(self.head(ctx), recorded["chunks"])
         if flow_noise <= 0:
