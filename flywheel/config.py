@@ -87,12 +87,17 @@ class DetectorConfig:
 @dataclasses.dataclass
 class LearnerConfig:
     algorithm: str = "filtered_bc"  # filtered_bc | recap | ppo | residual_ppo | imitation (learner/registry.py)
-    guidance: float = 2.0  # recap: classifier-free guidance weight when sampling
+    guidance: float = 3.0  # recap: classifier-free guidance weight when sampling (measured: 2 -> 3 took the
+    #                        positive-conditioned policy from 0.572 to 0.610 in an offline trial, bench/RESULTS.md s14)
     indicator_dropout: float = 0.3  # recap: how often the advantage indicator is dropped in training
     indicator_lr: float = 3e-3  # recap: the indicator embedding's own learning rate (it starts at zero)
     value_steps: int = 300  # recap: value refit steps per update (learner/value.py)
-    lookahead: int = 2  # recap: chunks ahead that an advantage looks before bootstrapping from the value
-    positive_fraction: float = 0.3  # recap: share of each task family's chunks marked "positive"
+    credit: str = "episode"  # recap: episode (an episode's return against the value of its start, shared by its
+    #                          chunks) | chunk (each chunk's n-step advantage; learner/recap.py says why not default)
+    lookahead: int = 2  # recap, credit=chunk: chunks ahead that an advantage looks before bootstrapping from the value
+    positive_fraction: float = 0.0  # recap: 0 marks "positive" what the value says did better than expected
+    #                                 (advantage > 0); in (0, 1), the top share of each task family's episodes
+    #                                 (chunks, with credit=chunk)
     shrink: float = 0.0  # > 0: every update first shrinks the weights (theta <- shrink*theta + noise) and retrains
     #                      the whole buffer with warm-up + cosine (learner/filtered_bc.py::shrink_and_perturb)
     freeze_backbone: bool = False  # train the action expert only, on contexts cached once per sample: a step costs
@@ -348,6 +353,10 @@ _BOUNDS = {"run": (
                                                "chunk its log-probability, so it must be more than 0"),
     (("learner.advantage",), lambda v: v in ("group", "gae"), "choose group (GRPO over rollout.group_size attempts "
                                                               "a layout) or gae (a critic)"),
+    (("learner.credit",), lambda v: v in ("episode", "chunk"), "choose episode (RECAP credits a whole episode "
+                                                               "against the value of its start) or chunk"),
+    (("learner.positive_fraction",), lambda v: 0 <= v < 1, "RECAP's share of positives: 0 (advantage above zero) "
+                                                           "or a fraction in (0, 1)"),
 )}
 
 

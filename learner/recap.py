@@ -5,18 +5,25 @@ Each update:
 1. the new episodes join the buffer, and their frames at the policy's decision points (plus the last) join the
    value's training set with their returns to go under the detector's labels (``learner.value``);
 2. the value is refitted on everything so far;
-3. every chunk in the buffer gets an n-step advantage from the refitted value, and the top ``positive_fraction``
-   of each task family is marked "positive" (indicator 1), the rest "negative" (indicator 2). The demonstrations
-   are positive;
+3. every buffered episode's advantage is recomputed under the refitted value and its chunks are marked "positive"
+   (indicator 1) or "negative" (indicator 2). The demonstrations are positive;
 4. the policy trains on all of it, the indicator dropped at random (-> 0, "none") so the unconditioned policy stays
    trained.
 
 At inference the policy is conditioned on "positive" with classifier-free guidance, v = v_none + w (v_pos - v_none):
 the actions move away from what the value judged worse than usual, not only toward what worked.
 
-Why per chunk, not per episode: an episode holds about ten decisions. Judged by its outcome alone, a fast, correct
-push in an episode that ran out of time counts as a failure, and a wasted chunk in a success counts as a success.
-The value credits each chunk with what it changed (steps saved, success made likelier).
+Two ways to credit (``credit``):
+
+- "episode" (the default): an episode's advantage is its return against the value of where it started,
+  A = G_0 - V(s_0), and all its chunks share it. Positive: A > 0 (``positive_fraction`` 0), or the top fraction of
+  each task's episodes. A failure is never positive (its return is below any value); a success is positive when it
+  was quicker than the value expected from its layout, so a success where the policy usually fails counts most.
+- "chunk": each chunk's n-step advantage (``lookahead`` chunks, then the value), the top ``positive_fraction`` of
+  each task's chunks positive. In principle finer, crediting a good push in an episode that ran out of time. Measured
+  on the shipped base's own practice (bench/RESULTS.md, session 14), the value is not accurate enough within an
+  episode for that: it marked 23-38% of the failures' chunks positive, and the policy conditioned on "positive" fell
+  below the base (0.500 against 0.570 with episode credit, 0.534 filtered BC, after one update).
 """
 
 from __future__ import annotations
@@ -49,8 +56,13 @@ class RecapLearner(FilteredBCLearner):
     demo_indicator = POSITIVE
     sampling_indicator = POSITIVE
 
-    def __init__(self, model, demos: list[Episode], *, value_steps: int = 300, lookahead: int = 2,
-                 positive_fraction: float = 0.3, **kwargs):
+    def __init__(self, model, demos: list[Episode], *, value_steps: int = 300, credit: str = "episode",
+                 lookahead: int = 2, positive_fraction: float = 0.0, **kwargs):
+        if credit not in ("episode", "chunk"):
+            raise ValueError(f"learner.credit={credit!r}: choose episode or chunk")
+        if credit == "chunk" and not 0 < positive_fraction < 1:
+            raise ValueError(f"learner.positive_fraction={positive_fraction}: chunk credit marks the top fraction of "
+                             "each task's chunks positive, so it must lie in (0, 1)")
         with torch.no_grad():
             rows = model.indicator.weight
             if not rows[1:].any():
@@ -62,6 +74,7 @@ class RecapLearner(FilteredBCLearner):
         horizon = int(demos[0].info.get("max_steps", 40)) if demos else 40
         self.value = ValueModel(model, horizon, seed=kwargs.get("seed", 0))
         self.value_steps, self.lookahead, self.positive_fraction = value_steps, lookahead, positive_fraction
+        self.credit = credit
         # Demonstrations teach the value what success looks like from every stage, at the policy's decision rate.
         self._demos = [self._decisions(ep, True, np.arange(0, ep.num_steps, int(ep.info.get("execute", 4))))
                        for ep in demos if ep.num_steps]
@@ -86,24 +99,39 @@ class RecapLearner(FilteredBCLearner):
                                     self.value_steps) if every else float("nan")
         return {"value_loss": value_loss, **self.relabel()}
 
+    def advantages_of(self, d: _Decisions) -> np.ndarray:
+        """One advantage per sampled chunk of an episode under the current value (see the module's docstring)."""
+        if self.credit == "episode":
+            return np.full(len(d.chunk_steps), d.returns[0] - self.value.value(d.feats[:1])[0], np.float32)
+        return chunk_advantages(self.value.value(d.feats), d.chunk_steps, d.num_steps, d.success, d.horizon,
+                                self.lookahead)
+
     def relabel(self) -> dict[str, float]:
-        """Advantages of every buffered chunk under the current value; the top fraction per task is positive."""
-        advs = {k: chunk_advantages(self.value.value(d.feats), d.chunk_steps, d.num_steps, d.success, d.horizon,
-                                    self.lookahead)
-                for k, d in self._own.items()}
-        labels, positive = {}, []
+        """Advantages of every buffered episode's chunks under the current value, and their indicators."""
+        advs = {k: self.advantages_of(d) for k, d in self._own.items()}
+        labels, share = {}, {}
         for task in {d.task for d in self._own.values()}:
             mine = [k for k, d in self._own.items() if d.task == task]
-            threshold = np.quantile(np.concatenate([advs[k] for k in mine]), 1.0 - self.positive_fraction)
+            threshold = 0.0 if self.positive_fraction <= 0 else \
+                np.quantile(np.concatenate([advs[k] for k in mine]), 1.0 - self.positive_fraction)
             for k in mine:
                 ind = np.where(advs[k] > threshold, POSITIVE, NEGATIVE)
-                positive.append(ind == POSITIVE)
+                share[k] = float((ind == POSITIVE).mean())
                 if self.executed:  # a sample per step: each step takes the indicator of the chunk it was acted in
                     d = self._own[k]
                     ind = ind[np.searchsorted(d.chunk_steps, np.arange(d.num_steps), side="right") - 1]
                 labels[k] = (np.ones(len(ind), np.float32), ind)
         self.data.relabel(labels)
         all_adv = np.concatenate(list(advs.values())) if advs else np.zeros(1)
-        pos = np.concatenate(positive) if positive else np.zeros(1, bool)
+        chunks = {k: len(a) for k, a in advs.items()}
+
+        def positive(keys: list[str]) -> float:  # the share of these episodes' chunks marked positive
+            return sum(share[k] * chunks[k] for k in keys) / max(1, sum(chunks[k] for k in keys))
+
+        won = [k for k, d in self._own.items() if d.success]
+        lost = [k for k, d in self._own.items() if not d.success]
+        # how much of what the judge called success (and failure) the value marked positive: on a dashboard, the
+        # first near 1 and the second near 0 say the value agrees with the judge
         return {"advantage_mean": float(all_adv.mean()), "advantage_std": float(all_adv.std()),
-                "positive_fraction": float(pos.mean()), "kept_episodes": len(self._own)}
+                "positive_fraction": positive(list(advs)), "positive_of_successes": positive(won),
+                "positive_of_failures": positive(lost), "kept_episodes": len(self._own)}

@@ -115,7 +115,9 @@ def test_recap_conditions_on_advantage_and_guides_toward_success(demos):
     learner = RecapLearner(model, demos=[], steps_per_update=200, batch_size=32, lr=1e-3, indicator_dropout=0.3,
                            guidance=2.0, value_steps=200)
     stats = learner.update(_with_chunks(_episodes_moving(demos, 0.8, True) + _episodes_moving(demos, -0.8, False)))
-    assert 0.1 < stats["positive_fraction"] <= 0.35
+    # Episode credit: from the same starts half the attempts succeed, so the value expects less than a success and
+    # more than a failure there: every success is positive and no failure is.
+    assert stats["positive_of_successes"] > 0.9 and stats["positive_of_failures"] == 0, stats
     snap = learner.snapshot()
     assert snap.meta["sampling"] == {"indicator": 1, "guidance": 2.0}
     policy = VLAPolicy(model=model)
@@ -370,6 +372,21 @@ def test_recap_starts_acting_as_its_base_does(demos):
     policy.load_weights(snap.weights, snap.meta["sampling"])
     assert snap.meta["sampling"]["indicator"] == 1
     assert np.allclose(policy.act(*obs, seed=1), as_base, atol=1e-5)
+
+
+def test_recap_chunk_credit_marks_the_top_fraction_of_chunks(demos):
+    from learner.recap import RecapLearner
+
+    torch.manual_seed(0)
+    own = _with_chunks(_episodes_moving(demos, 0.8, True) + _episodes_moving(demos, -0.8, False))
+    learner = RecapLearner(SmallVLA(), demos=[], credit="chunk", positive_fraction=0.3, steps_per_update=1,
+                           value_steps=100)
+    stats = learner.update(own)
+    assert 0.1 < stats["positive_fraction"] <= 0.35, stats
+    assert stats["positive_of_successes"] > stats["positive_of_failures"], stats
+    for bad in ({"credit": "step"}, {"credit": "chunk", "positive_fraction": 0.0}):
+        with pytest.raises(ValueError, match="credit|positive_fraction"):
+            RecapLearner(SmallVLA(), demos=[], **bad)
 
 
 def test_recap_clones_executed_steps_each_with_its_chunks_indicator(demos):
