@@ -399,7 +399,8 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
 
         # ---- the loop ---------------------------------------------------------------------------------------------
         audit_settings = AuditSettings(
-            sample=cfg.audit.sample if cfg.reward == "detector" else 0,  # the truth needs no audit bound=cfg.audit.bound, seed=cfg.seed, retrain_every=cfg.audit.retrain_every,
+            sample=cfg.audit.sample if cfg.reward == "detector" else 0,  # the truth needs no audit
+            bound=cfg.audit.bound, seed=cfg.seed, retrain_every=cfg.audit.retrain_every,
             retrain=(lambda exclude=(): train_reward(cfg, say, rollouts=rollouts, store=store,
                                                       policy_weights=base_weights, policy_sensors=vla_cfg.sensors,
                                                       exclude=exclude)[0])

@@ -94,6 +94,7 @@ def test_tiny_run_end_to_end(tmp_path):
     assert summary["eval_episodes"] == 64 and len(summary["evaluations"]) == 4  # before + after every iteration
     assert [e["version"] for e in summary["evaluations"]] == [0, 1, 2, 3]
     audits = on_disk["audit"]["per_iteration"]  # every iteration's labels checked against the simulator
+    assert on_disk["audit"]["bound"] == 1.0  # the config's (experiment=tiny), not the default
     assert len(audits) == 3 and on_disk["audit"]["alarms"] == 0 and [a["policy_version"] for a in audits] == [0, 1, 2]
     assert all(a["n"] == 32 and abs(a["claimed"] - a["audited"] - a["gap"]) < 1e-9 for a in audits)
 
