@@ -46,9 +46,10 @@ bench: $(STAMP)
 	PYTHONPATH=. $(BIN)/python bench/table.py
 
 # issue 5's comparison of the learners (8 runs of the default job, ~50 min on 2 cores alone; re-reads completed runs
-# in runs/rl-comparison, so it can be stopped and started again)
+# in runs/rl-comparison, so it can be stopped and started again), and which data teaches the base (~4 min)
 bench-rl: $(STAMP)
 	PYTHONPATH=. $(BIN)/python bench/rl_comparison.py $(ARGS)
+	PYTHONPATH=. $(BIN)/python bench/demo_coverage.py
 	PYTHONPATH=. $(BIN)/python bench/table.py
 
 clean:
