@@ -96,8 +96,8 @@ class LearnerConfig:
     #                          chunks) | chunk (each chunk's n-step advantage; learner/recap.py says why not default)
     lookahead: int = 2  # recap, credit=chunk: chunks ahead that an advantage looks before bootstrapping from the value
     positive_fraction: float = 0.0  # recap: 0 marks "positive" what the value says did better than expected
-    #                                 (advantage > 0); in (0, 1), the top share of each task family's episodes
-    #                                 (chunks, with credit=chunk)
+    #                                 (advantage > 0); in (0, 1), the top share of each task family's chunks (with
+    #                                 credit=episode an episode's chunks are all alike); credit=chunk needs one
     shrink: float = 0.0  # > 0: every update first shrinks the weights (theta <- shrink*theta + noise) and retrains
     #                      the whole buffer with warm-up + cosine (learner/filtered_bc.py::shrink_and_perturb)
     freeze_backbone: bool = False  # train the action expert only, on contexts cached once per sample: a step costs
@@ -318,6 +318,9 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
     if name == "run" and cfg.learner.clone not in ("chunks", "executed"):
         raise ConfigError(f"learner.clone={cfg.learner.clone!r}: choose executed (clone what the policy did at every "
                           f"step, the default) or chunks (the chunks it sampled)")
+    if name == "run" and cfg.learner.credit == "chunk" and cfg.learner.positive_fraction <= 0:
+        raise ConfigError("learner.credit=chunk marks the top share of each task's chunks positive: give it "
+                          "learner.positive_fraction in (0, 1), e.g. 0.3")
     from actors.expert import OPERATORS
 
     if name in ("pretrain", "demos") and (not cfg.operators or set(cfg.operators) - set(OPERATORS)):

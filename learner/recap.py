@@ -17,7 +17,7 @@ Two ways to credit (``credit``):
 
 - "episode" (the default): an episode's advantage is its return against the value of where it started,
   A = G_0 - V(s_0), and all its chunks share it. Positive: A > 0 (``positive_fraction`` 0), or the top fraction of
-  each task's episodes. A failure is never positive (its return is below any value); a success is positive when it
+  each task's chunks (so of its episodes, weighed by their length). A failure is never positive (its return is below any value); a success is positive when it
   was quicker than the value expected from its layout, so a success where the policy usually fails counts most.
 - "chunk": each chunk's n-step advantage (``lookahead`` chunks, then the value), the top ``positive_fraction`` of
   each task's chunks positive. In principle finer, crediting a good push in an episode that ran out of time. Measured

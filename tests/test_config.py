@@ -122,6 +122,12 @@ def test_values_out_of_their_range_are_config_errors():
             load_config("run", [override])
 
 
+def test_chunk_credit_without_a_share_of_positives_is_a_config_error():
+    with pytest.raises(ConfigError, match="credit=chunk.*positive_fraction in \\(0, 1\\)"):
+        load_config("run", ["run_dir=x", "learner.algorithm=recap", "learner.credit=chunk"])
+    load_config("run", ["run_dir=x", "learner.algorithm=recap", "learner.credit=chunk", "learner.positive_fraction=0.3"])
+
+
 def test_an_unknown_reward_or_a_missing_detector_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="choose detector .* or ground_truth"):
         load_config("run", ["run_dir=x", "reward=oracle"])
