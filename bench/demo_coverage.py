@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=500)
     args = ap.parse_args()
     vla_cfg, weights, meta = load_policy_checkpoint("base")
-    env = {k: v for k, v in dataclasses.asdict(EnvConfig()).items()}
+    env = dataclasses.asdict(EnvConfig())
     options = dataclasses.asdict(LearnerConfig())
     demos = pretraining_demos(options["demos"], meta, env)
 
