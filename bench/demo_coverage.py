@@ -30,32 +30,22 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors.rollout import run_episodes  # noqa: E402
-from actors.tabletop import split_seed  # noqa: E402
 from bench.common import write_result  # noqa: E402
 from flywheel.config import EnvConfig, LearnerConfig  # noqa: E402
 from flywheel.contracts import Label  # noqa: E402
 from flywheel.loop import learner_view  # noqa: E402
-from flywheel.metrics import wilson_interval  # noqa: E402
+from flywheel.pretrain import evaluate_policy  # noqa: E402
 from flywheel.run import loop_seed, pretraining_demos  # noqa: E402
 from flywheel.vla.checkpoint import load_policy_checkpoint  # noqa: E402
 from flywheel.vla.model import SmallVLA, VLAPolicy  # noqa: E402
 from learner.registry import make_learner  # noqa: E402
 
 PROBE_SEEDS = 500_000  # practice layouts far from any run's first ones
-
-
-def evaluate(model: SmallVLA, env: dict, n: int) -> tuple[float, list[float]]:
-    policy = VLAPolicy(model=model)
-    out = run_episodes([split_seed("eval", i) for i in range(n)], "eval", policy, policy_version=0,
-                       sample_seed=12345, **env)
-    ok = [bool(ep.ground_truth["success"]) for ep in out]
-    return float(np.mean(ok)), list(wilson_interval(sum(ok), len(ok)))
 
 
 def main() -> None:
@@ -105,8 +95,9 @@ def main() -> None:
         for _ in range(args.updates - 1):
             learner.update([])
         model = base_model()
-        model.load_weights({k: torch.from_numpy(np.array(v)) for k, v in learner.snapshot().weights.items()})
-        success, ci = evaluate(model, env, args.eval)
+        model.load_weights(learner.snapshot().weights)  # what the learner publishes (its moving average)
+        ev = evaluate_policy(model, args.eval, env)  # the loop's held-out seeds and sampling seed
+        success, ci = ev["success"], ev["ci95"]
         added = len(extra) or int(stats.get("kept_episodes", 0))
         results[name] = {"success": success, "ci95": ci, "episodes_added": added}
         print(f"{name}: +{added} episodes -> held-out success {success:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]", flush=True)
