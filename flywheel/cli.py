@@ -91,6 +91,10 @@ def cmd_run(overrides: list[str]) -> int:
         progress.update(task, completed=budget_s)
     stopped = f"  (stopped early: {summary['stop_reason']})" if summary["status"] == "stopped" else ""
     console.print(f"\nrun: [bold]{summary['run_dir']}[/bold]{stopped}")
+    if stopped:  # a newcomer's Ctrl-C: say how to go on from where it stopped
+        again = " ".join(["flywheel run", f"run_dir={summary['run_dir']}",
+                          *(o for o in overrides if not o.startswith("run_dir="))])
+        console.print(f"to go on from here: {again}  (it resumes; budget.* may be raised)")
     console.print(
         f"held-out success (ground truth, {summary['eval_episodes']} episodes, same seeds): "
         f"before {summary['initial_success']:.3f} [{summary['initial_ci95'][0]:.3f}, {summary['initial_ci95'][1]:.3f}]"
