@@ -108,6 +108,8 @@ class LearnerConfig:
     ppo_minibatch: int = 256  # ppo / residual_ppo: decisions per gradient step
     flow_noise: float = 0.03  # ppo on a flow VLA: the std of the Gaussian draw at each of the flow's Euler steps in
     #                           practice (flow-noise, learner/ppo.py), which gives a chunk its exact log-probability
+    noise_at: str = "steps"  # ppo on a flow VLA: where flow_noise draws: steps (every Euler step) | output (the chunk
+    #                          only, around the deterministic flow: a Gaussian policy, fewer numbers to credit)
     advantage: str = "group"  # ppo: group (GRPO over rollout.group_size attempts a layout) | gae (a critic)
     gamma: float = 0.95  # residual_ppo, ppo with gae: discount per decision (a quicker success is worth more)
     gae_lambda: float = 0.95  # residual_ppo, ppo with gae: GAE's lambda
@@ -354,6 +356,8 @@ _BOUNDS = {"run": (
     (("learner.ema",), lambda v: 0 <= v < 1, "a moving average's decay per step, so it must lie in [0, 1) (0: off)"),
     (("learner.flow_noise",), lambda v: v > 0, "the std of each flow step's draw in PPO's practice, which gives a "
                                                "chunk its log-probability, so it must be more than 0"),
+    (("learner.noise_at",), lambda v: v in ("steps", "output"), "choose steps (each Euler step of the flow draws) "
+                                                                 "or output (only its chunk draws)"),
     (("learner.advantage",), lambda v: v in ("group", "gae"), "choose group (GRPO over rollout.group_size attempts "
                                                               "a layout) or gae (a critic)"),
     (("learner.credit",), lambda v: v in ("episode", "chunk"), "choose episode (RECAP credits a whole episode "

@@ -2,16 +2,22 @@
 
 - **Action tokens** (RT-2 / OpenVLA style): a chunk is a draw from categoricals, so its probability is exact
   (``TokenActionHead.log_prob``).
-- **The flow head** (pi0 style), through flow-noise (as in piRL, Chen et al. 2025): in practice every Euler step of
-  the flow is a Gaussian draw around where the deterministic flow would go (``learner.flow_noise`` its std), so the
-  chunk is the end of a chain of Gaussian steps whose log-probability is exact; the flow's velocity field is what
-  PPO trains. Evaluation integrates the flow as always, without the steps' noise.
+- **The flow head** (pi0 style), with one of two stochastic samplers (``learner.noise_at``), ``learner.flow_noise``
+  the std of their Gaussian draws; evaluation integrates the flow as always, without them:
+  - "steps", flow-noise as in piRL (Chen et al. 2025): every Euler step is a Gaussian draw around where the flow
+    would go, so the chunk ends a chain of Gaussian steps whose log-probability is exact, and PPO trains the
+    velocity field at each step;
+  - "output": the flow runs deterministically from its mean and only the chunk draws around it, a Gaussian policy
+    whose mean is the whole flow (the gradient goes through every Euler step). A chunk has K = ``flow_steps``
+    times fewer random numbers to credit, and its numbers are independent given the observation.
 
-Either way the rollout records the log-probability of every number it drew (``extras["logp"]``: (C, A) per chunk
-for tokens, (K, C, A) for the flow's K steps) and what it drew ("chunks", "flow_chain"), and the clipped PPO ratio
-pi_new / pi_behaviour is computed exactly, number by number, as PPO for language models does it token by token. A
-ratio of whole chunks (a product of 24 token ratios) swings so far that nearly every chunk was clipped in a trial
-(clip fraction 0.95-0.98, KL 2.6-6 nats a chunk).
+The rollout records the log-probability of every number it drew (``extras["logp"]``: (C, A) per chunk for tokens
+and output noise, (K, C, A) for the flow's K steps) and what it drew ("chunks", "drawn", "flow_chain"), and the
+clipped PPO ratio pi_new / pi_behaviour is computed exactly, number by number, as PPO for language models does it
+token by token. A ratio of whole chunks (a product of 24 token ratios) swings so far that nearly every chunk was
+clipped in a trial (clip fraction 0.95-0.98, KL 2.6-6 nats a chunk). Where a chunk's numbers are independent given
+the observation (tokens, output noise), only the actions the robot executed are credited: the rest of the chunk
+never reached the environment, so their draws could only add noise to the gradient.
 
 Credit is GRPO's (Shao et al. 2024), which needs no critic: an episode's advantage is its judged success minus the
 mean of the attempts at the same layout (``rollout.group_size`` of them), divided by their standard deviation, and
@@ -54,12 +60,15 @@ class PPOLearner(LearnerBase):
         max_staleness: int = 2,
         batch_size: int = 64,
         flow_noise: float = 0.03,
+        noise_at: str = "steps",
         advantage: str = "group",
         gamma: float = 0.95,
         gae_lambda: float = 0.95,
         value_epochs: int = 20,
     ):
-        """``flow_noise``: the flow head's std per Euler step in practice (its exploration). ``advantage``: "group"
+        """``flow_noise``: the flow head's std in practice (its exploration), at each Euler step (``noise_at`` "steps",
+        flow-noise as in piRL) or of the chunk alone ("output": a Gaussian policy whose mean is the flow, with
+        K = ``flow_steps`` times fewer numbers to credit). ``advantage``: "group"
         (GRPO, over the attempts at each layout) or "gae" (a critic on a frozen copy of the starting encoder, GAE
         with ``gamma`` and ``gae_lambda`` per decision, learner/critic.py: every episode is credited, one attempt a
         layout is enough).
@@ -73,7 +82,10 @@ class PPOLearner(LearnerBase):
             raise ValueError(f"learner.flow_noise={flow_noise}: PPO on a flow VLA needs the steps' noise (> 0) for "
                              f"the exact log-probability of what it drew; e.g. 0.03")
         self.model, self.version = model, version
-        self.flow_noise = flow_noise
+        if noise_at not in ("steps", "output"):
+            raise ValueError(f"learner.noise_at={noise_at!r}: choose steps (each Euler step draws, flow-noise) or "
+                             f"output (the chunk draws around the flow)")
+        self.flow_noise, self.noise_at = flow_noise, noise_at
         self.generator = torch.Generator().manual_seed(seed)
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ppo_lr,
                                            weight_decay=1e-4)
@@ -99,9 +111,16 @@ class PPOLearner(LearnerBase):
 
     def _decisions(self, episodes: list[Episode], adv: list[np.ndarray]) -> dict[str, torch.Tensor]:
         """Every decision of the episodes with a nonzero advantage: its inputs, the chunk drawn, the log-probability
-        of each number drawn, and its advantage (``adv``: one array per episode, one value per decision)."""
-        drawn = "flow_chain" if self.model.cfg.action_head == "flow" else "chunks"
-        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("images", "proprio", "ids", drawn, "logp", "adv")}
+        of each number drawn, its advantage (``adv``: one array per episode, one value per decision), and which of
+        its chunk's actions were executed ("executed" (C,)): only those are credited where the numbers of a chunk are
+        drawn independently given the observation (action tokens; noise at the flow's output), since the rest never
+        reached the environment and their draws would only add noise to the gradient. Flow-noise at the steps
+        chains the chunk's numbers together, so every number of it counts."""
+        flow = self.model.cfg.action_head == "flow"
+        drawn = ("drawn" if self.noise_at == "output" else "flow_chain") if flow else "chunks"
+        independent = not flow or self.noise_at == "output"
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("images", "proprio", "ids", drawn, "logp", "adv",
+                                                              "executed")}
         for ep, a in zip(episodes, adv):
             if not np.any(a):
                 continue
@@ -113,6 +132,9 @@ class PPOLearner(LearnerBase):
             cols[drawn].append(ep.extras[drawn].astype(np.float32))
             cols["logp"].append(ep.extras["logp"].astype(np.float32))
             cols["adv"].append(np.broadcast_to(np.asarray(a, np.float32), (len(steps),)))
+            ran = np.diff(np.append(steps, len(ep.actions)))[:, None]  # actions each decision executed
+            chunk = np.arange(self.model.cfg.chunk)[None]
+            cols["executed"].append((chunk < ran) if independent else np.ones((len(steps), chunk.size), bool))
         device = self.model.cls_device
         return {k: torch.from_numpy(np.concatenate(v)).to(device) for k, v in cols.items()} if cols["adv"] else {}
 
@@ -140,12 +162,14 @@ class PPOLearner(LearnerBase):
         for _ in range(self.epochs if n else 0):
             for idx in torch.randperm(n, generator=self.generator).split(self.minibatch):
                 ctx = self.model.encoder(data["images"][idx], data["ids"][idx], data["proprio"][idx])
-                logp = self.model.decision_log_prob(ctx, {k: data[k][idx] for k in ("chunks", "flow_chain")
+                logp = self.model.decision_log_prob(ctx, {k: data[k][idx] for k in ("chunks", "flow_chain", "drawn")
                                                             if k in data}, self.flow_noise)  # (b, [K,] C, A)
                 log_ratio = (logp - data["logp"][idx]).clamp(-20.0, 20.0)
                 ratio = log_ratio.exp()
                 a = data["adv"][idx].view(-1, *[1] * (ratio.dim() - 1))
-                loss = -torch.min(ratio * a, ratio.clamp(1 - self.clip, 1 + self.clip) * a).mean()
+                ran = data["executed"][idx].view(len(idx), *[1] * (ratio.dim() - 3), -1, 1).expand_as(ratio).float()
+                per_number = torch.min(ratio * a, ratio.clamp(1 - self.clip, 1 + self.clip) * a)
+                loss = -(per_number * ran).sum() / ran.sum()
                 anchor = loss.new_zeros(())
                 if self.anchor > 0 and self.demos.num_episodes:
                     b = {k: v.to(ctx.device) for k, v in self.demos.sample(self.batch_size, self.generator).items()}
@@ -161,8 +185,8 @@ class PPOLearner(LearnerBase):
                 with torch.no_grad():
                     stats["policy_loss"].append(float(loss))
                     stats["anchor_loss"].append(float(anchor))
-                    stats["clip_fraction"].append(float(((ratio - 1).abs() > self.clip).float().mean()))
-                    stats["approx_kl"].append(float((-log_ratio).flatten(1).sum(1).mean()))  # per chunk
+                    stats["clip_fraction"].append(float((((ratio - 1).abs() > self.clip) * ran).sum() / ran.sum()))
+                    stats["approx_kl"].append(float((-log_ratio * ran).flatten(1).sum(1).mean()))  # per chunk
         self.model.eval()
         self.version += 1
         return {**{k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}, "decisions": n,
@@ -171,7 +195,7 @@ class PPOLearner(LearnerBase):
                 "judged_success": float(np.mean([self.judged_success(ep) for ep in fresh])) if fresh else 0.0}
 
     def snapshot(self) -> PolicySnapshot:
-        sampling = {"flow_noise": self.flow_noise, "noise": 0.0, "practice_noise": 0.0} \
+        sampling = {"flow_noise": self.flow_noise, "noise_at": self.noise_at, "noise": 0.0, "practice_noise": 0.0} \
             if self.model.cfg.action_head == "flow" else {}
         return PolicySnapshot(version=self.version, weights=self.model.get_weights(),
                               meta={"algorithm": type(self).__name__, "sampling": sampling})

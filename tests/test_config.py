@@ -116,6 +116,7 @@ def test_values_out_of_their_range_are_config_errors():
                               ("learner.practice_noise=-0.5", r"practice_noise=-0.5.*at least 0"),
                               ("learner.flow_noise=0", r"flow_noise=0.*more than 0"),
                               ("learner.advantage=critic", r"advantage=critic.*choose group .* or gae"),
+                              ("learner.noise_at=chunk", r"noise_at=chunk.*choose steps .* or output"),
                               ("learner.credit=step", r"credit=step.*choose episode .* or chunk"),
                               ("learner.positive_fraction=1.5", r"positive_fraction=1.5.*fraction in \(0, 1\)")):
         with pytest.raises(ConfigError, match=message):

@@ -269,6 +269,32 @@ def test_flow_noise_log_probability_is_that_of_the_draws(demos):
     assert "logp" not in quiet and not torch.equal(plain, chunk)
 
 
+def test_output_noise_is_a_gaussian_around_the_flow_and_its_log_probability_is_recomputed(demos):
+    """noise_at="output": the flow runs from its mean untouched and only the chunk draws around it; the draw and its
+    per-number density are recorded, and decision_log_prob recomputes them, with a gradient through the flow."""
+    torch.manual_seed(0)
+    model = SmallVLA().eval()
+    ep = demos[0]
+    images, proprio = torch.from_numpy(ep.observations["image"][:3]), torch.from_numpy(ep.observations["proprio"][:3])
+    ids = model.tokenize([ep.instruction] * 3)
+    extras: dict = {}
+    chunk = model.sample(images, ids, proprio, torch.Generator().manual_seed(0), extras=extras, noise=0.0,
+                         flow_noise=0.1, noise_at="output")
+    mean = model.sample(images, ids, proprio, noise=0.0)  # the deterministic flow
+    drawn = extras["drawn"]
+    assert drawn.shape == (3, 8, 3) and extras["logp"].shape == (3, 8, 3) and "flow_chain" not in extras
+    assert torch.equal(chunk, drawn.clamp(-1, 1))
+    spread = float(((drawn - mean)[mean.abs() < 0.9]).std())  # away from the clamp, the draw's std is the noise's
+    assert 0.07 < spread < 0.13
+    ctx = model.encoder(images, ids, proprio)
+    again = model.decision_log_prob(ctx, {"drawn": drawn}, 0.1)
+    assert torch.allclose(again, extras["logp"], atol=1e-4)
+    again.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="noise_at"):
+        model.sample(images, ids, proprio, noise=0.0, flow_noise=0.1, noise_at="middle")
+
+
 def test_filtered_bc_can_clone_what_its_policy_executed_at_every_step(demos):
     """clone=executed: an approved episode of the policy's own is cloned as a demonstration is (every step, the
     actions it executed), not from the chunks it sampled; with practice_noise its snapshots ask for that noise."""

@@ -452,7 +452,7 @@ class SmallVLA(nn.Module):
     def sample(
         self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor, generator: torch.Generator | None = None,
         indicator: int = 0, guidance: float = 1.0, residual: str = "off", extras: dict | None = None,
-        greedy: bool = False, noise: float = 1.0, flow_noise: float = 0.0,
+        greedy: bool = False, noise: float = 1.0, flow_noise: float = 0.0, noise_at: str = "steps",
     ) -> torch.Tensor:
         """An action chunk (B,C,A) in [-1, 1]: the flow integrated from noise, or action tokens drawn from their
         categoricals (then ``extras``, if given, receives each token's exact log-probability, "logp" (B,C,A)), or with
@@ -466,7 +466,10 @@ class SmallVLA(nn.Module):
         piRL): x_{k+1} ~ N(x_k + dt v(x_k, t_k), flow_noise^2). The chunk then has an exact log-probability, the sum
         over steps of those Gaussians'; ``extras``, if given, receives the chain ("flow_chain" (B, K+1, C, A)) and
         each step's log-probability per number ("logp" (B, K, C, A)), which ``decision_log_prob`` recomputes under
-        other weights: what PPO on the flow VLA needs.
+        other weights: what PPO on the flow VLA needs. With ``noise_at="output"`` the flow runs deterministically and
+        only its chunk draws, x ~ N(flow(s), flow_noise^2): a Gaussian policy whose mean is the flow, with C*A numbers a
+        chunk instead of K*C*A; ``extras`` then receives the draw before clamping ("drawn" (B, C, A)) and its
+        log-probability per number ("logp" (B, C, A)).
         ``residual`` = "sample" (or "mean") corrects the chunk with a draw from (or the mean of) the residual head;
         then ``extras``, if given, receives the flow's chunk ("base_chunks"), the draw ("residuals") and its
         log-probability ("residual_logp"): what an RL learner needs of every decision.
@@ -486,7 +489,7 @@ class SmallVLA(nn.Module):
             if extras is not None:  # the exact log-probability of each token drawn: PPO's denominators
                 extras.update(logp=self.head.log_prob(logits, x))
         else:
-            x = self._integrate(cond, free, guidance, generator, noise, flow_noise, extras)
+            x = self._integrate(cond, free, guidance, generator, noise, flow_noise, extras, noise_at).clamp(-1.0, 1.0)
         if residual == "off":
             return x
         mean, std = self.residual(ctx, x)
@@ -498,11 +501,15 @@ class SmallVLA(nn.Module):
 
     def _integrate(self, cond: torch.Tensor, free: torch.Tensor, guidance: float,
                    generator: torch.Generator | None, noise: float = 1.0, flow_noise: float = 0.0,
-                   extras: dict | None = None) -> torch.Tensor:
+                   extras: dict | None = None, noise_at: str = "steps") -> torch.Tensor:
         """The flow head's chunk: Euler steps from noise (t=0) to actions (t=1), with classifier-free guidance, and
-        with ``flow_noise`` a Gaussian draw at every step (see ``sample``)."""
+        with ``flow_noise`` a Gaussian draw at every step, or only of the chunk (``noise_at``; see ``sample``). Not
+        clamped to the action range, so that a log-probability is that of the draw."""
+        if noise_at not in ("steps", "output"):
+            raise ValueError(f"noise_at={noise_at!r}: choose steps (each Euler step draws) or output (the chunk does)")
         cfg = self.cfg
         x = noise * torch.randn(cond.shape[0], cfg.chunk, cfg.action_dim, generator=generator, device=cond.device)
+        step_noise = flow_noise if noise_at == "steps" else 0.0
         dt = 1.0 / cfg.flow_steps
         chain = [x]
         for k in range(cfg.flow_steps):
@@ -512,13 +519,17 @@ class SmallVLA(nn.Module):
                 v_free = self.head(free, x, t)
                 v = v_free + guidance * (v - v_free)
             x = x + dt * v
-            if flow_noise > 0:
-                x = x + flow_noise * torch.randn(x.shape, generator=generator).to(x.device)
+            if step_noise > 0:
+                x = x + step_noise * torch.randn(x.shape, generator=generator).to(x.device)
                 chain.append(x)
-        if flow_noise > 0 and extras is not None:
+        if flow_noise > 0 and noise_at == "output":
+            mean, x = x, x + flow_noise * torch.randn(x.shape, generator=generator).to(x.device)
+            if extras is not None:
+                extras.update(drawn=x, logp=torch.distributions.Normal(mean, flow_noise).log_prob(x))
+        elif step_noise > 0 and extras is not None:
             chain = torch.stack(chain, dim=1)
             extras.update(flow_chain=chain, logp=self._chain_log_prob(cond, chain, flow_noise))
-        return x.clamp(-1.0, 1.0)
+        return x  # unclamped: sample() clamps what is executed
 
     def _chain_log_prob(self, ctx: torch.Tensor, chain: torch.Tensor, flow_noise: float) -> torch.Tensor:
         """log N(x_{k+1}; x_k + dt v(x_k, t_k), flow_noise^2) of each step of each number of a recorded flow chain
@@ -534,12 +545,17 @@ class SmallVLA(nn.Module):
                           flow_noise: float = 0.0) -> torch.Tensor:
         """The exact log-probability, under these weights, of what a practice decision drew (what ``sample`` put in
         ``extras``, unconditioned: indicator 0, no guidance), per number: action tokens (B, C, A) from "chunks"; the
-        flow, with flow-noise, (B, K, C, A) from "flow_chain". ``ctx`` is the encoder's context."""
+        flow with flow-noise at its steps, (B, K, C, A) from "flow_chain"; the flow with noise at its output, (B, C, A)
+        from "drawn", the mean being the flow from its mean (starting noise 0), differentiated through every step.
+        ``ctx`` is the encoder's context."""
         ctx = ctx + self.indicator.weight[0]  # "none", as sample() and head_loss() condition it
         if self.cfg.action_head == "tokens":
             return self.head.log_prob(self.head(ctx), recorded["chunks"])
         if flow_noise <= 0:
             raise ValueError("the flow's chunk has a log-probability only when sampled with flow_noise > 0")
+        if "drawn" in recorded:
+            mean = self._integrate(ctx, ctx, 1.0, None, noise=0.0)
+            return torch.distributions.Normal(mean, flow_noise).log_prob(recorded["drawn"])
         return self._chain_log_prob(ctx, recorded["flow_chain"], flow_noise)
 
     def get_weights(self) -> dict[str, np.ndarray]:
@@ -609,8 +625,9 @@ class VLAPolicy:
             sampling["residual"] = "sample" if self.explore else "mean"
         practice_noise = sampling.pop("practice_noise", 1.0)  # the learner's choice of how its policy practises
         flow_noise = sampling.pop("flow_noise", 0.0)  # and whether each flow step draws (PPO's exploration)
+        noise_at = sampling.pop("noise_at", "steps")  # or only the chunk
         if self.explore and self.model.cfg.action_head == "flow":
-            sampling.update(noise=practice_noise, flow_noise=flow_noise)
+            sampling.update(noise=practice_noise, flow_noise=flow_noise, noise_at=noise_at)
         if self.model.cfg.action_head == "tokens":
             # Action tokens are drawn in practice (PPO needs the draws and their probabilities) and decoded greedily
             # otherwise, as token VLAs are evaluated: each token drawn on its own, a chunk's gripper tokens would
