@@ -106,10 +106,11 @@ class LearnerConfig:
     ppo_epochs: int = 8  # ppo / residual_ppo: passes over each iteration's decisions
     ppo_clip: float = 0.2  # ppo / residual_ppo: the clipped ratio's bound
     ppo_minibatch: int = 256  # ppo / residual_ppo: decisions per gradient step
-    flow_noise: float = 0.03  # ppo on a flow VLA: the std of the Gaussian draw at each of the flow's Euler steps in
-    #                           practice (flow-noise, learner/ppo.py), which gives a chunk its exact log-probability
-    noise_at: str = "steps"  # ppo on a flow VLA: where flow_noise draws: steps (every Euler step) | output (the chunk
-    #                          only, around the deterministic flow: a Gaussian policy, fewer numbers to credit)
+    flow_noise: float = 0.2  # ppo on a flow VLA: the std of its Gaussian draws in practice (learner/ppo.py), which
+    #                          give a chunk its exact log-probability; with noise_at=steps, ~0.03 (each of 10 steps)
+    noise_at: str = "output"  # ppo on a flow VLA: where flow_noise draws: output (the chunk only, around the
+    #                           deterministic flow: a Gaussian policy, 10x fewer numbers to credit) | steps (every Euler
+    #                           step: flow-noise as in piRL). Measured: bench/RESULTS.md, session 15
     advantage: str = "group"  # ppo: group (GRPO over rollout.group_size attempts a layout) | gae (a critic)
     gamma: float = 0.95  # residual_ppo, ppo with gae: discount per decision (a quicker success is worth more)
     gae_lambda: float = 0.95  # residual_ppo, ppo with gae: GAE's lambda
