@@ -42,6 +42,13 @@ from learner.bc import ChunkDataset
 from learner.critic import Critic
 
 
+def executed(chunk_steps: np.ndarray, num_actions: int, chunk: int) -> np.ndarray:
+    """(decisions, chunk) booleans: which actions of each decision's chunk the robot executed. A decision made at step
+    ``chunk_steps[i]`` runs until the next one or the episode's end (``num_actions`` steps in all)."""
+    ran = np.diff(np.append(chunk_steps, num_actions))
+    return np.arange(chunk)[None] < ran[:, None]
+
+
 class PPOLearner(LearnerBase):
     """The ``Learner`` contract: ``update(labelled episodes) -> stats``; ``snapshot() -> PolicySnapshot``."""
 
@@ -132,9 +139,8 @@ class PPOLearner(LearnerBase):
             cols[drawn].append(ep.extras[drawn].astype(np.float32))
             cols["logp"].append(ep.extras["logp"].astype(np.float32))
             cols["adv"].append(np.broadcast_to(np.asarray(a, np.float32), (len(steps),)))
-            ran = np.diff(np.append(steps, len(ep.actions)))[:, None]  # actions each decision executed
-            chunk = np.arange(self.model.cfg.chunk)[None]
-            cols["executed"].append((chunk < ran) if independent else np.ones((len(steps), chunk.size), bool))
+            cols["executed"].append(executed(steps, len(ep.actions), self.model.cfg.chunk) if independent
+                                    else np.ones((len(steps), self.model.cfg.chunk), bool))
         device = self.model.cls_device
         return {k: torch.from_numpy(np.concatenate(v)).to(device) for k, v in cols.items()} if cols["adv"] else {}
 

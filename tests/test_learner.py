@@ -299,6 +299,14 @@ def test_output_noise_is_a_gaussian_around_the_flow_and_its_log_probability_is_r
         model.sample(images, ids, proprio, noise=0.0, flow_noise=0.1, noise_at="middle")
 
 
+def test_ppo_credits_the_actions_each_decision_executed():
+    """A chunk of 8 decided at steps 0, 4 and 8 of a 10-step episode: 4, 4 and 2 of its actions ran."""
+    from learner.ppo import executed
+
+    mask = executed(np.array([0, 4, 8]), 10, 8)
+    assert mask.shape == (3, 8) and mask.sum(1).tolist() == [4, 4, 2] and mask[:, 0].all() and not mask[:, 4:].any()
+
+
 def test_filtered_bc_can_clone_what_its_policy_executed_at_every_step(demos):
     """clone=executed: an approved episode of the policy's own is cloned as a demonstration is (every step, the
     actions it executed), not from the chunks it sampled; with practice_noise its snapshots ask for that noise."""
