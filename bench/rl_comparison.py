@@ -1,15 +1,18 @@
 """The learners compared side by side (issue 5): every algorithm through the same loop, from the same base, with the
 detector's reward and with the simulator's (the upper bound), beside two imitation baselines.
 
-    PYTHONPATH=. .venv/bin/python bench/rl_comparison.py [--iterations N] [--out DIR] [--only NAME,...] [overrides...]
+    PYTHONPATH=. .venv/bin/python bench/rl_comparison.py [--iterations N] [--out DIR] [--only NAME,...]
+        [--detector FILE] [--eval-every K] [overrides...]
 
 Each entry is one `flywheel run` of the default job (`make run`'s), the same in all but what the entry names, for a
 budget of ``--iterations`` updates (not minutes: the detector's training and a cheaper update must not buy an entry
-more practice). Every run evaluates on the same 500 held-out seeds at the start, every 2 iterations and at the end,
-so each entry has a curve of held-out success against practice env steps, each point with its Wilson 95% interval.
+more practice). Every run evaluates on the same 500 held-out seeds at the start, every ``--eval-every`` iterations
+(2, or a fifteenth of a longer budget) and at the end, so each entry has a curve of held-out success against practice
+env steps, each point with its Wilson 95% interval.
 
 - ``ALGORITHM-detector``: practice judged by the success detector. The first such run trains it; the others judge
-  with that very detector (``detector.checkpoint``), so they differ in their learner alone.
+  with that very detector (``detector.checkpoint``), so they differ in their learner alone. ``--detector FILE``
+  gives every one of them a detector trained before (another comparison's, say).
 - ``ALGORITHM-ground_truth``: judged by the simulator (``reward=ground_truth``): what a perfect detector would buy.
 - ``imitation-demos``: the same number of updates on the base's 100 demonstrations alone (``learner.algorithm=
   imitation``, learner/imitation.py); its practice is one episode an iteration, kept from nothing.
@@ -133,12 +136,20 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated entry names to run now (others only read)")
     parser.add_argument("--more-demos", type=int, default=200, help="demonstrations of 'more demonstrations, no RL'")
     parser.add_argument("--algorithms", default="filtered_bc,recap,ppo", help="the RL entries (each with both rewards)")
+    parser.add_argument("--detector", default="", help="a trained detector every detector entry judges with")
+    parser.add_argument("--eval-every", type=int, default=0, help="iterations between evaluations (0: 2, or a "
+                                                                  "fifteenth of a longer budget)")
     args, overrides = parser.parse_known_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common = [f"budget.iterations={args.iterations}", "budget.minutes=600", "eval.every=2", *overrides]
+    every = args.eval_every or max(2, args.iterations // 15)
+    common = [f"budget.iterations={args.iterations}", "budget.minutes=600", f"eval.every={every}", *overrides]
     wanted = set(filter(None, args.only.split(",")))
-    detector_path = out / "filtered_bc-detector" / "detector" / "detector-1.safetensors"
+    detector_path = Path(args.detector) if args.detector else out / "filtered_bc-detector" / "detector" / \
+        "detector-1.safetensors"
+    if args.detector and not detector_path.exists():
+        raise SystemExit(f"--detector {detector_path}: no such file (a run's detector is RUN/detector/detector-N"
+                         ".safetensors)")
     results = []
     for name, own in entries(args.algorithms.split(","), args.more_demos).items():
         done = (out / name / "summary.json").exists()
