@@ -86,8 +86,8 @@ class PPOLearner(LearnerBase):
         of that difference came from the start, whose density does not depend on the weights: in a trial the
         approved direction moved 0.00-0.08 against 0.10 from the mean."""
         if model.cfg.action_head == "flow" and flow_noise <= 0:
-            raise ValueError(f"learner.flow_noise={flow_noise}: PPO on a flow VLA needs the steps' noise (> 0) for "
-                             f"the exact log-probability of what it drew; e.g. 0.03")
+            raise ValueError(f"learner.flow_noise={flow_noise}: PPO on a flow VLA needs its practice noise (> 0) for "
+                             f"the exact log-probability of what it drew; e.g. 0.2 (0.03 with noise_at=steps)")
         self.model, self.version = model, version
         if noise_at not in ("steps", "output"):
             raise ValueError(f"learner.noise_at={noise_at!r}: choose steps (each Euler step draws, flow-noise) or "
