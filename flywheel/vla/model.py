@@ -508,7 +508,10 @@ class SmallVLA(nn.Module):
         if noise_at not in ("steps", "output"):
             raise ValueError(f"noise_at={noise_at!r}: choose steps (each Euler step draws) or output (the chunk does)")
         cfg = self.cfg
-        x = noise * torch.randn(cond.shape[0], cfg.chunk, cfg.action_dim, generator=generator, device=cond.device)
+        shape = (cond.shape[0], cfg.chunk, cfg.action_dim)
+        # from the mean (noise 0) nothing is drawn: the learner's recomputation must not consume the global stream
+        x = noise * torch.randn(shape, generator=generator, device=cond.device) if noise else \
+            torch.zeros(shape, device=cond.device, dtype=cond.dtype)
         step_noise = flow_noise if noise_at == "steps" else 0.0
         dt = 1.0 / cfg.flow_steps
         chain = [x]
