@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
@@ -170,6 +170,10 @@ class RayConfig:
 class EvalConfig:
     episodes: int = 500  # held-out seeds, the same ones at every evaluation
     every: int = 2  # evaluate every N iterations (and always at the start and the end)
+    noise: Optional[float] = None  # the built-in flow VLA's starting noise in evaluation (and the gate's): None, as its
+    #                                learner's snapshot asks (ppo: 0, the flow from its mean; the others: 1, a
+    #                                sample); a number, the same for every learner (0: from the mean): what
+    #                                bench/rl_comparison.py sets, so that every entry is judged acting alike
 
 
 @dataclasses.dataclass
@@ -353,6 +357,8 @@ _BOUNDS = {"run": (
     (("detector.threshold", "detector.target_precision"), lambda v: 0 <= v <= 1,
      "it is a probability or a precision, so it must lie in [0, 1]"),
     (("budget.minutes",), lambda v: v > 0, "the run's wall clock, so it must be more than 0 (a night: 480)"),
+    (("eval.noise",), lambda v: v is None or v >= 0, "it scales the flow's starting noise in evaluation, so it must "
+                                                    "be at least 0 (0: the flow from its mean), or null"),
     (("learner.practice_noise",), lambda v: v >= 0, "it scales the flow's starting noise, so it must be at least 0"),
     (("learner.ema",), lambda v: 0 <= v < 1, "a moving average's decay per step, so it must lie in [0, 1) (0: off)"),
     (("learner.flow_noise",), lambda v: v > 0, "the std of each flow step's draw in PPO's practice, which gives a "

@@ -119,6 +119,21 @@ def test_practice_noise_zero_practises_one_chunk_per_observation_and_evaluation_
     assert not np.array_equal(policy.act(images, proprio, texts, seed=0), policy.act(images, proprio, texts, seed=1))
 
 
+def test_eval_noise_sets_how_every_snapshot_acts_in_evaluation_and_leaves_practice_alone():
+    images, proprio, texts = _batch(2)
+    policy = VLAPolicy(VLAConfig(), eval_noise=0.0)  # eval.noise=0: every learner's policy from the flow's mean
+    policy.load_weights(policy.get_weights(), {"practice_noise": 1.0})  # a snapshot that samples
+    mean = policy.model.sample(torch.from_numpy(images), policy.model.tokenize(texts),
+                               torch.from_numpy(proprio).float(), noise=0.0).numpy()
+    assert np.allclose(policy.act(images, proprio, texts, seed=0), mean, atol=1e-6)
+    assert np.allclose(policy.act(images, proprio, texts, seed=1), mean, atol=1e-6)
+    policy.explore = True  # practice is the learner's to choose
+    assert not np.array_equal(policy.act(images, proprio, texts, seed=0), policy.act(images, proprio, texts, seed=1))
+    sampled = VLAPolicy(VLAConfig(), eval_noise=1.0)  # and a snapshot that asks for its mean (PPO's) can be sampled
+    sampled.load_weights(policy.get_weights(), {"noise": 0.0, "practice_noise": 0.0})
+    assert not np.array_equal(sampled.act(images, proprio, texts, seed=0), sampled.act(images, proprio, texts, seed=1))
+
+
 def test_keypoints_over_colours_are_the_keypoints_over_cells(monkeypatch):
     """A flat-shaded scene has few colours, and the keypoint attention is computed over them (flywheel/vla/model.py
     colour_groups): the same context and the same gradients as over every cell; a textured image falls back."""

@@ -609,8 +609,11 @@ class SmallVLA(nn.Module):
 class VLAPolicy:
     """The ``Policy`` contract around a SmallVLA, in numpy at its edges (converted once here)."""
 
-    def __init__(self, cfg: VLAConfig | None = None, model: SmallVLA | None = None):
+    def __init__(self, cfg: VLAConfig | None = None, model: SmallVLA | None = None, eval_noise: float | None = None):
+        """``eval_noise``: the flow's starting noise when not exploring (evaluation, the gate), whatever the snapshot
+        asks (``eval.noise``); None leaves it to the snapshot's sampling."""
         self.model = model or SmallVLA(cfg)
+        self.eval_noise = eval_noise
         self.model.eval()
         self.sampling = {"indicator": 0, "guidance": 1.0}  # set per snapshot by the learner that made it
         self.last_extras: dict[str, np.ndarray] = {}  # what the last act() drew besides its actions, by row
@@ -631,6 +634,8 @@ class VLAPolicy:
         noise_at = sampling.pop("noise_at", "steps")  # or only the chunk
         if self.explore and self.model.cfg.action_head == "flow":
             sampling.update(noise=practice_noise, flow_noise=flow_noise, noise_at=noise_at)
+        elif self.eval_noise is not None and self.model.cfg.action_head == "flow":
+            sampling["noise"] = self.eval_noise
         if self.model.cfg.action_head == "tokens":
             # Action tokens are drawn in practice (PPO needs the draws and their probabilities) and decoded greedily
             # otherwise, as token VLAs are evaluated: each token drawn on its own, a chunk's gripper tokens would
