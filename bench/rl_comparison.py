@@ -33,6 +33,8 @@ its margin over filtered BC and both imitation baselines. A plot, ``bench/result
 (offline unless WANDB_API_KEY is set), and the table and plot to their section of bench/RESULTS.md.
 
 A run already completed in ``--out`` is read, not run again: the comparison can be built up over several sittings.
+One stopped, or completed at a smaller budget, is resumed to this one with its own config: a copy of a shorter
+comparison's runs (``cp -r``) is extended to a longer one rather than started again.
 """
 
 from __future__ import annotations
@@ -69,14 +71,21 @@ def entries(algorithms: list[str], more_demos: int) -> dict[str, list[str]]:
     return out
 
 
-def run_entry(name: str, overrides: list[str], out: Path, detector: Path | None) -> dict:
-    """One `flywheel run`, in a process of its own (its own Ray); its summary. A completed one is only read."""
+def run_entry(name: str, overrides: list[str], out: Path, detector: Path | None, iterations: int) -> dict:
+    """One `flywheel run`, in a process of its own (its own Ray); its summary. One completed at this budget is only
+    read; one stopped, or completed at a smaller budget, is resumed to this one with its own recorded config (the
+    overrides a resumed run may take anew: budgets, eval.every), so a longer comparison extends a shorter one's runs."""
+    from flywheel.resume import holds_a_run, resumable
+
     run_dir = out / name
     summary_path = run_dir / "summary.json"
-    if summary_path.exists() and json.loads(summary_path.read_text()).get("status") == "completed":
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if summary.get("status") == "completed" and summary.get("iterations", 0) >= iterations:
         print(f"{name}: completed before, read from {run_dir}")
-        return json.loads(summary_path.read_text())
-    if detector is not None and name.endswith("-detector"):
+        return summary
+    if holds_a_run(run_dir):
+        overrides = [o for o in overrides if resumable(o.split("=", 1)[0])]
+    elif detector is not None and name.endswith("-detector"):
         overrides = [*overrides, f"detector.checkpoint={detector}"]
     command = [sys.executable, "-m", "flywheel.cli", "run", f"run_dir={run_dir}", *overrides]
     print(f"{name}: {' '.join(command[2:])}", flush=True)
@@ -174,7 +183,8 @@ def main() -> None:
         done = (out / name / "summary.json").exists()
         if wanted and name not in wanted and not done:
             continue
-        summary = run_entry(name, [*common, *own], out, detector_path if detector_path.exists() else None)
+        summary = run_entry(name, [*common, *own], out, detector_path if detector_path.exists() else None,
+                            args.iterations)
         algorithm, reward = name.split("-", 1)
         results.append({
             "name": name, "algorithm": algorithm, "reward": "none" if algorithm == "imitation" else reward,
@@ -210,7 +220,7 @@ def write_section(results: list[dict], verdict: dict, iterations: int, name: str
                     f"{r['env_steps']:,} | {r['iterations']} | {r['rollbacks']} | {r['wall_seconds'] / 60:.1f} min |")
     share = verdict.get("detector_share_of_ground_truth_gain")
     lines = [begin, f"### RL fine-tuning compared (issue 5): {iterations} updates each, the default job", "",
-             f"`PYTHONPATH=. .venv/bin/python bench/rl_comparison.py {' '.join(sys.argv[1:])}` (bench/results/"
+             f"`PYTHONPATH=. .venv/bin/python bench/rl_comparison.py {' '.join(as_run())}` (bench/results/"
              f"{name}.json has every entry's curve and overrides)", "", *rows, "",
              f"- best of RECAP and PPO with the detector's reward: **{verdict.get('best')}**; failure rate / the "
              f"base's: {_fmt(verdict.get('ratio'))} (target <= 0.5)",
@@ -224,6 +234,18 @@ def write_section(results: list[dict], verdict: dict, iterations: int, name: str
     text = text[:text.index(begin)] + block + text[text.index(end) + len(end):] if begin in text else \
         text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def as_run() -> list[str]:
+    """This command's arguments without ``--only``: the command that makes (or re-reads) every entry."""
+    args, out = sys.argv[1:], []
+    while args:
+        a = args.pop(0)
+        if a == "--only":
+            args.pop(0)
+        elif not a.startswith("--only="):
+            out.append(a)
+    return out
 
 
 def _fmt(x) -> str:

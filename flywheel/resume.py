@@ -55,7 +55,8 @@ def _given_keys(overrides: list[str]) -> list[str]:
     return [a.split("=", 1)[0].lstrip("+~") for a in overrides if "=" in a]
 
 
-def _resumable(key: str) -> bool:
+def resumable(key: str) -> bool:
+    """Whether a resumed run may be given ``key`` (a dotted config key) anew."""
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE)
 
 
@@ -90,7 +91,7 @@ def check_unchanged(cfg: DictConfig, run_dir: Path) -> None:
     recorded = OmegaConf.to_container(recorded_config(run_dir), resolve=True)
     given = OmegaConf.to_container(cfg, resolve=True)
     changed = [k for k in _leaves(given) | _leaves(recorded)
-               if not _resumable(k) and _at(given, k) != _at(recorded, k)]
+               if not resumable(k) and _at(given, k) != _at(recorded, k)]
     if changed:
         shown = ", ".join(f"{k}: {_at(recorded, k)!r} -> {_at(given, k)!r}" for k in sorted(changed))
         raise ConfigError(
