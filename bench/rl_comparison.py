@@ -97,12 +97,17 @@ def run_entry(name: str, overrides: list[str], out: Path, detector: Path | None,
     return json.loads(summary_path.read_text())
 
 
+def recorded_eval_noise(run_dir: Path) -> float | None:
+    """The run's ``eval.noise`` as its config.yaml records it (None: it was not set)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(run_dir / "config.yaml").eval.get("noise")
+
+
 def evaluated(run_dir: Path, algorithm: str) -> str:
     """How the run's evaluations acted: "mean" (the flow from its mean) or "noise X" (the flow's starting noise X).
     Without ``eval.noise`` each learner's snapshot chose: PPO's acts from its mean, the others sample."""
-    from omegaconf import OmegaConf
-
-    noise = OmegaConf.load(run_dir / "config.yaml").eval.get("noise")
+    noise = recorded_eval_noise(run_dir)
     if noise is None:
         noise = 0.0 if algorithm == "ppo" else 1.0
     return "mean" if noise == 0 else f"noise {noise:g}"
@@ -188,7 +193,9 @@ def main() -> None:
         algorithm, reward = name.split("-", 1)
         results.append({
             "name": name, "algorithm": algorithm, "reward": "none" if algorithm == "imitation" else reward,
-            "overrides": [*common, *own], "initial_success": summary["initial_success"],
+            "overrides": [o for o in [*common, *own]  # as it was made: a run read from before may lack eval.noise
+                          if not o.startswith("eval.noise=") or recorded_eval_noise(out / name) is not None],
+            "initial_success": summary["initial_success"],
             "final_success": summary["final_success"], "ci95": summary["final_ci95"],
             "env_steps": summary["env_steps"], "episodes": summary["episodes"], "iterations": summary["iterations"],
             "policy_version_final": summary["policy_version_final"], "rollbacks": len(summary.get("rollbacks", [])),
