@@ -198,6 +198,7 @@ def main() -> None:
             "initial_success": summary["initial_success"],
             "final_success": summary["final_success"], "ci95": summary["final_ci95"],
             "env_steps": summary["env_steps"], "episodes": summary["episodes"], "iterations": summary["iterations"],
+            "eval_episodes": summary["eval_episodes"],
             "policy_version_final": summary["policy_version_final"], "rollbacks": len(summary.get("rollbacks", [])),
             "wall_seconds": summary["wall_seconds"], "detector_auroc": summary.get("detector", {}).get("auroc"),
             "evaluated": evaluated(out / name, algorithm), "curve": curve(out / name)})
@@ -232,7 +233,9 @@ def write_section(results: list[dict], verdict: dict, iterations: int, name: str
              f"- best of RECAP and PPO with the detector's reward: **{verdict.get('best')}**; failure rate / the "
              f"base's: {_fmt(verdict.get('ratio'))} (target <= 0.5)",
              f"- its gain / the same algorithm's with ground-truth reward: {_fmt(share)} (target >= 0.8)",
-             "- its margin over " + ", ".join(f"{k} {v:+.3f}" for k, v in verdict.get("margin_over", {}).items()),
+             "- its margin over " + ", ".join(
+                 f"{k} {v:+.3f} [{verdict['margin_ci95'][k][0]:+.3f}, {verdict['margin_ci95'][k][1]:+.3f}]"
+                 for k, v in verdict.get("margin_over", {}).items()),
              f"- all met: **{verdict.get('met')}**", "", "![held-out success against env steps and updates]"
              f"(results/{name}.png)", end]
     path = Path(__file__).resolve().parent / "RESULTS.md"
@@ -271,12 +274,21 @@ def judge(results: list[dict]) -> dict:
     truth = by.get(f"{best['algorithm']}-ground_truth")
     share = ((best["final_success"] - base) / (truth["final_success"] - truth["initial_success"])
              if truth and truth["final_success"] > truth["initial_success"] else None)
-    margins = {other: best["final_success"] - by[other]["final_success"]
-               for other in ("filtered_bc-detector", "imitation-demos", "imitation-more_demos") if other in by}
+    others = [o for o in ("filtered_bc-detector", "imitation-demos", "imitation-more_demos") if o in by]
+    margins = {o: best["final_success"] - by[o]["final_success"] for o in others}
     met = bool(ratio <= 0.5 and share is not None and share >= 0.8 and len(margins) == 3
                and all(m > 0 for m in margins.values()))
     return {"ratio": ratio, "met": met, "best": best["name"], "detector_share_of_ground_truth_gain": share,
-            "margin_over": margins}
+            "margin_over": margins, "margin_ci95": {o: difference_interval(best, by[o]) for o in others}}
+
+
+def difference_interval(a: dict, b: dict) -> list[float]:
+    """A 95% interval of the difference of two entries' final success rates (normal approximation, the two
+    evaluations taken as independent samples; they share their seeds, so it is if anything too wide)."""
+    n_a, n_b = a["eval_episodes"], b["eval_episodes"]
+    p, q = a["final_success"], b["final_success"]
+    half = 1.96 * np.sqrt(p * (1 - p) / n_a + q * (1 - q) / n_b)
+    return [float(p - q - half), float(p - q + half)]
 
 
 def log_to_wandb(results: list[dict], fig, name: str) -> None:
