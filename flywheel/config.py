@@ -118,7 +118,7 @@ class LearnerConfig:
     anchor: float = 0.5  # ppo: weight of behaviour cloning on the replayed demonstrations beside PPO's loss
     max_staleness: int = 2  # ppo: episodes acted by a version older than this many updates are dropped
     practice_noise: float = 0.0  # filtered_bc, recap, ppo: scale of the flow's starting noise in practice (evaluation
-    #                              always samples, at 1). 0: the policy's one deterministic chunk per observation, so
+    #                              samples at 1, or as eval.noise says). 0: the policy's one deterministic chunk per observation, so
     #                              each success it clones is a clean trajectory, not one of its noisy draws (measured:
     #                              README, session 10); repeated attempts at a layout would then be identical, so it
     #                              needs rollout.group_size=1
