@@ -46,7 +46,8 @@ bench: $(STAMP)
 	PYTHONPATH=. $(BIN)/python bench/table.py
 
 # issue 5's comparison of the learners (8 runs of the default job, ~50 min on 2 cores alone; re-reads completed runs
-# in runs/rl-comparison, so it can be stopped and started again), and which data teaches the base (~4 min)
+# in runs/rl-comparison, so it can be stopped and started again), and which data teaches the base (~4 min).
+# The long one: ARGS="--iterations 120 --out runs/rl-comparison-120 --name rl_comparison_120" (~7 h on 2 cores).
 bench-rl: $(STAMP)
 	PYTHONPATH=. $(BIN)/python bench/rl_comparison.py $(ARGS)
 	PYTHONPATH=. $(BIN)/python bench/demo_coverage.py
