@@ -276,10 +276,12 @@ def judge(results: list[dict]) -> dict:
              if truth and truth["final_success"] > truth["initial_success"] else None)
     others = [o for o in ("filtered_bc-detector", "imitation-demos", "imitation-more_demos") if o in by]
     margins = {o: best["final_success"] - by[o]["final_success"] for o in others}
+    intervals = {o: difference_interval(best, by[o]) for o in others}
+    # "beats" with 95% confidence: a margin whose interval lies above zero, not one that chance alone could give
     met = bool(ratio <= 0.5 and share is not None and share >= 0.8 and len(margins) == 3
-               and all(m > 0 for m in margins.values()))
+               and all(low > 0 for low, _ in intervals.values()))
     return {"ratio": ratio, "met": met, "best": best["name"], "detector_share_of_ground_truth_gain": share,
-            "margin_over": margins, "margin_ci95": {o: difference_interval(best, by[o]) for o in others}}
+            "margin_over": margins, "margin_ci95": intervals}
 
 
 def difference_interval(a: dict, b: dict) -> list[float]:
