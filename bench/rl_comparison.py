@@ -79,8 +79,8 @@ def run_entry(name: str, overrides: list[str], out: Path, detector: Path | None,
 
     run_dir = out / name
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    if summary.get("status") == "completed" and summary.get("iterations", 0) >= iterations:
+    summary = completed(run_dir, iterations)
+    if summary is not None:
         print(f"{name}: completed before, read from {run_dir}")
         return summary
     if holds_a_run(run_dir):
@@ -95,6 +95,13 @@ def run_entry(name: str, overrides: list[str], out: Path, detector: Path | None,
     if done.returncode != 0 or not summary_path.exists():
         raise RuntimeError(f"{name}: `flywheel run` exited {done.returncode}; see {out / f'{name}.log'}")
     return json.loads(summary_path.read_text())
+
+
+def completed(run_dir: Path, iterations: int) -> dict | None:
+    """The run's summary if it completed at least ``iterations`` updates, else None."""
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    return summary if summary.get("status") == "completed" and summary.get("iterations", 0) >= iterations else None
 
 
 def recorded_eval_noise(run_dir: Path) -> float | None:
@@ -185,9 +192,8 @@ def main() -> None:
                          ".safetensors)")
     results = []
     for name, own in entries(args.algorithms.split(","), args.more_demos).items():
-        done = (out / name / "summary.json").exists()
-        if wanted and name not in wanted and not done:
-            continue
+        if wanted and name not in wanted and completed(out / name, args.iterations) is None:
+            continue  # not asked for now, and not complete at this budget: neither run nor resumed
         summary = run_entry(name, [*common, *own], out, detector_path if detector_path.exists() else None,
                             args.iterations)
         algorithm, reward = name.split("-", 1)
