@@ -204,7 +204,7 @@ def main() -> None:
             "initial_success": summary["initial_success"],
             "final_success": summary["final_success"], "ci95": summary["final_ci95"],
             "env_steps": summary["env_steps"], "episodes": summary["episodes"], "iterations": summary["iterations"],
-            "eval_episodes": summary["eval_episodes"],
+            "eval_episodes": summary["eval_episodes"], "final_outcomes": summary.get("final_outcomes", ""),
             "policy_version_final": summary["policy_version_final"], "rollbacks": len(summary.get("rollbacks", [])),
             "wall_seconds": summary["wall_seconds"], "detector_auroc": summary.get("detector", {}).get("auroc"),
             "evaluated": evaluated(out / name, algorithm), "curve": curve(out / name)})
@@ -241,6 +241,7 @@ def write_section(results: list[dict], verdict: dict, iterations: int, name: str
              f"- its gain / the same algorithm's with ground-truth reward: {_fmt(share)} (target >= 0.8)",
              "- its margin over " + ", ".join(
                  f"{k} {v:+.3f} [{verdict['margin_ci95'][k][0]:+.3f}, {verdict['margin_ci95'][k][1]:+.3f}]"
+                 + (" paired" if verdict.get("margin_paired", {}).get(k) else "")
                  for k, v in verdict.get("margin_over", {}).items()),
              f"- all met: **{verdict.get('met')}**", "", "![held-out success against env steps and updates]"
              f"(results/{name}.png)", end]
@@ -282,21 +283,29 @@ def judge(results: list[dict]) -> dict:
              if truth and truth["final_success"] > truth["initial_success"] else None)
     others = [o for o in ("filtered_bc-detector", "imitation-demos", "imitation-more_demos") if o in by]
     margins = {o: best["final_success"] - by[o]["final_success"] for o in others}
-    intervals = {o: difference_interval(best, by[o]) for o in others}
+    judged = {o: difference_interval(best, by[o]) for o in others}
+    intervals, paired = {o: i for o, (i, _) in judged.items()}, {o: p for o, (_, p) in judged.items()}
     # "beats" with 95% confidence: a margin whose interval lies above zero, not one that chance alone could give
     met = bool(ratio <= 0.5 and share is not None and share >= 0.8 and len(margins) == 3
                and all(low > 0 for low, _ in intervals.values()))
     return {"ratio": ratio, "met": met, "best": best["name"], "detector_share_of_ground_truth_gain": share,
-            "margin_over": margins, "margin_ci95": intervals}
+            "margin_over": margins, "margin_ci95": intervals, "margin_paired": paired}
 
 
-def difference_interval(a: dict, b: dict) -> list[float]:
-    """A 95% interval of the difference of two entries' final success rates (normal approximation, the two
-    evaluations taken as independent samples; they share their seeds, so it is if anything too wide)."""
-    n_a, n_b = a["eval_episodes"], b["eval_episodes"]
+def difference_interval(a: dict, b: dict) -> tuple[list[float], bool]:
+    """A 95% interval of the difference of two entries' final success rates. Paired where both runs kept their
+    per-seed outcomes (the same held-out seeds, in the same order): the normal interval of the mean per-seed
+    difference, which the shared layouts make narrower. Otherwise the two evaluations are taken as independent
+    samples, which for shared seeds is if anything too wide. Returns the interval and whether it was paired."""
     p, q = a["final_success"], b["final_success"]
-    half = 1.96 * np.sqrt(p * (1 - p) / n_a + q * (1 - q) / n_b)
-    return [float(p - q - half), float(p - q + half)]
+    x, y = a.get("final_outcomes") or "", b.get("final_outcomes") or ""
+    paired = bool(x) and len(x) == len(y)
+    if paired:
+        d = np.array(list(map(int, x))) - np.array(list(map(int, y)))
+        half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+    else:
+        half = 1.96 * np.sqrt(p * (1 - p) / a["eval_episodes"] + q * (1 - q) / b["eval_episodes"])
+    return [float(p - q - half), float(p - q + half)], paired
 
 
 def log_to_wandb(results: list[dict], fig, name: str) -> None:

@@ -42,6 +42,12 @@ class Evaluation:
     def success(self) -> float:
         return self.successes / max(1, self.episodes)
 
+    @property
+    def outcomes_text(self) -> str:
+        """The per-seed outcomes as one string of 0s and 1s, in seed order: how run_state.json and summary.json keep
+        them, so that two runs evaluated on the same seeds can be compared seed by seed (a paired test)."""
+        return "".join(map(str, self.outcomes))
+
     def as_metrics(self, prefix: str = "eval") -> dict[str, Any]:
         out = {
             f"{prefix}/success": self.success,
@@ -142,8 +148,7 @@ class LoopState:
 
     def to_json(self) -> dict[str, Any]:
         plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        plain["evaluations"] = [{k: v for k, v in dataclasses.asdict(e).items() if k != "outcomes"}
-                                for e in self.evaluations]
+        plain["evaluations"] = [{**dataclasses.asdict(e), "outcomes": e.outcomes_text} for e in self.evaluations]
         plain["audits"] = [dataclasses.asdict(a) for a in self.audits]
         plain["gates"] = [dataclasses.asdict(g) for g in self.gates]
         plain["best"] = None if self.best is None else list(self.best[:2])
@@ -155,7 +160,9 @@ class LoopState:
         """``weights_of(version)``: the policy weights of a version (its checkpoint)."""
         state = cls(**{k: v for k, v in plain.items() if k not in ("evaluations", "audits", "gates", "best",
                                                                   "deployed")})
-        state.evaluations = [Evaluation(**{**e, "ci95": tuple(e["ci95"])}) for e in plain["evaluations"]]
+        state.evaluations = [Evaluation(**{**e, "ci95": tuple(e["ci95"]),  # (a state kept before outcomes were: none)
+                                           "outcomes": tuple(map(int, e.get("outcomes", "")))})
+                             for e in plain["evaluations"]]
         state.audits = [AuditResult(**a) for a in plain["audits"]]
         state.gates = [GateDecision(**g) for g in plain["gates"]]
         if plain["best"] is not None:

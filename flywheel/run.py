@@ -439,6 +439,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
             final_success=last.success,
             final_ci95=list(last.ci95),
             eval_episodes=last.episodes,
+            final_outcomes=last.outcomes_text,  # 1/0 per held-out seed, in seed order (empty if the run kept none)
             evaluations=[{"version": e.version, "success": e.success, "ci95": list(e.ci95), "episodes": e.episodes,
                           "per_task": e.per_task} for e in state.evaluations],
             audit=audit_settings.as_summary(state),

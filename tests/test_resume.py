@@ -57,6 +57,10 @@ def test_a_run_killed_with_sigkill_resumes_with_no_episode_lost_or_repeated(tmp_
     assert summary["status"] == "completed" and summary["attempt"] == 2 and summary["iterations"] == 3
     assert summary["initial_success"] * 64 == before["evaluations"][0]["successes"]  # the same starting point
     assert len(summary["evaluations"]) == 4  # before, and after each of the 3 iterations: none repeated
+    kept = before["evaluations"][0]["outcomes"]  # per seed, kept through the resume for a paired comparison
+    assert len(kept) == 64 and kept.count("1") == before["evaluations"][0]["successes"]
+    final = summary["final_outcomes"]
+    assert len(final) == 64 and final.count("1") == summary["final_success"] * 64
     counts, verified = _practice(run_dir)
     assert verified["ok"] and verified["duplicates"] == []
     # 3 iterations of 16 layouts x 2 attempts: every attempt there exactly once
