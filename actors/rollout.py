@@ -15,7 +15,7 @@ import numpy as np
 
 from actors.expert import expert_action
 from actors.tabletop import TabletopEnv
-from flywheel.contracts import Episode, Policy, PolicySnapshot, observation_keys, sensor_inputs
+from flywheel.contracts import INTERVENTION, Episode, Policy, PolicySnapshot, observation_keys, sensor_inputs
 
 ENV_ID = "flywheel/Tabletop-v0"
 
@@ -63,6 +63,7 @@ def run_episodes(
     sample_seed: int = 0,
     make_env: Callable[..., gym.Env] = make_env,
     faults: list[dict] | None = None,
+    corrections: dict | None = None,
 ) -> list[Episode]:
     """Run one episode per seed, all environments in lock-step, and return them as Episodes.
 
@@ -74,7 +75,10 @@ def run_episodes(
     only, the tabletop's): whose way of demonstrating (actors/expert.py OPERATORS), taken in turn by seed, so a seed's
     demonstration is the same in any call; ``info["operator"]`` names it. ``faults``: given a
     list, an environment that raises while stepping has its episode discarded (the others go on) and what happened
-    appended to it; without one, the error propagates.
+    appended to it; without one, the error propagates. ``corrections`` ({"rate": r, "after": s}, a policy acting):
+    a person stands by, played by the scripted expert. In a share ``r`` of the episodes (drawn from ``sample_seed``),
+    one still running after ``s`` steps is taken over at the next chunk boundary and finished by the expert;
+    ``extras["intervention"]`` marks the steps it acted and ``info["interventions"]`` counts them.
     """
     given = dict(locals())  # every argument, as given (the waves below pass them on)
     if not seeds:
@@ -113,29 +117,38 @@ def run_episodes(
     operator = [operators[int(s) % len(operators)] if policy is None and privileged else None for s in seeds]
     plans = [{**(p or {}), "operator": op} if op is not None else p for p, op in zip(plans, operator)]
     chunk: np.ndarray | None = None
+    # Human corrections, the scripted expert standing in: who will be taken over, and who is being
+    will_correct = (np.random.default_rng([sample_seed, 7]).random(len(seeds)) < corrections["rate"]
+                    if corrections and policy is not None else np.zeros(len(seeds), bool))
+    correcting = [False] * len(seeds)
+    taken: list[list[bool]] = [[] for _ in seeds]  # per step: did the expert act
     broken: set[int] = set()  # environments that raised: their episodes are discarded
     call = 0
     sensors = getattr(policy, "sensors", ("overhead",))
     reads = observation_keys(sensors) & set(observed[0])  # stack only what the policy reads
     while running:
-        if policy is not None:
-            latest = {k: np.stack([observed[i][k][-1] for i in running]) for k in reads}
+        for i in running:  # a chunk boundary: where a person standing by takes over
+            correcting[i] = correcting[i] or bool(will_correct[i] and len(actions[i]) >= max(1, corrections["after"]))
+        acting = [i for i in running if policy is not None and not correcting[i]]
+        if acting:
+            latest = {k: np.stack([observed[i][k][-1] for i in acting]) for k in reads}
             chunk = policy.act(
                 *sensor_inputs(latest, sensors),
-                [infos[i]["instruction"] for i in running],
+                [infos[i]["instruction"] for i in acting],
                 seed=sample_seed * 100_003 + call,
             )
             call += 1
+        row_of = {i: row for row, i in enumerate(acting)}
         still = []
-        for row, i in enumerate(running):
-            env, done = envs[i], False
-            if policy is not None:
+        for i in running:
+            env, done, row = envs[i], False, row_of.get(i)
+            if row is not None:
                 chunks[i].append(chunk[row])
                 chunk_steps[i].append(len(actions[i]))
                 for k, v in getattr(policy, "last_extras", {}).items():
                     drawn[i].setdefault(k, []).append(v[row])
             for k in range(execute if policy is not None else 1):
-                a = chunk[row, k] if policy is not None else scripted_action(env, rng, expert_noise, plans[i])
+                a = chunk[row, k] if row is not None else scripted_action(env, rng, expert_noise, plans[i])
                 try:
                     obs, _, term, trunc, info = env.step(a)
                 except Exception as e:
@@ -148,6 +161,7 @@ def run_episodes(
                 for k, v in obs.items():
                     observed[i][k].append(v)
                 actions[i].append(np.asarray(a, np.float32))
+                taken[i].append(correcting[i])
                 if privileged:
                     aux[i].append(_aux_positions(env))
                 infos[i] = info
@@ -179,11 +193,12 @@ def run_episodes(
                 {"chunks": np.stack(chunks[i]).astype(np.float32), "chunk_steps": np.asarray(chunk_steps[i], np.int64),
                  **{k: np.stack(v).astype(np.float32) for k, v in drawn[i].items()}}
                 if policy is not None else {}
-            )},
+            ), **({INTERVENTION: np.asarray(taken[i], bool)} if correcting[i] else {})},
             ground_truth={"success": bool(infos[i]["success"])},
             info={"created": now, "max_steps": max_steps, "execute": execute, "phrasing": phrasing, "combos": combos,
                   **({"hard": hard} if made_hard[i] else {}),
                   **({"operator": operator[i]} if operator[i] is not None else {}),
+                  **({"interventions": int(sum(taken[i]))} if correcting[i] else {}),
                   "combo_heldout": bool(infos[i].get("combo_heldout", False)),
                   "kind": infos[i].get("kind", infos[i]["family"]), "named": list(infos[i].get("named", [])),
                   "randomization": first[i][1].get("randomization", {})},
@@ -271,8 +286,11 @@ class RolloutWorker:
         self.policy.explore = split == "train"  # a policy that explores does so in practice, never in evaluation
         faults: list[dict] = []
         started = time.perf_counter()
+        kwargs = dict(self.env_kwargs)
+        if split != "train":
+            kwargs.pop("corrections", None)  # a person may step in during practice, never in an evaluation
         episodes = run_episodes(list(seeds), split, self.policy, policy_version=self.version,
-                                sample_seed=sample_seed, faults=faults, **self.env_kwargs)
+                                sample_seed=sample_seed, faults=faults, **kwargs)
         if self.trim:
             trim_heap()
         self.busy_s += time.perf_counter() - started

@@ -157,6 +157,11 @@ class RolloutConfig:
     #                        version behind the learner; the gate's evaluation waits for that collection)
     resources: dict[str, float] = field(default_factory=dict)  # Ray custom resources each actor needs, which
     #                     places it: {robot: 1} puts actors on nodes started with --resources='{"robot": N}'
+    corrections: float = 0.0  # human corrections in practice, the scripted expert standing in for the person: the
+    #                           share of episodes it takes over once they have run correct_after steps unfinished
+    #                           and finishes (extras["intervention"]); recap and filtered_bc clone those steps as
+    #                           demonstrations. 0: none. A robot host records its own teleoperation the same way
+    correct_after: int = 16
 
 
 @dataclasses.dataclass
@@ -359,6 +364,10 @@ _BOUNDS = {"run": (
     (("budget.minutes",), lambda v: v > 0, "the run's wall clock, so it must be more than 0 (a night: 480)"),
     (("eval.noise",), lambda v: v is None or v >= 0, "it scales the flow's starting noise in evaluation, so it must "
                                                     "be at least 0 (0: the flow from its mean), or null"),
+    (("rollout.corrections",), lambda v: 0 <= v <= 1, "a share of practice episodes, so it must lie in [0, 1] (0: "
+                                                       "none)"),
+    (("rollout.correct_after",), lambda v: v >= 1, "the steps a practice episode runs before a person may take "
+                                                   "over, so it must be at least 1"),
     (("learner.practice_noise",), lambda v: v >= 0, "it scales the flow's starting noise, so it must be at least 0"),
     (("learner.ema",), lambda v: 0 <= v < 1, "a moving average's decay per step, so it must lie in [0, 1) (0: off)"),
     (("learner.flow_noise",), lambda v: v > 0, "the std of each flow step's draw in PPO's practice, which gives a "

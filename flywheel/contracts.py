@@ -103,6 +103,17 @@ class Episode:
         away, no different from a success."""
         return bool(self.info.get("hard") or self.info.get("near_miss"))
 
+    def intervened(self) -> np.ndarray:
+        """Bool (T,): True at the steps where a person took over and acted instead of the policy (``extras[
+        INTERVENTION]``; all False where the episode records none). On a robot, the host's teleoperation writes it;
+        in simulation the scripted expert stands in for the person (``rollout.corrections``). Learners clone those
+        steps as demonstrations, and do not credit the policy with an episode it needed help to finish."""
+        mask = self.extras.get(INTERVENTION)
+        return np.zeros(self.num_steps, bool) if mask is None else np.asarray(mask, bool)
+
+
+INTERVENTION = "intervention"  # the extras key of Episode.intervened
+
 
 @dataclasses.dataclass(frozen=True)
 class PolicySnapshot:

@@ -340,6 +340,9 @@ def run_loop(
             **audit_row,
             **gate_row,
             "rollout/faults": len(getattr(rollouts, "faults", ())),  # so far: actors replaced, episodes lost
+            # the share of practice a person (rollout.corrections: the scripted expert) took over and finished; the
+            # two success rates above count those episodes' ends, the learner does not credit the policy with them
+            "rollout/corrected": float(np.mean([ep.intervened().any() for ep in episodes])) if episodes else 0.0,
             # how many versions behind the learner the practice it learned from was (0: synchronous)
             "rollout/lag_versions": lag,
             **({f"sync/{k}": v for k, v in rollouts.last_sync.items()} if published and getattr(

@@ -339,8 +339,11 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
                 start_ray(cfg, say)
                 ray_started = True  # started or joined: at the end the run leaves (a joined cluster goes on)
             check_resources(cfg.rollout.resources, ray.cluster_resources())
+        corrections = {"corrections": {"rate": cfg.rollout.corrections, "after": cfg.rollout.correct_after}} \
+            if cfg.rollout.corrections > 0 else {}  # (the workers apply them in practice only)
         rollouts = RolloutGroup(
-            vla_policy_factory(vla_cfg, cfg.eval.noise), env_kwargs, num_workers=cfg.rollout.num_workers,
+            vla_policy_factory(vla_cfg, cfg.eval.noise), {**env_kwargs, **corrections},
+            num_workers=cfg.rollout.num_workers,
             use_ray=cfg.rollout.use_ray, cpus_per_worker=cfg.rollout.cpus_per_worker,
             call_timeout_s=cfg.rollout.call_timeout_s, resources=to_dict(cfg.rollout.resources),
         )

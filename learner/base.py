@@ -15,10 +15,13 @@ class LearnerBase:
 
     @staticmethod
     def judged_success(ep: Episode) -> bool:
+        """The policy's success as the detector judged it. An episode a person had to take over (a correction,
+        ``Episode.intervened``) is not the policy's success, whatever its end: the person's steps are credited as
+        demonstrations instead (learner/bc.py ``ChunkDataset.add_corrections``)."""
         label = ep.latest_label("detector")
         if label is None:
             raise ValueError(f"episode {ep.id} has no detector label: label episodes before the update")
-        return label.success
+        return label.success and not ep.intervened().any()
 
     @staticmethod
     def layout_groups(episodes: list[Episode]) -> list[list[int]]:

@@ -87,35 +87,55 @@ class ChunkDataset:
         ``executed``: a policy's own episode is cloned as a demonstration is, from what it executed at every step,
         rather than from the chunks it sampled."""
         for ep in episodes:
-            t_len = ep.num_steps
-            if t_len == 0:
-                continue
             if "chunks" in ep.extras and not executed:
                 # A policy's own episode: clone the chunks it sampled, at the steps it sampled them.
                 steps, targets = ep.extras["chunk_steps"], ep.extras["chunks"].astype(np.float32)
             else:
-                # Demonstrations: every step starts a chunk of the executed actions.
-                steps, targets = np.arange(t_len), action_chunks(ep.actions, self.chunk)
-            n = len(steps)
-            ids = np.repeat(self.tokenizer([ep.instruction])[0], n, axis=0)
-            images, proprio = sensor_inputs(ep.observations, self.model.cfg.sensors, steps)
-            if self.encode:
-                inputs = {"ctx": self.model.encoder.contexts(images, ids, proprio).cpu().numpy()}
-            else:
-                aux = ep.extras.get("aux_positions")
-                inputs = {
-                    "images": images, "proprio": proprio, "ids": ids,
-                    "aux": aux[steps].astype(np.float32) if aux is not None else np.zeros((n, 4), np.float32),
-                    "aux_mask": np.full(n, aux is not None, np.float32),
-                }
-            self._eps.append(_Entry(
-                ep.id, inputs, targets, np.broadcast_to(np.asarray(weight, np.float32), (n,)), pinned,
-                np.broadcast_to(np.asarray(indicator, np.int64), (n,)),
-            ))
+                # Demonstrations: every step starts a chunk of the executed actions (a policy's own episode: every
+                # step it acted, not those a person took over; add_corrections has those).
+                steps = np.flatnonzero(~ep.intervened())
+                targets = action_chunks(ep.actions, self.chunk)[steps]
+            self._add(ep.id, ep, steps, targets, weight, pinned, indicator)
+        self._trim()
+
+    def add_corrections(self, episodes: list[Episode], indicator: int = 0) -> int:
+        """The steps where a person took over (``Episode.intervened``), cloned as a demonstration is (every step,
+        the actions that followed) with weight 1 and ``indicator``; each episode's corrections are their own
+        entry (key ``ID/corrections``), which relabelling leaves alone. Returns how many episodes had any."""
+        corrected = [ep for ep in episodes if ep.intervened().any()]
+        for ep in corrected:
+            steps = np.flatnonzero(ep.intervened())
+            self._add(f"{ep.id}/corrections", ep, steps, action_chunks(ep.actions, self.chunk)[steps], 1.0, False,
+                      indicator)
+        self._trim()
+        return len(corrected)
+
+    def _add(self, key: str, ep: Episode, steps: np.ndarray, targets: np.ndarray, weight: float | np.ndarray,
+             pinned: bool, indicator: int | np.ndarray) -> None:
+        """One entry: the samples of ``ep`` at ``steps`` with their target chunks."""
+        n = len(steps)
+        if n == 0:
+            return
+        ids = np.repeat(self.tokenizer([ep.instruction])[0], n, axis=0)
+        images, proprio = sensor_inputs(ep.observations, self.model.cfg.sensors, steps)
+        if self.encode:
+            inputs = {"ctx": self.model.encoder.contexts(images, ids, proprio).cpu().numpy()}
+        else:
+            aux = ep.extras.get("aux_positions")
+            inputs = {
+                "images": images, "proprio": proprio, "ids": ids,
+                "aux": aux[steps].astype(np.float32) if aux is not None else np.zeros((n, 4), np.float32),
+                "aux_mask": np.full(n, aux is not None, np.float32),
+            }
+        self._eps.append(_Entry(key, inputs, targets, np.broadcast_to(np.asarray(weight, np.float32), (n,)), pinned,
+                                np.broadcast_to(np.asarray(indicator, np.int64), (n,))))
+        self._cache = None
+
+    def _trim(self) -> None:
+        """Past ``max_episodes`` entries, drop the oldest that are not pinned."""
         overflow = len(self._eps) - self.max_episodes
         if overflow > 0:
-            drop = [i for i, e in enumerate(self._eps) if not e.pinned][:overflow]
-            dropped = set(drop)
+            dropped = set([i for i, e in enumerate(self._eps) if not e.pinned][:overflow])
             self._eps = [e for i, e in enumerate(self._eps) if i not in dropped]
         self._cache = None
 

@@ -106,8 +106,15 @@ class FilteredBCLearner(LearnerBase):
             "mean_positive_advantage": float(adv[adv > 0].mean()) if kept else 0.0,
         }
 
+    def take(self, episodes: list[Episode]) -> dict[str, float]:
+        """New labelled episodes into the buffer: the steps a person corrected, as demonstrations are (always, and
+        "positive" where the policy is conditioned on its advantage, as in pi*0.6), then the policy's own steps as
+        ``add_episodes`` decides."""
+        corrected = self.data.add_corrections(episodes, indicator=self.demo_indicator)
+        return {**self.add_episodes(episodes), "corrected_episodes": corrected}
+
     def refill(self, episodes: list[Episode]) -> None:
-        self.add_episodes(episodes)
+        self.take(episodes)
 
     @torch.no_grad()
     def shrink_and_perturb(self) -> None:
@@ -119,7 +126,7 @@ class FilteredBCLearner(LearnerBase):
                 p.mul_(self.shrink).add_(torch.randn(p.shape, generator=self.generator).to(p.device) * self.perturb)
 
     def update(self, episodes: list[Episode]) -> dict[str, float]:
-        stats = self.add_episodes(episodes)
+        stats = self.take(episodes)
         if self.shrink > 0:
             # Retrain from a shrunk copy on the whole buffer, with a fresh optimizer and its own warm-up + cosine
             # schedule: a warm start from the converged base does not absorb new data (see shrink_and_perturb).

@@ -14,6 +14,7 @@ from learner.filtered_bc import FilteredBCLearner
 
 
 class ImitationLearner(FilteredBCLearner):
-    def add_episodes(self, episodes: list[Episode]) -> dict[str, float]:
-        """Practice is not learned from (the loop still runs it, so that runs compare at equal env steps)."""
+    def take(self, episodes: list[Episode]) -> dict[str, float]:
+        """Practice is not learned from, nor its corrections (the loop still runs it, so that runs compare at equal
+        env steps)."""
         return {"kept_episodes": 0, "kept_fraction": 0.0}

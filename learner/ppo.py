@@ -42,10 +42,16 @@ from learner.bc import ChunkDataset
 from learner.critic import Critic
 
 
-def executed(chunk_steps: np.ndarray, num_actions: int, chunk: int) -> np.ndarray:
+def executed(chunk_steps: np.ndarray, num_actions: int, chunk: int, intervened: np.ndarray | None = None
+             ) -> np.ndarray:
     """(decisions, chunk) booleans: which actions of each decision's chunk the robot executed. A decision made at step
-    ``chunk_steps[i]`` runs until the next one or the episode's end (``num_actions`` steps in all)."""
-    ran = np.diff(np.append(chunk_steps, num_actions))
+    ``chunk_steps[i]`` runs until the next one, a person taking over (``intervened``, per step) or the episode's end
+    (``num_actions`` steps in all)."""
+    ends = np.append(chunk_steps[1:], num_actions)
+    if intervened is not None and intervened.any():
+        taken = np.append(np.flatnonzero(intervened), num_actions)
+        ends = np.minimum(ends, taken[np.searchsorted(taken, chunk_steps)])
+    ran = ends - np.asarray(chunk_steps)
     return np.arange(chunk)[None] < ran[:, None]
 
 
@@ -139,8 +145,8 @@ class PPOLearner(LearnerBase):
             cols[drawn].append(ep.extras[drawn].astype(np.float32))
             cols["logp"].append(ep.extras["logp"].astype(np.float32))
             cols["adv"].append(np.broadcast_to(np.asarray(a, np.float32), (len(steps),)))
-            cols["executed"].append(executed(steps, len(ep.actions), self.model.cfg.chunk) if independent
-                                    else np.ones((len(steps), self.model.cfg.chunk), bool))
+            cols["executed"].append(executed(steps, len(ep.actions), self.model.cfg.chunk, ep.intervened())
+                                    if independent else np.ones((len(steps), self.model.cfg.chunk), bool))
         device = self.model.cls_device
         return {k: torch.from_numpy(np.concatenate(v)).to(device) for k, v in cols.items()} if cols["adv"] else {}
 

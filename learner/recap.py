@@ -46,6 +46,7 @@ class _Decisions(NamedTuple):
     feats: torch.Tensor  # (K+1, D): at each chunk step and at the last frame (demonstrations: every ``execute``)
     returns: np.ndarray  # (K+1,)
     chunk_steps: np.ndarray
+    acted: np.ndarray  # the steps the policy acted (not a person correcting it)
     num_steps: int
     success: bool
     horizon: int
@@ -84,7 +85,7 @@ class RecapLearner(FilteredBCLearner):
         horizon = int(ep.info.get("max_steps", self.value.horizon))
         frames = np.append(steps, ep.num_steps)
         return _Decisions(self.value.features(ep, frames), returns_to_go(ep.num_steps, success, horizon)[frames],
-                          steps, ep.num_steps, success, horizon, ep.task)
+                          steps, np.flatnonzero(~ep.intervened()), ep.num_steps, success, horizon, ep.task)
 
     def add_episodes(self, episodes: list[Episode]) -> dict[str, float]:
         for ep in episodes:
@@ -117,9 +118,9 @@ class RecapLearner(FilteredBCLearner):
             for k in mine:
                 ind = np.where(advs[k] > threshold, POSITIVE, NEGATIVE)
                 share[k] = float((ind == POSITIVE).mean())
-                if self.executed:  # a sample per step: each step takes the indicator of the chunk it was acted in
+                if self.executed:  # a sample per step it acted: each takes the indicator of the chunk it was acted in
                     d = self._own[k]
-                    ind = ind[np.searchsorted(d.chunk_steps, np.arange(d.num_steps), side="right") - 1]
+                    ind = ind[np.searchsorted(d.chunk_steps, d.acted, side="right") - 1]
                 labels[k] = (np.ones(len(ind), np.float32), ind)
         self.data.relabel(labels)
         all_adv = np.concatenate(list(advs.values())) if advs else np.zeros(1)

@@ -131,3 +131,37 @@ def test_an_acting_policy_shares_the_snapshot_it_is_given_and_acts_as_a_copy_wou
                if k != name)
     with pytest.raises(KeyError, match="does not have"):
         shared.load_weights({"no.such.weight": weights[name]})
+
+
+def test_a_person_standing_by_takes_over_practice_and_the_steps_are_marked():
+    """rollout.corrections: the scripted expert, standing in for a person, takes over practice episodes still
+    running at the first chunk boundary past ``after`` steps and finishes them; the steps it acted are marked, the
+    policy's chunks stop there, and an evaluation is never corrected."""
+    from actors.rollout import RolloutWorker, run_episodes
+    from flywheel.contracts import INTERVENTION
+    from flywheel.vla.checkpoint import load_policy_checkpoint
+
+    cfg, weights, _ = load_policy_checkpoint("base")
+    env = {"max_steps": 40, "execute": 4}
+    seeds = list(range(100, 116))
+    policy = VLAPolicy(cfg)
+    policy.load_weights(weights)
+    alone = run_episodes(seeds, "train", policy, policy_version=1, sample_seed=3, **env)
+    helped = run_episodes(seeds, "train", policy, policy_version=1, sample_seed=3,
+                          corrections={"rate": 1.0, "after": 6}, **env)
+    taken_over = [ep for ep in helped if ep.intervened().any()]
+    assert len(taken_over) == sum(ep.num_steps > 8 for ep in helped) > 0  # all still running at step 8
+    for ep in taken_over:
+        mask = ep.intervened()
+        assert not mask[:8].any() and mask[8:].all() and ep.info["interventions"] == ep.num_steps - 8
+        assert ep.extras["chunk_steps"].tolist() == [0, 4] and len(ep.extras["chunks"]) == 2
+    success = lambda eps: np.mean([ep.ground_truth["success"] for ep in eps])  # noqa: E731
+    assert success(helped) > success(alone)  # the expert finishes what the policy would not have
+    half = run_episodes(seeds, "train", policy, policy_version=1, sample_seed=3, corrections={"rate": 0.5, "after": 6},
+                        **env)
+    assert 0 < sum(INTERVENTION in ep.extras for ep in half) < len(seeds)
+
+    worker = RolloutWorker(functools.partial(VLAPolicy, cfg), {**env, "corrections": {"rate": 1.0, "after": 6}})
+    worker.set_weights(PolicySnapshot(1, weights))
+    assert not any(ep.intervened().any() for ep in worker.collect(seeds[:4], "eval"))
+    assert all(ep.intervened().any() for ep in worker.collect(seeds[:4], "train") if ep.num_steps > 8)

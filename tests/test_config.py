@@ -121,7 +121,9 @@ def test_values_out_of_their_range_are_config_errors():
                               ("learner.advantage=critic", r"advantage=critic.*choose group .* or gae"),
                               ("learner.noise_at=chunk", r"noise_at=chunk.*choose steps .* or output"),
                               ("learner.credit=step", r"credit=step.*choose episode .* or chunk"),
-                              ("learner.positive_fraction=1.5", r"positive_fraction=1.5.*fraction in \(0, 1\)")):
+                              ("learner.positive_fraction=1.5", r"positive_fraction=1.5.*fraction in \(0, 1\)"),
+                              ("rollout.corrections=2", r"corrections=2.*share of practice episodes"),
+                              ("rollout.correct_after=0", r"correct_after=0.*at least 1")):
         with pytest.raises(ConfigError, match=message):
             load_config("run", [override])
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from flywheel.contracts import Label
+from flywheel.contracts import INTERVENTION, Label
 from flywheel.vla.model import SmallVLA, VLAPolicy
 from learner.filtered_bc import FilteredBCLearner
 
@@ -305,6 +305,56 @@ def test_ppo_credits_the_actions_each_decision_executed():
 
     mask = executed(np.array([0, 4, 8]), 10, 8)
     assert mask.shape == (3, 8) and mask.sum(1).tolist() == [4, 4, 2] and mask[:, 0].all() and not mask[:, 4:].any()
+
+
+def test_ppo_credits_a_decision_only_with_the_actions_it_ran_before_a_person_took_over():
+    from learner.ppo import executed
+
+    taken = np.arange(20) >= 6  # a person took over at step 6, inside the second decision's chunk
+    assert executed(np.array([0, 4]), 20, 8, taken).sum(1).tolist() == [4, 2]
+
+
+def _corrected(episodes, at: int = 4):
+    """The policy acted until step ``at`` (one chunk), then a person took over and moved the other way to the end."""
+    out = []
+    for ep in _with_chunks(episodes):
+        actions = ep.actions.copy()
+        actions[at:, 0] *= -1
+        keep = ep.extras["chunk_steps"] < at
+        out.append(dataclasses.replace(ep, actions=actions, extras={
+            "chunks": ep.extras["chunks"][keep], "chunk_steps": ep.extras["chunk_steps"][keep],
+            INTERVENTION: np.arange(ep.num_steps) >= at}))
+    return out
+
+
+@pytest.mark.parametrize("algorithm", ["filtered_bc", "recap", "imitation"])
+def test_a_persons_corrections_are_cloned_and_the_policy_is_not_credited_for_them(demos, algorithm):
+    """Practice that moved +x until a person took over and moved -x to a success: the person's steps are cloned as
+    demonstrations ("positive" for RECAP), the policy's own are not credited with the success (RECAP: "negative";
+    filtered BC keeps none), and the policy now acts as the person did. Imitation learns nothing from practice."""
+    from learner.registry import make_learner
+
+    torch.manual_seed(0)
+    own = _corrected(_episodes_moving(demos[:12], 0.8, True))
+    learner = make_learner(algorithm, SmallVLA(), [], steps_per_update=150, batch_size=32, lr=1e-3,
+                           indicator_dropout=0.3, guidance=2.0, value_steps=50)
+    stats = learner.update(own)
+    if algorithm == "imitation":
+        assert len(learner.data) == 0
+        return
+    corrections = [e for e in learner.data._eps if e.key.endswith("/corrections")]
+    assert stats["corrected_episodes"] == len(own) == len(corrections)
+    assert [len(e.actions) for e in corrections] == [ep.num_steps - 4 for ep in own]
+    assert all((e.indicators == learner.demo_indicator).all() for e in corrections)
+    acted = [e for e in learner.data._eps if not e.key.endswith("/corrections")]
+    assert (all((e.indicators == 2).all() for e in acted) and stats["positive_of_successes"] == 0
+            if algorithm == "recap" else not acted and stats["kept_episodes"] == 0)
+    policy = VLAPolicy(model=learner.model)
+    snap = learner.snapshot()
+    policy.sampling = snap.meta["sampling"]
+    later = [(ep.observations["image"][6], ep.observations["proprio"][6], ep.instruction) for ep in own]
+    acts = policy.act(np.stack([o[0] for o in later]), np.stack([o[1] for o in later]), [o[2] for o in later], seed=0)
+    assert acts[..., 0].mean() < -0.3, acts[..., 0].mean()
 
 
 def test_filtered_bc_can_clone_what_its_policy_executed_at_every_step(demos):
