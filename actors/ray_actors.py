@@ -146,17 +146,19 @@ class RolloutGroup:
                           "model_bytes": int(sum(v.nbytes for v in snapshot.weights.values()))}
         return versions
 
-    def collect(self, seeds: list[int], split: str, sample_seed: int = 0) -> list[Episode]:
+    def collect(self, seeds: list[int], split: str, sample_seed: int = 0, corrected: bool = True) -> list[Episode]:
         """One episode per seed, the seeds shared out among the workers; episodes come back in seed order, less
-        those lost to faults (recorded in ``faults``)."""
-        return self.collect_async(seeds, split, sample_seed)()
+        those lost to faults (recorded in ``faults``). ``corrected=False``: no person steps in, even in practice
+        (the detector's data of the policy as it acts alone)."""
+        return self.collect_async(seeds, split, sample_seed, corrected)()
 
-    def collect_async(self, seeds: list[int], split: str, sample_seed: int = 0) -> Callable[[], list[Episode]]:
+    def collect_async(self, seeds: list[int], split: str, sample_seed: int = 0, corrected: bool = True
+                      ) -> Callable[[], list[Episode]]:
         """Start ``collect`` on the actors and return at once; calling the result waits for the episodes. Calls
         made meanwhile (a new snapshot, an evaluation) queue behind it on each actor, so it runs with the weights
         the actors had when it started. In-process workers collect when waited for."""
         shares = [list(s) for s in np.array_split(np.asarray(seeds, dtype=np.int64), self.num_workers)]
-        args = [(share, split, sample_seed * 1000 + i) for i, share in enumerate(shares)]
+        args = [(share, split, sample_seed * 1000 + i, corrected) for i, share in enumerate(shares)]
         refs = self._submit("collect_with_faults", list(enumerate(args))) if self.use_ray else None
 
         def wait() -> list[Episode]:

@@ -75,9 +75,10 @@ def run_episodes(
     only, the tabletop's): whose way of demonstrating (actors/expert.py OPERATORS), taken in turn by seed, so a seed's
     demonstration is the same in any call; ``info["operator"]`` names it. ``faults``: given a
     list, an environment that raises while stepping has its episode discarded (the others go on) and what happened
-    appended to it; without one, the error propagates. ``corrections`` ({"rate": r, "after": s}, a policy acting):
-    a person stands by, played by the scripted expert. In a share ``r`` of the episodes (drawn from ``sample_seed``),
-    one still running after ``s`` steps is taken over at the next chunk boundary and finished by the expert;
+    appended to it; without one, the error propagates. ``corrections`` ({"rate": r, "after": s, "operators": [...]},
+    a policy acting): a person stands by, played by the scripted expert (as one of ``operators``, in turn by seed). In
+    a share ``r`` of the episodes (drawn from ``sample_seed``), one still running after ``s`` steps is taken over at
+    the next chunk boundary and finished by the expert;
     ``extras["intervention"]`` marks the steps it acted and ``info["interventions"]`` counts them.
     """
     given = dict(locals())  # every argument, as given (the waves below pass them on)
@@ -121,6 +122,9 @@ def run_episodes(
     will_correct = (np.random.default_rng([sample_seed, 7]).random(len(seeds)) < corrections["rate"]
                     if corrections and policy is not None else np.zeros(len(seeds), bool))
     correcting = [False] * len(seeds)
+    if corrections and policy is not None and privileged:  # the person is one of the demonstrators, in turn by seed
+        people = corrections.get("operators") or ["standard"]
+        plans = [{"operator": people[int(s) % len(people)]} for s in seeds]
     taken: list[list[bool]] = [[] for _ in seeds]  # per step: did the expert act
     broken: set[int] = set()  # environments that raised: their episodes are discarded
     call = 0
@@ -275,19 +279,21 @@ class RolloutWorker:
     def applied_versions(self) -> list[int]:
         return list(self.applied)
 
-    def collect(self, seeds: list[int], split: str, sample_seed: int = 0) -> list[Episode]:
-        return self.collect_with_faults(seeds, split, sample_seed)[0]
+    def collect(self, seeds: list[int], split: str, sample_seed: int = 0, corrected: bool = True) -> list[Episode]:
+        return self.collect_with_faults(seeds, split, sample_seed, corrected)[0]
 
-    def collect_with_faults(self, seeds: list[int], split: str, sample_seed: int = 0
+    def collect_with_faults(self, seeds: list[int], split: str, sample_seed: int = 0, corrected: bool = True
                             ) -> tuple[list[Episode], list[dict]]:
-        """(episodes, faults): an environment that raises loses its episode, not the others (``run_episodes``)."""
+        """(episodes, faults): an environment that raises loses its episode, not the others (``run_episodes``).
+        Corrections (``env_kwargs["corrections"]``) apply in practice (split "train") unless ``corrected`` is
+        False."""
         if self.version < 0:
             raise RuntimeError("rollout worker has no weights yet: publish a PolicySnapshot before collecting")
         self.policy.explore = split == "train"  # a policy that explores does so in practice, never in evaluation
         faults: list[dict] = []
         started = time.perf_counter()
         kwargs = dict(self.env_kwargs)
-        if split != "train":
+        if split != "train" or not corrected:
             kwargs.pop("corrections", None)  # a person may step in during practice, never in an evaluation
         episodes = run_episodes(list(seeds), split, self.policy, policy_version=self.version,
                                 sample_seed=sample_seed, faults=faults, **kwargs)

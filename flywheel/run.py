@@ -112,7 +112,7 @@ def make_detector_data(cfg: DictConfig, rollouts: RolloutGroup, env_kwargs: dict
     simulator's success."""
     policy_seeds = [split_seed("train", DETECTOR_POLICY_SEEDS + i) for i in range(cfg.detector.policy_episodes)]
     # The actors roll the policy out while this process runs the scripted expert (Ray actors: at the same time)
-    policy_rollouts = rollouts.collect_async(policy_seeds, "train", sample_seed=7)
+    policy_rollouts = rollouts.collect_async(policy_seeds, "train", sample_seed=7, corrected=False)  # as it acts alone
     demo_seeds = [split_seed("train", DETECTOR_DEMO_SEEDS + i) for i in range(cfg.detector.demo_episodes)]
     demos = run_episodes(demo_seeds, "train", None, policy_version=-1, **env_kwargs)
     if ":" not in cfg.env.family:  # the tabletop's expert makes them; third-party experts do not
@@ -339,8 +339,10 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
                 start_ray(cfg, say)
                 ray_started = True  # started or joined: at the end the run leaves (a joined cluster goes on)
             check_resources(cfg.rollout.resources, ray.cluster_resources())
-        corrections = {"corrections": {"rate": cfg.rollout.corrections, "after": cfg.rollout.correct_after}} \
-            if cfg.rollout.corrections > 0 else {}  # (the workers apply them in practice only)
+        # the person standing by is one of the base's demonstrators (the workers apply corrections in practice only)
+        corrections = {"corrections": {"rate": cfg.rollout.corrections, "after": cfg.rollout.correct_after,
+                                       "operators": list((base_meta.get("config") or {}).get("operators") or
+                                                         ["standard"])}} if cfg.rollout.corrections > 0 else {}
         rollouts = RolloutGroup(
             vla_policy_factory(vla_cfg, cfg.eval.noise), {**env_kwargs, **corrections},
             num_workers=cfg.rollout.num_workers,

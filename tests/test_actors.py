@@ -164,4 +164,5 @@ def test_a_person_standing_by_takes_over_practice_and_the_steps_are_marked():
     worker = RolloutWorker(functools.partial(VLAPolicy, cfg), {**env, "corrections": {"rate": 1.0, "after": 6}})
     worker.set_weights(PolicySnapshot(1, weights))
     assert not any(ep.intervened().any() for ep in worker.collect(seeds[:4], "eval"))
+    assert not any(ep.intervened().any() for ep in worker.collect(seeds[:4], "train", corrected=False))
     assert all(ep.intervened().any() for ep in worker.collect(seeds[:4], "train") if ep.num_steps > 8)
