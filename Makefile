@@ -47,7 +47,9 @@ bench: $(STAMP)
 
 # issue 5's comparison of the learners (8 runs of the default job, ~50 min on 2 cores alone; re-reads completed runs
 # in runs/rl-comparison, so it can be stopped and started again), and which data teaches the base (~4 min).
-# The long one: ARGS="--iterations 120 --out runs/rl-comparison-120 --name rl_comparison_120" (~7 h on 2 cores).
+# Longer: ARGS="--iterations 120 --out runs/rl-comparison-120 --name rl_comparison_120" (~7 h on 2 cores), and
+# ARGS="--iterations 240 --eval-every 8 --out runs/rl-comparison-240 --name rl_comparison_240" (twice that; a copy of
+# the 120-update runs in its --out is resumed to 240 rather than run again).
 bench-rl: $(STAMP)
 	PYTHONPATH=. $(BIN)/python bench/rl_comparison.py $(ARGS)
 	PYTHONPATH=. $(BIN)/python bench/demo_coverage.py
