@@ -301,8 +301,9 @@ def difference_interval(a: dict, b: dict) -> tuple[list[float], bool]:
     x, y = a.get("final_outcomes") or "", b.get("final_outcomes") or ""
     paired = bool(x) and len(x) == len(y)
     if paired:
-        d = np.array(list(map(int, x))) - np.array(list(map(int, y)))
-        half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+        from flywheel.gate import paired_difference  # the promotion gate's own paired test
+
+        half = 1.96 * paired_difference(np.array(list(map(int, x))), np.array(list(map(int, y))))[1]
     else:
         half = 1.96 * np.sqrt(p * (1 - p) / a["eval_episodes"] + q * (1 - q) / b["eval_episodes"])
     return [float(p - q - half), float(p - q + half)], paired

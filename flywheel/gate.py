@@ -50,10 +50,16 @@ def judge(candidate: np.ndarray, deployed: np.ndarray, *, confidence: float = 0.
     candidate, deployed = np.asarray(candidate, float), np.asarray(deployed, float)
     if candidate.shape != deployed.shape or candidate.size == 0:
         raise ValueError(f"the gate compares outcomes on the same seeds: got {candidate.shape} and {deployed.shape}")
-    d = candidate - deployed
-    se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else 0.0
-    upper = float(d.mean()) + statistics.NormalDist().inv_cdf(confidence) * se
-    return GateDecision(iteration=iteration, candidate=candidate_version, deployed=deployed_version, n=int(d.size),
+    difference, se = paired_difference(candidate, deployed)
+    upper = difference + statistics.NormalDist().inv_cdf(confidence) * se
+    return GateDecision(iteration=iteration, candidate=candidate_version, deployed=deployed_version, n=int(candidate.size),
                         candidate_success=float(candidate.mean()), deployed_success=float(deployed.mean()),
-                        difference=float(d.mean()), upper=upper, confidence=confidence, margin=margin,
+                        difference=difference, upper=upper, confidence=confidence, margin=margin,
                         promoted=upper >= -margin)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """The mean of per-seed differences a - b (0/1 outcomes on the same seeds, in the same order) and its standard
+    error: what the gate judges by, and what bench/rl_comparison.py pairs two runs' final evaluations with."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else 0.0
