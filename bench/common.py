@@ -56,11 +56,14 @@ def machine() -> dict[str, Any]:
             if torch.cuda.is_available() else None}
 
 
-def write_result(name: str, ratio: float | None, target: float | None, met: bool | None, **details: Any) -> dict:
+def write_result(name: str, ratio: float | None, target: float | None, met: bool | None,
+                 args: list[str] | None = None, **details: Any) -> dict:
     """Write ``bench/results/NAME.json`` (and return it). ``met`` is the caller's verdict, since a target may be a
-    floor or a ceiling; the command is this process's own, as run."""
+    floor or a ceiling; the command is this process's own, with ``args`` for its arguments where the ones it ran
+    with would not remake the result."""
+    args = sys.argv[1:] if args is None else args
     result = {"name": name, "ratio": ratio, "target": target, "met": met,
-              "command": "PYTHONPATH=. .venv/bin/python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+              "command": "PYTHONPATH=. .venv/bin/python " + " ".join([os.path.relpath(sys.argv[0]), *args]),
               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), **details}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")

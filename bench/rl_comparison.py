@@ -111,10 +111,10 @@ def recorded_eval_noise(run_dir: Path) -> float | None:
     return OmegaConf.load(run_dir / "config.yaml").eval.get("noise")
 
 
-def evaluated(run_dir: Path, algorithm: str) -> str:
-    """How the run's evaluations acted: "mean" (the flow from its mean) or "noise X" (the flow's starting noise X).
-    Without ``eval.noise`` each learner's snapshot chose: PPO's acts from its mean, the others sample."""
-    noise = recorded_eval_noise(run_dir)
+def evaluated(noise: float | None, algorithm: str) -> str:
+    """How the run's evaluations acted, from its recorded ``eval.noise``: "mean" (the flow from its mean) or
+    "noise X" (the flow's starting noise X). Without it each learner's snapshot chose: PPO's acts from its mean,
+    the others sample."""
     if noise is None:
         noise = 0.0 if algorithm == "ppo" else 1.0
     return "mean" if noise == 0 else f"noise {noise:g}"
@@ -197,22 +197,23 @@ def main() -> None:
         summary = run_entry(name, [*common, *own], out, detector_path if detector_path.exists() else None,
                             args.iterations)
         algorithm, reward = name.split("-", 1)
+        noise = recorded_eval_noise(out / name)
         results.append({
             "name": name, "algorithm": algorithm, "reward": "none" if algorithm == "imitation" else reward,
             "overrides": [o for o in [*common, *own]  # as it was made: a run read from before may lack eval.noise
-                          if not o.startswith("eval.noise=") or recorded_eval_noise(out / name) is not None],
+                          if not o.startswith("eval.noise=") or noise is not None],
             "initial_success": summary["initial_success"],
             "final_success": summary["final_success"], "ci95": summary["final_ci95"],
             "env_steps": summary["env_steps"], "episodes": summary["episodes"], "iterations": summary["iterations"],
             "eval_episodes": summary["eval_episodes"], "final_outcomes": summary.get("final_outcomes", ""),
             "policy_version_final": summary["policy_version_final"], "rollbacks": len(summary.get("rollbacks", [])),
             "wall_seconds": summary["wall_seconds"], "detector_auroc": summary.get("detector", {}).get("auroc"),
-            "evaluated": evaluated(out / name, algorithm), "curve": curve(out / name)})
+            "evaluated": evaluated(noise, algorithm), "curve": curve(out / name)})
     if not results:
         raise SystemExit("no entry run or found")
     verdict = judge(results)
     fig = plot(results, RESULTS / f"{args.name}.png")
-    write_result(args.name, verdict["ratio"], 0.5, verdict["met"], entries=results,
+    write_result(args.name, verdict["ratio"], 0.5, verdict["met"], as_run(), entries=results,
                  **{k: v for k, v in verdict.items() if k not in ("ratio", "met")},
                  what="the best of RECAP and PPO with the detector's reward: final failure rate / the base's, over "
                       f"{args.iterations} updates of the default job (500 held-out seeds); met also needs >= 0.8 of "
