@@ -175,10 +175,11 @@ class RayConfig:
 class EvalConfig:
     episodes: int = 500  # held-out seeds, the same ones at every evaluation
     every: int = 2  # evaluate every N iterations (and always at the start and the end)
-    noise: Optional[float] = None  # the built-in flow VLA's starting noise in evaluation (and the gate's): None, as its
-    #                                learner's snapshot asks (ppo: 0, the flow from its mean; the others: 1, a
-    #                                sample); a number, the same for every learner (0: from the mean): what
-    #                                bench/rl_comparison.py sets, so that every entry is judged acting alike
+    noise: Optional[float] = 0.0  # the built-in flow VLA's starting noise in evaluation (and the gate's), the same
+    #                               for every learner: 0, the flow from its mean, as the policy acts once deployed
+    #                               and as filtered BC and PPO practise (each held-out seed then has one outcome,
+    #                               and the gate's paired test sees no sampling noise); 1, a sample; None, as its
+    #                               learner's snapshot asks (ppo: its mean; the others: a sample)
 
 
 @dataclasses.dataclass
@@ -197,7 +198,12 @@ class AuditConfig:
 class GateConfig:
     """The promotion gate (flywheel/gate.py): each new version runs ``episodes`` held-out seeds (disjoint from the
     reported evaluation's) and is held back, the run rolling back to the deployed version, when it is worse with
-    ``confidence`` by more than ``margin`` (paired, seed by seed)."""
+    ``confidence`` by more than ``margin`` (paired, seed by seed).
+
+    The test runs at every update, so a candidate no worse than the deployed one is still held back about
+    1 - ``confidence`` of the time: over 240 updates at 0.95, about 12 rollbacks by chance alone (measured:
+    8-18, bench/RESULTS.md). Each costs one update. A higher ``confidence`` or a ``margin`` trades them for
+    letting small regressions through."""
 
     episodes: int = 256  # 0 = no gate: every update goes straight to practice
     confidence: float = 0.95  # one-sided

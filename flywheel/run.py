@@ -352,7 +352,8 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         # The learner first: version 0 is the base as its algorithm acts with it (a residual policy explores).
         checkpoints = CheckpointDir(run_dir / "checkpoints", keep=3, meta={
             "vla_config": dataclasses.asdict(vla_cfg), "description": f"{cfg.learner.algorithm} in {run_dir.name}, "
-            f"from {cfg.policy.checkpoint}", **({"config": base_meta["config"]} if "config" in base_meta else {})})
+            f"from {cfg.policy.checkpoint}", "eval_noise": cfg.eval.noise,  # how its held-out figures were measured
+            **({"config": base_meta["config"]} if "config" in base_meta else {})})
         store = EpisodeStore(run_dir / "episodes")
         reads = observation_keys(vla_cfg.sensors)
         # recorded with the policy's own cameras: one the run records for its detector alone has no place in replay

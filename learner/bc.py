@@ -41,7 +41,8 @@ def action_chunks(actions: np.ndarray, chunk: int) -> np.ndarray:
 class _Entry(NamedTuple):
     """One episode's samples, ready to concatenate."""
 
-    key: str  # the episode id
+    key: str  # the episode id, or ``ID/corrections`` for a person's steps in it
+    episode: str  # the episode id: an episode's entries count once against ``max_episodes``, and leave together
     inputs: dict[str, np.ndarray]  # per sample: images uint8 (S,H,W,3), proprio, aux (S,4), aux_mask (S,), ids
     #                                (S,L); or, with the backbone frozen, its context ctx float32 (S,D) alone
     actions: np.ndarray  # float32 (S, C, A) target chunks
@@ -74,7 +75,7 @@ class ChunkDataset:
 
     @property
     def num_episodes(self) -> int:
-        return len(self._eps)
+        return len({e.episode for e in self._eps})
 
     def keys(self) -> set[str]:
         """The ids of the episodes held (the oldest unpinned ones leave past ``max_episodes``)."""
@@ -127,16 +128,18 @@ class ChunkDataset:
                 "aux": aux[steps].astype(np.float32) if aux is not None else np.zeros((n, 4), np.float32),
                 "aux_mask": np.full(n, aux is not None, np.float32),
             }
-        self._eps.append(_Entry(key, inputs, targets, np.broadcast_to(np.asarray(weight, np.float32), (n,)), pinned,
-                                np.broadcast_to(np.asarray(indicator, np.int64), (n,))))
+        self._eps.append(_Entry(key, ep.id, inputs, targets, np.broadcast_to(np.asarray(weight, np.float32), (n,)),
+                                pinned, np.broadcast_to(np.asarray(indicator, np.int64), (n,))))
         self._cache = None
 
     def _trim(self) -> None:
-        """Past ``max_episodes`` entries, drop the oldest that are not pinned."""
-        overflow = len(self._eps) - self.max_episodes
+        """Past ``max_episodes`` episodes, drop the oldest that are not pinned, with all their entries."""
+        episodes = list(dict.fromkeys(e.episode for e in self._eps))  # oldest first
+        overflow = len(episodes) - self.max_episodes
         if overflow > 0:
-            dropped = set([i for i, e in enumerate(self._eps) if not e.pinned][:overflow])
-            self._eps = [e for i, e in enumerate(self._eps) if i not in dropped]
+            pinned = {e.episode for e in self._eps if e.pinned}
+            dropped = set([k for k in episodes if k not in pinned][:overflow])
+            self._eps = [e for e in self._eps if e.episode not in dropped]
         self._cache = None
 
     def relabel(self, labels: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:

@@ -43,6 +43,23 @@ def test_dataset_keeps_pinned_demos_when_full(demos):
     assert sum(e.pinned for e in data._eps) == 5
 
 
+def test_a_corrected_episode_counts_once_against_the_bound_and_leaves_whole(demos):
+    """An episode a person finished is two entries (the policy's steps, the person's): it counts as one episode
+    against ``max_episodes``, and when it is the oldest, both entries leave together."""
+    import dataclasses
+
+    from flywheel.contracts import INTERVENTION
+
+    corrected = [dataclasses.replace(ep, extras={INTERVENTION: np.arange(ep.num_steps) >= 8}) for ep in demos[:4]]
+    data = ChunkDataset(SmallVLA(), max_episodes=3)
+    for ep in corrected:
+        data.add([ep])
+        data.add_corrections([ep])
+    assert data.num_episodes == 3 and len(data._eps) == 6
+    assert {e.episode for e in data._eps} == {ep.id for ep in corrected[1:]}
+    assert data.keys() == {k for ep in corrected[1:] for k in (ep.id, f"{ep.id}/corrections")}
+
+
 def test_a_vla_reading_every_sensor_learns_and_acts():
     # Wrist camera, depth and touch on: the policy reads them all (stacked image channels, touch with proprio),
     # behaviour cloning lowers its loss, and it acts on what a rollout gives it.

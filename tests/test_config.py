@@ -37,7 +37,9 @@ def test_counts_below_one_and_unparsable_overrides_are_config_errors():
         load_config("run", ["detector.ensemble=0"])
     with pytest.raises(ConfigError, match="eval.noise=-1.0.*at least 0"):
         load_config("run", ["eval.noise=-1"])
-    assert load_config("run", ["eval.noise=0"]).eval.noise == 0 and load_config("run", []).eval.noise is None
+    assert load_config("run", []).eval.noise == 0.0  # the flow from its mean, as deployed
+    assert load_config("run", ["eval.noise=1"]).eval.noise == 1
+    assert load_config("run", ["eval.noise=null"]).eval.noise is None  # as each learner's snapshot asks
     with pytest.raises(ConfigError, match="Valid keys"):
         load_config("run", ["--help"])
 
