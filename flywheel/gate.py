@@ -52,8 +52,9 @@ def judge(candidate: np.ndarray, deployed: np.ndarray, *, confidence: float = 0.
         raise ValueError(f"the gate compares outcomes on the same seeds: got {candidate.shape} and {deployed.shape}")
     difference, se = paired_difference(candidate, deployed)
     upper = difference + statistics.NormalDist().inv_cdf(confidence) * se
-    return GateDecision(iteration=iteration, candidate=candidate_version, deployed=deployed_version, n=int(candidate.size),
-                        candidate_success=float(candidate.mean()), deployed_success=float(deployed.mean()),
+    return GateDecision(iteration=iteration, candidate=candidate_version, deployed=deployed_version,
+                        n=int(candidate.size), candidate_success=float(candidate.mean()),
+                        deployed_success=float(deployed.mean()),
                         difference=difference, upper=upper, confidence=confidence, margin=margin,
                         promoted=upper >= -margin)
 
