@@ -48,6 +48,31 @@ def memory_mb(pid: int | None = None) -> dict[str, float]:
             if line.split(":", 1)[0] in ("VmRSS", "RssAnon", "RssShmem", "RssFile")}
 
 
+def our_processes(title: bytes) -> dict[int, str]:
+    """Processes whose title starts with ``title`` (Ray titles an actor's process ``ray::CLASS`` and, while it runs
+    a call, ``ray::CLASS.METHOD``) descended from this process: the Ray it started, never another run's or a test's
+    on the same machine -> their titles."""
+    parent, titles = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmdline = (entry / "cmdline").read_bytes()
+                if cmdline.startswith(title):
+                    titles[int(entry.name)] = cmdline.split(b"\0")[0].decode(errors="replace")
+            except (FileNotFoundError, PermissionError, ProcessLookupError, IndexError, ValueError):
+                continue
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            pid = parent.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return {pid: name for pid, name in titles.items() if ours(pid)}
+
+
 def machine() -> dict[str, Any]:
     import torch
 

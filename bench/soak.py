@@ -23,33 +23,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from bench.common import memory_mb, write_result
+from bench.common import memory_mb, our_processes, write_result
 from flywheel.config import load_config
 from flywheel.run import run
-
-def actor_pids() -> dict[int, str]:
-    """This run's rollout actors: processes titled ray::RolloutWorker... descended from this process (the Ray it
-    started), never another run's or a test's on the same machine -> their titles."""
-    parent, titles = {}, {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                title = (entry / "cmdline").read_bytes()
-                if title.startswith(b"ray::RolloutWorker"):
-                    titles[int(entry.name)] = title.split(b"\0")[0].decode(errors="replace")
-            except (FileNotFoundError, PermissionError, ProcessLookupError, IndexError, ValueError):
-                continue
-
-    def ours(pid: int) -> bool:
-        while pid > 1:
-            pid = parent.get(pid, 0)
-            if pid == os.getpid():
-                return True
-        return False
-
-    return {pid: title for pid, title in titles.items() if ours(pid)}
-
 
 def main(overrides: list[str]) -> None:
     run_dir = f"runs/soak-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -61,7 +37,7 @@ def main(overrides: list[str]) -> None:
 
     def sample() -> None:
         while not done.wait(10.0):
-            actors = actor_pids()
+            actors = our_processes(b"ray::RolloutWorker")
             mem = {pid: memory_mb(pid) for pid in actors}
             driver = memory_mb(os.getpid())
             samples.append({"t": time.time() - started, "driver": driver, "actors": len(actors),

@@ -6,40 +6,10 @@ import re
 import numpy as np
 import pytest
 
+from bench.common import our_processes
 from flywheel.config import load_config
 from flywheel.run import run
 from flywheel.store import EpisodeStore
-
-
-def _our_actor_pids(title: bytes = b"RolloutWorker") -> list[int]:
-    """Actor processes (titled ray::RolloutWorker..., or another ``title``) descended from this process: the Ray this
-    test process started, never another run's on the same machine."""
-    import os
-    from pathlib import Path
-
-    parent = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit():
-                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError, ValueError):
-            continue
-
-    def ours(pid: int) -> bool:
-        while pid > 1:
-            pid = parent.get(pid, 0)
-            if pid == os.getpid():
-                return True
-        return False
-
-    found = []
-    for pid in parent:
-        try:
-            if title in Path(f"/proc/{pid}/cmdline").read_bytes() and ours(pid):
-                found.append(pid)
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-    return found
 
 
 def _kill_an_actor_after_the_first_iteration(run_dir, stop):
@@ -51,11 +21,11 @@ def _kill_an_actor_after_the_first_iteration(run_dir, stop):
     while not stop.wait(0.05):
         metrics = run_dir / "metrics.jsonl"
         if metrics.exists() and '"iteration": 1' in metrics.read_text():
-            for pid in _our_actor_pids()[:1]:
+            for pid in list(our_processes(b"ray::RolloutWorker"))[:1]:
                 os.kill(pid, signal.SIGKILL)
             break
     while not stop.wait(0.01):
-        for pid in _our_actor_pids(b"_LearnerHost.update"):
+        for pid in our_processes(b"ray::_LearnerHost.update"):
             os.kill(pid, signal.SIGKILL)
             return
 
