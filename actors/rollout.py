@@ -198,7 +198,8 @@ def run_episodes(
                  **{k: np.stack(v).astype(np.float32) for k, v in drawn[i].items()}}
                 if policy is not None else {}
             ), **({INTERVENTION: np.asarray(taken[i], bool)} if correcting[i] else {})},
-            ground_truth={"success": bool(infos[i]["success"])},
+            # what the environment knows of success: a simulator always; a robot where a person judged the episode
+            ground_truth=None if infos[i].get("success") is None else {"success": bool(infos[i]["success"])},
             info={"created": now, "max_steps": max_steps, "execute": execute, "phrasing": phrasing, "combos": combos,
                   **({"hard": hard} if made_hard[i] else {}),
                   **({"operator": operator[i]} if operator[i] is not None else {}),

@@ -180,6 +180,9 @@ class EvalConfig:
     #                               and as filtered BC and PPO practise (each held-out seed then has one outcome,
     #                               and the gate's paired test sees no sampling noise); 1, a sample; None, as its
     #                               learner's snapshot asks (ppo: its mean; the others: a sample)
+    judge: str = "ground_truth"  # who scores evaluations and the promotion gate: ground_truth (the simulator's
+    #                              success) or detector (the detector labelling practice: an environment that cannot
+    #                              judge itself, such as a robot; the gate then audits it, gate.audit)
 
 
 @dataclasses.dataclass
@@ -208,6 +211,9 @@ class GateConfig:
     episodes: int = 256  # 0 = no gate: every update goes straight to practice
     confidence: float = 0.95  # one-sided
     margin: float = 0.0  # success rate a candidate may lose before it counts as worse
+    audit: int = 64  # eval.judge=detector: up to so many of the candidate's gate episodes that carry a trusted
+    #                  verdict (a person's, as info['success'], on a robot) are checked against the detector's; a gap
+    #                  beyond audit.bound (95%) holds the candidate back, whatever the detector rated it
 
 
 @dataclasses.dataclass
@@ -370,6 +376,10 @@ _BOUNDS = {"run": (
     (("budget.minutes",), lambda v: v > 0, "the run's wall clock, so it must be more than 0 (a night: 480)"),
     (("eval.noise",), lambda v: v is None or v >= 0, "it scales the flow's starting noise in evaluation, so it must "
                                                     "be at least 0 (0: the flow from its mean), or null"),
+    (("eval.judge",), lambda v: v in ("ground_truth", "detector"), "choose ground_truth (the simulator's success) "
+                                                                   "or detector (an environment that cannot judge "
+                                                                   "itself, such as a robot)"),
+    (("gate.audit",), lambda v: v >= 0, "a number of gate episodes, so it must be at least 0 (0: no audit)"),
     (("rollout.corrections",), lambda v: 0 <= v <= 1, "a share of practice episodes, so it must lie in [0, 1] (0: "
                                                        "none)"),
     (("rollout.correct_after",), lambda v: v >= 1, "the steps a practice episode runs before a person may take "

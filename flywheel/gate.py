@@ -37,11 +37,18 @@ class GateDecision:
     confidence: float
     margin: float
     promoted: bool
+    judged_by: str = "ground_truth"  # whose verdicts the outcomes are: the simulator's, or a detector's version
+    # judged by a detector: its verdicts on the candidate's gate episodes checked against trusted ones (n, claimed,
+    # audited, gap, gap_se, alarm: flywheel/audit.py); an alarm holds the candidate back whatever the test said
+    audit: dict[str, Any] | None = None
 
     def as_metrics(self, prefix: str = "gate") -> dict[str, Any]:
-        return {f"{prefix}/candidate_success": self.candidate_success, f"{prefix}/deployed_success":
-                self.deployed_success, f"{prefix}/difference": self.difference, f"{prefix}/upper": self.upper,
-                f"{prefix}/promoted": int(self.promoted), f"{prefix}/deployed_version": self.deployed}
+        out = {f"{prefix}/candidate_success": self.candidate_success, f"{prefix}/deployed_success":
+               self.deployed_success, f"{prefix}/difference": self.difference, f"{prefix}/upper": self.upper,
+               f"{prefix}/promoted": int(self.promoted), f"{prefix}/deployed_version": self.deployed}
+        if self.audit is not None:
+            out.update({f"{prefix}/audit_gap": self.audit["gap"], f"{prefix}/audit_alarm": int(self.audit["alarm"])})
+        return out
 
 
 def judge(candidate: np.ndarray, deployed: np.ndarray, *, confidence: float = 0.95, margin: float = 0.0,

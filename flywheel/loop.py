@@ -15,6 +15,7 @@ import numpy as np
 
 from flywheel.audit import AuditResult, audit
 from flywheel.checkpoint import CheckpointDir
+from flywheel.config import ConfigError
 from flywheel.contracts import Episode, Label, Learner, LearnerLost, PolicySnapshot, SuccessDetector
 from flywheel.gate import GateDecision, judge
 from flywheel.metrics import MetricsSink, PhaseTimer, wilson_interval
@@ -29,7 +30,8 @@ class Rollouts(Protocol):
 
 @dataclasses.dataclass
 class Evaluation:
-    """Ground-truth success of one policy version on the held-out evaluation seeds."""
+    """Success of one policy version on held-out seeds, as ``judged_by`` saw it: ``ground_truth`` (the simulator's
+    verdict) or a detector's version (an environment that cannot judge itself, such as a robot)."""
 
     version: int
     episodes: int
@@ -37,6 +39,7 @@ class Evaluation:
     ci95: tuple[float, float]
     per_task: dict[str, float]
     outcomes: tuple[int, ...] = dataclasses.field(default=(), repr=False)  # 1/0 per seed, in seed order
+    judged_by: str = "ground_truth"
 
     @property
     def success(self) -> float:
@@ -60,19 +63,37 @@ class Evaluation:
         return out
 
 
-def evaluate(rollouts: Rollouts, seeds: list[int], version: int, sample_seed: int = 12345) -> Evaluation:
-    """Run the current policy on the held-out seeds and score it with the simulator's ground truth.
+def evaluate(rollouts: Rollouts, seeds: list[int], version: int, sample_seed: int = 12345,
+             detector: SuccessDetector | None = None) -> Evaluation:
+    """Run the current policy on the held-out seeds and score it with the simulator's ground truth, or, given a
+    ``detector``, with its verdicts (``eval.judge=detector``: a robot, whose episodes carry no ground truth).
 
     The same seeds and the same sampling seed every time, so two versions are compared on identical layouts.
     Evaluation episodes are not stored and never reach the learner.
     """
-    episodes = rollouts.collect(seeds, "eval", sample_seed=sample_seed)
-    succeeded = {ep.seed: bool(ep.ground_truth and ep.ground_truth["success"]) for ep in episodes}
+    return score_held_out(rollouts.collect(seeds, "eval", sample_seed=sample_seed), seeds, version, detector)
+
+
+def score_held_out(episodes: list[Episode], seeds: list[int], version: int,
+                   detector: SuccessDetector | None = None) -> Evaluation:
+    """``evaluate``'s verdicts on episodes already run (the detector's are appended to their labels)."""
+    if detector is not None:
+        verdicts = [lab.success for lab in label_episodes(detector, episodes)]
+    else:
+        unjudged = [ep.seed for ep in episodes if not ep.ground_truth or "success" not in ep.ground_truth]
+        if unjudged:
+            raise ConfigError(
+                f"{len(unjudged)} of {len(episodes)} held-out episodes came back without a ground-truth success "
+                f"(the environment's info['success']; seed {unjudged[0]} first): an environment that cannot judge "
+                f"itself, such as a robot, is evaluated by the detector. Give eval.judge=detector (and, for the "
+                f"promotion gate's audit, have a person judge some episodes: info['success'] where they did).")
+        verdicts = [bool(ep.ground_truth["success"]) for ep in episodes]
+    succeeded = {ep.seed: ok for ep, ok in zip(episodes, verdicts)}
     ok = np.array([succeeded.get(s, False) for s in seeds])  # an episode lost to a crashing environment failed
     tasks = sorted({ep.task for ep in episodes})
     per_task = {t: float(np.mean([succeeded[ep.seed] for ep in episodes if ep.task == t])) for t in tasks}
     return Evaluation(version, len(ok), int(ok.sum()), wilson_interval(int(ok.sum()), len(ok)), per_task,
-                      tuple(int(o) for o in ok))
+                      tuple(int(o) for o in ok), "ground_truth" if detector is None else detector.version)
 
 
 def label_episodes(detector: SuccessDetector, episodes: list[Episode]) -> list[Label]:
@@ -143,6 +164,7 @@ class LoopState:
     best: tuple[int, float, dict] | None = None  # (version, held-out success, weights) of the best evaluated policy
     gates: list[GateDecision] = dataclasses.field(default_factory=list)  # the promotion gate's decisions
     deployed: tuple[int, tuple[int, ...], dict] | None = None  # (version, gate outcomes, weights) the actors run
+    deployed_judged_by: str | None = None  # who judged the deployed version's gate outcomes (ground_truth, a detector)
     recoveries: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the learner diverged (NaN/inf)
     diverged_in_a_row: int = 0
 
@@ -179,12 +201,19 @@ class LoopState:
 
 @dataclasses.dataclass
 class GateSettings:
-    """The promotion gate (flywheel/gate.py): ``seeds`` held out from training and from the reported evaluation."""
+    """The promotion gate (flywheel/gate.py): ``seeds`` held out from training and from the reported evaluation.
+
+    Judged by the detector (``run_loop(eval_judge="detector")``: a robot), the candidate's gate episodes are also
+    audited: up to ``audit`` of those with a trusted verdict (a person's on a robot, the simulator's here) are
+    checked against the detector's, and a gap beyond ``bound`` (95%, as flywheel/audit.py) holds the candidate back,
+    however the detector rates it: its approval of this policy cannot be trusted."""
 
     seeds: list[int]
     confidence: float = 0.95
     margin: float = 0.0
     sample_seed: int = 54321
+    audit: int = 64
+    bound: float = 0.15
 
 
 @dataclasses.dataclass
@@ -230,6 +259,7 @@ def run_loop(
     save_state: Callable[[LoopState], None] = lambda state: None,
     in_flight: Collection[Episode] = (),
     overlap: bool = False,
+    eval_judge: str = "ground_truth",
 ) -> LoopState:
     """Turn the flywheel until the budget runs out; returns the final state (evaluations first to last).
 
@@ -238,20 +268,29 @@ def run_loop(
     after each iteration, once its checkpoint is on disk (a resumable point). ``in_flight``: episodes of the next
     iteration stored before a crash (a resumed run); only the attempts they lack are collected. ``overlap``: the
     actors collect the next iteration's episodes while this one's are labelled and learned from (with the weights
-    they had: practice one version behind); a new snapshot and the gate's evaluation queue behind that collection."""
+    they had: practice one version behind); a new snapshot and the gate's evaluation queue behind that collection.
+    ``eval_judge``: who scores the evaluations and the gate, ``ground_truth`` (a simulator) or ``detector`` (the
+    detector labelling practice at the time: a robot), the gate then audited against trusted verdicts."""
+    if eval_judge not in ("ground_truth", "detector"):
+        raise ConfigError(f"eval.judge={eval_judge}: choose ground_truth (the simulator's verdict) or detector")
+
+    def judge_by() -> SuccessDetector | None:
+        return detector if eval_judge == "detector" else None  # the one labelling now (an alarm may replace it)
+
     audit_rng = np.random.default_rng(audit_settings.seed if audit_settings else 0)
     keep_best = audit_settings is not None  # the best weights are kept only for the audit's rollback
     if not state.detector_versions:
         state.detector_versions.append(detector.version)
     if not state.evaluations:
-        state.evaluations.append(evaluate(rollouts, eval_seeds, learner.version))
+        state.evaluations.append(evaluate(rollouts, eval_seeds, learner.version, detector=judge_by()))
         if keep_best:
             _remember_best(state, state.evaluations[-1], learner)
         metrics.log(state.evaluations[-1].as_metrics(), step=0)
         on_iteration(state, state.evaluations[-1].as_metrics())
     if gate is not None and state.deployed is None:
-        ran = evaluate(rollouts, gate.seeds, learner.version, sample_seed=gate.sample_seed)
+        ran = evaluate(rollouts, gate.seeds, learner.version, sample_seed=gate.sample_seed, detector=judge_by())
         state.deployed = (learner.version, ran.outcomes, learner.snapshot().weights)
+        state.deployed_judged_by = ran.judged_by
     in_flight = list(in_flight)
     pending: Callable[[], list[Episode]] | None = None  # the next iteration's collection, started (overlap)
     overlap = overlap and hasattr(rollouts, "collect_async")
@@ -293,6 +332,9 @@ def run_loop(
                 detector, labels, trusted, audit_row = _audit_and_recover(
                     audit_settings, audit_rng, state, store, detector, episodes, labels, learner, rollouts,
                     eval_seeds, metrics)
+        if gate is not None and judge_by() is not None and state.deployed_judged_by != detector.version:
+            with timer("gate"):  # a new detector: the deployed version's gate outcomes judged again, by it
+                _rejudge_deployed(gate, state, rollouts, detector)
         stats: dict[str, float] = {}
         if trusted:
             with timer("update"):
@@ -319,7 +361,7 @@ def run_loop(
         gate_row: dict[str, Any] = {}
         if gate is not None and published:
             with timer("gate"):
-                snapshot, gate_row = _gate(gate, state, rollouts, learner, snapshot)
+                snapshot, gate_row = _gate(gate, state, rollouts, learner, snapshot, judge_by())
         if published:
             with timer("checkpoint"):
                 checkpoints.save(snapshot.version, snapshot.weights, {"version": snapshot.version, **snapshot.meta},
@@ -335,7 +377,7 @@ def run_loop(
             # Claimed (detector) against true (simulator) success of the collected episodes: the gap is what an
             # audit watches. The learner never saw the second number.
             "train/claimed_success": float(np.mean([lab.success for lab in labels])),
-            "train/true_success": float(np.mean([bool(ep.ground_truth["success"]) for ep in episodes])),
+            **_true_success(episodes),
             **{f"learner/{k}": v for k, v in stats.items()},
             **audit_row,
             **gate_row,
@@ -354,7 +396,7 @@ def run_loop(
                                 ep.observations["image"]) for ok, ep in sorted(judged.items())], state.iteration)
         if state.iteration % eval_every == 0 and state.evaluations[-1].version != snapshot.version:
             with timer("evaluate"):
-                state.evaluations.append(evaluate(rollouts, eval_seeds, snapshot.version))
+                state.evaluations.append(evaluate(rollouts, eval_seeds, snapshot.version, detector=judge_by()))
             if keep_best:
                 _remember_best(state, state.evaluations[-1], learner)
             row.update(state.evaluations[-1].as_metrics())
@@ -376,7 +418,7 @@ def run_loop(
         for ep in pending():
             store.add(ep)
     if state.evaluations[-1].version != learner.version:
-        state.evaluations.append(evaluate(rollouts, eval_seeds, learner.version))
+        state.evaluations.append(evaluate(rollouts, eval_seeds, learner.version, detector=judge_by()))
         metrics.log(state.evaluations[-1].as_metrics(), step=state.iteration)
         on_iteration(state, state.evaluations[-1].as_metrics())
     return state
@@ -441,20 +483,45 @@ def _adopt(stored: list[Episode], seeds: list[int]) -> tuple[list[Episode], list
     return adopted, rest
 
 
-def _gate(gate: GateSettings, state: LoopState, rollouts: Rollouts, learner: Learner, snapshot: PolicySnapshot
-          ) -> tuple[PolicySnapshot, dict[str, Any]]:
-    """Run the candidate (just published) on the gate's seeds and judge it against the deployed version's outcomes
-    there; promote it, or roll the learner and the actors back to the deployed weights (a new version)."""
+def _true_success(episodes: list[Episode]) -> dict[str, float]:
+    """The simulator's success of the practice episodes that have one (a robot's: those a person judged)."""
+    known = [bool(ep.ground_truth["success"]) for ep in episodes if ep.ground_truth and "success" in ep.ground_truth]
+    return {"train/true_success": float(np.mean(known))} if known else {}
+
+
+def _rejudge_deployed(gate: GateSettings, state: LoopState, rollouts: Rollouts, detector: SuccessDetector) -> None:
+    """The detector judging the gate was replaced: run the deployed version (which the actors hold between gates)
+    on the gate's seeds again, so that candidates are compared with it by the same detector."""
     assert state.deployed is not None
-    ran = evaluate(rollouts, gate.seeds, snapshot.version, sample_seed=gate.sample_seed)
+    version, _, weights = state.deployed
+    ran = evaluate(rollouts, gate.seeds, version, sample_seed=gate.sample_seed, detector=detector)
+    state.deployed, state.deployed_judged_by = (version, ran.outcomes, weights), ran.judged_by
+
+
+def _gate(gate: GateSettings, state: LoopState, rollouts: Rollouts, learner: Learner, snapshot: PolicySnapshot,
+          detector: SuccessDetector | None) -> tuple[PolicySnapshot, dict[str, Any]]:
+    """Run the candidate (just published) on the gate's seeds and judge it against the deployed version's outcomes
+    there (by the simulator, or by ``detector`` with an audit of its verdicts); promote it, or roll the learner and
+    the actors back to the deployed weights (a new version)."""
+    assert state.deployed is not None
+    episodes = rollouts.collect(gate.seeds, "eval", sample_seed=gate.sample_seed)
+    ran = score_held_out(episodes, gate.seeds, snapshot.version, detector)
     deployed_version, deployed_outcomes, deployed_weights = state.deployed
     decision = judge(np.array(ran.outcomes), np.array(deployed_outcomes), confidence=gate.confidence,
                      margin=gate.margin, iteration=state.iteration + 1, candidate_version=snapshot.version,
                      deployed_version=deployed_version)
+    decision.judged_by = ran.judged_by
+    if detector is not None:
+        rng = np.random.default_rng([gate.sample_seed, state.iteration])  # the same sample in a resumed run
+        checked, _ = audit(episodes, [ep.latest_label("detector") for ep in episodes], gate.audit, gate.bound, rng)
+        if checked is not None:
+            decision.audit = {"n": checked.n, "claimed": checked.claimed, "audited": checked.audited,
+                              "gap": checked.gap, "gap_se": checked.gap_se, "alarm": checked.alarm}
+            decision.promoted = decision.promoted and not checked.alarm
     state.gates.append(decision)
     row = decision.as_metrics()
     if decision.promoted:
-        state.deployed = (snapshot.version, ran.outcomes, snapshot.weights)
+        state.deployed, state.deployed_judged_by = (snapshot.version, ran.outcomes, snapshot.weights), ran.judged_by
         return snapshot, row
     learner.restore(deployed_weights)
     restored = learner.snapshot()

@@ -51,7 +51,17 @@ def _summary(run_dir: Path) -> dict[str, Any]:
     return {"status": "no summary yet"}
 
 
-def _plots(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+def _judged_by(run_dir: Path) -> str:
+    """Who scored the run's evaluations (its config.yaml's eval.judge): ground_truth, or detector on a robot."""
+    from omegaconf import OmegaConf
+
+    try:
+        return str(OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "eval.judge", default="ground_truth"))
+    except (FileNotFoundError, ValueError):
+        return "ground_truth"
+
+
+def _plots(rows: list[dict[str, Any]], judged_by: str = "ground_truth") -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,7 +77,8 @@ def _plots(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
         lo, hi = np.array([r["eval/ci95_low"] for r in evals]), np.array([r["eval/ci95_high"] for r in evals])
         ax.errorbar(v, s, yerr=[s - lo, hi - s], fmt="o-", capsize=3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set(xlabel="policy version", ylabel="held-out success (ground truth)", ylim=(0, 1),
+        by = "ground truth" if judged_by == "ground_truth" else "the detector's verdicts"
+        ax.set(xlabel="policy version", ylabel=f"held-out success ({by})", ylim=(0, 1),
                title=f"held-out success, 95% interval ({evals[-1].get('eval/episodes', '?')} seeds)")
         out.append(("Held-out success per policy version", png_data_uri(fig)))
         plt.close(fig)
@@ -158,9 +169,10 @@ def _clips(run_dir: Path, count: int = 2) -> list[tuple[str, str]]:
         if not judged or len(out[judged[-1].success]) >= count:
             continue
         ep = store.read(path, labels.get(path.stem))
-        truth = "succeeded" if (ep.ground_truth or {}).get("success") else "failed"
+        known = (ep.ground_truth or {}).get("success")
+        truth = "not judged by a person" if known is None else ("truly succeeded" if known else "truly failed")
         caption = (f"v{version} · {ep.instruction} · judged {'success' if judged[-1].success else 'failure'} "
-                   f"(P={judged[-1].score:.2f}) · truly {truth} · {ep.num_steps} steps")
+                   f"(P={judged[-1].score:.2f}) · {truth} · {ep.num_steps} steps")
         out[judged[-1].success].append((caption, _gif(ep.observations["image"])))
     return out[True] + out[False]
 
@@ -201,10 +213,12 @@ def write_report(run_dir: str | Path) -> Path:
     facts += [(f"detector {k}", det[k]) for k in ("version", "auroc", "precision", "recall", "ece") if k in det]
     if gate:
         facts.append(("gate", f"{len(gate.get('decisions', []))} decisions, {gate.get('held_back', 0)} held back "
-                              f"({gate.get('episodes')} seeds, confidence {gate.get('confidence')})"))
+                              f"({gate.get('episodes')} seeds, confidence {gate.get('confidence')}, judged by "
+                              f"{gate.get('judge', 'ground_truth')})"))
     facts.append(("rollbacks", len(summary.get("rollbacks", []))))
     facts.append(("faults", f"{len(faults)} ({(summary.get('faults') or {}).get('restarts', 0)} actors replaced)"))
-    figures = "".join(f"<h2>{html.escape(t)}</h2><img class='plot' src='{src}'>" for t, src in _plots(rows))
+    figures = "".join(f"<h2>{html.escape(t)}</h2><img class='plot' src='{src}'>"
+                      for t, src in _plots(rows, _judged_by(run_dir)))
     clips = _clips(run_dir)
     clips_html = ("<h2>Newest policy, in practice</h2><div class='clips'>" + "".join(
         f"<figure><img class='clip' src='{src}'><figcaption>{html.escape(c)}</figcaption></figure>"

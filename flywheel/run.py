@@ -100,6 +100,14 @@ def pretraining_demos(n: int, base_meta: dict, env_kwargs: dict) -> list[Episode
 
 
 def ground_truth_labelled(episodes: list[Episode]) -> list[Episode]:
+    """Each episode labelled with the environment's own verdict: how the run makes a detector's training data."""
+    unjudged = sum(not ep.ground_truth or "success" not in ep.ground_truth for ep in episodes)
+    if unjudged:
+        raise ConfigError(
+            f"{unjudged} of {len(episodes)} episodes made to train the detector came back without a success verdict "
+            f"(the environment's info['success']): an environment that cannot judge itself, such as a robot, needs a "
+            f"detector trained before (flywheel reward train, on labelled episodes), given as detector.checkpoint=PATH, "
+            f"and eval.judge=detector")
     for ep in episodes:
         source = "demo" if ep.policy_version < 0 and not ep.made_on_purpose() else "ground_truth"
         ep.labels.append(Label(source=source, success=bool(ep.ground_truth["success"]), version="simulator"))
@@ -415,7 +423,8 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         budget = Budget(started + cfg.budget.minutes * 60 - spent, cfg.budget.iterations, cfg.budget.env_steps,
                         cfg.budget.episodes)
         gate = GateSettings([split_seed("eval", GATE_SEEDS + i) for i in range(cfg.gate.episodes)],
-                            confidence=cfg.gate.confidence, margin=cfg.gate.margin) if cfg.gate.episodes else None
+                            confidence=cfg.gate.confidence, margin=cfg.gate.margin, audit=cfg.gate.audit,
+                            bound=cfg.audit.bound) if cfg.gate.episodes else None
 
         def save_state(s: LoopState) -> None:
             write_state(run_dir, {"loop": s.to_json(), "policy_version": learner.version, "attempt": attempt,
@@ -430,7 +439,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
                 eval_every=cfg.eval.every, group_size=cfg.rollout.group_size, state=state,
                 on_iteration=on_iteration or (lambda s, row: None), audit_settings=audit_settings,
                 learner_reads=reads, gate=gate, save_state=save_state, in_flight=in_flight,
-                overlap=cfg.rollout.overlap and cfg.rollout.use_ray,
+                overlap=cfg.rollout.overlap and cfg.rollout.use_ray, eval_judge=cfg.eval.judge,
             )
         first, last = state.evaluations[0], state.evaluations[-1]
         summary.update(
@@ -447,9 +456,10 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
             eval_episodes=last.episodes,
             final_outcomes=last.outcomes_text,  # 1/0 per held-out seed, in seed order (empty if the run kept none)
             evaluations=[{"version": e.version, "success": e.success, "ci95": list(e.ci95), "episodes": e.episodes,
-                          "per_task": e.per_task} for e in state.evaluations],
+                          "per_task": e.per_task, "judged_by": e.judged_by} for e in state.evaluations],
             audit=audit_settings.as_summary(state),
             gate={"episodes": cfg.gate.episodes, "confidence": cfg.gate.confidence, "margin": cfg.gate.margin,
+                  "judge": cfg.eval.judge, "audit": cfg.gate.audit if cfg.eval.judge == "detector" else 0,
                   "decisions": [dataclasses.asdict(g) for g in state.gates],
                   "held_back": sum(not g.promoted for g in state.gates)},
             rollbacks=state.rollbacks,

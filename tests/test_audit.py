@@ -9,7 +9,7 @@ import torch
 from actors.ray_actors import RolloutGroup, vla_policy_factory
 from actors.tabletop import split_seed
 from flywheel.checkpoint import CheckpointDir
-from flywheel.loop import AuditSettings, Budget, LoopState, run_loop
+from flywheel.loop import AuditSettings, Budget, GateSettings, LoopState, evaluate, run_loop
 from flywheel.metrics import MetricsSink
 from flywheel.store import EpisodeStore
 from flywheel.vla.checkpoint import load_policy_checkpoint
@@ -45,13 +45,14 @@ class Recording(FilteredBCLearner):
         return super().update(episodes)
 
 
-def _loop(tmp_path, detector, learner_cls=Recording, iterations=2, retrain=None, eval_every=1, retrain_every=0):
+def _loop(tmp_path, detector, learner_cls=Recording, iterations=2, retrain=None, eval_every=1, retrain_every=0,
+          sample=48, env_kwargs=None, **loop_kwargs):
     cfg, weights, _ = load_policy_checkpoint("base")
     model = SmallVLA(cfg)
     model.load_weights(weights)
     torch.manual_seed(0)
     learner = learner_cls(model, [], steps_per_update=5, batch_size=16, lr=1e-4)
-    rollouts = RolloutGroup(vla_policy_factory(cfg), {}, num_workers=1, use_ray=False)
+    rollouts = RolloutGroup(vla_policy_factory(cfg), env_kwargs or {}, num_workers=1, use_ray=False)
     rollouts.publish(learner.snapshot())
     store = EpisodeStore(tmp_path / "episodes")
     state = run_loop(
@@ -61,7 +62,8 @@ def _loop(tmp_path, detector, learner_cls=Recording, iterations=2, retrain=None,
         train_seed=lambda i: split_seed("train", 5_000_000 + i),  # layouts the policy never saw
         eval_seeds=[split_seed("eval", i) for i in range(48)], episodes_per_iteration=48, eval_every=eval_every,
         group_size=2, state=LoopState(),
-        audit_settings=AuditSettings(sample=48, bound=0.15, retrain=retrain, retrain_every=retrain_every),
+        audit_settings=AuditSettings(sample=sample, bound=0.15, retrain=retrain, retrain_every=retrain_every),
+        **loop_kwargs,
     )
     return state, learner, store
 
@@ -87,6 +89,86 @@ def test_without_a_retrain_the_alarm_pauses_updates(tmp_path):
     assert state.alarms == 2 and state.paused_updates == 2
     assert learner.version == 0 and not getattr(learner, "seen", [])
     assert [e.version for e in state.evaluations] == [0]  # no new version was made, so none was evaluated
+
+
+def _gate(n: int = 48) -> GateSettings:
+    return GateSettings([split_seed("eval", 1_000_000 + i) for i in range(n)], audit=n, bound=0.15)
+
+
+def test_judged_by_the_detector_the_gate_holds_back_what_its_audit_does_not_confirm(tmp_path):
+    """On a robot the gate scores by the detector. This one also accepts every failed push, and the loop's own audit
+    is off, so practice trusts it: the candidate looks no worse by its verdicts, but the gate's audit of them (the
+    simulator standing in for a person) finds the gap, and the run rolls back."""
+    state, learner, _ = _loop(tmp_path, Oracle("corrupt", corrupt=True), iterations=1, sample=0, gate=_gate(),
+                              eval_judge="detector")
+    (decision,) = state.gates
+    assert decision.judged_by == "corrupt" and decision.upper >= 0  # by the detector's verdicts, no worse
+    assert decision.audit["alarm"] and decision.audit["gap"] > 0.15 and decision.audit["n"] == 48
+    assert not decision.promoted and state.rollbacks[0]["reason"] == "gate"
+    assert [e.judged_by for e in state.evaluations] == ["corrupt", "corrupt"]
+
+
+def test_a_retrained_detector_judges_the_deployed_version_again_before_the_next_gate(tmp_path):
+    """The loop's audit replaces the corrupt detector; the deployed version's gate outcomes, judged by the corrupt
+    one, are judged again by the new one, so that the candidate is compared by one detector, and passes its audit."""
+    state, _, _ = _loop(tmp_path, Oracle("corrupt", corrupt=True), iterations=1, retrain=lambda: Oracle("detector-2"),
+                        gate=_gate(), eval_judge="detector")
+    assert state.alarms == 1 and state.detector_versions == ["corrupt", "detector-2"]
+    (decision,) = state.gates
+    assert decision.judged_by == "detector-2" and state.deployed_judged_by == "detector-2"
+    assert decision.audit == {**decision.audit, "gap": 0.0, "alarm": False}
+    # both sides judged by the truth (detector-2 is the oracle): the deployed rate is the simulator's
+    truth = evaluate(_base_rollouts(), _gate().seeds, 0, sample_seed=_gate().sample_seed)
+    assert decision.deployed_success == truth.success and decision.deployed_success < 0.9
+
+
+def _unjudged_env(**kwargs):
+    """The tabletop as a robot sees it: no success in ``info`` (nor privileged state)."""
+    import gymnasium as gym
+
+    from actors.tabletop import make_env
+
+    class Robot(gym.Wrapper):
+        def reset(self, **kw):
+            obs, info = self.env.reset(**kw)
+            return obs, {k: v for k, v in info.items() if k != "success"}
+
+        def step(self, action):
+            obs, reward, term, trunc, info = self.env.step(action)
+            return obs, reward, term, trunc, {k: v for k, v in info.items() if k != "success"}
+
+    return Robot(make_env(**kwargs))
+
+
+def test_an_environment_that_cannot_judge_itself_is_evaluated_by_the_detector_or_refused():
+    import pytest
+
+    from flywheel.config import ConfigError
+
+    robot = _base_rollouts({"make_env": _unjudged_env})
+    seeds = [split_seed("eval", i) for i in range(8)]
+    with pytest.raises(ConfigError, match=r"8 of 8 held-out episodes came back without a ground-truth.*eval.judge=det"):
+        evaluate(robot, seeds, 0)
+    judged = evaluate(robot, seeds, 0, detector=Approves())
+    assert judged.judged_by == "approves-all" and judged.success == 1.0 and judged.outcomes == (1,) * 8
+
+
+class Approves:
+    version, threshold = "approves-all", 0.5
+
+    def score(self, episodes):
+        assert all(ep.ground_truth is None for ep in episodes)  # nothing to read but what a robot records
+        return np.ones(len(episodes), np.float32)
+
+
+def _base_rollouts(env_kwargs=None) -> RolloutGroup:
+    """In-process rollouts of the shipped base, as version 0."""
+    cfg, weights, _ = load_policy_checkpoint("base")
+    model = SmallVLA(cfg)
+    model.load_weights(weights)
+    rollouts = RolloutGroup(vla_policy_factory(cfg), env_kwargs or {}, num_workers=1, use_ray=False)
+    rollouts.publish(FilteredBCLearner(model, [], steps_per_update=1, batch_size=4, lr=1e-4).snapshot())
+    return rollouts
 
 
 class Sabotaged(Recording):
@@ -216,3 +298,28 @@ def test_a_whole_run_catches_a_corrupted_detector_and_recovers(tmp_path, monkeyp
     _, meta = load_weights(run_dir / "detector" / "detector-2.safetensors")
     used = {i for ids in meta["episodes"].values() for i in ids}
     assert len(audited) == 64 and audited <= used, (len(audited), len(audited - used))
+
+
+def test_a_whole_run_judged_by_its_detector_says_so_and_audits_its_gate(tmp_path, monkeypatch):
+    """`flywheel run eval.judge=detector` (how a robot runs), wired end to end: the evaluations and the gate score by
+    the run's detector, the gate's verdicts are audited, and the summary and report say who judged. The detector
+    is trained by the run's code (one step) with the simulator's verdicts as its scores, so the figures are known."""
+    import json
+
+    import flywheel.run as run_module
+    from flywheel.config import load_config
+    from flywheel.report import write_report
+
+    real = run_module.train_detector
+    monkeypatch.setattr(run_module, "train_detector", lambda *a, **kw: (
+        lambda made: (_scored_by_truth(made[0]), made[1]))(real(*a, **{**kw, "steps": 1})))
+    run_dir = tmp_path / "run"
+    cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}", "rollout.use_ray=false", "eval.judge=detector",
+                              "budget.iterations=1", "wandb.mode=disabled"])
+    summary = run_module.run(cfg, say=lambda m: None)
+    assert [e["judged_by"] for e in summary["evaluations"]] == ["detector-1", "detector-1"]
+    (decision,) = summary["gate"]["decisions"]
+    assert summary["gate"]["judge"] == "detector" and decision["judged_by"] == "detector-1"
+    assert decision["audit"] == {**decision["audit"], "n": 32, "gap": 0.0, "alarm": False} and decision["promoted"]
+    page = write_report(run_dir).read_text()
+    assert "judged by detector" in page and json.loads((run_dir / "summary.json").read_text())["status"] == "completed"

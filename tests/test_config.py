@@ -125,7 +125,9 @@ def test_values_out_of_their_range_are_config_errors():
                               ("learner.credit=step", r"credit=step.*choose episode .* or chunk"),
                               ("learner.positive_fraction=1.5", r"positive_fraction=1.5.*fraction in \(0, 1\)"),
                               ("rollout.corrections=2", r"corrections=2.*share of practice episodes"),
-                              ("rollout.correct_after=0", r"correct_after=0.*at least 1")):
+                              ("rollout.correct_after=0", r"correct_after=0.*at least 1"),
+                              ("eval.judge=human", r"judge=human.*choose ground_truth .* or detector"),
+                              ("gate.audit=-1", r"gate.audit=-1.*at least 0")):
         with pytest.raises(ConfigError, match=message):
             load_config("run", [override])
 

@@ -75,6 +75,8 @@ def test_tiny_run_end_to_end(tmp_path):
     assert len(loop_eps) == summary["episodes"] == 3 * 32
     assert sorted({ep.policy_version for ep in loop_eps}) == [0, 1, 2]
     assert len({ep.seed for ep in loop_eps}) == len(loop_eps) // 2  # two attempts per layout, no layout reused across iterations
+    checked = store.verify()  # what `flywheel store verify` prints: the killed actor's episode in flight is not there
+    assert checked["ok"] and checked["unique_ids"] == checked["episodes"] and not checked["unreadable"]
 
     # checkpoints, metrics and the resolved config are in the run
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.safetensors"))[-1] == "policy-000003.safetensors"
