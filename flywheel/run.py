@@ -500,8 +500,19 @@ def start_ray(cfg: DictConfig, say: Callable[[str], None]) -> None:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         say(f"ray: joined {cfg.ray.address}: {len(nodes)} nodes, {ray.cluster_resources()}")
         return
+    # Ray's own servers (GCS, raylet) listen on every interface: Ray 2.60 has no setting that binds them to
+    # 127.0.0.1. What keeps the network out is Ray's token authentication, which ray.init turns on for a new local
+    # cluster unless RAY_AUTH_MODE says otherwise: a process without this machine's token (~/.ray/auth_token, made
+    # on first use) is refused. (Setting RAY_AUTH_MODE=token here instead would stop Ray making the token.)
     started = ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=cfg.ray.dashboard,
                        dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False)
+    if os.environ.get("RAY_AUTH_MODE") == "token":
+        token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        if token.is_file() and token.stat().st_mode & 0o077:
+            token.chmod(0o600)  # Ray writes it readable by every user of the machine
+    else:
+        say(f"ray: token authentication is off (RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE')}): anyone who can "
+            f"reach this machine's Ray ports can run code here")
     if cfg.ray.dashboard:
         say(f"ray: dashboard at http://{getattr(started, 'dashboard_url', None) or '127.0.0.1:8265'}")
 

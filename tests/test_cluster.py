@@ -52,3 +52,51 @@ def test_a_remote_learner_that_cannot_fit_is_refused_before_it_waits():
     check_learner_fits(load_config("run", ["learner.remote=true", "learner.cpus=0"]), {"CPU": 2.0})
     with pytest.raises(ConfigError, match=r"no node has \['GPU'\]"):
         check_learner_fits(load_config("run", ["learner.remote=true", "learner.gpus=1"]), {"CPU": 8.0})
+
+
+_SERVE = """
+import sys
+from flywheel.config import load_config
+from flywheel.run import start_ray
+import ray
+start_ray(load_config("run", []), say=print)
+print("GCS", ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # until the test closes it
+ray.shutdown()
+"""
+_JOIN = "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); print('JOINED')"
+
+
+def test_the_ray_a_run_starts_refuses_a_process_without_its_token(tmp_path):
+    """Ray's servers listen on every interface (Ray 2.60 cannot bind them to 127.0.0.1), so the Ray a run starts
+    requires Ray's token: a process that holds another cannot join; one that holds it can. The token file is left
+    readable by its owner alone."""
+    import os
+
+    home, stranger = tmp_path / "home", tmp_path / "stranger"
+    (stranger / ".ray").mkdir(parents=True)
+    (stranger / ".ray" / "auth_token").write_text("not-the-token")
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    server = subprocess.Popen([sys.executable, "-c", _SERVE], env={**env, "HOME": str(home)}, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = ""
+        while not line.startswith("GCS"):
+            line = server.stdout.readline()
+            assert line or server.poll() is None, "the run's Ray did not start"
+        address = line.split()[1]
+
+        def join(**extra):
+            return subprocess.run([sys.executable, "-c", _JOIN, address], env={**env, **extra}, capture_output=True,
+                                  text=True, timeout=120)
+
+        refused = join(HOME=str(stranger), RAY_AUTH_MODE="token")  # (each refusal costs Ray's 20 s of retries)
+        assert refused.returncode != 0 and "JOINED" not in refused.stdout
+        assert "AuthenticationError" in refused.stderr, refused.stderr[-1500:]
+        admitted = join(HOME=str(home), RAY_AUTH_MODE="token")  # as a node or a driver joins a cluster with a token
+        assert admitted.returncode == 0 and "JOINED" in admitted.stdout, admitted.stderr[-1500:]
+        assert (home / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600
+    finally:
+        server.stdin.close()
+        server.wait(60)
