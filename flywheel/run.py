@@ -504,8 +504,16 @@ def start_ray(cfg: DictConfig, say: Callable[[str], None]) -> None:
     # 127.0.0.1. What keeps the network out is Ray's token authentication, which ray.init turns on for a new local
     # cluster unless RAY_AUTH_MODE says otherwise: a process without this machine's token (~/.ray/auth_token, made
     # on first use) is refused. (Setting RAY_AUTH_MODE=token here instead would stop Ray making the token.)
-    started = ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=cfg.ray.dashboard,
-                       dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False)
+    try:
+        started = ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=cfg.ray.dashboard,
+                           dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False)
+    except ValueError as e:
+        if "existing cluster" not in str(e):
+            raise
+        raise ConfigError(  # ray.init joins a cluster that `ray start` began on this machine, if it finds one
+            "a Ray cluster started with `ray start` is running on this machine (or one that was killed left "
+            "/tmp/ray/ray_current_cluster behind), and a run without ray.address starts its own. Give ray.address=auto "
+            "to run on that cluster, or stop it with `ray stop`.") from e
     if os.environ.get("RAY_AUTH_MODE") == "token":
         token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
         if token.is_file() and token.stat().st_mode & 0o077:
