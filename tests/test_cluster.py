@@ -21,9 +21,10 @@ def test_actors_and_the_learner_go_to_the_nodes_that_offer_their_resources(tmp_p
         learner_host = cluster.add_node(num_cpus=1, resources={"trainer": 1})
         cluster.wait_for_nodes()
         run_dir = tmp_path / "run"
+        # what is under test is where things run: the simulator judges (no detector to train; tests/test_loop.py)
         done = subprocess.run(
             [sys.executable, "-m", "flywheel.cli", "run", "experiment=tiny", f"run_dir={run_dir}", "wandb.mode=disabled",
-             "budget.iterations=1", "gate.episodes=0", f"ray.address={cluster.address}", "rollout.resources={robot:1}", "learner.remote=true",
+             "budget.iterations=1", "gate.episodes=0", "reward=ground_truth", f"ray.address={cluster.address}", "rollout.resources={robot:1}", "learner.remote=true",
              "learner.resources={trainer:1}"],
             capture_output=True, text=True, timeout=400)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -91,7 +92,7 @@ def test_the_ray_a_run_starts_refuses_a_process_without_its_token(tmp_path):
             return subprocess.run([sys.executable, "-c", _JOIN, address], env={**env, **extra}, capture_output=True,
                                   text=True, timeout=120)
 
-        refused = join(HOME=str(stranger), RAY_AUTH_MODE="token")  # (each refusal costs Ray's 20 s of retries)
+        refused = join(HOME=str(stranger), RAY_AUTH_MODE="token", RAY_gcs_server_port_wait_time_s="2")  # 2 tries
         assert refused.returncode != 0 and "JOINED" not in refused.stdout
         assert "AuthenticationError" in refused.stderr, refused.stderr[-1500:]
         admitted = join(HOME=str(home), RAY_AUTH_MODE="token")  # as a node or a driver joins a cluster with a token
