@@ -141,14 +141,14 @@ class TabletopEnv(gym.Env):
         self.max_steps = int(max_steps)
         self.render_mode = render_mode
         s = self.image_size
-        spaces = {
-            "image": gym.spaces.Box(0, 255, (s, s, 3), np.uint8),
-            "wrist": gym.spaces.Box(0, 255, (s, s, 3), np.uint8),
-            "depth": gym.spaces.Box(0.0, CAMERA_HEIGHT, (s, s), np.float32),
-            "touch": gym.spaces.Box(0.0, 1.0, (1,), np.float32),
+        spaces = {  # only those of the sensors that are on are made (each Box costs ~20 us, an env is made per episode)
+            "image": lambda: gym.spaces.Box(0, 255, (s, s, 3), np.uint8),
+            "wrist": lambda: gym.spaces.Box(0, 255, (s, s, 3), np.uint8),
+            "depth": lambda: gym.spaces.Box(0.0, CAMERA_HEIGHT, (s, s), np.float32),
+            "touch": lambda: gym.spaces.Box(0.0, 1.0, (1,), np.float32),
         }
         self.observation_space = gym.spaces.Dict(
-            {**{SENSOR_KEYS[k]: spaces[SENSOR_KEYS[k]] for k in self.sensors},
+            {**{SENSOR_KEYS[k]: spaces[SENSOR_KEYS[k]]() for k in self.sensors},
              "proprio": gym.spaces.Box(0.0, 1.0, (3,), np.float32)}
         )
         self.action_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
@@ -214,8 +214,7 @@ class TabletopEnv(gym.Env):
             self._draw_randomization(rng)
         self._combo_heldout = not combo_allowed("train", self.kind, *self.combo)
         self._randomization = self.randomization()
-        self._block_rgb = [self._rgb(name).astype(np.uint8) for name in self.block_colors]
-        self._drawer_rgb = [self._rgb(name).astype(np.uint8) for name in self.drawer_colors]
+        self._paint()
         return self._obs(), {**self._info(), "randomization": self._randomization}  # drawn once, told once
 
     def _draw_randomization(self, rng: np.random.Generator) -> None:
@@ -237,18 +236,48 @@ class TabletopEnv(gym.Env):
 
     def _lit(self, rgb) -> np.ndarray:
         """A fixed colour (table, effector, cabinet...) under this episode's lighting."""
+        if self.brightness == 1.0:
+            return np.array(rgb, np.uint8)
         return np.clip(np.array(rgb, np.float32) * self.brightness, 0, 255).astype(np.uint8)
+
+    def _paint(self) -> None:
+        """Work out every colour this episode draws with, once: its palette and lighting are fixed at reset. (Worked
+        out per frame, they were a third of the wrist camera's frame, which redraws everything:
+        bench/env_throughput.py.)"""
+        self._block_rgb = [self._rgb(name).astype(np.uint8) for name in self.block_colors]
+        self._drawer_rgb = [self._rgb(name).astype(np.uint8) for name in self.drawer_colors]
+        self._effector_rgb = {False: self._lit(EFFECTOR_RGB), True: self._lit(GRIPPING_RGB)}
+        self._handle_rgb, self._cabinet_rgb, self._pressed_rgb = (
+            self._lit(rgb) for rgb in (HANDLE_RGB, CABINET_RGB, PRESSED_RGB))
+        s = self.image_size
+        self._table = np.empty((s, s, 3), np.uint8)  # the bare table, in colour and in depth
+        self._table[:] = self._lit(TABLE_RGB)
+        self._floor = np.full((s, s), CAMERA_HEIGHT, np.float32)
+        targets = [self._rgb(name) for name in self.target_colors]  # pastel pads, dark bowl rims
+        self._target_rgb = [((0.5 * rgb + 0.5 * 255) if self.family == "push" else 0.55 * rgb).astype(np.uint8)
+                            for rgb in targets]
+        buttons = [self._rgb(name) for name in self.button_colors]
+        self._button_rgb = [((0.55 * rgb).astype(np.uint8), rgb.astype(np.uint8)) for rgb in buttons]  # rim, top
 
     # Layouts: each draws colours and positions (every object well apart, the effector clear of them all) and says
     # what the instruction names. push and place draw exactly as the first version did, so seeds give the same scenes.
     @staticmethod
     def _points(rng: np.random.Generator, n: int, gap: float, low: float = 0.14, high: float = 0.86) -> np.ndarray:
-        for _ in range(1000):
-            pts = rng.uniform(low, high, size=(n, 2))
-            d = np.linalg.norm(pts[:, None] - pts[None], axis=-1) + np.eye(n)
-            if d.min() > gap:
-                break
-        return pts
+        """n points, every two more than ``gap`` apart: the first of up to 1,000 tries of n uniform points that is.
+
+        The tries are drawn 64 at a time (one at a time, a layout's ~30 tries were 60% of a reset); the generator is
+        then left where drawing them one at a time would have left it, so a seed gives the same scene as ever."""
+        state = rng.bit_generator.state
+        for start in range(0, 1000, 64):
+            tries = rng.uniform(low, high, size=(min(64, 1000 - start), n, 2))
+            d = np.linalg.norm(tries[:, :, None] - tries[:, None], axis=-1) + np.eye(n)
+            apart = d.min(axis=(1, 2)) > gap
+            if apart.any():
+                used = start + int(apart.argmax()) + 1
+                rng.bit_generator.state = state
+                rng.uniform(low, high, size=(used, n, 2))  # the draws a one-at-a-time loop would have made
+                return tries[used - start - 1]
+        return tries[-1]
 
     @staticmethod
     def _colours(rng: np.random.Generator, n: int) -> list[str]:
@@ -373,7 +402,7 @@ class TabletopEnv(gym.Env):
         terminated = success
         truncated = (not terminated) and self.steps >= self.horizon
         reward = 1.0 if success else 0.0  # for gymnasium users; flywheel itself never reads it
-        return self._obs(), reward, terminated, truncated, self._info()
+        return self._obs(), reward, terminated, truncated, self._info(success)
 
     def _close_hand(self) -> None:
         """On the closing edge: grasp the block under the hand, else hold a handle, else press a button."""
@@ -422,11 +451,11 @@ class TabletopEnv(gym.Env):
             np.hypot(*(self.blocks[i] - self.targets[self.target_colors.index(c)])) < BOWL_R_IN
             for i, c in enumerate(self.block_colors))
 
-    def _info(self) -> dict[str, Any]:
+    def _info(self, success: bool | None = None) -> dict[str, Any]:
         return {
             "instruction": self.instruction,
             "family": self.family,
-            "success": self.is_success(),
+            "success": self.is_success() if success is None else success,
             "steps": self.steps,
             "combo_heldout": self._combo_heldout,
             "kind": self.kind,  # what the instruction asks (the family, or "open" / "close" for drawers)
@@ -472,10 +501,13 @@ class TabletopEnv(gym.Env):
     def wrist_image(self) -> np.ndarray:
         """The hand camera: the scene WRIST_SPAN table widths across, centred on the hand (rigidly mounted, so the
         overhead camera's jitter does not move it)."""
+        return self._wrist(windowed=True)
+
+    def _wrist(self, windowed: bool) -> np.ndarray:
         saved, zoom = self.camera, 1.0 / WRIST_SPAN
         self.camera = ((0.5 - float(self.effector[0])) * zoom, (0.5 - float(self.effector[1])) * zoom, zoom)
         try:
-            return self._render(cached=False, windowed=True)
+            return self._render(cached=False, windowed=windowed)
         finally:
             self.camera = saved
 
@@ -487,7 +519,7 @@ class TabletopEnv(gym.Env):
         """Draw the scene in colour, or in depth (the same shapes, each painted with its distance to the camera)."""
         if cached and not depth:
             if self._static is None:
-                self._static, self._drawn_openings = self._draw_static(False), None
+                self._static, self._drawn_openings = self._draw_static(False, windowed), None
             # Drawers move only while held: the static layer with the drawers drawn is kept until one slides.
             openings = tuple(self.opening.tolist())
             if self._drawn_openings != openings:
@@ -496,7 +528,7 @@ class TabletopEnv(gym.Env):
                 self._drawn_openings = openings
             img = self._with_drawers.copy()
         else:
-            img = self._draw_static(depth)
+            img = self._draw_static(depth, windowed)
             self._draw_drawers(img, depth)
         d = (lambda part: np.float32(CAMERA_HEIGHT - HEIGHTS[part])) if depth else None
         order = sorted((i for i in range(len(self.blocks)) if i != self.holding), key=lambda i: self.block_z[i])
@@ -524,30 +556,21 @@ class TabletopEnv(gym.Env):
             self._rect(img, (cx + ax * out, cy + ay * out), (HANDLE_HALF, HANDLE_HALF),
                        d("handle") if depth else self._handle_rgb)
 
-    def _draw_static(self, depth: bool = False) -> np.ndarray:
+    def _draw_static(self, depth: bool = False, windowed: bool = True) -> np.ndarray:
         """What does not move: the table, pads or bowls, buttons, cabinets (in colour, or in depth)."""
-        self._effector_rgb = {False: self._lit(EFFECTOR_RGB), True: self._lit(GRIPPING_RGB)}
-        self._handle_rgb = self._lit(HANDLE_RGB)
-        s = self.image_size
-        img = np.full((s, s), CAMERA_HEIGHT, np.float32) if depth else np.empty((s, s, 3), np.uint8)
-        if not depth:
-            img[:] = self._lit(TABLE_RGB)
+        img = (self._floor if depth else self._table).copy()  # a copy, not a fill: a colour fills 50x slower
         d = lambda part: np.float32(CAMERA_HEIGHT - HEIGHTS[part])  # noqa: E731
-        for center, name in zip(self.targets, self.target_colors):
-            rgb = self._rgb(name)
+        for center, rgb in zip(self.targets, self._target_rgb):
             if self.family == "push":  # pastel pad
-                self._box(img, center, PAD_HALF, d("pad") if depth else (0.5 * rgb + 0.5 * 255).astype(np.uint8))
+                self._box(img, center, PAD_HALF, d("pad") if depth else rgb)
             else:  # dark bowl rim
-                self._ring(img, center, BOWL_R_OUT, BOWL_R_IN, d("bowl") if depth else (0.55 * rgb).astype(np.uint8),
-                           False)
-        for center, name, pressed in zip(self.buttons, self.button_colors, self.pressed):
-            rgb = self._rgb(name)
-            self._ring(img, center, BUTTON_R, 0.0, d("button") if depth else (0.55 * rgb).astype(np.uint8), True)
-            inner = d("pressed" if pressed else "button") if depth else (
-                self._lit(PRESSED_RGB) if pressed else rgb.astype(np.uint8))
-            self._ring(img, center, BUTTON_R * 0.7, 0.0, inner, True)
+                self._ring(img, center, BOWL_R_OUT, BOWL_R_IN, d("bowl") if depth else rgb, windowed)
+        for center, (rim, top), pressed in zip(self.buttons, self._button_rgb, self.pressed):
+            self._ring(img, center, BUTTON_R, 0.0, d("button") if depth else rim, windowed)
+            inner = d("pressed" if pressed else "button") if depth else (self._pressed_rgb if pressed else top)
+            self._ring(img, center, BUTTON_R * 0.7, 0.0, inner, windowed)
         for center in self.drawers:
-            self._box(img, center, CABINET_HALF, d("cabinet") if depth else self._lit(CABINET_RGB))
+            self._box(img, center, CABINET_HALF, d("cabinet") if depth else self._cabinet_rgb)
         return img
 
     def _view(self, x: float, y: float, size: float) -> tuple[float, float, float]:
@@ -585,12 +608,14 @@ class TabletopEnv(gym.Env):
         if windowed:
             x0, x1 = max(int((cx - r_out) * s) - 1, 0), min(int((cx + r_out) * s) + 2, s)
             y0, y1 = max(int((cy - r_out) * s) - 1, 0), min(int((cy + r_out) * s) + 2, s)
+            if x0 >= x1 or y0 >= y1:  # out of view (the wrist camera sees a quarter of the table)
+                return
         dy, dx = c[y0:y1] - cy, c[x0:x1] - cx
         d2 = np.add.outer(dy * dy, dx * dx)
         inside = d2 < r_out * r_out
         if r_in > 0.0:
             inside &= d2 >= r_in * r_in
-        img[y0:y1, x0:x1][inside] = rgb
+        np.copyto(img[y0:y1, x0:x1], rgb, where=inside if img.ndim == 2 else inside[..., None])  # depth, colour
 
     # Ground-truth state, for the scripted expert, the auxiliary grounding targets and tests (policies see pixels
     # and proprio). "block" is what to act on next and "target" where it must go.
@@ -625,11 +650,11 @@ class TabletopEnv(gym.Env):
         }
 
 
-def reference_image(env: TabletopEnv) -> np.ndarray:
-    """The picture ``render_image`` must give, drawn the plain way: everything redrawn, every ring's distances over
-    the whole pixel grid. Tests check the fast path against it pixel for pixel; ``bench/env_throughput.py`` times
-    both."""
-    return env._render(cached=False, windowed=False)
+def reference_image(env: TabletopEnv, camera: str = "overhead") -> np.ndarray:
+    """The picture ``render_image`` (or, for camera="wrist", ``wrist_image``) must give, drawn the plain way:
+    everything redrawn, every ring's distances over the whole pixel grid. Tests check the fast path against it pixel
+    for pixel; ``bench/env_throughput.py`` times both."""
+    return env._wrist(windowed=False) if camera == "wrist" else env._render(cached=False, windowed=False)
 
 
 def make_env(family: str = "any", image_size: int = 64, max_steps: int = 40, phrasing: str = "canonical",
