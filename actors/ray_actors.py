@@ -38,8 +38,11 @@ class RolloutGroup:
         cpus_per_worker: float = 1.0,
         call_timeout_s: float = 600.0,
         resources: dict[str, float] | None = None,
+        trim: bool = True,
     ):
-        """``resources``: Ray custom resources each actor needs (``{"robot": 1}``): they decide its node."""
+        """``resources``: Ray custom resources each actor needs (``{"robot": 1}``): they decide its node. ``trim``:
+        each Ray actor hands its freed heap back after a collection (``trim_heap``: flat memory overnight, for ~2-10%
+        of a collection's time, measured in bench/rollout.py)."""
         self.use_ray = use_ray
         self.num_workers = int(num_workers)
         self.call_timeout_s = call_timeout_s
@@ -49,7 +52,7 @@ class RolloutGroup:
 
             self._remote = ray.remote(num_cpus=cpus_per_worker, max_restarts=0,
                                       **({"resources": dict(resources)} if resources else {}))(RolloutWorker)
-            self._make = functools.partial(self._remote.remote, policy_factory, env_kwargs, trim=True)
+            self._make = functools.partial(self._remote.remote, policy_factory, env_kwargs, trim=trim)
         self.workers = [self._make(i) for i in range(self.num_workers)]
         self.published_version = -1
         self._whole: PolicySnapshot | None = None  # the newest snapshot, every array: for a replaced worker

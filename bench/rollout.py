@@ -8,11 +8,14 @@ in turns (A, B, A, B, ...; 5 each, the best of each kept), so that whatever else
 
 - ``rollout_overhead``: one Ray rollout actor (1 CPU) against the same episodes in a bare loop in this process
   (``run_episodes``, what the actor itself calls). The actor's figure includes sending the episodes back to the
-  driver. Target >= 0.95.
+  driver, and handing its freed heap back after each collection (``trim_heap``); beside it, an actor that does not.
+  Target >= 0.95.
 - ``rollout_scaling``: N actors on N cores (N from the machine) against one actor, each actor given the same share
   of seeds. Target >= 0.85 x N.
 - ``batched_inference``: one worker stepping 16 environments in lock-step with one batched policy call per chunk,
-  against one environment at a time. Target >= 4x.
+  against one environment at a time. Target >= 4x. Beside it: the share of each collection spent inside the policy,
+  and the policy alone (one call for 16 observations against 16 calls of one), which is what batching can buy where
+  the policy dominates.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from actors.ray_actors import RolloutGroup, vla_policy_factory
 from actors.rollout import run_episodes
 from actors.tabletop import split_seed
-from bench.common import write_result
+from bench.common import best_of, write_result
 from flywheel.contracts import PolicySnapshot
 from flywheel.vla.checkpoint import load_policy_checkpoint
 from flywheel.vla.model import VLAPolicy
@@ -61,13 +64,45 @@ def main(episodes: int) -> None:
 
     # ---- 3. batched inference: 16 environments per policy call, against one ------------------------------------
     batch = seeds(16)
-    batched, single = steps_per_s(
-        lambda: run_episodes(batch, "train", policy, policy_version=0, **ENV),
-        lambda: [ep for s in batch for ep in run_episodes([s], "train", policy, policy_version=0, **ENV)])
+    inside = {"s": 0.0}  # seconds inside the policy, to say how much of each collection it is
+    act = policy.act
+
+    def timed_act(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return act(*args, **kwargs)
+        finally:
+            inside["s"] += time.perf_counter() - started
+
+    def collection(one_at_a_time: bool):
+        def job():
+            inside["s"], started = 0.0, time.perf_counter()
+            eps = [ep for s in batch for ep in run_episodes([s], "train", policy, policy_version=0, **ENV)] \
+                if one_at_a_time else run_episodes(batch, "train", policy, policy_version=0, **ENV)
+            shares[one_at_a_time].append(inside["s"] / (time.perf_counter() - started))
+            return eps
+        return job
+
+    shares: dict[bool, list[float]] = {False: [], True: []}
+    policy.act = timed_act
+    batched, single = steps_per_s(collection(False), collection(True))
+    policy.act = act
+    # The policy alone, on the first observations of the same 16 episodes: one call for all 16 against 16 calls of one.
+    first = run_episodes(batch, "train", policy, policy_version=0, max_steps=1, **ENV)
+    obs = [np.stack([ep.observations[k][0] for ep in first]) for k in ("image", "proprio")]
+    texts = [ep.instruction for ep in first]
+    one_call = best_of(lambda: policy.act(*obs, texts, seed=0), repeats=20)
+    sixteen_calls = best_of(lambda: [policy.act(obs[0][i:i + 1], obs[1][i:i + 1], texts[i:i + 1], seed=0)
+                                     for i in range(16)], repeats=20)
     write_result("batched_inference", batched / single, 4.0, batched / single >= 4.0,
                  what="env steps/s of one worker stepping 16 environments with one batched policy call per chunk / "
                       "one environment at a time (same 16 layouts)",
-                 steps_per_s={"batched_16": batched, "one_at_a_time": single})
+                 steps_per_s={"batched_16": batched, "one_at_a_time": single},
+                 policy_share={"batched_16": float(np.median(shares[False])),
+                               "one_at_a_time": float(np.median(shares[True]))},
+                 policy_alone={"ratio": sixteen_calls / one_call, "ms": {"one_call_of_16": one_call * 1e3,
+                                                                          "16_calls_of_1": sixteen_calls * 1e3},
+                               "what": "observations/s of one policy call for 16 observations / 16 calls of one"})
 
     # ---- 1. one Ray actor against the bare loop -------------------------------------------------------------------
     work = seeds(episodes)
@@ -76,13 +111,21 @@ def main(episodes: int) -> None:
     try:
         one = RolloutGroup(vla_policy_factory(cfg), ENV, num_workers=1, cpus_per_worker=1)
         one.publish(snapshot)
-        actor, bare = steps_per_s(lambda: one.collect(work, "train"),
-                                  lambda: run_episodes(work, "train", policy, policy_version=0, **ENV))
+        untrimmed = RolloutGroup(vla_policy_factory(cfg), ENV, num_workers=1, cpus_per_worker=1, trim=False)
+        untrimmed.publish(snapshot)
+        actor, bare, actor_untrimmed = steps_per_s(
+            lambda: one.collect(work, "train"), lambda: run_episodes(work, "train", policy, policy_version=0, **ENV),
+            lambda: untrimmed.collect(work, "train"))
         write_result("rollout_overhead", actor / bare, 0.95, actor / bare >= 0.95,
                      what=f"env steps/s of {episodes} episodes through one Ray rollout actor (episodes returned to "
                           f"the driver) / the same episodes in a bare loop in one process",
-                     steps_per_s={"ray_actor": actor, "bare_loop": bare}, episodes=episodes)
+                     steps_per_s={"ray_actor": actor, "bare_loop": bare, "ray_actor_heap_not_trimmed": actor_untrimmed},
+                     heap_not_trimmed={"ratio": actor_untrimmed / bare,
+                                       "what": "the same, the actor not handing its freed heap back after each "
+                                               "collection (trim=False: memory then grows, bench/actor_memory.py)"},
+                     episodes=episodes)
         one.close()
+        untrimmed.close()
 
         # ---- 2. N actors on N cores against one -------------------------------------------------------------------
         many = RolloutGroup(vla_policy_factory(cfg), ENV, num_workers=n, cpus_per_worker=1)
