@@ -31,6 +31,7 @@ from actors.ray_actors import RolloutGroup, vla_policy_factory
 from actors.rollout import run_episodes
 from actors.tabletop import split_seed
 from bench.common import best_of, write_result
+from bench.rollout_profile import PolicyClock
 from flywheel.contracts import PolicySnapshot
 from flywheel.vla.checkpoint import load_policy_checkpoint
 from flywheel.vla.model import VLAPolicy
@@ -64,29 +65,20 @@ def main(episodes: int) -> None:
 
     # ---- 3. batched inference: 16 environments per policy call, against one ------------------------------------
     batch = seeds(16)
-    inside = {"s": 0.0}  # seconds inside the policy, to say how much of each collection it is
-    act = policy.act
-
-    def timed_act(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return act(*args, **kwargs)
-        finally:
-            inside["s"] += time.perf_counter() - started
+    clock = PolicyClock(policy)  # seconds inside the policy, to say how much of each collection it is
 
     def collection(one_at_a_time: bool):
         def job():
-            inside["s"], started = 0.0, time.perf_counter()
+            clock.seconds, started = 0.0, time.perf_counter()
             eps = [ep for s in batch for ep in run_episodes([s], "train", policy, policy_version=0, **ENV)] \
                 if one_at_a_time else run_episodes(batch, "train", policy, policy_version=0, **ENV)
-            shares[one_at_a_time].append(inside["s"] / (time.perf_counter() - started))
+            shares[one_at_a_time].append(clock.seconds / (time.perf_counter() - started))
             return eps
         return job
 
     shares: dict[bool, list[float]] = {False: [], True: []}
-    policy.act = timed_act
     batched, single = steps_per_s(collection(False), collection(True))
-    policy.act = act
+    clock.stop()
     # The policy alone, on the first observations of the same 16 episodes: one call for all 16 against 16 calls of one.
     first = run_episodes(batch, "train", policy, policy_version=0, max_steps=1, **ENV)
     obs = [np.stack([ep.observations[k][0] for ep in first]) for k in ("image", "proprio")]
