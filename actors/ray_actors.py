@@ -41,8 +41,9 @@ class RolloutGroup:
         trim: bool = True,
     ):
         """``resources``: Ray custom resources each actor needs (``{"robot": 1}``): they decide its node. ``trim``:
-        each Ray actor hands its freed heap back after a collection (``trim_heap``: flat memory overnight, for ~2-10%
-        of a collection's time, measured in bench/rollout.py)."""
+        each Ray actor hands its freed heap back after a collection (``trim_heap``: flat memory overnight, for ~11% of
+        an actor's collection speed, mostly paging the memory back in next time: bench/rollout.py, rollout_overhead's
+        heap_not_trimmed)."""
         self.use_ray = use_ray
         self.num_workers = int(num_workers)
         self.call_timeout_s = call_timeout_s

@@ -243,7 +243,7 @@ class TabletopEnv(gym.Env):
     def _paint(self) -> None:
         """Work out every colour this episode draws with, once: its palette and lighting are fixed at reset. (Worked
         out per frame, they were a third of the wrist camera's frame, which redraws everything:
-        bench/env_throughput.py.)"""
+        bench/rollout_profile.py.)"""
         self._block_rgb = [self._rgb(name).astype(np.uint8) for name in self.block_colors]
         self._drawer_rgb = [self._rgb(name).astype(np.uint8) for name in self.drawer_colors]
         self._effector_rgb = {False: self._lit(EFFECTOR_RGB), True: self._lit(GRIPPING_RGB)}
