@@ -15,8 +15,9 @@ costs only its own episode (``actors.rollout.run_episodes``). Every fault is in 
 from __future__ import annotations
 
 import functools
+import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -60,6 +61,7 @@ class RolloutGroup:
         self.faults: list[dict] = []  # every fault, in order: what failed, where, and what was done about it
         self.last_sync: dict = {}
         self.restarts = 0
+        self._going: Collection | None = None  # a collection whose actors go on with rounds of ``more``
 
     def _submit(self, method: str, calls: list[tuple[int, tuple]]) -> list:
         """Start ``(worker index, args)`` calls on the actors; -> their object references."""
@@ -131,6 +133,7 @@ class RolloutGroup:
             raise ValueError(
                 f"snapshot version {snapshot.version} is not newer than the published {self.published_version}"
             )
+        self._stop_rounds()  # rounds of practice run with the weights their collection started with
         started = time.perf_counter()
         sent = snapshot
         if self._whole is not None:
@@ -156,29 +159,40 @@ class RolloutGroup:
         (the detector's data of the policy as it acts alone)."""
         return self.collect_async(seeds, split, sample_seed, corrected)()
 
-    def collect_async(self, seeds: list[int], split: str, sample_seed: int = 0, corrected: bool = True
-                      ) -> Callable[[], list[Episode]]:
+    def collect_async(self, seeds: list[int], split: str, sample_seed: int = 0, corrected: bool = True,
+                      more: Iterator[tuple[list[int], int]] | None = None) -> "Collection":
         """Start ``collect`` on the actors and return at once; calling the result waits for the episodes. Calls
         made meanwhile (a new snapshot, an evaluation) queue behind it on each actor, so it runs with the weights
-        the actors had when it started. In-process workers collect when waited for."""
+        the actors had when it started. In-process workers collect when waited for.
+
+        ``more``: rounds of practice beyond ``seeds``, each ``(seeds, sample seed)`` and run whole by one actor.
+        With Ray, an actor done with its share goes on with the next round, and the next, until the group's next
+        ``publish`` (or ``more`` runs out): it practises with the weights it holds rather than wait for new ones.
+        Every round started comes back in the result (after ``seeds``' episodes); none is dropped."""
         shares = [list(s) for s in np.array_split(np.asarray(seeds, dtype=np.int64), self.num_workers)]
         args = [(share, split, sample_seed * 1000 + i, corrected) for i, share in enumerate(shares)]
         refs = self._submit("collect_with_faults", list(enumerate(args))) if self.use_ray else None
+        collection = Collection(self, args, refs, more if self.use_ray else None)
+        if more is not None:
+            self._stop_rounds()
+            self._going = collection
+        return collection
 
-        def wait() -> list[Episode]:
-            episodes = []
-            results = self._checked("collect_with_faults", args, leave_out=split == "train", refs=refs)
-            if all(r is None for r in results):
-                raise RolloutError(f"every rollout worker failed twice on the same seeds ({self.faults[-1]['error']}):"
-                                   f" something beyond one actor is wrong (the environment, the machine). The "
-                                   f"episodes stored so far are kept; the run resumes from its last iteration.")
-            for result in results:
-                if result is not None:
-                    episodes += result[0]
-                    self.faults += [{"time": time.time(), **f, "action": "episode discarded"} for f in result[1]]
-            return episodes
+    def _stop_rounds(self) -> None:
+        """No round of a collection's ``more`` starts after this (before new weights, or the actors' end)."""
+        if self._going is not None:
+            self._going.stop()
+            self._going = None
 
-        return wait
+    def _gather(self, results: list) -> list[Episode]:
+        """The episodes of ``collect_with_faults`` results (None: one left out), their environments' faults
+        recorded."""
+        episodes = []
+        for result in results:
+            if result is not None:
+                episodes += result[0]
+                self.faults += [{"time": time.time(), **f, "action": "episode discarded"} for f in result[1]]
+        return episodes
 
     def placement(self) -> list[dict]:
         """Where each worker runs: its node, host and process."""
@@ -193,6 +207,7 @@ class RolloutGroup:
         return self._checked("applied_versions", [()] * self.num_workers, leave_out=False)
 
     def close(self) -> None:
+        self._stop_rounds()
         if self.use_ray:
             import ray
 
@@ -200,6 +215,93 @@ class RolloutGroup:
                 ray.kill(w)
         self.workers = []
 
+
+class Collection:
+    """A collection started on the actors (``RolloutGroup.collect_async``); calling it waits for the episodes.
+
+    With ``more``, a thread in this process hands a round to each actor that is done (with its share, or its last
+    round) until ``stop()``. The group's next ``publish`` calls it before the new weights are sent, so every round
+    runs with the weights the collection started with. A round that fails or misses the deadline loses its episodes
+    (recorded in ``faults``); its actor gets no more rounds and is replaced. The share's faults are ``collect``'s."""
+
+    POLL_S = 0.05  # how often the thread looks for an actor that is done, and for ``stop``
+
+    def __init__(self, group: RolloutGroup, args: list[tuple], refs: list | None,
+                 more: Iterator[tuple[list[int], int]] | None):
+        self._group, self._args, self._refs = group, args, refs
+        self.rounds: list[dict] = []  # {"worker", "actor", "ref", "seeds"}, and its "result" or "error" once known
+        self._stopping = threading.Event()
+        self._thread = None
+        if more is not None and refs is not None:
+            self._thread = threading.Thread(target=self._go_on, args=(more,), name="rollout-rounds", daemon=True)
+            self._thread.start()
+
+    def _go_on(self, more: Iterator[tuple[list[int], int]]) -> None:
+        import ray
+
+        split, corrected = self._args[0][1], self._args[0][3]
+        working: dict = {ref: (i, None) for i, ref in enumerate(self._refs)}  # ref -> (worker, its round or None)
+        while working and not self._stopping.is_set():
+            done, _ = ray.wait(list(working), num_returns=1, timeout=self.POLL_S)
+            for ref in done:
+                i, finished = working.pop(ref)
+                if finished is not None and not _settle(finished):
+                    continue  # that actor failed: no more rounds for it
+                nxt = None if self._stopping.is_set() else next(more, None)
+                if nxt is None:
+                    continue
+                seeds, sample_seed = nxt
+                actor = self._group.workers[i]
+                out = actor.collect_with_faults.remote(list(seeds), split, sample_seed * 1000, corrected)
+                self.rounds.append({"worker": i, "actor": actor, "ref": out, "seeds": len(seeds)})
+                working[out] = (i, self.rounds[-1])
+
+    def stop(self) -> None:
+        """No round starts after this returns."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __call__(self) -> list[Episode]:
+        self.stop()
+        group = self._group
+        results = group._checked("collect_with_faults", self._args, self._args[0][1] == "train", refs=self._refs)
+        if all(r is None for r in results):
+            raise RolloutError(f"every rollout worker failed twice on the same seeds ({group.faults[-1]['error']}):"
+                               f" something beyond one actor is wrong (the environment, the machine). The "
+                               f"episodes stored so far are kept; the run resumes from its last iteration.")
+        episodes = group._gather(results)
+        if self.rounds:
+            import ray
+
+            ray.wait([r["ref"] for r in self.rounds], num_returns=len(self.rounds), timeout=group.call_timeout_s)
+            for r in self.rounds:
+                if _settle(r, wait=False):
+                    episodes += group._gather([r["result"]])
+                    continue
+                if group.workers[r["worker"]] is r["actor"]:  # not replaced since (the share's retry, a round)
+                    group._replace(r["worker"], r["error"])
+                group.faults.append({"time": time.time(), "worker": r["worker"], "error": r["error"].split(":")[0],
+                                     "action": f"left out a round of {r['seeds']} seeds beyond the iteration's"})
+        return episodes
+
+
+def _settle(round_: dict, wait: bool = True) -> bool:
+    """Fetch a finished round's result into it (or the reason it has none: "error"); -> whether it succeeded.
+    ``wait=False``: a round not finished by now missed the deadline."""
+    import ray
+
+    if "result" in round_ or "error" in round_:
+        return "result" in round_
+    try:
+        round_["result"] = ray.get(round_["ref"], timeout=None if wait else 0)
+        return True
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+        if isinstance(e, ray.exceptions.GetTimeoutError):
+            round_["error"] = "TimeoutError: no answer within the deadline (rollout.call_timeout_s)"
+        else:
+            round_["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+        return False
 
 def _changed(old: np.ndarray, new: np.ndarray) -> bool:
     """Whether an array differs from its last published value. A trained array almost always differs in its first

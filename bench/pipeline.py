@@ -2,13 +2,17 @@
 
     PYTHONPATH=. .venv/bin/python bench/pipeline.py [overrides...]
 
-Two `flywheel run`s of the smoke preset on this machine, the same in all but ``rollout.overlap`` (the actors
-collect the next iteration while the learner trains), each for 6 iterations with a small detector (its quality
+Three `flywheel run`s of the smoke preset on this machine, the same in all but ``rollout.overlap`` (the actors
+collect the next iteration while the learner trains) and ``rollout.keep_collecting`` (actors done with that
+before the learner go on practising with the weights they hold; 0: they wait): synchronous, overlapped, and
+overlapped with the actors waiting. Each runs 6 iterations with a small detector (its quality
 does not change the timeline). Every iteration records ``rollout/busy_fraction`` (the actors' time spent
 collecting or applying weights, over their time alive) and ``time/learner_wait_fraction`` (the share of the
 iteration the driver spent waiting for the collection). Figures are means over iterations 2-6 (the first has
-nothing to overlap with). Two results, each a fraction of time measured in the overlapped run, the synchronous
-run's beside it: ``pipeline_actors_wait`` (1 - busy; target < 5%) and ``pipeline_learner_wait`` (target < 10%).
+nothing to overlap with). Two results, each a fraction of time measured in the overlapped run, the others' beside
+it: ``pipeline_actors_wait`` (1 - busy; target < 5%) and ``pipeline_learner_wait`` (target < 10%).
+Beside them, each run's practice learned from per second of its iterations, and how much of it the actors
+collected beyond ``episodes_per_iteration`` while the learner trained (``rollout.keep_collecting``).
 """
 
 from __future__ import annotations
@@ -30,27 +34,35 @@ SETTINGS = ["experiment=smoke", "budget.iterations=6", "budget.minutes=30", "det
 
 def measure(overlap: bool, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config("run", [*SETTINGS, f"rollout.overlap={str(overlap).lower()}", f"run_dir={tmp}/run", *extra])
+        cfg = load_config("run", [*SETTINGS, f"rollout.overlap={str(overlap).lower()}", *extra, f"run_dir={tmp}/run"])
         summary = run(cfg, say=lambda m: None)
         rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-    its = [r for r in rows if "iteration" in r][1:]
+    first, *its = [r for r in rows if "iteration" in r]
     busy = float(np.mean([r["rollout/busy_fraction"] for r in its]))
     wait = float(np.mean([r["time/learner_wait_fraction"] for r in its]))
-    phases = {k[5:]: float(np.mean([r.get(k, 0.0) for r in its])) for k in sorted(
-        {k for r in its for k in r if k.startswith("time/") and not k.endswith("_fraction")})}
+    timed = sorted({k for r in its for k in r if k.startswith("time/") and not k.endswith("_fraction")})
+    phases = {k[5:]: float(np.mean([r.get(k, 0.0) for r in its])) for k in timed}
+    seconds = sum(r.get(k, 0.0) for r in its for k in timed)
     return {"actors_wait": 1 - busy, "learner_wait": wait, "seconds_per_iteration": phases,
+            # practice learned from per second of the loop (iterations 2-6), and how much of it was beyond
+            # episodes_per_iteration (rollout.keep_collecting): what the actors' time bought
+            "practice_per_s": (its[-1]["episodes"] - first["episodes"]) / seconds,
+            "kept_collecting": float(np.mean([r.get("rollout/kept_collecting", 0) for r in its])),
             "episodes_per_s": summary["episodes"] / summary["wall_seconds"], "iterations": summary["iterations"]}
 
 
 def main(extra: list[str]) -> None:
     sync, overlapped = measure(False, extra), measure(True, extra)
+    waiting = measure(True, ["rollout.keep_collecting=0", *extra])  # overlapped, the actors waiting for weights
     for key, target, what in (("actors_wait", 0.05, "the rollout actors' time spent waiting (not collecting or "
                                                      "applying weights) / their time alive"),
                               ("learner_wait", 0.10, "the time the learner's side waited for practice / the "
                                                      "iteration's time")):
         write_result(f"pipeline_{key}", overlapped[key], target, overlapped[key] < target,
                      what=f"{what}, with rollout.overlap=true (smoke preset, iterations 2-6; without overlap: "
-                          f"{sync[key]:.3f})", overlap=overlapped, synchronous=sync, settings=SETTINGS + extra)
+                          f"{sync[key]:.3f}; overlapped with rollout.keep_collecting=0: {waiting[key]:.3f})",
+                     overlap=overlapped, synchronous=sync, overlap_keep_collecting_0=waiting,
+                     settings=SETTINGS + extra)
 
 
 if __name__ == "__main__":

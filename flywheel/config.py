@@ -155,6 +155,10 @@ class RolloutConfig:
     #                                replaced (an environment that hangs); its episodes in flight are lost
     overlap: bool = False  # with Ray: collect the next iteration while the learner trains on this one (practice one
     #                        version behind the learner; the gate's evaluation waits for that collection)
+    keep_collecting: float = 1.0  # with overlap: actors done with the next iteration's share before the learner's
+    #                  update ends go on practising with the weights they hold, in rounds of 16 episodes, up to this
+    #                  many times episodes_per_iteration more, rather than wait; the next iteration learns from all of
+    #                  it (rollout/kept_collecting). 0: they wait
     resources: dict[str, float] = field(default_factory=dict)  # Ray custom resources each actor needs, which
     #                     places it: {robot: 1} puts actors on nodes started with --resources='{"robot": N}'
     corrections: float = 0.0  # human corrections in practice, the scripted expert standing in for the person: the

@@ -237,6 +237,36 @@ class AuditSettings:
         }
 
 
+@dataclasses.dataclass
+class MorePractice:
+    """Rounds of practice beyond an iteration's episodes (``RolloutGroup.collect_async(more=)``): the actors go on
+    with them while the learner trains, rather than wait for its weights. Their seed indices follow the
+    iteration's, a round of whole layouts at a time; ``drawn`` counts the layouts handed out, all of which come
+    back (or are recorded lost), so the seed index moves on by them and no seed is used twice."""
+
+    seed_of: Callable[[int], int]
+    first: int  # the seed index of the first layout beyond the iteration's
+    group_size: int
+    limit: int  # layouts at most
+    round_layouts: int = 1
+    drawn: int = 0
+
+    def __iter__(self) -> "MorePractice":
+        return self
+
+    def __next__(self) -> tuple[list[int], int]:
+        if self.drawn + self.round_layouts > self.limit:
+            raise StopIteration
+        start = self.first + self.drawn
+        self.drawn += self.round_layouts
+        return [self.seed_of(start + i // self.group_size) for i in range(self.round_layouts * self.group_size)], start
+
+
+ROUND_EPISODES = 16  # a round beyond the iteration's: one actor's batch, where a batched policy call has most of
+#                      its gain over one environment at a time (bench batched_inference), and short enough (~0.3 s
+#                      on a core) that the learner seldom waits for the last one
+
+
 def run_loop(
     *,
     rollouts: Rollouts,
@@ -258,7 +288,9 @@ def run_loop(
     gate: GateSettings | None = None,
     save_state: Callable[[LoopState], None] = lambda state: None,
     in_flight: Collection[Episode] = (),
+    in_flight_layouts: int = 0,
     overlap: bool = False,
+    keep_collecting: float = 0.0,
     eval_judge: str = "ground_truth",
 ) -> LoopState:
     """Turn the flywheel until the budget runs out; returns the final state (evaluations first to last).
@@ -266,9 +298,13 @@ def run_loop(
     ``learner_reads``: the observation keys the policy reads (learner_view drops the others). ``gate``: every new
     version must pass the promotion gate before practice, or the run rolls back. ``save_state(state)`` is called
     after each iteration, once its checkpoint is on disk (a resumable point). ``in_flight``: episodes of the next
-    iteration stored before a crash (a resumed run); only the attempts they lack are collected. ``overlap``: the
+    iteration stored before a crash (a resumed run), spanning ``in_flight_layouts`` seed indices (more than an
+    iteration's when it had practice beyond it); only the attempts they lack are collected. ``overlap``: the
     actors collect the next iteration's episodes while this one's are labelled and learned from (with the weights
     they had: practice one version behind); a new snapshot and the gate's evaluation queue behind that collection.
+    ``keep_collecting`` (with ``overlap``): actors done with the next iteration's share before the learner's
+    update ends go on practising with the same weights, up to this many times ``episodes_per_iteration`` more
+    (``MorePractice``), and the next iteration learns from all of it.
     ``eval_judge``: who scores the evaluations and the gate, ``ground_truth`` (a simulator) or ``detector`` (the
     detector labelling practice at the time: a robot), the gate then audited against trusted verdicts."""
     if eval_judge not in ("ground_truth", "detector"):
@@ -293,6 +329,7 @@ def run_loop(
         state.deployed_judged_by = ran.judged_by
     in_flight = list(in_flight)
     pending: Callable[[], list[Episode]] | None = None  # the next iteration's collection, started (overlap)
+    more: MorePractice | None = None  # the practice beyond it, handed out a round at a time
     overlap = overlap and hasattr(rollouts, "collect_async")
     last_iteration_s, eval_s = 0.0, 0.0
     usage = _usage(rollouts)  # the actors' busy time so far: each iteration reports its share of the interval
@@ -303,21 +340,25 @@ def run_loop(
         with timer("collect"):
             # ``group_size`` attempts at each layout, so that the learner can compare attempts (group advantages).
             layouts = max(1, episodes_per_iteration // group_size)
-            seeds = [train_seed(state.next_train_index + i // group_size) for i in range(layouts * group_size)]
-            if pending is not None:  # started last iteration, on these very seeds
+            if pending is not None:  # started last iteration, on these very seeds, and the rounds beyond them
                 adopted, new, pending = [], pending(), None
+                taken = layouts + (more.drawn if more else 0)
             else:
+                taken = max(layouts, in_flight_layouts if in_flight else 0)
+                seeds = [train_seed(state.next_train_index + i // group_size) for i in range(taken * group_size)]
                 adopted, seeds = _adopt(in_flight, seeds)
                 in_flight = []
                 new = rollouts.collect(seeds, "train", sample_seed=state.next_train_index) if seeds else []
-            state.next_train_index += layouts
+            state.next_train_index += taken
         busy, usage = _busy_fraction(usage, _usage(rollouts))  # the actors are idle now: the answer is at once
         episodes = adopted + new
         if overlap and budget.allows(state.iteration + 1, state.env_steps, 2 * last_iteration_s,
                                      reserve_s=eval_s * 1.2 + 2.0, episodes=state.episodes + len(episodes)):
             # the next collection starts before this one is stored: the actors do not wait for the disk
             ahead = [train_seed(state.next_train_index + i // group_size) for i in range(layouts * group_size)]
-            pending = rollouts.collect_async(ahead, "train", sample_seed=state.next_train_index)
+            more = _more_practice(keep_collecting, budget, state, len(episodes), layouts, group_size, train_seed)
+            pending = rollouts.collect_async(ahead, "train", sample_seed=state.next_train_index,
+                                             **({"more": more} if more else {}))
         with timer("store"):
             for ep in new:
                 store.add(ep)
@@ -387,6 +428,8 @@ def run_loop(
             "rollout/corrected": float(np.mean([ep.intervened().any() for ep in episodes])) if episodes else 0.0,
             # how many versions behind the learner the practice it learned from was (0: synchronous)
             "rollout/lag_versions": lag,
+            # practice beyond episodes_per_iteration: what the actors collected while the learner trained
+            "rollout/kept_collecting": (taken - layouts) * group_size,
             **({f"sync/{k}": v for k, v in rollouts.last_sync.items()} if published and getattr(
                 rollouts, "last_sync", None) else {}),
         }
@@ -422,6 +465,20 @@ def run_loop(
         metrics.log(state.evaluations[-1].as_metrics(), step=state.iteration)
         on_iteration(state, state.evaluations[-1].as_metrics())
     return state
+
+
+def _more_practice(keep_collecting: float, budget: Budget, state: LoopState, collected: int, layouts: int,
+                   group_size: int, train_seed: Callable[[int], int]) -> MorePractice | None:
+    """The rounds the actors may go on with after the next iteration's share: ``keep_collecting`` iterations'
+    worth at most, and none past the budget's episodes."""
+    limit = int(keep_collecting * layouts)
+    if budget.max_episodes:
+        left = budget.max_episodes - state.episodes - collected - layouts * group_size
+        limit = min(limit, max(0, left) // group_size)
+    round_layouts = max(1, -(-ROUND_EPISODES // group_size))
+    if limit < round_layouts:
+        return None
+    return MorePractice(train_seed, state.next_train_index + layouts, group_size, limit, round_layouts)
 
 
 MAX_DIVERGED_IN_A_ROW = 3

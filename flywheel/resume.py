@@ -30,8 +30,9 @@ from flywheel.store import EpisodeStore, atomic_write_bytes
 STATE_FILE = "run_state.json"
 # Keys a resumed run may be given anew: how long, where it reports, how many workers, how often it evaluates.
 RESUMABLE = ("run_dir", "budget.", "wandb.", "rollout.num_workers", "rollout.use_ray", "rollout.cpus_per_worker",
-             "rollout.call_timeout_s", "rollout.resources", "rollout.overlap", "ray.", "eval.every", "learner.device",
-             "learner.remote", "learner.cpus", "learner.gpus", "learner.resources", "learner.call_timeout_s")
+             "rollout.call_timeout_s", "rollout.resources", "rollout.overlap", "rollout.keep_collecting", "ray.",
+             "eval.every", "learner.device", "learner.remote", "learner.cpus", "learner.gpus", "learner.resources",
+             "learner.call_timeout_s")
 
 
 class RunDirError(RuntimeError):
@@ -131,12 +132,12 @@ def read_state(run_dir: Path) -> dict[str, Any] | None:
                           f"{run_dir}/checkpoints/policy-*.safetensors continues from its policy).") from e
 
 
-def loop_episodes(store: EpisodeStore, seed_index: callable, next_index: int, layouts: int, keep: int
+def loop_episodes(store: EpisodeStore, seed_index: callable, next_index: int, keep: int
                   ) -> tuple[list[Episode], list[Episode]]:
     """The run's practice episodes in the store: (the newest ``keep`` of those the learner already learned from,
     oldest first; those of the iteration in flight, which it had not). ``seed_index(seed)`` gives a practice
-    episode's seed index (None for any other episode); indices below ``next_index`` were learned from, those in the
-    ``layouts`` after it were in flight."""
+    episode's seed index (None for any other episode); indices below ``next_index`` were learned from, those from
+    it on were in flight (an iteration's, and the practice its actors went on with: ``rollout.keep_collecting``)."""
     done, in_flight = [], []
     for path, meta in store.lineage("train"):
         index = seed_index(meta["seed"]) if meta.get("policy_version", -1) >= 0 else None
@@ -144,7 +145,7 @@ def loop_episodes(store: EpisodeStore, seed_index: callable, next_index: int, la
             continue
         if index < next_index:
             done.append((index, meta.get("info", {}).get("created", 0.0), path))
-        elif index < next_index + layouts:
+        else:
             in_flight.append(path)
     done = [path for *_, path in sorted(done)[-keep:]] if keep > 0 else []
     labels = store.labels()

@@ -439,7 +439,10 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
                 eval_every=cfg.eval.every, group_size=cfg.rollout.group_size, state=state,
                 on_iteration=on_iteration or (lambda s, row: None), audit_settings=audit_settings,
                 learner_reads=reads, gate=gate, save_state=save_state, in_flight=in_flight,
-                overlap=cfg.rollout.overlap and cfg.rollout.use_ray, eval_judge=cfg.eval.judge,
+                in_flight_layouts=max((loop_seed_index(ep.seed) + 1 - state.next_train_index for ep in in_flight),
+                                      default=0),
+                overlap=cfg.rollout.overlap and cfg.rollout.use_ray, keep_collecting=cfg.rollout.keep_collecting,
+                eval_judge=cfg.eval.judge,
             )
         first, last = state.evaluations[0], state.evaluations[-1]
         summary.update(
@@ -601,8 +604,7 @@ def check_learner_fits(cfg: DictConfig, offered: dict) -> None:
 def refill_learner(learner, cfg: DictConfig, store: EpisodeStore, next_index: int, reads) -> tuple[int, list]:
     """Put the practice episodes the learner had learned from (seed indices below ``next_index``; the newest
     2 x learner.max_episodes) back in its replay buffer. -> (how many, the iteration in flight's stored episodes)."""
-    layouts = max(1, cfg.rollout.episodes_per_iteration // cfg.rollout.group_size)
-    learned, in_flight = loop_episodes(store, loop_seed_index, next_index, layouts, keep=2 * cfg.learner.max_episodes)
+    learned, in_flight = loop_episodes(store, loop_seed_index, next_index, keep=2 * cfg.learner.max_episodes)
     learner.refill([learner_view(ep, reads) for ep in learned if ep.latest_label("detector") is not None])
     return len(learned), in_flight
 

@@ -166,3 +166,46 @@ def test_a_person_standing_by_takes_over_practice_and_the_steps_are_marked():
     assert not any(ep.intervened().any() for ep in worker.collect(seeds[:4], "eval"))
     assert not any(ep.intervened().any() for ep in worker.collect(seeds[:4], "train", corrected=False))
     assert all(ep.intervened().any() for ep in worker.collect(seeds[:4], "train") if ep.num_steps > 8)
+
+
+def test_actors_go_on_practising_until_new_weights_and_every_round_comes_back(ray_local):
+    """collect_async(more=): actors done with their share take rounds beyond it, with the weights the collection
+    started with, until the next publish; every round started comes back, and one on an actor that dies is lost
+    whole, recorded, and stops that actor's rounds."""
+    import time
+
+    import ray
+
+    from flywheel.loop import MorePractice
+
+    group = RolloutGroup(functools.partial(VLAPolicy, VLAConfig()), ENV, num_workers=2, cpus_per_worker=0.5)
+    try:
+        group.publish(_snapshot(1, 1.0))
+        more = MorePractice(lambda i: 1000 + i, first=4, group_size=2, limit=200, round_layouts=2)
+        pending = group.collect_async([1000, 1000, 1001, 1001, 1002, 1002, 1003, 1003], "train", more=more)
+        deadline = time.time() + 60
+        while more.drawn < 8 and time.time() < deadline:  # the learner trains meanwhile
+            time.sleep(0.05)
+        group.publish(_snapshot(2, 1.0))
+        drawn = more.drawn
+        episodes = pending()
+        assert 8 <= drawn < 200 and more.drawn == drawn  # none started after the new weights
+        seeds = sorted(ep.seed for ep in episodes)  # every layout handed out came back, twice (group_size 2)
+        assert seeds == sorted(2 * list(range(1000, 1004 + drawn)))
+        assert {ep.policy_version for ep in episodes} == {1} and not group.faults
+
+        more = MorePractice(lambda i: 5000 + i, first=2, group_size=1, limit=200, round_layouts=2)
+        pending = group.collect_async([5000, 5001], "train", more=more)
+        while more.drawn < 6 and time.time() < deadline + 60:
+            time.sleep(0.05)
+        ray.kill(group.workers[0], no_restart=True)  # mid-round, or between two
+        time.sleep(0.5)
+        group.publish(_snapshot(3, 1.0))
+        episodes = pending()
+        lost = [f for f in group.faults if "left out a round" in f.get("action", "")]
+        assert len(lost) == 1 and lost[0]["worker"] == 0 and group.restarts == 1  # one round, then no more for it
+        got = [ep.seed for ep in episodes]
+        assert len(got) == len(set(got)) == 2 + more.drawn - 2 and set(got) <= set(range(5000, 5002 + more.drawn))
+        assert group.collect([7000, 7001], "train") and group.applied_versions()[0][-1] == 3  # replaced: newest
+    finally:
+        group.close()

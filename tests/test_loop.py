@@ -8,7 +8,7 @@ import pytest
 
 from bench.common import our_processes
 from flywheel.config import load_config
-from flywheel.run import run
+from flywheel.run import loop_seed_index, run
 from flywheel.store import EpisodeStore
 
 
@@ -214,19 +214,28 @@ def test_every_budget_stops_the_loop():
 
 
 def test_with_overlap_the_actors_collect_while_the_learner_trains(tmp_path, ray_local):
+    """The actors collect the next iteration while the learner trains, then go on practising with the weights they
+    hold until the new ones come (rollout.keep_collecting): the next iteration learns from all of it, one version
+    behind, and no seed is used twice."""
     run_dir = tmp_path / "run"
     cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}", "rollout.overlap=true", "gate.episodes=0",
-                              "wandb.mode=disabled"])
+                              "wandb.mode=disabled", "learner.steps_per_update=150"])  # an update longer than a share
     summary = run(cfg, say=lambda m: None)
-    assert summary["status"] == "completed" and summary["iterations"] == 3 and summary["episodes"] == 3 * 32
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    lags = [r["rollout/lag_versions"] for r in rows if "iteration" in r]
-    assert lags == [0, 1, 1]  # the second and third iterations' practice ran while the update before them trained
-    its = [r for r in rows if "iteration" in r]  # the pipeline's waits, measured every iteration
+    its = [r for r in rows if "iteration" in r]
+    assert [r["rollout/lag_versions"] for r in its] == [0, 1, 1]  # iterations 2-3 practised during an update
+    kept = [r["rollout/kept_collecting"] for r in its]
+    assert kept[0] == 0 and kept[1] > 0 and kept[2] > 0, kept  # more than 32 an iteration: the actors went on
+    assert summary["status"] == "completed" and summary["iterations"] == 3 and summary["episodes"] == 96 + sum(kept)
     assert all(0 < r["rollout/busy_fraction"] <= 1 and 0 <= r["time/learner_wait_fraction"] < 1 for r in its), its
     store = EpisodeStore(run_dir / "episodes")
-    versions = sorted(ep.policy_version for ep in store.iter() if ep.policy_version >= 0 and ep.seed >= 5_000_000)
-    assert versions == [0] * 64 + [1] * 32 and store.verify()["ok"]
+    practice = [ep for ep in store.iter() if ep.policy_version >= 0 and ep.seed >= 5_000_000]
+    indices = sorted(loop_seed_index(ep.seed) for ep in practice)  # every seed index twice (group_size 2), none
+    assert indices == sorted(2 * list(range(len(indices) // 2)))   # skipped, none run twice
+    sizes = [32 + k for k in kept]  # each iteration's practice ran with the version before its update
+    by_version = {v: sum(ep.policy_version == v for ep in practice) for v in (0, 1, 2)}
+    assert by_version == {0: sizes[0] + sizes[1], 1: sizes[2], 2: 0}, by_version  # none after the last iteration
+    assert store.verify()["ok"]
 
 
 def test_a_run_judges_with_a_detector_it_is_given_or_with_the_simulator(tmp_path, finished_run):

@@ -74,6 +74,13 @@ def _copy(finished_run, tmp_path):
 
 
 def test_the_iteration_in_flight_uses_what_it_stored_and_collects_only_the_rest(finished_run, tmp_path):
+    """What an iteration in flight had stored when it was killed is used, never run again: its share, and the
+    practice its actors went on with beyond it (rollout.keep_collecting), which the seed index then moves past."""
+    import dataclasses
+    import uuid
+
+    from flywheel.run import loop_seed
+
     run_dir = _copy(finished_run, tmp_path)
     shutil.copy(finished_run[1], run_dir / "run_state.json")  # back to the end of iteration 1
     store = EpisodeStore(run_dir / "episodes")
@@ -82,13 +89,15 @@ def test_the_iteration_in_flight_uses_what_it_stored_and_collects_only_the_rest(
     lost = second[:10]  # iteration 2 had stored only 22 of its 32 when it was killed
     for path, _ in lost:
         path.unlink()
+    beyond = [store.add(dataclasses.replace(store.read(p), id=uuid.uuid4().hex, seed=loop_seed(32 + k // 2)))
+              for k, (p, _) in enumerate(second[10:26])]  # and 8 layouts (x 2 attempts) beyond its 16
 
     summary = _resume(run_dir, "budget.iterations=3")
-    assert summary["iterations"] == 3 and summary["episodes"] == 3 * 32
+    assert summary["iterations"] == 3 and summary["episodes"] == 32 + (32 + 16) + 32
     counts, verified = _practice(run_dir)
-    assert verified["ok"] and sorted(counts) == list(range(3 * 16)) and set(counts.values()) == {2}
+    assert verified["ok"] and sorted(counts) == list(range(16 + 24 + 16)) and set(counts.values()) == {2}
     ids = {p.stem for p in store.paths("train")}
-    assert all(p.stem in ids for p, _ in second[10:])  # the 22 stored attempts were used, not run again
+    assert all(p.stem in ids for p, _ in second[10:]) and all(p.stem in ids for p in beyond)  # used, not run again
     assert not any(p.stem in ids for p, _ in lost)  # the 10 missing ones were run anew (new episodes)
 
 
