@@ -1,58 +1,70 @@
-"""A rollout worker's own memory over many collections, with the heap trimmed after each (the default) and without.
+"""A Ray rollout actor's memory and speed over many collections, its heap trimmed after each or never.
 
     PYTHONPATH=. .venv/bin/python bench/actor_memory.py [collections]     # default 30 collections of 256 episodes
 
-Each mode runs in a fresh process: one RolloutWorker (``trim=True``, as Ray actors run it, or ``False``) (the shipped VLA, both cameras), collections of 256 episodes,
-private resident memory (RssAnon) read after each. The figure is the growth from the 5th collection to the last,
-trimmed against untrimmed, measured in this run. Results: bench/results/actor_memory.json.
+Two Ray rollout actors (the shipped VLA, both cameras), each in its own process and the same in all but
+``RolloutGroup(trim=)``: the heap handed back after every collection (``trim_heap``, the default) or never. They
+collect the same 256 layouts in turns, one at a time, so that whatever else the machine does falls on both. After
+each collection the driver reads each actor's private resident memory (RssAnon). Figures: the growth from the 5th
+collection to the last, and env steps per second over all collections. The result is the trimmed actor's speed over
+the untrimmed one's (what flat memory costs); the memory of both is beside it. Results:
+bench/results/actor_memory.json.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
+import time
 
-from bench.common import memory_mb, write_result
+from actors.ray_actors import RolloutGroup, vla_policy_factory
+from actors.tabletop import split_seed
+from bench.common import write_result
+from flywheel.contracts import PolicySnapshot
+from flywheel.vla.checkpoint import load_policy_checkpoint
+
+MODES = {"trimmed": True, "untrimmed": False}  # RolloutGroup(trim=)
 
 
-def measure(trim: bool, collections: int) -> list[float]:
-    import functools
-
-    import torch
-
-    import actors.rollout as rollout
-    from flywheel.contracts import PolicySnapshot
-    from flywheel.vla.checkpoint import load_policy_checkpoint
-    from flywheel.vla.model import VLAPolicy
-
-    torch.set_num_threads(1)
-    cfg, weights, _ = load_policy_checkpoint("base")
-    worker = rollout.RolloutWorker(functools.partial(VLAPolicy, cfg), {"sensors": ["overhead", "wrist"]}, trim=trim)
-    worker.set_weights(PolicySnapshot(0, weights))
-    out = []
-    for i in range(collections):
-        worker.collect(list(range(1000 * i, 1000 * i + 256)), "train", sample_seed=i)
-        out.append(memory_mb()["RssAnon"])
-    return out
+def private_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("RssAnon:"))
 
 
 def main(collections: int) -> None:
-    if len(sys.argv) > 2:  # a child: one mode
-        print(json.dumps(measure(sys.argv[2] == "trim", collections)))
-        return
-    runs = {}
-    for mode in ("trim", "none"):
-        done = subprocess.run([sys.executable, __file__, str(collections), mode], capture_output=True, text=True,
-                              check=True, env={**os.environ, "PYTHONPATH": "."})
-        runs[mode] = json.loads(done.stdout.strip().splitlines()[-1])
-    growth = {m: r[-1] - r[4] for m, r in runs.items()}
-    write_result("actor_memory", growth["trim"] / growth["none"], None, None,
-                 what="a rollout worker's private memory growth from the 5th collection of 256 episodes to the last: "
-                      "heap trimmed after each collection / not trimmed",
-                 growth_mb=growth, per_collection_mb={m: g / (collections - 5) for m, g in growth.items()},
-                 private_mb=runs)
+    import ray
+
+    cfg, weights, _ = load_policy_checkpoint("base")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        groups = {m: RolloutGroup(vla_policy_factory(cfg), {"sensors": ["overhead", "wrist"]}, num_workers=1,
+                                  cpus_per_worker=0.5, trim=trim) for m, trim in MODES.items()}
+        pids = {}
+        for m, g in groups.items():
+            g.publish(PolicySnapshot(0, weights))
+            pids[m] = g.placement()[0]["pid"]
+        memory = {m: [] for m in MODES}
+        steps = {m: 0 for m in MODES}
+        seconds = {m: 0.0 for m in MODES}
+        for i in range(collections):
+            seeds = [split_seed("train", 9_000_000 + 256 * i + j) for j in range(256)]
+            for m, g in groups.items():
+                started = time.perf_counter()
+                steps[m] += sum(ep.num_steps for ep in g.collect(seeds, "train", sample_seed=i))
+                seconds[m] += time.perf_counter() - started
+                memory[m].append(private_mb(pids[m]))
+        for g in groups.values():
+            g.close()
+    finally:
+        ray.shutdown()
+    growth = {m: r[-1] - r[4] for m, r in memory.items()}
+    speed = {m: steps[m] / seconds[m] for m in MODES}
+    write_result("actor_memory", speed["trimmed"] / speed["untrimmed"], None, None,
+                 what=f"env steps/s of a Ray rollout actor over {collections} collections of 256 episodes, its heap "
+                      f"trimmed after each (the default) / never trimmed; the actors' memory beside it",
+                 steps_per_s=speed, growth_mb=growth,
+                 per_collection_mb={m: g / (collections - 5) for m, g in growth.items()},
+                 peak_mb={m: max(r) for m, r in memory.items()}, private_mb=memory)
+
 
 if __name__ == "__main__":
     main(int(sys.argv[1]) if len(sys.argv) > 1 else 30)

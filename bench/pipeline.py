@@ -1,6 +1,6 @@
 """The pipeline: how long the actors wait, and how long the learner waits for practice (issue 7, item 5).
 
-    PYTHONPATH=. .venv/bin/python bench/pipeline.py [overrides...]
+    PYTHONPATH=. .venv/bin/python bench/pipeline.py [--name NAME] [overrides...]   # results: NAME_actors_wait, ...
 
 Three `flywheel run`s of the smoke preset on this machine, the same in all but ``rollout.overlap`` (the actors
 collect the next iteration while the learner trains) and ``rollout.keep_collecting`` (actors done with that
@@ -51,14 +51,14 @@ def measure(overlap: bool, extra: list[str]) -> dict:
             "episodes_per_s": summary["episodes"] / summary["wall_seconds"], "iterations": summary["iterations"]}
 
 
-def main(extra: list[str]) -> None:
+def main(extra: list[str], name: str = "pipeline") -> None:
     sync, overlapped = measure(False, extra), measure(True, extra)
     waiting = measure(True, ["rollout.keep_collecting=0", *extra])  # overlapped, the actors waiting for weights
     for key, target, what in (("actors_wait", 0.05, "the rollout actors' time spent waiting (not collecting or "
                                                      "applying weights) / their time alive"),
                               ("learner_wait", 0.10, "the time the learner's side waited for practice / the "
                                                      "iteration's time")):
-        write_result(f"pipeline_{key}", overlapped[key], target, overlapped[key] < target,
+        write_result(f"{name}_{key}", overlapped[key], target, overlapped[key] < target,
                      what=f"{what}, with rollout.overlap=true (smoke preset, iterations 2-6; without overlap: "
                           f"{sync[key]:.3f}; overlapped with rollout.keep_collecting=0: {waiting[key]:.3f})",
                      overlap=overlapped, synchronous=sync, overlap_keep_collecting_0=waiting,
@@ -66,4 +66,8 @@ def main(extra: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    if args[:1] == ["--name"]:
+        main(args[2:], name=args[1])
+    else:
+        main(args)
