@@ -303,6 +303,7 @@ def _settle(round_: dict, wait: bool = True) -> bool:
             round_["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
         return False
 
+
 def _changed(old: np.ndarray, new: np.ndarray) -> bool:
     """Whether an array differs from its last published value. A trained array almost always differs in its first
     elements, so those are compared first, and only an array that starts the same is compared whole (a frozen one).
