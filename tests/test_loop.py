@@ -219,7 +219,8 @@ def test_with_overlap_the_actors_collect_while_the_learner_trains(tmp_path, ray_
     behind, and no seed is used twice."""
     run_dir = tmp_path / "run"
     cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}", "rollout.overlap=true", "gate.episodes=0",
-                              "wandb.mode=disabled", "learner.steps_per_update=150"])  # an update longer than a share
+                              "wandb.mode=disabled", "eval.every=100",
+                              "learner.steps_per_update=100"])  # an update longer than a share
     summary = run(cfg, say=lambda m: None)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     its = [r for r in rows if "iteration" in r]
