@@ -37,7 +37,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
 
 # issue 7's benchmarks: ratios measured in one run each, into bench/results/*.json and the table in bench/RESULTS.md
-# (~20 min on 2 cores; the pi0-sized figures only where there is a CUDA GPU). The soak (bench/soak.py, 30 min) and the others in bench/ run on their own.
+# (~14 min on 2 cores; the pi0-sized figures only where there is a CUDA GPU). The soak (bench/soak.py, 30 min) and the others in bench/ run on their own.
 bench: $(STAMP)
 	PYTHONPATH=. $(BIN)/python bench/rollout.py
 	PYTHONPATH=. $(BIN)/python bench/rollout_profile.py
