@@ -55,6 +55,18 @@ LOOP_SEEDS = 5_000_000
 GATE_SEEDS = 1_000_000  # in the eval split, after the reported evaluation's: the promotion gate's own layouts
 
 
+def eval_noise_note(base_meta: dict, eval_noise: float | None) -> str | None:
+    """A line for a run whose policy checkpoint was evaluated (by the run that wrote it) with another ``eval.noise``:
+    its held-out figures and this run's starting one then measure different policies' behaviour. None if alike, or
+    if the checkpoint does not say (the shipped base)."""
+    if "eval_noise" not in base_meta or base_meta["eval_noise"] == eval_noise:
+        return None
+    was = "null" if base_meta["eval_noise"] is None else f"{base_meta['eval_noise']:g}"
+    now = "null" if eval_noise is None else f"{eval_noise:g}"
+    return (f"policy: the run that wrote it evaluated with eval.noise={was}, this one with eval.noise={now}: their "
+            f"held-out figures are not comparable (give eval.noise={was} to compare)")
+
+
 def loop_seed(index: int) -> int:
     return split_seed("train", LOOP_SEEDS + index)
 
@@ -335,6 +347,9 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
     try:
         vla_cfg, base_weights, base_meta = load_policy_checkpoint(cfg.policy.checkpoint)
         say(f"policy: {cfg.policy.checkpoint} ({base_meta.get('description', 'no description')})")
+        note = eval_noise_note(base_meta, cfg.eval.noise)
+        if note:
+            say(note)
         missing = [s for s in vla_cfg.sensors if s not in cfg.env.sensors]
         if missing:
             raise ConfigError(f"the policy reads sensors {list(vla_cfg.sensors)} but env.sensors={list(cfg.env.sensors)}"

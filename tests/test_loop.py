@@ -8,7 +8,7 @@ import pytest
 
 from bench.common import our_processes
 from flywheel.config import load_config
-from flywheel.run import loop_seed_index, run
+from flywheel.run import eval_noise_note, loop_seed_index, run
 from flywheel.store import EpisodeStore
 
 
@@ -272,4 +272,7 @@ def test_a_runs_checkpoint_is_the_next_runs_policy_checkpoint(finished_run):
     model, meta = load_policy_checkpoint(str(newest), as_model=True)
     _, _, base_meta = load_policy_checkpoint("base")
     assert meta["config"] == base_meta["config"] and meta["version"] == 2
+    # how its held-out figures were measured, said when the next run measures otherwise
+    assert meta["eval_noise"] == 0.0 and eval_noise_note(meta, 0.0) is None and eval_noise_note(base_meta, 1.0) is None
+    assert "eval.noise=0" in eval_noise_note(meta, 1.0) and "eval.noise=null" in eval_noise_note(meta, None)
     assert model.get_weights().keys() == load_policy_checkpoint("base", as_model=True)[0].get_weights().keys()
