@@ -42,9 +42,9 @@ class RolloutGroup:
         trim: bool = True,
     ):
         """``resources``: Ray custom resources each actor needs (``{"robot": 1}``): they decide its node. ``trim``:
-        each Ray actor hands its freed heap back after a collection (``trim_heap``: flat memory overnight, for ~11% of
-        an actor's collection speed, mostly paging the memory back in next time: bench/rollout.py, rollout_overhead's
-        heap_not_trimmed)."""
+        each Ray actor hands its freed heap back after a collection (``trim_heap``: flat memory overnight, for 11-13%
+        of an actor's speed, mostly paging the memory back in next time: bench/actor_memory.py, and rollout_overhead's
+        heap_not_trimmed in bench/rollout.py)."""
         self.use_ray = use_ray
         self.num_workers = int(num_workers)
         self.call_timeout_s = call_timeout_s

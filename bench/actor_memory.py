@@ -18,16 +18,11 @@ import time
 
 from actors.ray_actors import RolloutGroup, vla_policy_factory
 from actors.tabletop import split_seed
-from bench.common import write_result
+from bench.common import memory_mb, write_result
 from flywheel.contracts import PolicySnapshot
 from flywheel.vla.checkpoint import load_policy_checkpoint
 
 MODES = {"trimmed": True, "untrimmed": False}  # RolloutGroup(trim=)
-
-
-def private_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("RssAnon:"))
 
 
 def main(collections: int) -> None:
@@ -51,7 +46,7 @@ def main(collections: int) -> None:
                 started = time.perf_counter()
                 steps[m] += sum(ep.num_steps for ep in g.collect(seeds, "train", sample_seed=i))
                 seconds[m] += time.perf_counter() - started
-                memory[m].append(private_mb(pids[m]))
+                memory[m].append(memory_mb(pids[m])["RssAnon"])
         for g in groups.values():
             g.close()
     finally:

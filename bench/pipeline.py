@@ -68,6 +68,8 @@ def main(extra: list[str], name: str = "pipeline") -> None:
 if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] == ["--name"]:
+        if len(args) < 2 or "=" in args[1]:
+            sys.exit("--name needs a name for the results (--name NAME: bench/results/NAME_actors_wait.json, ...)")
         main(args[2:], name=args[1])
     else:
         main(args)
