@@ -39,12 +39,12 @@ class RolloutGroup:
         cpus_per_worker: float = 1.0,
         call_timeout_s: float = 600.0,
         resources: dict[str, float] | None = None,
-        trim: bool = True,
+        trim_idle_s: float | None = 5.0,
     ):
-        """``resources``: Ray custom resources each actor needs (``{"robot": 1}``): they decide its node. ``trim``:
-        each Ray actor hands its freed heap back after a collection (``trim_heap``: flat memory overnight, for 11-13%
-        of an actor's speed, mostly paging the memory back in next time: bench/actor_memory.py, and rollout_overhead's
-        heap_not_trimmed in bench/rollout.py)."""
+        """``resources``: Ray custom resources each actor needs (``{"robot": 1}``): they decide its node. ``trim_idle_s``:
+        a Ray actor that sits this long after a collection without another hands its freed heap back
+        (``RolloutWorker``): ~420 MB against ~1 GB while it waits for the learner. Trimming after every collection
+        instead cost 12-15% of its speed, paging the memory back in (bench/actor_memory.py). None never trims."""
         self.use_ray = use_ray
         self.num_workers = int(num_workers)
         self.call_timeout_s = call_timeout_s
@@ -54,7 +54,7 @@ class RolloutGroup:
 
             self._remote = ray.remote(num_cpus=cpus_per_worker, max_restarts=0,
                                       **({"resources": dict(resources)} if resources else {}))(RolloutWorker)
-            self._make = functools.partial(self._remote.remote, policy_factory, env_kwargs, trim=trim)
+            self._make = functools.partial(self._remote.remote, policy_factory, env_kwargs, trim_idle_s=trim_idle_s)
         self.workers = [self._make(i) for i in range(self.num_workers)]
         self.published_version = -1
         self._whole: PolicySnapshot | None = None  # the newest snapshot, every array: for a replaced worker

@@ -6,6 +6,7 @@ the very same class as a Ray actor for real runs.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from typing import Callable
@@ -222,9 +223,10 @@ _LIBC = None
 
 def trim_heap() -> None:
     """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing). A collection
-    makes and frees tens of thousands of small frame arrays, and glibc keeps the freed pages: measured, a worker's
-    private memory grew by ~50 MB a collection of 256 episodes (1.9 GB per worker after a 30-minute run) without
-    this, and by ~0.6 MB a collection, slowing, with it (bench/RESULTS.md, "Soak")."""
+    makes and frees tens of thousands of small frame arrays, and glibc keeps the freed pages: a worker between
+    collections holds ~420 MB trimmed against ~1 GB untrimmed after 40-60 collections of 256 episodes. The next
+    collection pages that memory back in (~110,000 page faults, 12-15% of its time), and its peak is much the same
+    either way (bench/RESULTS.md, "Session 22"): so a worker trims only once it sits idle (``RolloutWorker``)."""
     global _LIBC
     if _LIBC is None:
         import ctypes
@@ -243,16 +245,21 @@ class RolloutWorker:
     """Holds its own copy of the policy; applies only snapshots newer than the one it has; stamps every episode."""
 
     def __init__(self, policy_factory: Callable[[], Policy], env_kwargs: dict, worker_index: int = 0,
-                 trim: bool = False):
-        """``trim``: hand freed heap pages back after each collection (``trim_heap``): for a worker in a process of
-        its own (a Ray actor). Off in a process that holds more (the driver), where it would walk a large heap."""
+                 trim_idle_s: float | None = None):
+        """``trim_idle_s``: hand freed heap pages back (``trim_heap``) once this many seconds pass after a collection
+        without another starting; None never. For a worker in a process of its own (a Ray actor): one waiting for
+        the learner gives its memory back while it waits, and one kept busy (``rollout.overlap``, or collections
+        back to back) does not pay for paging it in again at every collection. Off in a process that holds more (the
+        driver), where it would walk a large heap."""
         import torch
 
         torch.set_num_threads(1)  # one core per worker; the machine's cores go to workers, not to intra-op threads
         self.policy = policy_factory()
         self.env_kwargs = dict(env_kwargs)
         self.worker_index = worker_index
-        self.trim = trim
+        self.trim_idle_s = trim_idle_s
+        self.trims = 0  # how many times it handed its heap back
+        self._trim_timer: threading.Timer | None = None
         self.version = -1
         self.applied: list[int] = []  # every version applied, in order (for lag/ordering checks)
         self.created = time.perf_counter()
@@ -273,9 +280,14 @@ class RolloutWorker:
             self.busy_s += time.perf_counter() - started
         return self.version
 
+    def _trim(self) -> None:
+        trim_heap()
+        self.trims += 1
+
     def usage(self) -> dict[str, float]:
-        """{"busy_s": seconds it has spent collecting or applying weights, "alive_s": seconds since it started}."""
-        return {"busy_s": self.busy_s, "alive_s": time.perf_counter() - self.created}
+        """{"busy_s": seconds it has spent collecting or applying weights, "alive_s": seconds since it started,
+        "trims": times it has handed its heap back}."""
+        return {"busy_s": self.busy_s, "alive_s": time.perf_counter() - self.created, "trims": self.trims}
 
     def applied_versions(self) -> list[int]:
         return list(self.applied)
@@ -293,13 +305,17 @@ class RolloutWorker:
         self.policy.explore = split == "train"  # a policy that explores does so in practice, never in evaluation
         faults: list[dict] = []
         started = time.perf_counter()
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()  # busy again: keep the heap it is about to use
         kwargs = dict(self.env_kwargs)
         if split != "train" or not corrected:
             kwargs.pop("corrections", None)  # a person may step in during practice, never in an evaluation
         episodes = run_episodes(list(seeds), split, self.policy, policy_version=self.version,
                                 sample_seed=sample_seed, faults=faults, **kwargs)
-        if self.trim:
-            trim_heap()
+        if self.trim_idle_s is not None:
+            self._trim_timer = threading.Timer(self.trim_idle_s, self._trim)
+            self._trim_timer.daemon = True
+            self._trim_timer.start()
         self.busy_s += time.perf_counter() - started
         return episodes, [{**f, "worker": self.worker_index} for f in faults]
 

@@ -48,6 +48,37 @@ def test_worker_ignores_stale_snapshots():
     assert any(np.abs(v).sum() > 0 for v in w.values() if v.dtype.kind == "f")
 
 
+def test_a_worker_hands_its_heap_back_only_once_it_sits_idle(monkeypatch):
+    """A trim makes the next collection page its memory in again, so a worker trims only after ``trim_idle_s``
+    without a collection: one kept busy never does, and a collection that starts calls off the trim pending."""
+    import time
+
+    from actors import rollout
+
+    trims = []
+    monkeypatch.setattr(rollout, "trim_heap", lambda: trims.append(time.monotonic()))
+    busy = rollout.RolloutWorker(functools.partial(VLAPolicy, VLAConfig()), ENV, trim_idle_s=60.0)
+    busy.set_weights(_snapshot(1, 1.0))
+    busy.collect([0], "train")
+    pending = busy._trim_timer
+    busy.collect([1], "train")  # busy again: the first trim is called off
+    pending.join(timeout=10)
+    assert not pending.is_alive() and trims == [] and busy.usage()["trims"] == 0
+    busy._trim_timer.cancel()
+
+    idle = rollout.RolloutWorker(functools.partial(VLAPolicy, VLAConfig()), ENV, trim_idle_s=0.05)
+    idle.set_weights(_snapshot(1, 1.0))
+    for n in (1, 2):  # after each collection, once
+        ended = time.monotonic()
+        idle.collect([n], "train")
+        idle._trim_timer.join(timeout=10)
+        assert len(trims) == n and trims[-1] >= ended and idle.usage()["trims"] == n
+    never = rollout.RolloutWorker(functools.partial(VLAPolicy, VLAConfig()), ENV)  # in the driver: no timer at all
+    never.set_weights(_snapshot(1, 1.0))
+    never.collect([3], "train")
+    assert never._trim_timer is None and len(trims) == 2
+
+
 def test_third_party_episodes_run_in_waves_with_every_argument_passed_on():
     """A heavy third-party simulator ("sim:task") is stepped at most MAX_PARALLEL environments at a time; every
     argument reaches every wave, and the episodes come back one per seed, in order."""
