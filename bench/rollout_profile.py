@@ -1,7 +1,7 @@
 """The rollout step's hot path, before and after (issue 7, item 7): the same measurements of this tree and of an
 earlier git revision, in separate processes taken in turns (A, B, A, B, ...), best of each.
 
-    PYTHONPATH=. .venv/bin/python bench/rollout_profile.py [--against 53f74d1] [--rounds 3]
+    PYTHONPATH=. .venv/bin/python bench/rollout_profile.py [--against 53f74d1] [--rounds 3] [--name rollout_profile]
 
 ``--against`` checks the revision out into a temporary git worktree (removed after) and runs this file's
 ``--measure`` there, importing that tree's code; the revision must have the shipped base checkpoint. Measured on one
@@ -119,6 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--against", default="53f74d1", help="the git revision to compare with (before)")
     parser.add_argument("--rounds", type=int, default=3, help="turns of each side; the best of each figure is kept")
+    parser.add_argument("--name", default="rollout_profile", help="the result's name (bench/results/NAME.json)")
     parser.add_argument("--measure", action="store_true", help="measure the code on PYTHONPATH and print JSON")
     args = parser.parse_args()
     if args.measure:
@@ -153,7 +154,7 @@ def main() -> None:
                        else figures["before"][k] / figures["after"][k], 3)
               for k in figures["after"] if not k.endswith("share")}
     ratio = figures["after"]["batched_steps_per_s"] / figures["before"]["batched_steps_per_s"]
-    write_result("rollout_profile", ratio, None, None, against=args.against, rounds=args.rounds,
+    write_result(args.name, ratio, None, None, against=args.against, rounds=args.rounds,
                  what=f"env steps/s of 16 episodes stepped together with one batched policy call per chunk: this tree "
                       f"/ {args.against}, separate processes in turns, best of {args.rounds}",
                  before=figures["before"], after=figures["after"], times_faster=faster)

@@ -424,7 +424,8 @@ def run_loop(
             **gate_row,
             "rollout/faults": len(getattr(rollouts, "faults", ())),  # so far: actors replaced, episodes lost
             # the share of practice a person (rollout.corrections: the scripted expert) took over and finished; the
-            # two success rates above count those episodes' ends, the learner does not credit the policy with them
+            # claimed and true success rates above count those episodes' ends (true_success_unaided does not), and
+            # the learner does not credit the policy with them
             "rollout/corrected": float(np.mean([ep.intervened().any() for ep in episodes])) if episodes else 0.0,
             # how many versions behind the learner the practice it learned from was (0: synchronous)
             "rollout/lag_versions": lag,
@@ -541,9 +542,14 @@ def _adopt(stored: list[Episode], seeds: list[int]) -> tuple[list[Episode], list
 
 
 def _true_success(episodes: list[Episode]) -> dict[str, float]:
-    """The simulator's success of the practice episodes that have one (a robot's: those a person judged)."""
-    known = [bool(ep.ground_truth["success"]) for ep in episodes if ep.ground_truth and "success" in ep.ground_truth]
-    return {"train/true_success": float(np.mean(known))} if known else {}
+    """The simulator's success of the practice episodes that have one (a robot's: those a person judged), and
+    (``train/true_success_unaided``) of those among them that no person took over: the policy's own. The first
+    counts an episode a person finished (``rollout.corrections``) as a success, the second leaves it out."""
+    known = [ep for ep in episodes if ep.ground_truth and "success" in ep.ground_truth]
+    unaided = [ep for ep in known if not ep.intervened().any()]
+    rate = lambda eps: float(np.mean([bool(ep.ground_truth["success"]) for ep in eps]))  # noqa: E731
+    return {**({"train/true_success": rate(known)} if known else {}),
+            **({"train/true_success_unaided": rate(unaided)} if unaided else {})}
 
 
 def _rejudge_deployed(gate: GateSettings, state: LoopState, rollouts: Rollouts, detector: SuccessDetector) -> None:

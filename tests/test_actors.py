@@ -191,6 +191,12 @@ def test_a_person_standing_by_takes_over_practice_and_the_steps_are_marked():
     half = run_episodes(seeds, "train", policy, policy_version=1, sample_seed=3, corrections={"rate": 0.5, "after": 6},
                         **env)
     assert 0 < sum(INTERVENTION in ep.extras for ep in half) < len(seeds)
+    # the loop's metrics: true success counts what the person finished; the unaided rate is the policy's own
+    from flywheel.loop import _true_success
+
+    rates = _true_success(half)
+    assert rates["train/true_success"] == success(half)
+    assert rates["train/true_success_unaided"] == success([ep for ep in half if INTERVENTION not in ep.extras])
 
     worker = RolloutWorker(functools.partial(VLAPolicy, cfg), {**env, "corrections": {"rate": 1.0, "after": 6}})
     worker.set_weights(PolicySnapshot(1, weights))
