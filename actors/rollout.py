@@ -214,8 +214,6 @@ def run_episodes(
 
 
 def _aux_positions(env: TabletopEnv) -> np.ndarray:
-    if hasattr(env, "aux_positions"):
-        return env.aux_positions()
     s = env.state()
     return np.concatenate([s["block"], s["target"]]).astype(np.float32)
 
