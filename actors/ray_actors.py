@@ -41,8 +41,8 @@ class RolloutGroup:
         resources: dict[str, float] | None = None,
         trim_idle_s: float | None = 5.0,
     ):
-        """``resources``: Ray custom resources each actor needs (``{"robot": 1}``): they decide its node. ``trim_idle_s``:
-        a Ray actor that sits this long after a collection without another hands its freed heap back
+        """``resources``: Ray custom resources each actor needs (``{"robot": 1}``): they decide its node.
+        ``trim_idle_s``: a Ray actor that sits this long after a collection without another hands its freed heap back
         (``RolloutWorker``): ~420 MB against ~1 GB while it waits for the learner. Trimming after every collection
         instead cost 12-15% of its speed, paging the memory back in (bench/actor_memory.py). None never trims."""
         self.use_ray = use_ray
