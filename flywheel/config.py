@@ -159,6 +159,9 @@ class RolloutConfig:
     #                  update ends go on practising with the weights they hold, in rounds of 16 episodes, up to this
     #                  many times episodes_per_iteration more, rather than wait; the next iteration learns from all of
     #                  it (rollout/kept_collecting). 0: they wait
+    trim_idle_s: Optional[float] = 5.0  # with Ray: an actor idle this long after a collection hands the memory it
+    #                  freed back to the system (~1 GB down to ~420 MB); the next collection pages it in again (~12%
+    #                  of its time), so a busy actor never trims. null: never (bench/actor_memory.py)
     resources: dict[str, float] = field(default_factory=dict)  # Ray custom resources each actor needs, which
     #                     places it: {robot: 1} puts actors on nodes started with --resources='{"robot": N}'
     corrections: float = 0.0  # human corrections in practice, the scripted expert standing in for the person: the
@@ -386,6 +389,8 @@ _BOUNDS = {"run": (
     (("gate.audit",), lambda v: v >= 0, "a number of gate episodes, so it must be at least 0 (0: no audit)"),
     (("rollout.corrections",), lambda v: 0 <= v <= 1, "a share of practice episodes, so it must lie in [0, 1] (0: "
                                                        "none)"),
+    (("rollout.trim_idle_s",), lambda v: v is None or v >= 0, "seconds an idle actor waits before it hands its "
+                                                            "memory back, so it must be at least 0, or null (never)"),
     (("rollout.correct_after",), lambda v: v >= 1, "the steps a practice episode runs before a person may take "
                                                    "over, so it must be at least 1"),
     (("learner.practice_noise",), lambda v: v >= 0, "it scales the flow's starting noise, so it must be at least 0"),

@@ -30,9 +30,9 @@ from flywheel.store import EpisodeStore, atomic_write_bytes
 STATE_FILE = "run_state.json"
 # Keys a resumed run may be given anew: how long, where it reports, how many workers, how often it evaluates.
 RESUMABLE = ("run_dir", "budget.", "wandb.", "rollout.num_workers", "rollout.use_ray", "rollout.cpus_per_worker",
-             "rollout.call_timeout_s", "rollout.resources", "rollout.overlap", "rollout.keep_collecting", "ray.",
-             "eval.every", "learner.device", "learner.remote", "learner.cpus", "learner.gpus", "learner.resources",
-             "learner.call_timeout_s")
+             "rollout.call_timeout_s", "rollout.resources", "rollout.overlap", "rollout.keep_collecting",
+             "rollout.trim_idle_s", "ray.", "eval.every", "learner.device", "learner.remote", "learner.cpus",
+             "learner.gpus", "learner.resources", "learner.call_timeout_s")
 
 
 class RunDirError(RuntimeError):

@@ -371,6 +371,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
             num_workers=cfg.rollout.num_workers,
             use_ray=cfg.rollout.use_ray, cpus_per_worker=cfg.rollout.cpus_per_worker,
             call_timeout_s=cfg.rollout.call_timeout_s, resources=to_dict(cfg.rollout.resources),
+            trim_idle_s=cfg.rollout.trim_idle_s,
         )
         # The learner first: version 0 is the base as its algorithm acts with it (a residual policy explores).
         checkpoints = CheckpointDir(run_dir / "checkpoints", keep=3, meta={
