@@ -62,31 +62,32 @@ class RolloutGroup:
         self.last_sync: dict = {}
         self.restarts = 0
         self._going: Collection | None = None  # a collection whose actors go on with rounds of ``more``
+        # a Ray actor puts its episodes in the object store itself, on its own clock (RolloutWorker.hand_over)
+        self._collect = "hand_over" if use_ray else "collect_with_faults"
 
     def _submit(self, method: str, calls: list[tuple[int, tuple]]) -> list:
         """Start ``(worker index, args)`` calls on the actors; -> their object references."""
         return [getattr(self.workers[i], method).remote(*a) for i, a in calls]
 
-    def _call(self, method: str, calls: list[tuple[int, tuple]], refs: list | None = None) -> list:
-        """``(worker index, args)`` calls, in parallel (or the ``refs`` of calls already started); -> each one's
-        result, or the exception that stopped it."""
+    def _call(self, method: str, calls: list[tuple[int, tuple]], refs: list | None = None,
+              fetched: dict | None = None) -> list:
+        """``(worker index, args)`` calls, in parallel (or the ``refs`` of calls already started, ``fetched``: the
+        results of those already in, by reference); -> each one's result, or the exception that stopped it. Each
+        result is fetched as it comes in (``_fetch``)."""
         if not self.use_ray:
             return [getattr(self.workers[i], method)(*a) for i, a in calls]
         import ray
 
         refs = refs or self._submit(method, calls)
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.call_timeout_s)
-        ready = set(ready)
-        out: list = []
-        for ref in refs:
-            if ref not in ready:
-                out.append(TimeoutError(f"no answer within {self.call_timeout_s:g} s (rollout.call_timeout_s)"))
-                continue
-            try:
-                out.append(ray.get(ref))
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-                out.append(e)
-        return out
+        got = dict(fetched or {})
+        waiting, deadline = [r for r in refs if r not in got], time.perf_counter() + self.call_timeout_s
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1, timeout=max(0.0, deadline - time.perf_counter()))
+            if not ready:
+                break
+            got.update((ref, _fetch(ref)) for ref in ready)
+        late = TimeoutError(f"no answer within {self.call_timeout_s:g} s (rollout.call_timeout_s)")
+        return [got.get(ref, late) for ref in refs]
 
     def _replace(self, i: int, why: str) -> None:
         """Kill worker ``i`` (whatever its state) and start a new one with the newest snapshot, whole."""
@@ -103,10 +104,12 @@ class RolloutGroup:
                                    f"{type(e).__name__}. The episodes stored so far are kept.") from e
         self.faults.append({"time": time.time(), "worker": i, "error": why, "action": "replaced"})
 
-    def _checked(self, method: str, args_per_worker: list[tuple], leave_out: bool, refs: list | None = None) -> list:
-        """One call per worker (``refs``: already started); a worker that fails is replaced and its call run again,
-        once. A call that fails again is left out (None) if ``leave_out``, else raises RolloutError."""
-        results = self._call(method, list(enumerate(args_per_worker)), refs)
+    def _checked(self, method: str, args_per_worker: list[tuple], leave_out: bool, refs: list | None = None,
+                 fetched: dict | None = None) -> list:
+        """One call per worker (``refs``: already started, ``fetched``: see ``_call``); a worker that fails is
+        replaced and its call run again, once. A call that fails again is left out (None) if ``leave_out``, else
+        raises RolloutError."""
+        results = self._call(method, list(enumerate(args_per_worker)), refs, fetched)
         for attempt in (1, 2):
             failed = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
             for i, error in failed.items():
@@ -171,7 +174,7 @@ class RolloutGroup:
         Every round started comes back in the result (after ``seeds``' episodes); none is dropped."""
         shares = [list(s) for s in np.array_split(np.asarray(seeds, dtype=np.int64), self.num_workers)]
         args = [(share, split, sample_seed * 1000 + i, corrected) for i, share in enumerate(shares)]
-        refs = self._submit("collect_with_faults", list(enumerate(args))) if self.use_ray else None
+        refs = self._submit(self._collect, list(enumerate(args))) if self.use_ray else None
         collection = Collection(self, args, refs, more if self.use_ray else None)
         if more is not None:
             self._stop_rounds()
@@ -185,8 +188,8 @@ class RolloutGroup:
             self._going = None
 
     def _gather(self, results: list) -> list[Episode]:
-        """The episodes of ``collect_with_faults`` results (None: one left out), their environments' faults
-        recorded."""
+        """The episodes of ``collect_with_faults`` (or fetched ``hand_over``) results (None: one left out), their
+        environments' faults recorded."""
         episodes = []
         for result in results:
             if result is not None:
@@ -230,6 +233,7 @@ class Collection:
                  more: Iterator[tuple[list[int], int]] | None):
         self._group, self._args, self._refs = group, args, refs
         self.rounds: list[dict] = []  # {"worker", "actor", "ref", "seeds"}, and its "result" or "error" once known
+        self._fetched: dict = {}  # the shares' results, fetched by the thread as they came in (ref -> result)
         self._stopping = threading.Event()
         self._thread = None
         if more is not None and refs is not None:
@@ -245,14 +249,18 @@ class Collection:
             done, _ = ray.wait(list(working), num_returns=1, timeout=self.POLL_S)
             for ref in done:
                 i, finished = working.pop(ref)
-                if finished is not None and not _settle(finished):
+                if finished is None:  # its share: fetched now, while the actor that holds its episodes is alive
+                    self._fetched[ref] = _fetch(ref)
+                    if isinstance(self._fetched[ref], BaseException):
+                        continue  # that actor failed: no rounds for it
+                elif not _settle(finished):
                     continue  # that actor failed: no more rounds for it
                 nxt = None if self._stopping.is_set() else next(more, None)
                 if nxt is None:
                     continue
                 seeds, sample_seed = nxt
                 actor = self._group.workers[i]
-                out = actor.collect_with_faults.remote(list(seeds), split, sample_seed * 1000, corrected)
+                out = getattr(actor, self._group._collect).remote(list(seeds), split, sample_seed * 1000, corrected)
                 self.rounds.append({"worker": i, "actor": actor, "ref": out, "seeds": len(seeds)})
                 working[out] = (i, self.rounds[-1])
 
@@ -265,7 +273,8 @@ class Collection:
     def __call__(self) -> list[Episode]:
         self.stop()
         group = self._group
-        results = group._checked("collect_with_faults", self._args, self._args[0][1] == "train", refs=self._refs)
+        results = group._checked(group._collect, self._args, self._args[0][1] == "train", refs=self._refs,
+                                 fetched=self._fetched)
         if all(r is None for r in results):
             raise RolloutError(f"every rollout worker failed twice on the same seeds ({group.faults[-1]['error']}):"
                                f" something beyond one actor is wrong (the environment, the machine). The "
@@ -293,15 +302,30 @@ def _settle(round_: dict, wait: bool = True) -> bool:
 
     if "result" in round_ or "error" in round_:
         return "result" in round_
-    try:
-        round_["result"] = ray.get(round_["ref"], timeout=None if wait else 0)
-        return True
-    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-        if isinstance(e, ray.exceptions.GetTimeoutError):
-            round_["error"] = "TimeoutError: no answer within the deadline (rollout.call_timeout_s)"
-        else:
-            round_["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+    if not wait and not ray.wait([round_["ref"]], timeout=0)[0]:
+        round_["error"] = "TimeoutError: no answer within the deadline (rollout.call_timeout_s)"
         return False
+    result = _fetch(round_["ref"])
+    if isinstance(result, BaseException):
+        round_["error"] = f"{type(result).__name__}: {(str(result).splitlines() or [''])[0][:300]}"
+        return False
+    round_["result"] = result
+    return True
+
+
+def _fetch(ref):
+    """A finished call's result, or the exception that stopped it. The episodes of a ``hand_over`` result are
+    fetched too: they are owned by the actor (a method's return value would be owned by the caller), so they are
+    fetched as the call comes back, before anything may kill it."""
+    import ray
+
+    try:
+        result = ray.get(ref)
+        if isinstance(result, tuple) and result and isinstance(result[0], ray.ObjectRef):
+            result = (ray.get(result[0]), *result[1:])
+        return result
+    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.ObjectLostError) as e:
+        return e
 
 
 def _changed(old: np.ndarray, new: np.ndarray) -> bool:
