@@ -12,12 +12,17 @@ iteration the driver spent waiting for the collection). Figures are means over i
 nothing to overlap with). Two results, each a fraction of time measured in the overlapped run, the others' beside
 it: ``pipeline_actors_wait`` (1 - busy; target < 5%) and ``pipeline_learner_wait`` (target < 10%).
 Beside them, each run's practice learned from per second of its iterations, and how much of it the actors
-collected beyond ``episodes_per_iteration`` while the learner trained (``rollout.keep_collecting``).
+collected beyond ``episodes_per_iteration`` while the learner trained (``rollout.keep_collecting``), and the
+profile of the actors' waiting: Ray's own record of each actor's calls (``ray.timeline``: a call runs until its
+result is stored) laid beside the loop's phases (``PhaseTimer.spans``), over the same iterations. It gives the share
+of the actors' time with no call running (``ray_timeline.actors_wait``) and, for each phase of the loop, the share
+spent waiting while the driver was in it (``idle_by_phase``): what the actors wait for.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +31,7 @@ import numpy as np
 
 from bench.common import write_result
 from flywheel.config import load_config
+from flywheel.metrics import PhaseTimer
 from flywheel.run import run
 
 SETTINGS = ["experiment=smoke", "budget.iterations=6", "budget.minutes=30", "detector.steps=200",
@@ -33,10 +39,22 @@ SETTINGS = ["experiment=smoke", "budget.iterations=6", "budget.minutes=30", "det
 
 
 def measure(overlap: bool, extra: list[str]) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config("run", [*SETTINGS, f"rollout.overlap={str(overlap).lower()}", *extra, f"run_dir={tmp}/run"])
-        summary = run(cfg, say=lambda m: None)
-        rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    import ray
+
+    # Ray started here, as the run would start it, so that its record of the actors' calls can be read after the run
+    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    PhaseTimer.spans = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = load_config("run", [*SETTINGS, f"rollout.overlap={str(overlap).lower()}", *extra,
+                                      f"run_dir={tmp}/run"])
+            summary = run(cfg, say=lambda m: None)
+            rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        timeline = actors_idle(ray.timeline(), PhaseTimer.spans)
+    finally:
+        PhaseTimer.spans = None
+        ray.shutdown()
     first, *its = [r for r in rows if "iteration" in r]
     busy = float(np.mean([r["rollout/busy_fraction"] for r in its]))
     wait = float(np.mean([r["time/learner_wait_fraction"] for r in its]))
@@ -48,7 +66,37 @@ def measure(overlap: bool, extra: list[str]) -> dict:
             # episodes_per_iteration (rollout.keep_collecting): what the actors' time bought
             "practice_per_s": (its[-1]["episodes"] - first["episodes"]) / seconds,
             "kept_collecting": float(np.mean([r.get("rollout/kept_collecting", 0) for r in its])),
-            "episodes_per_s": summary["episodes"] / summary["wall_seconds"], "iterations": summary["iterations"]}
+            "episodes_per_s": summary["episodes"] / summary["wall_seconds"], "iterations": summary["iterations"],
+            "ray_timeline": timeline}
+
+
+def actors_idle(events: list[dict], spans: list[tuple[str, float, float]]) -> dict:
+    """The rollout actors' time with no call running, from Ray's timeline (``events``: chrome-trace spans in us, one
+    thread per actor), between the end of the loop's first collection and the end of its last (iterations 2-6, as
+    the loop's own figure), and where the loop was (``spans``: its phases) while they waited."""
+    ends = [end for phase, _, end in spans if phase == "collect"]
+    start, stop = ends[0], ends[-1]
+    busy: dict[str, list[tuple[float, float]]] = {}
+    for e in events:
+        if e.get("cat", "").startswith("task::RolloutWorker.") and not e["name"].endswith("__init__"):
+            busy.setdefault(e["tid"], []).append((e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6))
+    idle: dict[str, float] = {}
+    for calls in busy.values():
+        t = start
+        for a, b in sorted(calls) + [(stop, stop)]:
+            a, b = min(max(a, start), stop), min(max(b, start), stop)
+            if a > t:  # waited from t to a: share it out among the phases it overlaps
+                placed = 0.0
+                for phase, p0, p1 in spans:
+                    o = min(a, p1) - max(t, p0)
+                    if o > 0:
+                        idle[phase] = idle.get(phase, 0.0) + o
+                        placed += o
+                idle["between phases"] = idle.get("between phases", 0.0) + (a - t) - placed
+            t = max(t, b)
+    alive = len(busy) * (stop - start)
+    return {"actors_wait": sum(idle.values()) / alive, "actors": len(busy), "seconds": stop - start,
+            "idle_by_phase": {k: v / alive for k, v in sorted(idle.items(), key=lambda kv: -kv[1]) if v > 0}}
 
 
 def main(extra: list[str], name: str = "pipeline") -> None:

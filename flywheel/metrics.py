@@ -42,18 +42,25 @@ def gif_bytes(frames, scale: int = 3, ms_per_frame: int = 120) -> bytes:
 
 
 class PhaseTimer:
-    """Named wall-clock timers for the phases of one iteration: ``with timer("collect"): ...``."""
+    """Named wall-clock timers for the phases of one iteration: ``with timer("collect"): ...``.
+
+    ``PhaseTimer.spans``: given a list, every timer appends each phase's ``(phase, start, end)`` in ``time.time()``
+    seconds to it, to lay the loop's phases beside another timeline (bench/pipeline.py, beside Ray's)."""
+
+    spans: list[tuple[str, float, float]] | None = None
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
+        start, wall = time.perf_counter(), time.time()
         try:
             yield
         finally:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+            if PhaseTimer.spans is not None:
+                PhaseTimer.spans.append((phase, wall, time.time()))
 
     def as_metrics(self) -> dict[str, float]:
         return {f"time/{k}": v for k, v in self.seconds.items()}
