@@ -86,8 +86,8 @@ class RolloutGroup:
             if not ready:
                 break
             got.update((ref, _fetch(ref)) for ref in ready)
-        late = TimeoutError(f"no answer within {self.call_timeout_s:g} s (rollout.call_timeout_s)")
-        return [got.get(ref, late) for ref in refs]
+        return [got[ref] if ref in got else TimeoutError(f"no answer within {self.call_timeout_s:g} s "
+                                                         f"(rollout.call_timeout_s)") for ref in refs]
 
     def _replace(self, i: int, why: str) -> None:
         """Kill worker ``i`` (whatever its state) and start a new one with the newest snapshot, whole."""

@@ -285,8 +285,8 @@ class RolloutWorker:
         self.trims += 1
 
     def usage(self) -> dict[str, float]:
-        """{"busy_s": seconds it has spent collecting or applying weights, "alive_s": seconds since it started,
-        "trims": times it has handed its heap back}."""
+        """{"busy_s": seconds it has spent collecting (handing the episodes over too, ``hand_over``) or applying
+        weights, "alive_s": seconds since it started, "trims": times it has handed its heap back}."""
         return {"busy_s": self.busy_s, "alive_s": time.perf_counter() - self.created, "trims": self.trims}
 
     def applied_versions(self) -> list[int]:

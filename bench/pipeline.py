@@ -22,7 +22,6 @@ spent waiting while the driver was in it (``idle_by_phase``): what the actors wa
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 from bench.common import write_result
 from flywheel.config import load_config
 from flywheel.metrics import PhaseTimer
-from flywheel.run import run
+from flywheel.run import run, start_ray
 
 SETTINGS = ["experiment=smoke", "budget.iterations=6", "budget.minutes=30", "detector.steps=200",
             "detector.policy_episodes=200", "detector.demo_episodes=100", "eval.episodes=100", "wandb.mode=disabled"]
@@ -41,14 +40,13 @@ SETTINGS = ["experiment=smoke", "budget.iterations=6", "budget.minutes=30", "det
 def measure(overlap: bool, extra: list[str]) -> dict:
     import ray
 
-    # Ray started here, as the run would start it, so that its record of the actors' calls can be read after the run
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
     PhaseTimer.spans = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = load_config("run", [*SETTINGS, f"rollout.overlap={str(overlap).lower()}", *extra,
                                       f"run_dir={tmp}/run"])
+            # Ray started here as the run starts it, so that its record of the actors' calls outlives the run
+            start_ray(cfg, say=lambda m: None)
             summary = run(cfg, say=lambda m: None)
             rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
         timeline = actors_idle(ray.timeline(), PhaseTimer.spans)
