@@ -44,3 +44,10 @@ def finished_run(tmp_path_factory):
     run(load_config("run", ["experiment=tiny", "rollout.use_ray=false", "wandb.mode=disabled", f"run_dir={run_dir}",
                             "budget.iterations=2"]), say=lambda m: None, on_iteration=after)
     return run_dir, kept
+
+
+@pytest.fixture(scope="session")
+def tiny_detector(finished_run):
+    """The override that judges a run with the finished tiny run's detector, for the tests whose subject is not the
+    detector: a run then trains none (~10 s of collection and training saved each)."""
+    return f"detector.checkpoint={finished_run[0] / 'detector' / 'detector-1.safetensors'}"

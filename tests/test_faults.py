@@ -101,7 +101,8 @@ def test_a_share_that_fails_twice_is_left_out_of_practice_and_stops_an_evaluatio
         group.close()
 
 
-def test_a_learner_that_diverges_is_restored_from_its_checkpoint_and_the_run_goes_on(tmp_path, monkeypatch):
+def test_a_learner_that_diverges_is_restored_from_its_checkpoint_and_the_run_goes_on(tmp_path, monkeypatch,
+                                                                                     tiny_detector):
     import numpy as np
     import torch
 
@@ -130,7 +131,7 @@ def test_a_learner_that_diverges_is_restored_from_its_checkpoint_and_the_run_goe
                               "gate.episodes=0",  # no gate: which version is deployed depends on the update alone
                               # the NaN is written after the update: a moving average taken during it would not
                               # carry it into the snapshot (a real blow-up inside the steps reaches the average too)
-                              "learner.ema=0"])
+                              "learner.ema=0", tiny_detector])
     summary = run(cfg, say=lambda m: None)
     assert summary["status"] == "completed" and summary["iterations"] == 3
     (recovery,) = summary["learner_recoveries"]

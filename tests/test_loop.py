@@ -174,7 +174,7 @@ def test_the_default_cameras_reach_the_detector_and_not_the_policy(tmp_path):
     assert all("wrist" in ep.observations for ep in EpisodeStore(run_dir / "episodes").iter())
 
 
-def test_sigterm_finishes_the_iteration_in_flight_and_says_stopped(tmp_path):
+def test_sigterm_finishes_the_iteration_in_flight_and_says_stopped(tmp_path, tiny_detector):
     """A scheduler's SIGTERM mid-run: the iteration in flight completes (episodes stored, update checkpointed), the
     final evaluation runs, summary.json says "stopped" and why, the store verifies whole, and the process's own
     signal handling is back as it was."""
@@ -183,7 +183,8 @@ def test_sigterm_finishes_the_iteration_in_flight_and_says_stopped(tmp_path):
 
     run_dir = tmp_path / "run"
     cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}", "rollout.use_ray=false", "wandb.mode=disabled",
-                              "budget.iterations=3", "gate.episodes=0"])  # no gate: no rollback's version in between
+                              "budget.iterations=3", "gate.episodes=0",  # no gate: no rollback's version in between
+                              tiny_detector])
     before = signal.getsignal(signal.SIGTERM)
 
     def after_iteration(state, row):  # also called after the evaluations, which have no iteration of their own
@@ -213,14 +214,15 @@ def test_every_budget_stops_the_loop():
     assert not Budget(time.time() + 5).allows(0, 0, next_iteration_s=4.0, reserve_s=2.0)  # no time for another
 
 
-def test_with_overlap_the_actors_collect_while_the_learner_trains(tmp_path, ray_local):
+def test_with_overlap_the_actors_collect_while_the_learner_trains(tmp_path, ray_local, tiny_detector):
     """The actors collect the next iteration while the learner trains, then go on practising with the weights they
     hold until the new ones come (rollout.keep_collecting): the next iteration learns from all of it, one version
     behind, and no seed is used twice."""
     run_dir = tmp_path / "run"
     cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}", "rollout.overlap=true", "gate.episodes=0",
                               "wandb.mode=disabled", "eval.every=100",
-                              "learner.steps_per_update=100"])  # an update longer than a share
+                              "learner.steps_per_update=100",  # an update longer than a share
+                              tiny_detector])
     summary = run(cfg, say=lambda m: None)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     its = [r for r in rows if "iteration" in r]

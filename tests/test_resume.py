@@ -136,7 +136,7 @@ def test_a_resumed_run_with_a_damaged_checkpoint_says_how_to_go_on(finished_run,
     assert len(EpisodeStore(run_dir / "episodes")) == stored
 
 
-def test_the_gate_holds_back_a_regressing_version_and_rolls_back(tmp_path, monkeypatch):
+def test_the_gate_holds_back_a_regressing_version_and_rolls_back(tmp_path, monkeypatch, tiny_detector):
     from learner import registry
     from learner.filtered_bc import FilteredBCLearner
 
@@ -154,7 +154,8 @@ def test_the_gate_holds_back_a_regressing_version_and_rolls_back(tmp_path, monke
     monkeypatch.setitem(registry.ALGORITHMS, "saboteur", Saboteur)
     run_dir = tmp_path / "run"
     cfg = load_config("run", [*TINY, f"run_dir={run_dir}", "budget.iterations=2", "learner.algorithm=saboteur",
-                              "gate.episodes=64", "learner.ema=0"])  # (the wreck comes after the update's average)
+                              "gate.episodes=64", "learner.ema=0",  # (the wreck comes after the update's average)
+                              tiny_detector])
     summary = run(cfg, say=lambda m: None)
     decisions = summary["gate"]["decisions"]
     assert [d["promoted"] for d in decisions] == [True, False]
