@@ -14,10 +14,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -252,16 +255,37 @@ def main(argv: list[str] | None = None) -> int:
     from flywheel.store import CorruptEpisodeError
 
     try:
-        return _dispatch(argv)
+        with sigterm_interrupts():
+            return _dispatch(argv)
     except (CheckpointError, ConfigError, CorruptEpisodeError, RunDirError) as e:
         console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C outside a run's graceful stop, or twice
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM outside a run's graceful stop, or twice
         command = (sys.argv[1:] if argv is None else argv)[:1]
         if command != ["run"]:  # (a run says itself what it kept and how to go on: its run_dir may be a new one)
             console.print("interrupted: the same command again continues where this one stopped (pretrain, demos "
                           "and reward train keep their progress)", markup=False, highlight=False)
-        return 130
+        return 128 + signal.SIGTERM if str(e).startswith("SIGTERM") else 130  # as the shell reports each
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM (a scheduler ending the job, `kill`) interrupts a command as Ctrl-C does: the command says what it
+    kept and how to go on, rather than dying with Ray's stack dump. A run's loop stops more gently than that
+    (flywheel/run.py graceful_stop): this covers everything else, such as the detector's collection and training
+    before the loop. Only in the main thread, where Python delivers signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _dispatch(argv: list[str] | None) -> int:

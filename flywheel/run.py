@@ -182,6 +182,10 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
         data = make_detector_data(cfg, rollouts, env_kwargs_of(cfg))
         for ep in data:
             store.add(ep)
+    # In the order they were made (made_detector_data's: demonstrations, hard examples, rollouts, each by seed), not
+    # the store's (by random id): a run interrupted after making them trains, when started again, the detector it
+    # would have trained. (Read back in the store's order, the tiny run's came out AUROC 0.52 against 0.71.)
+    data.sort(key=lambda ep: (ep.policy_version, ep.seed))
     check_recorded(data, judged_by)
     previous = sorted((run_dir / "detector").glob("detector-*.safetensors"))
     version = f"detector-{len(previous) + 1}"
@@ -333,14 +337,16 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
     atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg).encode())
     seed_everything(cfg.seed)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    attempt = (saved or {}).get("attempt", 0) + 1 if resuming else 1
-    summary: dict[str, Any] = {"status": "running", "run_dir": str(run_dir.resolve()), "experiment": cfg.experiment,
-                               "attempt": attempt}
+    previous = None
     if resuming and (run_dir / "summary.json").exists():  # what the attempt before said, kept: nothing is lost
         try:
-            summary["previous_attempt"] = json.loads((run_dir / "summary.json").read_text())
+            previous = json.loads((run_dir / "summary.json").read_text())
         except json.JSONDecodeError:
             pass
+    # (an attempt stopped before its loop began saved no state, but its summary counts it)
+    attempt = max((saved or {}).get("attempt", 0), (previous or {}).get("attempt", 0)) + 1 if resuming else 1
+    summary: dict[str, Any] = {"status": "running", "run_dir": str(run_dir.resolve()), "experiment": cfg.experiment,
+                               "attempt": attempt, **({"previous_attempt": previous} if previous else {})}
     metrics = MetricsSink(run_dir, to_dict(cfg), mode=cfg.wandb.mode, project=cfg.wandb.project)
     rollouts = learner = None
     ray_started = False
@@ -486,10 +492,10 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
                     "learner_restarts": getattr(learner, "restarts", 0), "learner_events": getattr(learner, "faults", [])},
             learner_recoveries=state.recoveries,
         )
-    except KeyboardInterrupt:
-        summary["status"] = "interrupted"
-        say(f"run: interrupted; {run_dir} keeps everything stored so far (episodes, checkpoints, the detector's "
-            f"training so far). To go on from there: flywheel run run_dir={run_dir}")
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM outside the loop (flywheel/cli.py), or either twice
+        summary.update(status="interrupted", stop_reason=str(e) or "SIGINT")
+        say(f"run: interrupted ({summary['stop_reason']}); {run_dir} keeps everything stored so far (episodes, "
+            f"checkpoints, the detector's training so far). To go on from there: flywheel run run_dir={run_dir}")
         raise
     except BaseException as e:
         summary["status"] = "failed"
@@ -511,7 +517,20 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
 
 
 def start_ray(cfg: DictConfig, say: Callable[[str], None]) -> None:
-    """Join the cluster at ``ray.address``, or start Ray on this machine (its dashboard on localhost if asked)."""
+    """Join the cluster at ``ray.address``, or start Ray on this machine (its dashboard on localhost if asked).
+
+    ``ray.init`` puts in its own SIGTERM handler (a stack dump, then ``sys.exit``); a handler the caller had set in
+    Python (the command's, flywheel/cli.py sigterm_interrupts) is put back, so that SIGTERM still says what the run
+    kept and how to go on."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        _start_ray(cfg, say)
+    finally:
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _start_ray(cfg: DictConfig, say: Callable[[str], None]) -> None:
     import ray
 
     if cfg.ray.address:

@@ -226,6 +226,26 @@ def test_reward_train_learns_from_older_policies_and_is_validated_on_the_newest(
     assert len(saved["episodes"]["train"]) + len(saved["episodes"]["heldout"]) == 10
 
 
+def test_a_detector_trained_again_from_the_stored_episodes_is_the_one_trained_when_they_were_made(tmp_path):
+    """A run stopped after making its detector's episodes (and before its detector was saved), started again: the
+    episodes come back from the store, in another order, and must train the very same detector."""
+    from flywheel.config import load_config
+    from flywheel.run import train_reward
+    from reward.report import load_detector
+
+    run_dir = tmp_path / "run"
+    cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}", "detector.steps=4", "detector.policy_episodes=20",
+                              "detector.demo_episodes=10", "detector.near_miss_episodes=4", "detector.near_hit_episodes=4",
+                              "detector.hover_episodes=4"])
+    train_reward(cfg, say=lambda m: None)  # makes the episodes, stores them, trains
+    first, meta = load_detector(run_dir / "detector" / "detector-1.safetensors")
+    (run_dir / "detector" / "detector-1.safetensors").unlink()  # as if stopped before it was written
+    train_reward(cfg, say=lambda m: None)  # reads them back from the store
+    again, meta_again = load_detector(run_dir / "detector" / "detector-1.safetensors")
+    assert meta_again["episodes"] == meta["episodes"]  # the same split, in the same order
+    assert all(np.array_equal(v, again.weights()[k]) for k, v in first.weights().items())
+
+
 def test_reward_train_refuses_episodes_without_the_cameras_it_is_to_judge_from(tmp_path, demos):
     """Episodes recorded with the overhead camera alone, a detector asked to judge from the wrist camera too: a
     ConfigError naming the camera and the fix, before any training, and nothing written."""

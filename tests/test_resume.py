@@ -68,6 +68,33 @@ def test_a_run_killed_with_sigkill_resumes_with_no_episode_lost_or_repeated(tmp_
     assert summary["episodes"] == 3 * 32
 
 
+def test_sigterm_before_the_loop_stops_the_run_with_a_message_and_a_summary(tmp_path):
+    """SIGTERM while the detector's episodes are collected, before the loop's graceful stop is in place: the command
+    says it was interrupted and how to go on, writes its summary and exits 143, as a shell reports SIGTERM, rather
+    than dying where it stood."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "flywheel.cli", "run", *TINY, f"run_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "300"})
+    out = []
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith("detector: collecting"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        out.extend(proc.stdout)
+        assert proc.wait(60) == 128 + signal.SIGTERM, "".join(out)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    said = "".join(out)
+    assert "run: interrupted (SIGTERM)" in said and f"flywheel run run_dir={run_dir}" in said, said
+    assert "Traceback" not in said, said
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["stop_reason"] == "SIGTERM"
+
+
 def _copy(finished_run, tmp_path):
     shutil.copytree(finished_run[0], tmp_path / "run")
     return tmp_path / "run"
