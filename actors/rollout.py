@@ -15,7 +15,7 @@ import gymnasium as gym
 import numpy as np
 
 from actors.expert import expert_action
-from actors.tabletop import TabletopEnv
+from actors.tabletop import Frames, TabletopEnv
 from flywheel.contracts import INTERVENTION, Episode, Policy, PolicySnapshot, observation_keys, sensor_inputs
 
 ENV_ID = "flywheel/Tabletop-v0"
@@ -91,6 +91,11 @@ def run_episodes(
                 for ep in run_episodes(**{**given, "seeds": seeds[w:w + n], "sample_seed": sample_seed + 7919 * w})]
     envs = [make_env(family=family, image_size=image_size, max_steps=max_steps, phrasing=phrasing, combos=combos,
                      randomize=randomize, sensors=sensors) for _ in seeds]
+    # The tabletop's camera pictures are drawn together, a chunk of every environment at once, before the policy
+    # looks (actors/tabletop.py Frames: the same pixels, ~15-20% less drawing time)
+    frames = Frames(image_size)
+    for env in envs:
+        getattr(env, "draw_later", lambda frames: None)(frames)
     first = [env.reset(seed=int(s)) for env, s in zip(envs, seeds)]
     observed = [{k: [v] for k, v in o.items()} for o, _ in first]  # every sensor that is on, one frame per state
     actions: list[list[np.ndarray]] = [[] for _ in seeds]
@@ -136,6 +141,7 @@ def run_episodes(
             correcting[i] = correcting[i] or bool(will_correct[i] and len(actions[i]) >= max(1, corrections["after"]))
         acting = [i for i in running if policy is not None and not correcting[i]]
         if acting:
+            frames.draw()
             latest = {k: np.stack([observed[i][k][-1] for i in acting]) for k in reads}
             chunk = policy.act(
                 *sensor_inputs(latest, sensors),
@@ -176,6 +182,7 @@ def run_episodes(
             if not done:
                 still.append(i)
         running = still
+    frames.draw()
     for i, env in enumerate(envs):  # a third-party adapter goes back to its pool; the others are closed
         try:
             getattr(env, "release", env.close)()

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import gymnasium as gym
 import numpy as np
 
@@ -75,6 +77,7 @@ RANDOMIZE_KEYS = ("colour", "lighting", "camera", "size", "friction")
 SENSORS = ("overhead", "wrist", "depth", "touch")
 SENSOR_KEYS = {"overhead": "image", "wrist": "wrist", "depth": "depth", "touch": "touch"}
 WRIST_SPAN = 0.4
+NO_JITTER = (0.0, 0.0, 1.0)  # the camera's view shift x, y and zoom when it is not jittered
 CAMERA_HEIGHT = 1.0
 HEIGHTS = {"pad": 0.002, "bowl": 0.04, "button": 0.015, "pressed": 0.005, "cabinet": 0.08, "drawer": 0.06,
            "handle": 0.07, "lifted": 0.12, "effector": 0.15}  # above the table; a block is 2 half-sizes tall
@@ -101,6 +104,96 @@ def parse_families(family: str) -> tuple[str, ...]:
             f"comma-separated"
         )
     return names
+
+
+class Frames:
+    """Pictures drawn together. Each is queued as (destination, base, shapes): the base picture is copied into the
+    destination, then each shape is painted over it, in order. A shape ``(y0, y1, x0, x1, value, ring)`` fills the
+    pixel window ``[y0:y1, x0:x1]`` with ``value`` (an RGB triple, or a depth): all of it when ``ring`` is None, else
+    the pixels whose centres lie at a distance in [r_in, r_out) from the ring's centre, ``ring = (cy, cx, r_out²,
+    r_in²)`` in camera coordinates (table widths).
+
+    The rings' distances are worked out for all the queued pictures at once, a few numpy calls per window size:
+    drawn one at a time, a ring was ~10 µs of numpy calls for ~200 pixels, most of a frame (bench/env_throughput.py).
+    The pixels are those the one-at-a-time drawing gave, bit for bit: the same float32 arithmetic, element by
+    element (tests/test_env.py compares them with ``reference_image``)."""
+
+    def __init__(self, image_size: int):
+        self.size = int(image_size)
+        self.queued: list[tuple[np.ndarray, np.ndarray, list]] = []
+
+    def add(self, dst: np.ndarray, base: np.ndarray, shapes: list) -> None:
+        self.queued.append((dst, base, shapes))
+
+    def draw(self) -> None:
+        """Draw every queued picture into its destination."""
+        queued, self.queued = self.queued, []
+        if queued:
+            _paint(queued, self.size)
+
+    @staticmethod
+    def drawn(base: np.ndarray, shapes: list, size: int) -> np.ndarray:
+        """One picture, drawn now."""
+        img = np.empty_like(base)
+        _paint([(img, base, shapes)], size)
+        return img
+
+
+_CENTERS: dict[int, np.ndarray] = {}  # pixel-centre coordinates by image size
+
+
+def _centers(size: int, pad: int) -> np.ndarray:
+    """Pixel-centre coordinates of pixels -pad .. size + pad - 1, float32: those on the picture exactly as
+    ``(np.arange(size, dtype=np.float32) + 0.5) / size``."""
+    c = _CENTERS.get(size)
+    if c is None or len(c) < size + 2 * pad:
+        more = max(pad, 2 * size)
+        c = _CENTERS[size] = (np.arange(-more, size + more, dtype=np.float32) + 0.5) / size
+    have = (len(c) - size) // 2
+    return c[have - pad:]
+
+
+def _paint(queued: list[tuple[np.ndarray, np.ndarray, list]], size: int) -> None:
+    groups: dict[int, list[tuple]] = {}  # the rings, by window size
+    for dst, _, shapes in queued:
+        for shape in shapes:
+            if shape[5] is not None:
+                groups.setdefault(shape[5][6], []).append(shape)
+    masks: dict[int, np.ndarray] = {}  # by id(shape): the ring's pixels in the window's part in view
+    pad = max(groups, default=0)
+    c = _centers(size, pad)  # c[pad + k] is pixel k's centre, for k in [-pad, size + pad)
+    for w, rings in groups.items():
+        if len(rings) == 1:  # alone: on its part in view, in fewer numpy calls
+            y0, y1, x0, x1, _, (cy, cx, out2, in2, _, _, _) = ring = rings[0]
+            dy, dx = c[pad + y0:pad + y1] - cy, c[pad + x0:pad + x1] - cx
+            d2 = np.add.outer(dy * dy, dx * dx)
+            mask = d2 < out2
+            if in2 > 0.0:
+                mask &= d2 >= in2
+            masks[id(ring)] = mask
+            continue
+        params = np.array([r[5] for r in rings])  # cy, cx, r_out², r_in², y0, x0, window (float64, as drawn)
+        at = params[:, 4:6].astype(np.int64) + pad
+        # As one ring drawn alone would be: (float32 centres - the float64 centre taken as float32), squared and
+        # added in float32, compared with the float64 radii squared taken as float32, element by element.
+        dy = c[at[:, :1] + np.arange(w)] - params[:, :1].astype(np.float32)
+        dx = c[at[:, 1:] + np.arange(w)] - params[:, 1:2].astype(np.float32)
+        d2 = (dy * dy)[:, :, None] + (dx * dx)[:, None, :]
+        radii = params[:, 2:4].astype(np.float32)[:, :, None, None]
+        inside = (d2 < radii[:, 0]) & (d2 >= radii[:, 1])  # r_in = 0: every distance is >= 0
+        for ring, mask in zip(rings, inside):
+            y0, y1, x0, x1, _, (_, _, _, _, wy, wx, _) = ring
+            masks[id(ring)] = mask[y0 - wy:y1 - wy, x0 - wx:x1 - wx]
+    for dst, base, shapes in queued:
+        np.copyto(dst, base)
+        colour = dst.ndim == 3
+        for shape in shapes:
+            y0, y1, x0, x1, value, ring = shape
+            if ring is None:
+                dst[y0:y1, x0:x1] = value
+            else:
+                mask = masks[id(shape)]
+                np.copyto(dst[y0:y1, x0:x1], value, where=mask[..., None] if colour else mask)
 
 
 class TabletopEnv(gym.Env):
@@ -152,7 +245,7 @@ class TabletopEnv(gym.Env):
              "proprio": gym.spaces.Box(0.0, 1.0, (3,), np.float32)}
         )
         self.action_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
-        self._centers = (np.arange(s, dtype=np.float32) + 0.5) / s  # pixel-centre coordinates, for drawing
+        self._frames: Frames | None = None  # draw_later
         self._reset_state()
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -188,7 +281,7 @@ class TabletopEnv(gym.Env):
         self.block_vel = np.zeros((0, 2), np.float64)
         self.palette_shift = {name: np.zeros(3, np.float32) for name in COLORS}
         self.brightness = 1.0
-        self.camera = (0.0, 0.0, 1.0)  # view shift x, y (table widths) and zoom
+        self.camera = NO_JITTER  # view shift x, y (table widths) and zoom
         self._static: np.ndarray | None = None  # what does not move, drawn on first render
         self._drawn_openings: tuple[float, ...] | None = None  # the drawer openings drawn on self._with_drawers
         self._combo_heldout = False
@@ -476,14 +569,28 @@ class TabletopEnv(gym.Env):
         obs = {"proprio": np.array([self.effector[0], self.effector[1], float(self.gripper_closed)], np.float32)}
         for sensor in self.sensors:
             if sensor == "overhead":
-                obs["image"] = self.render_image()
+                obs["image"] = self._picture(*self._frame(cached=True, windowed=True))
             elif sensor == "wrist":
-                obs["wrist"] = self.wrist_image()
+                obs["wrist"] = self._picture(*self._wrist_frame(windowed=True))
             elif sensor == "depth":
-                obs["depth"] = self.depth_image()
+                obs["depth"] = self._picture(*self._frame(cached=False, windowed=True, depth=True))
             else:
                 obs["touch"] = np.array([float(self.contact)], np.float32)
         return obs
+
+    def draw_later(self, frames: Frames | None) -> None:
+        """From now on, the camera pictures of each observation are queued on ``frames`` and drawn when it is told
+        to (``Frames.draw``), together with every other environment's queued there: the arrays are handed out at
+        once, and hold the picture only after that. ``None``: draw each picture at once again (the default).
+        actors/rollout.py draws a whole chunk's frames of every environment in one go before the policy looks."""
+        self._frames = frames
+
+    def _picture(self, base: np.ndarray, shapes: list) -> np.ndarray:
+        if self._frames is None:
+            return Frames.drawn(base, shapes, self.image_size)
+        img = np.empty_like(base)
+        self._frames.add(img, base, shapes)
+        return img
 
     def render(self):
         return self.render_image()
@@ -501,49 +608,56 @@ class TabletopEnv(gym.Env):
     def wrist_image(self) -> np.ndarray:
         """The hand camera: the scene WRIST_SPAN table widths across, centred on the hand (rigidly mounted, so the
         overhead camera's jitter does not move it)."""
-        return self._wrist(windowed=True)
-
-    def _wrist(self, windowed: bool) -> np.ndarray:
-        saved, zoom = self.camera, 1.0 / WRIST_SPAN
-        self.camera = ((0.5 - float(self.effector[0])) * zoom, (0.5 - float(self.effector[1])) * zoom, zoom)
-        try:
-            return self._render(cached=False, windowed=windowed)
-        finally:
-            self.camera = saved
+        return Frames.drawn(*self._wrist_frame(windowed=True), self.image_size)
 
     def depth_image(self) -> np.ndarray:
         """The overhead camera's depth: distance down to the nearest surface, float32 (S, S)."""
         return self._render(cached=False, windowed=True, depth=True)
 
     def _render(self, cached: bool, windowed: bool, depth: bool = False) -> np.ndarray:
-        """Draw the scene in colour, or in depth (the same shapes, each painted with its distance to the camera)."""
+        return Frames.drawn(*self._frame(cached, windowed, depth), self.image_size)
+
+    def _wrist_frame(self, windowed: bool) -> tuple[np.ndarray, list]:
+        saved, zoom = self.camera, 1.0 / WRIST_SPAN
+        self.camera = ((0.5 - float(self.effector[0])) * zoom, (0.5 - float(self.effector[1])) * zoom, zoom)
+        try:
+            return self._frame(cached=False, windowed=windowed)
+        finally:
+            self.camera = saved
+
+    def _frame(self, cached: bool, windowed: bool, depth: bool = False) -> tuple[np.ndarray, list]:
+        """A picture as (base, shapes): the picture it starts from and what is drawn over it, in order (see
+        ``Frames``), in colour or in depth (the same shapes, each painted with its distance to the camera)."""
         if cached and not depth:
             if self._static is None:
-                self._static, self._drawn_openings = self._draw_static(False, windowed), None
+                self._static, self._drawn_openings = Frames.drawn(*self._draw_static(False, windowed),
+                                                                  self.image_size), None
             # Drawers move only while held: the static layer with the drawers drawn is kept until one slides.
             openings = tuple(self.opening.tolist())
             if self._drawn_openings != openings:
-                self._with_drawers = self._static.copy()
-                self._draw_drawers(self._with_drawers, False)
+                drawers: list = []
+                self._draw_drawers(drawers, False)
+                self._with_drawers = Frames.drawn(self._static, drawers, self.image_size)
                 self._drawn_openings = openings
-            img = self._with_drawers.copy()
+            base, shapes = self._with_drawers, []
         else:
-            img = self._draw_static(depth, windowed)
-            self._draw_drawers(img, depth)
+            base, shapes = self._draw_static(depth, windowed)
+            self._draw_drawers(shapes, depth)
         d = (lambda part: np.float32(CAMERA_HEIGHT - HEIGHTS[part])) if depth else None
-        order = sorted((i for i in range(len(self.blocks)) if i != self.holding), key=lambda i: self.block_z[i])
+        blocks = self.blocks.tolist()  # Python floats: cheaper to index than the array's elements
+        order = sorted((i for i in range(len(blocks)) if i != self.holding), key=self.block_z.__getitem__)
         for i in order + ([self.holding] if self.holding is not None else []):
             if depth:
                 top = HEIGHTS["lifted"] if i == self.holding else 2 * self.block_half * (1 + self.block_z[i])
                 value = np.float32(CAMERA_HEIGHT - top)
             else:
                 value = self._block_rgb[i]
-            self._box(img, self.blocks[i], self.block_half, value)
-        self._ring(img, self.effector, EFFECTOR_R, EFFECTOR_R * 0.45,
+            self._box(shapes, blocks[i], self.block_half, value)
+        self._ring(shapes, self.effector.tolist(), EFFECTOR_R, EFFECTOR_R * 0.45,
                    d("effector") if depth else self._effector_rgb[self.gripper_closed], windowed)
-        return img
+        return base, shapes
 
-    def _draw_drawers(self, img: np.ndarray, depth: bool) -> None:
+    def _draw_drawers(self, shapes: list, depth: bool) -> None:
         """Each drawer's box, out of its cabinet as far as it is open, and its handle."""
         d = (lambda part: np.float32(CAMERA_HEIGHT - HEIGHTS[part])) if depth else None
         for j in range(len(self.drawers)):
@@ -552,26 +666,26 @@ class TabletopEnv(gym.Env):
             mid = (out - CABINET_HALF) / 2  # the box spans the cabinet's back to the handle
             half = (abs(ax) * (out + CABINET_HALF) / 2 + abs(ay) * DRAWER_HALF_WIDTH,
                     abs(ay) * (out + CABINET_HALF) / 2 + abs(ax) * DRAWER_HALF_WIDTH)
-            self._rect(img, (cx + ax * mid, cy + ay * mid), half, d("drawer") if depth else self._drawer_rgb[j])
-            self._rect(img, (cx + ax * out, cy + ay * out), (HANDLE_HALF, HANDLE_HALF),
+            self._rect(shapes, (cx + ax * mid, cy + ay * mid), half, d("drawer") if depth else self._drawer_rgb[j])
+            self._rect(shapes, (cx + ax * out, cy + ay * out), (HANDLE_HALF, HANDLE_HALF),
                        d("handle") if depth else self._handle_rgb)
 
-    def _draw_static(self, depth: bool = False, windowed: bool = True) -> np.ndarray:
+    def _draw_static(self, depth: bool = False, windowed: bool = True) -> tuple[np.ndarray, list]:
         """What does not move: the table, pads or bowls, buttons, cabinets (in colour, or in depth)."""
-        img = (self._floor if depth else self._table).copy()  # a copy, not a fill: a colour fills 50x slower
+        shapes: list = []
         d = lambda part: np.float32(CAMERA_HEIGHT - HEIGHTS[part])  # noqa: E731
         for center, rgb in zip(self.targets, self._target_rgb):
             if self.family == "push":  # pastel pad
-                self._box(img, center, PAD_HALF, d("pad") if depth else rgb)
+                self._box(shapes, center, PAD_HALF, d("pad") if depth else rgb)
             else:  # dark bowl rim
-                self._ring(img, center, BOWL_R_OUT, BOWL_R_IN, d("bowl") if depth else rgb, windowed)
+                self._ring(shapes, center, BOWL_R_OUT, BOWL_R_IN, d("bowl") if depth else rgb, windowed)
         for center, (rim, top), pressed in zip(self.buttons, self._button_rgb, self.pressed):
-            self._ring(img, center, BUTTON_R, 0.0, d("button") if depth else rim, windowed)
+            self._ring(shapes, center, BUTTON_R, 0.0, d("button") if depth else rim, windowed)
             inner = d("pressed" if pressed else "button") if depth else (self._pressed_rgb if pressed else top)
-            self._ring(img, center, BUTTON_R * 0.7, 0.0, inner, windowed)
+            self._ring(shapes, center, BUTTON_R * 0.7, 0.0, inner, windowed)
         for center in self.drawers:
-            self._box(img, center, CABINET_HALF, d("cabinet") if depth else self._cabinet_rgb)
-        return img
+            self._box(shapes, center, CABINET_HALF, d("cabinet") if depth else self._cabinet_rgb)
+        return (self._floor if depth else self._table), shapes
 
     def _view(self, x: float, y: float, size: float) -> tuple[float, float, float]:
         """World -> camera coordinates (table widths), for a point and a length; the identity unless the camera is
@@ -581,41 +695,42 @@ class TabletopEnv(gym.Env):
             return x, y, size
         return (x - 0.5) * zoom + 0.5 + dx, (y - 0.5) * zoom + 0.5 + dy, size * zoom
 
-    def _box(self, img: np.ndarray, center: np.ndarray, half: float, rgb) -> None:
-        cx, cy, half = self._view(float(center[0]), float(center[1]), half)
+    def _box(self, shapes: list, center, half: float, rgb) -> None:
+        cx, cy = float(center[0]), float(center[1])
+        if self.camera != NO_JITTER:
+            cx, cy, half = self._view(cx, cy, half)
         s = self.image_size
         x0, x1 = round((cx - half) * s), round((cx + half) * s)  # Python's round: half to even, as NumPy's
         y0, y1 = round((cy - half) * s), round((cy + half) * s)
-        img[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = rgb
+        shapes.append((y0 if y0 > 0 else 0, y1 if y1 > 0 else 0, x0 if x0 > 0 else 0, x1 if x1 > 0 else 0, rgb, None))
 
-    def _rect(self, img: np.ndarray, center, half, rgb) -> None:
+    def _rect(self, shapes: list, center, half, rgb) -> None:
         s = self.image_size
         cx, cy, hx = self._view(float(center[0]), float(center[1]), float(half[0]))
         hy = self._view(0.0, 0.0, float(half[1]))[2]
         x0, x1 = round((cx - hx) * s), round((cx + hx) * s)
         y0, y1 = round((cy - hy) * s), round((cy + hy) * s)
-        img[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = rgb
+        shapes.append((max(y0, 0), max(y1, 0), max(x0, 0), max(x1, 0), rgb, None))
 
-    def _ring(self, img: np.ndarray, center: np.ndarray, r_out: float, r_in: float, rgb, windowed: bool) -> None:
+    def _ring(self, shapes: list, center: np.ndarray, r_out: float, r_in: float, rgb, windowed: bool) -> None:
         """Pixels whose centres lie at distance [r_in, r_out) from center; ``windowed`` looks only inside the ring's
         bounding box (the same pixels, far fewer distances)."""
-        s, c = self.image_size, self._centers
+        s = self.image_size
         cx, cy = float(center[0]), float(center[1])
-        if self.camera != (0.0, 0.0, 1.0):
+        if self.camera != NO_JITTER:
             cx, cy, r_out = self._view(cx, cy, r_out)
             r_in = self._view(0.0, 0.0, r_in)[2]
-        x0, x1, y0, y1 = 0, s, 0, s
-        if windowed:
-            x0, x1 = max(int((cx - r_out) * s) - 1, 0), min(int((cx + r_out) * s) + 2, s)
-            y0, y1 = max(int((cy - r_out) * s) - 1, 0), min(int((cy + r_out) * s) + 2, s)
-            if x0 >= x1 or y0 >= y1:  # out of view (the wrist camera sees a quarter of the table)
-                return
-        dy, dx = c[y0:y1] - cy, c[x0:x1] - cx
-        d2 = np.add.outer(dy * dy, dx * dx)
-        inside = d2 < r_out * r_out
-        if r_in > 0.0:
-            inside &= d2 >= r_in * r_in
-        np.copyto(img[y0:y1, x0:x1], rgb, where=inside if img.ndim == 2 else inside[..., None])  # depth, colour
+        if not windowed:
+            shapes.append((0, s, 0, s, rgb, (cy, cx, r_out * r_out, r_in * r_in, 0, 0, s)))
+            return
+        # The window: a square of one size per radius (rings of a size share their arithmetic, Frames), on pixels
+        # that may lie off the picture; only its part in view is painted.
+        size = int(2.0 * r_out * s) + 4
+        x0, y0 = math.floor((cx - r_out) * s) - 1, math.floor((cy - r_out) * s) - 1
+        if x0 >= s or y0 >= s or x0 + size <= 0 or y0 + size <= 0:  # out of view (the wrist camera sees a quarter)
+            return
+        shapes.append((max(y0, 0), min(y0 + size, s), max(x0, 0), min(x0 + size, s), rgb,
+                       (cy, cx, r_out * r_out, r_in * r_in, y0, x0, size)))
 
     # Ground-truth state, for the scripted expert, the auxiliary grounding targets and tests (policies see pixels
     # and proprio). "block" is what to act on next and "target" where it must go.
@@ -654,7 +769,8 @@ def reference_image(env: TabletopEnv, camera: str = "overhead") -> np.ndarray:
     """The picture ``render_image`` (or, for camera="wrist", ``wrist_image``) must give, drawn the plain way:
     everything redrawn, every ring's distances over the whole pixel grid. Tests check the fast path against it pixel
     for pixel; ``bench/env_throughput.py`` times both."""
-    return env._wrist(windowed=False) if camera == "wrist" else env._render(cached=False, windowed=False)
+    frame = env._wrist_frame(windowed=False) if camera == "wrist" else env._frame(cached=False, windowed=False)
+    return Frames.drawn(*frame, env.image_size)
 
 
 def make_env(family: str = "any", image_size: int = 64, max_steps: int = 40, phrasing: str = "canonical",

@@ -152,6 +152,37 @@ def test_expert_episode_terminates_on_success():
     assert term and info["success"]
 
 
+def test_pictures_drawn_together_are_those_drawn_one_at_a_time():
+    """draw_later: twelve environments queue their pictures (every camera, depth too, a jittered camera on half of
+    them) and draw them together, a chunk of steps at a time, as actors/rollout.py does. Every picture must be the
+    one a twin environment, drawing each at once, gives."""
+    from actors.tabletop import Frames
+
+    rng = np.random.default_rng(1)
+    sensors = ("overhead", "wrist", "depth", "touch")
+    pairs = []
+    for seed in range(12):
+        randomize = {"colour": 0.2, "lighting": 0.3, "camera": 0.1, "size": 0.2} if seed % 2 else None
+        pairs.append(tuple(TabletopEnv(family="suite", sensors=sensors, randomize=randomize) for _ in range(2)))
+    frames = Frames(64)
+    got, want = [], []
+    for seed, (later, now) in enumerate(pairs):
+        later.draw_later(frames)
+        got.append(later.reset(seed=seed)[0])
+        want.append(now.reset(seed=seed)[0])
+    for step in range(30):
+        for later, now in pairs:
+            act = expert_action(now, rng, 0.3) if step % 3 else rng.uniform(-1, 1, 3).astype(np.float32)
+            got.append(later.step(act)[0])
+            want.append(now.step(act)[0])
+        if step % 4 == 3:
+            frames.draw()
+    frames.draw()
+    assert len(got) == 12 * 31
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_fast_renderer_draws_the_reference_picture():
     # The renderer draws only what moves, and the effector ring only inside its bounding box; every pixel must still
     # be the plain whole-grid drawing's, for every family, under random and expert play (grasps, presses, drawers
