@@ -155,27 +155,25 @@ def _centers(size: int, pad: int) -> np.ndarray:
 
 def _paint(queued: list[tuple[np.ndarray, np.ndarray, list]], size: int) -> None:
     groups: dict[int, list[tuple]] = {}  # the rings, by window size
-    for dst, _, shapes in queued:
+    for _, _, shapes in queued:
         for shape in shapes:
-            if shape[5] is not None:
-                groups.setdefault(shape[5][6], []).append(shape)
-    masks: dict[int, np.ndarray] = {}  # by id(shape): the ring's pixels in the window's part in view
+            ring = shape[5]
+            if ring is not None:
+                group = groups.get(ring[6])
+                if group is None:
+                    groups[ring[6]] = [shape]
+                else:
+                    group.append(shape)
     pad = max(groups, default=0)
     c = _centers(size, pad)  # c[pad + k] is pixel k's centre, for k in [-pad, size + pad)
+    masks: dict[int, np.ndarray] = {}  # by id(shape): the ring's pixels in the window's part in view
     for w, rings in groups.items():
-        if len(rings) == 1:  # alone: on its part in view, in fewer numpy calls
-            y0, y1, x0, x1, _, (cy, cx, out2, in2, _, _, _) = ring = rings[0]
-            dy, dx = c[pad + y0:pad + y1] - cy, c[pad + x0:pad + x1] - cx
-            d2 = np.add.outer(dy * dy, dx * dx)
-            mask = d2 < out2
-            if in2 > 0.0:
-                mask &= d2 >= in2
-            masks[id(ring)] = mask
+        if len(rings) == 1:  # alone: drawn below, on its part in view, in fewer numpy calls
             continue
         params = np.array([r[5] for r in rings])  # cy, cx, r_out², r_in², y0, x0, window (float64, as drawn)
         at = params[:, 4:6].astype(np.int64) + pad
-        # As one ring drawn alone would be: (float32 centres - the float64 centre taken as float32), squared and
-        # added in float32, compared with the float64 radii squared taken as float32, element by element.
+        # As one ring drawn alone is: (float32 centres - the float64 centre taken as float32), squared and added in
+        # float32, compared with the float64 radii squared taken as float32, element by element.
         dy = c[at[:, :1] + np.arange(w)] - params[:, :1].astype(np.float32)
         dx = c[at[:, 1:] + np.arange(w)] - params[:, 1:2].astype(np.float32)
         d2 = (dy * dy)[:, :, None] + (dx * dx)[:, None, :]
@@ -191,9 +189,16 @@ def _paint(queued: list[tuple[np.ndarray, np.ndarray, list]], size: int) -> None
             y0, y1, x0, x1, value, ring = shape
             if ring is None:
                 dst[y0:y1, x0:x1] = value
-            else:
-                mask = masks[id(shape)]
-                np.copyto(dst[y0:y1, x0:x1], value, where=mask[..., None] if colour else mask)
+                continue
+            mask = masks.get(id(shape))
+            if mask is None:
+                cy, cx, out2, in2 = ring[:4]
+                dy, dx = c[pad + y0:pad + y1] - cy, c[pad + x0:pad + x1] - cx
+                d2 = np.add.outer(dy * dy, dx * dx)
+                mask = d2 < out2
+                if in2 > 0.0:
+                    mask &= d2 >= in2
+            np.copyto(dst[y0:y1, x0:x1], value, where=mask[..., None] if colour else mask)
 
 
 class TabletopEnv(gym.Env):
