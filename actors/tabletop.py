@@ -109,14 +109,16 @@ def parse_families(family: str) -> tuple[str, ...]:
 class Frames:
     """Pictures drawn together. Each is queued as (destination, base, shapes): the base picture is copied into the
     destination, then each shape is painted over it, in order. A shape ``(y0, y1, x0, x1, value, ring)`` fills the
-    pixel window ``[y0:y1, x0:x1]`` with ``value`` (an RGB triple, or a depth): all of it when ``ring`` is None, else
-    the pixels whose centres lie at a distance in [r_in, r_out) from the ring's centre, ``ring = (cy, cx, r_out²,
-    r_in²)`` in camera coordinates (table widths).
+    pixel window ``[y0:y1, x0:x1]`` (the part in view) with ``value`` (an RGB triple, or a depth): all of it when
+    ``ring`` is None, else the pixels whose centres lie at a distance in [r_in, r_out) from the ring's centre,
+    ``ring = (cy, cx, r_out², r_in², wy, wx, window)``: its centre and radii in camera coordinates (table widths), and
+    the square of pixels that holds it (``window`` pixels a side from row ``wy``, column ``wx``; partly off the picture
+    where the ring is), one size per radius.
 
-    The rings' distances are worked out for all the queued pictures at once, a few numpy calls per window size:
-    drawn one at a time, a ring was ~10 µs of numpy calls for ~200 pixels, most of a frame (bench/env_throughput.py).
-    The pixels are those the one-at-a-time drawing gave, bit for bit: the same float32 arithmetic, element by
-    element (tests/test_env.py compares them with ``reference_image``)."""
+    The rings' distances are worked out for all the queued pictures at once, a few numpy calls per window size (a
+    ring drawn alone was ~10 us of numpy calls for ~200 pixels, most of a frame). The pixels are those the
+    one-at-a-time drawing gave, bit for bit: the same float32 arithmetic, element by element (tests/test_env.py
+    compares pictures drawn together with pictures drawn at once, and both with ``reference_image``)."""
 
     def __init__(self, image_size: int):
         self.size = int(image_size)
