@@ -209,6 +209,7 @@ def run_episodes(
             # what the environment knows of success: a simulator always; a robot where a person judged the episode
             ground_truth=None if infos[i].get("success") is None else {"success": bool(infos[i]["success"])},
             info={"created": now, "max_steps": max_steps, "execute": execute, "phrasing": phrasing, "combos": combos,
+                  "sample_seed": int(sample_seed), "position": i,  # where it stood: flywheel/contracts.py collection_order
                   **({"hard": hard} if made_hard[i] else {}),
                   **({"operator": operator[i]} if operator[i] is not None else {}),
                   **({"interventions": int(sum(taken[i]))} if correcting[i] else {}),

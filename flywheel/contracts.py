@@ -97,6 +97,10 @@ class Episode:
             return bool(self.ground_truth["success"])
         return None
 
+    def collection_order(self) -> tuple[int, int, int]:
+        """Where the episode stood in the collection that made it (``collection_order``)."""
+        return collection_order(self.seed, self.info)
+
     def made_on_purpose(self) -> bool:
         """A hard example the scripted expert made for the detector (actors/expert.py HARD_EXAMPLES; ``near_miss``
         in stores from before the other kinds): not what a detector will meet, and, up to the step where it turns
@@ -126,6 +130,15 @@ class PolicySnapshot:
 
 CAMERA_CHANNELS = {"overhead": ("image", 3), "wrist": ("wrist", 3), "depth": ("depth", 1)}
 DEPTH_NEAR, DEPTH_FAR = 0.75, 1.0  # depth readings mapped to image bytes 255 .. 0 (nearer is brighter)
+
+
+def collection_order(seed: int, info: dict) -> tuple[int, int, int]:
+    """An episode's place in the collection that made it: its seed, then the sampling seed of the worker's share and
+    its place among that share's seeds (actors/rollout.py records both). A collection's episodes sorted by it are in
+    the order of its seed list, whether they come from the actors or back from the store: the learner's buffer fills
+    in the same order in a run and in that run resumed. (Episodes stored before both were recorded sort by seed
+    alone.)"""
+    return int(seed), int(info.get("sample_seed", 0)), int(info.get("position", 0))
 
 
 def sensor_inputs(observations: dict[str, np.ndarray], sensors: tuple[str, ...] | list[str],

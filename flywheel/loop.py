@@ -380,7 +380,8 @@ def run_loop(
         if trusted:
             with timer("update"):
                 # The learner sees labels, never the simulator's ground truth or privileged state.
-                view = [learner_view(ep, learner_reads) for ep in episodes]
+                # in the order the seeds were listed, as a resumed run refills its buffer (flywheel/resume.py)
+                view = [learner_view(ep, learner_reads) for ep in sorted(episodes, key=Episode.collection_order)]
                 try:
                     try:
                         stats = learner.update(view)

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from flywheel.config import ConfigError, RunConfig
-from flywheel.contracts import Episode
+from flywheel.contracts import Episode, collection_order
 from flywheel.store import EpisodeStore, atomic_write_bytes
 
 STATE_FILE = "run_state.json"
@@ -143,8 +143,8 @@ def loop_episodes(store: EpisodeStore, seed_index: callable, next_index: int, ke
         index = seed_index(meta["seed"]) if meta.get("policy_version", -1) >= 0 else None
         if index is None:
             continue
-        if index < next_index:
-            done.append((index, meta.get("info", {}).get("created", 0.0), path))
+        if index < next_index:  # in the order the loop collected them (and the learner took them)
+            done.append((collection_order(meta["seed"], meta.get("info", {})), path))
         else:
             in_flight.append(path)
     done = [path for *_, path in sorted(done)[-keep:]] if keep > 0 else []

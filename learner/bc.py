@@ -194,10 +194,15 @@ class BCTrainer:
     """AdamW on the flow-matching loss, gradient-clipped. Holds the optimizer so that training can resume."""
 
     def __init__(self, model: SmallVLA, lr: float = 3e-4, weight_decay: float = 1e-4, grad_clip: float = 1.0,
-                 indicator_dropout: float = 0.0, indicator_lr: float | None = None):
+                 indicator_dropout: float = 0.0, indicator_lr: float | None = None,
+                 generator: torch.Generator | None = None):
         """``indicator_lr``: the advantage indicator's own learning rate. It starts at zero and must grow to the
-        scale of the context; at a fine-tuning rate (1e-4) Adam moves it by at most ~0.1 in 1,000 steps."""
+        scale of the context; at a fine-tuning rate (1e-4) Adam moves it by at most ~0.1 in 1,000 steps.
+        ``generator``: draws the flow's noise and times and the indicator's dropout (the learner's own, which its
+        checkpoints keep, so that a resumed run trains as the uninterrupted one would); without one, torch's global
+        stream (pretraining saves that)."""
         self.model = model
+        self.generator = generator
         self.indicator_dropout = indicator_dropout
         self.grad_clip = grad_clip
         # Only what requires grad trains (a learner with a frozen backbone turns the encoder's off).
@@ -218,7 +223,9 @@ class BCTrainer:
         classifier-free guidance)."""
         if self.indicator_dropout <= 0:
             return indicator
-        keep = torch.rand(indicator.shape, device=indicator.device) >= self.indicator_dropout
+        draw = torch.rand(indicator.shape, device=indicator.device) if self.generator is None else \
+            torch.rand(indicator.shape, generator=self.generator).to(indicator.device)
+        keep = draw >= self.indicator_dropout
         return torch.where(keep, indicator, torch.zeros_like(indicator))
 
     def step(self, batch: dict[str, torch.Tensor], weighted: bool = False) -> float:
@@ -229,11 +236,11 @@ class BCTrainer:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         weights, indicator = batch["weights"] if weighted else None, self._drop(batch["indicator"])
         if "ctx" in batch:  # the backbone is frozen: train the action expert on cached contexts
-            loss = self.model.head_loss(batch["ctx"], batch["actions"], weights, indicator)
+            loss = self.model.head_loss(batch["ctx"], batch["actions"], weights, indicator, self.generator)
         else:
             loss = self.model.action_loss(batch["images"], batch["ids"], batch["proprio"], batch["actions"],
                                         weights=weights, aux=batch["aux"], aux_mask=batch["aux_mask"],
-                                        indicator=indicator)
+                                        indicator=indicator, generator=self.generator)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"behaviour-cloning loss is {loss.item()}: the weights or the batch hold NaN/inf. "

@@ -67,14 +67,14 @@ class FilteredBCLearner(LearnerBase):
         self.indicator_dropout = indicator_dropout
         self.data.add(demos, pinned=True, indicator=self.demo_indicator)
         self.indicator_lr = indicator_lr
+        self.generator = torch.Generator().manual_seed(seed)  # batches, and the trainer's draws: checkpointed
         self.trainer = self._trainer()
-        self.generator = torch.Generator().manual_seed(seed)
         self.ema = ema
         self._average = self._trained_weights() if ema > 0 else None
 
     def _trainer(self) -> BCTrainer:
         return BCTrainer(self.model, lr=self.lr, indicator_dropout=self.indicator_dropout,
-                         indicator_lr=self.indicator_lr)
+                         indicator_lr=self.indicator_lr, generator=self.generator)
 
     @classmethod
     def advantages(cls, episodes: list[Episode]) -> np.ndarray:

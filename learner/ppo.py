@@ -185,7 +185,8 @@ class PPOLearner(LearnerBase):
                 anchor = loss.new_zeros(())
                 if self.anchor > 0 and self.demos.num_episodes:
                     b = {k: v.to(ctx.device) for k, v in self.demos.sample(self.batch_size, self.generator).items()}
-                    anchor = self.model.action_loss(b["images"], b["ids"], b["proprio"], b["actions"])
+                    anchor = self.model.action_loss(b["images"], b["ids"], b["proprio"], b["actions"],
+                                                    generator=self.generator)
                 total = loss + self.anchor * anchor
                 if not torch.isfinite(total):
                     raise FloatingPointError(f"ppo loss is {total.item()}: the weights or the batch hold "

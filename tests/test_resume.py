@@ -10,6 +10,7 @@ import sys
 import time
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -126,6 +127,25 @@ def test_the_iteration_in_flight_uses_what_it_stored_and_collects_only_the_rest(
     ids = {p.stem for p in store.paths("train")}
     assert all(p.stem in ids for p, _ in second[10:]) and all(p.stem in ids for p in beyond)  # used, not run again
     assert not any(p.stem in ids for p, _ in lost)  # the 10 missing ones were run anew (new episodes)
+
+
+def test_a_run_resumed_after_its_first_iteration_ends_as_the_uninterrupted_run(finished_run, tmp_path):
+    """Back to the end of iteration 1 and resumed: iteration 2's update starts from the checkpoint's optimizer and
+    generator (which also draws the flow's noise), with the replay buffer refilled in the order it was filled, and
+    makes the same weights, bit for bit, as the run that was never stopped; its evaluations are the same too."""
+    from flywheel.checkpoint import load_weights
+
+    run_dir = _copy(finished_run, tmp_path)
+    shutil.copy(finished_run[1], run_dir / "run_state.json")  # back to the end of iteration 1
+    before = json.loads((finished_run[0] / "summary.json").read_text())
+    summary = _resume(run_dir)
+    assert summary["iterations"] == before["iterations"] == 2
+    assert summary["evaluations"] == before["evaluations"]
+    final = f"policy-{summary['policy_version_final']:06d}.safetensors"
+    assert summary["policy_version_final"] == before["policy_version_final"] >= 2
+    resumed, _ = load_weights(run_dir / "checkpoints" / final)
+    uninterrupted, _ = load_weights(finished_run[0] / "checkpoints" / final)
+    assert all(np.array_equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
 def test_a_resumed_run_keeps_its_config_and_says_which_key_may_not_change(finished_run):

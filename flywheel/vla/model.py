@@ -430,10 +430,10 @@ class SmallVLA(nn.Module):
     def action_loss(
         self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor, actions: torch.Tensor,
         weights: torch.Tensor | None = None, aux: torch.Tensor | None = None, aux_mask: torch.Tensor | None = None,
-        indicator: torch.Tensor | None = None,
+        indicator: torch.Tensor | None = None, generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Behaviour-cloning loss for target chunks ``actions`` (B,C,A): conditional flow matching, or the action
-        tokens' cross-entropy (``head_loss``); optional per-sample weights (B,).
+        tokens' cross-entropy (``head_loss``, which says what ``generator`` draws); optional per-sample weights (B,).
 
         ``aux`` (B,4) are the named block's and target's true positions where known (``aux_mask`` (B,) True), added
         as a regression loss: privileged supervision that teaches the encoder to find what the instruction names
@@ -445,13 +445,15 @@ class SmallVLA(nn.Module):
         if aux is not None and aux_mask is not None and bool(aux_mask.any()):
             err = (self.aux_head(ctx) - (aux - 0.5)).pow(2).mean(dim=1)
             aux_loss = (err * aux_mask).sum() / aux_mask.sum()
-        return self.head_loss(ctx, actions, weights, indicator) + aux_loss
+        return self.head_loss(ctx, actions, weights, indicator, generator) + aux_loss
 
     def head_loss(self, ctx: torch.Tensor, actions: torch.Tensor, weights: torch.Tensor | None = None,
-                  indicator: torch.Tensor | None = None) -> torch.Tensor:
+                  indicator: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """The action head's loss alone, given the backbone's context (B, out_dim): what a learner with a frozen
         backbone trains on cached contexts. Flow: the flow-matching regression; tokens: each token's cross-entropy
-        against a Gaussian over the bins around its action (``TokenActionHead.soft_targets``), averaged."""
+        against a Gaussian over the bins around its action (``TokenActionHead.soft_targets``), averaged.
+        ``generator`` (a CPU one): draws the flow's noise and times, so that a learner that checkpoints it resumes
+        exactly; without one they come from torch's global stream."""
         # the context as sample() conditions it: no indicator is "none" (row 0, which pretraining learns)
         ctx = ctx + (self.indicator(indicator) if indicator is not None else self.indicator.weight[0])
         if self.cfg.action_head == "tokens":
@@ -459,8 +461,12 @@ class SmallVLA(nn.Module):
             per_sample = -(self.head.soft_targets(actions) * log_p).sum(-1).mean(dim=(1, 2))
             return per_sample.mean() if weights is None else \
                 (per_sample * weights).sum() / weights.sum().clamp_min(1e-8)
-        noise = torch.randn_like(actions)
-        t = torch.rand(actions.shape[0], device=actions.device)
+        if generator is None:  # the global stream (pretraining saves and restores it)
+            noise = torch.randn_like(actions)
+            t = torch.rand(actions.shape[0], device=actions.device)
+        else:  # drawn on the CPU, as the generator is
+            noise = torch.randn(actions.shape, generator=generator).to(actions.device)
+            t = torch.rand(actions.shape[0], generator=generator).to(actions.device)
         x_t = t[:, None, None] * actions + (1 - t[:, None, None]) * noise
         per_sample = (self.head(ctx, x_t, t) - (actions - noise)).pow(2).mean(dim=(1, 2))
         if weights is None:
