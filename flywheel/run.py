@@ -182,7 +182,7 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
         data = make_detector_data(cfg, rollouts, env_kwargs_of(cfg))
         for ep in data:
             store.add(ep)
-    # In the order they were made (made_detector_data's: demonstrations, hard examples, rollouts, each by seed), not
+    # In the order they were made (make_detector_data's: demonstrations, hard examples, rollouts, each by seed), not
     # the store's (by random id): a run interrupted after making them trains, when started again, the detector it
     # would have trained. (Read back in the store's order, the tiny run's came out AUROC 0.52 against 0.71.)
     data.sort(key=lambda ep: (ep.policy_version, ep.seed))
