@@ -135,9 +135,10 @@ class Frames:
 
     @staticmethod
     def drawn(base: np.ndarray, shapes: list, size: int) -> np.ndarray:
-        """One picture, drawn now."""
+        """One picture, drawn now (each ring on its own: for one picture the batch's bookkeeping costs more)."""
         img = np.empty_like(base)
-        _paint([(img, base, shapes)], size)
+        pad = max((shape[5][6] for shape in shapes if shape[5] is not None), default=0)
+        _paint_one(img, base, shapes, {}, _centers(size, pad), pad)
         return img
 
 
@@ -185,22 +186,28 @@ def _paint(queued: list[tuple[np.ndarray, np.ndarray, list]], size: int) -> None
             y0, y1, x0, x1, _, (_, _, _, _, wy, wx, _) = ring
             masks[id(ring)] = mask[y0 - wy:y1 - wy, x0 - wx:x1 - wx]
     for dst, base, shapes in queued:
-        np.copyto(dst, base)
-        colour = dst.ndim == 3
-        for shape in shapes:
-            y0, y1, x0, x1, value, ring = shape
-            if ring is None:
-                dst[y0:y1, x0:x1] = value
-                continue
-            mask = masks.get(id(shape))
-            if mask is None:
-                cy, cx, out2, in2 = ring[:4]
-                dy, dx = c[pad + y0:pad + y1] - cy, c[pad + x0:pad + x1] - cx
-                d2 = np.add.outer(dy * dy, dx * dx)
-                mask = d2 < out2
-                if in2 > 0.0:
-                    mask &= d2 >= in2
-            np.copyto(dst[y0:y1, x0:x1], value, where=mask[..., None] if colour else mask)
+        _paint_one(dst, base, shapes, masks, c, pad)
+
+
+def _paint_one(dst: np.ndarray, base: np.ndarray, shapes: list, masks: dict[int, np.ndarray], c: np.ndarray,
+               pad: int) -> None:
+    """The base, then each shape in order; a ring whose mask ``masks`` lacks is worked out here, on its own."""
+    np.copyto(dst, base)
+    colour = dst.ndim == 3
+    for shape in shapes:
+        y0, y1, x0, x1, value, ring = shape
+        if ring is None:
+            dst[y0:y1, x0:x1] = value
+            continue
+        mask = masks.get(id(shape))
+        if mask is None:
+            cy, cx, out2, in2 = ring[:4]
+            dy, dx = c[pad + y0:pad + y1] - cy, c[pad + x0:pad + x1] - cx
+            d2 = np.add.outer(dy * dy, dx * dx)
+            mask = d2 < out2
+            if in2 > 0.0:
+                mask &= d2 >= in2
+        np.copyto(dst[y0:y1, x0:x1], value, where=mask[..., None] if colour else mask)
 
 
 class TabletopEnv(gym.Env):
