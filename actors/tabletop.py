@@ -582,14 +582,10 @@ class TabletopEnv(gym.Env):
     def _obs(self) -> dict[str, np.ndarray]:
         obs = {"proprio": np.array([self.effector[0], self.effector[1], float(self.gripper_closed)], np.float32)}
         for sensor in self.sensors:
-            if sensor == "overhead":
-                obs["image"] = self._picture(*self._frame(cached=True, windowed=True))
-            elif sensor == "wrist":
-                obs["wrist"] = self._picture(*self._wrist_frame(windowed=True))
-            elif sensor == "depth":
-                obs["depth"] = self._picture(*self._frame(cached=False, windowed=True, depth=True))
-            else:
+            if sensor == "touch":
                 obs["touch"] = np.array([float(self.contact)], np.float32)
+            else:
+                obs[SENSOR_KEYS[sensor]] = self._picture(*self._camera(sensor))
         return obs
 
     def draw_later(self, frames: Frames | None) -> None:
@@ -617,19 +613,23 @@ class TabletopEnv(gym.Env):
         What does not move is drawn once per episode (again when a button is pressed); each frame copies it and draws
         only what moves, the effector ring inside its bounding box (bench/env_throughput.py measures the cost;
         ``reference_image`` is the plain drawing that tests compare against)."""
-        return self._render(cached=True, windowed=True)
+        return Frames.drawn(*self._camera("overhead"), self.image_size)
 
     def wrist_image(self) -> np.ndarray:
         """The hand camera: the scene WRIST_SPAN table widths across, centred on the hand (rigidly mounted, so the
         overhead camera's jitter does not move it)."""
-        return Frames.drawn(*self._wrist_frame(windowed=True), self.image_size)
+        return Frames.drawn(*self._camera("wrist"), self.image_size)
 
     def depth_image(self) -> np.ndarray:
         """The overhead camera's depth: distance down to the nearest surface, float32 (S, S)."""
-        return self._render(cached=False, windowed=True, depth=True)
+        return Frames.drawn(*self._camera("depth"), self.image_size)
 
-    def _render(self, cached: bool, windowed: bool, depth: bool = False) -> np.ndarray:
-        return Frames.drawn(*self._frame(cached, windowed, depth), self.image_size)
+    def _camera(self, sensor: str, windowed: bool = True) -> tuple[np.ndarray, list]:
+        """A camera's picture now, as (base, shapes) (``_frame``): "overhead", "wrist" or "depth". ``windowed=False``:
+        the plain drawing (``reference_image``), every shape redrawn, every ring over the whole grid."""
+        if sensor == "wrist":
+            return self._wrist_frame(windowed)
+        return self._frame(cached=windowed and sensor == "overhead", windowed=windowed, depth=sensor == "depth")
 
     def _wrist_frame(self, windowed: bool) -> tuple[np.ndarray, list]:
         saved, zoom = self.camera, 1.0 / WRIST_SPAN
@@ -783,8 +783,7 @@ def reference_image(env: TabletopEnv, camera: str = "overhead") -> np.ndarray:
     """The picture ``render_image`` (or, for camera="wrist", ``wrist_image``) must give, drawn the plain way:
     everything redrawn, every ring's distances over the whole pixel grid. Tests check the fast path against it pixel
     for pixel; ``bench/env_throughput.py`` times both."""
-    frame = env._wrist_frame(windowed=False) if camera == "wrist" else env._frame(cached=False, windowed=False)
-    return Frames.drawn(*frame, env.image_size)
+    return Frames.drawn(*env._camera(camera, windowed=False), env.image_size)
 
 
 def make_env(family: str = "any", image_size: int = 64, max_steps: int = 40, phrasing: str = "canonical",
