@@ -5,6 +5,7 @@ only give values; a key that is not in these schemas fails when the config is co
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import field
 from pathlib import Path
 from typing import Any, Optional
@@ -314,6 +315,20 @@ class ConfigError(ValueError):
     """A config that does not compose: an unknown key, a wrong type, a missing value."""
 
 
+def _near(name: str, key: str | None) -> str:
+    """"Did you mean ...?" for a key the schema lacks: its known keys spelt most like it."""
+    if not key:
+        return ""
+
+    def dotted(tree: Any, prefix: str = "") -> list[str]:
+        return [k for name_, v in tree.items() for k in
+                (dotted(v, f"{prefix}{name_}.") if isinstance(v, dict) and v else [f"{prefix}{name_}"])]
+
+    known = dotted(OmegaConf.to_container(OmegaConf.structured(_SCHEMAS[name][1])))
+    near = difflib.get_close_matches(str(key), known, n=3, cutoff=0.75)
+    return f"Did you mean {' or '.join(near)}? " if near else ""
+
+
 def load_config(name: str, overrides: list[str]) -> DictConfig:
     """Compose ``configs/<name>.yaml`` with command-line overrides (``key=value``), checked against the schema."""
     _register()
@@ -324,7 +339,7 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
     except (ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException) as e:
         cause = e.__cause__ or e
         raise ConfigError(
-            f"bad config for `flywheel {name}`: {cause}\n"
+            f"bad config for `flywheel {name}`: {cause}\n{_near(name, getattr(cause, 'full_key', None))}"
             f"Valid keys are those of {_SCHEMAS[name][1].__name__} in flywheel/config.py; "
             f"`flywheel {name} --help` lists them with their defaults."
         ) from e

@@ -42,6 +42,8 @@ def test_counts_below_one_and_unparsable_overrides_are_config_errors():
     assert load_config("run", ["eval.noise=null"]).eval.noise is None  # as each learner's snapshot asks
     with pytest.raises(ConfigError, match="Valid keys"):
         load_config("run", ["--help"])
+    with pytest.raises(ConfigError, match=r"(?s)full_key: budget.minute\n.*\nDid you mean budget.minutes\?"):
+        load_config("run", ["budget.minute=5"])  # a misspelt key: the one meant, named
 
 
 def test_a_detector_camera_the_episodes_do_not_record_is_a_config_error():
