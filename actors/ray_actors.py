@@ -54,7 +54,8 @@ class RolloutGroup:
 
             self._remote = ray.remote(num_cpus=cpus_per_worker, max_restarts=0,
                                       **({"resources": dict(resources)} if resources else {}))(RolloutWorker)
-            self._make = functools.partial(self._remote.remote, policy_factory, env_kwargs, trim_idle_s=trim_idle_s)
+            self._make = functools.partial(self._remote.remote, policy_factory, env_kwargs, trim_idle_s=trim_idle_s,
+                                           threads=max(1, int(cpus_per_worker)))
         self.workers = [self._make(i) for i in range(self.num_workers)]
         self.published_version = -1
         self._whole: PolicySnapshot | None = None  # the newest snapshot, every array: for a replaced worker

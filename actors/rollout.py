@@ -253,15 +253,19 @@ class RolloutWorker:
     """Holds its own copy of the policy; applies only snapshots newer than the one it has; stamps every episode."""
 
     def __init__(self, policy_factory: Callable[[], Policy], env_kwargs: dict, worker_index: int = 0,
-                 trim_idle_s: float | None = None):
-        """``trim_idle_s``: hand freed heap pages back (``trim_heap``) once this many seconds pass after a collection
+                 trim_idle_s: float | None = None, threads: int | None = None):
+        """``threads``: torch's threads in this process, for a worker in a process of its own (a Ray actor: one per
+        CPU it was given, so that the workers on a node do not fight over its cores). None leaves them: a worker in
+        the driver acts on the driver's threads, and the learner and the detector, which train there too, keep theirs.
+        ``trim_idle_s``: hand freed heap pages back (``trim_heap``) once this many seconds pass after a collection
         without another starting; None never. For a worker in a process of its own (a Ray actor): one waiting for
         the learner gives its memory back while it waits, and one kept busy (``rollout.overlap``, or collections
         back to back) does not pay for paging it in again at every collection. Off in a process that holds more (the
         driver), where it would walk a large heap."""
-        import torch
+        if threads is not None:
+            import torch
 
-        torch.set_num_threads(1)  # one core per worker; the machine's cores go to workers, not to intra-op threads
+            torch.set_num_threads(threads)
         self.policy = policy_factory()
         self.env_kwargs = dict(env_kwargs)
         self.worker_index = worker_index

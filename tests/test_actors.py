@@ -17,8 +17,12 @@ def _snapshot(version, scale):
 
 @pytest.mark.parametrize("use_ray", [False, True])
 def test_weights_reach_actors_in_version_order_and_stamp_episodes(use_ray, request):
+    import ray
+    import torch
+
     if use_ray:
         request.getfixturevalue("ray_local")
+    driver_threads = torch.get_num_threads()
     group = RolloutGroup(functools.partial(VLAPolicy, VLAConfig()), ENV, num_workers=2, use_ray=use_ray,
                          cpus_per_worker=0.5)
     try:
@@ -31,6 +35,11 @@ def test_weights_reach_actors_in_version_order_and_stamp_episodes(use_ray, reque
         assert [ep.seed for ep in eps] == [10, 11, 12]
         assert {ep.policy_version for ep in eps} == {3}
         assert all(ep.observations["image"].shape[0] == ep.num_steps + 1 for ep in eps)
+        # A Ray actor acts on one thread per CPU it was given (at least one); a worker in the driver leaves the
+        # driver's threads to the learner and the detector, which train there.
+        threads = [ray.get(w.__ray_call__.remote(lambda _: torch.get_num_threads())) for w in group.workers] \
+            if use_ray else [torch.get_num_threads()]
+        assert threads == ([1, 1] if use_ray else [driver_threads])
     finally:
         group.close()
 
