@@ -134,6 +134,27 @@ def test_eval_noise_sets_how_every_snapshot_acts_in_evaluation_and_leaves_practi
     assert not np.array_equal(sampled.act(images, proprio, texts, seed=0), sampled.act(images, proprio, texts, seed=1))
 
 
+def test_after_a_batch_of_too_many_colours_grouping_waits_before_it_is_tried_again(monkeypatch):
+    """Inputs with too many colours keep having them (a detector's window from two cameras), so the check is not
+    paid at every call: after a miss the next RETRY_AFTER calls go straight to the cells, and then it is tried again."""
+    import flywheel.vla.model as vla_model
+
+    keypoints = vla_model.PixelKeypoints(16, 2, in_channels=5)
+    checks, real = [], vla_model.colour_groups
+    monkeypatch.setattr(vla_model, "colour_groups", lambda colour, limit: checks.append(limit) or real(colour, limit))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, generator=gen)
+    textured = torch.rand(2, 5, 8, 8, generator=gen) - 0.5  # 32 cells of 32 colours: more than an image's 16
+    flat = torch.zeros(2, 5, 8, 8)
+    keypoints(x, textured)
+    assert len(checks) == 1
+    for _ in range(vla_model.PixelKeypoints.RETRY_AFTER):
+        keypoints(x, flat)
+    assert len(checks) == 1
+    keypoints(x, flat)
+    assert len(checks) == 2 and keypoints._skip == 0  # tried again, and grouped: it goes on checking every call
+
+
 def test_keypoints_over_colours_are_the_keypoints_over_cells(monkeypatch):
     """A flat-shaded scene has few colours, and the keypoint attention is computed over them (flywheel/vla/model.py
     colour_groups): the same context and the same gradients as over every cell; a textured image falls back."""

@@ -112,12 +112,17 @@ class PixelKeypoints(nn.Module):
     colours alone, a scene of few colours is computed per colour rather than per cell (``colour_groups``).
     """
 
-    def __init__(self, d: int, heads: int, in_channels: int, key_dim: int = 16, group_colours: bool = True):
-        """``group_colours``: try the per-colour computation. A window of frames (the detector's) has too many
-        distinct colours for it (~1,600 in a batch of 64 from two cameras, one of them moving, against 1,024 cells
-        an image), so there the check would be ~5% of a step spent for nothing."""
+    RETRY_AFTER = 64  # calls after a batch of too many colours before the next check
+
+    def __init__(self, d: int, heads: int, in_channels: int, key_dim: int = 16):
         super().__init__()
-        self.heads, self.key_dim, self.group_colours = heads, key_dim, group_colours
+        self.heads, self.key_dim = heads, key_dim
+        # Calls left before grouping is tried again. Inputs that have too many colours keep having them (a textured
+        # scene; the detector's window of 3 frames from two cameras, one of them moving: 1,344-2,101 in a batch of 64
+        # against 1,024 cells an image), and the check would cost them ~5% of a step at every call. A window from
+        # one camera has 288-490 and is grouped: a detector training step 1.4x faster (bench/RESULTS.md, session
+        # 25). Grouped or not, the function is the same to float rounding.
+        self._skip = 0
         # Linear layers per cell (not 1x1 convs: those are several times slower on CPU at this width).
         self.keys = nn.Sequential(nn.Linear(in_channels - 2, 32), nn.GELU(), nn.Linear(32, heads * key_dim))
         self.q = nn.Linear(d, heads * key_dim)
@@ -136,7 +141,11 @@ class PixelKeypoints(nn.Module):
         xy, colour = cells[..., -2:], cells[..., :-2]  # (B,HW/4,2) cell centres; the colours keys are made from
         q = self.q(self.ln(x)).view(b, lq, self.heads, self.key_dim)
         q = q * (self.log_scale.exp() / math.sqrt(self.key_dim))
-        groups = colour_groups(colour, limit=colour.shape[1]) if self.group_colours else None
+        groups = None
+        if self._skip:
+            self._skip -= 1
+        elif (groups := colour_groups(colour, limit=colour.shape[1])) is None:
+            self._skip = self.RETRY_AFTER
         if groups is not None:  # few colours (a flat-shaded scene): attend over colours, not cells
             palette, inverse = groups
             k = self.ln_k(self.keys(palette)).view(-1, self.heads, self.key_dim)  # (U,h,k)
@@ -215,7 +224,7 @@ class VisionLanguageEncoder(nn.Module):
         self.text = nn.TransformerEncoderLayer(d, cfg.heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
         proprio_dim = cfg.proprio_dim + ("touch" in cfg.sensors)
         self.proprio = nn.Linear(proprio_dim, d) if use_proprio else None
-        self.keypoints = PixelKeypoints(d, cfg.heads, channels + 2, group_colours=cfg.frames == 1)
+        self.keypoints = PixelKeypoints(d, cfg.heads, channels + 2)
         centres = (torch.arange(n_side, dtype=torch.float32) + 0.5) / n_side - 0.5
         gy, gx = torch.meshgrid(centres, centres, indexing="ij")
         patch_xy = torch.stack([gx.flatten(), gy.flatten()], dim=-1)
