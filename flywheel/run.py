@@ -512,6 +512,8 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         if ray_started:
             import ray
 
+            if summary["status"] == "interrupted":  # after SIGTERM to the whole job, Ray's own processes are going
+                say("ray: shutting down (it can take ~10 s)")  # too, and ray.shutdown waits on them (~7 s measured)
             ray.shutdown()
     return summary
 
