@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from actors.ray_actors import RolloutGroup, vla_policy_factory
-from actors.rollout import run_episodes
+from actors.rollout import make_env, run_episodes
 from actors.expert import HARD_EXAMPLES
 from actors.tabletop import split_seed
 from flywheel.checkpoint import CheckpointDir, CheckpointError, save_weights
@@ -177,6 +177,7 @@ def train_reward(cfg: DictConfig, say: Callable[[str], None] = print, rollouts: 
             f"detector: {run_dir} holds no labelled episodes, so new ones are made there (demonstrations + "
             f"starting-policy rollouts). To train on a run's episodes instead, give that run's directory.")
         if rollouts is None:
+            check_env(env_kwargs_of(cfg))
             rollouts = RolloutGroup(vla_policy_factory(vla_cfg), env_kwargs_of(cfg), num_workers=1, use_ray=False)
             rollouts.publish(PolicySnapshot(0, policy_weights))
         data = make_detector_data(cfg, rollouts, env_kwargs_of(cfg))
@@ -283,6 +284,17 @@ def env_kwargs_of(cfg: DictConfig) -> dict:
     return to_dict(cfg.env)  # EnvConfig's fields are run_episodes' environment arguments
 
 
+def check_env(env_kwargs: dict) -> None:
+    """A ConfigError, before anything starts, when the environment the config names cannot be made (a task family
+    or a simulator's task that does not exist): one is made here, with the run's settings, and closed. Otherwise the
+    environment's own error came as a traceback from deep inside the detector's first collection."""
+    try:
+        env = make_env(**{k: v for k, v in env_kwargs.items() if k != "execute"})  # run_episodes' argument alone
+    except ValueError as e:
+        raise ConfigError(f"the environment of env.family={env_kwargs.get('family')!r} cannot be made: {e}") from e
+    env.close()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -327,6 +339,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
         renamed = " (token_ppo is now ppo, for both kinds of VLA)" if cfg.learner.algorithm == "token_ppo" else ""
         raise ConfigError(f"learner.algorithm={cfg.learner.algorithm!r} is unknown{renamed}: choose one of "
                           f"{sorted(ALGORITHMS)}")
+    check_env(env_kwargs_of(cfg))
     if cfg.rollout.group_size > 1 and cfg.learner.practice_noise == 0 and "practice_noise" in accepted_options(
             ALGORITHMS[cfg.learner.algorithm]):
         raise ConfigError(f"rollout.group_size={cfg.rollout.group_size} with learner.practice_noise=0: the attempts at a "

@@ -108,6 +108,16 @@ def test_an_unknown_demonstrator_is_a_config_error():
     assert list(load_config("demos", ["out_dir=x", "operators=[standard,carrier]"]).operators) == ["standard", "carrier"]
 
 
+def test_a_task_family_no_simulator_knows_is_refused_before_anything_starts(tmp_path):
+    from flywheel.run import run
+
+    for family, says in (("pushh", "unknown task family 'pushh': choose"), ("mujoco:push", "unknown simulator")):
+        cfg = load_config("run", ["experiment=tiny", f"run_dir={tmp_path / 'r'}", f"env.family={family}"])
+        with pytest.raises(ConfigError, match=f"env.family='{family}' cannot be made: {says}"):
+            run(cfg)
+        assert not (tmp_path / "r").exists()
+
+
 def test_deterministic_practice_with_repeated_attempts_is_refused_before_anything_starts(tmp_path):
     from flywheel.run import run
 
