@@ -14,6 +14,7 @@ costs only its own episode (``actors.rollout.run_episodes``). Every fault is in 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 import time
@@ -143,7 +144,7 @@ class RolloutGroup:
         if self._whole is not None:
             old = self._whole.weights
             changed = {k: v for k, v in snapshot.weights.items() if k not in old or _changed(old[k], v)}
-            sent = PolicySnapshot(snapshot.version, changed, {**snapshot.meta, "delta_on": self.published_version})
+            sent = dataclasses.replace(snapshot, weights=changed, meta={**snapshot.meta, "delta_on": self.published_version})
         payload = sent
         if self.use_ray:
             import ray

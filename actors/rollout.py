@@ -286,7 +286,7 @@ class RolloutWorker:
             if "delta_on" in snapshot.meta and snapshot.meta["delta_on"] != self.version:
                 raise ValueError(f"worker {self.worker_index} holds v{self.version}; the snapshot v"
                                  f"{snapshot.version} changes v{snapshot.meta['delta_on']}")
-            self.policy.load_weights(snapshot.weights, snapshot.meta.get("sampling"))
+            self.policy.load_weights(snapshot.weights, snapshot.sampling)
             self.version = snapshot.version
             self.applied.append(snapshot.version)
             self.busy_s += time.perf_counter() - started

@@ -38,7 +38,7 @@ from actors.rollout import run_episodes  # noqa: E402
 from bench.common import write_result  # noqa: E402
 from flywheel.config import EnvConfig, LearnerConfig  # noqa: E402
 from flywheel.contracts import Label  # noqa: E402
-from flywheel.loop import learner_view  # noqa: E402
+from flywheel.update import learner_view  # noqa: E402
 from flywheel.pretrain import evaluate_policy  # noqa: E402
 from flywheel.run import loop_seed, pretraining_demos  # noqa: E402
 from flywheel.vla.checkpoint import load_policy_checkpoint  # noqa: E402

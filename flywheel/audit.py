@@ -9,18 +9,23 @@ policy version:
 
 A detector whose false positives the policy learns to exploit shows up first as claimed success running ahead of
 audited success: when the two part by more than ``bound`` (with 95% confidence), the audit raises an alarm and the
-loop stops trusting the labels (flywheel/loop.py: updates pause, the detector is retrained on the audited episodes,
+loop stops trusting the labels (``Auditor``: updates pause, the detector is retrained on the audited episodes,
 the iteration is relabelled, and the policy is rolled back if it regressed).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from flywheel.contracts import Episode, Label
+from flywheel.contracts import Episode, Label, Learner, SuccessDetector
+from flywheel.evaluation import Evaluation, label_episodes
+from flywheel.store import EpisodeStore
+
+if TYPE_CHECKING:  # the state holds audit results: only its type is needed here
+    from flywheel.state import LoopState
 
 Z_ONE_SIDED_95 = 1.645
 
@@ -81,3 +86,125 @@ def audit(episodes: list[Episode], labels: list[Label], sample: int, bound: floa
     record = [(episodes[i], Label(source=source(episodes[i]), success=bool(t), version="audit"))
               for i, t in zip(chosen, truth)]
     return result, record
+
+
+@dataclasses.dataclass
+class AuditSettings:
+    """The audit in the loop. ``retrain``: the run layer's way to train a new detector on the store's trusted
+    labels (the audited episodes' included); None: an alarm only pauses updates."""
+
+    sample: int = 64
+    bound: float = 0.15
+    retrain: Callable[..., SuccessDetector] | None = None  # retrain(exclude=ids) -> a new detector
+    seed: int = 0
+    retrain_every: int = 0  # > 0: every so many iterations a candidate detector is trained on every trusted label
+    #                         but this iteration's audit, and promoted if it judges that audit no worse (AUROC)
+
+    def as_summary(self, state: LoopState) -> dict[str, Any]:
+        return {
+            "sample": self.sample, "bound": self.bound, "alarms": state.alarms, "promotions": state.promotions,
+            "paused_updates": state.paused_updates, "detector_versions": state.detector_versions,
+            "rollbacks": state.rollbacks,
+            "per_iteration": [dataclasses.asdict(a) | {"gap": a.gap} for a in state.audits],
+        }
+
+
+@dataclasses.dataclass
+class Verdict:
+    """The audit phase's outcome: the detector labelling from now on, this iteration's labels (relabelled by a
+    retrained detector after an alarm), whether they can be trusted, and the metrics."""
+
+    detector: SuccessDetector
+    labels: list[Label]
+    trusted: bool = True
+    row: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Auditor:
+    """Audits each iteration's labels; on an alarm retrains the detector, relabels, audits again, and rolls the
+    policy back if it regressed (to the best evaluated version, which it remembers)."""
+
+    def __init__(self, settings: AuditSettings | None, store: EpisodeStore, learner: Learner):
+        self.settings, self.store, self.learner = settings, store, learner
+        self.rng = np.random.default_rng(settings.seed if settings else 0)
+
+    @property
+    def on(self) -> bool:
+        return self.settings is not None and self.settings.sample > 0
+
+    def remember(self, state: LoopState, ev: Evaluation) -> None:
+        """The best evaluated weights, kept for the audit's rollback (only where there is an audit)."""
+        if self.settings is not None and (state.best is None or ev.success >= state.best[1]):
+            state.best = (ev.version, ev.success, self.learner.snapshot().weights)
+
+    def check(self, state: LoopState, detector: SuccessDetector, episodes: list[Episode],
+              labels: list[Label]) -> Verdict:
+        settings = self.settings
+        result, record = audit(episodes, labels, settings.sample, settings.bound, self.rng)
+        if result is None:
+            return Verdict(detector, labels)
+        self.store.add_labels([(ep.id, lab) for ep, lab in record])
+        state.audits.append(result)
+        row = result.as_metrics()
+        if not result.alarm:
+            due = settings.retrain_every and (state.iteration + 1) % settings.retrain_every == 0
+            if settings.retrain is not None and due:
+                detector = self._periodic_retrain(state, detector, record, row)
+            return Verdict(detector, labels, True, row)
+        state.alarms += 1
+        trusted = False
+        if settings.retrain is not None:
+            detector, labels, trusted = self._retrain(state, episodes, record, row)
+        self._roll_back_if_regressed(state, row)
+        return Verdict(detector, labels, trusted, row)
+
+    def _retrain(self, state: LoopState, episodes: list[Episode], record: list[tuple[Episode, Label]],
+                 row: dict[str, Any]) -> tuple[SuccessDetector, list[Label], bool]:
+        """A new detector on every trusted label in the store (the audited episodes are among them) relabels the
+        iteration (appended: the first detector's labels stay on record) and is audited on the same sample."""
+        detector = self.settings.retrain()
+        state.detector_versions.append(detector.version)
+        labels = label_episodes(detector, episodes)
+        self.store.add_labels([(ep.id, lab) for ep, lab in zip(episodes, labels)])
+        position = {ep.id: i for i, ep in enumerate(episodes)}
+        again, _ = audit([ep for ep, _ in record], [labels[position[ep.id]] for ep, _ in record], len(record),
+                         self.settings.bound, np.random.default_rng(0))
+        row.update({"audit/retrained_detector": len(state.detector_versions) - 1,
+                    **({"audit/gap_after_retrain": again.gap} if again else {})})
+        return detector, labels, again is not None and not again.alarm
+
+    def _roll_back_if_regressed(self, state: LoopState, row: dict[str, Any]) -> None:
+        """The policy regressed while the labels were wrong: the newest evaluation's upper 95% bound lies below the
+        best one's success. Back to the best weights, as a new version."""
+        latest = state.evaluations[-1]
+        if state.best is not None and latest.version != state.best[0] and latest.ci95[1] < state.best[1]:
+            version, _, weights = state.best
+            self.learner.restore(weights)
+            state.rollbacks.append({"iteration": state.iteration + 1, "from_version": latest.version,
+                                    "to_weights_of": version, "new_version": self.learner.version, "reason": "audit"})
+            row["audit/rollback_to"] = version
+
+    def _periodic_retrain(self, state: LoopState, detector: SuccessDetector, record: list[tuple[Episode, Label]],
+                          row: dict[str, Any]) -> SuccessDetector:
+        """Train a candidate on every trusted label but this iteration's audit, judge both detectors on that audit
+        (the newest policy's episodes, which neither trained on), and keep the candidate only if its AUROC is no
+        worse."""
+        from sklearn.metrics import roc_auc_score
+
+        audited = [ep for ep, _ in record]
+        truth = np.array([lab.success for _, lab in record], bool)
+        if truth.all() or not truth.any():
+            return detector  # one class: nothing to compare on
+        candidate = self.settings.retrain(exclude={ep.id for ep in audited})
+        current_auroc = float(roc_auc_score(truth, detector.score(audited)))
+        candidate_auroc = float(roc_auc_score(truth, candidate.score(audited)))
+        promoted = candidate_auroc >= current_auroc
+        state.promotions.append({"iteration": state.iteration + 1, "current": detector.version,
+                                 "candidate": candidate.version, "current_auroc": current_auroc,
+                                 "candidate_auroc": candidate_auroc, "promoted": promoted})
+        row.update({"detector/candidate_auroc": candidate_auroc, "detector/current_auroc": current_auroc,
+                    "detector/promoted": int(promoted)})
+        if promoted:
+            state.detector_versions.append(candidate.version)
+            return candidate
+        return detector

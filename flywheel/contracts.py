@@ -1,13 +1,20 @@
 """The contracts every part of flywheel speaks. This module imports nothing else of the project.
 
-The loop, as data (see ``flywheel.loop.run_loop``)::
+The loop, as data (``flywheel.loop.run_loop`` turns it)::
 
-    collect  : Policy (a PolicySnapshot) acts in environments      -> Episode
+    collect  : Rollouts run the published Policy in environments    -> Episode
     store    : EpisodeStore.add(Episode)                            (durable, append-only)
     label    : SuccessDetector scores Episode                       -> Label (appended, never rewritten)
+    audit    : a sample of labels against trusted ones              -> alarm: retrain the detector, roll back
     update   : Learner.update(labelled episodes)                    -> training stats
+    gate     : the candidate against the deployed version           -> promote, or roll back
     publish  : Learner.snapshot()                                   -> PolicySnapshot v+1 -> every actor
-    evaluate : held-out seeds, simulator ground truth               -> success rate with a 95% interval
+    log      : one metrics row per iteration; held-out evaluation   -> success rate with a 95% interval
+
+What a team brings enters here: a ``Policy`` to act (a ``TrainablePolicy`` to be trained by the built-in learners),
+an environment (gymnasium), a ``SuccessDetector``, a ``Learner``; ``Rollouts`` is what the run builds from the first
+two. Optional capabilities (asynchronous collection, usage and fault reports) are protocols of their own, checked
+with ``isinstance``.
 
 Shapes and dtypes (B = batch, T = steps, H x W = image, P = proprio dims, C = chunk length, A = action dims):
 
@@ -18,17 +25,14 @@ Shapes and dtypes (B = batch, T = steps, H x W = image, P = proprio dims, C = ch
 - what a model reads of them:  ``sensor_inputs`` -> the image channels of its sensors, stacked, and proprio (+ touch)
 - ``actions``:                 float32 (T, A)          as executed, each in [-1, 1]
 - a policy's action chunk:     float32 (B, C, A)
-- ``extras["chunks"]``:        float32 (K, C, A)        policy episodes: every chunk the policy sampled ...
-- ``extras["chunk_steps"]``:   int64 (K,)               ... and the step at which it sampled each
-- ``extras["aux_positions"]``: float32 (T+1, 4)        simulated episodes: the named block's and target's true x, y
-                                                        (privileged state, for auxiliary training losses only)
+- ``extras``: what the policy drew besides its actions, and what the rollout recorded (``Extras`` names the keys)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -116,7 +120,65 @@ class Episode:
         return np.zeros(self.num_steps, bool) if mask is None else np.asarray(mask, bool)
 
 
-INTERVENTION = "intervention"  # the extras key of Episode.intervened
+class Extras:
+    """The keys of ``Episode.extras``: what a rollout recorded besides observations and actions.
+
+    Every policy episode has ``CHUNKS`` float32 (K, C, A), every chunk the policy sampled, and ``CHUNK_STEPS``
+    int64 (K,), the step at which it sampled each. What else is there depends on how the policy sampled
+    (``Sampling``): ``LOGP`` (the log-probability of each number drawn: (K, C, A) for tokens or a draw at the output,
+    (K, S, C, A) for a draw at every one of S flow steps), ``FLOW_CHAIN`` (K, S+1, C, A) or ``DRAWN`` (K, C, A)
+    (the draw before clamping), and for a residual policy ``BASE_CHUNKS``, ``RESIDUALS`` (K, C, A) and
+    ``RESIDUAL_LOGP`` (K,). Simulated episodes add ``AUX_POSITIONS`` float32 (T+1, 4), the named block's and
+    target's true x, y: privileged state for auxiliary losses, never shown to the learner (``learner_view``).
+    ``INTERVENTION`` bool (T,) marks the steps a person acted (``Episode.intervened``)."""
+
+    CHUNKS = "chunks"
+    CHUNK_STEPS = "chunk_steps"
+    LOGP = "logp"
+    FLOW_CHAIN = "flow_chain"
+    DRAWN = "drawn"
+    BASE_CHUNKS = "base_chunks"
+    RESIDUALS = "residuals"
+    RESIDUAL_LOGP = "residual_logp"
+    AUX_POSITIONS = "aux_positions"
+    INTERVENTION = "intervention"
+    PRIVILEGED = (AUX_POSITIONS,)  # what the learner never sees
+
+
+INTERVENTION = Extras.INTERVENTION  # the extras key of Episode.intervened
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How a learner wants its policy version sampled, carried by ``PolicySnapshot.sampling`` to every actor.
+
+    In practice (``Policy.explore``) a flow policy starts from ``practice_noise`` times its noise and, with
+    ``flow_noise`` > 0, draws around the flow at every step (``noise_at="steps"``) or only at its output
+    (``"output"``): either gives a chunk an exact log-probability. Outside practice it starts from ``noise`` times
+    its noise, unless the run's ``eval.noise`` says otherwise. ``indicator`` conditions on an advantage (RECAP;
+    0 = none) and ``guidance`` > 1 applies classifier-free guidance. ``residual``: "explore" draws a residual
+    correction in practice and takes its mean in evaluation; "off" has none. A policy ignores what it cannot do."""
+
+    indicator: int = 0
+    guidance: float = 1.0
+    practice_noise: float = 1.0
+    flow_noise: float = 0.0
+    noise_at: str = "steps"
+    noise: float = 1.0
+    residual: str = "off"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, plain: dict[str, Any] | None) -> "Sampling":
+        """From a checkpoint's record (``meta["sampling"]``); keys it does not know are an error naming them."""
+        plain = dict(plain or {})
+        unknown = sorted(set(plain) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"sampling settings {unknown} are unknown: Sampling takes "
+                             f"{[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**plain)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +187,8 @@ class PolicySnapshot:
 
     version: int
     weights: dict[str, np.ndarray]
-    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"sampling": {"indicator": 1, "guidance": 2}}
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # recorded with the checkpoint (algorithm, ...)
+    sampling: Sampling = Sampling()
 
 
 CAMERA_CHANNELS = {"overhead": ("image", 3), "wrist": ("wrist", 3), "depth": ("depth", 1)}
@@ -208,9 +271,9 @@ class Policy(Protocol):
 
     def get_weights(self) -> dict[str, np.ndarray]: ...
 
-    def load_weights(self, weights: dict[str, np.ndarray], sampling: dict[str, Any] | None = None) -> None:
+    def load_weights(self, weights: dict[str, np.ndarray], sampling: Sampling | None = None) -> None:
         """Apply weights: all of them, or only the arrays that changed (a delta; the rest stay as they are).
-        ``sampling`` carries how the learner wants this version sampled (PolicySnapshot.meta). A policy may keep
+        ``sampling`` carries how the learner wants this version sampled (``PolicySnapshot.sampling``). A policy may keep
         the arrays it is given rather than copy them: the caller must not write to them afterwards."""
         ...
 
@@ -229,7 +292,12 @@ class SuccessDetector(Protocol):
 
 @runtime_checkable
 class Learner(Protocol):
-    """Turns labelled episodes into better weights."""
+    """Turns labelled episodes into better weights, one version per update.
+
+    The loop calls ``update`` with the iteration's episodes as ``learner_view`` shows them (labels, never the
+    simulator's truth), then ``snapshot`` to publish; ``restore`` on a rollback. The run checkpoints
+    ``training_state`` beside every published version's weights, and a resumed run (or a recovery from NaN) calls
+    ``resume_from`` with both, then ``refill`` with the stored episodes it had already learned from."""
 
     version: int
 
@@ -243,9 +311,108 @@ class Learner(Protocol):
         """Go back to earlier weights, as a new version (a rollback)."""
         ...
 
+    def training_state(self) -> dict[str, Any]:
+        """Everything but the policy weights that a resumed learner needs to go on as this one would: version,
+        optimizer, generators, moving averages. Nested dicts of tensors, arrays and plain values."""
+        ...
+
     def resume_from(self, weights: dict[str, np.ndarray], training: dict[str, Any]) -> None:
         """Become a checkpoint again, version and optimizer included (a resumed run; recovery after a fault)."""
         ...
+
+    def refill(self, episodes: list[Episode]) -> None:
+        """Put episodes it had learned from before a resume back in its replay, without training on them."""
+        ...
+
+
+@runtime_checkable
+class Closes(Protocol):
+    """A part holding processes or files (a learner actor, rollout actors): the run closes it at the end."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Restarts(Protocol):
+    """A part that replaces a process it lost (Ray actors), and says so: the run's summary reports both."""
+
+    restarts: int
+    faults: list[dict[str, Any]]
+
+
+@runtime_checkable
+class Rollouts(Protocol):
+    """The actors: run the published policy on environments, one episode per seed.
+
+    ``collect`` returns the episodes in seed order, less any lost to a crashing environment; ``split`` is the
+    episodes' (practice is "train", evaluation and the gate "eval"). ``sample_seed`` seeds the policy's draws, so
+    a collection is reproducible from its seeds. ``corrected=False``: no person steps in, even in practice."""
+
+    published_version: int  # the newest snapshot the actors hold (-1: none yet)
+
+    def collect(self, seeds: list[int], split: str, sample_seed: int = 0, corrected: bool = True) -> list[Episode]: ...
+
+    def publish(self, snapshot: PolicySnapshot) -> list[int]:
+        """Send a snapshot to every actor; returns the version each holds."""
+        ...
+
+
+@runtime_checkable
+class CollectsAsync(Protocol):
+    """Rollouts that collect while the driver does something else (``rollout.overlap``)."""
+
+    def collect_async(self, seeds: list[int], split: str, sample_seed: int = 0, corrected: bool = True,
+                      more: Iterator[tuple[list[int], int]] | None = None) -> Callable[[], list[Episode]]:
+        """Start ``collect`` and return at once; calling the result waits for the episodes. ``more``: rounds of
+        practice ``(seeds, sample seed)`` beyond ``seeds`` that idle actors go on with until the next ``publish``;
+        every round started comes back in the result."""
+        ...
+
+
+@runtime_checkable
+class ReportsUsage(Protocol):
+    """Rollouts that report each actor's ``{"busy_s", "alive_s"}``, and what the last ``publish`` cost."""
+
+    last_sync: dict[str, float]
+
+    def usage(self) -> list[dict[str, float]]: ...
+
+
+@runtime_checkable
+class TrainablePolicy(Protocol):
+    """What the built-in learners need of a model (torch), beyond the ``Policy`` that acts with its weights.
+
+    Batches are torch tensors on ``device``: ``images`` uint8 (B, H, W, channels) and ``proprio`` float32 (B, P) as
+    ``sensor_inputs`` builds them for ``sensors``; ``instructions`` a list of B strings; ``actions`` float32
+    (B, C, A). The context ``ctx`` float32 (B, D) is what the action head reads: a value or critic head reads it too,
+    and learners that freeze the backbone cache it. ``indicator`` int64 (B,) is a conditioning input (RECAP's
+    advantage indicator; 0 = none). ``capabilities`` names what it offers beyond imitation: "log_prob" (exact
+    log-probabilities of recorded draws: PPO), "indicator" (conditioning: RECAP), "residual" (a residual head:
+    residual PPO)."""
+
+    chunk: int
+    action_dim: int
+    sensors: tuple[str, ...]
+    capabilities: frozenset[str]
+
+    def context(self, images: Any, instructions: list[str], proprio: Any) -> Any:
+        """The features its action head reads: (B, D)."""
+        ...
+
+    def imitation_loss(self, ctx: Any, actions: Any, weights: Any | None = None, indicator: Any | None = None,
+                       generator: Any | None = None) -> Any:
+        """Its own imitation objective on the chunks ``actions`` (flow matching, token cross-entropy), per-sample
+        ``weights`` (B,) averaged: a scalar tensor."""
+        ...
+
+    def log_prob(self, ctx: Any, recorded: dict[str, Any], sampling: Sampling) -> Any:
+        """The exact log-probability (B,) of chunks it drew (``recorded``: the ``Extras`` the draw left, (B, ...)
+        each), under its current weights. Only with the "log_prob" capability."""
+        ...
+
+    def get_weights(self) -> dict[str, np.ndarray]: ...
+
+    def load_weights(self, weights: dict[str, np.ndarray]) -> None: ...
 
 
 class LearnerLost(RuntimeError):

@@ -33,7 +33,11 @@ from actors.tabletop import split_seed
 from flywheel.checkpoint import CheckpointDir, CheckpointError, save_weights
 from flywheel.config import ConfigError, to_dict
 from flywheel.contracts import Episode, Label, PolicySnapshot, observation_keys, sensor_key
-from flywheel.loop import AuditSettings, Budget, GateSettings, LoopState, learner_view, run_loop
+from flywheel.audit import AuditSettings
+from flywheel.gate import GateSettings
+from flywheel.loop import InFlight, LoopParts, LoopSettings, run_loop
+from flywheel.state import Budget, LoopState
+from flywheel.update import learner_view
 from flywheel.metrics import MetricsSink
 from flywheel.resume import (RunDirError, check_unchanged, holds_a_run, loop_episodes, read_state,  # noqa: F401
                              write_state)
@@ -418,8 +422,7 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
                 f"{len(in_flight)} episodes of the iteration in flight are used, the rest collected")
         summary["rollout_workers"] = rollouts.placement()  # asked only now: the actors started meanwhile
         first = learner.snapshot()
-        rollouts.publish(PolicySnapshot(version=first.version, weights=first.weights,
-                                        meta={**first.meta, "source": cfg.policy.checkpoint}))
+        rollouts.publish(dataclasses.replace(first, meta={**first.meta, "source": cfg.policy.checkpoint}))
         if saved is None:  # every version the loop may return to has a checkpoint, the starting one too
             checkpoints.save(first.version, first.weights, {"version": first.version, **first.meta},
                              state=learner.training_state())
@@ -467,18 +470,15 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
 
         with graceful_stop(budget, say):
             state = run_loop(
-                rollouts=rollouts, store=store, detector=detector, learner=learner, metrics=metrics,
-                checkpoints=checkpoints, budget=budget, train_seed=loop_seed,
-                eval_seeds=[split_seed("eval", i) for i in range(cfg.eval.episodes)],
-                episodes_per_iteration=cfg.rollout.episodes_per_iteration,
-                eval_every=cfg.eval.every, group_size=cfg.rollout.group_size, state=state,
-                on_iteration=on_iteration or (lambda s, row: None), audit_settings=audit_settings,
-                learner_reads=reads, gate=gate, save_state=save_state, in_flight=in_flight,
-                in_flight_layouts=max((loop_seed_index(ep.seed) + 1 - state.next_train_index for ep in in_flight),
-                                      default=0),
-                overlap=cfg.rollout.overlap and cfg.rollout.use_ray, keep_collecting=cfg.rollout.keep_collecting,
-                eval_judge=cfg.eval.judge,
-            )
+                LoopParts(rollouts, store, detector, learner, metrics, checkpoints),
+                LoopSettings(train_seed=loop_seed, eval_seeds=[split_seed("eval", i) for i in range(cfg.eval.episodes)],
+                             episodes_per_iteration=cfg.rollout.episodes_per_iteration, eval_every=cfg.eval.every,
+                             group_size=cfg.rollout.group_size, learner_reads=reads, audit=audit_settings, gate=gate,
+                             eval_judge=cfg.eval.judge, overlap=cfg.rollout.overlap and cfg.rollout.use_ray,
+                             keep_collecting=cfg.rollout.keep_collecting),
+                state, budget, save_state=save_state, on_iteration=on_iteration or (lambda s, row: None),
+                in_flight=InFlight(in_flight, max((loop_seed_index(ep.seed) + 1 - state.next_train_index
+                                                   for ep in in_flight), default=0)))
         first, last = state.evaluations[0], state.evaluations[-1]
         summary.update(
             status="stopped" if budget.stop_requested else "completed",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flywheel.contracts import Episode, PolicySnapshot
+from flywheel.contracts import Episode, PolicySnapshot, Sampling
 from flywheel.vla.model import SmallVLA
 from learner.base import LearnerBase
 from learner.bc import BCTrainer, ChunkDataset, warmup_cosine
@@ -149,10 +149,10 @@ class FilteredBCLearner(LearnerBase):
         weights = self.model.get_weights()
         if self._average is not None:
             weights.update({k: v.detach().cpu().numpy().copy() for k, v in self._average.items()})
-        sampling = {"indicator": self.sampling_indicator, "guidance": self.guidance if self.sampling_indicator else 1.0,
-                    **({"practice_noise": self.practice_noise} if self.practice_noise != 1.0 else {})}
-        return PolicySnapshot(version=self.version, weights=weights,
-                              meta={"algorithm": type(self).__name__, "sampling": sampling})
+        sampling = Sampling(indicator=self.sampling_indicator,
+                            guidance=self.guidance if self.sampling_indicator else 1.0, practice_noise=self.practice_noise)
+        return PolicySnapshot(version=self.version, weights=weights, meta={"algorithm": type(self).__name__},
+                              sampling=sampling)
 
     # ---- the moving average (``ema``): published and checkpointed; the trained weights are training state ----
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flywheel.contracts import Episode, PolicySnapshot, sensor_inputs
+from flywheel.contracts import Episode, PolicySnapshot, Sampling, sensor_inputs
 from flywheel.vla.model import SmallVLA
 from learner.base import LearnerBase
 from learner.bc import ChunkDataset
@@ -208,7 +208,7 @@ class PPOLearner(LearnerBase):
                 "judged_success": float(np.mean([self.judged_success(ep) for ep in fresh])) if fresh else 0.0}
 
     def snapshot(self) -> PolicySnapshot:
-        sampling = {"flow_noise": self.flow_noise, "noise_at": self.noise_at, "noise": 0.0, "practice_noise": 0.0} \
-            if self.model.cfg.action_head == "flow" else {}
+        sampling = Sampling(flow_noise=self.flow_noise, noise_at=self.noise_at, noise=0.0, practice_noise=0.0) \
+            if self.model.cfg.action_head == "flow" else Sampling()
         return PolicySnapshot(version=self.version, weights=self.model.get_weights(),
-                              meta={"algorithm": type(self).__name__, "sampling": sampling})
+                              meta={"algorithm": type(self).__name__}, sampling=sampling)

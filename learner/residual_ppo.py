@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flywheel.contracts import Episode, PolicySnapshot
+from flywheel.contracts import Episode, PolicySnapshot, Sampling
 from flywheel.vla.model import SmallVLA
 from learner.base import LearnerBase
 from learner.critic import Critic
@@ -98,4 +98,5 @@ class ResidualPPOLearner(LearnerBase):
 
     def snapshot(self) -> PolicySnapshot:
         return PolicySnapshot(version=self.version, weights=self.model.get_weights(),
-                              meta={"algorithm": type(self).__name__, "sampling": {"residual": "explore"}})
+                              meta={"algorithm": type(self).__name__},
+                              sampling=Sampling(residual="explore"))

@@ -201,9 +201,9 @@ def test_a_person_standing_by_takes_over_practice_and_the_steps_are_marked():
                         **env)
     assert 0 < sum(INTERVENTION in ep.extras for ep in half) < len(seeds)
     # the loop's metrics: true success counts what the person finished; the unaided rate is the policy's own
-    from flywheel.loop import _true_success
+    from flywheel.loop import true_success
 
-    rates = _true_success(half)
+    rates = true_success(half)
     assert rates["train/true_success"] == success(half)
     assert rates["train/true_success_unaided"] == success([ep for ep in half if INTERVENTION not in ep.extras])
 
@@ -222,7 +222,7 @@ def test_actors_go_on_practising_until_new_weights_and_every_round_comes_back(ra
 
     import ray
 
-    from flywheel.loop import MorePractice
+    from flywheel.collect import MorePractice
 
     group = RolloutGroup(functools.partial(VLAPolicy, VLAConfig()), ENV, num_workers=2, cpus_per_worker=0.5)
     try:

@@ -9,7 +9,11 @@ import torch
 from actors.ray_actors import RolloutGroup, vla_policy_factory
 from actors.tabletop import split_seed
 from flywheel.checkpoint import CheckpointDir
-from flywheel.loop import AuditSettings, Budget, GateSettings, LoopState, evaluate, run_loop
+from flywheel.audit import AuditSettings
+from flywheel.evaluation import evaluate
+from flywheel.gate import GateSettings
+from flywheel.loop import LoopParts, LoopSettings, run_loop
+from flywheel.state import Budget, LoopState
 from flywheel.metrics import MetricsSink
 from flywheel.store import EpisodeStore
 from flywheel.vla.checkpoint import load_policy_checkpoint
@@ -56,15 +60,14 @@ def _loop(tmp_path, detector, learner_cls=Recording, iterations=2, retrain=None,
     rollouts.publish(learner.snapshot())
     store = EpisodeStore(tmp_path / "episodes")
     state = run_loop(
-        rollouts=rollouts, store=store, detector=detector, learner=learner,
-        metrics=MetricsSink(tmp_path, {}, mode="disabled"), checkpoints=CheckpointDir(tmp_path / "ckpt", keep=2),
-        budget=Budget(time.time() + 600, max_iterations=iterations),
-        train_seed=lambda i: split_seed("train", 5_000_000 + i),  # layouts the policy never saw
-        eval_seeds=[split_seed("eval", i) for i in range(48)], episodes_per_iteration=48, eval_every=eval_every,
-        group_size=2, state=LoopState(),
-        audit_settings=AuditSettings(sample=sample, bound=0.15, retrain=retrain, retrain_every=retrain_every),
-        **loop_kwargs,
-    )
+        LoopParts(rollouts, store, detector, learner, MetricsSink(tmp_path, {}, mode="disabled"),
+                  CheckpointDir(tmp_path / "ckpt", keep=2)),
+        LoopSettings(train_seed=lambda i: split_seed("train", 5_000_000 + i),  # layouts the policy never saw
+                     eval_seeds=[split_seed("eval", i) for i in range(48)], episodes_per_iteration=48,
+                     eval_every=eval_every, group_size=2,
+                     audit=AuditSettings(sample=sample, bound=0.15, retrain=retrain, retrain_every=retrain_every),
+                     **loop_kwargs),
+        LoopState(), Budget(time.time() + 600, max_iterations=iterations))
     return state, learner, store
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from flywheel.contracts import INTERVENTION, Label
+from flywheel.contracts import INTERVENTION, Label, Sampling
 from flywheel.vla.model import SmallVLA, VLAPolicy
 from learner.filtered_bc import FilteredBCLearner
 
@@ -119,13 +119,13 @@ def test_recap_conditions_on_advantage_and_guides_toward_success(demos):
     # more than a failure there: every success is positive and no failure is.
     assert stats["positive_of_successes"] > 0.9 and stats["positive_of_failures"] == 0, stats
     snap = learner.snapshot()
-    assert snap.meta["sampling"] == {"indicator": 1, "guidance": 2.0}
+    assert (snap.sampling.indicator, snap.sampling.guidance) == (1, 2.0)
     policy = VLAPolicy(model=model)
     ep = demos[0]
     obs = (ep.observations["image"][:1], ep.observations["proprio"][:1], [ep.instruction])
-    policy.sampling = {"indicator": 1, "guidance": 2.0}
+    policy.sampling = Sampling(indicator=1, guidance=2.0)
     positive = policy.act(*obs, seed=0)[..., 0].mean()
-    policy.sampling = {"indicator": 2, "guidance": 1.0}
+    policy.sampling = Sampling(indicator=2, guidance=1.0)
     negative = policy.act(*obs, seed=0)[..., 0].mean()
     # The successful direction is +x: guided toward "positive", the chunk moves that way, and well apart from the
     # "negative" condition (margins checked over three initialisations: gaps 0.39 / 0.38 / 0.72, positive > 0.06).
@@ -351,7 +351,7 @@ def test_a_persons_corrections_are_cloned_and_the_policy_is_not_credited_for_the
             if algorithm == "recap" else not acted and stats["kept_episodes"] == 0)
     policy = VLAPolicy(model=learner.model)
     snap = learner.snapshot()
-    policy.sampling = snap.meta["sampling"]
+    policy.sampling = snap.sampling
     later = [(ep.observations["image"][6], ep.observations["proprio"][6], ep.instruction) for ep in own]
     acts = policy.act(np.stack([o[0] for o in later]), np.stack([o[1] for o in later]), [o[2] for o in later], seed=0)
     assert acts[..., 0].mean() < -0.3, acts[..., 0].mean()
@@ -370,7 +370,7 @@ def test_filtered_bc_can_clone_what_its_policy_executed_at_every_step(demos):
         assert len(learner.data) == samples
         targets = learner.data.sample(16, torch.Generator().manual_seed(0))["actions"]
         assert torch.all(targets[:, 0, 0] == (0.8 if clone == "executed" else -0.5))  # (past the end: padding)
-    assert learner.snapshot().meta["sampling"]["practice_noise"] == 0.0
+    assert learner.snapshot().sampling.practice_noise == 0.0
 
 
 def test_the_moving_average_is_published_and_a_resumed_learner_continues_it_exactly(demos):
@@ -457,8 +457,8 @@ def test_recap_starts_acting_as_its_base_does(demos):
     learner = RecapLearner(model, demos=[], guidance=2.0)
     policy = VLAPolicy(model=SmallVLA())
     snap = learner.snapshot()
-    policy.load_weights(snap.weights, snap.meta["sampling"])
-    assert snap.meta["sampling"]["indicator"] == 1
+    policy.load_weights(snap.weights, snap.sampling)
+    assert snap.sampling.indicator == 1
     assert np.allclose(policy.act(*obs, seed=1), as_base, atol=1e-5)
 
 

@@ -148,7 +148,7 @@ def test_the_learner_sees_only_what_the_policy_reads():
     from actors.rollout import run_episodes
     from actors.tabletop import split_seed
     from flywheel.contracts import Label
-    from flywheel.loop import learner_view
+    from flywheel.update import learner_view
 
     ep = run_episodes([split_seed("train", 1)], "train", None, policy_version=-1, sensors=("overhead", "wrist"))[0]
     ep.labels.append(Label(source="ground_truth", success=True))
@@ -205,7 +205,7 @@ def test_sigterm_finishes_the_iteration_in_flight_and_says_stopped(tmp_path, tin
 def test_every_budget_stops_the_loop():
     import time
 
-    from flywheel.loop import Budget
+    from flywheel.state import Budget
 
     assert Budget(time.time() + 600).allows(5, 10_000, 1.0, 1.0, episodes=1_000)
     assert not Budget(time.time() + 600, max_episodes=64).allows(2, 500, 1.0, 1.0, episodes=64)

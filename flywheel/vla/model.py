@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flywheel.checkpoint import numpy_state
-from flywheel.contracts import image_channels
+from flywheel.contracts import Sampling, image_channels
 from flywheel.vla.tokenizer import Tokenizer
 
 
@@ -653,7 +653,7 @@ class VLAPolicy:
         self.model = model or SmallVLA(cfg)
         self.eval_noise = eval_noise
         self.model.eval()
-        self.sampling = {"indicator": 0, "guidance": 1.0}  # set per snapshot by the learner that made it
+        self.sampling = Sampling()  # set per snapshot by the learner that made it
         self.last_extras: dict[str, np.ndarray] = {}  # what the last act() drew besides its actions, by row
         self.explore = False  # set by the rollout worker: True while collecting practice episodes
         self.chunk = self.model.cfg.chunk
@@ -664,14 +664,12 @@ class VLAPolicy:
         gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         ids = self.model.tokenize(instructions)
         extras: dict = {}
-        sampling = dict(self.sampling)
-        if sampling.get("residual") == "explore":  # draw corrections in practice; their mean in evaluation
+        s = self.sampling
+        sampling = {"indicator": s.indicator, "guidance": s.guidance, "residual": s.residual, "noise": s.noise}
+        if s.residual == "explore":  # draw corrections in practice; their mean in evaluation
             sampling["residual"] = "sample" if self.explore else "mean"
-        practice_noise = sampling.pop("practice_noise", 1.0)  # the learner's choice of how its policy practises
-        flow_noise = sampling.pop("flow_noise", 0.0)  # and whether each flow step draws (PPO's exploration)
-        noise_at = sampling.pop("noise_at", "steps")  # or only the chunk
         if self.explore and self.model.cfg.action_head == "flow":
-            sampling.update(noise=practice_noise, flow_noise=flow_noise, noise_at=noise_at)
+            sampling.update(noise=s.practice_noise, flow_noise=s.flow_noise, noise_at=s.noise_at)
         elif self.eval_noise is not None and self.model.cfg.action_head == "flow":
             sampling["noise"] = self.eval_noise
         if self.model.cfg.action_head == "tokens":
@@ -687,8 +685,8 @@ class VLAPolicy:
     def get_weights(self) -> dict[str, np.ndarray]:
         return self.model.get_weights()
 
-    def load_weights(self, weights: dict[str, np.ndarray], sampling: dict | None = None) -> None:
+    def load_weights(self, weights: dict[str, np.ndarray], sampling: Sampling | None = None) -> None:
         """All the weights, or the arrays that changed (a delta), shared rather than copied (``SmallVLA.share``):
         this copy of the policy only acts, so a snapshot in Ray's object store is used where it lies."""
         self.model.share(weights)
-        self.sampling = {"indicator": 0, "guidance": 1.0, **(sampling or {})}
+        self.sampling = sampling or Sampling()
