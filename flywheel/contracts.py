@@ -380,39 +380,73 @@ class ReportsUsage(Protocol):
 
 @runtime_checkable
 class TrainablePolicy(Protocol):
-    """What the built-in learners need of a model (torch), beyond the ``Policy`` that acts with its weights.
+    """What the built-in learners need of a model: a ``torch.nn.Module`` (parameters, ``train``/``eval``, ``to``)
+    with the methods below. The ``Policy`` that acts in the actors is built from the same weights.
 
     Batches are torch tensors on ``device``: ``images`` uint8 (B, H, W, channels) and ``proprio`` float32 (B, P) as
-    ``sensor_inputs`` builds them for ``sensors``; ``instructions`` a list of B strings; ``actions`` float32
-    (B, C, A). The context ``ctx`` float32 (B, D) is what the action head reads: a value or critic head reads it too,
-    and learners that freeze the backbone cache it. ``indicator`` int64 (B,) is a conditioning input (RECAP's
-    advantage indicator; 0 = none). ``capabilities`` names what it offers beyond imitation: "log_prob" (exact
-    log-probabilities of recorded draws: PPO), "indicator" (conditioning: RECAP), "residual" (a residual head:
-    residual PPO)."""
+    ``sensor_inputs`` builds them for ``sensors``; ``ids`` int64 (B, L) from ``token_ids``; ``actions`` float32
+    (B, C, A) in [-1, 1]. The context ``ctx`` float32 (B, D) is what its action head reads; a value or critic head
+    reads the same features (``features``), and a learner that freezes the backbone caches them.
 
-    chunk: int
-    action_dim: int
+    ``capabilities`` names what it offers beyond imitation, and the learners that need it check:
+    "log_prob" (``log_prob``: PPO), "indicator" (an advantage indicator: RECAP; ``conditioning_parameters``,
+    ``start_conditioning`` and ``imitation_loss(indicator=)``), "residual" (a ``residual`` head: residual PPO),
+    "aux" (``auxiliary_loss`` on privileged positions, in simulation)."""
+
+    chunk: int  # C
+    action_dim: int  # A
     sensors: tuple[str, ...]
+    action_head: str  # "flow" (continuous chunks) or "tokens" (discrete bins)
     capabilities: frozenset[str]
+    feature_dim: int  # D
+    device: Any  # torch.device
 
-    def context(self, images: Any, instructions: list[str], proprio: Any) -> Any:
-        """The features its action head reads: (B, D)."""
+    def token_ids(self, instructions: list[str]) -> np.ndarray:
+        """int64 (B, L)."""
+        ...
+
+    def context(self, images: Any, ids: Any, proprio: Any) -> Any:
+        """(B, D), with gradients."""
+        ...
+
+    def features(self, images: np.ndarray, ids: np.ndarray, proprio: np.ndarray) -> Any:
+        """(B, D) of numpy inputs, without gradients."""
+        ...
+
+    def backbone_parameters(self) -> list[Any]:
+        """What computes the context (frozen when a learner trains the action head alone)."""
         ...
 
     def imitation_loss(self, ctx: Any, actions: Any, weights: Any | None = None, indicator: Any | None = None,
                        generator: Any | None = None) -> Any:
-        """Its own imitation objective on the chunks ``actions`` (flow matching, token cross-entropy), per-sample
-        ``weights`` (B,) averaged: a scalar tensor."""
+        """Its own imitation objective (flow matching, token cross-entropy) on target chunks, averaged with
+        per-sample ``weights`` (B,); ``generator`` (CPU) draws any noise it needs: a scalar tensor."""
         ...
 
-    def log_prob(self, ctx: Any, recorded: dict[str, Any], sampling: Sampling) -> Any:
-        """The exact log-probability (B,) of chunks it drew (``recorded``: the ``Extras`` the draw left, (B, ...)
-        each), under its current weights. Only with the "log_prob" capability."""
+    def log_prob(self, ctx: Any, recorded: dict[str, Any], flow_noise: float = 0.0) -> Any:
+        """The exact log-probability, under the current weights, of each number a practice draw recorded
+        (``recorded``: its ``Extras``, batched) -> (B, ..., C, A). Only with the "log_prob" capability."""
         ...
 
     def get_weights(self) -> dict[str, np.ndarray]: ...
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None: ...
+
+
+@dataclasses.dataclass
+class PolicyBundle:
+    """What a policy plug-in (``policy.name``) gives the run: the starting weights (version 0) and how to build
+    the two sides that use them. ``make_model()`` builds the ``TrainablePolicy`` the learner trains (weights not yet
+    loaded), ``make_actor()`` a ``Policy`` that acts in a rollout actor; both must pickle (Ray sends them to other
+    processes). ``meta`` is the checkpoint's record; ``record`` goes beside every checkpoint the run writes, so that
+    it can be loaded again as this policy."""
+
+    weights: dict[str, np.ndarray]
+    sensors: tuple[str, ...]
+    make_model: Callable[[], Any]
+    make_actor: Callable[[], Policy]
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    record: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class LearnerLost(RuntimeError):

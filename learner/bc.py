@@ -24,8 +24,7 @@ import torch
 
 from typing import NamedTuple
 
-from flywheel.contracts import Episode, sensor_inputs
-from flywheel.vla.model import SmallVLA
+from flywheel.contracts import Episode, Extras, TrainablePolicy, sensor_inputs
 
 
 def action_chunks(actions: np.ndarray, chunk: int) -> np.ndarray:
@@ -61,10 +60,9 @@ class ChunkDataset:
     arrives, instead of its image. Training the action expert alone then costs no encoder pass at all.
     """
 
-    def __init__(self, model: SmallVLA, max_episodes: int = 4000, encode: bool = False):
+    def __init__(self, model: TrainablePolicy, max_episodes: int = 4000, encode: bool = False):
         self.model = model
-        self.chunk = model.cfg.chunk
-        self.tokenizer = model.tokenizer
+        self.chunk = model.chunk
         self.max_episodes = max_episodes
         self.encode = encode
         self._eps: list[_Entry] = []
@@ -88,9 +86,9 @@ class ChunkDataset:
         ``executed``: a policy's own episode is cloned as a demonstration is, from what it executed at every step,
         rather than from the chunks it sampled."""
         for ep in episodes:
-            if "chunks" in ep.extras and not executed:
+            if Extras.CHUNKS in ep.extras and not executed:
                 # A policy's own episode: clone the chunks it sampled, at the steps it sampled them.
-                steps, targets = ep.extras["chunk_steps"], ep.extras["chunks"].astype(np.float32)
+                steps, targets = ep.extras[Extras.CHUNK_STEPS], ep.extras[Extras.CHUNKS].astype(np.float32)
             else:
                 # Demonstrations: every step starts a chunk of the executed actions (a policy's own episode: every
                 # step it acted, not those a person took over; add_corrections has those).
@@ -117,12 +115,12 @@ class ChunkDataset:
         n = len(steps)
         if n == 0:
             return
-        ids = np.repeat(self.tokenizer([ep.instruction])[0], n, axis=0)
-        images, proprio = sensor_inputs(ep.observations, self.model.cfg.sensors, steps)
+        ids = np.repeat(self.model.token_ids([ep.instruction]), n, axis=0)
+        images, proprio = sensor_inputs(ep.observations, self.model.sensors, steps)
         if self.encode:
-            inputs = {"ctx": self.model.encoder.contexts(images, ids, proprio).cpu().numpy()}
+            inputs = {"ctx": self.model.features(images, ids, proprio).cpu().numpy()}
         else:
-            aux = ep.extras.get("aux_positions")
+            aux = ep.extras.get(Extras.AUX_POSITIONS)
             inputs = {
                 "images": images, "proprio": proprio, "ids": ids,
                 "aux": aux[steps].astype(np.float32) if aux is not None else np.zeros((n, 4), np.float32),
@@ -190,10 +188,21 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def imitation_loss(model: TrainablePolicy, batch: dict[str, torch.Tensor], weights: torch.Tensor | None,
+                   indicator: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+    """The policy's imitation loss on a batch of raw inputs (``ChunkDataset.sample``'s), plus its auxiliary loss on
+    the privileged positions where it has one."""
+    ctx = model.context(batch["images"], batch["ids"], batch["proprio"])
+    loss = model.imitation_loss(ctx, batch["actions"], weights, indicator, generator)
+    if "aux" in model.capabilities:
+        loss = loss + model.auxiliary_loss(ctx, batch["aux"], batch["aux_mask"])
+    return loss
+
+
 class BCTrainer:
     """AdamW on the flow-matching loss, gradient-clipped. Holds the optimizer so that training can resume."""
 
-    def __init__(self, model: SmallVLA, lr: float = 3e-4, weight_decay: float = 1e-4, grad_clip: float = 1.0,
+    def __init__(self, model: TrainablePolicy, lr: float = 3e-4, weight_decay: float = 1e-4, grad_clip: float = 1.0,
                  indicator_dropout: float = 0.0, indicator_lr: float | None = None,
                  generator: torch.Generator | None = None):
         """``indicator_lr``: the advantage indicator's own learning rate. It starts at zero and must grow to the
@@ -206,8 +215,11 @@ class BCTrainer:
         self.indicator_dropout = indicator_dropout
         self.grad_clip = grad_clip
         # Only what requires grad trains (a learner with a frozen backbone turns the encoder's off).
-        rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("indicator.")]
-        groups = [{"params": rest, "lr": lr}, {"params": list(model.indicator.parameters()), "lr": indicator_lr or lr}]
+        conditioning = model.conditioning_parameters() if "indicator" in model.capabilities else []
+        own = {id(p) for p in conditioning}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
+        groups = [{"params": rest, "lr": lr}, *([{"params": conditioning, "lr": indicator_lr or lr}] if conditioning
+                                                else [])]
         self.optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
         self.params = [p for g in groups for p in g["params"]]
         for group in self.optimizer.param_groups:
@@ -232,15 +244,15 @@ class BCTrainer:
         """One gradient step on a batch (CPU tensors, as ChunkDataset.sample draws them: moved to the model's
         device here)."""
         self.model.train()
-        device = self.model.cls_device
+        device = self.model.device
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         weights, indicator = batch["weights"] if weighted else None, self._drop(batch["indicator"])
+        if "indicator" not in self.model.capabilities:
+            indicator = None
         if "ctx" in batch:  # the backbone is frozen: train the action expert on cached contexts
-            loss = self.model.head_loss(batch["ctx"], batch["actions"], weights, indicator, self.generator)
+            loss = self.model.imitation_loss(batch["ctx"], batch["actions"], weights, indicator, self.generator)
         else:
-            loss = self.model.action_loss(batch["images"], batch["ids"], batch["proprio"], batch["actions"],
-                                        weights=weights, aux=batch["aux"], aux_mask=batch["aux_mask"],
-                                        indicator=indicator, generator=self.generator)
+            loss = imitation_loss(self.model, batch, weights, indicator, self.generator)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"behaviour-cloning loss is {loss.item()}: the weights or the batch hold NaN/inf. "

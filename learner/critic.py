@@ -7,38 +7,33 @@ episode, not only those whose layout's attempts ended differently.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 from torch import nn
 
-from flywheel.contracts import Episode
-from learner.value import frame_features
+from flywheel.contracts import Episode, Extras, TrainablePolicy
+from learner.value import frame_features, frozen_copy
 
 
 class Critic:
-    def __init__(self, policy_model, *, gamma: float = 0.95, lam: float = 0.95, epochs: int = 20,
+    def __init__(self, policy_model: TrainablePolicy, *, gamma: float = 0.95, lam: float = 0.95, epochs: int = 20,
                  minibatch: int = 256, lr: float = 1e-3, seed: int = 0, own_encoder: bool = True):
-        """``own_encoder``: read features from a frozen copy of the policy's encoder as it is now (for a learner that
-        trains the encoder); False: from the policy's own, which the caller keeps frozen (residual PPO)."""
-        encoder = policy_model.encoder
-        self.encoder = copy.deepcopy(encoder).eval() if own_encoder else encoder
-        for p in self.encoder.parameters() if own_encoder else ():
-            p.requires_grad_(False)
-        self.tokenizer = policy_model.tokenizer
-        d = encoder.out_dim
+        """``own_encoder``: read features from a frozen copy of the policy as it is now (for a learner that trains
+        the backbone); False: from the policy itself, whose backbone the caller keeps frozen (residual PPO). Named
+        ``model`` either way: not training state (learner/base.py)."""
+        self.model = frozen_copy(policy_model) if own_encoder else policy_model
+        d = policy_model.feature_dim
         with torch.random.fork_rng(devices=[]):  # seeded, without moving the global stream
             torch.manual_seed(seed)
             self.net = nn.Sequential(nn.Linear(d, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(),
-                                     nn.Linear(128, 1)).to(policy_model.cls_device)
+                                     nn.Linear(128, 1)).to(policy_model.device)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
         self.gamma, self.lam, self.epochs, self.minibatch = gamma, lam, epochs, minibatch
 
     @torch.no_grad()
     def features(self, episodes: list[Episode]) -> list[torch.Tensor]:
-        """The encoder's context at each decision and at each episode's last frame: (K+1, D) per episode."""
-        return [frame_features(self.encoder, self.tokenizer, ep, np.append(ep.extras["chunk_steps"], ep.num_steps))
+        """The policy's features at each decision and at each episode's last frame: (K+1, D) per episode."""
+        return [frame_features(self.model, ep, np.append(ep.extras[Extras.CHUNK_STEPS], ep.num_steps))
                 for ep in episodes]
 
     def advantages(self, feats: list[torch.Tensor], successes: list[bool]) -> tuple[np.ndarray, np.ndarray]:

@@ -13,8 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flywheel.contracts import Episode, PolicySnapshot, Sampling
-from flywheel.vla.model import SmallVLA
+from flywheel.contracts import Episode, PolicySnapshot, Sampling, TrainablePolicy
 from learner.base import LearnerBase
 from learner.bc import BCTrainer, ChunkDataset, warmup_cosine
 
@@ -24,7 +23,7 @@ class FilteredBCLearner(LearnerBase):
 
     def __init__(
         self,
-        model: SmallVLA,
+        model: TrainablePolicy,
         demos: list[Episode],
         *,
         version: int = 0,
@@ -56,7 +55,7 @@ class FilteredBCLearner(LearnerBase):
         if freeze_backbone:
             # Train the action expert only: the vision-language backbone keeps what pretraining gave it, and every
             # sample's context is computed once (learner/bc.py ChunkDataset(encode=True)).
-            for p in [*model.encoder.parameters(), *model.aux_head.parameters()]:
+            for p in model.backbone_parameters():
                 p.requires_grad_(False)
         self.data = ChunkDataset(model, max_episodes=max_episodes, encode=freeze_backbone)
         self.guidance = guidance

@@ -35,8 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flywheel.contracts import Episode, PolicySnapshot, Sampling, sensor_inputs
-from flywheel.vla.model import SmallVLA
+from flywheel.contracts import Episode, Extras, PolicySnapshot, Sampling, TrainablePolicy, sensor_inputs
 from learner.base import LearnerBase
 from learner.bc import ChunkDataset
 from learner.critic import Critic
@@ -60,7 +59,7 @@ class PPOLearner(LearnerBase):
 
     def __init__(
         self,
-        model: SmallVLA,
+        model: TrainablePolicy,
         demos: list[Episode] | None = None,
         *,
         version: int = 0,
@@ -91,7 +90,11 @@ class PPOLearner(LearnerBase):
         difference between attempts at a layout is one PPO can credit. From the usual standard normal start, most
         of that difference came from the start, whose density does not depend on the weights: in a trial the
         approved direction moved 0.00-0.08 against 0.10 from the mean."""
-        if model.cfg.action_head == "flow" and flow_noise <= 0:
+        if "log_prob" not in model.capabilities:
+            raise ValueError(f"ppo needs a policy that gives the exact log-probability of what it drew (the "
+                             f"'log_prob' capability); {type(model).__name__} offers {sorted(model.capabilities)}: "
+                             f"use filtered_bc")
+        if model.action_head == "flow" and flow_noise <= 0:
             raise ValueError(f"learner.flow_noise={flow_noise}: PPO on a flow VLA needs its practice noise (> 0) for "
                              f"the exact log-probability of what it drew; e.g. 0.2 (0.03 with noise_at=steps)")
         self.model, self.version = model, version
@@ -129,29 +132,29 @@ class PPOLearner(LearnerBase):
         drawn independently given the observation (action tokens; noise at the flow's output), since the rest never
         reached the environment and their draws would only add noise to the gradient. Flow-noise at the steps
         chains the chunk's numbers together, so every number of it counts."""
-        flow = self.model.cfg.action_head == "flow"
-        drawn = ("drawn" if self.noise_at == "output" else "flow_chain") if flow else "chunks"
+        flow = self.model.action_head == "flow"
+        drawn = (Extras.DRAWN if self.noise_at == "output" else Extras.FLOW_CHAIN) if flow else Extras.CHUNKS
         independent = not flow or self.noise_at == "output"
         cols: dict[str, list[np.ndarray]] = {k: [] for k in ("images", "proprio", "ids", drawn, "logp", "adv",
                                                               "executed")}
         for ep, a in zip(episodes, adv):
             if not np.any(a):
                 continue
-            steps = ep.extras["chunk_steps"]
-            images, proprio = sensor_inputs(ep.observations, self.model.cfg.sensors, steps)
+            steps = ep.extras[Extras.CHUNK_STEPS]
+            images, proprio = sensor_inputs(ep.observations, self.model.sensors, steps)
             cols["images"].append(np.ascontiguousarray(images))
             cols["proprio"].append(proprio)
-            cols["ids"].append(np.repeat(self.model.tokenizer([ep.instruction])[0], len(steps), axis=0))
+            cols["ids"].append(np.repeat(self.model.token_ids([ep.instruction]), len(steps), axis=0))
             cols[drawn].append(ep.extras[drawn].astype(np.float32))
-            cols["logp"].append(ep.extras["logp"].astype(np.float32))
+            cols["logp"].append(ep.extras[Extras.LOGP].astype(np.float32))
             cols["adv"].append(np.broadcast_to(np.asarray(a, np.float32), (len(steps),)))
-            cols["executed"].append(executed(steps, len(ep.actions), self.model.cfg.chunk, ep.intervened())
-                                    if independent else np.ones((len(steps), self.model.cfg.chunk), bool))
-        device = self.model.cls_device
+            cols["executed"].append(executed(steps, len(ep.actions), self.model.chunk, ep.intervened())
+                                    if independent else np.ones((len(steps), self.model.chunk), bool))
+        device = self.model.device
         return {k: torch.from_numpy(np.concatenate(v)).to(device) for k, v in cols.items()} if cols["adv"] else {}
 
     def update(self, episodes: list[Episode]) -> dict[str, float]:
-        acted = [ep for ep in episodes if "logp" in ep.extras and len(ep.extras.get("chunk_steps", ()))]
+        acted = [ep for ep in episodes if Extras.LOGP in ep.extras and len(ep.extras.get(Extras.CHUNK_STEPS, ()))]
         if episodes and not acted:
             raise ValueError("ppo needs episodes that record each chunk's log-probability (extras 'logp'): were they "
                              "acted by this learner's snapshot (its sampling asks for it)?")
@@ -173,9 +176,9 @@ class PPOLearner(LearnerBase):
         self.model.train()
         for _ in range(self.epochs if n else 0):
             for idx in torch.randperm(n, generator=self.generator).split(self.minibatch):
-                ctx = self.model.encoder(data["images"][idx], data["ids"][idx], data["proprio"][idx])
-                logp = self.model.decision_log_prob(ctx, {k: data[k][idx] for k in ("chunks", "flow_chain", "drawn")
-                                                            if k in data}, self.flow_noise)  # (b, [K,] C, A)
+                ctx = self.model.context(data["images"][idx], data["ids"][idx], data["proprio"][idx])
+                recorded = {k: data[k][idx] for k in (Extras.CHUNKS, Extras.FLOW_CHAIN, Extras.DRAWN) if k in data}
+                logp = self.model.log_prob(ctx, recorded, self.flow_noise)  # (b, [K,] C, A)
                 log_ratio = (logp - data["logp"][idx]).clamp(-20.0, 20.0)
                 ratio = log_ratio.exp()
                 a = data["adv"][idx].view(-1, *[1] * (ratio.dim() - 1))
@@ -185,8 +188,8 @@ class PPOLearner(LearnerBase):
                 anchor = loss.new_zeros(())
                 if self.anchor > 0 and self.demos.num_episodes:
                     b = {k: v.to(ctx.device) for k, v in self.demos.sample(self.batch_size, self.generator).items()}
-                    anchor = self.model.action_loss(b["images"], b["ids"], b["proprio"], b["actions"],
-                                                    generator=self.generator)
+                    anchor = self.model.imitation_loss(self.model.context(b["images"], b["ids"], b["proprio"]),
+                                                       b["actions"], generator=self.generator)
                 total = loss + self.anchor * anchor
                 if not torch.isfinite(total):
                     raise FloatingPointError(f"ppo loss is {total.item()}: the weights or the batch hold "
@@ -209,6 +212,6 @@ class PPOLearner(LearnerBase):
 
     def snapshot(self) -> PolicySnapshot:
         sampling = Sampling(flow_noise=self.flow_noise, noise_at=self.noise_at, noise=0.0, practice_noise=0.0) \
-            if self.model.cfg.action_head == "flow" else Sampling()
+            if self.model.action_head == "flow" else Sampling()
         return PolicySnapshot(version=self.version, weights=self.model.get_weights(),
                               meta={"algorithm": type(self).__name__}, sampling=sampling)

@@ -64,13 +64,10 @@ class RecapLearner(FilteredBCLearner):
         if credit == "chunk" and not 0 < positive_fraction < 1:
             raise ValueError(f"learner.positive_fraction={positive_fraction}: chunk credit marks the top fraction of "
                              "each task's chunks positive, so it must lie in (0, 1)")
-        with torch.no_grad():
-            rows = model.indicator.weight
-            if not rows[1:].any():
-                # "positive" and "negative" start as "none": a base pretrained without them learned row 0 (the
-                # shipped one's norm is 0.79), and conditioning on an untrained zero row would change how it acts
-                # (measured: practice success 0.48 -> 0.17 at version 0)
-                rows[1:] = rows[0]
+        if "indicator" not in model.capabilities:
+            raise ValueError(f"recap conditions the policy on an advantage indicator, which {type(model).__name__} "
+                             f"does not take (capabilities {sorted(model.capabilities)}): use filtered_bc")
+        model.start_conditioning()
         super().__init__(model, demos, **kwargs)
         horizon = int(demos[0].info.get("max_steps", 40)) if demos else 40
         self.value = ValueModel(model, horizon, seed=kwargs.get("seed", 0))

@@ -49,7 +49,7 @@ class _LearnerHost:
         import ray
 
         return {"node": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid(),
-                "device": str(self.learner.model.cls_device)}
+                "device": str(self.learner.model.device)}
 
 
 class RemoteLearner:

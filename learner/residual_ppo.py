@@ -24,8 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flywheel.contracts import Episode, PolicySnapshot, Sampling
-from flywheel.vla.model import SmallVLA
+from flywheel.contracts import Episode, PolicySnapshot, Sampling, TrainablePolicy
 from learner.base import LearnerBase
 from learner.critic import Critic
 
@@ -35,7 +34,7 @@ class ResidualPPOLearner(LearnerBase):
 
     def __init__(
         self,
-        model: SmallVLA,
+        model: TrainablePolicy,
         demos: list[Episode] | None = None,  # unused: nothing is cloned
         *,
         version: int = 0,
@@ -48,6 +47,9 @@ class ResidualPPOLearner(LearnerBase):
         gae_lambda: float = 0.95,
         value_epochs: int = 20,
     ):
+        if "residual" not in model.capabilities:
+            raise ValueError(f"residual_ppo trains a residual head, which {type(model).__name__} does not have "
+                             f"(capabilities {sorted(model.capabilities)}): use ppo or filtered_bc")
         self.model, self.version = model, version
         for p in model.parameters():
             p.requires_grad_(False)

@@ -23,15 +23,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from flywheel.contracts import Episode, sensor_inputs
-from flywheel.vla.model import SmallVLA
+from flywheel.contracts import Episode, TrainablePolicy, sensor_inputs
 
 
-def frame_features(encoder, tokenizer, ep: Episode, frames: np.ndarray) -> torch.Tensor:
-    """A frozen encoder's context at the given frame indices of one episode: (len(frames), D)."""
-    ids = np.repeat(tokenizer([ep.instruction])[0], len(frames), axis=0)
-    images, proprio = sensor_inputs(ep.observations, encoder.sensors, frames)
-    return encoder.contexts(images, ids, proprio)
+def frozen_copy(model: TrainablePolicy) -> TrainablePolicy:
+    """The policy as it is now, for reading features from while the policy itself trains on."""
+    copied = copy.deepcopy(model).eval()
+    for p in copied.parameters():
+        p.requires_grad_(False)
+    return copied
+
+
+def frame_features(model: TrainablePolicy, ep: Episode, frames: np.ndarray) -> torch.Tensor:
+    """The policy's features at the given frame indices of one episode: (len(frames), D)."""
+    ids = np.repeat(model.token_ids([ep.instruction]), len(frames), axis=0)
+    images, proprio = sensor_inputs(ep.observations, model.sensors, frames)
+    return model.features(images, ids, proprio)
 
 
 def returns_to_go(num_steps: int, success: bool, horizon: int) -> np.ndarray:
@@ -43,25 +50,23 @@ def returns_to_go(num_steps: int, success: bool, horizon: int) -> np.ndarray:
 class ValueModel:
     """V(frame, instruction, proprio) from backbone features; ``fit`` on (features, return) pairs."""
 
-    def __init__(self, policy_model: SmallVLA, horizon: int, *, hidden: int = 256, lr: float = 1e-3, seed: int = 0):
-        self.encoder = copy.deepcopy(policy_model.encoder).eval()
-        for p in self.encoder.parameters():
-            p.requires_grad_(False)
-        self.tokenizer = policy_model.tokenizer
+    def __init__(self, policy_model: TrainablePolicy, horizon: int, *, hidden: int = 256, lr: float = 1e-3,
+                 seed: int = 0):
+        self.backbone = frozen_copy(policy_model)
         self.horizon = horizon
         self.bins = 2 * horizon + 1  # bin b <-> return -b / H
         with torch.random.fork_rng():  # seeded, without moving the global RNG the policy's training draws from
             torch.manual_seed(seed)
             self.head = nn.Sequential(
-                nn.LayerNorm(self.encoder.out_dim), nn.Linear(self.encoder.out_dim, hidden), nn.GELU(),
+                nn.LayerNorm(policy_model.feature_dim), nn.Linear(policy_model.feature_dim, hidden), nn.GELU(),
                 nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, self.bins),
             )
-        self.head.to(policy_model.cls_device)
+        self.head.to(policy_model.device)
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=lr, weight_decay=1e-4)
         self.generator = torch.Generator().manual_seed(seed)
 
     def features(self, ep: Episode, frames: np.ndarray) -> torch.Tensor:
-        return frame_features(self.encoder, self.tokenizer, ep, frames)
+        return frame_features(self.backbone, ep, frames)
 
     def fit(self, feats: torch.Tensor, returns: np.ndarray, steps: int, batch_size: int = 256) -> float:
         """Cross-entropy steps on features (N, D) and their returns to go (N,); returns the mean loss."""

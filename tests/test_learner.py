@@ -249,7 +249,7 @@ def test_ppo_moves_either_vla_toward_what_the_detector_approves(head, lr, epochs
 
 
 def test_flow_noise_log_probability_is_that_of_the_draws(demos):
-    """What sample() records with flow-noise is recomputed exactly by decision_log_prob, and it is the Gaussian
+    """What sample() records with flow-noise is recomputed exactly by log_prob, and it is the Gaussian
     density of the steps actually drawn; without flow-noise nothing is recorded and the chunk is as before."""
     torch.manual_seed(0)
     model = SmallVLA().eval()
@@ -264,7 +264,7 @@ def test_flow_noise_log_probability_is_that_of_the_draws(demos):
     chain = extras["flow_chain"]
     assert chain.shape == (3, model.cfg.flow_steps + 1, 8, 3) and torch.equal(chunk, chain[:, -1].clamp(-1, 1))
     with torch.no_grad():
-        again = model.decision_log_prob(model.encoder(images, ids, proprio), {"flow_chain": chain}, 0.05)
+        again = model.log_prob(model.encoder(images, ids, proprio), {"flow_chain": chain}, 0.05)
     assert torch.allclose(again, extras["logp"], atol=1e-5)
     steps = (extras["logp"] - torch.distributions.Normal(0.0, 0.05).log_prob(torch.zeros(()))) * -2 * 0.05 ** 2
     assert 0.5 < float(steps.mean().sqrt() / 0.05) < 1.5  # the draws' own spread: about one std from each mean
@@ -275,7 +275,7 @@ def test_flow_noise_log_probability_is_that_of_the_draws(demos):
 
 def test_output_noise_is_a_gaussian_around_the_flow_and_its_log_probability_is_recomputed(demos):
     """noise_at="output": the flow runs from its mean untouched and only the chunk draws around it; the draw and its
-    per-number density are recorded, and decision_log_prob recomputes them, with a gradient through the flow."""
+    per-number density are recorded, and log_prob recomputes them, with a gradient through the flow."""
     torch.manual_seed(0)
     model = SmallVLA().eval()
     ep = demos[0]
@@ -291,7 +291,7 @@ def test_output_noise_is_a_gaussian_around_the_flow_and_its_log_probability_is_r
     spread = float(((drawn - mean)[mean.abs() < 0.9]).std())  # away from the clamp, the draw's std is the noise's
     assert 0.07 < spread < 0.13
     ctx = model.encoder(images, ids, proprio)
-    again = model.decision_log_prob(ctx, {"drawn": drawn}, 0.1)
+    again = model.log_prob(ctx, {"drawn": drawn}, 0.1)
     assert torch.allclose(again, extras["logp"], atol=1e-4)
     again.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.parameters() if p.requires_grad)

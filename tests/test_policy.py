@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from actors.tabletop import TabletopEnv
-from flywheel.contracts import Policy
+from flywheel.contracts import Policy, Sampling
 from flywheel.vla.model import SmallVLA, VLAConfig, VLAPolicy
 
 
@@ -111,7 +111,7 @@ def test_an_unknown_action_head_is_refused():
 
 def test_practice_noise_zero_practises_one_chunk_per_observation_and_evaluation_still_samples():
     policy = VLAPolicy(VLAConfig())
-    policy.load_weights(policy.get_weights(), {"practice_noise": 0.0})  # as a learner's snapshot asks
+    policy.load_weights(policy.get_weights(), Sampling(practice_noise=0.0))  # as a learner's snapshot asks
     images, proprio, texts = _batch(2)
     policy.explore = True  # practice
     assert np.array_equal(policy.act(images, proprio, texts, seed=0), policy.act(images, proprio, texts, seed=1))
@@ -122,7 +122,7 @@ def test_practice_noise_zero_practises_one_chunk_per_observation_and_evaluation_
 def test_eval_noise_sets_how_every_snapshot_acts_in_evaluation_and_leaves_practice_alone():
     images, proprio, texts = _batch(2)
     policy = VLAPolicy(VLAConfig(), eval_noise=0.0)  # eval.noise=0: every learner's policy from the flow's mean
-    policy.load_weights(policy.get_weights(), {"practice_noise": 1.0})  # a snapshot that samples
+    policy.load_weights(policy.get_weights(), Sampling(practice_noise=1.0))  # a snapshot that samples
     mean = policy.model.sample(torch.from_numpy(images), policy.model.tokenize(texts),
                                torch.from_numpy(proprio).float(), noise=0.0).numpy()
     assert np.allclose(policy.act(images, proprio, texts, seed=0), mean, atol=1e-6)
@@ -130,7 +130,7 @@ def test_eval_noise_sets_how_every_snapshot_acts_in_evaluation_and_leaves_practi
     policy.explore = True  # practice is the learner's to choose
     assert not np.array_equal(policy.act(images, proprio, texts, seed=0), policy.act(images, proprio, texts, seed=1))
     sampled = VLAPolicy(VLAConfig(), eval_noise=1.0)  # and a snapshot that asks for its mean (PPO's) can be sampled
-    sampled.load_weights(policy.get_weights(), {"noise": 0.0, "practice_noise": 0.0})
+    sampled.load_weights(policy.get_weights(), Sampling(noise=0.0, practice_noise=0.0))
     assert not np.array_equal(sampled.act(images, proprio, texts, seed=0), sampled.act(images, proprio, texts, seed=1))
 
 
