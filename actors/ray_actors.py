@@ -338,11 +338,3 @@ def _changed(old: np.ndarray, new: np.ndarray) -> bool:
         return True
     a, b = old.reshape(-1), new.reshape(-1)
     return not (np.array_equal(a[:256], b[:256]) and np.array_equal(a, b))
-
-
-def vla_policy_factory(vla_cfg, eval_noise: float | None = None) -> Callable[[], Policy]:
-    """A picklable factory for the built-in VLA policy (each worker builds its own copy). ``eval_noise``: how it acts
-    in evaluation (VLAPolicy's, from ``eval.noise``)."""
-    from flywheel.vla.model import VLAPolicy
-
-    return functools.partial(VLAPolicy, vla_cfg, eval_noise=eval_noise)

@@ -16,25 +16,22 @@ import numpy as np
 
 from actors.expert import expert_action
 from actors.tabletop import Frames, TabletopEnv
+from flywheel import plugins
 from flywheel.contracts import INTERVENTION, Episode, Policy, PolicySnapshot, observation_keys, sensor_inputs
 
 ENV_ID = "flywheel/Tabletop-v0"
 
 
-def make_env(family: str = "any", **kwargs) -> gym.Env:
-    """The environment a family names: ``"<simulator>:<task>"`` is a third-party simulator (actors/thirdparty.py,
-    which ignores the tabletop-only arguments); anything else is the built-in tabletop."""
-    if ":" in family:
-        from actors.thirdparty import make_sim_env  # imports MuJoCo: only when asked for
-
-        return make_sim_env(family, **kwargs)
-    return TabletopEnv(family=family, **kwargs)
+def make_env(name: str = "tabletop", **kwargs) -> gym.Env:
+    """The environment plug-in ``name`` (``env.name``: tabletop, metaworld, fetch, or an import path
+    ``module:factory``), made with the keyword arguments its factory declares (flywheel/plugins.py)."""
+    return plugins.call_with_accepted(plugins.resolve("env", name), kwargs)
 
 
-def _parallel_limit() -> int:
-    from actors.thirdparty import MAX_PARALLEL
-
-    return MAX_PARALLEL
+def parallel_limit(name: str) -> int | None:
+    """How many environments of ``name`` one rollout steps at once (its factory's ``max_parallel``; None: all):
+    simulators that each hold a MuJoCo model and a GL context are stepped in waves."""
+    return getattr(plugins.resolve("env", name), "max_parallel", None)
 
 
 def scripted_action(env: gym.Env, rng: np.random.Generator, noise: float, plan: dict | None = None) -> np.ndarray:
@@ -50,6 +47,7 @@ def run_episodes(
     policy: Policy | None,
     *,
     policy_version: int,
+    name: str = "tabletop",
     family: str = "any",
     phrasing: str = "canonical",
     combos: str = "all",
@@ -85,12 +83,12 @@ def run_episodes(
     given = dict(locals())  # every argument, as given (the waves below pass them on)
     if not seeds:
         return []
-    if ":" in family and len(seeds) > _parallel_limit():  # third-party envs are heavy: step them in waves
-        n = _parallel_limit()
+    n = parallel_limit(name)
+    if n is not None and len(seeds) > n:  # heavy environments: step them in waves
         return [ep for w in range(0, len(seeds), n)
                 for ep in run_episodes(**{**given, "seeds": seeds[w:w + n], "sample_seed": sample_seed + 7919 * w})]
-    envs = [make_env(family=family, image_size=image_size, max_steps=max_steps, phrasing=phrasing, combos=combos,
-                     randomize=randomize, sensors=sensors) for _ in seeds]
+    envs = [make_env(name=name, family=family, image_size=image_size, max_steps=max_steps, phrasing=phrasing,
+                     combos=combos, randomize=randomize, sensors=sensors) for _ in seeds]
     # The tabletop's camera pictures are drawn together, a chunk of every environment at once, before the policy
     # looks (actors/tabletop.py Frames: the same pixels; for 16 environments a sixth to a quarter less drawing time)
     frames = Frames(image_size)

@@ -12,9 +12,8 @@ Every adapter is a gymnasium env that a rollout actor steps like the built-in ta
 
 Install: ``pip install -e ".[sims]"`` (Meta-World 3.1.1 pins MuJoCo 3.3.0: install them in one resolve). They
 render offscreen on the CPU through EGL (``MUJOCO_GL=egl``, set here unless already set) or OSMesa (Debian's
-``libosmesa6``, with ``MUJOCO_GL=osmesa``). A run uses them through ``env.family``: ``metaworld:<task>`` (for example
-``metaworld:button-press-topdown-v3``) or ``fetch:<env id>`` (``fetch:FetchReach-v4``); ``actors.rollout.make_env``
-sends such a family here. Each adapter's ``expert_action`` is the scripted expert that ``flywheel demos`` and
+``libosmesa6``, with ``MUJOCO_GL=osmesa``). A run uses them as environment plug-ins: ``env.name=metaworld env.family=<task>`` (for example
+``button-press-topdown-v3``) or ``env.name=fetch env.family=<env id>`` (``FetchReach-v4``). Each adapter's ``expert_action`` is the scripted expert that ``flywheel demos`` and
 ``flywheel pretrain`` record (Meta-World's own scripted policies; a reach for Fetch).
 """
 
@@ -217,25 +216,33 @@ class FetchAdapter(gym.Env):
 # Adapters that one rollout steps at once: each holds a MuJoCo model and a GL context (~150 MB with Meta-World).
 MAX_PARALLEL = 16
 
-# Adapters given back with ``release()``, by (family, image size): building one costs ~0.7 s (MuJoCo model, task
+# Adapters given back with ``release()``, by (simulator, task, image size): building one costs ~0.7 s (MuJoCo model, task
 # sampling, a GL context) against ~6 ms a step, and a rollout wants one per episode it steps in lock-step.
-_FREE: dict[tuple[str, int], list[gym.Env]] = {}
+_FREE: dict[tuple[str, str, int], list[gym.Env]] = {}
 
 
-def make_sim_env(family: str, image_size: int = 64, max_steps: int = 150, **_: Any) -> gym.Env:
-    """``family`` = "metaworld:<task>" or "fetch:<env id>" -> the adapter (other run_episodes arguments, which
-    only the built-in tabletop understands, are ignored). A released adapter of the same family is reused."""
-    free = _FREE.get((family, int(image_size)))
+def make_metaworld(family: str = "any", image_size: int = 64, max_steps: int = 150) -> gym.Env:
+    """``env.name=metaworld``: ``env.family`` is the task ("any": button-press-topdown-v3). A released adapter of the
+    same task is reused."""
+    task = "button-press-topdown-v3" if family == "any" else family.removeprefix("metaworld:")  # as episodes name it
+    return _pooled("metaworld", task, image_size, max_steps, MetaWorldAdapter)
+
+
+def make_fetch(family: str = "any", image_size: int = 64, max_steps: int = 50) -> gym.Env:
+    """``env.name=fetch``: ``env.family`` is the gymnasium-robotics env id ("any": FetchReach-v4)."""
+    task = "FetchReach-v4" if family == "any" else family.removeprefix("fetch:")
+    return _pooled("fetch", task, image_size, max_steps, FetchAdapter)
+
+
+make_metaworld.max_parallel = make_fetch.max_parallel = MAX_PARALLEL  # actors/rollout.py steps them in waves
+
+
+def _pooled(kind: str, task: str, image_size: int, max_steps: int, adapter: type) -> gym.Env:
+    free = _FREE.get((kind, task, int(image_size)))
     if free:
         env = free.pop()
         env.max_steps = int(max_steps)
         return env
-    kind, _, task = family.partition(":")
-    if kind == "metaworld":
-        env = MetaWorldAdapter(task or "button-press-topdown-v3", image_size=image_size, max_steps=max_steps)
-    elif kind == "fetch":
-        env = FetchAdapter(task or "FetchReach-v4", image_size=image_size, max_steps=max_steps)
-    else:
-        raise ValueError(f"unknown simulator {family!r}: use 'metaworld:<task>' or 'fetch:<env id>'")
-    env.release = lambda: _FREE.setdefault((family, int(image_size)), []).append(env)  # reset() makes it new
+    env = adapter(task, image_size=image_size, max_steps=max_steps)
+    env.release = lambda: _FREE.setdefault((kind, task, int(image_size)), []).append(env)  # reset() makes it new
     return env

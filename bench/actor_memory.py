@@ -14,15 +14,17 @@ Results: bench/results/actor_memory.json.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import time
 
-from actors.ray_actors import RolloutGroup, vla_policy_factory
+from actors.ray_actors import RolloutGroup
 from actors.tabletop import split_seed
 from bench.common import memory_mb, write_result
 from flywheel.contracts import PolicySnapshot
 from flywheel.vla.checkpoint import load_policy_checkpoint
+from flywheel.vla.model import VLAPolicy
 
 MODES = {"trimmed": 0.0, "untrimmed": None}  # RolloutGroup(trim_idle_s=)
 
@@ -33,8 +35,8 @@ def main(collections: int) -> None:
     cfg, weights, _ = load_policy_checkpoint("base")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        groups = {m: RolloutGroup(vla_policy_factory(cfg), {"sensors": ["overhead", "wrist"]}, num_workers=1,
-                                  cpus_per_worker=0.5, trim_idle_s=t) for m, t in MODES.items()}
+        groups = {m: RolloutGroup(functools.partial(VLAPolicy, cfg), {"sensors": ["overhead", "wrist"]},
+                                  num_workers=1, cpus_per_worker=0.5, trim_idle_s=t) for m, t in MODES.items()}
         pids = {}
         for m, g in groups.items():
             g.publish(PolicySnapshot(0, weights))

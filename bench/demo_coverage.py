@@ -40,7 +40,7 @@ from flywheel.config import EnvConfig, LearnerConfig  # noqa: E402
 from flywheel.contracts import Label  # noqa: E402
 from flywheel.update import learner_view  # noqa: E402
 from flywheel.pretrain import evaluate_policy  # noqa: E402
-from flywheel.run import loop_seed, pretraining_demos  # noqa: E402
+from flywheel.parts import loop_seed, pretraining_demos  # noqa: E402
 from flywheel.vla.checkpoint import load_policy_checkpoint  # noqa: E402
 from flywheel.vla.model import SmallVLA, VLAPolicy  # noqa: E402
 from learner.registry import make_learner  # noqa: E402

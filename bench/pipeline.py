@@ -31,7 +31,8 @@ import numpy as np
 from bench.common import write_result
 from flywheel.config import load_config
 from flywheel.metrics import PhaseTimer
-from flywheel.run import run, start_ray
+from flywheel.cluster import start_ray
+from flywheel.run import run
 
 SETTINGS = ["experiment=smoke", "budget.iterations=6", "budget.minutes=30", "detector.steps=200",
             "detector.policy_episodes=200", "detector.demo_episodes=100", "eval.episodes=100", "wandb.mode=disabled"]

@@ -16,7 +16,7 @@ evaluated (``evaluated``), since a completed run is read as it was made.
 - ``ALGORITHM-detector``: practice judged by the success detector. The first such run trains it; the others judge
   with that very detector (``detector.checkpoint``), so they differ in their learner alone. ``--detector FILE``
   gives every one of them a detector trained before (another comparison's, say).
-- ``ALGORITHM-ground_truth``: judged by the simulator (``reward=ground_truth``): what a perfect detector would buy.
+- ``ALGORITHM-ground_truth``: judged by the simulator (``detector.name=ground_truth``): what a perfect detector would buy.
 - ``imitation-demos``: the same number of updates on the base's 100 demonstrations alone (``learner.algorithm=
   imitation``, learner/imitation.py); its practice is one episode an iteration, kept from nothing.
 - ``imitation-more_demos``: the same, with ``--more-demos`` demonstrations (default 200: as many again, from the
@@ -63,9 +63,10 @@ def entries(algorithms: list[str], more_demos: int) -> dict[str, list[str]]:
     out = {}
     for algorithm in algorithms:
         for reward in ("detector", "ground_truth"):
-            out[f"{algorithm}-{reward}"] = [f"learner.algorithm={algorithm}", f"reward={reward}",
+            out[f"{algorithm}-{reward}"] = [f"learner.algorithm={algorithm}",
+                                            f"detector.name={'learned' if reward == 'detector' else reward}",
                                             *SETTINGS.get(algorithm, [])]
-    imitation = ["learner.algorithm=imitation", "reward=ground_truth", "rollout.episodes_per_iteration=1"]
+    imitation = ["learner.algorithm=imitation", "detector.name=ground_truth", "rollout.episodes_per_iteration=1"]
     out["imitation-demos"] = imitation
     out["imitation-more_demos"] = [*imitation, f"learner.demos={more_demos}"]
     return out

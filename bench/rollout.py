@@ -21,6 +21,7 @@ in turns (A, B, A, B, ...; 5 each, the best of each kept), so that whatever else
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -28,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from actors.ray_actors import RolloutGroup, vla_policy_factory
+from actors.ray_actors import RolloutGroup
 from actors.rollout import run_episodes
 from actors.tabletop import split_seed
 from bench.common import best_of, write_result
@@ -102,7 +103,7 @@ def main(episodes: int) -> None:
     n = os.cpu_count() or 1
     ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        one = RolloutGroup(vla_policy_factory(cfg), ENV, num_workers=1, cpus_per_worker=1)
+        one = RolloutGroup(functools.partial(VLAPolicy, cfg), ENV, num_workers=1, cpus_per_worker=1)
         one.publish(snapshot)
         actor, bare = steps_per_s(lambda: one.collect(work, "train"),
                                   lambda: run_episodes(work, "train", policy, policy_version=0, **ENV))
@@ -117,9 +118,9 @@ def main(episodes: int) -> None:
         one.close()
 
         # ---- 2. N actors on N cores against one -------------------------------------------------------------------
-        many = RolloutGroup(vla_policy_factory(cfg), ENV, num_workers=n, cpus_per_worker=1)
+        many = RolloutGroup(functools.partial(VLAPolicy, cfg), ENV, num_workers=n, cpus_per_worker=1)
         many.publish(snapshot)
-        solo = RolloutGroup(vla_policy_factory(cfg), ENV, num_workers=1, cpus_per_worker=0)
+        solo = RolloutGroup(functools.partial(VLAPolicy, cfg), ENV, num_workers=1, cpus_per_worker=0)
         solo.publish(snapshot)
         alone, together = steps_per_s(lambda: solo.collect(work, "train"),
                                       lambda: many.collect(seeds(episodes * n), "train"))

@@ -13,15 +13,16 @@ it must not grow with the model.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 
 import numpy as np
 
-from actors.ray_actors import RolloutGroup, vla_policy_factory
+from actors.ray_actors import RolloutGroup
 from bench.common import best_of, write_result
 from flywheel.contracts import PolicySnapshot
-from flywheel.vla.model import SmallVLA, VLAConfig
+from flywheel.vla.model import SmallVLA, VLAConfig, VLAPolicy
 
 BIG = VLAConfig(dim=768, heads=16, trunk_layers=10, ground_layers=2, head_hidden=1024)
 
@@ -71,13 +72,13 @@ def main(actors: int) -> None:
     ray.init(num_cpus=actors, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         small_cfg = VLAConfig()
-        small = RolloutGroup(vla_policy_factory(small_cfg), {}, num_workers=actors, cpus_per_worker=1)
+        small = RolloutGroup(functools.partial(VLAPolicy, small_cfg), {}, num_workers=actors, cpus_per_worker=1)
         small_weights = SmallVLA(small_cfg).get_weights()
         small.publish(PolicySnapshot(0, small_weights))
         calls_small = count_calls(small, versions(small_weights, 1)[0])
         small.close()
 
-        group = RolloutGroup(vla_policy_factory(BIG), {}, num_workers=actors, cpus_per_worker=1)
+        group = RolloutGroup(functools.partial(VLAPolicy, BIG), {}, num_workers=actors, cpus_per_worker=1)
         started = time.perf_counter()
         group.publish(PolicySnapshot(0, weights))  # the first: actors start, and get it whole
         first = time.perf_counter() - started

@@ -148,7 +148,7 @@ def cmd_reward_train(overrides: list[str]) -> int:
     if OmegaConf.is_missing(cfg, "run_dir"):
         console.print("[red]error:[/red] give the run directory: flywheel reward train run_dir=PATH")
         return 2
-    from flywheel.run import train_reward
+    from flywheel.parts import train_reward
 
     with _progress() as progress:
         task = progress.add_task("detector", total=cfg.detector.steps * cfg.detector.ensemble, info="")
@@ -189,7 +189,7 @@ def cmd_demos(overrides: list[str]) -> int:
     if OmegaConf.is_missing(cfg, "out_dir"):
         console.print("[red]error:[/red] give the store: flywheel demos out_dir=PATH")
         return 2
-    from flywheel.run import write_demos
+    from flywheel.parts import write_demos
 
     write_demos(cfg, say=console.print)
     return 0

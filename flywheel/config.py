@@ -31,8 +31,11 @@ class RandomizeConfig:
 
 @dataclasses.dataclass
 class EnvConfig:
-    family: str = "any"  # "any" (push or place, the shipped base's pair), "suite" (all six), one family, or a
-    #                     comma-separated list: push, place, stack, button, drawer, sort (actors/tabletop.py)
+    name: str = "tabletop"  # the environment plug-in: tabletop, metaworld, fetch, or an import path module:factory
+    #                         (a gymnasium env factory, given the keys below that it declares; README "Bring your own")
+    family: str = "any"  # tabletop: "any" (push or place, the shipped base's pair), "suite" (all six), one family, or
+    #                     a comma-separated list: push, place, stack, button, drawer, sort (actors/tabletop.py);
+    #                     metaworld: its task (button-press-topdown-v3, ...); fetch: its env id (FetchReach-v4, ...)
     phrasing: str = "canonical"  # canonical (the one phrasing the shipped base knows) | train | heldout | all
     combos: str = "all"  # all | train | heldout: which named-colour pairings occur (actors/instructions.py)
     randomize: RandomizeConfig = field(default_factory=RandomizeConfig)
@@ -45,11 +48,17 @@ class EnvConfig:
 
 @dataclasses.dataclass
 class PolicyConfig:
-    checkpoint: str = "base"  # "base" = the small VLA shipped in flywheel/assets; or a path to a .safetensors file
+    name: str = "small_vla"  # the policy plug-in: small_vla (flywheel's own), or an import path module:factory
+    #                          returning a flywheel.contracts.PolicyBundle (README "Bring your own")
+    checkpoint: str = "base"  # what it starts from; small_vla: "base" (shipped in flywheel/assets), "base:NAME", or
+    #                           a path to a .safetensors file flywheel wrote
 
 
 @dataclasses.dataclass
 class DetectorConfig:
+    name: str = "learned"  # who judges practice: learned (flywheel's success detector, trained or given below),
+    #                        ground_truth (the simulator's record: in simulation only, the upper bound a learned
+    #                        detector is measured by), or an import path module:factory (flywheel/detectors.py)
     checkpoint: str = ""  # a trained detector (.safetensors: `flywheel reward train`'s, or another run's
     #                       run_dir/detector/detector-N.safetensors) to judge with from the start instead of training
     #                       one; the keys below that make and train one then go unused
@@ -245,8 +254,6 @@ class RunConfig:
     run_dir: str = "???"  # where everything of this run is written
     seed: int = 0
     experiment: str = "default"
-    reward: str = "detector"  # who judges practice: detector (learned, below) | ground_truth (the simulator's record:
-    #                           in simulation only, the upper bound bench/rl_comparison.py measures detector reward by)
     # The wrist camera is recorded for the detector (the shipped policy reads the overhead camera only): it sees
     # where a block came to rest, which the overhead camera resolves to under a pixel (README, "the detector").
     env: EnvConfig = field(default_factory=lambda: EnvConfig(sensors=["overhead", "wrist"]))
@@ -335,7 +342,7 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="configs", version_base=None):
-            cfg = compose(config_name=name, overrides=_dicts_replaced(name, overrides))
+            cfg = compose(config_name=name, overrides=_dicts_replaced(name, [_part_chosen(o) for o in overrides]))
     except (ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException) as e:
         cause = e.__cause__ or e
         raise ConfigError(
@@ -354,9 +361,8 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
         raise ConfigError(f"detector.sensors={list(cfg.detector.sensors)} but env.sensors={list(cfg.env.sensors)} does "
                           f"not record {sorted(set(cfg.detector.sensors) - set(cfg.env.sensors))}: add them to "
                           f"env.sensors (the episodes must carry every camera the detector judges from)")
-    if name == "run" and cfg.reward not in ("detector", "ground_truth"):
-        raise ConfigError(f"reward={cfg.reward!r}: choose detector (a learned success detector judges practice) or "
-                          f"ground_truth (the simulator does; simulation only)")
+    if name == "run":
+        _check_named_parts(cfg)
     if name == "run" and cfg.detector.checkpoint and not Path(cfg.detector.checkpoint).is_file():
         raise ConfigError(f"detector.checkpoint={cfg.detector.checkpoint}: no such file. Give a detector's .safetensors "
                           f"(`flywheel reward train` writes RUN_DIR/detector/detector-N.safetensors), or leave it empty "
@@ -373,6 +379,29 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
         raise ConfigError(f"operators={list(cfg.operators)}: each must be one of {list(OPERATORS)} (actors/expert.py), "
                           f"and at least one given; e.g. operators=[standard,carrier]")
     return cfg
+
+
+def _check_named_parts(cfg: DictConfig) -> None:
+    """Each plug-in the config names is registered or an import path (imported only when the run starts)."""
+    from flywheel import plugins
+
+    for kind, key in (("policy", "policy.name"), ("env", "env.name"), ("detector", "detector.name"),
+                      ("learner", "learner.algorithm")):
+        spec = OmegaConf.select(cfg, key)
+        if spec not in plugins.registered(kind) and not plugins.is_import_path(spec):
+            raise ConfigError(f"{key}={spec!r} is unknown: choose one of {plugins.registered(kind)}, or give an import "
+                              f"path module:factory (README, \"Bring your own\")")
+
+
+# ``policy=my_lab.vla:make_policy`` chooses a plug-in: the part's name key, as a plug-in is named in the config.
+_CHOSEN_BY = {"policy": "policy.name", "env": "env.name", "detector": "detector.name", "learner": "learner.algorithm"}
+
+
+def _part_chosen(override: str) -> str:
+    key, eq, value = override.partition("=")
+    if eq and key in _CHOSEN_BY and not value.startswith("{"):
+        return f"{_CHOSEN_BY[key]}={value}"
+    return override
 
 
 def _dicts_replaced(name: str, overrides: list[str]) -> list[str]:

@@ -29,8 +29,9 @@ KINDS = {
     "learner": "a class or function (model, demos, *, version, seed, **its options) -> a Learner (flywheel.contracts)",
 }
 
-# Registered names -> import paths. Nothing here is imported until a run names it.
-_REGISTRY: dict[str, dict[str, str]] = {
+# Registered names -> import paths (or, registered in this process, the factories themselves). Nothing here is
+# imported until a run names it.
+REGISTRY: dict[str, dict[str, str | Callable[..., Any]]] = {
     "policy": {"small_vla": "flywheel.vla.bundle:small_vla"},
     "env": {"tabletop": "actors.tabletop:TabletopEnv", "metaworld": "actors.thirdparty:make_metaworld",
             "fetch": "actors.thirdparty:make_fetch"},
@@ -48,17 +49,18 @@ class PluginError(ValueError):
     """A part the config names that cannot be found or imported; the message says how to fix it."""
 
 
-def register(kind: str, name: str, target: str) -> None:
-    """Make ``name`` mean the import path ``target`` ("module:attribute") for parts of ``kind``."""
+def register(kind: str, name: str, target: str | Callable[..., Any]) -> None:
+    """Make ``name`` mean the import path ``target`` ("module:attribute") for parts of ``kind``, or the factory
+    itself (known to this process only: a part built in a Ray actor needs an import path)."""
     _check_kind(kind)
-    if ":" not in target:
+    if isinstance(target, str) and ":" not in target:
         raise PluginError(f"{kind} plug-in {name!r}: {target!r} is not an import path; give 'module:factory'")
-    _REGISTRY[kind][name] = target
+    REGISTRY[kind][name] = target
 
 
 def registered(kind: str) -> list[str]:
     _check_kind(kind)
-    return sorted(_REGISTRY[kind])
+    return sorted(REGISTRY[kind])
 
 
 def is_import_path(spec: str) -> bool:
@@ -68,7 +70,9 @@ def is_import_path(spec: str) -> bool:
 def resolve(kind: str, spec: str) -> Callable[..., Any]:
     """The factory ``spec`` names (a registered name or "module:factory"), imported now."""
     _check_kind(kind)
-    target = _REGISTRY[kind].get(spec, spec)
+    target = REGISTRY[kind].get(spec, spec)
+    if callable(target):
+        return target
     if ":" not in target:
         raise PluginError(f"{kind}={spec!r} is neither a registered {kind} ({', '.join(registered(kind))}) nor an "
                           f"import path 'module:factory' (the module on PYTHONPATH)")
@@ -107,5 +111,5 @@ def call_with_accepted(factory: Callable[..., Any], kwargs: dict[str, Any], *arg
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in _REGISTRY:
-        raise PluginError(f"unknown kind of plug-in {kind!r}: one of {sorted(_REGISTRY)}")
+    if kind not in REGISTRY:
+        raise PluginError(f"unknown kind of plug-in {kind!r}: one of {sorted(REGISTRY)}")

@@ -1,31 +1,28 @@
-"""Learning algorithms by config name (``learner.algorithm``)."""
+"""Building a learner by its name (``learner.algorithm``: a registered one, flywheel/plugins.py, or an import path
+``module:factory``), with the options its factory declares."""
+
+from __future__ import annotations
 
 import inspect
+from typing import Any, Callable
 
-from learner.filtered_bc import FilteredBCLearner
-from learner.imitation import ImitationLearner
-from learner.ppo import PPOLearner
-from learner.recap import RecapLearner
-from learner.residual_ppo import ResidualPPOLearner
-
-ALGORITHMS = {"filtered_bc": FilteredBCLearner, "imitation": ImitationLearner, "ppo": PPOLearner,
-              "recap": RecapLearner, "residual_ppo": ResidualPPOLearner}
+from flywheel import plugins
 
 
-def accepted_options(cls) -> set[str]:
-    """The keyword options a learner class takes, its base classes' included."""
+def accepted_options(factory: Callable[..., Any]) -> set[str]:
+    """The keyword options a learner factory takes (a class: its base classes' too)."""
+    if not isinstance(factory, type):
+        params = inspect.signature(factory).parameters.values()
+        return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
     names: set[str] = set()
-    for klass in cls.__mro__:
+    for klass in factory.__mro__:
         if "__init__" in vars(klass) and klass is not object:
             names |= {n for n, p in inspect.signature(klass.__init__).parameters.items() if p.kind == p.KEYWORD_ONLY}
     return names
 
 
-def make_learner(name: str, model, demos, /, **options):
-    """Build the learner ``name``; of ``options`` (the whole ``learner`` config, say) it takes the ones it
-    declares, so that one algorithm's settings never reach another."""
-    if name not in ALGORITHMS:
-        raise ValueError(f"learner.algorithm={name!r} is unknown: choose one of {sorted(ALGORITHMS)}")
-    cls = ALGORITHMS[name]
-    taken = accepted_options(cls)
-    return cls(model, demos, **{k: v for k, v in options.items() if k in taken})
+def make_learner(algorithm: str | Callable[..., Any], model, demos, /, **options):
+    """Build the learner ``algorithm`` (a name, or its factory); of ``options`` it takes the ones it declares."""
+    factory = plugins.resolve("learner", algorithm) if isinstance(algorithm, str) else algorithm
+    taken = accepted_options(factory)
+    return factory(model, demos, **{k: v for k, v in options.items() if k in taken})

@@ -88,10 +88,11 @@ def test_a_worker_hands_its_heap_back_only_once_it_sits_idle(monkeypatch):
     assert never._trim_timer is None and len(trims) == 2
 
 
-def test_third_party_episodes_run_in_waves_with_every_argument_passed_on():
-    """A heavy third-party simulator ("sim:task") is stepped at most MAX_PARALLEL environments at a time; every
+def test_third_party_episodes_run_in_waves_with_every_argument_passed_on(monkeypatch):
+    """A heavy simulator (its factory's max_parallel) is stepped at most that many environments at a time; every
     argument reaches every wave, and the episodes come back one per seed, in order."""
     from actors.rollout import run_episodes
+    from flywheel import plugins
     from actors.tabletop import TabletopEnv
     from actors.thirdparty import MAX_PARALLEL
 
@@ -108,10 +109,12 @@ def test_third_party_episodes_run_in_waves_with_every_argument_passed_on():
         most[0] = max(most[0], alive[0])
         return Counted(family="push", image_size=kwargs["image_size"], max_steps=kwargs["max_steps"])
 
+    make.max_parallel = MAX_PARALLEL  # as the MuJoCo simulators' factories say
+    monkeypatch.setitem(plugins.REGISTRY["env"], "heavy", make)
     seeds = list(range(2 * MAX_PARALLEL + 1))
-    eps = run_episodes(seeds, "train", None, policy_version=-1, family="fake:push", max_steps=7, make_env=make)
+    eps = run_episodes(seeds, "train", None, policy_version=-1, name="heavy", family="push", max_steps=7)
     assert [ep.seed for ep in eps] == seeds and all(ep.num_steps <= 7 for ep in eps)
-    assert most[0] <= MAX_PARALLEL and alive[0] == 0 and calls == [("fake:push", 7)] * len(seeds)
+    assert most[0] <= MAX_PARALLEL and alive[0] == 0 and calls == [("push", 7)] * len(seeds)
 
 
 @pytest.mark.parametrize("use_ray", [False, True])

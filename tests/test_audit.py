@@ -1,12 +1,13 @@
 """The audit in the loop (flywheel/audit.py, flywheel/loop.py): a detector corrupted on purpose is caught, the
 alarm pauses updates, a retrained detector relabels, and a policy that regressed is rolled back."""
 
+import functools
 import time
 
 import numpy as np
 import torch
 
-from actors.ray_actors import RolloutGroup, vla_policy_factory
+from actors.ray_actors import RolloutGroup
 from actors.tabletop import split_seed
 from flywheel.checkpoint import CheckpointDir
 from flywheel.audit import AuditSettings
@@ -17,7 +18,7 @@ from flywheel.state import Budget, LoopState
 from flywheel.metrics import MetricsSink
 from flywheel.store import EpisodeStore
 from flywheel.vla.checkpoint import load_policy_checkpoint
-from flywheel.vla.model import SmallVLA
+from flywheel.vla.model import SmallVLA, VLAPolicy
 from learner.filtered_bc import FilteredBCLearner
 
 
@@ -56,7 +57,7 @@ def _loop(tmp_path, detector, learner_cls=Recording, iterations=2, retrain=None,
     model.load_weights(weights)
     torch.manual_seed(0)
     learner = learner_cls(model, [], steps_per_update=5, batch_size=16, lr=1e-4)
-    rollouts = RolloutGroup(vla_policy_factory(cfg), env_kwargs or {}, num_workers=1, use_ray=False)
+    rollouts = RolloutGroup(functools.partial(VLAPolicy, cfg), env_kwargs or {}, num_workers=1, use_ray=False)
     rollouts.publish(learner.snapshot())
     store = EpisodeStore(tmp_path / "episodes")
     state = run_loop(
@@ -140,7 +141,7 @@ def _unjudged_env(**kwargs):
             obs, reward, term, trunc, info = self.env.step(action)
             return obs, reward, term, trunc, {k: v for k, v in info.items() if k != "success"}
 
-    return Robot(make_env(**kwargs))
+    return Robot(make_env(**{k: v for k, v in kwargs.items() if k != "name"}))
 
 
 def test_an_environment_that_cannot_judge_itself_is_evaluated_by_the_detector_or_refused():
@@ -169,7 +170,7 @@ def _base_rollouts(env_kwargs=None) -> RolloutGroup:
     cfg, weights, _ = load_policy_checkpoint("base")
     model = SmallVLA(cfg)
     model.load_weights(weights)
-    rollouts = RolloutGroup(vla_policy_factory(cfg), env_kwargs or {}, num_workers=1, use_ray=False)
+    rollouts = RolloutGroup(functools.partial(VLAPolicy, cfg), env_kwargs or {}, num_workers=1, use_ray=False)
     rollouts.publish(FilteredBCLearner(model, [], steps_per_update=1, batch_size=4, lr=1e-4).snapshot())
     return rollouts
 
@@ -255,18 +256,19 @@ def test_a_whole_run_catches_a_corrupted_detector_and_recovers(tmp_path, monkeyp
     import json
 
     import flywheel.run as run_module
+    import reward.pipeline as pipeline
     from flywheel.config import load_config
     from flywheel.checkpoint import load_weights
 
     trained = []
-    real = run_module.train_detector
+    real = pipeline.train_detector
 
     def corrupt_the_first(*args, **kwargs):
         detector, metrics = real(*args, **{**kwargs, "steps": 1})
         trained.append(detector.version)
         return _scored_by_truth(detector, corrupt=len(trained) == 1), metrics
 
-    monkeypatch.setattr(run_module, "train_detector", corrupt_the_first)
+    monkeypatch.setattr(pipeline, "train_detector", corrupt_the_first)
     run_dir = tmp_path / "run"
     cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}", "rollout.use_ray=false", "audit.bound=0.15",
                               "rollout.episodes_per_iteration=64", "audit.sample=64", "budget.iterations=4",
@@ -310,11 +312,12 @@ def test_a_whole_run_judged_by_its_detector_says_so_and_audits_its_gate(tmp_path
     import json
 
     import flywheel.run as run_module
+    import reward.pipeline as pipeline
     from flywheel.config import load_config
     from flywheel.report import write_report
 
-    real = run_module.train_detector
-    monkeypatch.setattr(run_module, "train_detector", lambda *a, **kw: (
+    real = pipeline.train_detector
+    monkeypatch.setattr(pipeline, "train_detector", lambda *a, **kw: (
         lambda made: (_scored_by_truth(made[0]), made[1]))(real(*a, **{**kw, "steps": 1})))
     run_dir = tmp_path / "run"
     cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}", "rollout.use_ray=false", "eval.judge=detector",

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from flywheel.config import ConfigError, load_config
-from flywheel.run import check_learner_fits, check_resources
+from flywheel.cluster import check_learner_fits, check_resources
 
 
 def test_actors_and_the_learner_go_to_the_nodes_that_offer_their_resources(tmp_path):
@@ -24,7 +24,7 @@ def test_actors_and_the_learner_go_to_the_nodes_that_offer_their_resources(tmp_p
         # what is under test is where things run: the simulator judges (no detector to train; tests/test_loop.py)
         done = subprocess.run(
             [sys.executable, "-m", "flywheel.cli", "run", "experiment=tiny", f"run_dir={run_dir}", "wandb.mode=disabled",
-             "budget.iterations=1", "gate.episodes=0", "reward=ground_truth", f"ray.address={cluster.address}", "rollout.resources={robot:1}", "learner.remote=true",
+             "budget.iterations=1", "gate.episodes=0", "detector.name=ground_truth", f"ray.address={cluster.address}", "rollout.resources={robot:1}", "learner.remote=true",
              "learner.resources={trainer:1}"],
             capture_output=True, text=True, timeout=400)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -58,7 +58,7 @@ def test_a_remote_learner_that_cannot_fit_is_refused_before_it_waits():
 _SERVE = """
 import sys
 from flywheel.config import load_config
-from flywheel.run import start_ray
+from flywheel.cluster import start_ray
 import ray
 start_ray(load_config("run", []), say=print)
 print("GCS", ray.get_runtime_context().gcs_address, flush=True)

@@ -95,11 +95,11 @@ def test_reward_train_reads_a_run_as_it_was_recorded(tmp_path):
 def test_a_gpu_learner_on_a_machine_without_one_is_refused_with_the_fix(monkeypatch):
     import torch
 
-    from flywheel.run import build_learner
+    from flywheel.parts import build_learner
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"learner.device=cuda.*sees no GPU.*learner.device=auto"):
-        build_learner({"algorithm": "filtered_bc", "demos": 0}, 0, None, {}, {}, {}, device="cuda")
+        build_learner({"algorithm": "filtered_bc", "demos": 0}, 0, None, {}, device="cuda")
 
 
 def test_an_unknown_demonstrator_is_a_config_error():
@@ -111,9 +111,14 @@ def test_an_unknown_demonstrator_is_a_config_error():
 def test_a_task_family_no_simulator_knows_is_refused_before_anything_starts(tmp_path):
     from flywheel.run import run
 
-    for family, says in (("pushh", "unknown task family 'pushh': choose"), ("mujoco:push", "unknown simulator")):
-        cfg = load_config("run", ["experiment=tiny", f"run_dir={tmp_path / 'r'}", f"env.family={family}"])
-        with pytest.raises(ConfigError, match=f"env.family='{family}' cannot be made: {says}"):
+    with pytest.raises(ConfigError, match=r"env.name='mujoco' is unknown: choose one of \['fetch', 'metaworld', "
+                                          r"'tabletop'\]"):
+        load_config("run", ["experiment=tiny", "env=mujoco"])
+    for given, says in (("env.family=pushh", "env.family='pushh' cannot be made: unknown task family 'pushh': choose"),
+                        ("env=no_such_lab.sims:make_env", "env.name='no_such_lab.sims:make_env': .*cannot import "
+                                                           "no_such_lab.sims.*PYTHONPATH")):
+        cfg = load_config("run", ["experiment=tiny", f"run_dir={tmp_path / 'r'}", given])
+        with pytest.raises(ConfigError, match=says):
             run(cfg)
         assert not (tmp_path / "r").exists()
 
@@ -151,8 +156,11 @@ def test_chunk_credit_without_a_share_of_positives_is_a_config_error():
     load_config("run", ["run_dir=x", "learner.algorithm=recap", "learner.credit=chunk", "learner.positive_fraction=0.3"])
 
 
-def test_an_unknown_reward_or_a_missing_detector_file_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="choose detector .* or ground_truth"):
-        load_config("run", ["run_dir=x", "reward=oracle"])
+def test_an_unknown_plug_in_or_a_missing_detector_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"detector.name='oracle' is unknown: choose one of \['ground_truth', "
+                                          r"'learned'\], or give an import path module:factory"):
+        load_config("run", ["run_dir=x", "detector=oracle"])
+    with pytest.raises(ConfigError, match=r"learner.algorithm='token_ppo' is unknown: choose one of .*'ppo'"):
+        load_config("run", ["run_dir=x", "learner=token_ppo"])
     with pytest.raises(ConfigError, match="detector.checkpoint=.*no such file.*flywheel reward train"):
         load_config("run", ["run_dir=x", f"detector.checkpoint={tmp_path / 'nothing.safetensors'}"])

@@ -201,7 +201,7 @@ def test_reward_train_learns_from_older_policies_and_is_validated_on_the_newest(
     import json
 
     from flywheel.config import load_config
-    from flywheel.run import train_reward
+    from flywheel.parts import train_reward
     from flywheel.store import EpisodeStore
 
     store = EpisodeStore(tmp_path / "run" / "episodes")
@@ -230,7 +230,7 @@ def test_a_detector_trained_again_from_the_stored_episodes_is_the_one_trained_wh
     """A run stopped after making its detector's episodes (and before its detector was saved), started again: the
     episodes come back from the store, in another order, and must train the very same detector."""
     from flywheel.config import load_config
-    from flywheel.run import train_reward
+    from flywheel.parts import train_reward
     from reward.report import load_detector
 
     run_dir = tmp_path / "run"
@@ -250,7 +250,7 @@ def test_reward_train_refuses_episodes_without_the_cameras_it_is_to_judge_from(t
     """Episodes recorded with the overhead camera alone, a detector asked to judge from the wrist camera too: a
     ConfigError naming the camera and the fix, before any training, and nothing written."""
     from flywheel.config import ConfigError, load_config
-    from flywheel.run import train_reward
+    from flywheel.parts import train_reward
     from flywheel.store import EpisodeStore
 
     store = EpisodeStore(tmp_path / "run" / "episodes")

@@ -49,7 +49,7 @@ class Drill(TabletopEnv):
 
 
 def drill_env(fault, marker, family="any", **kwargs):
-    return Drill(fault, marker, family=family, **{k: v for k, v in kwargs.items() if k != "randomize"})
+    return Drill(fault, marker, family=family, **{k: v for k, v in kwargs.items() if k not in ("randomize", "name")})
 
 
 def _group(fault, marker=None, use_ray=True, timeout=600.0):
@@ -109,7 +109,7 @@ def test_a_learner_that_diverges_is_restored_from_its_checkpoint_and_the_run_goe
     from flywheel.checkpoint import load_weights
     from flywheel.config import load_config
     from flywheel.run import run
-    from learner import registry
+    from flywheel import plugins
     from learner.filtered_bc import FilteredBCLearner
 
     class Diverging(FilteredBCLearner):
@@ -125,7 +125,7 @@ def test_a_learner_that_diverges_is_restored_from_its_checkpoint_and_the_run_goe
                     next(self.model.head.parameters()).fill_(float("nan"))
             return stats
 
-    monkeypatch.setitem(registry.ALGORITHMS, "diverging", Diverging)
+    monkeypatch.setitem(plugins.REGISTRY["learner"], "diverging", Diverging)
     cfg = load_config("run", ["experiment=tiny", "rollout.use_ray=false", "wandb.mode=disabled",
                               f"run_dir={tmp_path}", "budget.iterations=3", "learner.algorithm=diverging",
                               "gate.episodes=0",  # no gate: which version is deployed depends on the update alone

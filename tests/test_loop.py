@@ -8,7 +8,8 @@ import pytest
 
 from bench.common import our_processes
 from flywheel.config import load_config
-from flywheel.run import eval_noise_note, loop_seed_index, run
+from flywheel.parts import loop_seed_index
+from flywheel.run import eval_noise_note, run
 from flywheel.store import EpisodeStore
 
 
@@ -133,7 +134,7 @@ def test_a_run_that_failed_before_storing_anything_can_be_retried_in_place(tmp_p
 def test_learner_replays_the_bases_own_demonstrations_not_the_runs_task():
     # A run on held-out combinations must not give the learner expert demonstrations of them: measured, those 100
     # demos alone lifted held-out success 0.196 -> 0.454, while practice with the base's own demos gave 0.204.
-    from flywheel.run import pretraining_demos
+    from flywheel.parts import pretraining_demos
 
     env = {"family": "any", "combos": "heldout", "phrasing": "canonical", "image_size": 64, "max_steps": 40}
     trained_on_train_combos = {"config": {"env": {"family": "any", "combos": "train", "phrasing": "canonical"}}}
@@ -243,10 +244,10 @@ def test_with_overlap_the_actors_collect_while_the_learner_trains(tmp_path, ray_
 
 def test_a_run_judges_with_a_detector_it_is_given_or_with_the_simulator(tmp_path, finished_run):
     """detector.checkpoint: no detector is trained; the given one is copied into the run and labels its practice.
-    reward=ground_truth: the simulator's record labels it (the comparison's upper bound), and nothing is audited."""
+    detector.name=ground_truth: the simulator's record labels it (the comparison's upper bound), and nothing is audited."""
     given = finished_run[0] / "detector" / "detector-1.safetensors"
     base = ["experiment=tiny", "rollout.use_ray=false", "wandb.mode=disabled", "budget.iterations=1", "gate.episodes=0"]
-    runs = {"given": [f"detector.checkpoint={given}"], "truth": ["reward=ground_truth"]}
+    runs = {"given": [f"detector.checkpoint={given}"], "truth": ["detector.name=ground_truth"]}
     for name, extra in runs.items():
         summary = run(load_config("run", [*base, *extra, f"run_dir={tmp_path / name}"]), say=lambda m: None)
         assert summary["status"] == "completed" and summary["iterations"] == 1

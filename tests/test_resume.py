@@ -16,7 +16,8 @@ import torch
 
 from flywheel.config import ConfigError, load_config
 from flywheel.resume import resumed_config
-from flywheel.run import loop_seed_index, run
+from flywheel.parts import loop_seed_index
+from flywheel.run import run
 from flywheel.store import EpisodeStore
 
 TINY = ["experiment=tiny", "rollout.use_ray=false", "wandb.mode=disabled"]
@@ -107,7 +108,7 @@ def test_the_iteration_in_flight_uses_what_it_stored_and_collects_only_the_rest(
     import dataclasses
     import uuid
 
-    from flywheel.run import loop_seed
+    from flywheel.parts import loop_seed
 
     run_dir = _copy(finished_run, tmp_path)
     shutil.copy(finished_run[1], run_dir / "run_state.json")  # back to the end of iteration 1
@@ -211,7 +212,7 @@ def test_a_resumed_run_with_a_damaged_checkpoint_says_how_to_go_on(finished_run,
 
 
 def test_the_gate_holds_back_a_regressing_version_and_rolls_back(tmp_path, monkeypatch, tiny_detector):
-    from learner import registry
+    from flywheel import plugins
     from learner.filtered_bc import FilteredBCLearner
 
     class Saboteur(FilteredBCLearner):
@@ -225,7 +226,7 @@ def test_the_gate_holds_back_a_regressing_version_and_rolls_back(tmp_path, monke
                         p.add_(torch.randn_like(p) * 3.0)
             return stats
 
-    monkeypatch.setitem(registry.ALGORITHMS, "saboteur", Saboteur)
+    monkeypatch.setitem(plugins.REGISTRY["learner"], "saboteur", Saboteur)
     run_dir = tmp_path / "run"
     cfg = load_config("run", [*TINY, f"run_dir={run_dir}", "budget.iterations=2", "learner.algorithm=saboteur",
                               "gate.episodes=64", "learner.ema=0",  # (the wreck comes after the update's average)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from actors.rollout import RolloutWorker, run_episodes
-from actors.thirdparty import make_sim_env
+from actors.rollout import make_env
 from flywheel.config import load_config
 from flywheel.contracts import PolicySnapshot
 from flywheel.pretrain import vla_config_for
@@ -17,40 +17,40 @@ from flywheel.run import run
 from flywheel.vla.checkpoint import save_policy
 from flywheel.vla.model import SmallVLA, VLAConfig, VLAPolicy
 
-SIMS = ["metaworld:button-press-topdown-v3", "fetch:FetchReach-v4"]
+SIMS = [("metaworld", "button-press-topdown-v3"), ("fetch", "FetchReach-v4")]
 
 
-@pytest.mark.parametrize("family", SIMS)
-def test_adapter_observations_are_the_contract_and_resets_are_deterministic(family):
-    env = make_sim_env(family, image_size=64, max_steps=10)
+@pytest.mark.parametrize("name,family", SIMS)
+def test_adapter_observations_are_the_contract_and_resets_are_deterministic(name, family):
+    env = make_env(name, family=family, image_size=64, max_steps=10)
     obs, info = env.reset(seed=3)
     assert obs["image"].shape == (64, 64, 3) and obs["image"].dtype == np.uint8
     assert len(np.unique(obs["image"].reshape(-1, 3), axis=0)) > 20  # a rendered scene, not a blank frame
     assert obs["proprio"].shape == (4,) and obs["proprio"].dtype == np.float32
-    assert info["instruction"] and info["success"] is False and info["family"] == family
-    again, _ = make_sim_env(family, image_size=64, max_steps=10).reset(seed=3)
+    assert info["instruction"] and info["success"] is False and info["family"] == f"{name}:{family}"
+    again, _ = make_env(name, family=family, image_size=64, max_steps=10).reset(seed=3)
     assert np.array_equal(again["image"], obs["image"]) and np.allclose(again["proprio"], obs["proprio"])
-    other, _ = make_sim_env(family, image_size=64, max_steps=10).reset(seed=4)
+    other, _ = make_env(name, family=family, image_size=64, max_steps=10).reset(seed=4)
     assert not np.allclose(other["proprio"], obs["proprio"]) or not np.array_equal(other["image"], obs["image"])
     obs, _, term, trunc, info = env.step(env.action_space.sample())
     assert obs["image"].shape == (64, 64, 3) and isinstance(info["success"], bool)
     env.close()
 
 
-@pytest.mark.parametrize("family", SIMS)
-def test_an_episode_through_a_rollout_actor(family):
+@pytest.mark.parametrize("name,family", SIMS)
+def test_an_episode_through_a_rollout_actor(name, family):
     cfg = VLAConfig(action_dim=4, proprio_dim=4)
-    worker = RolloutWorker(functools.partial(VLAPolicy, cfg), {"family": family, "max_steps": 8})
+    worker = RolloutWorker(functools.partial(VLAPolicy, cfg), {"name": name, "family": family, "max_steps": 8})
     worker.set_weights(PolicySnapshot(version=1, weights=VLAPolicy(cfg).get_weights()))
     (ep,) = worker.collect([5], "train", sample_seed=0)
-    assert ep.policy_version == 1 and ep.task == family and ep.env_id == family
+    assert ep.policy_version == 1 and ep.task == ep.env_id == f"{name}:{family}"
     assert ep.observations["image"].shape[1:] == (64, 64, 3) and ep.actions.shape[1] == 4
     assert len(ep.observations["image"]) == ep.num_steps + 1 and "aux_positions" not in ep.extras
     assert "success" in ep.ground_truth
 
 
 def test_one_adapter_gives_each_seed_its_own_layout_again_and_again():
-    env = make_sim_env("metaworld:button-press-topdown-v3", max_steps=5)
+    env = make_env("metaworld", family="button-press-topdown-v3", max_steps=5)
     first = env.reset(seed=3)[0]["image"]
     other = env.reset(seed=4)[0]["image"]
     assert not np.array_equal(first, other)
@@ -58,11 +58,13 @@ def test_one_adapter_gives_each_seed_its_own_layout_again_and_again():
     assert np.array_equal(env.reset(seed=3)[0]["image"], first)
 
 
-@pytest.mark.parametrize("family", SIMS)
-def test_the_scripted_expert_succeeds_and_the_vla_is_shaped_for_the_adapter(family):
-    eps = run_episodes(list(range(100, 106)), "train", None, policy_version=-1, family=family, max_steps=100)
+@pytest.mark.parametrize("name,family", SIMS)
+def test_the_scripted_expert_succeeds_and_the_vla_is_shaped_for_the_adapter(name, family):
+    eps = run_episodes(list(range(100, 106)), "train", None, policy_version=-1, name=name, family=family,
+                       max_steps=100)
     assert all(ep.ground_truth["success"] for ep in eps) and all(ep.actions.shape[1] == 4 for ep in eps)
-    cfg = vla_config_for({"family": family, "image_size": 64, "sensors": ["overhead"], "max_steps": 10, "execute": 4})
+    cfg = vla_config_for({"name": name, "family": family, "image_size": 64, "sensors": ["overhead"], "max_steps": 10,
+                          "execute": 4})
     assert (cfg.action_dim, cfg.proprio_dim) == (4, 4)
 
 
@@ -70,10 +72,11 @@ def test_the_loop_runs_end_to_end_on_meta_world(tmp_path):
     """Every stage on a Meta-World task, from an untrained VLA, on tiny numbers: detector data from Meta-World's
     scripted policy and the policy's rollouts, a detector, one learner update, evaluations before and after. The
     promotion gate (tested on the tabletop) is off: its 32 Meta-World episodes, twice, cost ~30 s of the suite."""
-    env = {"family": "metaworld:button-press-topdown-v3", "image_size": 64, "sensors": ["overhead"]}
+    env = {"name": "metaworld", "family": "button-press-topdown-v3", "image_size": 64, "sensors": ["overhead"]}
     checkpoint = save_policy(tmp_path / "mw.safetensors", SmallVLA(vla_config_for(env)),
                              {"config": {"env": {"family": env["family"]}}})
-    cfg = load_config("run", ["experiment=tiny", f"run_dir={tmp_path / 'run'}", f"env.family={env['family']}",
+    cfg = load_config("run", ["experiment=tiny", f"run_dir={tmp_path / 'run'}", "env=metaworld",
+                              f"env.family={env['family']}",
                               "env.max_steps=60", f"policy.checkpoint={checkpoint}", "rollout.use_ray=false",
                               "detector.demo_episodes=6", "detector.policy_episodes=6", "detector.steps=40",
                               "learner.demos=4", "learner.steps_per_update=5", "rollout.episodes_per_iteration=4",
@@ -81,7 +84,7 @@ def test_the_loop_runs_end_to_end_on_meta_world(tmp_path):
     summary = run(cfg, say=lambda m: None)
     assert summary["status"] == "completed" and summary["policy_version_final"] == 1
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["evaluations"][0]["per_task"] == {
-        env["family"]: summary["initial_success"]}
+        "metaworld:button-press-topdown-v3": summary["initial_success"]}
 
 
 def test_the_shipped_meta_world_base_loads_and_says_how_it_was_made():

@@ -1,0 +1,76 @@
+"""Who judges practice (``detector.name``): the built-in detector plug-ins, and what every detector factory gets.
+
+A detector factory is called with a ``DetectorContext`` and returns a ``SuccessDetector`` (flywheel/contracts.py).
+It may set ``ctx.metrics`` (its held-out quality, for the summary), ``ctx.retrain`` (how to train a new one on the
+store's trusted labels: the audit calls it on an alarm) and ``ctx.audited = False`` (only for a judge that *is* the
+truth the audit checks against). A team's own reward model is one such factory::
+
+    def make_detector(ctx):              # detector.name=my_lab.reward:make_detector
+        return MyRewardModel.load(ctx.cfg.detector.checkpoint)   # version, threshold, score(episodes)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig
+
+from flywheel.contracts import SuccessDetector
+from flywheel.store import EpisodeStore
+
+
+@dataclasses.dataclass
+class DetectorContext:
+    """What a detector factory may use: the run's config, directory and store, whether the run is resumed (and
+    which detector versions labelled it so far), ``sources`` of training episodes (reward/pipeline.py
+    DetectorSources) and how to ``say`` and ``log`` what it does. The factory fills in the last three fields."""
+
+    cfg: DictConfig
+    run_dir: Path
+    store: EpisodeStore
+    resuming: bool
+    detector_versions: list[str]
+    sources: Any
+    say: Callable[[str], None] = print
+    log: Callable[[dict[str, Any]], None] = lambda row: None
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    retrain: Callable[..., SuccessDetector] | None = None
+    audited: bool = True
+
+
+def learned(ctx: DetectorContext) -> SuccessDetector:
+    """flywheel's learned success detector: the one a resumed run labelled with last, else ``detector.checkpoint``
+    (trained elsewhere, copied into the run), else one trained now on simulator-labelled episodes."""
+    from reward.pipeline import adopt_detector, train_reward
+    from reward.report import latest_detector, load_detector
+
+    cfg, folder = ctx.cfg, ctx.run_dir / "detector"
+    if ctx.resuming and list(folder.glob("detector-*.safetensors")):
+        # the one that labelled last (a retrain the run did not get to use is not it), else the one it trained
+        path = folder / f"{ctx.detector_versions[-1]}.safetensors" if ctx.detector_versions else \
+            latest_detector(ctx.run_dir)
+        detector, meta = load_detector(path)
+        ctx.metrics = meta.get("heldout", {})
+        ctx.say(f"detector: {detector.version}, as the run left it ({path})")
+    elif cfg.detector.checkpoint:
+        detector, ctx.metrics = adopt_detector(Path(cfg.detector.checkpoint), ctx.run_dir)
+        auroc = ctx.metrics.get("auroc")
+        ctx.say(f"detector: {cfg.detector.checkpoint} (held-out AUROC {'unknown' if auroc is None else f'{auroc:.3f}'}"
+                f"), copied into {folder}")
+    else:
+        detector, ctx.metrics = train_reward(cfg, ctx.sources, ctx.say, store=ctx.store)
+        ctx.log({f"detector/{k}": v for k, v in ctx.metrics.items() if v is not None})
+    if cfg.audit.retrain or cfg.audit.retrain_every:
+        ctx.retrain = lambda exclude=(): train_reward(cfg, ctx.sources, ctx.say, store=ctx.store, exclude=exclude)[0]
+    return detector
+
+
+def ground_truth(ctx: DetectorContext) -> SuccessDetector:
+    """The simulator's own record judges (the upper bound a learned detector is measured by; simulation only)."""
+    from reward.ground_truth import GroundTruthJudge
+
+    ctx.say("detector: the simulator's ground truth judges practice (detector.name=ground_truth); none is trained")
+    ctx.audited = False  # the truth needs no audit
+    return GroundTruthJudge()
