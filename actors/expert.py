@@ -33,7 +33,7 @@ HARD_EXAMPLES = ("near_miss", "near_hit", "hover")
 # - standard: hovers with an open hand to just behind the block, closes it there and pushes;
 # - carrier: picks the block up, carries it over the pad's centre and lets go there, as in place.
 # The shipped base learned from both (its record's config says so). Imitated from pixels, they differ: the base's
-# carried pushes succeed 0.62 of the time, its pushes with the fist almost never (bench notes in the README).
+# carried pushes succeed 0.62 of the time, its pushes with the fist almost never.
 OPERATORS = ("standard", "carrier")
 
 

@@ -230,9 +230,9 @@ _LIBC = None
 def trim_heap() -> None:
     """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing). A collection
     makes and frees tens of thousands of small frame arrays, and glibc keeps the freed pages: a worker between
-    collections holds ~420 MB trimmed against ~1 GB untrimmed after 40-60 collections of 256 episodes. The next
-    collection pages that memory back in (~110,000 page faults, 12-15% of its time), and its peak is much the same
-    either way (bench/RESULTS.md, "Session 22"): so a worker trims only once it sits idle (``RolloutWorker``)."""
+    collections holds ~420 MB trimmed against ~1 GB untrimmed. The next collection pages that memory back in (12-15%
+    of its time), and its peak is much the same either way (bench/RESULTS.md, the heap trim): so a worker trims only
+    once it sits idle (``RolloutWorker``)."""
     global _LIBC
     if _LIBC is None:
         import ctypes
@@ -333,8 +333,8 @@ class RolloutWorker:
         """``collect_with_faults`` for a Ray actor: (a reference to the episodes, faults). The episodes go into the
         object store here, on the worker's clock (``busy_s``). Returned as they are, Ray would store them after the
         method returns, where the worker's clock does not run: 0.1-0.7 s a collection (~200 MB of frames) that
-        ``usage`` counted as waiting (bench/RESULTS.md, "Session 23"). The reference is owned by this actor: the
-        caller fetches it before the actor may be killed (``RolloutGroup`` does, as each call comes back)."""
+        ``usage`` would count as waiting (bench/RESULTS.md, the actors' hand-over). The reference is owned by this
+        actor: the caller fetches it before the actor may be killed (``RolloutGroup`` does, as each call comes back)."""
         import ray
 
         episodes, faults = self.collect_with_faults(seeds, split, sample_seed, corrected)

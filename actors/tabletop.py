@@ -116,8 +116,8 @@ class Frames:
     where the ring is), one size per radius.
 
     The rings' distances are worked out for all the queued pictures at once, a few numpy calls per window size (a
-    ring drawn alone was ~10 us of numpy calls for ~200 pixels, most of a frame). The pixels are those the
-    one-at-a-time drawing gave, bit for bit: the same float32 arithmetic, element by element (tests/test_env.py
+    ring drawn alone costs ~10 us of numpy calls for ~200 pixels, most of a frame). The pixels are those the
+    one-at-a-time drawing gives, bit for bit: the same float32 arithmetic, element by element (tests/test_env.py
     compares pictures drawn together with pictures drawn at once, and both with ``reference_image``)."""
 
     def __init__(self, image_size: int):

@@ -221,8 +221,8 @@ class GateConfig:
     ``confidence`` by more than ``margin`` (paired, seed by seed).
 
     The test runs at every update, so a candidate no worse than the deployed one is still held back about
-    1 - ``confidence`` of the time: over 240 updates at 0.95, about 12 rollbacks by chance alone (measured:
-    8-21, bench/RESULTS.md, session 17-18). Each costs one update. A higher ``confidence`` or a ``margin`` trades them for
+    1 - ``confidence`` of the time: over 240 updates at 0.95, about 12 rollbacks by chance alone (8-21 in the
+    240-update runs, bench/RESULTS.md). Each costs one update. A higher ``confidence`` or a ``margin`` trades them for
     letting small regressions through."""
 
     episodes: int = 256  # 0 = no gate: every update goes straight to practice

@@ -133,9 +133,10 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
 
 def code_commit() -> str | None:
     """The git commit of the code running (``+changes`` when tracked files differ from it), or None outside a git
-    checkout of flywheel (an installed copy inside a user's own repository is not it). A base's record names it because the command alone reproduces a base only on the same code: a change
-    that keeps the model's function but rounds differently (session 12's keypoints per colour, outputs within 3e-6)
-    sends 6,000 steps down another path, to a base of similar loss whose success differs by a few points."""
+    checkout of flywheel (an installed copy inside a user's own repository is not it). A base's record names it
+    because the command alone reproduces a base only on the same code: a change that keeps the model's function but
+    rounds differently (outputs within 3e-6) sends 6,000 steps down another path, to a base of similar loss whose
+    success differs by a few points."""
     root = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str:

@@ -9,7 +9,7 @@ A sample is (image at step t, proprio at t, instruction, a chunk of C actions fr
 - A policy's own episodes, two ways (``ChunkDataset.add(executed=)``, ``learner.clone``):
   - executed (the run's default): as a demonstration is, every step with the actions that followed it. With
     noiseless practice (``learner.practice_noise=0``) consecutive chunks come from one deterministic policy, and
-    these clean trajectories are what teaches (README, session 10: 0.513 -> 0.567);
+    these clean trajectories are what teaches;
   - chunks: the chunks it actually sampled, at the steps it sampled them (``extras["chunks"]``). With sampled
     practice, executed actions splice two independent draws together at every replanning step: in a trial, cloning
     those left the policy worse (0.42 -> 0.37) even with ground-truth success labels.

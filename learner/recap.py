@@ -20,10 +20,10 @@ Two ways to credit (``credit``):
   each task's chunks (so of its episodes, weighed by their length). A failure is never positive (its return is below any value); a success is positive when it
   was quicker than the value expected from its layout, so a success where the policy usually fails counts most.
 - "chunk": each chunk's n-step advantage (``lookahead`` chunks, then the value), the top ``positive_fraction`` of
-  each task's chunks positive. In principle finer, crediting a good push in an episode that ran out of time. Measured
-  on the shipped base's own practice (bench/RESULTS.md, session 14), the value is not accurate enough within an
-  episode for that: it marked 23-38% of the failures' chunks positive, and the policy conditioned on "positive" fell
-  below the base (0.500 against 0.570 with episode credit, 0.534 filtered BC, after one update).
+  each task's chunks positive. In principle finer, crediting a good push in an episode that ran out of time. On the
+  shipped base's own practice the value is not accurate enough within an episode for that: it marks 23-38% of the
+  failures' chunks positive, and the policy conditioned on "positive" falls below the base (bench/RESULTS.md, RECAP:
+  episode credit against chunk credit).
 """
 
 from __future__ import annotations

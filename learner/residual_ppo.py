@@ -1,12 +1,13 @@
 """Residual PPO: the VLA stays frozen; a small Gaussian residual on its action chunks learns from the detector.
 
-Why this, for a base that has converged by behaviour cloning (see README "Where it stands"): its failures are
-continuous (it moves slower than its teacher and closes its gripper a little off the block), and every update that
-clones its own samples, however they are filtered or weighted, re-learns the same imprecision. A residual policy
-does not imitate: it adds a correction to every sampled chunk (a gain on the movement, an offset per action
-dimension, ``flywheel.vla.model.ResidualHead``) and PPO moves it toward what the detector judged successful, with
-exact log-probabilities of its own Gaussian draws. Corrections of this kind are what residual RL on top of
-imitation policies is known to learn well (Ankile et al. 2024, "From Imitation to Refinement").
+Why this, for a base that has converged by behaviour cloning (bench/RESULTS.md, why the learners stop short of more
+demonstrations): its failures are continuous (it moves slower than its teacher and closes its gripper a little off
+the block), and every update that clones its own samples, however they are filtered or weighted, re-learns the same
+imprecision. A residual policy does not imitate: it adds a correction to every sampled chunk (a gain on the
+movement, an offset per action dimension, ``flywheel.vla.model.ResidualHead``) and PPO moves it toward what the
+detector judged successful, with exact log-probabilities of its own Gaussian draws. Corrections of this kind are
+what residual RL on top of imitation policies is known to learn well (Ankile et al. 2024, "From Imitation to
+Refinement").
 
 Each update, on freshly collected, detector-labelled episodes (every episode records its decisions: the flow's
 chunk, the residual draw and its log-probability, flywheel.vla.model.SmallVLA.sample):

@@ -119,9 +119,8 @@ class PixelKeypoints(nn.Module):
         self.heads, self.key_dim = heads, key_dim
         # Calls left before grouping is tried again. Inputs that have too many colours keep having them (a textured
         # scene; the detector's window of 3 frames from two cameras, one of them moving: 1,344-2,101 in a batch of 64
-        # against 1,024 cells an image), and the check would cost them ~5% of a step at every call. A window from
-        # one camera has 288-490 and is grouped: a detector training step 1.4x faster (bench/RESULTS.md, session
-        # 25). Grouped or not, the function is the same to float rounding.
+        # against 1,024 cells an image), and the check would cost them ~5% of a step at every call (bench/RESULTS.md,
+        # the detector's keypoint layer). Grouped or not, the function is the same to float rounding.
         self._skip = 0
         # Linear layers per cell (not 1x1 convs: those are several times slower on CPU at this width).
         self.keys = nn.Sequential(nn.Linear(in_channels - 2, 32), nn.GELU(), nn.Linear(32, heads * key_dim))
@@ -244,7 +243,7 @@ class VisionLanguageEncoder(nn.Module):
 
         Channels-last in memory (a (B,H,W,C+2) tensor, permuted): the patch convolution and the pooling run on it
         2-5x faster than on the usual layout, the more so the more channels (a detector's window of frames from two
-        cameras has 20): bench/encoder_layout.py, bench/RESULTS.md session 11."""
+        cameras has 20): bench/encoder_layout.py; bench/RESULTS.md, the encoder's memory layout."""
         b, h, w, c = images.shape
         out = self.coord_planes.new_empty(b, h, w, c + 2)  # written in place: one pass, not three (~9x faster)
         out[..., :c] = images.float().div_(255.0).sub_(0.5)  # on contiguous memory: 2.4x faster than in place
@@ -318,7 +317,8 @@ class FlowActionHead(nn.Module):
 
     def given(self, ctx: torch.Tensor) -> torch.Tensor:
         """The input layer's part that reads the context (its bias included): the same at every Euler step of a
-        chunk, so sampling computes it once rather than ``flow_steps`` times (bench/RESULTS.md, session 20)."""
+        chunk, so sampling computes it once rather than ``flow_steps`` times (bench/RESULTS.md, the rollout step
+        profiled)."""
         return F.linear(ctx, self.inp.weight[:, : ctx.shape[-1]], self.inp.bias)
 
     def velocity(self, given: torch.Tensor, x_t: torch.Tensor, t_features: torch.Tensor) -> torch.Tensor:
@@ -426,10 +426,10 @@ class SmallVLA(nn.Module):
         # where an episode carries them (scripted demonstrations in simulation); unused when acting.
         self.aux_head = nn.Linear(self.encoder.out_dim, 4)
         # RECAP-style advantage indicator added to the context: 0 = none, 1 = positive, 2 = negative. Zero at
-        # first, so a checkpoint trained without it acts exactly as before.
+        # first, so it changes nothing for a checkpoint trained without it.
         self.indicator = nn.Embedding(3, self.encoder.out_dim)
         nn.init.zeros_(self.indicator.weight)
-        with torch.random.fork_rng(devices=[]):  # drawn aside: the global stream (pretraining's noise) is as before
+        with torch.random.fork_rng(devices=[]):  # drawn aside: the global stream (pretraining's noise) is unchanged
             torch.manual_seed(0)
             self.residual = ResidualHead(self.cfg, self.encoder.out_dim)
 
@@ -662,9 +662,8 @@ class SmallVLA(nn.Module):
         """Make the named parameters and buffers the given arrays themselves, without a copy: for a model that only
         acts (a rollout worker), given a snapshot it will not write to. Arrays from Ray's object store are
         read-only shared memory; they stay pinned while the model holds them. A subset of the names (a delta)
-        changes only those. Measured (bench/weight_sync.py): applying a 100M-parameter snapshot took 109 ms
-        through copies (merging a delta over a copy of the model, then loading); shared, 4 actors applied it in
-        8-16 ms in all, Ray calls included."""
+        changes only those. Through copies an actor applies a 100M-parameter snapshot in ~109 ms; shared, 4 actors
+        apply it in 8-16 ms in all, Ray calls included (bench/weight_sync.py)."""
         tensors = dict(self.named_parameters())
         tensors.update(self.named_buffers())
         unknown = sorted(set(weights) - set(tensors))
