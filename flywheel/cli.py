@@ -1,7 +1,9 @@
 """The ``flywheel`` command.
 
     flywheel run [key=value ...]            the self-improvement loop (Hydra overrides: budget.minutes=480, ...);
-                                            on a run_dir that holds a run, resume it
+                                            on a run_dir that holds a run, resume it. learner=ppo chooses the
+                                            algorithm; policy=, env=, detector= a plug-in (module:factory)
+    flywheel run -m learner=ppo,recap seed=1,2   a sweep: one run per combination, under run_dir, + sweep.json
     flywheel pretrain [key=value ...]       behaviour-clone the small VLA on scripted demonstrations (resumable)
     flywheel reward train [key=value ...]   train a success detector on a run's labelled episodes
     flywheel reward eval run_dir=PATH [detector=FILE]   the detector's report: PATH/reward/report.{json,html}
@@ -30,12 +32,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 console = Console()
 
 
-def _schema_help(name: str) -> str:
+def _schema_help(name: str, overrides: list[str]) -> str:
+    """The config with ``overrides`` (``learner=ppo --help`` shows PPO's keys)."""
     from omegaconf import OmegaConf
 
     from flywheel.config import load_config
 
-    cfg = load_config(name, [])
+    cfg = load_config(name, [o for o in overrides if "=" in o and not o.startswith("run_dir=")])
     return OmegaConf.to_yaml(cfg)
 
 
@@ -59,6 +62,8 @@ def _progress() -> Progress:
 def cmd_run(overrides: list[str]) -> int:
     from omegaconf import OmegaConf
 
+    if {"-m", "--multirun"} & set(overrides):
+        return cmd_sweep([o for o in overrides if o not in ("-m", "--multirun")])
     cfg = _load("run", overrides)
     if OmegaConf.is_missing(cfg, "run_dir"):
         OmegaConf.update(cfg, "run_dir", f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
@@ -106,6 +111,16 @@ def cmd_run(overrides: list[str]) -> int:
         f"{summary['wall_seconds'] / 60:.1f} min)"
     )
     return 0
+
+
+def cmd_sweep(overrides: list[str]) -> int:
+    """``flywheel run -m learner=ppo,recap seed=1,2``: one run per combination (flywheel/sweep.py)."""
+    from flywheel.sweep import combinations, sweep
+
+    for one in combinations(overrides):  # every combination's config composes before the first run starts
+        _load("run", [*one, "run_dir=sweep"])
+    summary = sweep(overrides, say=console.print)
+    return 0 if summary["completed"] == len(summary["runs"]) else 1
 
 
 def cmd_pretrain(overrides: list[str]) -> int:
@@ -298,7 +313,7 @@ def _dispatch(argv: list[str] | None) -> int:
     if {"-h", "--help"} & set(rest):  # anywhere after the command: `flywheel run budget.minutes=480 --help` too
         name = cmd if cmd in ("pretrain", "demos") else "run"
         console.print(__doc__, markup=False)
-        console.print("keys and defaults:\n" + _schema_help(name), markup=False)
+        console.print("keys and defaults:\n" + _schema_help(name, rest), markup=False)
         return 0
     if cmd == "run":
         return cmd_run(rest)

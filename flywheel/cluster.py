@@ -77,28 +77,29 @@ def check_resources(wanted: dict, offered: dict, who: str = "rollout") -> None:
 
 
 def start_remote_learner(cfg: DictConfig, factory, on_restart):
-    """``learner.remote=true``: the learner as a Ray actor, placed by learner.gpus / learner.resources."""
+    """``placement.remote=true``: the learner as a Ray actor, placed by placement.gpus / placement.resources."""
     import ray
 
     from learner.remote import RemoteLearner
 
     if not cfg.rollout.use_ray:
-        raise ConfigError("learner.remote=true needs Ray: drop rollout.use_ray=false (or set learner.remote=false)")
+        raise ConfigError("placement.remote=true needs Ray: drop rollout.use_ray=false (or set placement.remote=false)")
     check_learner_fits(cfg, ray.cluster_resources())
-    return RemoteLearner(factory, device=cfg.learner.device, cpus=cfg.learner.cpus, gpus=cfg.learner.gpus,
-                         resources=to_dict(cfg.learner.resources), call_timeout_s=cfg.learner.call_timeout_s,
+    p = cfg.placement
+    return RemoteLearner(factory, device=p.device, cpus=p.cpus, gpus=p.gpus, resources=to_dict(p.resources),
+                         call_timeout_s=p.call_timeout_s,
                          on_restart=on_restart)
 
 
 def check_learner_fits(cfg: DictConfig, offered: dict) -> None:
     """A ConfigError, before the learner actor waits for a place that will never come: a resource no node offers,
     or more CPUs than the cluster has once the rollout actors hold theirs (a 2-core laptop with the defaults)."""
-    check_resources({**({"GPU": cfg.learner.gpus} if cfg.learner.gpus else {}), **to_dict(cfg.learner.resources)},
-                    offered, who="learner")
+    p = cfg.placement
+    check_resources({**({"GPU": p.gpus} if p.gpus else {}), **to_dict(p.resources)}, offered, who="placement")
     rollout = cfg.rollout.num_workers * cfg.rollout.cpus_per_worker
-    if rollout + cfg.learner.cpus > offered.get("CPU", 0) + 1e-9:
+    if rollout + p.cpus > offered.get("CPU", 0) + 1e-9:
         raise ConfigError(
-            f"learner.cpus={cfg.learner.cpus:g} does not fit: the rollout actors hold {rollout:g} of the cluster's "
+            f"placement.cpus={p.cpus:g} does not fit: the rollout actors hold {rollout:g} of the cluster's "
             f"{offered.get('CPU', 0):g} CPUs (rollout.num_workers={cfg.rollout.num_workers} x "
-            f"rollout.cpus_per_worker={cfg.rollout.cpus_per_worker:g}). Lower learner.cpus (0 shares the CPUs, as a "
+            f"rollout.cpus_per_worker={cfg.rollout.cpus_per_worker:g}). Lower placement.cpus (0 shares the CPUs, as a "
             f"learner in the driver does) or rollout.cpus_per_worker, or join a cluster with more (ray.address).")

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -96,57 +96,115 @@ class DetectorConfig:
 
 @dataclasses.dataclass
 class LearnerConfig:
-    algorithm: str = "filtered_bc"  # filtered_bc | recap | ppo | residual_ppo | imitation (learner/registry.py)
-    guidance: float = 3.0  # recap: classifier-free guidance weight when sampling (measured: 2 -> 3 took the
-    #                        positive-conditioned policy from 0.572 to 0.610 in an offline trial, bench/RESULTS.md s14)
-    indicator_dropout: float = 0.3  # recap: how often the advantage indicator is dropped in training
-    indicator_lr: float = 3e-3  # recap: the indicator embedding's own learning rate (it starts at zero)
-    value_steps: int = 300  # recap: value refit steps per update (learner/value.py)
-    credit: str = "episode"  # recap: episode (an episode's return against the value of its start, shared by its
-    #                          chunks) | chunk (each chunk's n-step advantage; learner/recap.py says why not default)
-    lookahead: int = 2  # recap, credit=chunk: chunks ahead that an advantage looks before bootstrapping from the value
-    positive_fraction: float = 0.0  # recap: 0 marks "positive" what the value says did better than expected
-    #                                 (advantage > 0); in (0, 1), the top share of each task family's chunks (with
-    #                                 credit=episode an episode's chunks are all alike); credit=chunk needs one
-    shrink: float = 0.0  # > 0: every update first shrinks the weights (theta <- shrink*theta + noise) and retrains
-    #                      the whole buffer with warm-up + cosine (learner/filtered_bc.py::shrink_and_perturb)
-    freeze_backbone: bool = False  # train the action expert only, on contexts cached once per sample: a step costs
-    #                                no encoder pass, so an update can afford many more steps
-    ppo_lr: float = 3e-4  # ppo / residual_ppo: the learning rate of what PPO trains
-    ppo_epochs: int = 8  # ppo / residual_ppo: passes over each iteration's decisions
-    ppo_clip: float = 0.2  # ppo / residual_ppo: the clipped ratio's bound
-    ppo_minibatch: int = 256  # ppo / residual_ppo: decisions per gradient step
-    flow_noise: float = 0.2  # ppo on a flow VLA: the std of its Gaussian draws in practice (learner/ppo.py), which
-    #                          give a chunk its exact log-probability; with noise_at=steps, ~0.03 (each of 10 steps)
-    noise_at: str = "output"  # ppo on a flow VLA: where flow_noise draws: output (the chunk only, around the
-    #                           deterministic flow: a Gaussian policy, 10x fewer numbers to credit) | steps (every Euler
-    #                           step: flow-noise as in piRL). Measured: bench/RESULTS.md, session 15
-    advantage: str = "group"  # ppo: group (GRPO over rollout.group_size attempts a layout) | gae (a critic)
-    gamma: float = 0.95  # residual_ppo, ppo with gae: discount per decision (a quicker success is worth more)
-    gae_lambda: float = 0.95  # residual_ppo, ppo with gae: GAE's lambda
-    value_epochs: int = 20  # residual_ppo, ppo with gae: passes of the value refit per iteration
-    anchor: float = 0.5  # ppo: weight of behaviour cloning on the replayed demonstrations beside PPO's loss
-    max_staleness: int = 2  # ppo: episodes acted by a version older than this many updates are dropped
-    practice_noise: float = 0.0  # filtered_bc, recap, ppo: scale of the flow's starting noise in practice (evaluation
-    #                              samples at 1, or as eval.noise says). 0: the policy's one deterministic chunk per observation, so
-    #                              each success it clones is a clean trajectory, not one of its noisy draws (measured:
-    #                              README, session 10); repeated attempts at a layout would then be identical, so it
-    #                              needs rollout.group_size=1
-    clone: str = "executed"  # filtered_bc: "executed": clone what the policy did at every step, as a demonstration is
-    #                          cloned; "chunks": the chunks it sampled, at the steps it sampled them
-    ema: float = 0.99  # filtered_bc, recap: > 0 publishes an exponential moving average of the weights (decay per
-    #                    step) instead of the last step's; training goes on from the trained weights. Versions one
-    #                    update apart otherwise differ by 0.05-0.09 in success from the steps' noise alone; make run
-    #                    went 0.490 -> 0.686 with it, 0.634 without (README, session 12). 0: off
+    """What every algorithm takes. ``learner=NAME`` chooses the algorithm and, with it, its own keys (the classes
+    below); a key it does not take is an error naming those it does."""
+
+    algorithm: str = MISSING  # the learner factory: the group's own, or (a variant that takes the same keys) a
+    #                           registered name or an import path module:factory (learner/registry.py)
     demos: int = 100  # the pretraining demonstrations, replayed so the policy does not drift from them
+
+
+@dataclasses.dataclass
+class BCConfig(LearnerConfig):
+    """``learner=filtered_bc`` (the default) and ``learner=imitation``: behaviour cloning of what the detector
+    approved (filtered BC), or of the demonstrations alone (imitation, the control)."""
+
+    algorithm: str = "filtered_bc"
     steps_per_update: int = 300  # gradient steps per iteration
     batch_size: int = 64
     lr: float = 2e-4  # the base ends its pretraining near 1e-4; more than ~3x that shocks it
     demo_fraction: float = 0.5  # of every batch, drawn from the replayed demonstrations
     max_episodes: int = 4000  # in-memory replay bound (oldest non-demo episodes dropped first)
-    device: str = "auto"  # where the learner trains: auto (a GPU if its process sees one), cpu, cuda, cuda:N
-    remote: bool = False  # a Ray actor of its own (learner/remote.py): placed by gpus / resources, and restarted
-    #                       from the deployed checkpoint if its process dies; false: in the driver's process
+    practice_noise: float = 0.0  # scale of the flow's starting noise in practice (evaluation samples as eval.noise
+    #                              says). 0: one deterministic chunk per observation, so each success it clones is a
+    #                              clean trajectory, not one of its noisy draws; repeated attempts at a layout would
+    #                              then be identical, so it needs rollout.group_size=1
+    clone: str = "executed"  # executed: clone what the policy did at every step, as a demonstration is cloned;
+    #                          chunks: the chunks it sampled, at the steps it sampled them
+    ema: float = 0.99  # > 0 publishes an exponential moving average of the weights (decay per step) instead of the
+    #                    last step's, which carry that step's noise; training goes on from the trained weights. 0: off
+    shrink: float = 0.0  # > 0: every update first shrinks the weights (theta <- shrink*theta + noise) and retrains
+    #                      the whole buffer with warm-up + cosine (learner/filtered_bc.py::shrink_and_perturb)
+    freeze_backbone: bool = False  # train the action expert only, on contexts cached once per sample: a step costs
+    #                                no encoder pass, so an update can afford many more steps
+
+
+@dataclasses.dataclass
+class ImitationConfig(BCConfig):
+    algorithm: str = "imitation"
+
+
+@dataclasses.dataclass
+class RecapConfig(BCConfig):
+    """``learner=recap``: advantage-conditioned behaviour cloning with a learned value (pi*0.6's RECAP)."""
+
+    algorithm: str = "recap"
+    guidance: float = 3.0  # classifier-free guidance weight when sampling (bench/RESULTS.md: 2 -> 3 helped)
+    indicator_dropout: float = 0.3  # how often the advantage indicator is dropped in training
+    indicator_lr: float = 3e-3  # the indicator embedding's own learning rate (it starts at zero)
+    value_steps: int = 300  # value refit steps per update (learner/value.py)
+    credit: str = "episode"  # episode (an episode's return against the value of its start, shared by its chunks) |
+    #                          chunk (each chunk's n-step advantage; learner/recap.py says why it is not the default)
+    lookahead: int = 2  # credit=chunk: chunks ahead that an advantage looks before bootstrapping from the value
+    positive_fraction: float = 0.0  # 0 marks "positive" what the value says did better than expected (advantage >
+    #                                 0); in (0, 1), the top share of each task family's chunks; credit=chunk needs one
+
+
+@dataclasses.dataclass
+class PPOConfig(LearnerConfig):
+    """``learner=ppo``: PPO with group-relative (GRPO) or GAE advantages, on exact log-probabilities of the draws."""
+
+    algorithm: str = "ppo"
+    ppo_lr: float = 3e-4  # the learning rate
+    ppo_epochs: int = 8  # passes over each iteration's decisions
+    ppo_clip: float = 0.2  # the clipped ratio's bound
+    ppo_minibatch: int = 256  # decisions per gradient step
+    flow_noise: float = 0.2  # a flow VLA's std of its Gaussian draws in practice, which give a chunk its exact
+    #                          log-probability; with noise_at=steps, ~0.03 (each of 10 steps)
+    noise_at: str = "output"  # where flow_noise draws: output (the chunk only, around the deterministic flow: a
+    #                           Gaussian policy, 10x fewer numbers to credit) | steps (every Euler step, as in piRL)
+    advantage: str = "group"  # group (GRPO over rollout.group_size attempts a layout) | gae (a critic)
+    gamma: float = 0.95  # advantage=gae: discount per decision (a quicker success is worth more)
+    gae_lambda: float = 0.95  # advantage=gae: GAE's lambda
+    value_epochs: int = 20  # advantage=gae: passes of the critic's refit per iteration
+    anchor: float = 0.5  # weight of behaviour cloning on the replayed demonstrations beside PPO's loss
+    max_staleness: int = 2  # episodes acted by a version older than this many updates are dropped
+    batch_size: int = 64  # demonstrations per anchor step
+
+
+@dataclasses.dataclass
+class ResidualPPOConfig(LearnerConfig):
+    """``learner=residual_ppo``: the VLA frozen, PPO trains a small residual head on its chunks."""
+
+    algorithm: str = "residual_ppo"
+    ppo_lr: float = 3e-4
+    ppo_epochs: int = 8
+    ppo_clip: float = 0.2
+    ppo_minibatch: int = 256
+    gamma: float = 0.95  # discount per decision
+    gae_lambda: float = 0.95
+    value_epochs: int = 20  # passes of the critic's refit per iteration
+
+
+@dataclasses.dataclass
+class CustomLearnerConfig(LearnerConfig):
+    """``learner=my_lab.learners:Mine`` (an import path): a learner of a team's own, given ``options`` as its
+    keyword arguments (``learner.options={steps:100}``)."""
+
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+LEARNERS = {"filtered_bc": BCConfig, "imitation": ImitationConfig, "recap": RecapConfig, "ppo": PPOConfig,
+            "residual_ppo": ResidualPPOConfig, "custom": CustomLearnerConfig}
+
+
+@dataclasses.dataclass
+class PlacementConfig:
+    """Where the learner runs: in the driver's process, or as a Ray actor of its own (learner/remote.py) placed by
+    the resources it asks for, and restarted from the deployed checkpoint if its process dies."""
+
+    device: str = "auto"  # where it trains: auto (a GPU if its process sees one), cpu, cuda, cuda:N
+    remote: bool = False  # a Ray actor of its own; false: in the driver's process
     cpus: float = 1.0  # remote: the CPUs it reserves (and its torch threads)
     gpus: float = 0.0  # remote: the GPUs it reserves, which puts it on a GPU node
     resources: dict[str, float] = field(default_factory=dict)  # remote: Ray custom resources that place it
@@ -259,7 +317,8 @@ class RunConfig:
     env: EnvConfig = field(default_factory=lambda: EnvConfig(sensors=["overhead", "wrist"]))
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
-    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)  # learner=NAME chooses the algorithm (LEARNERS)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)  # where the learner runs
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -316,6 +375,8 @@ def _register() -> None:
     cs = ConfigStore.instance()
     for name, schema in _SCHEMAS.values():
         cs.store(name=name, node=schema)
+    for name, schema in LEARNERS.items():
+        cs.store(group="learner", name=name, node=schema)
 
 
 class ConfigError(ValueError):
@@ -342,9 +403,10 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="configs", version_base=None):
-            cfg = compose(config_name=name, overrides=_dicts_replaced(name, [_part_chosen(o) for o in overrides]))
+            cfg = compose(config_name=name, overrides=_dicts_replaced(name, _parts_chosen(overrides)))
     except (ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException) as e:
         cause = e.__cause__ or e
+        _not_the_algorithms(cause)
         raise ConfigError(
             f"bad config for `flywheel {name}`: {cause}\n{_near(name, getattr(cause, 'full_key', None))}"
             f"Valid keys are those of {_SCHEMAS[name][1].__name__} in flywheel/config.py; "
@@ -354,7 +416,7 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
         GlobalHydra.instance().clear()
     for keys, fits, why in _BOUNDS.get(name, ()):
         for key in keys:
-            if not fits(OmegaConf.select(cfg, key)):
+            if OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT and not fits(OmegaConf.select(cfg, key)):
                 default = OmegaConf.select(OmegaConf.structured(_SCHEMAS[name][1]), key)
                 raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: {why} (the default is {default})")
     if name == "run" and set(cfg.detector.sensors) - set(cfg.env.sensors):
@@ -367,10 +429,7 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
         raise ConfigError(f"detector.checkpoint={cfg.detector.checkpoint}: no such file. Give a detector's .safetensors "
                           f"(`flywheel reward train` writes RUN_DIR/detector/detector-N.safetensors), or leave it empty "
                           f"to train one")
-    if name == "run" and cfg.learner.clone not in ("chunks", "executed"):
-        raise ConfigError(f"learner.clone={cfg.learner.clone!r}: choose executed (clone what the policy did at every "
-                          f"step, the default) or chunks (the chunks it sampled)")
-    if name == "run" and cfg.learner.credit == "chunk" and cfg.learner.positive_fraction <= 0:
+    if name == "run" and cfg.learner.get("credit") == "chunk" and cfg.learner.positive_fraction <= 0:
         raise ConfigError("learner.credit=chunk marks the top share of each task's chunks positive: give it "
                           "learner.positive_fraction in (0, 1), e.g. 0.3")
     from actors.expert import OPERATORS
@@ -393,15 +452,52 @@ def _check_named_parts(cfg: DictConfig) -> None:
                               f"path module:factory (README, \"Bring your own\")")
 
 
-# ``policy=my_lab.vla:make_policy`` chooses a plug-in: the part's name key, as a plug-in is named in the config.
-_CHOSEN_BY = {"policy": "policy.name", "env": "env.name", "detector": "detector.name", "learner": "learner.algorithm"}
+_ABSENT = object()
 
 
-def _part_chosen(override: str) -> str:
-    key, eq, value = override.partition("=")
-    if eq and key in _CHOSEN_BY and not value.startswith("{"):
-        return f"{_CHOSEN_BY[key]}={value}"
-    return override
+def run_schema(learner: dict[str, Any] | None = None) -> DictConfig:
+    """RunConfig's schema with the learner node of the algorithm whose keys ``learner`` (a recorded config's) has."""
+    keys = set(learner or {}) - {"algorithm"}
+    chosen = next((c for c in LEARNERS.values() if {f.name for f in dataclasses.fields(c)} - {"algorithm"} == keys),
+                  LearnerConfig)
+    return OmegaConf.merge(OmegaConf.structured(RunConfig), {"learner": OmegaConf.structured(chosen)})
+
+
+def learner_groups() -> list[str]:
+    """The choices of ``learner=``: each algorithm's own keys (LEARNERS), and the presets' tuned variants of them
+    (configs/learner/*.yaml)."""
+    import configs
+
+    return sorted({*LEARNERS, *(p.stem for p in (Path(configs.__file__).parent / "learner").glob("*.yaml"))})
+
+
+def _parts_chosen(overrides: list[str]) -> list[str]:
+    """``policy=my_lab.vla:make_policy`` (and ``env=``, ``detector=``) names a plug-in: the part's ``name`` key.
+    ``learner=NAME`` chooses an algorithm's config group, as does ``learner.algorithm=NAME`` for one that has a
+    group; a learner of a team's own (``learner=my_lab.learners:Mine``) takes ``learner=custom``'s keys."""
+    out = []
+    for override in overrides:
+        key, eq, value = override.partition("=")
+        if eq and key in ("policy", "env", "detector") and not value.startswith("{"):
+            out.append(f"{key}.name={value}")
+        elif eq and key in ("learner", "learner.algorithm") and value in learner_groups():
+            out.append(f"learner={value}")
+        elif eq and key == "learner":
+            out += ["learner=custom", f"learner.algorithm={value}"]
+        else:
+            out.append(override)
+    return out
+
+
+def _not_the_algorithms(cause: BaseException) -> None:
+    """A learner key the chosen algorithm does not take: a ConfigError naming the keys it does."""
+    key, schema = getattr(cause, "full_key", None) or "", getattr(cause, "object_type", None)
+    if key.startswith("learner.") and dataclasses.is_dataclass(schema) and issubclass(schema, LearnerConfig):
+        algorithm = next((n for n, c in LEARNERS.items() if c is schema), schema.__name__)
+        keys = sorted(f.name for f in dataclasses.fields(schema) if f.name != "algorithm")
+        raise ConfigError(f"{key} is not a key of learner={algorithm}: it takes {', '.join(keys)} (choose the "
+                          f"algorithm first, e.g. learner=ppo learner.ppo_lr=1e-4; `flywheel run learner={algorithm} "
+                          f"--help` lists them with their defaults)") from cause
 
 
 def _dicts_replaced(name: str, overrides: list[str]) -> list[str]:
@@ -412,8 +508,8 @@ def _dicts_replaced(name: str, overrides: list[str]) -> list[str]:
     for o in overrides:
         key = o.split("=", 1)[0]
         node = OmegaConf.select(schema, key) if "=" in o and not key.startswith(("+", "~")) else None
-        if isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict:  # a dict, not a section
-            o = "++" + o
+        if (isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict) or key == "learner.options":
+            o = "++" + o  # a dict, not a section
         out.append(o)
     return out
 
@@ -437,6 +533,8 @@ _BOUNDS = {"run": (
                                                             "memory back, so it must be at least 0, or null (never)"),
     (("rollout.correct_after",), lambda v: v >= 1, "the steps a practice episode runs before a person may take "
                                                    "over, so it must be at least 1"),
+    (("learner.clone",), lambda v: v in ("chunks", "executed"), "choose executed (clone what the policy did at every "
+                                                                 "step) or chunks (the chunks it sampled)"),
     (("learner.practice_noise",), lambda v: v >= 0, "it scales the flow's starting noise, so it must be at least 0"),
     (("learner.ema",), lambda v: 0 <= v < 1, "a moving average's decay per step, so it must lie in [0, 1) (0: off)"),
     (("learner.flow_noise",), lambda v: v > 0, "the std of each flow step's draw in PPO's practice, which gives a "

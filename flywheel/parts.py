@@ -120,14 +120,19 @@ def build_learner(options: dict[str, Any], seed: int, bundle: PolicyBundle | Non
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"learner.device={device}, but the learner's process sees no GPU (torch "
-                          f"{torch.__version__}, CUDA {torch.version.cuda}): use learner.device=auto or cpu, or run "
-                          f"the learner on a GPU node (learner.remote=true learner.gpus=1)")
+        raise ConfigError(f"placement.device={device}, but the learner's process sees no GPU (torch "
+                          f"{torch.__version__}, CUDA {torch.version.cuda}): use placement.device=auto or cpu, or run "
+                          f"the learner on a GPU node (placement.remote=true placement.gpus=1)")
     model = bundle.make_model()
     model.load_weights(bundle.weights)
-    demos = pretraining_demos(options["demos"], bundle.meta, demo_env)
-    factory = resolve("learner", "learner.algorithm", options["algorithm"])
-    return make_learner(factory, model.to(device), demos, version=0, seed=seed, **options)
+    options = dict(options)
+    factory = resolve("learner", "learner.algorithm", options.pop("algorithm"))
+    demos = pretraining_demos(options.pop("demos"), bundle.meta, demo_env)
+    own = options.pop("options", {})  # learner=custom: a team's learner's keyword arguments
+    try:
+        return make_learner(factory, model.to(device), demos, strict=True, version=0, seed=seed, **options, **own)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def detector_sources(cfg: DictConfig, rollouts: Callable[[], RolloutGroup], bundle: PolicyBundle) -> DetectorSources:

@@ -23,7 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from flywheel.config import ConfigError, RunConfig
+from flywheel.config import ConfigError, run_schema
 from flywheel.contracts import Episode, collection_order
 from flywheel.store import EpisodeStore, atomic_write_bytes
 
@@ -31,8 +31,7 @@ STATE_FILE = "run_state.json"
 # Keys a resumed run may be given anew: how long, where it reports, how many workers, how often it evaluates.
 RESUMABLE = ("run_dir", "budget.", "wandb.", "rollout.num_workers", "rollout.use_ray", "rollout.cpus_per_worker",
              "rollout.call_timeout_s", "rollout.resources", "rollout.overlap", "rollout.keep_collecting",
-             "rollout.trim_idle_s", "ray.", "eval.every", "learner.device", "learner.remote", "learner.cpus",
-             "learner.gpus", "learner.resources", "learner.call_timeout_s")
+             "rollout.trim_idle_s", "ray.", "eval.every", "placement.")
 
 
 class RunDirError(RuntimeError):
@@ -80,7 +79,8 @@ def recorded_config(run_dir: Path) -> DictConfig:
         raise RunDirError(f"{run_dir} holds a run but no config.yaml: it cannot be resumed. Choose a new run_dir; "
                           f"nothing in {run_dir} was touched.")
     try:
-        return OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+        recorded = OmegaConf.load(path)
+        return OmegaConf.merge(run_schema(OmegaConf.to_container(recorded).get("learner")), recorded)
     except OmegaConfBaseException as e:  # written by another version of flywheel, or edited by hand
         raise RunDirError(f"{path} does not fit this version of flywheel ({type(e).__name__}: {e}), so the run "
                           f"cannot be resumed. Its episodes and checkpoints are intact: start a new run_dir (with "

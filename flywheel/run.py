@@ -43,7 +43,6 @@ from flywheel.resume import RunDirError, check_unchanged, holds_a_run, loop_epis
 from flywheel.state import Budget, LoopState
 from flywheel.store import EpisodeStore, atomic_write_bytes
 from flywheel.update import learner_view
-from learner.registry import accepted_options
 
 
 @dataclasses.dataclass
@@ -115,12 +114,11 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
 
 def check_choices(cfg: DictConfig) -> None:
     """The plug-ins the config names exist, and the environment can be made, before anything is written."""
-    learner_factory = resolve("learner", "learner.algorithm", cfg.learner.algorithm)
+    resolve("learner", "learner.algorithm", cfg.learner.algorithm)
     resolve("policy", "policy.name", cfg.policy.name)
     resolve("detector", "detector.name", cfg.detector.name)
     check_env(env_kwargs_of(cfg))
-    if cfg.rollout.group_size > 1 and cfg.learner.practice_noise == 0 and "practice_noise" in accepted_options(
-            learner_factory):
+    if cfg.rollout.group_size > 1 and cfg.learner.get("practice_noise", 1) == 0:
         raise ConfigError(f"rollout.group_size={cfg.rollout.group_size} with learner.practice_noise=0: the attempts at "
                           f"a layout would all be the same, so none could be compared with another; give "
                           f"rollout.group_size=1, or learner.practice_noise > 0 (e.g. 1: practise by sampling)")
@@ -182,11 +180,11 @@ def build(cfg: DictConfig, bundle: PolicyBundle, run_dir: Path, say: Callable[[s
     factory = functools.partial(build_learner, to_dict(cfg.learner), cfg.seed, bundle,
                                 {**env_kwargs_of(cfg), "sensors": list(bundle.sensors)})
     wiring = Wiring(bundle, rollouts, None, checkpoints, store, reads)
-    if cfg.learner.remote:
+    if cfg.placement.remote:
         wiring.learner = start_remote_learner(cfg, factory, lambda new: put_back(new, cfg, wiring, run_dir, say))
         summary["learner"] = wiring.learner.placement
     else:
-        wiring.learner = factory(cfg.learner.device)
+        wiring.learner = factory(cfg.placement.device)
     return wiring
 
 
@@ -350,7 +348,8 @@ def restore_learner_and_state(learner, checkpoints: CheckpointDir, saved: dict[s
 def refill_learner(learner, cfg: DictConfig, store: EpisodeStore, next_index: int, reads) -> tuple[int, list]:
     """Put the practice episodes the learner had learned from (seed indices below ``next_index``; the newest
     2 x learner.max_episodes) back in its replay buffer. -> (how many, the iteration in flight's stored episodes)."""
-    learned, in_flight = loop_episodes(store, loop_seed_index, next_index, keep=2 * cfg.learner.max_episodes)
+    learned, in_flight = loop_episodes(store, loop_seed_index, next_index,
+                                      keep=2 * cfg.learner.get("max_episodes", 4000))
     learner.refill([learner_view(ep, reads) for ep in learned if ep.latest_label("detector") is not None])
     return len(learned), in_flight
 

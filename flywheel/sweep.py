@@ -67,7 +67,8 @@ def _outcome(run_dir: Path, chosen: list[str], returncode: int) -> dict[str, Any
 
 
 def _slug(chosen: list[str]) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=,-]+", "_", "-".join(chosen)) or "run"
+    """A directory name of the values a run was given, that Hydra reads back as one value (no "=" nor ",")."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(o.replace("=", "_") for o in chosen)) or "run"
 
 
 def _table(summary: dict[str, Any]) -> str:

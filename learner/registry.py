@@ -21,8 +21,18 @@ def accepted_options(factory: Callable[..., Any]) -> set[str]:
     return names
 
 
-def make_learner(algorithm: str | Callable[..., Any], model, demos, /, **options):
-    """Build the learner ``algorithm`` (a name, or its factory); of ``options`` it takes the ones it declares."""
+def make_learner(algorithm: str | Callable[..., Any], model, demos, /, strict: bool = False, **options):
+    """Build the learner ``algorithm`` (a name, or its factory). Of ``options`` it takes the ones it declares; with
+    ``strict``, one it does not declare is a ValueError naming those it does (a run's config)."""
     factory = plugins.resolve("learner", algorithm) if isinstance(algorithm, str) else algorithm
     taken = accepted_options(factory)
-    return factory(model, demos, **{k: v for k, v in options.items() if k in taken})
+    if strict and not _takes_any(factory) and set(options) - taken:
+        raise ValueError(f"learner.algorithm={getattr(factory, '__name__', factory)} takes no "
+                         f"{sorted(set(options) - taken)}: it takes {sorted(taken - {'version', 'seed'})}")
+    return factory(model, demos, **(options if _takes_any(factory) else
+                                    {k: v for k, v in options.items() if k in taken}))
+
+
+def _takes_any(factory: Callable[..., Any]) -> bool:
+    init = factory.__init__ if isinstance(factory, type) else factory
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(init).parameters.values())

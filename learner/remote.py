@@ -1,5 +1,5 @@
 """The learner in a process of its own: a Ray actor, placed by resources (the GPU node of a cluster), behind the
-same ``Learner`` contract as a learner in the driver (``learner.remote=true``).
+same ``Learner`` contract as a learner in the driver (``placement.remote=true``).
 
 Why a process of its own: on a cluster the learner belongs on the GPU node, not beside the driver; and a learner
 that dies in the night (killed, out of memory) must cost one update, not the run.
@@ -84,9 +84,9 @@ class RemoteLearner:
             ray.kill(self._actor, no_restart=True)
             raise LearnerStartError(
                 f"the learner actor did not start within {self.start_timeout_s:g} s. It asks for {self.asked} "
-                f"(learner.cpus, learner.gpus, learner.resources); the cluster offers {ray.cluster_resources()}, of "
+                f"(placement.cpus, placement.gpus, placement.resources); the cluster offers {ray.cluster_resources()}, of "
                 f"which {ray.available_resources()} are free. Start a node that offers them (e.g. a GPU node with "
-                f"`ray start --address=HEAD:6379 --num-gpus=1`), lower them, or set learner.remote=false.") from e
+                f"`ray start --address=HEAD:6379 --num-gpus=1`), lower them, or set placement.remote=false.") from e
         except ray.exceptions.RayError as e:
             raise LearnerStartError(f"the learner actor failed to start: {e}") from e
 
@@ -100,7 +100,7 @@ class RemoteLearner:
         except ray.exceptions.RayTaskError as e:  # the learner raised: an error of its own, passed on as it is
             raise e.as_instanceof_cause() from None
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-            why = (f"no answer within {self.call_timeout_s:g} s (learner.call_timeout_s)"
+            why = (f"no answer within {self.call_timeout_s:g} s (placement.call_timeout_s)"
                    if isinstance(e, ray.exceptions.GetTimeoutError) else f"{type(e).__name__}: the process died")
             self._restart(f"{name}: {why}")
             if name == "update":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 ECE_BINS = 15
 
@@ -40,6 +39,8 @@ def recall_at_fpr(scores: np.ndarray, labels: np.ndarray, fpr: float) -> float |
     """The highest recall at a false-positive rate of at most ``fpr``."""
     if labels.all() or not labels.any():
         return None
+    from sklearn.metrics import roc_curve  # here, not at the top: sklearn adds ~1 s to every command's start
+
     fprs, tprs, _ = roc_curve(labels, scores)
     return float(tprs[fprs <= fpr].max())
 
@@ -49,12 +50,16 @@ def precision_at_recall(scores: np.ndarray, labels: np.ndarray, recall: float) -
     the detector can do at that recall, whatever threshold is deployed."""
     if labels.all() or not labels.any():
         return None
+    from sklearn.metrics import precision_recall_curve
+
     precisions, recalls, _ = precision_recall_curve(labels, scores)
     return float(precisions[recalls >= recall].max())
 
 
 def detector_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float | int | None]:
     """Everything the report states for one group of episodes, at the deployed ``threshold``."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
     pred = scores >= threshold
     tp, fp = int((pred & labels).sum()), int((pred & ~labels).sum())

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from flywheel.checkpoint import load_weights
 from flywheel.contracts import Episode
@@ -35,6 +34,12 @@ from flywheel.store import EpisodeStore, atomic_write_bytes
 from reward.detector import LearnedSuccessDetector
 from reward.metrics import detector_metrics, reliability
 from reward.train import swapped_instructions
+
+
+def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score  # here, not at the top: sklearn adds ~1 s to every command's start
+
+    return roc_auc_score(labels, scores)
 
 
 def load_detector(path: str | Path) -> tuple[LearnedSuccessDetector, dict[str, Any]]:
@@ -117,7 +122,7 @@ def build_report(detector: LearnedSuccessDetector, meta: dict[str, Any], episode
             wrong = (scores >= threshold) != labels
             report["splits"][name]["uncertainty"] = {
                 "mean": float(spread.mean()), "mean_when_wrong": float(spread[wrong].mean()) if wrong.any() else None,
-                "error_auroc": float(roc_auc_score(wrong, spread)) if wrong.any() and (~wrong).any() else None}
+                "error_auroc": float(_auroc(wrong, spread)) if wrong.any() and (~wrong).any() else None}
         curves[name] = {"scores": scores, "labels": labels, "tasks": [ep.task for ep in eps],
                         "reliability": reliability(scores, labels.astype(float))}
 

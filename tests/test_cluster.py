@@ -24,8 +24,8 @@ def test_actors_and_the_learner_go_to_the_nodes_that_offer_their_resources(tmp_p
         # what is under test is where things run: the simulator judges (no detector to train; tests/test_loop.py)
         done = subprocess.run(
             [sys.executable, "-m", "flywheel.cli", "run", "experiment=tiny", f"run_dir={run_dir}", "wandb.mode=disabled",
-             "budget.iterations=1", "gate.episodes=0", "detector.name=ground_truth", f"ray.address={cluster.address}", "rollout.resources={robot:1}", "learner.remote=true",
-             "learner.resources={trainer:1}"],
+             "budget.iterations=1", "gate.episodes=0", "detector.name=ground_truth", f"ray.address={cluster.address}", "rollout.resources={robot:1}", "placement.remote=true",
+             "placement.resources={trainer:1}"],
             capture_output=True, text=True, timeout=400)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -41,18 +41,18 @@ def test_a_resource_no_node_offers_is_named_before_any_actor_waits():
     check_resources({"robot": 1}, {"CPU": 2.0, "robot": 4.0})
     with pytest.raises(ConfigError, match=r"no node has \['robot'\].*ray start --address"):
         check_resources({"robot": 1}, {"CPU": 2.0})
-    with pytest.raises(ConfigError, match=r"learner.resources=.*no node has \['GPU'\].*--num-gpus=1"):
-        check_resources({"GPU": 1}, {"CPU": 2.0}, who="learner")
+    with pytest.raises(ConfigError, match=r"placement.resources=.*no node has \['GPU'\].*--num-gpus=1"):
+        check_resources({"GPU": 1}, {"CPU": 2.0}, who="placement")
 
 
 def test_a_remote_learner_that_cannot_fit_is_refused_before_it_waits():
-    cfg = load_config("run", ["learner.remote=true"])  # 2 rollout actors of 1 CPU each, a learner of 1 CPU
-    with pytest.raises(ConfigError, match=r"learner.cpus=1 does not fit: the rollout actors hold 2 of the cluster's 2"):
+    cfg = load_config("run", ["placement.remote=true"])  # 2 rollout actors of 1 CPU each, a learner of 1 CPU
+    with pytest.raises(ConfigError, match=r"placement.cpus=1 does not fit: the rollout actors hold 2 of the cluster's 2"):
         check_learner_fits(cfg, {"CPU": 2.0})
     check_learner_fits(cfg, {"CPU": 3.0})
-    check_learner_fits(load_config("run", ["learner.remote=true", "learner.cpus=0"]), {"CPU": 2.0})
+    check_learner_fits(load_config("run", ["placement.remote=true", "placement.cpus=0"]), {"CPU": 2.0})
     with pytest.raises(ConfigError, match=r"no node has \['GPU'\]"):
-        check_learner_fits(load_config("run", ["learner.remote=true", "learner.gpus=1"]), {"CPU": 8.0})
+        check_learner_fits(load_config("run", ["placement.remote=true", "placement.gpus=1"]), {"CPU": 8.0})
 
 
 _SERVE = """

@@ -98,7 +98,7 @@ def test_a_gpu_learner_on_a_machine_without_one_is_refused_with_the_fix(monkeypa
     from flywheel.parts import build_learner
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match=r"learner.device=cuda.*sees no GPU.*learner.device=auto"):
+    with pytest.raises(ConfigError, match=r"placement.device=cuda.*sees no GPU.*placement.device=auto"):
         build_learner({"algorithm": "filtered_bc", "demos": 0}, 0, None, {}, device="cuda")
 
 
@@ -136,18 +136,18 @@ def test_values_out_of_their_range_are_config_errors():
     for override, message in (("detector.threshold=1.5", r"detector.threshold=1.5: .*\[0, 1\]"),
                               ("budget.minutes=-1", r"budget.minutes=-1.*more than 0"),
                               ("learner.practice_noise=-0.5", r"practice_noise=-0.5.*at least 0"),
-                              ("learner.flow_noise=0", r"flow_noise=0.*more than 0"),
-                              ("learner.advantage=critic", r"advantage=critic.*choose group .* or gae"),
-                              ("learner.noise_at=chunk", r"noise_at=chunk.*choose steps .* or output"),
-                              ("learner.credit=step", r"credit=step.*choose episode .* or chunk"),
-                              ("learner.positive_fraction=1.5", r"positive_fraction=1.5.*fraction in \(0, 1\)"),
+                              ("learner=ppo learner.flow_noise=0", r"flow_noise=0.*more than 0"),
+                              ("learner=ppo learner.advantage=critic", r"advantage=critic.*choose group .* or gae"),
+                              ("learner=ppo learner.noise_at=chunk", r"noise_at=chunk.*choose steps .* or output"),
+                              ("learner=recap learner.credit=step", r"credit=step.*choose episode .* or chunk"),
+                              ("learner=recap learner.positive_fraction=1.5", r"positive_fraction=1.5.*fraction in \(0, 1\)"),
                               ("rollout.corrections=2", r"corrections=2.*share of practice episodes"),
                               ("rollout.correct_after=0", r"correct_after=0.*at least 1"),
                               ("rollout.trim_idle_s=-1", r"trim_idle_s=-1.0.*at least 0, or null"),
                               ("eval.judge=human", r"judge=human.*choose ground_truth .* or detector"),
                               ("gate.audit=-1", r"gate.audit=-1.*at least 0")):
         with pytest.raises(ConfigError, match=message):
-            load_config("run", [override])
+            load_config("run", override.split())
 
 
 def test_chunk_credit_without_a_share_of_positives_is_a_config_error():
@@ -164,3 +164,24 @@ def test_an_unknown_plug_in_or_a_missing_detector_file_is_a_config_error(tmp_pat
         load_config("run", ["run_dir=x", "learner=token_ppo"])
     with pytest.raises(ConfigError, match="detector.checkpoint=.*no such file.*flywheel reward train"):
         load_config("run", ["run_dir=x", f"detector.checkpoint={tmp_path / 'nothing.safetensors'}"])
+
+
+def test_each_algorithm_has_its_own_keys_and_refuses_anothers():
+    assert load_config("run", ["run_dir=x", "learner=ppo", "learner.ppo_lr=1e-4"]).learner.ppo_lr == 1e-4
+    with pytest.raises(ConfigError, match=r"learner.steps_per_update is not a key of learner=ppo: it takes advantage, "
+                                          r"anchor, .*ppo_lr"):
+        load_config("run", ["run_dir=x", "learner=ppo", "learner.steps_per_update=3"])
+    with pytest.raises(ConfigError, match=r"learner.guidance is not a key of learner=filtered_bc: it takes .*"
+                                          r"steps_per_update"):
+        load_config("run", ["run_dir=x", "learner.guidance=3"])
+    assert load_config("run", ["run_dir=x", "learner.algorithm=recap"]).learner.guidance == 3.0  # its group
+    tiny = load_config("run", ["run_dir=x", "experiment=tiny", "learner=ppo"]).learner
+    assert tiny.algorithm == "ppo" and tiny.demos == 40  # a preset's keys common to all apply to the one chosen
+    assert load_config("run", ["run_dir=x", "experiment=tiny"]).learner.steps_per_update == 20  # its own variant
+    mine = load_config("run", ["run_dir=x", "learner=my_lab.learners:Mine", "learner.options={steps:5}"]).learner
+    assert mine.algorithm == "my_lab.learners:Mine" and dict(mine.options) == {"steps": 5}
+
+
+def test_where_the_learner_runs_is_a_section_of_its_own():
+    cfg = load_config("run", ["run_dir=x", "learner=ppo", "placement.remote=true", "placement.gpus=1"])
+    assert cfg.placement.remote and cfg.placement.gpus == 1 and "remote" not in cfg.learner

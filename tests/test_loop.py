@@ -39,7 +39,7 @@ def test_tiny_run_end_to_end(tmp_path):
 
     run_dir = tmp_path / "run"
     # No gate here (tests/test_faults.py runs it): a rollback's extra version would shift every version below.
-    cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}", "learner.remote=true", "gate.episodes=0"])
+    cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}", "placement.remote=true", "gate.episodes=0"])
     stop = threading.Event()
     killer = threading.Thread(target=_kill_an_actor_after_the_first_iteration, args=(run_dir, stop), daemon=True)
     killer.start()

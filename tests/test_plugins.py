@@ -77,6 +77,34 @@ def test_a_teams_parts_plug_in_from_the_command_line(tmp_path):
     assert summary["evaluations"][0]["per_task"].keys() == {"reach"}
 
 
+def test_a_sweep_has_one_run_per_combination_of_its_axes():
+    from flywheel.sweep import combinations
+
+    assert combinations(["learner=ppo,recap", "seed=1,2", "budget.iterations=3"]) == [
+        ["learner=ppo", "seed=1", "budget.iterations=3"], ["learner=ppo", "seed=2", "budget.iterations=3"],
+        ["learner=recap", "seed=1", "budget.iterations=3"], ["learner=recap", "seed=2", "budget.iterations=3"]]
+    assert combinations(["env.sensors=[overhead,wrist]"]) == [["env.sensors=[overhead,wrist]"]]  # a list, not an axis
+
+
+def test_a_sweep_makes_its_runs_each_in_its_own_directory_and_a_summary(tmp_path):
+    """`flywheel run -m learner=filtered_bc,imitation seed=3`: a run per algorithm, each in its own directory, and
+    sweep.json with how each ended."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "flywheel.cli", "run", "-m", "learner=filtered_bc,imitation",
+                           "seed=3", f"run_dir={tmp_path}", "experiment=tiny", *BYO, "detector=ground_truth",
+                           "budget.iterations=1", "rollout.group_size=1", "learner.steps_per_update=20"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert sweep["varied"] == ["learner"] and sweep["completed"] == 2
+    made = {tuple(r["overrides"]): Path(r["run_dir"]) for r in sweep["runs"]}
+    assert set(made) == {("learner=filtered_bc",), ("learner=imitation",)} and len(set(made.values())) == 2
+    for (algorithm,), run_dir in made.items():
+        config = (run_dir / "config.yaml").read_text()  # what each run was given
+        assert f"algorithm: {algorithm.split('=')[1]}" in config and "seed: 3" in config
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
 class Minimal:
     """A learner written to the Learner protocol alone (no flywheel base class): it moves every weight toward the
     share of practice judged a success, and counts what it learned from (its training state)."""

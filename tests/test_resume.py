@@ -155,7 +155,8 @@ def test_recap_resumed_refits_no_value_and_ends_as_the_uninterrupted_run(tmp_pat
     make the uninterrupted run's weights, bit for bit. (Fitted again, v3 differed.)"""
     from flywheel.checkpoint import load_weights
 
-    given = [*TINY, "budget.iterations=3", "learner.algorithm=recap", "learner.value_steps=50", "gate.episodes=0",
+    given = [*TINY, "budget.iterations=3", "learner=recap", "learner.value_steps=50", "learner.steps_per_update=20",
+             "learner.practice_noise=1.0", "gate.episodes=0",
              "eval.every=100", tiny_detector]
     whole = run(load_config("run", [*given, f"run_dir={tmp_path / 'whole'}"]), say=lambda m: None)
 
