@@ -17,7 +17,7 @@ import numpy as np
 from actors.expert import expert_action
 from actors.tabletop import Frames, TabletopEnv
 from flywheel import plugins
-from flywheel.contracts import INTERVENTION, Episode, Policy, PolicySnapshot, observation_keys, sensor_inputs
+from flywheel.contracts import INTERVENTION, Episode, Extras, Policy, PolicySnapshot, observation_keys, sensor_inputs
 
 ENV_ID = "flywheel/Tabletop-v0"
 
@@ -89,134 +89,173 @@ def run_episodes(
                 for ep in run_episodes(**{**given, "seeds": seeds[w:w + n], "sample_seed": sample_seed + 7919 * w})]
     envs = [make_env(name=name, family=family, image_size=image_size, max_steps=max_steps, phrasing=phrasing,
                      combos=combos, randomize=randomize, sensors=sensors) for _ in seeds]
-    # The tabletop's camera pictures are drawn together, a chunk of every environment at once, before the policy
-    # looks (actors/tabletop.py Frames: the same pixels; for 16 environments a sixth to a quarter less drawing time)
-    frames = Frames(image_size)
-    for env in envs:
-        getattr(env, "draw_later", lambda frames: None)(frames)
-    first = [env.reset(seed=int(s)) for env, s in zip(envs, seeds)]
-    observed = [{k: [v] for k, v in o.items()} for o, _ in first]  # every sensor that is on, one frame per state
-    actions: list[list[np.ndarray]] = [[] for _ in seeds]
-    infos = [info for _, info in first]
-    # The simulator also records where the named block and target are (privileged state) for the auxiliary
-    # grounding losses of pretraining and detector training. Policies never see it; the loop strips it before the
-    # learner.
-    privileged = hasattr(envs[0], "state")  # third-party simulators (actors/thirdparty.py) have no such record
-    aux = [[_aux_positions(env)] if privileged else [] for env in envs]
-    running = list(range(len(envs)))
-    # The policy's own extras: every chunk it sampled and the step it was sampled at (the learner clones these
-    # decisions exactly, rather than executed actions that splice two chunks together).
-    chunks: list[list[np.ndarray]] = [[] for _ in seeds]
-    chunk_steps: list[list[int]] = [[] for _ in seeds]
-    drawn: list[dict[str, list[np.ndarray]]] = [{} for _ in seeds]  # the policy's other draws per chunk, if any
-    rng = np.random.default_rng(sample_seed)
-    # Hard examples: the expert aims just off (or just inside) success, each episode in its own direction, or never
-    # lets go (actors/expert.py).
-    plans: list[dict | None] = [None] * len(seeds)
-    if hard is not None and policy is None:
-        from actors.expert import hard_example_plan
+    batch = Lockstep(envs, seeds, policy, sample_seed, image_size)
+    batch.plan(hard, operators, corrections)
+    while batch.running:
+        batch.turn(execute, expert_noise, faults)
+    batch.close()
+    return batch.episodes(split, policy_version, hard, {"max_steps": max_steps, "execute": execute,
+                                                        "phrasing": phrasing, "combos": combos})
 
-        angles = rng.uniform(0, 2 * np.pi, len(seeds))
-        plans = [hard_example_plan(hard, info["family"], a) for a, (_, info) in zip(angles, first)]
-    made_hard = [p is not None for p in plans]
-    operator = [operators[int(s) % len(operators)] if policy is None and privileged else None for s in seeds]
-    plans = [{**(p or {}), "operator": op} if op is not None else p for p, op in zip(plans, operator)]
-    chunk: np.ndarray | None = None
-    # Human corrections, the scripted expert standing in: who will be taken over, and who is being
-    will_correct = (np.random.default_rng([sample_seed, 7]).random(len(seeds)) < corrections["rate"]
-                    if corrections and policy is not None else np.zeros(len(seeds), bool))
-    correcting = [False] * len(seeds)
-    if corrections and policy is not None and privileged:  # the person is one of the demonstrators, in turn by seed
-        people = corrections.get("operators") or ["standard"]
-        plans = [{"operator": people[int(s) % len(people)]} for s in seeds]
-    taken: list[list[bool]] = [[] for _ in seeds]  # per step: did the expert act
-    broken: set[int] = set()  # environments that raised: their episodes are discarded
-    call = 0
-    sensors = getattr(policy, "sensors", ("overhead",))
-    reads = observation_keys(sensors) & set(observed[0])  # stack only what the policy reads
-    while running:
-        for i in running:  # a chunk boundary: where a person standing by takes over
-            correcting[i] = correcting[i] or bool(will_correct[i] and len(actions[i]) >= max(1, corrections["after"]))
-        acting = [i for i in running if policy is not None and not correcting[i]]
-        if acting:
-            frames.draw()
-            latest = {k: np.stack([observed[i][k][-1] for i in acting]) for k in reads}
-            chunk = policy.act(
-                *sensor_inputs(latest, sensors),
-                [infos[i]["instruction"] for i in acting],
-                seed=sample_seed * 100_003 + call,
-            )
-            call += 1
+
+class Lockstep:
+    """Environments stepped together, one per seed, and what each records: ``run_episodes``' state. At each chunk
+    boundary (``turn``) the policy is called once for every environment it acts in; the scripted expert acts in the
+    others (demonstrations, or a person's correction played by it)."""
+
+    def __init__(self, envs: list[gym.Env], seeds: list[int], policy: Policy | None, sample_seed: int,
+                 image_size: int):
+        self.envs, self.seeds, self.policy, self.sample_seed = envs, seeds, policy, sample_seed
+        # The tabletop's camera pictures are drawn together, a chunk of every environment at once, before the
+        # policy looks (actors/tabletop.py Frames: the same pixels, a sixth to a quarter less drawing time)
+        self.frames = Frames(image_size)
+        for env in envs:
+            getattr(env, "draw_later", lambda frames: None)(self.frames)
+        self.first = [env.reset(seed=int(s)) for env, s in zip(envs, seeds)]
+        self.observed = [{k: [v] for k, v in o.items()} for o, _ in self.first]  # every sensor on, a frame a state
+        self.actions: list[list[np.ndarray]] = [[] for _ in seeds]
+        self.infos = [info for _, info in self.first]
+        # The simulator also records where the named block and target are (privileged state) for the auxiliary
+        # grounding losses of pretraining and detector training. Policies never see it; the loop strips it before
+        # the learner. Third-party simulators have no such record.
+        self.privileged = hasattr(envs[0], "state")
+        self.aux = [[_aux_positions(env)] if self.privileged else [] for env in envs]
+        self.running = list(range(len(envs)))
+        # The policy's own extras: every chunk it sampled and the step it was sampled at (the learner clones these
+        # decisions exactly, rather than executed actions that splice two chunks together), and its other draws.
+        self.chunks: list[list[np.ndarray]] = [[] for _ in seeds]
+        self.chunk_steps: list[list[int]] = [[] for _ in seeds]
+        self.drawn: list[dict[str, list[np.ndarray]]] = [{} for _ in seeds]
+        self.rng = np.random.default_rng(sample_seed)
+        self.taken: list[list[bool]] = [[] for _ in seeds]  # per step: did the expert act
+        self.broken: set[int] = set()  # environments that raised: their episodes are discarded
+        self.calls = 0
+        self.sensors = getattr(policy, "sensors", ("overhead",))
+        self.reads = observation_keys(self.sensors) & set(self.observed[0])  # stack only what the policy reads
+
+    def plan(self, hard: str | None, operators: tuple[str, ...] | list[str], corrections: dict | None) -> None:
+        """How the expert acts in each environment: a hard example (it aims just off, or just inside, success, each
+        episode in its own direction, or never lets go: actors/expert.py), which demonstrator it is, and, with a
+        policy acting, which episodes a person will take over."""
+        seeds, policy = self.seeds, self.policy
+        plans: list[dict | None] = [None] * len(seeds)
+        if hard is not None and policy is None:
+            from actors.expert import hard_example_plan
+
+            angles = self.rng.uniform(0, 2 * np.pi, len(seeds))
+            plans = [hard_example_plan(hard, info["family"], a) for a, (_, info) in zip(angles, self.first)]
+        self.made_hard = [p is not None for p in plans]
+        self.operator = [operators[int(s) % len(operators)] if policy is None and self.privileged else None
+                         for s in seeds]
+        self.plans = [{**(p or {}), "operator": op} if op is not None else p for p, op in zip(plans, self.operator)]
+        self.correct_after = max(1, corrections["after"]) if corrections and policy is not None else 0
+        self.will_correct = (np.random.default_rng([self.sample_seed, 7]).random(len(seeds)) < corrections["rate"]
+                             if self.correct_after else np.zeros(len(seeds), bool))
+        self.correcting = [False] * len(seeds)
+        if self.correct_after and self.privileged:  # the person is one of the demonstrators, in turn by seed
+            people = corrections.get("operators") or ["standard"]
+            self.plans = [{"operator": people[int(s) % len(people)]} for s in seeds]
+
+    def turn(self, execute: int, expert_noise: float, faults: list[dict] | None) -> None:
+        """One chunk boundary: a person standing by takes over where due, the policy acts once for every environment
+        it acts in, and each running environment steps ``execute`` actions (the expert: one)."""
+        for i in self.running:
+            self.correcting[i] = self.correcting[i] or bool(
+                self.will_correct[i] and len(self.actions[i]) >= self.correct_after)
+        acting = [i for i in self.running if self.policy is not None and not self.correcting[i]]
+        chunk = self._act(acting) if acting else None
         row_of = {i: row for row, i in enumerate(acting)}
         still = []
-        for i in running:
-            env, done, row = envs[i], False, row_of.get(i)
+        for i in self.running:
+            row = row_of.get(i)
             if row is not None:
-                chunks[i].append(chunk[row])
-                chunk_steps[i].append(len(actions[i]))
-                for k, v in getattr(policy, "last_extras", {}).items():
-                    drawn[i].setdefault(k, []).append(v[row])
-            for k in range(execute if policy is not None else 1):
-                a = chunk[row, k] if row is not None else scripted_action(env, rng, expert_noise, plans[i])
-                try:
-                    obs, _, term, trunc, info = env.step(a)
-                except Exception as e:
-                    if faults is None:
-                        raise
-                    faults.append({"seed": int(seeds[i]), "step": len(actions[i]), "error": f"{type(e).__name__}: {e}"})
-                    broken.add(i)
-                    done = True
-                    break
-                for k, v in obs.items():
-                    observed[i][k].append(v)
-                actions[i].append(np.asarray(a, np.float32))
-                taken[i].append(correcting[i])
-                if privileged:
-                    aux[i].append(_aux_positions(env))
-                infos[i] = info
-                if term or trunc:
-                    done = True
-                    break
-            if not done:
+                self._record_decision(i, chunk[row], row)
+            steps = execute if self.policy is not None else 1
+            if not self._step(i, chunk[row] if row is not None else None, steps, expert_noise, faults):
                 still.append(i)
-        running = still
-    frames.draw()
-    for i, env in enumerate(envs):  # a third-party adapter goes back to its pool; the others are closed
-        try:
-            getattr(env, "release", env.close)()
-        except Exception:
-            if i not in broken:
-                raise
-    now = time.time()
-    return [
-        Episode(
-            id=uuid.uuid4().hex,
-            task=infos[i]["family"],
-            instruction=infos[i]["instruction"],
-            env_id=ENV_ID if privileged else infos[i]["family"],
-            seed=int(seeds[i]),
-            split=split,
+        self.running = still
+
+    def _act(self, acting: list[int]) -> np.ndarray:
+        self.frames.draw()
+        latest = {k: np.stack([self.observed[i][k][-1] for i in acting]) for k in self.reads}
+        chunk = self.policy.act(*sensor_inputs(latest, self.sensors), [self.infos[i]["instruction"] for i in acting],
+                                seed=self.sample_seed * 100_003 + self.calls)
+        self.calls += 1
+        return chunk
+
+    def _record_decision(self, i: int, chunk: np.ndarray, row: int) -> None:
+        self.chunks[i].append(chunk)
+        self.chunk_steps[i].append(len(self.actions[i]))
+        for k, v in getattr(self.policy, "last_extras", {}).items():  # a policy that draws nothing has none
+            self.drawn[i].setdefault(k, []).append(v[row])
+
+    def _step(self, i: int, chunk: np.ndarray | None, steps: int, expert_noise: float,
+              faults: list[dict] | None) -> bool:
+        """Up to ``steps`` actions in environment ``i``: the chunk's, or the expert's -> whether its episode ended.
+        With ``faults``, an environment that raises ends its episode, which is discarded, and says what happened."""
+        env = self.envs[i]
+        for k in range(steps):
+            a = chunk[k] if chunk is not None else scripted_action(env, self.rng, expert_noise, self.plans[i])
+            try:
+                obs, _, term, trunc, info = env.step(a)
+            except Exception as e:
+                if faults is None:
+                    raise
+                faults.append({"seed": int(self.seeds[i]), "step": len(self.actions[i]),
+                               "error": f"{type(e).__name__}: {e}"})
+                self.broken.add(i)
+                return True
+            for key, v in obs.items():
+                self.observed[i][key].append(v)
+            self.actions[i].append(np.asarray(a, np.float32))
+            self.taken[i].append(self.correcting[i])
+            if self.privileged:
+                self.aux[i].append(_aux_positions(env))
+            self.infos[i] = info
+            if term or trunc:
+                return True
+        return False
+
+    def close(self) -> None:
+        self.frames.draw()
+        for i, env in enumerate(self.envs):  # a third-party adapter goes back to its pool; the others are closed
+            try:
+                getattr(env, "release", env.close)()
+            except Exception:
+                if i not in self.broken:
+                    raise
+
+    def episodes(self, split: str, policy_version: int, hard: str | None, settings: dict) -> list[Episode]:
+        """Every episode that ran to its end (none of a broken environment), in seed order."""
+        now = time.time()
+        return [self._episode(i, split, policy_version, hard, {"created": now, **settings})
+                for i in range(len(self.seeds)) if i not in self.broken]
+
+    def _episode(self, i: int, split: str, policy_version: int, hard: str | None, info: dict) -> Episode:
+        last = self.infos[i]
+        extras = {Extras.AUX_POSITIONS: np.stack(self.aux[i])} if self.privileged else {}
+        if self.policy is not None:
+            extras.update({Extras.CHUNKS: np.stack(self.chunks[i]).astype(np.float32),
+                           Extras.CHUNK_STEPS: np.asarray(self.chunk_steps[i], np.int64),
+                           **{k: np.stack(v).astype(np.float32) for k, v in self.drawn[i].items()}})
+        if self.correcting[i]:
+            extras[INTERVENTION] = np.asarray(self.taken[i], bool)
+        return Episode(
+            id=uuid.uuid4().hex, task=last["family"], instruction=last["instruction"],
+            env_id=ENV_ID if self.privileged else last["family"], seed=int(self.seeds[i]), split=split,
             policy_version=int(policy_version),
-            observations={k: np.stack(v) for k, v in observed[i].items()},
-            actions=np.stack(actions[i]),
-            extras={**({"aux_positions": np.stack(aux[i])} if privileged else {}), **(
-                {"chunks": np.stack(chunks[i]).astype(np.float32), "chunk_steps": np.asarray(chunk_steps[i], np.int64),
-                 **{k: np.stack(v).astype(np.float32) for k, v in drawn[i].items()}}
-                if policy is not None else {}
-            ), **({INTERVENTION: np.asarray(taken[i], bool)} if correcting[i] else {})},
+            observations={k: np.stack(v) for k, v in self.observed[i].items()}, actions=np.stack(self.actions[i]),
+            extras=extras,
             # what the environment knows of success: a simulator always; a robot where a person judged the episode
-            ground_truth=None if infos[i].get("success") is None else {"success": bool(infos[i]["success"])},
-            info={"created": now, "max_steps": max_steps, "execute": execute, "phrasing": phrasing, "combos": combos,
-                  "sample_seed": int(sample_seed), "position": i,  # where it stood: flywheel/contracts.py collection_order
-                  **({"hard": hard} if made_hard[i] else {}),
-                  **({"operator": operator[i]} if operator[i] is not None else {}),
-                  **({"interventions": int(sum(taken[i]))} if correcting[i] else {}),
-                  "combo_heldout": bool(infos[i].get("combo_heldout", False)),
-                  "kind": infos[i].get("kind", infos[i]["family"]), "named": list(infos[i].get("named", [])),
-                  "randomization": first[i][1].get("randomization", {})},
+            ground_truth=None if last.get("success") is None else {"success": bool(last["success"])},
+            info={**info, "sample_seed": int(self.sample_seed), "position": i,  # flywheel/contracts.py
+                  **({"hard": hard} if self.made_hard[i] else {}),                 # collection_order
+                  **({"operator": self.operator[i]} if self.operator[i] is not None else {}),
+                  **({"interventions": int(sum(self.taken[i]))} if self.correcting[i] else {}),
+                  "combo_heldout": bool(last.get("combo_heldout", False)),
+                  "kind": last.get("kind", last["family"]), "named": list(last.get("named", [])),
+                  "randomization": self.first[i][1].get("randomization", {})},
         )
-        for i in range(len(seeds)) if i not in broken
-    ]
 
 
 def _aux_positions(env: TabletopEnv) -> np.ndarray:

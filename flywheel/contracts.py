@@ -106,10 +106,9 @@ class Episode:
         return collection_order(self.seed, self.info)
 
     def made_on_purpose(self) -> bool:
-        """A hard example the scripted expert made for the detector (actors/expert.py HARD_EXAMPLES; ``near_miss``
-        in stores from before the other kinds): not what a detector will meet, and, up to the step where it turns
-        away, no different from a success."""
-        return bool(self.info.get("hard") or self.info.get("near_miss"))
+        """A hard example the scripted expert made for the detector (actors/expert.py HARD_EXAMPLES): not what a
+        detector will meet, and, up to the step where it turns away, no different from a success."""
+        return bool(self.info.get("hard"))
 
     def intervened(self) -> np.ndarray:
         """Bool (T,): True at the steps where a person took over and acted instead of the policy (``extras[
@@ -256,7 +255,11 @@ def camera_channels(sensors: tuple[str, ...] | list[str]) -> dict[str, slice]:
 
 @runtime_checkable
 class Policy(Protocol):
-    """Observation batch + instructions -> action chunk."""
+    """Observation batch + instructions -> action chunk.
+
+    Optional: ``sensors`` (what ``act`` is given, by ``sensor_inputs``; default the overhead camera) and
+    ``last_extras`` (what the last ``act`` drew besides its actions, each (B, ...) by row: the rollout records them
+    as the episode's ``Extras``, which a learner such as PPO needs)."""
 
     chunk: int  # C: steps per predicted chunk
     action_dim: int  # A

@@ -132,18 +132,6 @@ def test_recap_conditions_on_advantage_and_guides_toward_success(demos):
     assert positive > 0 and positive - negative > 0.3, (positive, negative)
 
 
-def test_zero_indicator_leaves_an_old_checkpoint_unchanged(demos):
-    model = SmallVLA()
-    weights = {k: v.numpy() for k, v in model.state_dict().items() if k != "indicator.weight"}
-    fresh = SmallVLA()
-    fresh.load_weights(weights)
-    ep = demos[0]
-    obs = (ep.observations["image"][:2], ep.observations["proprio"][:2], [ep.instruction] * 2)
-    a = VLAPolicy(model=model).act(*obs, seed=3)
-    b = VLAPolicy(model=fresh).act(*obs, seed=3)
-    assert np.allclose(a, b, atol=1e-5)
-
-
 def test_shrink_and_perturb_shrinks_weight_matrices_only(demos):
     torch.manual_seed(0)
     model = SmallVLA()

@@ -683,19 +683,8 @@ class SmallVLA(nn.Module):
                 old.data = new
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:
-        """Load a state dict. Older checkpoints load too: one from before the advantage indicator existed gets it at
-        zero; one from before words were appended to the vocabulary keeps this model's initial embeddings for them
-        (it never saw those words)."""
-        state = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
-        if "indicator.weight" not in state:
-            state["indicator.weight"] = torch.zeros_like(self.indicator.weight)
-        for k, v in self.residual.state_dict().items():  # from before the residual head: it starts untrained
-            state.setdefault(f"residual.{k}", v.detach().clone())
-        key = "encoder.tok_emb.weight"
-        own = self.encoder.tok_emb.weight
-        if key in state and state[key].shape[0] < own.shape[0] and state[key].shape[1:] == own.shape[1:]:
-            state[key] = torch.cat([state[key], own.detach()[state[key].shape[0]:]])
-        self.load_state_dict(state)
+        """Load every weight (a missing or unexpected one is an error naming it)."""
+        self.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
 
 
 class VLAPolicy:
