@@ -16,7 +16,8 @@ evaluated (``evaluated``), since a completed run is read as it was made.
 - ``ALGORITHM-detector``: practice judged by the success detector. The first such run trains it; the others judge
   with that very detector (``detector.checkpoint``), so they differ in their learner alone. ``--detector FILE``
   gives every one of them a detector trained before (another comparison's, say).
-- ``ALGORITHM-ground_truth``: judged by the simulator (``detector.name=ground_truth``): what a perfect detector would buy.
+- ``ALGORITHM-ground_truth``: judged by the simulator (``detector.name=ground_truth``): what a perfect detector
+  would buy.
 - ``imitation-demos``: the same number of updates on the base's 100 demonstrations alone (``learner.algorithm=
   imitation``, learner/imitation.py); its practice is one episode an iteration, kept from nothing.
 - ``imitation-more_demos``: the same, with ``--more-demos`` demonstrations (default 200: as many again, from the
@@ -54,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RL = ("recap", "ppo", "residual_ppo")  # the candidates: RECAP, and PPO (flow-noise; or on a residual)
 # Each algorithm's own settings, beside the default job's: PPO compares 4 attempts at each layout (GRPO); at this
 # learning rate and these epochs its clip fraction stayed at 0.04-0.09 on the shipped base (3e-4 and 8 epochs:
-# 0.16-0.34, and a worse policy after 8 updates; bench/RESULTS.md, session 13).
+# 0.16-0.34, and a worse policy after 8 updates; bench/RESULTS.md, "PPO's settings and exploration").
 SETTINGS = {"ppo": ["rollout.group_size=4", "learner.ppo_lr=1e-4", "learner.ppo_epochs=4"]}
 
 

@@ -90,7 +90,7 @@ class DetectorConfig:
     sensors: list[str] = field(default_factory=list)  # the cameras it judges from; empty: every camera env.sensors
     #                    records. One the policy does not read starts with zero pixel weights. The wrist camera gives
     #                    it a close look at where the block ended: env.sensors=[overhead,wrist] took the newest
-    #                    policy's AUROC from 0.954 to 0.996 (README)
+    #                    policy's AUROC from 0.954 to 0.996 (bench/RESULTS.md, "The detector's quality")
     augment: bool = True  # flips/transposes of the frame: valid for a top-down camera; turn off for other views
 
 
@@ -313,7 +313,8 @@ class RunConfig:
     seed: int = 0
     experiment: str = "default"
     # The wrist camera is recorded for the detector (the shipped policy reads the overhead camera only): it sees
-    # where a block came to rest, which the overhead camera resolves to under a pixel (README, "the detector").
+    # where a block came to rest, which the overhead camera resolves to under a pixel (bench/RESULTS.md, "The
+    # detector's quality").
     env: EnvConfig = field(default_factory=lambda: EnvConfig(sensors=["overhead", "wrist"]))
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)

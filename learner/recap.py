@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from flywheel.contracts import Episode
+from flywheel.contracts import Episode, Extras
 from learner.filtered_bc import FilteredBCLearner
 from learner.value import ValueModel, chunk_advantages, returns_to_go
 
@@ -87,9 +87,9 @@ class RecapLearner(FilteredBCLearner):
 
     def add_episodes(self, episodes: list[Episode]) -> dict[str, float]:
         for ep in episodes:
-            if "chunk_steps" not in ep.extras or ep.num_steps == 0:
+            if Extras.CHUNK_STEPS not in ep.extras or ep.num_steps == 0:
                 continue
-            self._own[ep.id] = self._decisions(ep, self.judged_success(ep), ep.extras["chunk_steps"])
+            self._own[ep.id] = self._decisions(ep, self.judged_success(ep), ep.extras[Extras.CHUNK_STEPS])
             self.data.add([ep], indicator=NEGATIVE, executed=self.executed)  # relabelled below
         held = self.data.keys()  # past max_episodes the oldest leave the buffer; the value forgets them too
         self._own = {k: d for k, d in self._own.items() if k in held}

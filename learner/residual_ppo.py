@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flywheel.contracts import Episode, PolicySnapshot, Sampling, TrainablePolicy
+from flywheel.contracts import Episode, Extras, PolicySnapshot, Sampling, TrainablePolicy
 from learner.base import LearnerBase
 from learner.critic import Critic
 
@@ -63,16 +63,17 @@ class ResidualPPOLearner(LearnerBase):
         self.epochs, self.clip, self.minibatch = ppo_epochs, ppo_clip, ppo_minibatch
 
     def update(self, episodes: list[Episode]) -> dict[str, float]:
-        episodes = [ep for ep in episodes if len(ep.extras.get("chunk_steps", ())) and "residuals" in ep.extras]
+        episodes = [ep for ep in episodes
+                    if len(ep.extras.get(Extras.CHUNK_STEPS, ())) and Extras.RESIDUALS in ep.extras]
         if not episodes:
             raise ValueError("residual_ppo needs episodes acted by the residual policy (extras 'residuals'); "
                              "were they collected with this learner's snapshot?")
         feats = self.critic.features(episodes)
         ctx = torch.cat([f[:-1] for f in feats])
         on = lambda a: torch.from_numpy(np.asarray(a, np.float32)).to(ctx.device)  # noqa: E731
-        base = on(np.concatenate([ep.extras["base_chunks"] for ep in episodes]))
-        drawn = on(np.concatenate([ep.extras["residuals"] for ep in episodes]))
-        old_logp = on(np.concatenate([ep.extras["residual_logp"] for ep in episodes]))
+        base = on(np.concatenate([ep.extras[Extras.BASE_CHUNKS] for ep in episodes]))
+        drawn = on(np.concatenate([ep.extras[Extras.RESIDUALS] for ep in episodes]))
+        old_logp = on(np.concatenate([ep.extras[Extras.RESIDUAL_LOGP] for ep in episodes]))
         adv, ret = self.critic.advantages(feats, [self.judged_success(ep) for ep in episodes])
         adv_t, ret_t = on((adv - adv.mean()) / (adv.std() + 1e-8)), on(ret)
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 import torch
 
-from flywheel.contracts import Episode
+from flywheel.contracts import Episode, Extras
 from reward.detector import DetectorNet, DetectorNetConfig, LearnedSuccessDetector, init_from_policy, window_frames
 from reward.metrics import detector_metrics, fit_calibration, fit_task_calibrations, threshold_for_precision
 
@@ -79,7 +79,7 @@ def detector_examples(
     rows: list[tuple] = []
 
     def add(ep: Episode, t: int, y: float, to_go: int, instruction: str | None = None, with_aux: bool = True):
-        positions = ep.extras.get("aux_positions") if with_aux else None
+        positions = ep.extras.get(Extras.AUX_POSITIONS) if with_aux else None
         rows.append((window_frames(ep.observations, cfg.sensors, t, cfg.window, cfg.stride),
                      instruction or ep.instruction, y, positions[t] if positions is not None else np.zeros(4),
                      positions is not None, to_go))
