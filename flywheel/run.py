@@ -32,7 +32,7 @@ from flywheel.audit import AuditSettings
 from flywheel.checkpoint import CheckpointDir, CheckpointError
 from flywheel.cluster import check_resources, start_ray, start_remote_learner
 from flywheel.config import ConfigError, to_dict
-from flywheel.contracts import Learner, PolicyBundle, observation_keys
+from flywheel.contracts import Closes, Learner, PolicyBundle, Restarts, observation_keys
 from flywheel.detectors import DetectorContext
 from flywheel.gate import GateSettings
 from flywheel.loop import InFlight, LoopParts, LoopSettings, run_loop
@@ -61,7 +61,7 @@ class Wiring:
 
     bundle: PolicyBundle
     rollouts: RolloutGroup
-    learner: Learner
+    learner: Learner | None  # started once the actors are (start_learner)
     checkpoints: CheckpointDir
     store: EpisodeStore
     reads: set[str]  # the observation keys the policy reads (the learner's replay keeps no others)
@@ -83,7 +83,8 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
     try:
         bundle = load_policy(cfg, say)
         ray_started = cfg.rollout.use_ray and join_ray(cfg, say)
-        wiring = build(cfg, bundle, run_dir, say, summary)
+        wiring = build(cfg, bundle, run_dir)
+        wiring.learner = start_learner(cfg, wiring, run_dir, say, summary)
         summary["rollout_workers"] = wiring.rollouts.placement()  # asked only now: the actors started meanwhile
         resumed = resume(wiring, cfg, saved, resuming, attempt.number, say)
         ctx = DetectorContext(cfg, run_dir, wiring.store, resuming, list(resumed[0].detector_versions),
@@ -166,26 +167,28 @@ def load_policy(cfg: DictConfig, say: Callable[[str], None]) -> PolicyBundle:
     return bundle
 
 
-def build(cfg: DictConfig, bundle: PolicyBundle, run_dir: Path, say: Callable[[str], None],
-          summary: dict[str, Any]) -> Wiring:
-    """The actors, the learner (version 0: the starting policy as its algorithm acts with it) and where they keep
-    what they make."""
+def build(cfg: DictConfig, bundle: PolicyBundle, run_dir: Path) -> Wiring:
+    """The actors and where the run keeps what it makes; the learner comes next (``start_learner``)."""
     rollouts = make_rollouts(cfg, bundle)
     checkpoints = CheckpointDir(run_dir / "checkpoints", keep=3, meta={
         **bundle.record, "description": f"{cfg.learner.algorithm} in {run_dir.name}, from {cfg.policy.checkpoint}",
         "eval_noise": cfg.eval.noise,  # how its held-out figures were measured
         **({"config": bundle.meta["config"]} if "config" in bundle.meta else {})})
-    store = EpisodeStore(run_dir / "episodes")
-    reads = observation_keys(bundle.sensors)
-    factory = functools.partial(build_learner, to_dict(cfg.learner), cfg.seed, bundle,
-                                {**env_kwargs_of(cfg), "sensors": list(bundle.sensors)})
-    wiring = Wiring(bundle, rollouts, None, checkpoints, store, reads)
-    if cfg.placement.remote:
-        wiring.learner = start_remote_learner(cfg, factory, lambda new: put_back(new, cfg, wiring, run_dir, say))
-        summary["learner"] = wiring.learner.placement
-    else:
-        wiring.learner = factory(cfg.placement.device)
-    return wiring
+    return Wiring(bundle, rollouts, None, checkpoints, EpisodeStore(run_dir / "episodes"),
+                  observation_keys(bundle.sensors))
+
+
+def start_learner(cfg: DictConfig, w: Wiring, run_dir: Path, say: Callable[[str], None],
+                  summary: dict[str, Any]) -> Learner:
+    """The learner at version 0 (the starting policy as its algorithm acts with it), in this process or as a Ray
+    actor of its own (``placement.remote``), put back where the run was if that actor's process dies."""
+    factory = functools.partial(build_learner, to_dict(cfg.learner), cfg.seed, w.bundle,
+                                {**env_kwargs_of(cfg), "sensors": list(w.bundle.sensors)})
+    if not cfg.placement.remote:
+        return factory(cfg.placement.device)
+    learner = start_remote_learner(cfg, factory, lambda new: put_back(new, cfg, w, run_dir, say))
+    summary["learner"] = learner.placement
+    return learner
 
 
 def resume(w: Wiring, cfg: DictConfig, saved: dict | None, resuming: bool, attempt: int, say: Callable[[str], None]
@@ -266,8 +269,8 @@ def summarise(cfg: DictConfig, state: LoopState, w: Wiring, budget: Budget, audi
               "held_back": sum(not g.promoted for g in state.gates)},
         rollbacks=state.rollbacks,
         faults={"restarts": w.rollouts.restarts, "events": w.rollouts.faults,
-                "learner_restarts": getattr(w.learner, "restarts", 0),
-                "learner_events": getattr(w.learner, "faults", [])},
+                **({"learner_restarts": w.learner.restarts, "learner_events": w.learner.faults}
+                   if isinstance(w.learner, Restarts) else {"learner_restarts": 0, "learner_events": []})},
         learner_recoveries=state.recoveries,
     )
 
@@ -275,7 +278,7 @@ def summarise(cfg: DictConfig, state: LoopState, w: Wiring, budget: Budget, audi
 def close(w: Wiring | None, ray_started: bool, status: str, say: Callable[[str], None]) -> None:
     if w is not None:
         w.rollouts.close()
-        if hasattr(w.learner, "close"):
+        if isinstance(w.learner, Closes):
             w.learner.close()
     if ray_started:
         import ray
