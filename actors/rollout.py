@@ -6,10 +6,11 @@ the very same class as a Ray actor for real runs.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
-from typing import Callable
+from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
@@ -41,20 +42,26 @@ def scripted_action(env: gym.Env, rng: np.random.Generator, noise: float, plan: 
     return own(rng, noise) if own is not None else expert_action(env, rng, noise, **(plan or {}))
 
 
+@dataclasses.dataclass(frozen=True)
+class EnvSettings:
+    """The environments' settings (the run's ``env.*`` but ``execute``), as ``make_env`` is given them."""
+
+    name: str = "tabletop"
+    family: str = "any"
+    phrasing: str = "canonical"
+    combos: str = "all"
+    randomize: dict[str, float] | None = None
+    sensors: tuple[str, ...] | list[str] | str = ("overhead",)
+    image_size: int = 64
+    max_steps: int = 40
+
+
 def run_episodes(
     seeds: list[int],
     split: str,
     policy: Policy | None,
     *,
     policy_version: int,
-    name: str = "tabletop",
-    family: str = "any",
-    phrasing: str = "canonical",
-    combos: str = "all",
-    randomize: dict[str, float] | None = None,
-    sensors: tuple[str, ...] | list[str] | str = ("overhead",),
-    image_size: int = 64,
-    max_steps: int = 40,
     execute: int = 4,
     expert_noise: float = 0.1,
     hard: str | None = None,
@@ -63,10 +70,11 @@ def run_episodes(
     make_env: Callable[..., gym.Env] = make_env,
     faults: list[dict] | None = None,
     corrections: dict | None = None,
+    **env: Any,
 ) -> list[Episode]:
     """Run one episode per seed, all environments in lock-step, and return them as Episodes.
 
-    With ``policy=None`` the scripted expert acts (demonstrations, ``policy_version`` should be -1). Otherwise the
+    ``env``: the environments' settings (``EnvSettings``; a key it does not have is a TypeError). With ``policy=None`` the scripted expert acts (demonstrations, ``policy_version`` should be -1). Otherwise the
     policy is called once per ``execute`` steps on the batch of still-running environments and the first
     ``execute`` actions of each chunk are applied (receding horizon). ``sample_seed`` seeds the policy's sampling
     noise, so a rollout is reproducible given its seeds. ``hard`` (expert only): make that kind of hard example for
@@ -80,22 +88,24 @@ def run_episodes(
     the next chunk boundary and finished by the expert;
     ``extras["intervention"]`` marks the steps it acted and ``info["interventions"]`` counts them.
     """
-    given = dict(locals())  # every argument, as given (the waves below pass them on)
+    settings = EnvSettings(**env)
     if not seeds:
         return []
-    n = parallel_limit(name)
+    n = parallel_limit(settings.name)
     if n is not None and len(seeds) > n:  # heavy environments: step them in waves
+        given = dict(policy_version=policy_version, execute=execute, expert_noise=expert_noise, hard=hard,
+                     operators=operators, make_env=make_env, faults=faults, corrections=corrections, **env)
         return [ep for w in range(0, len(seeds), n)
-                for ep in run_episodes(**{**given, "seeds": seeds[w:w + n], "sample_seed": sample_seed + 7919 * w})]
-    envs = [make_env(name=name, family=family, image_size=image_size, max_steps=max_steps, phrasing=phrasing,
-                     combos=combos, randomize=randomize, sensors=sensors) for _ in seeds]
-    batch = Lockstep(envs, seeds, policy, sample_seed, image_size)
+                for ep in run_episodes(seeds[w:w + n], split, policy, sample_seed=sample_seed + 7919 * w, **given)]
+    made_with = dataclasses.asdict(settings)
+    envs = [make_env(**made_with) for _ in seeds]
+    batch = Lockstep(envs, seeds, policy, sample_seed, settings.image_size)
     batch.plan(hard, operators, corrections)
     while batch.running:
         batch.turn(execute, expert_noise, faults)
     batch.close()
-    return batch.episodes(split, policy_version, hard, {"max_steps": max_steps, "execute": execute,
-                                                        "phrasing": phrasing, "combos": combos})
+    return batch.episodes(split, policy_version, hard, {"max_steps": settings.max_steps, "execute": execute,
+                                                        "phrasing": settings.phrasing, "combos": settings.combos})
 
 
 class Lockstep:

@@ -139,7 +139,7 @@ class RecapConfig(BCConfig):
     """``learner=recap``: advantage-conditioned behaviour cloning with a learned value (pi*0.6's RECAP)."""
 
     algorithm: str = "recap"
-    guidance: float = 3.0  # classifier-free guidance weight when sampling (bench/RESULTS.md: 2 -> 3 helped)
+    guidance: float = 3.0  # classifier-free guidance weight when sampling (bench/RESULTS.md, RECAP)
     indicator_dropout: float = 0.3  # how often the advantage indicator is dropped in training
     indicator_lr: float = 3e-3  # the indicator embedding's own learning rate (it starts at zero)
     value_steps: int = 300  # value refit steps per update (learner/value.py)

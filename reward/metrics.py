@@ -39,7 +39,7 @@ def recall_at_fpr(scores: np.ndarray, labels: np.ndarray, fpr: float) -> float |
     """The highest recall at a false-positive rate of at most ``fpr``."""
     if labels.all() or not labels.any():
         return None
-    from sklearn.metrics import roc_curve  # here, not at the top: sklearn adds ~1 s to every command's start
+    from sklearn.metrics import roc_curve  # here, not at the top: sklearn is slow to import
 
     fprs, tprs, _ = roc_curve(labels, scores)
     return float(tprs[fprs <= fpr].max())

@@ -37,7 +37,7 @@ from reward.train import swapped_instructions
 
 
 def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score  # here, not at the top: sklearn adds ~1 s to every command's start
+    from sklearn.metrics import roc_auc_score  # here, not at the top: sklearn is slow to import
 
     return roc_auc_score(labels, scores)
 

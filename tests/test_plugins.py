@@ -42,7 +42,7 @@ def test_filtered_bc_improves_a_teams_policy_judged_by_its_own_detector(tmp_path
                    "audit.sample=32", "budget.iterations=6")
     first, last = summary["evaluations"][0], summary["evaluations"][-1]
     assert summary["status"] == "completed" and summary["policy_version_final"] == 6
-    assert last["ci95"][0] > first["ci95"][1], (first, last)  # measured: 0.07 -> 0.37 on 100 held-out seeds
+    assert last["ci95"][0] > first["ci95"][1], (first, last)  # a gain beyond both intervals
     assert summary["detector"]["version"] == "byo-judge" and len(summary["audit"]["per_iteration"]) == 6
 
 
