@@ -169,16 +169,6 @@ class Sampling:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, plain: dict[str, Any] | None) -> "Sampling":
-        """From a checkpoint's record (``meta["sampling"]``); keys it does not know are an error naming them."""
-        plain = dict(plain or {})
-        unknown = sorted(set(plain) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"sampling settings {unknown} are unknown: Sampling takes "
-                             f"{[f.name for f in dataclasses.fields(cls)]}")
-        return cls(**plain)
-
 
 @dataclasses.dataclass(frozen=True)
 class PolicySnapshot:

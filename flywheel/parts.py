@@ -79,11 +79,7 @@ def check_env(env_kwargs: dict) -> None:
 
 def makes_hard_examples(env_kwargs: dict) -> tuple[str, ...]:
     """The kinds of hard examples the scripted expert can make in these environments (the built-in tabletop's)."""
-    env = make_env(**{k: v for k, v in env_kwargs.items() if k != "execute"})
-    try:
-        return HARD_EXAMPLES if isinstance(env, TabletopEnv) else ()
-    finally:
-        env.close()
+    return HARD_EXAMPLES if plugins.resolve("env", env_kwargs.get("name", "tabletop")) is TabletopEnv else ()
 
 
 def pretraining_demos(n: int, base_meta: dict, env_kwargs: dict) -> list[Episode]:

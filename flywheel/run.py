@@ -92,10 +92,10 @@ def run(cfg: DictConfig, say: Callable[[str], None] = print, on_iteration=None) 
                               log=lambda row: metrics.log(row, step=0))
         detector = choose_detector(ctx)
         summary["detector"] = {"version": detector.version, **ctx.metrics}
+        settings = loop_settings(cfg, ctx, wiring.reads)
         state, budget = turn(cfg, wiring, LoopParts(wiring.rollouts, wiring.store, detector, wiring.learner, metrics,
-                                                    wiring.checkpoints), loop_settings(cfg, ctx, wiring.reads),
-                             resumed, attempt, say, on_iteration)
-        summary.update(summarise(cfg, state, wiring, budget, audit_settings(cfg, ctx)))
+                                                    wiring.checkpoints), settings, resumed, attempt, say, on_iteration)
+        summary.update(summarise(cfg, state, wiring, budget, settings.audit))
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM outside the loop (flywheel/cli.py), or either twice
         summary.update(status="interrupted", stop_reason=str(e) or "SIGINT")
         say(f"run: interrupted ({summary['stop_reason']}); {run_dir} keeps everything stored so far (episodes, "
