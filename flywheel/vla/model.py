@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -657,30 +658,8 @@ class SmallVLA(nn.Module):
     def get_weights(self) -> dict[str, np.ndarray]:
         return numpy_state(self)
 
-    @torch.no_grad()
     def share(self, weights: dict[str, np.ndarray]) -> None:
-        """Make the named parameters and buffers the given arrays themselves, without a copy: for a model that only
-        acts (a rollout worker), given a snapshot it will not write to. Arrays from Ray's object store are
-        read-only shared memory; they stay pinned while the model holds them. A subset of the names (a delta)
-        changes only those. Through copies an actor applies a 100M-parameter snapshot in ~109 ms; shared, 4 actors
-        apply it in 8-16 ms in all, Ray calls included (bench/weight_sync.py)."""
-        tensors = dict(self.named_parameters())
-        tensors.update(self.named_buffers())
-        unknown = sorted(set(weights) - set(tensors))
-        if unknown:
-            raise KeyError(f"weights for {unknown[:3]} ({len(unknown)} names) that this model does not have: the "
-                           f"snapshot comes from another architecture")
-        with warnings.catch_warnings():  # read-only shared memory: this model never writes to it
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            for name, array in weights.items():
-                new = torch.from_numpy(np.asarray(array))
-                old = tensors[name]
-                if old.ndim == 0 and new.shape == (1,):  # a scalar saved as one element (load_state_dict's rule)
-                    new = new.reshape(())
-                if new.shape != old.shape or new.dtype != old.dtype:
-                    raise ValueError(f"{name}: the snapshot has {tuple(new.shape)} {new.dtype}, this model "
-                                     f"{tuple(old.shape)} {old.dtype}")
-                old.data = new
+        share_weights(self, weights)
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:
         """Load every weight (a missing or unexpected one is an error naming it)."""
@@ -688,9 +667,10 @@ class SmallVLA(nn.Module):
 
 
 class VLAPolicy:
-    """The ``Policy`` contract around a SmallVLA, in numpy at its edges (converted once here)."""
+    """The ``Policy`` contract around a SmallVLA, or any ``TrainablePolicy`` with the same ``sample``, ``tokenize``
+    and ``share`` (π0: flywheel/vla/pi0_policy.py), in numpy at its edges (converted once here)."""
 
-    def __init__(self, cfg: VLAConfig | None = None, model: SmallVLA | None = None, eval_noise: float | None = None):
+    def __init__(self, cfg: VLAConfig | None = None, model: Any = None, eval_noise: float | None = None):
         """``eval_noise``: the flow's starting noise when not exploring (evaluation, the gate), whatever the snapshot
         asks (``eval.noise``); None leaves it to the snapshot's sampling."""
         self.model = model or SmallVLA(cfg)
@@ -699,9 +679,9 @@ class VLAPolicy:
         self.sampling = Sampling()  # set per snapshot by the learner that made it
         self.last_extras: dict[str, np.ndarray] = {}  # what the last act() drew besides its actions, by row
         self.explore = False  # set by the rollout worker: True while collecting practice episodes
-        self.chunk = self.model.cfg.chunk
-        self.action_dim = self.model.cfg.action_dim
-        self.sensors = self.model.cfg.sensors  # what act() is given: contracts.sensor_inputs for these
+        self.chunk = self.model.chunk
+        self.action_dim = self.model.action_dim
+        self.sensors = self.model.sensors  # what act() is given: contracts.sensor_inputs for these
 
     def act(self, images: np.ndarray, proprio: np.ndarray, instructions: list[str], seed: int | None = None):
         gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
@@ -711,11 +691,11 @@ class VLAPolicy:
         sampling = {"indicator": s.indicator, "guidance": s.guidance, "residual": s.residual, "noise": s.noise}
         if s.residual == "explore":  # draw corrections in practice; their mean in evaluation
             sampling["residual"] = "sample" if self.explore else "mean"
-        if self.explore and self.model.cfg.action_head == "flow":
+        if self.explore and self.model.action_head == "flow":
             sampling.update(noise=s.practice_noise, flow_noise=s.flow_noise, noise_at=s.noise_at)
-        elif self.eval_noise is not None and self.model.cfg.action_head == "flow":
+        elif self.eval_noise is not None and self.model.action_head == "flow":
             sampling["noise"] = self.eval_noise
-        if self.model.cfg.action_head == "tokens":
+        if self.model.action_head == "tokens":
             # Action tokens are drawn in practice (PPO needs the draws and their probabilities) and decoded greedily
             # otherwise, as token VLAs are evaluated: each token drawn on its own, a chunk's gripper tokens would
             # let go of a block whenever one of them came up "open".
@@ -733,3 +713,29 @@ class VLAPolicy:
         this copy of the policy only acts, so a snapshot in Ray's object store is used where it lies."""
         self.model.share(weights)
         self.sampling = sampling or Sampling()
+
+
+@torch.no_grad()
+def share_weights(module: nn.Module, weights: dict[str, np.ndarray]) -> None:
+    """Make the named parameters and buffers the given arrays themselves, without a copy: for a model that only
+    acts (a rollout worker), given a snapshot it will not write to. Arrays from Ray's object store are
+    read-only shared memory; they stay pinned while the model holds them. A subset of the names (a delta)
+    changes only those. Through copies an actor applies a 100M-parameter snapshot in ~109 ms; shared, 4 actors
+    apply it in 8-16 ms in all, Ray calls included (bench/weight_sync.py)."""
+    tensors = dict(module.named_parameters())
+    tensors.update(module.named_buffers())
+    unknown = sorted(set(weights) - set(tensors))
+    if unknown:
+        raise KeyError(f"weights for {unknown[:3]} ({len(unknown)} names) that this model does not have: the "
+                       f"snapshot comes from another architecture")
+    with warnings.catch_warnings():  # read-only shared memory: this model never writes to it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name, array in weights.items():
+            new = torch.from_numpy(np.asarray(array))
+            old = tensors[name]
+            if old.ndim == 0 and new.shape == (1,):  # a scalar saved as one element (load_state_dict's rule)
+                new = new.reshape(())
+            if new.shape != old.shape or new.dtype != old.dtype:
+                raise ValueError(f"{name}: the snapshot has {tuple(new.shape)} {new.dtype}, this model "
+                                 f"{tuple(old.shape)} {old.dtype}")
+            old.data = new

@@ -1,0 +1,274 @@
+"""π0 / π0.5 (flywheel/vla/pi0.py): openpi's and LeRobot's checkpoint layouts load, damaged ones are refused by
+name, the full sizes are what was published, and the learners train the small configuration."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from flywheel import plugins
+from flywheel.contracts import Label, Sampling
+from flywheel.vla import openpi
+from flywheel.vla.model import VLAPolicy
+from flywheel.vla.pi0 import Pi0, Pi0Config
+from flywheel.vla.pi0_policy import init_checkpoint
+
+TEXTS = ["push the red block to the blue pad", "place the green block in the yellow bowl",
+         "stack the blue block on the red block", "press the red button", "open the drawer"]
+
+
+def small(pi05: bool = False, precision: str = "float32") -> Pi0Config:
+    """openpi's own "dummy" Gemma for both streams, a one-layer vision tower: about 0.4M parameters."""
+    return Pi0Config(action_dim=4, action_horizon=8, paligemma_variant="dummy", action_expert_variant="dummy",
+                     vision_variant="siglip_dummy", vocab_size=128, max_token_len=24 if not pi05 else 48,
+                     pi05=pi05, precision=precision)
+
+
+def checkpoint(path, pi05=False, precision="float32", seed=0):
+    rng = np.random.default_rng(seed)
+    return init_checkpoint(path, small(pi05, precision), TEXTS, rng.random((200, 3)), rng.uniform(-1, 1, (200, 3)),
+                           seed=seed)
+
+
+def observation(batch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, 64, 64, 3), generator=g, dtype=torch.uint8)
+    return images.numpy(), torch.rand(batch, 3, generator=g).numpy(), TEXTS[:batch]
+
+
+def act(bundle, obs, **sampling):
+    policy = bundle.make_actor()
+    policy.load_weights(bundle.weights)
+    return policy.act(*obs, seed=0)
+
+
+@pytest.mark.parametrize("pi05", [False, True])
+def test_openpi_file_set_written_and_loaded_back(tmp_path, pi05):
+    path = checkpoint(tmp_path / "ck", pi05=pi05, precision="bfloat16")
+    assert {"model.safetensors", "config.json", "assets/flywheel/norm_stats.json"} <= \
+        {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+    config = json.loads((path / "config.json").read_text())
+    assert {k: config[k] for k in ("action_dim", "action_horizon", "paligemma_variant", "action_expert_variant",
+                                   "precision")} == {"action_dim": 4, "action_horizon": 8, "paligemma_variant": "dummy",
+                                                     "action_expert_variant": "dummy", "precision": "bfloat16"}
+    stats = json.loads((path / "assets/flywheel/norm_stats.json").read_text())["norm_stats"]
+    assert set(stats) == {"state", "actions"} and set(stats["state"]) >= {"mean", "std", "q01", "q99"}
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        assert f.get_tensor("action_in_proj.weight").dtype == torch.bfloat16  # openpi's precision
+    stem = "paligemma_with_expert."
+    assert {stem + "paligemma.model.vision_tower.vision_model.embeddings.patch_embedding.weight",
+            stem + "paligemma.model.multi_modal_projector.linear.weight",
+            stem + "paligemma.model.language_model.layers.0.self_attn.q_proj.weight",
+            stem + "gemma_expert.model.layers.3.mlp.down_proj.weight", "action_in_proj.weight",
+            "action_out_proj.weight"} <= names
+    own = {"time_mlp_in.weight", "time_mlp_out.bias"} if pi05 else {"state_proj.weight", "action_time_mlp_in.weight"}
+    assert own <= names and not any(n.startswith("flywheel") for n in names)  # openpi's strict loader reads it
+    if pi05:  # adaRMS: the expert's norms are dense layers of the time
+        assert stem + "gemma_expert.model.layers.0.input_layernorm.dense.weight" in names
+
+    bundle = plugins.resolve("policy", "pi0")(str(path), None)
+    model = bundle.make_model()
+    model.load_weights(bundle.weights)
+    assert model.cfg == small(pi05, "bfloat16") and model.chunk == 8 and model.action_dim == 3
+    with torch.random.fork_rng(devices=[]):  # the weights as initialised, rounded to bfloat16 as stored
+        torch.manual_seed(0)
+        original = Pi0(small(pi05))
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor.to(torch.bfloat16).float()), name
+    actions = act(bundle, observation())
+    assert actions.shape == (3, 8, 3) and actions.dtype == np.float32 and np.abs(actions).max() <= 1.0
+
+
+def test_lerobot_layout_loads_through_its_key_map(tmp_path):
+    """LeRobot's names ("model." first; before 0.4, PaliGemma's parts nested as transformers 4.4x did), its
+    config.json and its normaliser file give the same policy as openpi's files."""
+    from safetensors.torch import load_file, save_file
+
+    path = checkpoint(tmp_path / "openpi")
+    lerobot = tmp_path / "lerobot"
+    lerobot.mkdir()
+    renamed = {}
+    for name, tensor in load_file(str(path / "model.safetensors")).items():
+        name = name.replace("paligemma.model.language_model.", "paligemma.language_model.model.")
+        name = name.replace("paligemma.model.vision_tower.", "paligemma.vision_tower.")
+        renamed["model." + name.replace("action_time_mlp_", "time_mlp_")] = tensor
+    save_file(renamed, str(lerobot / "model.safetensors"))
+    (lerobot / "config.json").write_text(json.dumps({
+        "type": "pi0", "chunk_size": 8, "n_action_steps": 8, "max_action_dim": 4, "max_state_dim": 4,
+        "paligemma_variant": "dummy", "action_expert_variant": "dummy", "dtype": "float32",
+        "tokenizer_max_length": 24}))
+    stats = json.loads((path / "assets/flywheel/norm_stats.json").read_text())["norm_stats"]
+    save_file({f"{feature}.{stat}": torch.tensor(stats[key][stat])
+               for feature, key in (("observation.state", "state"), ("action", "actions")) for stat in ("mean", "std")},
+              str(lerobot / "policy_preprocessor_step_3_normalizer_processor.safetensors"))
+    (lerobot / "tokenizer.model").write_bytes((path / "paligemma_tokenizer.model").read_bytes())
+
+    ours = plugins.resolve("policy", "pi0")(str(path), None)
+    theirs = plugins.resolve("policy", "pi0")(str(lerobot), None)
+    assert theirs.weights.keys() == ours.weights.keys()
+    np.testing.assert_allclose(act(theirs, observation()), act(ours, observation()), atol=1e-6)
+
+
+def _damage(tmp_path, change):
+    from safetensors.torch import load_file, save_file
+
+    path = checkpoint(tmp_path / "ck")
+    weights = load_file(str(path / "model.safetensors"))
+    change(weights)
+    save_file(weights, str(path / "model.safetensors"))
+    return path
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda w: w.pop("action_out_proj.weight"), r"missing 1 keys.*action_out_proj\.weight"),
+    (lambda w: w.update({"action_out_proj.weight": torch.zeros(4, 7)}),
+     r"action_out_proj\.weight has shape \(4, 7\).*expects \(4, 64\)"),
+    (lambda w: w["action_in_proj.weight"].fill_(float("nan")), r"action_in_proj\.weight holds NaN"),
+    (lambda w: w.update({"extra.weight": torch.zeros(2)}), r"unexpected 1 keys.*extra\.weight"),
+])
+def test_a_mismatched_checkpoint_is_refused_naming_the_key(tmp_path, change, message):
+    path = _damage(tmp_path, change)
+    with pytest.raises(openpi.Pi0CheckpointError, match=message):
+        openpi.load(path)
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path):
+    path = checkpoint(tmp_path / "ck")
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(openpi.Pi0CheckpointError, match=r"model\.safetensors is damaged"):
+        openpi.load(path)
+    (path / "model.safetensors").write_bytes(data)
+    (path / "config.json").write_text('{"action_dim": 4, "action_horizon": 8, "paligemma_variant": "gemma_9b"}')
+    with pytest.raises(openpi.Pi0CheckpointError, match="paligemma_variant='gemma_9b'"):
+        openpi.load(path)
+    (path / "config.json").unlink()
+    with pytest.raises(openpi.Pi0CheckpointError, match=r"config\.json is missing"):
+        openpi.load(path)
+    with pytest.raises(openpi.Pi0CheckpointError, match="not a directory"):
+        openpi.load(tmp_path / "nowhere")
+
+
+def test_full_sizes_match_the_published_counts_without_allocating():
+    """π0: PaliGemma 3B (SigLIP So400m + Gemma 2B) and a 300M action expert, 3.3B as published (openpi counts its
+    expert at 311M); built on the meta device, so nothing is allocated."""
+    with torch.device("meta"):
+        pi0, pi05 = Pi0(Pi0Config()), Pi0(Pi0Config(pi05=True, max_token_len=200))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert pi0.action_in_proj.weight.is_meta
+    expert = count(pi0.paligemma_with_expert.gemma_expert)
+    assert 0.30e9 < expert < 0.32e9, expert
+    assert 2.9e9 < count(pi0.paligemma_with_expert.paligemma) < 2.95e9  # PaliGemma-3B without its tied head
+    assert abs(count(pi0) - 3.3e9) / 3.3e9 < 0.03, count(pi0)
+    assert abs(count(pi05) - 3.3e9) / 3.3e9 < 0.03, count(pi05)  # adaRMS adds 3 x width per norm instead of 1
+
+
+@pytest.mark.parametrize("noise_at", ["steps", "output"])
+def test_log_probabilities_of_practice_draws_are_recomputed_exactly(tmp_path, noise_at):
+    _, model = _pi0(tmp_path)
+    images, proprio, texts = observation()
+    ids = torch.from_numpy(model.token_ids(texts))
+    extras = {}
+    model.sample(torch.from_numpy(images), ids, torch.from_numpy(proprio), torch.Generator().manual_seed(1),
+                 extras=extras, flow_noise=0.1, noise=0.0 if noise_at == "output" else 1.0, noise_at=noise_at)
+    ctx = model.context(torch.from_numpy(images), ids, torch.from_numpy(proprio))
+    recorded = {"drawn": extras["drawn"]} if noise_at == "output" else {"flow_chain": extras["flow_chain"]}
+    logp = model.log_prob(ctx, recorded, 0.1)
+    torch.testing.assert_close(logp, extras["logp"], atol=2e-4, rtol=1e-5)
+    logp.sum().backward()
+    assert model.action_out_proj.weight.grad.abs().sum() > 0
+
+
+def _moving(demos, dx, success):
+    out = []
+    for ep in demos:
+        actions = np.zeros_like(ep.actions)
+        actions[:, 0] = dx
+        out.append(dataclasses.replace(ep, id=ep.id + str(dx), actions=actions, extras={}, ground_truth=None, labels=[
+            Label(source="detector", success=success, version="d", score=float(success), threshold=0.5)]))
+    return out
+
+
+def _mean_dx(model, demos):
+    obs = [(ep.observations["image"][0], ep.observations["proprio"][0], ep.instruction) for ep in demos]
+    actions = VLAPolicy(model=model, eval_noise=0.0).act(np.stack([o[0] for o in obs]), np.stack([o[1] for o in obs]),
+                                                         [o[2] for o in obs], seed=0)
+    return float(actions[..., 0].mean())
+
+
+def _pi0(tmp_path):
+    bundle = plugins.resolve("policy", "pi0")(str(checkpoint(tmp_path / "ck")), None)
+    model = bundle.make_model()
+    model.load_weights(bundle.weights)
+    return bundle, model
+
+
+def test_filtered_bc_moves_pi0_toward_what_the_detector_approves(tmp_path, demos):
+    """Filtered BC, through π0's flow-matching loss, clones what the detector approved: moving right, not left."""
+    from learner.filtered_bc import FilteredBCLearner
+
+    _, model = _pi0(tmp_path)
+    before = _mean_dx(model, demos[:8])
+    torch.manual_seed(0)
+    learner = FilteredBCLearner(model, demos=[], steps_per_update=80, batch_size=32, lr=1e-3)
+    learner.update(_moving(demos, 0.8, True) + _moving(demos, -0.8, False))
+    after = _mean_dx(model, demos[:8])
+    assert learner.version == 1 and after > before + 0.3 and after > 0.3, (before, after)
+
+
+def test_recap_conditions_pi0_on_the_advantage(tmp_path, demos):
+    """RECAP through π0's conditioning input: conditioned on "positive" (and guided) it moves as the approved
+    attempts did, apart from "negative"."""
+    from learner.bc import action_chunks
+    from learner.recap import RecapLearner
+
+    _, model = _pi0(tmp_path)
+    torch.manual_seed(0)
+    learner = RecapLearner(model, demos=[], steps_per_update=120, batch_size=32, lr=1e-3, indicator_dropout=0.3,
+                           guidance=2.0, value_steps=100)
+    episodes = [dataclasses.replace(ep, extras={"chunks": action_chunks(ep.actions, 8)[::4],
+                                                "chunk_steps": np.arange(0, ep.num_steps, 4)})
+                for ep in _moving(demos, 0.8, True) + _moving(demos, -0.8, False)]
+    stats = learner.update(episodes)
+    assert stats["positive_of_successes"] > 0.9 and stats["positive_of_failures"] == 0, stats
+    policy = VLAPolicy(model=model, eval_noise=0.0)
+    ep = demos[0]
+    obs = (ep.observations["image"][:1], ep.observations["proprio"][:1], [ep.instruction])
+    policy.sampling = Sampling(indicator=1, guidance=2.0)
+    positive = policy.act(*obs, seed=0)[..., 0].mean()
+    policy.sampling = Sampling(indicator=2, guidance=1.0)
+    negative = policy.act(*obs, seed=0)[..., 0].mean()
+    assert positive > 0 and positive - negative > 0.3, (positive, negative)
+
+
+def test_ppo_moves_pi0_toward_what_the_detector_approves(tmp_path):
+    """PPO with the exact log-probabilities of π0's flow draws (noise at the chunk) shifts it the way the detector
+    approves, as it does the small VLA (tests/test_learner.py)."""
+    from actors.rollout import RolloutWorker
+    from learner.ppo import PPOLearner
+
+    bundle, model = _pi0(tmp_path)
+    learner = PPOLearner(model, seed=0, ppo_lr=1e-3, ppo_epochs=8, anchor=0.0, flow_noise=0.2, noise_at="output")
+    worker = RolloutWorker(bundle.make_actor, {"max_steps": 8})
+
+    def mean_x(seeds):
+        return float(np.mean([ep.actions[:, 0].mean() for ep in worker.collect(seeds, "eval")]))
+
+    worker.set_weights(learner.snapshot())
+    before = mean_x(list(range(900, 916)))
+    for it in range(3):
+        episodes = worker.collect([100 * it + i // 4 for i in range(32)], "train", sample_seed=it)
+        assert episodes[0].extras["logp"].shape == (len(episodes[0].extras["chunk_steps"]), 8, 4)
+        for i in range(0, 32, 4):
+            xs = [ep.actions[:, 0].mean() for ep in episodes[i:i + 4]]
+            for ep, x in zip(episodes[i:i + 4], xs):
+                ep.labels.append(Label(source="detector", success=bool(x > np.median(xs)), version="d"))
+        learner.update(episodes)
+        worker.set_weights(learner.snapshot())
+    after = mean_x(list(range(900, 916)))
+    assert after > before + 0.1, (before, after)
