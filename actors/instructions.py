@@ -103,3 +103,14 @@ def combo_allowed(combos: str, kind: str, *colours: str) -> bool:
     if combos == "all":
         return True
     return combo_is_heldout(kind, *colours) == (combos == "heldout")
+
+
+def every_instruction() -> list[str]:
+    """Every instruction the built-in tasks can give (every template, every combination): what a tokenizer made
+    for them must cover."""
+    out = set()
+    for kind, kinds_templates in TEMPLATES.items():
+        for template in kinds_templates:
+            for combo in combinations("open" if kind == "close" else kind):
+                out.add(template.format(**dict(zip("bt", combo))))
+    return sorted(out)

@@ -136,7 +136,8 @@ def cmd_pretrain(overrides: list[str]) -> int:
 
         record = pretrain(cfg, say=lambda m: progress.console.print(m), progress=on_step,
                           command=" ".join(["flywheel pretrain", *overrides]))
-    console.print(f"base: {Path(cfg.out_dir) / 'base_vla.safetensors'}  held-out success {record['final']['success']:.3f}")
+    base = Path(cfg.out_dir) / ("base_pi0" if cfg.model == "pi0" else "base_vla.safetensors")
+    console.print(f"base: {base}  held-out success {record['final']['success']:.3f}")
     return 0
 
 

@@ -330,10 +330,27 @@ class RunConfig:
 
 
 @dataclasses.dataclass
+class Pi0PretrainConfig:
+    """The π0 that ``flywheel pretrain model=pi0`` starts from (flywheel/vla/pi0.py): openpi's variants, or
+    flywheel's small ones, which learn on a CPU (about 3M parameters)."""
+
+    paligemma_variant: str = "gemma_small"  # gemma_2b (π0's), gemma_small, dummy
+    action_expert_variant: str = "gemma_small"  # gemma_300m (π0's), gemma_small, dummy
+    vision_variant: str = "siglip_small"  # so400m (π0's, 224 px), siglip_small (64 px), siglip_dummy
+    pi05: bool = False  # π0.5: adaRMS time conditioning, the state in the prompt
+    action_horizon: int = 8  # actions per chunk
+    max_token_len: int = 0  # prompt tokens; 0: 24 for π0, 48 for π0.5 (its prompt holds the state)
+    vocab_size: int = 256  # the tokenizer trained on the tasks' instructions (PaliGemma's is 257,152)
+
+
+@dataclasses.dataclass
 class PretrainConfig:
-    """``flywheel pretrain``: behaviour cloning of the small VLA on scripted demonstrations."""
+    """``flywheel pretrain``: behaviour cloning of the small VLA (or a π0) on scripted demonstrations."""
 
     out_dir: str = "runs/pretrain"  # checkpoints, demos and metrics; the job resumes from here if started again
+    model: str = "small_vla"  # small_vla (writes base_vla.safetensors) or pi0 (writes base_pi0/, openpi's file set,
+    #                           which policy=pi0 policy.checkpoint=OUT_DIR/base_pi0 loads; shaped by pi0.*)
+    pi0: Pi0PretrainConfig = field(default_factory=Pi0PretrainConfig)
     seed: int = 0
     demos: int = 100  # the limited demonstration set (the shipped base: 100)
     operators: list[str] = field(default_factory=lambda: ["standard"])  # whose demonstrations, taken in turn by

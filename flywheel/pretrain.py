@@ -1,9 +1,11 @@
-"""``flywheel pretrain``: behaviour cloning of the small VLA on a limited set of scripted demonstrations.
+"""``flywheel pretrain``: behaviour cloning of the small VLA (or a π0, ``model=pi0``) on a limited set of scripted
+demonstrations.
 
 Resumable: started again with the same ``out_dir`` it continues from the newest good checkpoint (weights,
 optimizer, step and sampler state), so an interrupted hour is not lost. At the end it writes
 ``out_dir/base_vla.safetensors`` and ``out_dir/base_vla.json`` (the command, seed and metrics that made it), and with
-``export=PATH`` copies both there (the repository ships one at flywheel/assets/).
+``export=PATH`` copies both there (the repository ships one at flywheel/assets/). A π0 is written as an openpi
+checkpoint directory, ``out_dir/base_pi0`` (with ``base_vla.json`` inside), which ``policy=pi0`` loads.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from actors.instructions import every_instruction
 from actors.rollout import make_env, run_episodes
 from actors.tabletop import split_seed
 from flywheel.checkpoint import CheckpointDir
 from flywheel.config import ConfigError, to_dict
+from flywheel.contracts import sensor_inputs
 from flywheel.metrics import wilson_interval
 from flywheel.store import EpisodeStore, atomic_write_bytes
 from flywheel.vla.checkpoint import save_policy
@@ -62,7 +66,14 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
     torch.manual_seed(cfg.seed)
     if cfg.action_head not in ACTION_HEADS:
         raise ConfigError(f"action_head={cfg.action_head!r} is unknown: choose one of {list(ACTION_HEADS)}")
-    model = SmallVLA(vla_config_for(env_kwargs, action_head=cfg.action_head, bins=cfg.bins))
+    if cfg.model not in ("small_vla", "pi0"):
+        raise ConfigError(f"model={cfg.model!r} is unknown: choose small_vla or pi0")
+    demos = load_demos(cfg, out, env_kwargs)  # (drawing no torch randomness: the model's initialisation is the same)
+    say(f"pretrain: {len(demos)} demonstrations, success {np.mean([e.ground_truth['success'] for e in demos]):.2f}")
+    if cfg.model == "pi0":
+        model = initial_pi0(cfg, out, env_kwargs, demos)
+    else:
+        model = SmallVLA(vla_config_for(env_kwargs, action_head=cfg.action_head, bins=cfg.bins))
     trainer = BCTrainer(model, lr=cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed)
     ckpts = CheckpointDir(out / "checkpoints", prefix="step", keep=2)
@@ -77,16 +88,6 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
         history = meta.get("history", [])
         say(f"pretrain: resuming from step {step} in {out}")
 
-    store = EpisodeStore(out / "demos")
-    # In seed order, as when they were made: a resumed run samples the same batches as an uninterrupted one.
-    demos = sorted(store.iter("train", with_ground_truth=True), key=lambda ep: ep.seed)
-    if len(demos) != cfg.demos:
-        seeds = [split_seed("train", i) for i in range(cfg.demos)]
-        demos = run_episodes(seeds, "train", None, policy_version=-1, operators=list(cfg.operators), **env_kwargs)
-        if len(store) == 0:
-            for ep in demos:
-                store.add(ep)
-    say(f"pretrain: {len(demos)} demonstrations, success {np.mean([e.ground_truth['success'] for e in demos]):.2f}")
     data = ChunkDataset(model, max_episodes=max(cfg.demos, 1))
     data.add(demos, pinned=True)
 
@@ -109,9 +110,9 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
                        state={"optimizer": trainer.optimizer.state_dict(), "generator": generator.get_state(),
                               "torch_rng": torch.get_rng_state()})
     final = history[-1] if history else evaluate_policy(model, cfg.eval_episodes, env_kwargs)
+    what = "π0" if cfg.model == "pi0" else f"small VLA{' with action tokens' if cfg.action_head == 'tokens' else ''}"
     record = {
-        "description": f"small VLA{' with action tokens' if cfg.action_head == 'tokens' else ''}, behaviour cloning "
-                       f"on {cfg.demos} scripted demonstrations for {cfg.steps} steps",
+        "description": f"{what}, behaviour cloning on {cfg.demos} scripted demonstrations for {cfg.steps} steps",
         "command": command,
         "seed": cfg.seed,
         "code": code_commit(),
@@ -120,6 +121,8 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
         "history": history,
         "train_seconds_this_session": time.time() - started,
     }
+    if cfg.model == "pi0":
+        return export_pi0(cfg, out, model, record, say)
     save_policy(out / "base_vla.safetensors", model, record)
     atomic_write_bytes(out / "base_vla.json", json.dumps(record, indent=2).encode())
     if cfg.export:
@@ -128,6 +131,64 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
         shutil.copyfile(out / "base_vla.safetensors", export)
         shutil.copyfile(out / "base_vla.json", export.with_suffix(".json"))
         say(f"pretrain: exported the base to {export}")
+    return record
+
+
+def load_demos(cfg: DictConfig, out: Path, env_kwargs: dict) -> list:
+    """The demonstrations, made once into ``out/demos`` and read back in seed order (as made: a resumed run samples
+    the same batches as an uninterrupted one)."""
+    store = EpisodeStore(out / "demos")
+    demos = sorted(store.iter("train", with_ground_truth=True), key=lambda ep: ep.seed)
+    if len(demos) != cfg.demos:
+        seeds = [split_seed("train", i) for i in range(cfg.demos)]
+        demos = run_episodes(seeds, "train", None, policy_version=-1, operators=list(cfg.operators), **env_kwargs)
+        if len(store) == 0:
+            for ep in demos:
+                store.add(ep)
+    return demos
+
+
+def initial_pi0(cfg: DictConfig, out: Path, env_kwargs: dict, demos: list):
+    """A π0 shaped by ``cfg.pi0`` for these environments, initialised (once, into ``out/init_pi0``: a tokenizer of
+    every instruction of the built-in tasks, the demonstrations' statistics, random weights) and loaded from there
+    as ``policy=pi0`` loads any openpi checkpoint."""
+    from flywheel.vla.bundle import pi0
+    from flywheel.vla.pi0 import Pi0Config
+    from flywheel.vla.pi0_policy import init_checkpoint
+
+    p = cfg.pi0
+    sensors = tuple(env_kwargs["sensors"])
+    init = out / "init_pi0"
+    if not (init / "flywheel.json").is_file():
+        states = np.concatenate([sensor_inputs(ep.observations, sensors)[1] for ep in demos])
+        actions = np.concatenate([ep.actions for ep in demos])
+        try:
+            shape = Pi0Config(action_dim=actions.shape[-1], action_horizon=p.action_horizon, precision="float32",
+                              paligemma_variant=p.paligemma_variant, action_expert_variant=p.action_expert_variant,
+                              vision_variant=p.vision_variant, pi05=p.pi05, vocab_size=p.vocab_size,
+                              max_token_len=p.max_token_len or (48 if p.pi05 else 24),
+                              image_slots=max(1, len([s for s in sensors if s in ("overhead", "wrist")])))
+        except ValueError as e:
+            raise ConfigError(f"pi0.*: {e}") from e
+        init_checkpoint(init, shape, every_instruction(), states, actions, sensors, seed=cfg.seed)
+    bundle = pi0(str(init))
+    model = bundle.make_model()
+    model.load_weights(bundle.weights)
+    return model
+
+
+def export_pi0(cfg: DictConfig, out: Path, model, record: dict[str, Any], say: Callable[[str], None]) -> dict:
+    """The trained π0 as an openpi checkpoint directory, ``out/base_pi0`` (and ``export``, a copy)."""
+    from flywheel.vla import openpi
+
+    base = out / "base_pi0"
+    openpi.save(base, model, model.spec.norm_stats, tokenizer=model.spec.tokenizer,
+                record={"sensors": list(model.sensors), "action_dim": model.action_dim,
+                        **{k: record[k] for k in ("description", "config", "final")}})
+    atomic_write_bytes(base / "base_vla.json", json.dumps(record, indent=2).encode())
+    if cfg.export:
+        shutil.copytree(base, cfg.export, dirs_exist_ok=True)
+        say(f"pretrain: exported the base to {cfg.export}")
     return record
 
 

@@ -272,3 +272,20 @@ def test_ppo_moves_pi0_toward_what_the_detector_approves(tmp_path):
         worker.set_weights(learner.snapshot())
     after = mean_x(list(range(900, 916)))
     assert after > before + 0.1, (before, after)
+
+
+def test_pretrain_writes_a_pi0_that_a_run_loads(tmp_path):
+    """``flywheel pretrain model=pi0``: the base is an openpi checkpoint directory holding the trained weights."""
+    from flywheel.config import load_config
+    from flywheel.pretrain import pretrain
+
+    cfg = load_config("pretrain", [f"out_dir={tmp_path}", "model=pi0", "demos=4", "steps=4", "batch_size=8",
+                                   "warmup=1", "eval_every=1000", "eval_episodes=2", "checkpoint_every=4",
+                                   "env.max_steps=8", "pi0.paligemma_variant=dummy", "pi0.action_expert_variant=dummy",
+                                   "pi0.vision_variant=siglip_dummy"])
+    record = pretrain(cfg, say=lambda m: None)
+    bundle = plugins.resolve("policy", "pi0")(str(tmp_path / "base_pi0"), None)
+    assert bundle.meta["description"] == record["description"] and bundle.sensors == ("overhead",)
+    initial = plugins.resolve("policy", "pi0")(str(tmp_path / "init_pi0"), None)
+    assert any(not np.array_equal(bundle.weights[k], initial.weights[k]) for k in bundle.weights)  # trained
+    assert act(bundle, observation()).shape == (3, 8, 3)

@@ -250,7 +250,8 @@ def save(directory: str | Path, model: Pi0, norm_stats: dict[str, dict[str, np.n
     fields = {"action_dim": cfg.action_dim, "action_horizon": cfg.action_horizon,
               "paligemma_variant": cfg.paligemma_variant, "action_expert_variant": cfg.action_expert_variant,
               "precision": cfg.precision}
-    extra = {k: getattr(cfg, k) for k in ("pi05", "vision_variant", "vocab_size", "max_token_len", "flow_steps")
+    extra = {k: getattr(cfg, k) for k in ("pi05", "vision_variant", "vocab_size", "max_token_len", "flow_steps",
+                                          "image_slots")
              if getattr(cfg, k) != Pi0Config.__dataclass_fields__[k].default}
     _atomic(directory / "config.json", lambda p: p.write_text(json.dumps({**fields, **extra}, indent=2)))
     if norm_stats:

@@ -91,12 +91,15 @@ class Pi0Config:
     vocab_size: int = 257_152
     max_token_len: int = 48  # openpi: 48 for π0, 200 for π0.5 (its prompt holds the state)
     flow_steps: int = 10
+    image_slots: int = 3  # openpi's three (CAMERAS), each always in the prefix; fewer for a model of fewer cameras
 
     def __post_init__(self):
         for key, table in (("paligemma_variant", GEMMA), ("action_expert_variant", GEMMA),
                            ("vision_variant", SIGLIP)):
             if getattr(self, key) not in table:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {sorted(table)}")
+        if not 1 <= self.image_slots <= len(CAMERAS):
+            raise ValueError(f"image_slots={self.image_slots}: openpi's model has 1 to {len(CAMERAS)} {CAMERAS}")
         if self.precision not in ("bfloat16", "float32"):
             raise ValueError(f"precision={self.precision!r}: openpi writes bfloat16 or float32")
         vlm, expert = self.vlm, self.expert
@@ -120,7 +123,7 @@ class Pi0Config:
     @property
     def prefix_len(self) -> int:
         """Prefix tokens: every camera's patches, then the prompt."""
-        return len(CAMERAS) * (self.vision.image // self.vision.patch) ** 2 + self.max_token_len
+        return self.image_slots * (self.vision.image // self.vision.patch) ** 2 + self.max_token_len
 
 
 def _module(**children: nn.Module) -> nn.Module:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from flywheel.checkpoint import numpy_state
 from flywheel.vla.model import share_weights
-from flywheel.vla.pi0 import CAMERAS, Pi0, Pi0Config, Prefix
+from flywheel.vla.pi0 import Pi0, Pi0Config, Prefix
 
 SLOTS = {"overhead": 0, "wrist": 1}  # flywheel's cameras -> openpi's image slots (base, left wrist)
 
@@ -128,9 +128,10 @@ class Pi0Policy(Pi0):
 
     def __init__(self, spec: Pi0Spec):
         super().__init__(spec.cfg)
-        unknown = [s for s in spec.sensors if s not in SLOTS and s != "touch"]
+        unknown = [s for s in spec.sensors if s != "touch" and SLOTS.get(s, 99) >= spec.cfg.image_slots]
         if unknown:
-            raise ValueError(f"π0 reads RGB cameras {sorted(SLOTS)} (and touch, as state): not {unknown}")
+            raise ValueError(f"this π0 reads the RGB cameras {[s for s, i in SLOTS.items() if i < spec.cfg.image_slots]}"
+                             f" (and touch, as state): not {unknown}")
         if spec.action_dim > spec.cfg.action_dim:
             raise ValueError(f"the environment acts in {spec.action_dim} dims, the π0 checkpoint in "
                              f"{spec.cfg.action_dim}")
@@ -175,8 +176,8 @@ class Pi0Policy(Pi0):
         """flywheel's (uint8 (B, H, W, 3 per camera), ids, proprio) -> ``Pi0.prefix``'s arguments."""
         b, s = images.shape[0], self.cfg.vision.image
         pixels = images.to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        cams = torch.full((b, len(CAMERAS), 3, s, s), -1.0, device=self.device)
-        valid = torch.zeros(b, len(CAMERAS), dtype=torch.bool, device=self.device)
+        cams = torch.full((b, self.cfg.image_slots, 3, s, s), -1.0, device=self.device)
+        valid = torch.zeros(b, self.cfg.image_slots, dtype=torch.bool, device=self.device)
         for i, sensor in enumerate(x for x in self.spec.sensors if x in SLOTS):
             cams[:, SLOTS[sensor]] = resize_with_pad(pixels[:, 3 * i:3 * i + 3], s)
             valid[:, SLOTS[sensor]] = True
