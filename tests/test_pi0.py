@@ -12,7 +12,7 @@ from flywheel import plugins
 from flywheel.contracts import Label, Sampling
 from flywheel.vla import openpi
 from flywheel.vla.model import VLAPolicy
-from flywheel.vla.pi0 import Pi0, Pi0Config
+from flywheel.vla.pi0 import Pi0, Pi0Config, Prefix
 from flywheel.vla.pi0_policy import init_checkpoint
 
 TEXTS = ["push the red block to the blue pad", "place the green block in the yellow bowl",
@@ -289,3 +289,56 @@ def test_pretrain_writes_a_pi0_that_a_run_loads(tmp_path):
     initial = plugins.resolve("policy", "pi0")(str(tmp_path / "init_pi0"), None)
     assert any(not np.array_equal(bundle.weights[k], initial.weights[k]) for k in bundle.weights)  # trained
     assert act(bundle, observation()).shape == (3, 8, 3)
+
+
+@pytest.mark.parametrize("pi05", [False, True])
+def test_the_prefix_cache_computes_what_one_joint_pass_does(pi05):
+    """Acting and training split π0's forward in two (the prefix's keys and values, then the expert on them); openpi
+    trains with both streams in one attention per layer. The same velocity either way, and the flow-matching loss
+    reaches every weight that acts but the last backbone layer's past its keys and values (as in π0)."""
+    import torch.nn.functional as F
+
+    from bench.pi0_latency import inputs, loss
+    from flywheel.vla.pi0 import BLOCKED, rope
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(small(pi05), image_slots=2)
+    model = Pi0(cfg)
+    with torch.no_grad():  # as trained weights are: nothing at zero
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    args, actions = inputs(cfg, 2, "cpu", torch.float32)
+    args[1][1, 1] = False  # a missing camera
+    args[3][0, 10:] = False  # a short prompt
+    t = torch.tensor([0.3, 0.8])
+    cached = model.velocity(model.prefix(*args)[0], actions, t)
+
+    prefix_layers, expert = model.paligemma_with_expert.paligemma.model, model.paligemma_with_expert.gemma_expert.model
+    images, image_valid, tokens, token_valid, state = args
+    patches = prefix_layers.vision_tower(images.flatten(0, 1))
+    x = torch.cat([prefix_layers.multi_modal_projector.linear(patches).view(2, -1, cfg.vlm.width),
+                   prefix_layers.language_model.embed_tokens(tokens) * cfg.vlm.width ** 0.5], 1)
+    suffix, blocks, cond = model._suffix(Prefix(None, None, None, state), actions, t, None)
+    valid = torch.cat([image_valid.repeat_interleave(patches.shape[1], 1), token_valid,
+                       torch.ones(2, suffix.shape[1], dtype=torch.bool)], 1)
+    order = torch.cat([torch.zeros(x.shape[1], dtype=torch.long), blocks.cumsum(0)])  # openpi's make_att_2d_masks
+    allowed = (order[None, :] <= order[:, None])[None] & valid[:, None, :] & valid[:, :, None]
+    mask = torch.where(allowed, 0.0, BLOCKED)[:, None]
+    cos_sin = rope(valid.long().cumsum(1) - 1, cfg.vlm.head_dim)
+    n = x.shape[1]
+    for layer, own in zip(prefix_layers.language_model.layers, expert.layers):
+        q1, k1, v1, _ = layer.qkv(x, None, tuple(c[:, :, :n] for c in cos_sin))
+        q2, k2, v2, gate = own.qkv(suffix, cond, tuple(c[:, :, n:] for c in cos_sin))
+        out = F.scaled_dot_product_attention(torch.cat([q1, q2], 2), torch.cat([k1, k2], 2), torch.cat([v1, v2], 2),
+                                             attn_mask=mask, enable_gqa=True)
+        x, suffix = layer.finish(x, out[:, :, :n], None, None), own.finish(suffix, out[:, :, n:], gate, cond)
+    joint = model.action_out_proj(expert.norm(suffix, cond)[0][:, -actions.shape[1]:])
+    torch.testing.assert_close(cached, joint, atol=1e-5, rtol=1e-4)
+
+    loss(model, args, actions).backward()
+    last = f"paligemma_with_expert.paligemma.model.language_model.layers.{cfg.vlm.depth - 1}."
+    untrained = {n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0}
+    assert untrained == {last + n for n in ("self_attn.q_proj.weight", "self_attn.o_proj.weight", "mlp.gate_proj.weight",
+                                            "mlp.up_proj.weight", "mlp.down_proj.weight",
+                                            "post_attention_layernorm.weight")} | {
+        "paligemma_with_expert.paligemma.model.language_model.norm.weight"}
