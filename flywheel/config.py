@@ -51,7 +51,11 @@ class PolicyConfig:
     name: str = "small_vla"  # the policy plug-in: small_vla (flywheel's own), or an import path module:factory
     #                          returning a flywheel.contracts.PolicyBundle (README "Bring your own")
     checkpoint: str = "base"  # what it starts from; small_vla: "base" (shipped in flywheel/assets), "base:NAME", or
-    #                           a path to a .safetensors file flywheel wrote
+    #                           a path to a .safetensors file flywheel wrote; pi0: an openpi or LeRobot checkpoint
+    #                           directory (README, "Your π0 checkpoint")
+    options: dict[str, Any] = field(default_factory=dict)  # the plug-in's own keyword arguments; pi0's:
+    #                           vlm (train | frozen | lora), lora_rank, gradient_checkpointing, autocast (bf16 on CUDA),
+    #                           tokenizer (a path), asset_id (policy.options={vlm:lora,gradient_checkpointing:true})
 
 
 @dataclasses.dataclass
@@ -526,7 +530,8 @@ def _dicts_replaced(name: str, overrides: list[str]) -> list[str]:
     for o in overrides:
         key = o.split("=", 1)[0]
         node = OmegaConf.select(schema, key) if "=" in o and not key.startswith(("+", "~")) else None
-        if (isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict) or key == "learner.options":
+        if (isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict) or \
+                key.startswith(("learner.options", "policy.options")):
             o = "++" + o  # a dict, not a section
         out.append(o)
     return out

@@ -8,6 +8,7 @@ Seeds: each use of the training split draws its own range (``split_seed``), so n
 from __future__ import annotations
 
 import functools
+import inspect
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,7 +54,15 @@ def resolve(kind: str, key: str, spec: str) -> Callable[..., Any]:
 
 def policy_bundle(cfg: DictConfig) -> PolicyBundle:
     """The starting policy (``policy.name`` from ``policy.checkpoint``), acting in evaluation as ``eval.noise`` says."""
-    bundle = resolve("policy", "policy.name", cfg.policy.name)(cfg.policy.checkpoint, cfg.eval.noise)
+    factory = resolve("policy", "policy.name", cfg.policy.name)
+    options = to_dict(cfg.policy.get("options", {}))
+    try:
+        bundle = factory(cfg.policy.checkpoint, cfg.eval.noise, **options)
+    except TypeError as e:
+        if options and "keyword argument" in str(e):
+            raise ConfigError(f"policy.options={options}: {e}; the policy plug-in takes "
+                              f"{list(inspect.signature(factory).parameters)[2:]}") from e
+        raise
     if not isinstance(bundle, PolicyBundle):
         raise ConfigError(f"policy.name={cfg.policy.name!r} returned a {type(bundle).__name__}, not the "
                           f"flywheel.contracts.PolicyBundle a policy plug-in gives the run")

@@ -342,3 +342,48 @@ def test_the_prefix_cache_computes_what_one_joint_pass_does(pi05):
                                             "mlp.up_proj.weight", "mlp.down_proj.weight",
                                             "post_attention_layernorm.weight")} | {
         "paligemma_with_expert.paligemma.model.language_model.norm.weight"}
+
+
+@pytest.mark.parametrize("vlm", ["frozen", "lora"])
+def test_what_fits_one_gpu_trains_what_it_says(tmp_path, demos, vlm):
+    """policy.options: a frozen VLM trains the action expert alone; LoRA trains low-rank adapters on the language
+    model besides, and the checkpoint written folds them in, so that openpi (and flywheel) read it as it acts."""
+    from learner.filtered_bc import FilteredBCLearner
+
+    path = checkpoint(tmp_path / "ck")
+    bundle = plugins.resolve("policy", "pi0")(str(path), None, vlm=vlm, lora_rank=4)
+    model = bundle.make_model()
+    model.load_weights(bundle.weights)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    learner = FilteredBCLearner(model, demos=[], steps_per_update=30, batch_size=16, lr=1e-3)
+    learner.update(_moving(demos[:8], 0.8, True) + _moving(demos[:8], -0.8, False))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    vlm_names = {k for k in changed if k.startswith("paligemma_with_expert.paligemma.")}
+    assert any(k.startswith("paligemma_with_expert.gemma_expert.") for k in changed)
+    if vlm == "lora":  # the adapters, not the weights they adapt
+        assert vlm_names and all(".lora_" in k for k in vlm_names), sorted(vlm_names)[:4]
+    else:
+        assert not vlm_names, sorted(vlm_names)[:4]
+    openpi.save(tmp_path / "out", model, model.spec.norm_stats, tokenizer=model.spec.tokenizer,
+                record={"sensors": ["overhead"], "action_dim": 3})
+    merged = plugins.resolve("policy", "pi0")(str(tmp_path / "out"), None)
+    adapted = bundle.make_actor()
+    adapted.load_weights(model.get_weights())
+    np.testing.assert_allclose(act(merged, observation()), adapted.act(*observation(), seed=0), atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    _, model = _pi0(tmp_path)
+    images, proprio, texts = observation()
+    args = (torch.from_numpy(images), torch.from_numpy(model.token_ids(texts)), torch.from_numpy(proprio))
+    grads = []
+    for on in (False, True):
+        model.zero_grad()
+        model.train()
+        model.gradient_checkpointing = on
+        model.imitation_loss(model.context(*args), torch.zeros(3, 8, 3), generator=torch.Generator().manual_seed(0)
+                             ).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)

@@ -243,7 +243,11 @@ def save(directory: str | Path, model: Pi0, norm_stats: dict[str, dict[str, np.n
     (directory / "assets" / asset_id).mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     dtype = torch.bfloat16 if cfg.precision == "bfloat16" else torch.float32
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach() for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, module in model.named_modules():  # low-rank adapters folded into their weights, as openpi reads them
+        if hasattr(module, "merged"):
+            state[name + ".weight"] = module.merged().detach()
+    state = {k: v.to("cpu", dtype).contiguous() for k, v in state.items()}
     ours = {k: state.pop(k).float() for k in [k for k in state if k.startswith("flywheel_")]}
     _atomic(directory / "model.safetensors", lambda p: save_file(state, str(p)))
     _atomic(directory / FLYWHEEL_EXTRA, lambda p: save_file(ours, str(p)))

@@ -14,6 +14,7 @@ tokens are real, the state), so that the action expert trains and is scored with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 import numpy as np
@@ -116,7 +117,18 @@ class Pi0Spec:
     norm_stats: dict[str, dict[str, np.ndarray]]
     sensors: tuple[str, ...] = ("overhead",)
     action_dim: int = 3  # the environment's: the first dims of the model's (padded) action_dim
-    gradient_checkpointing: bool = False
+    # What fits a single GPU (README, "What one GPU can fine-tune"):
+    vlm: str = "train"  # the vision-language model: train (full fine-tuning), frozen (the action expert and its
+    #                     projections train), lora (frozen, with low-rank adapters on the language model's layers)
+    lora_rank: int = 16
+    gradient_checkpointing: bool = False  # recompute each layer in the backward pass rather than keep activations
+    autocast: bool = True  # bfloat16 autocast where the model runs on CUDA (float32 on a CPU, where bf16 is slow)
+
+    def __post_init__(self):
+        if self.vlm not in ("train", "frozen", "lora"):
+            raise ValueError(f"vlm={self.vlm!r}: choose train, frozen or lora")
+        if self.vlm == "lora" and self.lora_rank < 1:
+            raise ValueError(f"lora_rank={self.lora_rank}: at least 1")
 
 
 class Pi0Policy(Pi0):
@@ -139,6 +151,15 @@ class Pi0Policy(Pi0):
         self.tokenizer = PromptTokenizer(spec.tokenizer, spec.cfg.max_token_len)
         self.normalizer = Normalizer(spec.norm_stats, quantile=spec.cfg.pi05)
         self.gradient_checkpointing = spec.gradient_checkpointing
+        if spec.vlm != "train":
+            self.paligemma_with_expert.paligemma.requires_grad_(False)
+        if spec.vlm == "lora":
+            add_lora(self.paligemma_with_expert.paligemma.model.language_model, spec.lora_rank)
+
+    def _autocast(self):
+        """bfloat16 autocast on CUDA (``Pi0Spec.autocast``); nothing elsewhere."""
+        on = self.spec.autocast and self.device.type == "cuda"
+        return torch.autocast("cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
     # ---- the TrainablePolicy contract --------------------------------------------------------------------------
 
@@ -192,7 +213,8 @@ class Pi0Policy(Pi0):
 
     def context(self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
         """The packed prefix (B, D), with gradients (``Prefix.pack``)."""
-        return self.prefix(*self._inputs(images, ids, proprio))[0].pack()
+        with self._autocast():
+            return self.prefix(*self._inputs(images, ids, proprio))[0].pack()
 
     @torch.no_grad()
     def features(self, images: np.ndarray, ids: np.ndarray, proprio: np.ndarray, batch: int = 64) -> torch.Tensor:
@@ -200,7 +222,9 @@ class Pi0Policy(Pi0):
         out = []
         for i in range(0, len(images), batch):
             args = self._inputs(*(torch.from_numpy(np.asarray(a[i:i + batch])) for a in (images, ids, proprio)))
-            prefix, hidden = self.prefix(*args)
+            with self._autocast():
+                prefix, hidden = self.prefix(*args)
+            hidden = hidden.float()
             keep = prefix.valid.float()[..., None]
             out.append((hidden * keep).sum(1) / keep.sum(1).clamp_min(1.0))
         return torch.cat(out)
@@ -235,7 +259,8 @@ class Pi0Policy(Pi0):
         u = torch.rand(b, generator=generator).to(target.device)
         t = u.pow(1.0 / 1.5) * 0.999 + 0.001
         x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * target
-        v = self.velocity(Prefix.unpack(ctx, self.cfg), x_t, t, indicator)
+        with self._autocast():
+            v = self.velocity(Prefix.unpack(ctx, self.cfg), x_t, t, indicator)
         per_sample = (v - (noise - target))[..., :self.action_dim].pow(2).mean(dim=(1, 2))
         if weights is None:
             return per_sample.mean()
@@ -250,10 +275,11 @@ class Pi0Policy(Pi0):
         chain = [start]
         for k in range(steps):
             t = torch.full((b,), 1.0 - k / steps, device=start.device)
-            v = self.velocity(prefix, chain[-1], t, cond)
-            if guidance != 1.0:
-                free = self.velocity(prefix, chain[-1], t, torch.zeros_like(cond))
-                v = free + guidance * (v - free)
+            with self._autocast():
+                v = self.velocity(prefix, chain[-1], t, cond)
+                if guidance != 1.0:
+                    free = self.velocity(prefix, chain[-1], t, torch.zeros_like(cond))
+                    v = free + guidance * (v - free)
             x = chain[-1] - v / steps
             if step_noise > 0:
                 x = x + step_noise * torch.randn(x.shape, generator=generator).to(x.device)
@@ -272,7 +298,8 @@ class Pi0Policy(Pi0):
             raise ValueError("π0 has no residual head: residual_ppo needs flywheel's small VLA")
         if noise_at not in ("steps", "output"):
             raise ValueError(f"noise_at={noise_at!r}: choose steps (each Euler step draws) or output (the chunk does)")
-        prefix = self.prefix(*self._inputs(images, ids, proprio))[0]
+        with self._autocast():
+            prefix = self.prefix(*self._inputs(images, ids, proprio))[0]
         shape = (images.shape[0], self.cfg.action_horizon, self.cfg.action_dim)
         if start is None:
             start = noise * torch.randn(shape, generator=generator) if noise else torch.zeros(shape)
@@ -300,7 +327,9 @@ class Pi0Policy(Pi0):
         repeated = Prefix([k.repeat_interleave(steps, 0) for k in prefix.keys],
                           [v.repeat_interleave(steps, 0) for v in prefix.values],
                           prefix.valid.repeat_interleave(steps, 0), prefix.state.repeat_interleave(steps, 0))
-        mean = x - self.velocity(repeated, x, t) / steps
+        with self._autocast():
+            velocity = self.velocity(repeated, x, t)
+        mean = x - velocity / steps
         return torch.distributions.Normal(mean, flow_noise).log_prob(chain[:, 1:].flatten(0, 1)).view_as(chain[:, 1:])
 
     def log_prob(self, ctx: torch.Tensor, recorded: dict[str, torch.Tensor], flow_noise: float = 0.0) -> torch.Tensor:
@@ -322,7 +351,39 @@ class Pi0Policy(Pi0):
         share_weights(self, weights)
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:
-        self.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+        """Every weight; a checkpoint without adapters (openpi's) starts them afresh (their product at zero)."""
+        missing, unexpected = self.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()},
+                                                   strict=False)
+        if unexpected or any(".lora_" not in k for k in missing):
+            raise KeyError(f"weights that do not fit this π0: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+class LoRALinear(torch.nn.Module):
+    """A frozen linear layer plus a trained low-rank update, W x + (alpha / r) B A x (Hu et al. 2021). ``weight``
+    keeps its name (and so openpi's); ``merged`` folds the update in for a checkpoint openpi can read."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float | None = None):
+        super().__init__()
+        self.weight = base.weight
+        self.lora_a = torch.nn.Parameter(torch.randn(rank, base.in_features) / rank ** 0.5)
+        self.lora_b = torch.nn.Parameter(torch.zeros(base.out_features, rank))  # zero: starts as the base
+        self.scale = (alpha or rank) / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
+
+    def merged(self) -> torch.Tensor:
+        return self.weight + self.scale * self.lora_b @ self.lora_a
+
+
+def add_lora(language_model: torch.nn.Module, rank: int) -> None:
+    """Low-rank adapters on every attention and MLP projection of the language model (openpi's gemma_2b_lora: rank
+    16, attention and feed-forward)."""
+    for layer in language_model.layers:
+        for part, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                            (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                setattr(part, name, LoRALinear(getattr(part, name), rank))
 
 
 def resize_with_pad(images: torch.Tensor, size: int) -> torch.Tensor:
