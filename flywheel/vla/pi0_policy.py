@@ -151,10 +151,7 @@ class Pi0Policy(Pi0):
         self.tokenizer = PromptTokenizer(spec.tokenizer, spec.cfg.max_token_len)
         self.normalizer = Normalizer(spec.norm_stats, quantile=spec.cfg.pi05)
         self.gradient_checkpointing = spec.gradient_checkpointing
-        if spec.vlm != "train":
-            self.paligemma_with_expert.paligemma.requires_grad_(False)
-        if spec.vlm == "lora":
-            add_lora(self.paligemma_with_expert.paligemma.model.language_model, spec.lora_rank)
+        trains(self, spec.vlm, spec.lora_rank)
 
     def _autocast(self):
         """bfloat16 autocast on CUDA (``Pi0Spec.autocast``); nothing elsewhere."""
@@ -374,6 +371,15 @@ class LoRALinear(torch.nn.Module):
 
     def merged(self) -> torch.Tensor:
         return self.weight + self.scale * self.lora_b @ self.lora_a
+
+
+def trains(model: Pi0, vlm: str, rank: int) -> None:
+    """What of ``model`` trains (``Pi0Spec.vlm``): everything; the action expert and its projections alone; or those
+    and low-rank adapters on the frozen language model."""
+    if vlm != "train":
+        model.paligemma_with_expert.paligemma.requires_grad_(False)
+    if vlm == "lora":
+        add_lora(model.paligemma_with_expert.paligemma.model.language_model, rank)
 
 
 def add_lora(language_model: torch.nn.Module, rank: int) -> None:
