@@ -9,6 +9,8 @@
     flywheel reward eval run_dir=PATH [detector=FILE]   the detector's report: PATH/reward/report.{json,html}
     flywheel demos out_dir=PATH [key=value ...]  scripted demonstrations into an episode store (resumable)
     flywheel report RUN_DIR                 the run at a glance: RUN_DIR/report.html, self-contained (no network)
+    flywheel serve [key=value ...] [--port N] [--api-key KEY]   serve policy.checkpoint over a websocket in openpi's
+                                            protocol (openpi_client.WebsocketClientPolicy, policy.name=remote)
     flywheel store verify run_dir=PATH      read every stored episode; print what was found as JSON (after a crash)
     flywheel store check RUN_DIR [--repair] find (and move aside) damaged episode files
 """
@@ -226,6 +228,37 @@ def cmd_report(args: list[str]) -> int:
     return 0
 
 
+def cmd_serve(args: list[str]) -> int:
+    """``flywheel serve``: the policy over a websocket until Ctrl-C (flywheel/serve.py)."""
+    parser = argparse.ArgumentParser(prog="flywheel serve", add_help=False)
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--api-key")
+    flags, rest = parser.parse_known_args(args)
+    unknown = [a for a in rest if "=" not in a]
+    if unknown:
+        console.print(f"[red]error:[/red] usage: flywheel serve [key=value ...] [--host H] [--port N] [--api-key KEY] "
+                      f"(not understood: {' '.join(unknown)})")
+        return 2
+    cfg = _load("serve", rest)
+    from flywheel.serve import API_KEY_ENV, PolicyServer, load_served
+
+    served = load_served(cfg)
+    api_key = flags.api_key or cfg.serve.api_key or os.environ.get(API_KEY_ENV) or None
+    server = PolicyServer(served, host=flags.host or cfg.serve.host,
+                          port=cfg.serve.port if flags.port is None else flags.port, api_key=api_key).start()
+    print(f"serving {served.name} {served.checkpoint} at {server.url} (chunk {served.chunk}, action_dim "
+          f"{served.action_dim}, sensors {list(served.sensors)}; {'API key required' if api_key else 'no API key'}; "
+          f"health: http://{server.host}:{server.port}/healthz); Ctrl-C stops", flush=True)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        console.print("server stopped")
+    finally:
+        server.stop()
+    return 0
+
+
 def cmd_store_check(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="flywheel store check")
     parser.add_argument("run_dir")
@@ -312,7 +345,7 @@ def _dispatch(argv: list[str] | None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if {"-h", "--help"} & set(rest):  # anywhere after the command: `flywheel run budget.minutes=480 --help` too
-        name = cmd if cmd in ("pretrain", "demos") else "run"
+        name = cmd if cmd in ("pretrain", "demos", "serve") else "run"
         console.print(__doc__, markup=False)
         console.print("keys and defaults:\n" + _schema_help(name, rest), markup=False)
         return 0
@@ -328,6 +361,8 @@ def _dispatch(argv: list[str] | None) -> int:
         return cmd_reward_eval(rest[1:])
     if cmd == "report":
         return cmd_report(rest)
+    if cmd == "serve":
+        return cmd_serve(rest)
     if cmd == "store" and rest[:1] == ["verify"]:
         return cmd_store_verify(rest[1:])
     if cmd == "store" and rest[:1] == ["check"]:

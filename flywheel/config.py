@@ -389,8 +389,32 @@ class DemosConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
 
 
+@dataclasses.dataclass
+class ServeEvalConfig:
+    noise: Optional[float] = 0.0  # the flow's starting noise where an observation brings none, as eval.noise of
+    #                               `flywheel run`: 0, from its mean (one deterministic chunk per observation); 1, a
+    #                               sample; None, as the checkpoint's learner asked
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"  # this machine only; 0.0.0.0 serves every interface (then give an API key)
+    port: int = 8000  # openpi's default; 0 takes a free port and prints it
+    api_key: str = ""  # clients must send the header `Authorization: Api-Key <key>`; "": none. The FLYWHEEL_API_KEY
+    #                    environment variable sets it too, without showing it in the process list
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """``flywheel serve``: a policy over the network in openpi's websocket protocol (flywheel/serve.py)."""
+
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    eval: ServeEvalConfig = field(default_factory=ServeEvalConfig)
+    serve: ServerConfig = field(default_factory=ServerConfig)
+
+
 _SCHEMAS = {"run": ("run_schema", RunConfig), "pretrain": ("pretrain_schema", PretrainConfig),
-            "demos": ("demos_schema", DemosConfig)}
+            "demos": ("demos_schema", DemosConfig), "serve": ("serve_schema", ServeConfig)}
 
 
 def _register() -> None:
@@ -447,6 +471,8 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
                           f"env.sensors (the episodes must carry every camera the detector judges from)")
     if name == "run":
         _check_named_parts(cfg)
+    if name == "serve":
+        _check_named_parts(cfg, (("policy", "policy.name"),))
     if name == "run" and cfg.detector.checkpoint and not Path(cfg.detector.checkpoint).is_file():
         raise ConfigError(f"detector.checkpoint={cfg.detector.checkpoint}: no such file. Give a detector's .safetensors "
                           f"(`flywheel reward train` writes RUN_DIR/detector/detector-N.safetensors), or leave it empty "
@@ -462,12 +488,13 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def _check_named_parts(cfg: DictConfig) -> None:
+def _check_named_parts(cfg: DictConfig, parts: tuple[tuple[str, str], ...] = (
+        ("policy", "policy.name"), ("env", "env.name"), ("detector", "detector.name"),
+        ("learner", "learner.algorithm"))) -> None:
     """Each plug-in the config names is registered or an import path (imported only when the run starts)."""
     from flywheel import plugins
 
-    for kind, key in (("policy", "policy.name"), ("env", "env.name"), ("detector", "detector.name"),
-                      ("learner", "learner.algorithm")):
+    for kind, key in parts:
         spec = OmegaConf.select(cfg, key)
         if spec not in plugins.registered(kind) and not plugins.is_import_path(spec):
             raise ConfigError(f"{key}={spec!r} is unknown: choose one of {plugins.registered(kind)}, or give an import "
