@@ -16,6 +16,7 @@ import gymnasium as gym
 import numpy as np
 
 from actors.expert import expert_action
+from actors.remote_policy import PolicyServerError
 from actors.tabletop import Frames, TabletopEnv
 from flywheel import plugins
 from flywheel.contracts import INTERVENTION, Episode, Extras, Policy, PolicySnapshot, observation_keys, sensor_inputs
@@ -173,7 +174,13 @@ class Lockstep:
             self.correcting[i] = self.correcting[i] or bool(
                 self.will_correct[i] and len(self.actions[i]) >= self.correct_after)
         acting = [i for i in self.running if self.policy is not None and not self.correcting[i]]
-        chunk = self._act(acting) if acting else None
+        try:
+            chunk = self._act(acting) if acting else None
+        except PolicyServerError as e:  # a served policy that failed: its episodes waiting for the chunk are lost
+            if faults is None:
+                raise
+            self._lose(acting, e, faults)
+            acting, chunk = [], None
         row_of = {i: row for row, i in enumerate(acting)}
         still = []
         for i in self.running:
@@ -192,6 +199,14 @@ class Lockstep:
                                 seed=self.sample_seed * 100_003 + self.calls)
         self.calls += 1
         return chunk
+
+    def _lose(self, acting: list[int], error: Exception, faults: list[dict]) -> None:
+        """The episodes of ``acting`` end here, discarded, each with a fault saying why."""
+        for i in acting:
+            faults.append({"seed": int(self.seeds[i]), "step": len(self.actions[i]),
+                           "error": f"{type(error).__name__}: {error}"})
+            self.broken.add(i)
+        self.running = [i for i in self.running if i not in self.broken]
 
     def _record_decision(self, i: int, chunk: np.ndarray, row: int) -> None:
         self.chunks[i].append(chunk)
