@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test test-slow smoke bench bench-rl setup sims clean
+.PHONY: run test test-slow smoke bench bench-rl setup sims openpi-client clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,22 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# openpi's own client (openpi-client 0.1.2), which tests/test_serve.py runs against `flywheel serve`. A venv of its own:
+# it pins numpy<2, which this project's does not. --no-deps keeps it small: its websocket client needs msgpack, numpy,
+# websockets and typing_extensions (imported, yet not among its declared dependencies); dm-tree and pillow are for
+# its image tools, which the check does not use.
+OPENPI_VENV := .venv-openpi
+OPENPI_STAMP := $(OPENPI_VENV)/.installed
+
+$(OPENPI_STAMP):
+	test -x $(OPENPI_VENV)/bin/python || $(PYTHON) -m venv $(OPENPI_VENV)
+	$(OPENPI_VENV)/bin/pip install --quiet "msgpack>=1.0.5" "numpy>=1.22.4,<2" "websockets>=11" typing_extensions
+	$(OPENPI_VENV)/bin/pip install --quiet --no-deps openpi-client==0.1.2
+	$(OPENPI_VENV)/bin/python -c "import openpi_client.websocket_client_policy"
+	touch $(OPENPI_STAMP)
+
+openpi-client: $(OPENPI_STAMP)
+
 # Meta-World and Fetch (actors/thirdparty.py) come with the set-up; MuJoCo renders offscreen through EGL
 # (MUJOCO_GL=egl, the default here) or OSMesa (apt-get install libosmesa6, MUJOCO_GL=osmesa)
 sims: $(STAMP)
@@ -29,7 +45,7 @@ run: $(STAMP)
 smoke: $(STAMP)
 	$(BIN)/flywheel run experiment=smoke $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(OPENPI_STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 # the acceptance runs too (the smoke preset end to end, ~4 min)
@@ -58,4 +74,4 @@ bench-rl: $(STAMP)
 	PYTHONPATH=. $(BIN)/python bench/table.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(OPENPI_VENV) build *.egg-info
