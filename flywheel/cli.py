@@ -237,8 +237,10 @@ def cmd_serve(args: list[str]) -> int:
     flags, rest = parser.parse_known_args(args)
     unknown = [a for a in rest if "=" not in a]
     if unknown:
-        console.print(f"[red]error:[/red] usage: flywheel serve [key=value ...] [--host H] [--port N] [--api-key KEY] "
-                      f"(not understood: {' '.join(unknown)})")
+        from rich.markup import escape
+
+        console.print("[red]error:[/red] " + escape(f"usage: flywheel serve [key=value ...] [--host H] [--port N] "
+                                                    f"[--api-key KEY] (not understood: {' '.join(unknown)})"))
         return 2
     cfg = _load("serve", rest)
     from flywheel.serve import API_KEY_ENV, PolicyServer, load_served
