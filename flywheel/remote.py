@@ -10,22 +10,25 @@ from flywheel.config import ConfigError
 from flywheel.contracts import PolicyBundle
 
 
-def remote(checkpoint: str, eval_noise: float | None = None) -> PolicyBundle:
+def remote(checkpoint: str, eval_noise: float | None = None, **options) -> PolicyBundle:
     """``checkpoint``: the server's address, ``ws://host:port`` (or ``host:port``). It is asked for its metadata now
-    (chunk, action dim, sensors); the API key comes from ``FLYWHEEL_API_KEY``. ``eval_noise`` is the server's to
-    choose (``flywheel serve eval.noise=...``): what it says it uses is recorded as the policy's ``eval_noise``, so a
-    run evaluating otherwise says their figures do not compare."""
+    (chunk, action dim, sensors); the API key comes from ``FLYWHEEL_API_KEY``. ``options`` (``policy.options``):
+    RemotePolicy's keyword arguments, e.g. ``{chunk: 10, action_dim: 7, sensors: [overhead, wrist], keys: {wrist:
+    observation/wrist_image}}`` for an openpi server, whose metadata says none of these, or ``timeout_s``.
+    ``eval_noise`` is the server's to choose (``flywheel serve eval.noise=...``): what it says it uses is recorded as
+    the policy's ``eval_noise``, so a run evaluating otherwise says their figures do not compare."""
     url = server_url(checkpoint)
-    probe = RemotePolicy(url)
+    probe = RemotePolicy(url, **options)
+    if not probe.metadata:  # everything was given: ask the server anyway, so that a wrong address fails now
+        probe._connect()
     told = dict(probe.metadata)
     probe.close()
     described = " ".join(str(told[k]) for k in ("policy", "checkpoint") if told.get(k))
     meta = {"description": f"served at {url}" + (f" ({described})" if described else ""), "server": told,
             **({"eval_noise": told["eval_noise"]} if "eval_noise" in told else {})}
-    return PolicyBundle(weights={}, sensors=probe.sensors, meta=meta,
-                        make_model=functools.partial(no_model, url),
-                        make_actor=functools.partial(RemotePolicy, url, sensors=probe.sensors, chunk=probe.chunk,
-                                                     action_dim=probe.action_dim),
+    shape = {"sensors": probe.sensors, "chunk": probe.chunk, "action_dim": probe.action_dim}
+    return PolicyBundle(weights={}, sensors=probe.sensors, meta=meta, make_model=functools.partial(no_model, url),
+                        make_actor=functools.partial(RemotePolicy, url, **{**options, **shape}),
                         record={"remote": url})
 
 

@@ -52,6 +52,18 @@ class RowByRow:
                                for b in range(len(images))])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The small VLA acts on one observation at a time here: torch's threads would only contend (with the server's
+    process, and anything else on the machine), which slowed this module tenfold on a busy 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def served():
     bundle, policy = in_process_policy()
@@ -203,7 +215,7 @@ def test_a_policy_server_error_discards_the_episodes_in_flight_and_keeps_those_f
 
 def test_a_server_killed_mid_collection_costs_the_episodes_in_flight(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "serve", "serve.port=0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         said = ""
         while not re.search(r"ws://127\.0\.0\.1:\d+", said) and proc.poll() is None:
