@@ -91,8 +91,9 @@ class ServedPolicy:
         self.chunk, self.action_dim = int(self.policy.chunk), int(self.policy.action_dim)
         self.channels = image_channels(self.sensors)
         model = getattr(self.policy, "model", None)
-        self.takes_noise = _accepts_noise(self.policy) or (hasattr(self.policy, "eval_noise") and hasattr(
-            model, "_integrate") and getattr(model, "action_head", "") == "flow")
+        flow = getattr(model, "action_head", "flow") == "flow"  # a token head draws no starting noise
+        self.takes_noise = flow and (_accepts_noise(self.policy) or (
+            hasattr(self.policy, "eval_noise") and hasattr(model, "_integrate")))
         self._lock = threading.Lock()
 
     def metadata(self) -> dict[str, Any]:
