@@ -543,6 +543,7 @@ class SmallVLA(nn.Module):
         self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor, generator: torch.Generator | None = None,
         indicator: int = 0, guidance: float = 1.0, residual: str = "off", extras: dict | None = None,
         greedy: bool = False, noise: float = 1.0, flow_noise: float = 0.0, noise_at: str = "steps",
+        start: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """An action chunk (B,C,A) in [-1, 1]: the flow integrated from noise, or action tokens drawn from their
         categoricals (then ``extras``, if given, receives each token's exact log-probability, "logp" (B,C,A)), or with
@@ -560,6 +561,8 @@ class SmallVLA(nn.Module):
         only its chunk draws, x ~ N(flow(s), flow_noise^2): a Gaussian policy whose mean is the flow, with C*A numbers a
         chunk instead of K*C*A; ``extras`` then receives the draw before clamping ("drawn" (B, C, A)) and its
         log-probability per number ("logp" (B, C, A)).
+        ``start`` (B, C, A): the flow's starting noise itself, rather than a draw scaled by ``noise`` (a served policy
+        steered by DSRL is given it: flywheel/vla/noise.py).
         ``residual`` = "sample" (or "mean") corrects the chunk with a draw from (or the mean of) the residual head;
         then ``extras``, if given, receives the flow's chunk ("base_chunks"), the draw ("residuals") and its
         log-probability ("residual_logp"): what an RL learner needs of every decision.
@@ -579,7 +582,8 @@ class SmallVLA(nn.Module):
             if extras is not None:  # the exact log-probability of each token drawn: PPO's denominators
                 extras.update(logp=self.head.log_prob(logits, x))
         else:
-            x = self._integrate(cond, free, guidance, generator, noise, flow_noise, extras, noise_at).clamp(-1.0, 1.0)
+            x = self._integrate(cond, free, guidance, generator, noise, flow_noise, extras, noise_at, start)
+            x = x.clamp(-1.0, 1.0)
         if residual == "off":
             return x
         mean, std = self.residual(ctx, x)
@@ -591,7 +595,8 @@ class SmallVLA(nn.Module):
 
     def _integrate(self, cond: torch.Tensor, free: torch.Tensor, guidance: float,
                    generator: torch.Generator | None, noise: float = 1.0, flow_noise: float = 0.0,
-                   extras: dict | None = None, noise_at: str = "steps") -> torch.Tensor:
+                   extras: dict | None = None, noise_at: str = "steps",
+                   start: torch.Tensor | None = None) -> torch.Tensor:
         """The flow head's chunk: Euler steps from noise (t=0) to actions (t=1), with classifier-free guidance, and
         with ``flow_noise`` a Gaussian draw at every step, or only of the chunk (``noise_at``; see ``sample``). Not
         clamped to the action range, so that a log-probability is that of the draw."""
@@ -600,8 +605,12 @@ class SmallVLA(nn.Module):
         cfg = self.cfg
         shape = (cond.shape[0], cfg.chunk, cfg.action_dim)
         # from the mean (noise 0) nothing is drawn: the learner's recomputation must not consume the global stream
-        x = noise * torch.randn(shape, generator=generator, device=cond.device) if noise else \
-            torch.zeros(shape, device=cond.device, dtype=cond.dtype)
+        if start is not None:
+            x = start.to(cond.device, cond.dtype).view(shape)
+        elif noise:
+            x = noise * torch.randn(shape, generator=generator, device=cond.device)
+        else:
+            x = torch.zeros(shape, device=cond.device, dtype=cond.dtype)
         step_noise = flow_noise if noise_at == "steps" else 0.0
         dt = 1.0 / cfg.flow_steps
         chain = [x]
@@ -683,7 +692,10 @@ class VLAPolicy:
         self.action_dim = self.model.action_dim
         self.sensors = self.model.sensors  # what act() is given: contracts.sensor_inputs for these
 
-    def act(self, images: np.ndarray, proprio: np.ndarray, instructions: list[str], seed: int | None = None):
+    def act(self, images: np.ndarray, proprio: np.ndarray, instructions: list[str], seed: int | None = None,
+            noise: np.ndarray | None = None):
+        """``noise`` float32 (B, C, A): the flow's starting noise itself (what a DSRL noise policy picks, sent to
+        ``flywheel serve`` in the protocol's ``noise`` field), for a flow head."""
         gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         ids = self.model.tokenize(instructions)
         extras: dict = {}
@@ -700,6 +712,10 @@ class VLAPolicy:
             # otherwise, as token VLAs are evaluated: each token drawn on its own, a chunk's gripper tokens would
             # let go of a block whenever one of them came up "open".
             sampling["greedy"] = not self.explore
+        if noise is not None:
+            if self.model.action_head != "flow":
+                raise ValueError("a starting noise was given, but action tokens are drawn without one")
+            sampling["start"] = torch.from_numpy(np.asarray(noise, np.float32))
         out = self.model.sample(torch.from_numpy(images), ids, torch.from_numpy(proprio).float(), generator=gen,
                                 extras=extras, **sampling)
         self.last_extras = {k: v.numpy().astype(np.float32) for k, v in extras.items()}  # per row: recorded

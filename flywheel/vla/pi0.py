@@ -70,6 +70,7 @@ GEMMA.update({f"{k}_lora": v for k, v in list(GEMMA.items()) if k in ("gemma_2b"
 SIGLIP = {
     "so400m": Siglip(1152, 27, 4304, 16, 14, 224),
     "siglip_small": Siglip(128, 4, 512, 4, 8, 64),
+    "siglip_tiny": Siglip(64, 2, 256, 4, 8, 64),
     "siglip_dummy": Siglip(32, 1, 64, 2, 8, 32),
 }
 CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")  # openpi's image slots, in its order
