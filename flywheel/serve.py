@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import functools
 import hmac
 import http
 import inspect
@@ -90,10 +89,8 @@ class ServedPolicy:
         self.sensors = tuple(getattr(self.policy, "sensors", ("overhead",)))
         self.chunk, self.action_dim = int(self.policy.chunk), int(self.policy.action_dim)
         self.channels = image_channels(self.sensors)
-        model = getattr(self.policy, "model", None)
-        flow = getattr(model, "action_head", "flow") == "flow"  # a token head draws no starting noise
-        self.takes_noise = flow and (_accepts_noise(self.policy) or (
-            hasattr(self.policy, "eval_noise") and hasattr(model, "_integrate")))
+        flow = getattr(getattr(self.policy, "model", None), "action_head", "flow") == "flow"  # tokens start from none
+        self.takes_noise = flow and _accepts_noise(self.policy)
         self._lock = threading.Lock()
 
     def metadata(self) -> dict[str, Any]:
@@ -190,66 +187,14 @@ def _accepts_noise(policy: Policy) -> bool:
 
 def act(policy: Policy, images: np.ndarray, proprio: np.ndarray, instructions: list[str],
         noise: np.ndarray | None = None) -> np.ndarray:
-    """``policy.act`` in evaluation, from the starting ``noise`` (B, C, A) where given.
-
-    A policy whose ``act`` takes a ``noise`` argument is given it. The small VLA's (``VLAPolicy``) does not yet: its
-    flow starts from ``eval_noise`` times one standard-normal draw of the chunk's shape, made in its model's
-    ``_integrate``. For this call the scale is 1 and, inside ``_integrate`` alone, that one draw returns ``noise``
-    (``_given_draw``); everything else is the model's own code, and the encoder runs outside the interception, so
-    zero noise gives the very chunk ``eval_noise=0`` gives. A policy that has neither is refused."""
+    """``policy.act`` in evaluation, from the starting ``noise`` (B, C, A) where given: a policy whose ``act`` takes a
+    ``noise`` argument (the small VLA's ``VLAPolicy``) is given it; any other is refused rather than left to act from
+    noise of its own."""
     if noise is None:
         return policy.act(images, proprio, instructions, seed=None)
-    if _accepts_noise(policy):
-        return policy.act(images, proprio, instructions, seed=None, noise=noise)
-    model = getattr(policy, "model", None)
-    if not (hasattr(policy, "eval_noise") and hasattr(model, "_integrate")):
+    if not _accepts_noise(policy):
         raise ObservationError(f"{NOISE!r}: this policy cannot start from a given noise: leave the field out")
-    import torch
-
-    given = _given_draw_class()(torch.from_numpy(np.ascontiguousarray(noise, np.float32)))
-    integrate, scale = model._integrate, policy.eval_noise
-
-    def integrate_from_given(*args, **kwargs):
-        with given:
-            return integrate(*args, **kwargs)
-
-    model._integrate, policy.eval_noise = integrate_from_given, 1.0
-    try:
-        out = policy.act(images, proprio, instructions, seed=None)
-    finally:
-        del model._integrate  # the class's method again
-        policy.eval_noise = scale
-    if given.used != 1:
-        raise ObservationError(f"{NOISE!r}: this policy drew no starting noise of shape {tuple(noise.shape)} to "
-                               f"replace (a token head acts without one): leave the field out")
-    return out
-
-
-@functools.lru_cache(maxsize=None)
-def _given_draw_class():
-    from torch.overrides import TorchFunctionMode
-
-    class GivenDraw(TorchFunctionMode):
-        """Within it, the first ``torch.randn`` of ``noise``'s shape returns ``noise`` (on the device and in the
-        dtype asked for); every other call runs as it would."""
-
-        def __init__(self, noise):
-            super().__init__()
-            self.noise, self.used = noise, 0
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            import torch
-
-            kwargs = kwargs or {}
-            if func is torch.randn and not self.used:
-                size = kwargs.get("size", args[0] if len(args) == 1 and not isinstance(args[0], int) else args)
-                if tuple(size) == tuple(self.noise.shape):
-                    self.used += 1
-                    return self.noise.to(device=kwargs.get("device") or "cpu",
-                                         dtype=kwargs.get("dtype") or torch.get_default_dtype())
-            return func(*args, **kwargs)
-
-    return GivenDraw
+    return policy.act(images, proprio, instructions, seed=None, noise=noise)
 
 
 def expected_inputs(bundle: PolicyBundle) -> tuple[tuple[int, int, int] | None, int | None]:
