@@ -32,7 +32,8 @@ KINDS = {
 # Registered names -> import paths (or, registered in this process, the factories themselves). Nothing here is
 # imported until a run names it.
 REGISTRY: dict[str, dict[str, str | Callable[..., Any]]] = {
-    "policy": {"small_vla": "flywheel.vla.bundle:small_vla", "pi0": "flywheel.vla.bundle:pi0"},
+    "policy": {"small_vla": "flywheel.vla.bundle:small_vla", "pi0": "flywheel.vla.bundle:pi0",
+               "remote": "flywheel.remote:remote", "dsrl": "flywheel.dsrl:dsrl"},
     "env": {"tabletop": "actors.tabletop:TabletopEnv", "metaworld": "actors.thirdparty:make_metaworld",
             "fetch": "actors.thirdparty:make_fetch"},
     "detector": {"learned": "flywheel.detectors:learned", "ground_truth": "flywheel.detectors:ground_truth"},
