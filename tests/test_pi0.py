@@ -215,8 +215,8 @@ def test_filtered_bc_moves_pi0_toward_what_the_detector_approves(tmp_path, demos
     _, model = _pi0(tmp_path)
     before = _mean_dx(model, demos[:8])
     torch.manual_seed(0)
-    learner = FilteredBCLearner(model, demos=[], steps_per_update=80, batch_size=32, lr=1e-3)
-    learner.update(_moving(demos, 0.8, True) + _moving(demos, -0.8, False))
+    learner = FilteredBCLearner(model, demos=[], steps_per_update=50, batch_size=16, lr=1e-3)
+    learner.update(_moving(demos[:12], 0.8, True) + _moving(demos[:12], -0.8, False))
     after = _mean_dx(model, demos[:8])
     assert learner.version == 1 and after > before + 0.3 and after > 0.3, (before, after)
 
@@ -229,11 +229,11 @@ def test_recap_conditions_pi0_on_the_advantage(tmp_path, demos):
 
     _, model = _pi0(tmp_path)
     torch.manual_seed(0)
-    learner = RecapLearner(model, demos=[], steps_per_update=120, batch_size=32, lr=1e-3, indicator_dropout=0.3,
-                           guidance=2.0, value_steps=100)
+    learner = RecapLearner(model, demos=[], steps_per_update=80, batch_size=16, lr=1e-3, indicator_dropout=0.3,
+                           guidance=2.0, value_steps=60)
     episodes = [dataclasses.replace(ep, extras={"chunks": action_chunks(ep.actions, 8)[::4],
                                                 "chunk_steps": np.arange(0, ep.num_steps, 4)})
-                for ep in _moving(demos, 0.8, True) + _moving(demos, -0.8, False)]
+                for ep in _moving(demos[:12], 0.8, True) + _moving(demos[:12], -0.8, False)]
     stats = learner.update(episodes)
     assert stats["positive_of_successes"] > 0.9 and stats["positive_of_failures"] == 0, stats
     policy = VLAPolicy(model=model, eval_noise=0.0)
