@@ -75,3 +75,20 @@ def test_ppo_on_the_noise_steers_the_served_policy_toward_what_the_detector_appr
     x, rest = steer[..., 0].mean().item(), steer[..., 1:].abs().mean().item()
     assert x > 0.2 and x > 2 * rest, (x, rest)
     assert after > before + 0.04, (before, after)
+
+
+def test_a_run_acts_through_the_served_policy(server, tmp_path):
+    """flywheel run with policy=dsrl: the loop collects through the server over loopback, PPO trains the noise
+    policy, and the stored episodes carry the draws it made."""
+    from flywheel.config import load_config
+    from flywheel.run import run
+    from flywheel.store import EpisodeStore
+
+    summary = run(load_config("run", [
+        "experiment=tiny", "rollout.use_ray=false", "wandb.mode=disabled", f"run_dir={tmp_path}", "policy=dsrl",
+        f"policy.checkpoint={server.url}", "learner=ppo", "learner.flow_noise=1.0", "learner.anchor=0",
+        "detector=ground_truth", "budget.iterations=1", "eval.episodes=8", "gate.episodes=8",
+        "rollout.episodes_per_iteration=16", "rollout.group_size=4"]), say=lambda m: None)
+    assert summary["policy_version_final"] >= 0 and summary["episodes"] == 16
+    practice = list(EpisodeStore(tmp_path / "episodes").iter("train"))
+    assert len(practice) == 16 and all(ep.extras["drawn"].shape[1:] == (8, 3) for ep in practice)
