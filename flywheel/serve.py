@@ -17,7 +17,8 @@ The observation, unbatched, as openpi's clients send one:
 - ``observation/state``  float (P,): the proprioception ``sensor_inputs`` gives (end-effector x, y and gripper for
   the tabletop; touch appended where the policy reads it)
 - ``prompt``             str: the instruction
-- ``noise``              float32 (C, A), optional: the flow's starting noise, used instead of a draw (a DSRL actor
+- ``noise``              float32 ``noise_shape``, optional: the flow's starting noise (C, the model's action width,
+  which for a π0 is its padded 32 rather than the robot's), used instead of a draw (a DSRL actor
   steers the policy through it). openpi's own server does not read such a field (its ``Policy.infer`` takes noise
   only as an argument in its process); this is flywheel's addition.
 
@@ -91,6 +92,9 @@ class ServedPolicy:
         self.channels = image_channels(self.sensors)
         flow = getattr(getattr(self.policy, "model", None), "action_head", "flow") == "flow"  # tokens start from none
         self.takes_noise = flow and _accepts_noise(self.policy)
+        # the sampler's noise: the model's own action width, which a π0 pads past the robot's (32 against 7)
+        self.noise_shape = tuple(getattr(getattr(self.policy, "model", None), "noise_shape", (self.chunk,
+                                                                                                self.action_dim)))
         self._lock = threading.Lock()
 
     def metadata(self) -> dict[str, Any]:
@@ -102,12 +106,13 @@ class ServedPolicy:
             "chunk": self.chunk, "action_horizon": self.chunk, "action_dim": self.action_dim,
             "sensors": list(self.sensors), "image_shape": image, "state_dim": self.state_dim,
             "eval_noise": getattr(self.policy, "eval_noise", None), "takes_noise": self.takes_noise,
+            "noise_shape": list(self.noise_shape),
             "observation": {
                 IMAGE: f"uint8 {_shape_text(image)}: the images of sensors {list(self.sensors)} stacked on the "
                        f"channels (flywheel.contracts.sensor_inputs)",
                 STATE: f"float32 ({self.state_dim if self.state_dim else 'P'},): proprioception",
                 PROMPT: "str: the instruction",
-                NOISE: f"float32 ({self.chunk}, {self.action_dim}), optional: the flow's starting noise"
+                NOISE: f"float32 {self.noise_shape}, optional: the flow's starting noise"
                        + ("" if self.takes_noise else " (this policy cannot take one)"),
             },
             "reply": {"actions": f"float32 ({self.chunk}, {self.action_dim}) in [-1, 1]",
@@ -143,7 +148,7 @@ class ServedPolicy:
             raise ObservationError(f"{PROMPT!r} must be a string (the instruction), not {type(prompt).__name__}")
         noise = obs.get(NOISE)
         if noise is not None:
-            shape = (self.chunk, self.action_dim)
+            shape = self.noise_shape
             if not isinstance(noise, np.ndarray) or noise.dtype.kind != "f" or noise.shape not in (shape, (1, *shape)):
                 got = f"{noise.dtype} {noise.shape}" if isinstance(noise, np.ndarray) else type(noise).__name__
                 raise ObservationError(f"{NOISE!r} must be float32 {shape} (the flow's starting noise), not {got}")

@@ -387,3 +387,23 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_a_pi0_served_over_the_network_acts_as_in_process(tmp_path):
+    """flywheel serve serves a π0 like any policy: its metadata gives the sampler's noise in the model's own (padded)
+    width, and a remote actor gets the chunk the policy gives in process, from its mean or from a given noise."""
+    from actors.remote_policy import RemotePolicy
+    from flywheel.serve import PolicyServer, ServedPolicy
+
+    bundle = plugins.resolve("policy", "pi0")(str(checkpoint(tmp_path / "ck")), 0.0)
+    policy = bundle.make_actor()
+    policy.load_weights(bundle.weights)
+    images, proprio, texts = observation(batch=1)
+    noise = np.random.default_rng(0).standard_normal((1, 8, 4)).astype(np.float32)
+    here = policy.act(images, proprio, texts), policy.act(images, proprio, texts, noise=noise)
+    with PolicyServer(ServedPolicy(policy, name="pi0", checkpoint="ck", meta=bundle.meta), port=0) as server:
+        remote = RemotePolicy(server.url)
+        assert remote.metadata["noise_shape"] == [8, 4] and (remote.chunk, remote.action_dim) == (8, 3)
+        np.testing.assert_allclose(remote.act(images, proprio, texts), here[0], atol=1e-6)
+        np.testing.assert_allclose(remote.act(images, proprio, texts, noise=noise), here[1], atol=1e-6)
+        remote.close()

@@ -463,6 +463,11 @@ class SmallVLA(nn.Module):
     def feature_dim(self) -> int:
         return self.encoder.out_dim
 
+    @property
+    def noise_shape(self) -> tuple[int, int]:
+        """The flow's starting noise per observation (what ``sample(start=)`` takes)."""
+        return self.cfg.chunk, self.cfg.action_dim
+
     def token_ids(self, instructions: list[str]) -> np.ndarray:
         """int64 (B, L): the instructions as its tokenizer reads them."""
         return self.tokenizer(instructions)[0]

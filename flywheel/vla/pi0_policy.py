@@ -180,6 +180,11 @@ class Pi0Policy(Pi0):
     def feature_dim(self) -> int:
         return self.cfg.vlm.width
 
+    @property
+    def noise_shape(self) -> tuple[int, int]:
+        """The flow's starting noise per observation: the model's padded action width, not the robot's."""
+        return self.cfg.action_horizon, self.cfg.action_dim
+
     def token_ids(self, instructions: list[str]) -> np.ndarray:
         """int64 (B, max_token_len): π0's whole prompt; π0.5's instruction alone (its prompt holds the state, which
         ``context`` adds)."""
