@@ -166,8 +166,10 @@ class RemotePolicy:
         headers = {"Authorization": f"Api-Key {self.api_key}"} if self.api_key else None
         started = time.monotonic()
         try:
+            # no keepalive pings: every reply has its own deadline (timeout_s), and a ping queued behind a pipelined
+            # batch on a busy server timed out in 20 s and dropped the connection mid-batch (bench/RESULTS.md, DSRL)
             conn = connect(self.url, open_timeout=self.connect_timeout_s, additional_headers=headers,
-                           compression=None, max_size=None, proxy=None)
+                           compression=None, max_size=None, proxy=None, ping_interval=None)
         except InvalidStatus as e:
             status = e.response.status_code
             why = ("refused the API key (HTTP 401): give the server's key (api_key=, or FLYWHEEL_API_KEY)"

@@ -282,7 +282,10 @@ class PolicyServer:
         from websockets.asyncio.server import serve
 
         self._loop, self._stopping = asyncio.get_running_loop(), asyncio.Event()
-        async with serve(self._handler, self.host, self.port, compression=None, max_size=None,
+        # max_queue: a client pipelines a whole batch of observations (RemotePolicy sends one per row before reading),
+        # and past websockets' default of 16 unread messages the server stops reading the socket, so a keepalive ping
+        # behind them waits for the batch: with hundreds of rows on a busy machine, past the 20 s timeout.
+        async with serve(self._handler, self.host, self.port, compression=None, max_size=None, max_queue=4096,
                          process_request=self._process_request) as server:
             self.port = server.sockets[0].getsockname()[1]
             self._ready.set()
