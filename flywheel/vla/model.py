@@ -410,6 +410,25 @@ class ResidualHead(nn.Module):
         return torch.distributions.Normal(mean, std).log_prob(r).sum(-1)
 
 
+@dataclasses.dataclass
+class Draw:
+    """How a VLA draws a chunk (``sample``'s keywords; ``VLAPolicy`` sets them from the snapshot's ``Sampling``)."""
+
+    indicator: int = 0  # the advantage it is conditioned on: 0 none, 1 positive, 2 negative
+    guidance: float = 1.0  # classifier-free guidance toward the indicator
+    residual: str = "off"  # off | sample | mean: the residual head's correction
+    greedy: bool = False  # action tokens: each one's most likely bin
+    noise: float = 1.0  # the scale of the flow's starting draw (0: from its mean)
+    flow_noise: float = 0.0  # a Gaussian draw's std, at each Euler step or of the chunk (noise_at)
+    noise_at: str = "steps"  # steps | output
+    start: torch.Tensor | None = None  # the flow's starting noise itself (B, C, A), instead of a draw
+
+    def __post_init__(self):
+        if self.noise_at not in ("steps", "output"):
+            raise ValueError(f"noise_at={self.noise_at!r}: choose steps (each Euler step draws) or output (the chunk "
+                             f"does)")
+
+
 class SmallVLA(nn.Module):
     """flywheel's own VLA, a ``TrainablePolicy`` (flywheel/contracts.py) with every capability: exact log-probabilities
     of its draws, RECAP's advantage indicator, a residual head, and privileged auxiliary supervision."""
@@ -544,15 +563,11 @@ class SmallVLA(nn.Module):
         return (per_sample * weights).sum() / weights.sum().clamp_min(1e-8)
 
     @torch.no_grad()
-    def sample(
-        self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor, generator: torch.Generator | None = None,
-        indicator: int = 0, guidance: float = 1.0, residual: str = "off", extras: dict | None = None,
-        greedy: bool = False, noise: float = 1.0, flow_noise: float = 0.0, noise_at: str = "steps",
-        start: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def sample(self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor,
+               generator: torch.Generator | None = None, extras: dict | None = None, **how) -> torch.Tensor:
         """An action chunk (B,C,A) in [-1, 1]: the flow integrated from noise, or action tokens drawn from their
         categoricals (then ``extras``, if given, receives each token's exact log-probability, "logp" (B,C,A)), or with
-        ``greedy`` each token's most likely bin.
+        ``greedy`` each token's most likely bin. ``how``: ``Draw``'s fields.
 
         ``indicator`` conditions on an advantage (1 = positive); ``guidance`` > 1 applies classifier-free guidance,
         v = v_none + guidance * (v_indicator - v_none), pushing the actions further from what failed.
@@ -572,51 +587,48 @@ class SmallVLA(nn.Module):
         then ``extras``, if given, receives the flow's chunk ("base_chunks"), the draw ("residuals") and its
         log-probability ("residual_logp"): what an RL learner needs of every decision.
         """
+        d = Draw(**how)
         ctx = self.encoder(images, ids, proprio)
         b, cfg = images.shape[0], self.cfg
-        cond = ctx + self.indicator.weight[indicator]
+        cond = ctx + self.indicator.weight[d.indicator]
         free = ctx + self.indicator.weight[0]
         if cfg.action_head == "tokens":
             logits = self.head(cond)
-            if guidance != 1.0:
+            if d.guidance != 1.0:
                 free_logits = self.head(free)
-                logits = free_logits + guidance * (logits - free_logits)
-            idx = logits.argmax(-1) if greedy else \
+                logits = free_logits + d.guidance * (logits - free_logits)
+            idx = logits.argmax(-1) if d.greedy else \
                 torch.multinomial(logits.softmax(-1).reshape(-1, cfg.bins), 1, generator=generator)
             x = self.head.centres[idx.view(b, cfg.chunk, cfg.action_dim)]
             if extras is not None:  # the exact log-probability of each token drawn: PPO's denominators
                 extras.update(logp=self.head.log_prob(logits, x))
         else:
-            x = self._integrate(cond, free, guidance, generator, noise, flow_noise, extras, noise_at, start)
-            x = x.clamp(-1.0, 1.0)
-        if residual == "off":
+            x = self._integrate(cond, free, d, generator, extras).clamp(-1.0, 1.0)
+        if d.residual == "off":
             return x
         mean, std = self.residual(ctx, x)
-        r = mean + std * torch.randn(mean.shape, generator=generator) if residual == "sample" else mean
+        r = mean + std * torch.randn(mean.shape, generator=generator) if d.residual == "sample" else mean
         if extras is not None:
             extras.update(base_chunks=x, residuals=r,
                           residual_logp=torch.distributions.Normal(mean, std).log_prob(r).sum(-1))
         return self.residual.apply(x, r)
 
-    def _integrate(self, cond: torch.Tensor, free: torch.Tensor, guidance: float,
-                   generator: torch.Generator | None, noise: float = 1.0, flow_noise: float = 0.0,
-                   extras: dict | None = None, noise_at: str = "steps",
-                   start: torch.Tensor | None = None) -> torch.Tensor:
+    def _integrate(self, cond: torch.Tensor, free: torch.Tensor, d: "Draw", generator: torch.Generator | None,
+                   extras: dict | None = None) -> torch.Tensor:
         """The flow head's chunk: Euler steps from noise (t=0) to actions (t=1), with classifier-free guidance, and
         with ``flow_noise`` a Gaussian draw at every step, or only of the chunk (``noise_at``; see ``sample``). Not
         clamped to the action range, so that a log-probability is that of the draw."""
-        if noise_at not in ("steps", "output"):
-            raise ValueError(f"noise_at={noise_at!r}: choose steps (each Euler step draws) or output (the chunk does)")
         cfg = self.cfg
         shape = (cond.shape[0], cfg.chunk, cfg.action_dim)
         # from the mean (noise 0) nothing is drawn: the learner's recomputation must not consume the global stream
-        if start is not None:
-            x = start.to(cond.device, cond.dtype).view(shape)
-        elif noise:
-            x = noise * torch.randn(shape, generator=generator, device=cond.device)
+        if d.start is not None:
+            x = d.start.to(cond.device, cond.dtype).view(shape)
+        elif d.noise:
+            x = d.noise * torch.randn(shape, generator=generator, device=cond.device)
         else:
             x = torch.zeros(shape, device=cond.device, dtype=cond.dtype)
-        step_noise = flow_noise if noise_at == "steps" else 0.0
+        guidance, flow_noise = d.guidance, d.flow_noise
+        step_noise = flow_noise if d.noise_at == "steps" else 0.0
         dt = 1.0 / cfg.flow_steps
         chain = [x]
         # what every step shares, computed once: the context's part of the input layer, and the steps' times
@@ -633,7 +645,7 @@ class SmallVLA(nn.Module):
             if step_noise > 0:
                 x = x + step_noise * torch.randn(x.shape, generator=generator).to(x.device)
                 chain.append(x)
-        if flow_noise > 0 and noise_at == "output":
+        if flow_noise > 0 and d.noise_at == "output":
             mean, x = x, x + flow_noise * torch.randn(x.shape, generator=generator).to(x.device)
             if extras is not None:
                 extras.update(drawn=x, logp=torch.distributions.Normal(mean, flow_noise).log_prob(x))
@@ -665,7 +677,7 @@ class SmallVLA(nn.Module):
         if flow_noise <= 0:
             raise ValueError("the flow's chunk has a log-probability only when sampled with flow_noise > 0")
         if "drawn" in recorded:
-            mean = self._integrate(ctx, ctx, 1.0, None, noise=0.0)
+            mean = self._integrate(ctx, ctx, Draw(noise=0.0), None)
             return torch.distributions.Normal(mean, flow_noise).log_prob(recorded["drawn"])
         return self._chain_log_prob(ctx, recorded["flow_chain"], flow_noise)
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from flywheel.checkpoint import numpy_state
-from flywheel.vla.model import share_weights
+from flywheel.vla.model import Draw, share_weights
 from flywheel.vla.pi0 import Pi0, Pi0Config, Prefix
 
 SLOTS = {"overhead": 0, "wrist": 1}  # flywheel's cameras -> openpi's image slots (base, left wrist)
@@ -290,25 +290,22 @@ class Pi0Policy(Pi0):
 
     @torch.no_grad()
     def sample(self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor,
-               generator: torch.Generator | None = None, indicator: int = 0, guidance: float = 1.0,
-               residual: str = "off", extras: dict | None = None, greedy: bool = False, noise: float = 1.0,
-               flow_noise: float = 0.0, noise_at: str = "steps", start: torch.Tensor | None = None) -> torch.Tensor:
-        """An action chunk (B, C, A) in [-1, 1], sampled as ``SmallVLA.sample`` documents (no residual head;
-        ``greedy`` means nothing to a flow). ``start``: the flow's starting noise (B, C, action_dim) itself, rather
-        than a draw scaled by ``noise`` (a served policy steered by DSRL is given it)."""
-        if residual != "off":
+               generator: torch.Generator | None = None, extras: dict | None = None, **how) -> torch.Tensor:
+        """An action chunk (B, C, A) in [-1, 1], drawn as ``how`` (``Draw``'s fields) says, as ``SmallVLA.sample``
+        documents; no residual head, and ``greedy`` means nothing to a flow."""
+        d = Draw(**how)
+        if d.residual != "off":
             raise ValueError("π0 has no residual head: residual_ppo needs flywheel's small VLA")
-        if noise_at not in ("steps", "output"):
-            raise ValueError(f"noise_at={noise_at!r}: choose steps (each Euler step draws) or output (the chunk does)")
         with self._autocast():
             prefix = self.prefix(*self._inputs(images, ids, proprio))[0]
         shape = (images.shape[0], self.cfg.action_horizon, self.cfg.action_dim)
-        if start is None:
-            start = noise * torch.randn(shape, generator=generator) if noise else torch.zeros(shape)
-        chain = self._integrate(prefix, start.to(self.device).float(), indicator, guidance,
-                                flow_noise if noise_at == "steps" else 0.0, generator)
+        start = d.start if d.start is not None else \
+            d.noise * torch.randn(shape, generator=generator) if d.noise else torch.zeros(shape)
+        flow_noise = d.flow_noise
+        chain = self._integrate(prefix, start.to(self.device).float(), d.indicator, d.guidance,
+                                flow_noise if d.noise_at == "steps" else 0.0, generator)
         x = chain[-1]
-        if flow_noise > 0 and noise_at == "output":
+        if flow_noise > 0 and d.noise_at == "output":
             mean, x = x, x + flow_noise * torch.randn(x.shape, generator=generator).to(x.device)
             if extras is not None:
                 extras.update(drawn=x, logp=torch.distributions.Normal(mean, flow_noise).log_prob(x))
