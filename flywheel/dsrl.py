@@ -12,10 +12,11 @@ import functools
 
 import torch
 
-from actors.remote_policy import RemotePolicy, server_url
+from actors.remote_policy import server_url
 from actors.steered import steered
 from flywheel.config import ConfigError
 from flywheel.contracts import PolicyBundle
+from flywheel.remote import ask
 from flywheel.vla.checkpoint import load_policy_checkpoint
 from flywheel.vla.model import VLAConfig
 from flywheel.vla.noise import NoisePolicy
@@ -27,11 +28,7 @@ def dsrl(checkpoint: str, eval_noise: float | None = None, encoder: str = "base"
     small VLA's (which already reads the built-in tasks' scenes and instructions), "" from random weights.
     ``options``: RemotePolicy's keyword arguments (``policy.options``), as for ``policy.name=remote``."""
     url = server_url(checkpoint)
-    probe = RemotePolicy(url, **options)
-    if not probe.metadata:
-        probe._connect()
-    told = dict(probe.metadata)
-    probe.close()
+    probe, told = ask(url, options)
     if told.get("takes_noise") is False:
         raise ConfigError(f"the policy served at {url} takes no starting noise (it says takes_noise=false: an action "
                           f"token head): DSRL steers a flow policy's noise")

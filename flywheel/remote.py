@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 
-from actors.remote_policy import RemotePolicy, server_url
+from actors.remote_policy import PolicyServerError, RemotePolicy, server_url
 from flywheel.config import ConfigError
 from flywheel.contracts import PolicyBundle
 
@@ -18,11 +18,7 @@ def remote(checkpoint: str, eval_noise: float | None = None, **options) -> Polic
     ``eval_noise`` is the server's to choose (``flywheel serve eval.noise=...``): what it says it uses is recorded as
     the policy's ``eval_noise``, so a run evaluating otherwise says their figures do not compare."""
     url = server_url(checkpoint)
-    probe = RemotePolicy(url, **options)
-    if not probe.metadata:  # everything was given: ask the server anyway, so that a wrong address fails now
-        probe._connect()
-    told = dict(probe.metadata)
-    probe.close()
+    probe, told = ask(url, options)
     described = " ".join(str(told[k]) for k in ("policy", "checkpoint") if told.get(k))
     meta = {"description": f"served at {url}" + (f" ({described})" if described else ""), "server": told,
             **({"eval_noise": told["eval_noise"]} if "eval_noise" in told else {})}
@@ -30,6 +26,21 @@ def remote(checkpoint: str, eval_noise: float | None = None, **options) -> Polic
     return PolicyBundle(weights={}, sensors=probe.sensors, meta=meta, make_model=functools.partial(no_model, url),
                         make_actor=functools.partial(RemotePolicy, url, **{**options, **shape}),
                         record={"remote": url})
+
+
+def ask(url: str, options: dict) -> tuple[RemotePolicy, dict]:
+    """(a RemotePolicy shaped by the server's metadata and ``options``, that metadata), asked now so that a wrong
+    address or a server not started fails before the run does, saying so."""
+    try:
+        probe = RemotePolicy(url, **options)
+        if not probe.metadata:  # everything was given: ask the server anyway
+            probe._connect()
+    except PolicyServerError as e:
+        raise ConfigError(f"policy.checkpoint={url}: {e}") from e
+    except TypeError as e:
+        raise ConfigError(f"policy.options: {e} (they are RemotePolicy's keyword arguments)") from e
+    probe.close()
+    return probe, dict(probe.metadata)
 
 
 def no_model(url: str):

@@ -429,7 +429,25 @@ class Draw:
                              f"does)")
 
 
-class SmallVLA(nn.Module):
+class NumpyWeights:
+    """What every VLA here shares besides its network: weights in and out as numpy arrays (``share`` without a copy,
+    for a model that only acts), and its instructions as token ids on its device."""
+
+    def tokenize(self, instructions: list[str], device: torch.device | None = None) -> torch.Tensor:
+        return torch.from_numpy(self.token_ids(instructions)).to(device or self.device)
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return numpy_state(self)
+
+    def share(self, weights: dict[str, np.ndarray]) -> None:
+        share_weights(self, weights)
+
+    def load_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Load every weight (a missing or unexpected one is an error naming it)."""
+        self.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+
+
+class SmallVLA(NumpyWeights, nn.Module):
     """flywheel's own VLA, a ``TrainablePolicy`` (flywheel/contracts.py) with every capability: exact log-probabilities
     of its draws, RECAP's advantage indicator, a residual head, and privileged auxiliary supervision."""
 
@@ -452,9 +470,6 @@ class SmallVLA(nn.Module):
         with torch.random.fork_rng(devices=[]):  # drawn aside: the global stream (pretraining's noise) is unchanged
             torch.manual_seed(0)
             self.residual = ResidualHead(self.cfg, self.encoder.out_dim)
-
-    def tokenize(self, instructions: list[str], device: torch.device | None = None) -> torch.Tensor:
-        return torch.from_numpy(self.token_ids(instructions)).to(device or self.device)
 
     # ---- the TrainablePolicy contract --------------------------------------------------------------------------
 
@@ -680,16 +695,6 @@ class SmallVLA(nn.Module):
             mean = self._integrate(ctx, ctx, Draw(noise=0.0), None)
             return torch.distributions.Normal(mean, flow_noise).log_prob(recorded["drawn"])
         return self._chain_log_prob(ctx, recorded["flow_chain"], flow_noise)
-
-    def get_weights(self) -> dict[str, np.ndarray]:
-        return numpy_state(self)
-
-    def share(self, weights: dict[str, np.ndarray]) -> None:
-        share_weights(self, weights)
-
-    def load_weights(self, weights: dict[str, np.ndarray]) -> None:
-        """Load every weight (a missing or unexpected one is an error naming it)."""
-        self.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
 
 
 class VLAPolicy:

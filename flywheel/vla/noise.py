@@ -18,12 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from flywheel.checkpoint import numpy_state
-from flywheel.vla.model import VisionLanguageEncoder, VLAConfig, share_weights
+from flywheel.vla.model import NumpyWeights, VisionLanguageEncoder, VLAConfig
 from flywheel.vla.tokenizer import Tokenizer
 
 
-class NoisePolicy(nn.Module):
+class NoisePolicy(NumpyWeights, nn.Module):
     action_head = "flow"  # PPO credits its draws as it credits a Gaussian around a flow ("drawn", noise_at=output)
     capabilities = frozenset({"log_prob"})
 
@@ -91,7 +90,7 @@ class NoisePolicy(nn.Module):
     def draw(self, images: np.ndarray, proprio: np.ndarray, instructions: list[str], std: float,
              generator: torch.Generator | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(noise (B, C, A), what to record: the draw and its log-probability where ``std`` > 0; the mean where 0)."""
-        ids = torch.from_numpy(self.token_ids(instructions)).to(self.device)
+        ids = self.tokenize(instructions)
         mean = self.noise_mean(self.context(torch.from_numpy(images).to(self.device), ids,
                                             torch.from_numpy(np.asarray(proprio, np.float32)).to(self.device))).cpu()
         if std <= 0:
@@ -99,12 +98,3 @@ class NoisePolicy(nn.Module):
         drawn = mean + std * torch.randn(mean.shape, generator=generator)
         logp = torch.distributions.Normal(mean, std).log_prob(drawn)
         return drawn.numpy(), {"drawn": drawn.numpy(), "logp": logp.numpy()}
-
-    def get_weights(self) -> dict[str, np.ndarray]:
-        return numpy_state(self)
-
-    def share(self, weights: dict[str, np.ndarray]) -> None:
-        share_weights(self, weights)
-
-    def load_weights(self, weights: dict[str, np.ndarray]) -> None:
-        self.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flywheel.checkpoint import CheckpointError
 from flywheel.vla.pi0 import SIGLIP, Pi0, Pi0Config
 
 # Names in a checkpoint that the model has no use for: the action expert's language-model head (openpi's PyTorch
@@ -48,8 +49,9 @@ LEROBOT_KEYS = (
 )
 
 
-class Pi0CheckpointError(ValueError):
-    """A π0 checkpoint that cannot be loaded; the message names the file or the key and what to do."""
+class Pi0CheckpointError(CheckpointError, ValueError):
+    """A π0 checkpoint that cannot be loaded; the message names the file or the key and what to do (the command
+    line prints it, as it does any CheckpointError, without a traceback)."""
 
 
 def read_config(directory: Path, weights: dict[str, torch.Tensor]) -> Pi0Config:
@@ -219,7 +221,8 @@ def load(directory: str | Path, asset_id: str | None = None) -> Pi0Checkpoint:
     directory = Path(directory)
     if not directory.is_dir():
         raise Pi0CheckpointError(f"{directory} is not a directory: policy.checkpoint names a π0 checkpoint directory "
-                                 f"(model.safetensors, config.json, assets/)")
+                                 f"(model.safetensors, config.json, assets/). To try one without weights: flywheel "
+                                 f"pretrain model=pi0 out_dir=DIR, then policy.checkpoint=DIR/base_pi0")
     weights = read_weights(directory / "model.safetensors")
     if any(name.startswith("model.") for name in weights):
         weights = lerobot_names(weights)

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flywheel.checkpoint import numpy_state
-from flywheel.vla.model import Draw, share_weights
+from flywheel.vla.model import Draw, NumpyWeights
 from flywheel.vla.pi0 import Pi0, Pi0Config, Prefix
 
 SLOTS = {"overhead": 0, "wrist": 1}  # flywheel's cameras -> openpi's image slots (base, left wrist)
@@ -131,7 +130,7 @@ class Pi0Spec:
             raise ValueError(f"lora_rank={self.lora_rank}: at least 1")
 
 
-class Pi0Policy(Pi0):
+class Pi0Policy(NumpyWeights, Pi0):
     """A ``Pi0`` (openpi's parameter names, so ``get_weights`` is a checkpoint's ``model.safetensors``) that speaks
     flywheel's ``TrainablePolicy``."""
 
@@ -191,9 +190,6 @@ class Pi0Policy(Pi0):
         if self.cfg.pi05:
             return self.tokenizer.pad([self.tokenizer.sp.encode(self.tokenizer.clean(t)) for t in instructions])
         return self.tokenizer.pad([self.tokenizer.encode(t) for t in instructions])
-
-    def tokenize(self, instructions: list[str], device: torch.device | None = None) -> torch.Tensor:
-        return torch.from_numpy(self.token_ids(instructions)).to(device or self.device)
 
     def _inputs(self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor):
         """flywheel's (uint8 (B, H, W, 3 per camera), ids, proprio) -> ``Pi0.prefix``'s arguments."""
@@ -342,12 +338,6 @@ class Pi0Policy(Pi0):
             mean = self._integrate(prefix, start, 0, 1.0, 0.0, None)[-1]
             return torch.distributions.Normal(mean, flow_noise).log_prob(recorded["drawn"])
         return self._chain_log_prob(prefix, recorded["flow_chain"].to(ctx.device), flow_noise)
-
-    def get_weights(self) -> dict[str, np.ndarray]:
-        return numpy_state(self)
-
-    def share(self, weights: dict[str, np.ndarray]) -> None:
-        share_weights(self, weights)
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:
         """Every weight; a checkpoint without adapters (openpi's) starts them afresh (their product at zero)."""
