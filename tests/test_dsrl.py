@@ -7,7 +7,8 @@ import torch
 
 from actors.rollout import RolloutWorker
 from flywheel import plugins
-from flywheel.contracts import Label, PolicySnapshot
+from learning import ppo_rewarding_right_first_moves
+from flywheel.contracts import PolicySnapshot
 from flywheel.serve import PolicyServer, ServedPolicy, expected_inputs
 from flywheel.vla.bundle import small_vla
 
@@ -48,23 +49,8 @@ def test_ppo_on_the_noise_steers_the_served_policy_toward_what_the_detector_appr
     model.load_weights(bundle.weights)
     learner = PPOLearner(model, seed=0, ppo_lr=3e-3, ppo_epochs=8, ppo_minibatch=16, anchor=0.0, flow_noise=1.0,
                          noise_at="output")
-    worker = RolloutWorker(bundle.make_actor, {"max_steps": 4})
-
-    def mean_x(seeds):
-        return float(np.mean([ep.actions[0, 0] for ep in worker.collect(seeds, "eval")]))
-
-    worker.set_weights(learner.snapshot())
-    before = mean_x(list(range(900, 916)))
-    for it in range(3):
-        episodes = worker.collect([100 * it + i // 4 for i in range(32)], "train", sample_seed=it)
-        assert episodes[0].extras["drawn"].shape == (1, 8, 3)
-        for i in range(0, 32, 4):
-            xs = [ep.actions[0, 0] for ep in episodes[i:i + 4]]  # the first move: the first draw's alone
-            for ep, x in zip(episodes[i:i + 4], xs):
-                ep.labels.append(Label(source="detector", success=bool(x > np.median(xs)), version="d"))
-        learner.update(episodes)
-        worker.set_weights(learner.snapshot())
-    after = mean_x(list(range(900, 916)))
+    worker = RolloutWorker(bundle.make_actor, {"max_steps": 4})  # one chunk an episode
+    before, after = ppo_rewarding_right_first_moves(learner, worker, drawn_shape=(1, 8, 3))
     episodes = worker.collect(list(range(900, 916)), "eval")
     ep = episodes[0]
     images, proprio = ep.observations["image"][:1], ep.observations["proprio"][:1]

@@ -7,26 +7,7 @@ import torch
 from flywheel.contracts import INTERVENTION, Label, Sampling
 from flywheel.vla.model import SmallVLA, VLAPolicy
 from learner.filtered_bc import FilteredBCLearner
-
-
-def _episodes_moving(demos, dx: float, success: bool):
-    """The demos' observations with every action replaced by a constant move along x, judged by the detector."""
-    out = []
-    for ep in demos:
-        actions = np.zeros_like(ep.actions)
-        actions[:, 0] = dx
-        out.append(dataclasses.replace(
-            ep, id=ep.id + str(dx), actions=actions, extras={}, ground_truth=None,
-            labels=[Label(source="detector", success=success, version="d", score=float(success), threshold=0.5)],
-        ))
-    return out
-
-
-def _mean_dx(model, demos):
-    policy = VLAPolicy(model=model)
-    obs = [(ep.observations["image"][0], ep.observations["proprio"][0], ep.instruction) for ep in demos]
-    acts = policy.act(np.stack([o[0] for o in obs]), np.stack([o[1] for o in obs]), [o[2] for o in obs], seed=0)
-    return float(acts[..., 0].mean())
+from learning import episodes_moving, mean_dx
 
 
 def test_filtered_bc_moves_the_policy_toward_what_the_detector_approves(demos):
@@ -34,10 +15,10 @@ def test_filtered_bc_moves_the_policy_toward_what_the_detector_approves(demos):
         torch.manual_seed(0)
         model = SmallVLA()
         learner = FilteredBCLearner(model, demos=[], steps_per_update=60, batch_size=32, lr=1e-3)
-        labelled = _episodes_moving(demos, 0.8 * direction, True) + _episodes_moving(demos, -0.8 * direction, False)
+        labelled = episodes_moving(demos, 0.8 * direction, True) + episodes_moving(demos, -0.8 * direction, False)
         stats = learner.update(labelled)
         assert stats["kept_episodes"] == len(demos) and learner.version == 1
-        assert _mean_dx(model, demos[:8]) * direction > 0.4
+        assert mean_dx(model, demos[:8]) * direction > 0.4
         assert learner.snapshot().version == 1
 
 
@@ -46,10 +27,10 @@ def test_frozen_backbone_trains_the_action_expert_alone(demos):
     model = SmallVLA()
     encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     learner = FilteredBCLearner(model, demos=[], steps_per_update=60, batch_size=32, lr=1e-3, freeze_backbone=True)
-    learner.update(_episodes_moving(demos, 0.8, True) + _episodes_moving(demos, -0.8, False))
+    learner.update(episodes_moving(demos, 0.8, True) + episodes_moving(demos, -0.8, False))
     assert "ctx" in learner.data.sample(4, torch.Generator().manual_seed(0))  # contexts cached, not images
     assert all(torch.equal(v, encoder_before[k]) for k, v in model.encoder.state_dict().items())
-    assert _mean_dx(model, demos[:8]) > 0.4
+    assert mean_dx(model, demos[:8]) > 0.4
 
 
 def test_group_advantage_credits_rare_successes_most(demos):
@@ -114,7 +95,7 @@ def test_recap_conditions_on_advantage_and_guides_toward_success(demos):
     model = SmallVLA()
     learner = RecapLearner(model, demos=[], steps_per_update=200, batch_size=32, lr=1e-3, indicator_dropout=0.3,
                            guidance=2.0, value_steps=200)
-    stats = learner.update(_with_chunks(_episodes_moving(demos, 0.8, True) + _episodes_moving(demos, -0.8, False)))
+    stats = learner.update(_with_chunks(episodes_moving(demos, 0.8, True) + episodes_moving(demos, -0.8, False)))
     # Episode credit: from the same starts half the attempts succeed, so the value expects less than a success and
     # more than a failure there: every success is positive and no failure is.
     assert stats["positive_of_successes"] > 0.9 and stats["positive_of_failures"] == 0, stats
@@ -323,7 +304,7 @@ def test_a_persons_corrections_are_cloned_and_the_policy_is_not_credited_for_the
     from learner.registry import make_learner
 
     torch.manual_seed(0)
-    own = _corrected(_episodes_moving(demos[:12], 0.8, True))
+    own = _corrected(episodes_moving(demos[:12], 0.8, True))
     learner = make_learner(algorithm, SmallVLA(), [], steps_per_update=150, batch_size=32, lr=1e-3,
                            indicator_dropout=0.3, guidance=2.0, value_steps=50)
     stats = learner.update(own)
@@ -349,12 +330,12 @@ def test_filtered_bc_can_clone_what_its_policy_executed_at_every_step(demos):
     """clone=executed: an approved episode of the policy's own is cloned as a demonstration is (every step, the
     actions it executed), not from the chunks it sampled; with practice_noise its snapshots ask for that noise."""
     own = []
-    for ep in _episodes_moving(demos[:4], 0.8, True):
+    for ep in episodes_moving(demos[:4], 0.8, True):
         chunks = np.full((2, 8, 3), -0.5, np.float32)  # sampled chunks that disagree with what was executed
         own.append(dataclasses.replace(ep, extras={"chunks": chunks, "chunk_steps": np.array([0, 4])}))
     for clone, samples in (("chunks", 2 * len(own)), ("executed", sum(ep.num_steps for ep in own))):
         learner = FilteredBCLearner(SmallVLA(), demos=[], practice_noise=0.0, clone=clone)
-        learner.add_episodes(own + _episodes_moving(demos[4:6], -0.8, False))  # failures: never cloned
+        learner.add_episodes(own + episodes_moving(demos[4:6], -0.8, False))  # failures: never cloned
         assert len(learner.data) == samples
         targets = learner.data.sample(16, torch.Generator().manual_seed(0))["actions"]
         assert torch.all(targets[:, 0, 0] == (0.8 if clone == "executed" else -0.5))  # (past the end: padding)
@@ -369,7 +350,7 @@ def test_the_moving_average_is_published_and_a_resumed_learner_continues_it_exac
 
     torch.manual_seed(0)
     base = SmallVLA()
-    data = _episodes_moving(demos, 0.8, True) + _episodes_moving(demos, -0.8, False)
+    data = episodes_moving(demos, 0.8, True) + episodes_moving(demos, -0.8, False)
 
     def learner(ema):
         return FilteredBCLearner(copy.deepcopy(base), demos=[], steps_per_update=10, batch_size=16, lr=1e-3, ema=ema)
@@ -413,7 +394,7 @@ def test_a_checkpoint_from_before_the_average_resumes_with_it(demos):
     training and the average both go on from the checkpoint's weights."""
     torch.manual_seed(0)
     old = FilteredBCLearner(SmallVLA(), demos=[], steps_per_update=5, batch_size=16, lr=1e-3)
-    data = _episodes_moving(demos, 0.8, True) + _episodes_moving(demos, -0.8, False)
+    data = episodes_moving(demos, 0.8, True) + episodes_moving(demos, -0.8, False)
     old.update(data)
     weights, training = old.snapshot().weights, old.training_state()
     assert "trained_weights" not in training
@@ -454,7 +435,7 @@ def test_recap_chunk_credit_marks_the_top_fraction_of_chunks(demos):
     from learner.recap import RecapLearner
 
     torch.manual_seed(0)
-    own = _with_chunks(_episodes_moving(demos, 0.8, True) + _episodes_moving(demos, -0.8, False))
+    own = _with_chunks(episodes_moving(demos, 0.8, True) + episodes_moving(demos, -0.8, False))
     learner = RecapLearner(SmallVLA(), demos=[], credit="chunk", positive_fraction=0.3, steps_per_update=1,
                            value_steps=100)
     stats = learner.update(own)
@@ -470,7 +451,7 @@ def test_recap_clones_executed_steps_each_with_its_chunks_indicator(demos):
 
     torch.manual_seed(0)
     learner = RecapLearner(SmallVLA(), demos=[], clone="executed", steps_per_update=2, value_steps=20)
-    own = _with_chunks(_episodes_moving(demos[:6], 0.8, True) + _episodes_moving(demos[6:12], -0.8, False))
+    own = _with_chunks(episodes_moving(demos[:6], 0.8, True) + episodes_moving(demos[6:12], -0.8, False))
     stats = learner.update(own)
     assert len(learner.data) == sum(ep.num_steps for ep in own)  # every step, not every chunk
     seen = set()
@@ -487,5 +468,5 @@ def test_imitation_learns_from_demonstrations_alone(demos):
     from learner.imitation import ImitationLearner
 
     learner = ImitationLearner(SmallVLA(), demos=demos[:4], steps_per_update=3)
-    stats = learner.update(_episodes_moving(demos[4:8], 0.8, True))
+    stats = learner.update(episodes_moving(demos[4:8], 0.8, True))
     assert stats["kept_episodes"] == 0 and learner.data.num_episodes == 4 and np.isfinite(stats["loss"])

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from flywheel import plugins
-from flywheel.contracts import Label, Sampling
+from learning import episodes_moving, mean_dx, ppo_rewarding_right_first_moves
+from flywheel.contracts import Sampling
 from flywheel.vla import openpi
 from flywheel.vla.model import VLAPolicy
 from flywheel.vla.pi0 import Pi0, Pi0Config, Prefix
@@ -184,23 +185,6 @@ def test_log_probabilities_of_practice_draws_are_recomputed_exactly(tmp_path, no
     assert model.action_out_proj.weight.grad.abs().sum() > 0
 
 
-def _moving(demos, dx, success):
-    out = []
-    for ep in demos:
-        actions = np.zeros_like(ep.actions)
-        actions[:, 0] = dx
-        out.append(dataclasses.replace(ep, id=ep.id + str(dx), actions=actions, extras={}, ground_truth=None, labels=[
-            Label(source="detector", success=success, version="d", score=float(success), threshold=0.5)]))
-    return out
-
-
-def _mean_dx(model, demos):
-    obs = [(ep.observations["image"][0], ep.observations["proprio"][0], ep.instruction) for ep in demos]
-    actions = VLAPolicy(model=model, eval_noise=0.0).act(np.stack([o[0] for o in obs]), np.stack([o[1] for o in obs]),
-                                                         [o[2] for o in obs], seed=0)
-    return float(actions[..., 0].mean())
-
-
 def _pi0(tmp_path):
     bundle = plugins.resolve("policy", "pi0")(str(checkpoint(tmp_path / "ck")), None)
     model = bundle.make_model()
@@ -213,11 +197,11 @@ def test_filtered_bc_moves_pi0_toward_what_the_detector_approves(tmp_path, demos
     from learner.filtered_bc import FilteredBCLearner
 
     _, model = _pi0(tmp_path)
-    before = _mean_dx(model, demos[:8])
+    before = mean_dx(model, demos[:8], eval_noise=0.0)
     torch.manual_seed(0)
     learner = FilteredBCLearner(model, demos=[], steps_per_update=50, batch_size=16, lr=1e-3)
-    learner.update(_moving(demos[:12], 0.8, True) + _moving(demos[:12], -0.8, False))
-    after = _mean_dx(model, demos[:8])
+    learner.update(episodes_moving(demos[:12], 0.8, True) + episodes_moving(demos[:12], -0.8, False))
+    after = mean_dx(model, demos[:8], eval_noise=0.0)
     assert learner.version == 1 and after > before + 0.3 and after > 0.3, (before, after)
 
 
@@ -233,7 +217,7 @@ def test_recap_conditions_pi0_on_the_advantage(tmp_path, demos):
                            guidance=2.0, value_steps=60)
     episodes = [dataclasses.replace(ep, extras={"chunks": action_chunks(ep.actions, 8)[::4],
                                                 "chunk_steps": np.arange(0, ep.num_steps, 4)})
-                for ep in _moving(demos[:12], 0.8, True) + _moving(demos[:12], -0.8, False)]
+                for ep in episodes_moving(demos[:12], 0.8, True) + episodes_moving(demos[:12], -0.8, False)]
     stats = learner.update(episodes)
     assert stats["positive_of_successes"] > 0.9 and stats["positive_of_failures"] == 0, stats
     policy = VLAPolicy(model=model, eval_noise=0.0)
@@ -256,22 +240,7 @@ def test_ppo_moves_pi0_toward_what_the_detector_approves(tmp_path):
     bundle, model = _pi0(tmp_path)
     learner = PPOLearner(model, seed=0, ppo_lr=1e-3, ppo_epochs=8, anchor=0.0, flow_noise=0.2, noise_at="output")
     worker = RolloutWorker(bundle.make_actor, {"max_steps": 4})  # one chunk an episode
-
-    def first_x(seeds):
-        return float(np.mean([ep.actions[0, 0] for ep in worker.collect(seeds, "eval")]))
-
-    worker.set_weights(learner.snapshot())
-    before = first_x(list(range(900, 916)))
-    for it in range(3):
-        episodes = worker.collect([100 * it + i // 4 for i in range(32)], "train", sample_seed=it)
-        assert episodes[0].extras["logp"].shape == (1, 8, 4)
-        for i in range(0, 32, 4):
-            xs = [ep.actions[0, 0] for ep in episodes[i:i + 4]]
-            for ep, x in zip(episodes[i:i + 4], xs):
-                ep.labels.append(Label(source="detector", success=bool(x > np.median(xs)), version="d"))
-        learner.update(episodes)
-        worker.set_weights(learner.snapshot())
-    after = first_x(list(range(900, 916)))
+    before, after = ppo_rewarding_right_first_moves(learner, worker, drawn_shape=(1, 8, 4))
     assert after > before + 0.1, (before, after)
 
 
@@ -357,7 +326,7 @@ def test_what_fits_one_gpu_trains_what_it_says(tmp_path, demos, vlm):
     model.load_weights(bundle.weights)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     learner = FilteredBCLearner(model, demos=[], steps_per_update=30, batch_size=16, lr=1e-3)
-    learner.update(_moving(demos[:8], 0.8, True) + _moving(demos[:8], -0.8, False))
+    learner.update(episodes_moving(demos[:8], 0.8, True) + episodes_moving(demos[:8], -0.8, False))
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     vlm_names = {k for k in changed if k.startswith("paligemma_with_expert.paligemma.")}
     assert any(k.startswith("paligemma_with_expert.gemma_expert.") for k in changed)

@@ -6,9 +6,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from flywheel.checkpoint import CheckpointError, load_weights, save_weights
 from flywheel.vla.model import SmallVLA, VLAConfig
 
