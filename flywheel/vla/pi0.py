@@ -199,6 +199,9 @@ class GemmaModel(nn.Module):
         super().__init__()
         if vocab_size is not None:  # the action expert reads no tokens
             self.embed_tokens = nn.Embedding(vocab_size, g.width)
+            # Gemma scales its embeddings by sqrt(width): from scratch, start them at unit scale after it, as the
+            # image tokens are, not sqrt(width) times larger (a checkpoint overwrites this)
+            nn.init.normal_(self.embed_tokens.weight, std=g.width ** -0.5)
         self.layers = nn.ModuleList(GemmaLayer(g, cond_dim) for _ in range(g.depth))
         self.norm = RMSNorm(g.width, cond_dim)
 
@@ -221,6 +224,19 @@ class SiglipLayer(nn.Module):
         return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.layer_norm2(x)), approximate="tanh"))
 
 
+def sincos_2d(side: int, width: int) -> torch.Tensor:
+    """(side², width) fixed 2-D sine-cosine positions (MAE's): half the channels encode the row, half the column,
+    so that nearby patches get nearby codes. A tower trained from scratch on a few hundred demonstrations cannot
+    learn where a patch is from a random code per patch (SigLIP's learned table, which its pretraining fills)."""
+    quarter = width // 4
+    freq = 1.0 / 10_000 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1))
+    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
+                                indexing="ij")
+    codes = [f(g.reshape(-1, 1) * freq) for g in (rows, cols) for f in (torch.sin, torch.cos)]
+    out = torch.cat(codes, dim=1)
+    return F.pad(out, (0, width - out.shape[1])).float()
+
+
 class SiglipVision(nn.Module):
     def __init__(self, s: Siglip):
         super().__init__()
@@ -230,6 +246,9 @@ class SiglipVision(nn.Module):
                                position_embedding=nn.Embedding(n, s.width)),
             encoder=_module(layers=nn.ModuleList(SiglipLayer(s) for _ in range(s.depth))),
             post_layernorm=nn.LayerNorm(s.width, eps=1e-6))
+        with torch.no_grad():  # a checkpoint overwrites this; trained from scratch, a patch's place must be legible
+            m = self.vision_model.embeddings.position_embedding.weight
+            m.copy_(sincos_2d(s.image // s.patch, s.width))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images float (N, 3, S, S) in [-1, 1] -> (N, patches, width)."""
