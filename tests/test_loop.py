@@ -39,7 +39,9 @@ def test_tiny_run_end_to_end(tmp_path):
 
     run_dir = tmp_path / "run"
     # No gate here (tests/test_faults.py runs it): a rollback's extra version would shift every version below.
-    cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}", "placement.remote=true", "gate.episodes=0"])
+    # Evaluated on 16 seeds (the preset's 64 are figures no assertion reads): the four evaluations are counted.
+    cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}", "placement.remote=true", "gate.episodes=0",
+                              "eval.episodes=16"])
     stop = threading.Event()
     killer = threading.Thread(target=_kill_an_actor_after_the_first_iteration, args=(run_dir, stop), daemon=True)
     killer.start()
@@ -62,7 +64,7 @@ def test_tiny_run_end_to_end(tmp_path):
         assert key in on_disk, key
     assert set(on_disk["detector"]) >= {"version", "precision", "recall", "auroc"}
     assert summary["policy_version_final"] == 3 and summary["iterations"] == 3, json.dumps({k: summary[k] for k in ("gate", "learner_recoveries", "faults", "rollbacks")})
-    assert summary["eval_episodes"] == 64 and len(summary["evaluations"]) == 4  # before + after every iteration
+    assert summary["eval_episodes"] == 16 and len(summary["evaluations"]) == 4  # before + after every iteration
     assert [e["version"] for e in summary["evaluations"]] == [0, 1, 2, 3]
     audits = on_disk["audit"]["per_iteration"]  # every iteration's labels checked against the simulator
     assert on_disk["audit"]["bound"] == 1.0  # the config's (experiment=tiny), not the default
@@ -167,7 +169,8 @@ def test_the_default_cameras_reach_the_detector_and_not_the_policy(tmp_path):
     run_dir = tmp_path / "run"
     assert list(load_config("run", [f"run_dir={run_dir}"]).env.sensors) == ["overhead", "wrist"]
     cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}", "env.sensors=[overhead,wrist]",
-                              "budget.iterations=1", "rollout.use_ray=false", "wandb.mode=disabled"])
+                              "budget.iterations=1", "rollout.use_ray=false", "wandb.mode=disabled",
+                              "gate.episodes=0", "eval.episodes=8"])  # (what is under test is where the cameras go)
     summary = run(cfg, say=lambda m: None)
     assert summary["status"] == "completed" and summary["policy_version_final"] == 1
     with safe_open(str(run_dir / "detector" / "detector-1.safetensors"), "np") as f:
@@ -221,7 +224,7 @@ def test_with_overlap_the_actors_collect_while_the_learner_trains(tmp_path, ray_
     behind, and no seed is used twice."""
     run_dir = tmp_path / "run"
     cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}", "rollout.overlap=true", "gate.episodes=0",
-                              "wandb.mode=disabled", "eval.every=100",
+                              "wandb.mode=disabled", "eval.every=100", "eval.episodes=16",
                               "learner.steps_per_update=100",  # an update longer than a share
                               tiny_detector])
     summary = run(cfg, say=lambda m: None)
