@@ -78,9 +78,9 @@ def test_the_loop_runs_end_to_end_on_meta_world(tmp_path):
     cfg = load_config("run", ["experiment=tiny", f"run_dir={tmp_path / 'run'}", "env=metaworld",
                               f"env.family={env['family']}",
                               "env.max_steps=60", f"policy.checkpoint={checkpoint}", "rollout.use_ray=false",
-                              "detector.demo_episodes=6", "detector.policy_episodes=6", "detector.steps=40",
+                              "detector.demo_episodes=6", "detector.policy_episodes=6", "detector.steps=12",
                               "learner.demos=4", "learner.steps_per_update=5", "rollout.episodes_per_iteration=4",
-                              "eval.episodes=4", "budget.iterations=1", "gate.episodes=0", "wandb.mode=disabled"])
+                              "eval.episodes=2", "budget.iterations=1", "gate.episodes=0", "wandb.mode=disabled"])
     summary = run(cfg, say=lambda m: None)
     assert summary["status"] == "completed" and summary["policy_version_final"] == 1
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["evaluations"][0]["per_task"] == {
