@@ -272,6 +272,7 @@ def test_a_whole_run_catches_a_corrupted_detector_and_recovers(tmp_path, monkeyp
     run_dir = tmp_path / "run"
     cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}", "rollout.use_ray=false", "audit.bound=0.15",
                               "rollout.episodes_per_iteration=64", "audit.sample=64", "budget.iterations=4",
+                              "gate.episodes=0",  # the gate is not under test (tests/test_resume.py tests it)
                               "wandb.mode=disabled"])
     run_module.run(cfg, say=lambda m: None)
     audit = json.loads((run_dir / "summary.json").read_text())["audit"]
