@@ -568,6 +568,8 @@ def _dicts_replaced(name: str, overrides: list[str]) -> list[str]:
 _BOUNDS = {"run": (
     (("detector.ensemble", "detector.window", "detector.stride", "detector.swaps"), lambda v: v >= 1,
      "it counts frames, steps or models, so it must be at least 1"),
+    (("detector.steps",), lambda v: v >= 3, "the detector's optimiser steps; its one-cycle schedule needs a warm-up "
+                                           "and a decay, so at least 3"),
     (("detector.threshold", "detector.target_precision"), lambda v: 0 <= v <= 1,
      "it is a probability or a precision, so it must lie in [0, 1]"),
     (("budget.minutes",), lambda v: v > 0, "the run's wall clock, so it must be more than 0 (a night: 480)"),

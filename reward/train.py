@@ -214,7 +214,8 @@ def _train_member(ex: Examples, cfg: DetectorNetConfig, init_weights: dict[str, 
     judged = ex.labels[~np.isnan(ex.labels)]
     pos_weight = torch.tensor(max(1.0, float((judged == 0).sum()) / max(1.0, float(judged.sum()))))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                                pct_start=min(0.5, max(0.1, 2.0 / steps)))  # >= 2 warm-up steps
     gen = torch.Generator().manual_seed(seed)
     first = 1
     resume = where / "partial.pt" if where is not None else None

@@ -226,8 +226,8 @@ class SiglipLayer(nn.Module):
 
 def sincos_2d(side: int, width: int) -> torch.Tensor:
     """(side², width) fixed 2-D sine-cosine positions (MAE's): half the channels encode the row, half the column,
-    so that nearby patches get nearby codes. A tower trained from scratch on a few hundred demonstrations cannot
-    learn where a patch is from a random code per patch (SigLIP's learned table, which its pretraining fills)."""
+    so that nearby patches get nearby codes from the start: the initial value of SigLIP's learned table for a tower
+    trained from scratch, which would otherwise learn each patch's place from its demonstrations alone."""
     quarter = width // 4
     freq = 1.0 / 10_000 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1))
     rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
