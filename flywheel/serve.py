@@ -203,12 +203,13 @@ def act(policy: Policy, images: np.ndarray, proprio: np.ndarray, instructions: l
 
 
 def expected_inputs(bundle: PolicyBundle) -> tuple[tuple[int, int, int] | None, int | None]:
-    """(image shape, state length) the policy expects, where its record says (the small VLA's ``vla_config``)."""
+    """(image shape, state length) the policy expects, where its record says (the small VLA's ``vla_config``; a π0
+    resizes any image and says its state's length, that of its norm stats)."""
     shape = bundle.record.get("vla_config") or {}
     size = shape.get("image_size")
     image = (int(size), int(size), image_channels(bundle.sensors)) if size else None
     state = int(shape["proprio_dim"]) + ("touch" in bundle.sensors) if "proprio_dim" in shape else None
-    return image, state
+    return image, bundle.record.get("state_dim", state)
 
 
 def load_served(cfg) -> ServedPolicy:

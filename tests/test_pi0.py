@@ -361,9 +361,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
 
 def test_a_pi0_served_over_the_network_acts_as_in_process(tmp_path):
     """flywheel serve serves a π0 like any policy: its metadata gives the sampler's noise in the model's own (padded)
-    width, and a remote actor gets the chunk the policy gives in process, from its mean or from a given noise."""
+    width and its state's length (which a DSRL noise policy reads; any image size: π0 resizes), and a remote actor
+    gets the chunk the policy gives in process, from its mean or from a given noise."""
     from actors.remote_policy import RemotePolicy
-    from flywheel.serve import PolicyServer, ServedPolicy
+    from flywheel.serve import PolicyServer, ServedPolicy, expected_inputs
 
     bundle = plugins.resolve("policy", "pi0")(str(checkpoint(tmp_path / "ck")), 0.0)
     policy = bundle.make_actor()
@@ -371,9 +372,12 @@ def test_a_pi0_served_over_the_network_acts_as_in_process(tmp_path):
     images, proprio, texts = observation(batch=1)
     noise = np.random.default_rng(0).standard_normal((1, 8, 4)).astype(np.float32)
     here = policy.act(images, proprio, texts), policy.act(images, proprio, texts, noise=noise)
-    with PolicyServer(ServedPolicy(policy, name="pi0", checkpoint="ck", meta=bundle.meta), port=0) as server:
+    image, state = expected_inputs(bundle)
+    served = ServedPolicy(policy, name="pi0", checkpoint="ck", image_shape=image, state_dim=state, meta=bundle.meta)
+    with PolicyServer(served, port=0) as server:
         remote = RemotePolicy(server.url)
         assert remote.metadata["noise_shape"] == [8, 4] and (remote.chunk, remote.action_dim) == (8, 3)
+        assert remote.metadata["state_dim"] == 3 and remote.metadata["image_shape"] == [None, None, 3]
         np.testing.assert_allclose(remote.act(images, proprio, texts), here[0], atol=1e-6)
         np.testing.assert_allclose(remote.act(images, proprio, texts, noise=noise), here[1], atol=1e-6)
         remote.close()

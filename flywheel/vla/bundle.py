@@ -43,7 +43,9 @@ def pi0(checkpoint: str, eval_noise: float | None = None, tokenizer: str | None 
     return PolicyBundle(weights={k: v.numpy() for k, v in ck.weights.items()}, sensors=spec.sensors,
                         meta=ck.record, make_model=functools.partial(Pi0Policy, spec),
                         make_actor=functools.partial(_pi0_actor, spec, eval_noise),
-                        record={"pi0_checkpoint": str(Path(checkpoint).resolve())})
+                        record={"pi0_checkpoint": str(Path(checkpoint).resolve()),
+                                **({"state_dim": len(ck.norm_stats["state"]["mean"])} if "state" in ck.norm_stats
+                                   else {})})
 
 
 def _pi0_actor(spec, eval_noise: float | None) -> VLAPolicy:
