@@ -124,7 +124,7 @@ class RolloutGroup:
             if not leave_out:
                 raise RolloutError(f"rollout worker {i} failed twice in {method} ({type(error).__name__}: "
                                    f"{(str(error).splitlines() or [''])[0][:300]}); it was replaced each time. The "
-                                   f"episodes stored so far are kept.") from error
+                                   f"episodes stored so far are kept.{_advice(error)}") from error
             self.faults.append({"time": time.time(), "worker": i, "error": type(error).__name__,
                                 "action": f"left out {len(args_per_worker[i][0])} seeds"})
             results[i] = None
@@ -326,8 +326,18 @@ def _fetch(ref):
         if isinstance(result, tuple) and result and isinstance(result[0], ray.ObjectRef):
             result = (ray.get(result[0]), *result[1:])
         return result
-    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.ObjectLostError) as e:
+    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.ObjectLostError,
+            ray.exceptions.OutOfMemoryError) as e:  # (Ray's memory monitor killed the actor: a fault like any)
         return e
+
+
+def _advice(error: BaseException) -> str:
+    """What to change when a worker fails the same way twice, where the error says."""
+    if type(error).__name__ == "OutOfMemoryError":
+        return (" Ray killed it for memory: a worker holds all the environments of its share at once (a Meta-World "
+                "one ~15 MB), so give more rollout.num_workers, fewer eval.episodes or "
+                "rollout.episodes_per_iteration, or run fewer jobs beside it.")
+    return ""
 
 
 def _changed(old: np.ndarray, new: np.ndarray) -> bool:

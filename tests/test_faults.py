@@ -139,3 +139,26 @@ def test_a_learner_that_diverges_is_restored_from_its_checkpoint_and_the_run_goe
     assert summary["policy_version_final"] == 2  # v1, the lost update, then one more
     weights, _ = load_weights(tmp_path / "checkpoints" / "policy-000002.safetensors")
     assert all(np.isfinite(v).all() for v in weights.values() if v.dtype.kind == "f")
+
+
+def test_a_worker_killed_for_memory_is_replaced_and_twice_says_what_to_change(monkeypatch):
+    """Ray's memory monitor kills an actor with an OutOfMemoryError (not an actor error): a fault like a kill, the
+    worker replaced and its share run again; twice in an evaluation, the error says how to need less memory."""
+    import ray
+
+    from actors import ray_actors
+
+    oom = ray.exceptions.OutOfMemoryError("1 worker(s) were killed due to the node running low on memory")
+
+    def get(ref, **kwargs):
+        raise oom
+
+    monkeypatch.setattr(ray, "get", get)
+    assert ray_actors._fetch(object()) is oom  # returned as the call's failure, as a dead actor's is
+    group = _group("raise", use_ray=False)
+    replaced = []
+    monkeypatch.setattr(group, "_call", lambda method, calls, refs=None, fetched=None: [oom for _ in calls])
+    monkeypatch.setattr(group, "_replace", lambda i, why: replaced.append((i, why)))
+    with pytest.raises(RolloutError, match="killed it for memory.*rollout.num_workers.*eval.episodes"):
+        group._checked("collect_with_faults", [(SEEDS[:4], "eval")], leave_out=False)
+    assert [i for i, _ in replaced] == [0, 0] and "OutOfMemoryError" in replaced[0][1]
