@@ -124,7 +124,7 @@ class RolloutGroup:
             if not leave_out:
                 raise RolloutError(f"rollout worker {i} failed twice in {method} ({type(error).__name__}: "
                                    f"{(str(error).splitlines() or [''])[0][:300]}); it was replaced each time. The "
-                                   f"episodes stored so far are kept.{_advice(error)}") from error
+                                   f"episodes stored so far are kept.{_advice(type(error).__name__)}") from error
             self.faults.append({"time": time.time(), "worker": i, "error": type(error).__name__,
                                 "action": f"left out {len(args_per_worker[i][0])} seeds"})
             results[i] = None
@@ -280,7 +280,8 @@ class Collection:
         if all(r is None for r in results):
             raise RolloutError(f"every rollout worker failed twice on the same seeds ({group.faults[-1]['error']}):"
                                f" something beyond one actor is wrong (the environment, the machine). The "
-                               f"episodes stored so far are kept; the run resumes from its last iteration.")
+                               f"episodes stored so far are kept; the run resumes from its last iteration."
+                               f"{_advice(group.faults[-1]['error'])}")
         episodes = group._gather(results)
         if self.rounds:
             import ray
@@ -331,9 +332,9 @@ def _fetch(ref):
         return e
 
 
-def _advice(error: BaseException) -> str:
-    """What to change when a worker fails the same way twice, where the error says."""
-    if type(error).__name__ == "OutOfMemoryError":
+def _advice(error: str) -> str:
+    """What to change when a worker fails the same way twice, where the error (its type's name) says."""
+    if error == "OutOfMemoryError":
         return (" Ray killed it for memory: a worker holds all the environments of its share at once (a Meta-World "
                 "one ~15 MB), so give more rollout.num_workers, fewer eval.episodes or "
                 "rollout.episodes_per_iteration, or run fewer jobs beside it.")
