@@ -21,7 +21,7 @@ from bench.common import best_of as best
 from flywheel.contracts import Label
 from flywheel.store import EpisodeStore
 from reward.detector import DetectorNet, DetectorNetConfig, LearnedSuccessDetector
-from reward.train import train_detector
+from reward.train import Training, train_detector
 
 
 def main() -> None:
@@ -52,7 +52,8 @@ def main() -> None:
         cfg = DetectorNetConfig(window=window, sensors=sensors)
         detector = LearnedSuccessDetector([DetectorNet(cfg) for _ in range(members)], "bench")
         label_s = best(lambda: detector.score(eps))
-        train_s = best(lambda: train_detector(eps[:64], eps[:8], version="b", steps=20, cfg=cfg, ensemble=members),
+        train_s = best(lambda: train_detector(eps[:64], eps[:8], version="b", cfg=cfg,
+                                                     training=Training(steps=20, ensemble=members)),
                        repeats=2)
         rows.append((window, members, "+".join(sensors), label_s, train_s))
     base_label, base_train = rows[0][3], rows[0][4]

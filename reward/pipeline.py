@@ -22,7 +22,7 @@ from flywheel.contracts import Episode, Label, Rollouts, sensor_key
 from flywheel.store import EpisodeStore, atomic_write_bytes
 from reward.detector import DetectorNetConfig, LearnedSuccessDetector
 from reward.report import load_detector
-from reward.train import train_detector
+from reward.train import Calibration, Training, train_detector
 
 # Where each kind of detector data draws its training seeds (seed indices), apart from every other use.
 DEMO_SEEDS = 2_000_000
@@ -161,15 +161,16 @@ def train_reward(cfg: DictConfig, sources: DetectorSources, say: Callable[[str],
     say(f"detector: training {version} on {len(train)} episodes, {len(held)} held out {how}")
     d = cfg.detector
     detector, det_metrics = train_detector(
-        train, held, version=version, steps=d.steps, batch_size=d.batch_size, lr=d.lr, seed=cfg.seed,
-        threshold=d.threshold, init_weights=sources.policy_weights if d.init_from_policy else None,
-        init_sensors=tuple(sources.policy_sensors), augment=d.augment,
+        train, held, version=version,
+        training=Training(steps=d.steps, batch_size=d.batch_size, lr=d.lr, seed=cfg.seed, augment=d.augment,
+                          ensemble=d.ensemble, swaps=d.swaps),
         cfg=DetectorNetConfig(image_size=cfg.env.image_size, sensors=judged_by, window=d.window, stride=d.stride,
                               horizon=cfg.env.max_steps),
-        calibration_episodes=calibration, target_precision=d.target_precision,
-        base_rate=float(np.mean(rollouts_ok)) if rollouts_ok else None,
-        checkpoint_dir=run_dir / "detector" / f"{version}.partial", progress=progress, ensemble=d.ensemble,
-        swaps=d.swaps,
+        calibration=Calibration(d.threshold, calibration, d.target_precision,
+                                base_rate=float(np.mean(rollouts_ok)) if rollouts_ok else None),
+        init_weights=sources.policy_weights if d.init_from_policy else None,
+        init_sensors=tuple(sources.policy_sensors),
+        checkpoint_dir=run_dir / "detector" / f"{version}.partial", progress=progress,
     )
     save_detector(run_dir, detector, det_metrics, train, held, calibration)
     fmt = lambda k: "undefined" if det_metrics[k] is None else f"{det_metrics[k]:.3f}"  # noqa: E731 (one class)

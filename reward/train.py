@@ -15,6 +15,7 @@ Held-out metrics are computed on whole episodes the detector never trained on.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -126,88 +127,106 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, threshold: fl
     return {k: m[k] for k in ("precision", "recall", "auroc", "accuracy", "ece", "positives", "n")}
 
 
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """How a detector is optimised: each member of its ensemble (members trained one after another on the same
+    examples, each from its own seed, seed + k, for its heads and its batches, as in deep ensembles) for ``steps``.
+    ``swaps``: swapped-instruction negatives per success (detector_examples). ``checkpoint_every``: steps between
+    saves of the training state, with a checkpoint directory."""
+
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    augment: bool = True
+    ensemble: int = 1
+    swaps: int = 1
+    checkpoint_every: int = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Where the detector's verdict is set. On ``episodes`` (never trained on), the temperature and bias are fitted
+    (and per task family where it has enough episodes: reward/metrics.py fit_task_calibrations), and with
+    ``target_precision`` > 0 the threshold that reaches it at success rate ``base_rate``; otherwise ``threshold``
+    stays."""
+
+    threshold: float = 0.5
+    episodes: tuple[Episode, ...] | list[Episode] = ()
+    target_precision: float = 0.0
+    base_rate: float | None = None
+
+
 def train_detector(
     train_episodes: list[Episode],
     heldout_episodes: list[Episode],
     *,
     version: str,
-    steps: int = 1500,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    seed: int = 0,
+    training: Training = Training(),
     cfg: DetectorNetConfig | None = None,
-    threshold: float = 0.5,
+    calibration: Calibration = Calibration(),
     init_weights: dict[str, np.ndarray] | None = None,
     init_sensors: tuple[str, ...] = ("overhead",),
-    augment: bool = True,
-    progress: Callable[[int, int, float], None] | None = None,
-    calibration_episodes: list[Episode] | None = None,
-    target_precision: float = 0.0,
-    base_rate: float | None = None,
     checkpoint_dir: str | Path | None = None,
-    checkpoint_every: int = 200,
-    ensemble: int = 1,
-    swaps: int = 1,
+    progress: Callable[[int, int, float], None] | None = None,
 ) -> tuple[LearnedSuccessDetector, dict[str, Any]]:
     """Train a detector on labelled episodes; report precision / recall / AUROC / ECE on the held-out episodes.
 
-    ``swaps``: swapped-instruction negatives per success (detector_examples).
-    ``ensemble``: members trained one after another on the same examples, each from its own seed (seed + k) for
-    its heads and its batches (as in deep ensembles; each member starts its encoder from the policy's all the same).
     ``init_weights``: a policy's weights to start the encoder from, ``init_sensors`` what that policy reads (see
-    ``init_from_policy``).
-    ``calibration_episodes`` (never trained on): fit the temperature and bias there (and per task family where
-    it has enough episodes: reward/metrics.py fit_task_calibrations), and with ``target_precision``
-    > 0 the threshold that reaches it at success rate ``base_rate`` (reward/metrics.py); otherwise ``threshold``
-    stays.
-    ``checkpoint_dir``: every ``checkpoint_every`` steps the training state is saved there, and a training started
-    again with the same data and settings continues from it. ``progress(step, steps, loss)`` counts the steps of
-    every member."""
+    ``init_from_policy``). ``checkpoint_dir``: the training state is saved there (``training.checkpoint_every``),
+    and a training started again with the same data and settings continues from it. ``progress(step, steps,
+    loss)`` counts the steps of every member."""
     start = time.time()
     cfg = cfg or DetectorNetConfig()
-    ex = detector_examples(train_episodes, np.random.default_rng(seed), cfg=cfg, swaps=swaps)
+    t = training
+    ex = detector_examples(train_episodes, np.random.default_rng(t.seed), cfg=cfg, swaps=t.swaps)
     members = []
-    for k in range(ensemble):
+    for k in range(t.ensemble):
         where = Path(checkpoint_dir) / f"member-{k}" if checkpoint_dir is not None else None
         report = None if progress is None else (
-            lambda step, total, loss, k=k: progress(k * steps + step, ensemble * steps, loss))
-        members.append(_train_member(ex, cfg, init_weights, init_sensors, seed=seed + k, steps=steps, batch_size=batch_size, lr=lr,
-                                     augment=augment, progress=report, where=where, checkpoint_every=checkpoint_every))
+            lambda step, total, loss, k=k: progress(k * t.steps + step, t.ensemble * t.steps, loss))
+        members.append(_train_member(ex, cfg, (init_weights, init_sensors), dataclasses.replace(t, seed=t.seed + k),
+                                     report, where))
     if checkpoint_dir is not None and Path(checkpoint_dir).exists():
         shutil.rmtree(checkpoint_dir)  # every member is done: the partial states go
-    detector = LearnedSuccessDetector(members, version=version, threshold=threshold)
-    calibration = [ep for ep in calibration_episodes or [] if ep.trusted_success() is not None]
-    if calibration:
-        labels = np.array([ep.trusted_success() for ep in calibration], bool)
-        logits = detector.logits(calibration)
-        detector.temperature, detector.bias = fit_calibration(logits, labels)
-        detector.per_task = fit_task_calibrations(logits, labels, [ep.task for ep in calibration])
-        if target_precision > 0:
-            detector.threshold = threshold_for_precision(detector.score(calibration), labels, target_precision,
-                                                         base_rate)
+    detector = LearnedSuccessDetector(members, version=version, threshold=calibration.threshold)
+    calibrated = calibrate(detector, calibration)
     metrics = evaluate_detector(detector, heldout_episodes)
     metrics.update(temperature=detector.temperature, bias=detector.bias, per_task=detector.per_task,
-                   threshold=detector.threshold,
-                   calibration_episodes=len(calibration), members=ensemble)
+                   threshold=detector.threshold, calibration_episodes=calibrated, members=t.ensemble)
     metrics["train_seconds"] = time.time() - start
     metrics["train_examples"] = int(len(ex.labels))
     return detector, metrics
 
 
-def _train_member(ex: Examples, cfg: DetectorNetConfig, init_weights: dict[str, np.ndarray] | None,
-                  init_sensors: tuple[str, ...], *, seed: int,
-                  steps: int, batch_size: int, lr: float, augment: bool,
-                  progress: Callable[[int, int, float], None] | None, where: Path | None,
-                  checkpoint_every: int) -> DetectorNet:
-    """One member of the ensemble. ``where``: its resumable state (``partial.pt`` while training, ``done.pt``
-    once trained, so that a training stopped at a later member does not train this one again)."""
+def calibrate(detector: LearnedSuccessDetector, calibration: Calibration) -> int:
+    """Set the detector's temperature, bias, per-task calibrations and threshold (``Calibration``); -> how many
+    episodes with a trusted verdict it was calibrated on."""
+    episodes = [ep for ep in calibration.episodes if ep.trusted_success() is not None]
+    if episodes:
+        labels = np.array([ep.trusted_success() for ep in episodes], bool)
+        logits = detector.logits(episodes)
+        detector.temperature, detector.bias = fit_calibration(logits, labels)
+        detector.per_task = fit_task_calibrations(logits, labels, [ep.task for ep in episodes])
+        if calibration.target_precision > 0:
+            detector.threshold = threshold_for_precision(detector.score(episodes), labels,
+                                                         calibration.target_precision, calibration.base_rate)
+    return len(episodes)
+
+
+def _train_member(ex: Examples, cfg: DetectorNetConfig, init: tuple[dict[str, np.ndarray] | None, tuple[str, ...]],
+                  t: Training, progress: Callable[[int, int, float], None] | None, where: Path | None) -> DetectorNet:
+    """One member of the ensemble, from seed ``t.seed``; ``init``: the policy's weights (or None) and sensors its
+    encoder starts from. ``where``: its resumable state (``partial.pt`` while training, ``done.pt`` once trained, so
+    that a training stopped at a later member does not train this one again)."""
+    seed, steps, batch_size, lr = t.seed, t.steps, t.batch_size, t.lr
     torch.manual_seed(seed)
     net = DetectorNet(cfg)
     if where is not None and (where / "done.pt").exists():
         net.load_state_dict(torch.load(where / "done.pt", weights_only=True))
         return net.eval()
-    if init_weights is not None:
-        init_from_policy(net, init_weights, init_sensors)
+    if init[0] is not None:
+        init_from_policy(net, *init)
     ids = torch.from_numpy(net.tokenizer(ex.texts)[0])
     frames_t, ys_t, to_go_t = torch.from_numpy(ex.frames), torch.from_numpy(ex.labels), torch.from_numpy(ex.to_go)
     aux_t, has_aux_t = torch.from_numpy(ex.aux), torch.from_numpy(ex.has_aux)
@@ -231,7 +250,7 @@ def _train_member(ex: Examples, cfg: DetectorNetConfig, init_weights: dict[str, 
     for step in range(first, steps + 1):
         idx = torch.randint(0, len(ys_t), (batch_size,), generator=gen)
         img, aux_y = frames_t[idx], aux_t[idx]
-        if augment:
+        if t.augment:
             img, aux_y = dihedral(img, aux_y, int(torch.randint(0, 8, (1,), generator=gen)))
         logits, aux_pred, to_go_logits = net(img, ids[idx], with_aux=True)
         y, to_go = ys_t[idx], to_go_t[idx]
@@ -252,7 +271,7 @@ def _train_member(ex: Examples, cfg: DetectorNetConfig, init_weights: dict[str, 
         sched.step()
         if progress is not None:
             progress(step, steps, float(loss.item()))
-        if resume is not None and (step % checkpoint_every == 0) and step < steps:
+        if resume is not None and (step % t.checkpoint_every == 0) and step < steps:
             _atomic_save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                           "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step}, resume)
     if where is not None:

@@ -1,6 +1,7 @@
 """The audit in the loop (flywheel/audit.py, flywheel/loop.py): a detector corrupted on purpose is caught, the
 alarm pauses updates, a retrained detector relabels, and a policy that regressed is rolled back."""
 
+import dataclasses
 import functools
 import time
 
@@ -264,7 +265,7 @@ def test_a_whole_run_catches_a_corrupted_detector_and_recovers(tmp_path, monkeyp
     real = pipeline.train_detector
 
     def corrupt_the_first(*args, **kwargs):
-        detector, metrics = real(*args, **{**kwargs, "steps": 1})
+        detector, metrics = real(*args, **{**kwargs, "training": dataclasses.replace(kwargs["training"], steps=1)})
         trained.append(detector.version)
         return _scored_by_truth(detector, corrupt=len(trained) == 1), metrics
 
@@ -319,7 +320,7 @@ def test_a_whole_run_judged_by_its_detector_says_so_and_audits_its_gate(tmp_path
 
     real = pipeline.train_detector
     monkeypatch.setattr(pipeline, "train_detector", lambda *a, **kw: (
-        lambda made: (_scored_by_truth(made[0]), made[1]))(real(*a, **{**kw, "steps": 1})))
+        lambda made: (_scored_by_truth(made[0]), made[1]))(real(*a, **{**kw, "training": dataclasses.replace(kw["training"], steps=1)})))
     run_dir = tmp_path / "run"
     cfg = load_config("run", ["experiment=tiny", f"run_dir={run_dir}", "rollout.use_ray=false", "eval.judge=detector",
                               "budget.iterations=1", "wandb.mode=disabled"])

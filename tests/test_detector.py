@@ -7,7 +7,7 @@ from actors.rollout import run_episodes
 from actors.tabletop import split_seed
 from flywheel.contracts import Label, SuccessDetector
 from flywheel.vla.checkpoint import load_policy_checkpoint
-from reward.train import detector_examples, train_detector
+from reward.train import Training, detector_examples, train_detector
 
 
 class RandomPolicy:
@@ -55,8 +55,8 @@ def test_detector_separates_successes_from_failures():
     held = [eps[i] for i in order[:50]]
     train = [eps[i] for i in order[50:]]
     base = load_policy_checkpoint("base")[1]  # as in a run: the encoder starts from the starting policy's
-    detector, metrics = train_detector(train, held, version="detector-t", steps=400, batch_size=64, lr=1e-3,
-                                       init_weights=base)
+    detector, metrics = train_detector(train, held, version="detector-t",
+                                       training=Training(steps=400, batch_size=64, lr=1e-3), init_weights=base)
     assert isinstance(detector, SuccessDetector)
     assert metrics["auroc"] >= 0.85, metrics
     scores = detector.score(held)
@@ -153,7 +153,7 @@ def test_detector_training_resumes_where_it_stopped(tmp_path, demos):
     import torch
 
     eps = _labelled(list(demos[:8]))
-    kwargs = dict(version="d", steps=40, batch_size=8, seed=0, checkpoint_every=10, ensemble=2)
+    kwargs = dict(version="d", training=Training(steps=40, batch_size=8, seed=0, checkpoint_every=10, ensemble=2))
     whole, _ = train_detector(eps, eps, checkpoint_dir=tmp_path / "a", **kwargs)
 
     def stop_in_the_second_member(step, steps, loss):
@@ -181,7 +181,7 @@ def test_an_ensemble_saves_loads_and_says_how_unsure_it_is(tmp_path, demos):
     from reward.detector import LearnedSuccessDetector
 
     eps = _labelled(list(demos[:8]))
-    ensemble, _ = train_detector(eps, eps, version="e", steps=20, batch_size=8, ensemble=3)
+    ensemble, _ = train_detector(eps, eps, version="e", training=Training(steps=20, batch_size=8, ensemble=3))
     frames = ensemble.last_frames(eps)
     each = ensemble.member_logits_frames(frames, [ep.instruction for ep in eps])
     assert each.shape == (3, 8) and not np.allclose(each[0], each[1])
