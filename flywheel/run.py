@@ -131,9 +131,10 @@ def open_run(cfg: DictConfig, run_dir: Path, resuming: bool, saved: dict | None)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg).encode())
     seed_everything(cfg.seed)
-    # every core, unless OMP_NUM_THREADS says otherwise: on cores another job is busy on, torch's threads spin
-    # against it (a test measured 5-25x slower at 2 threads than at 1 on a shared 2-core machine)
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1))
+    # every core, unless OMP_NUM_THREADS says otherwise (torch read it at start): on cores another job is busy on,
+    # torch's threads spin against it (a test measured 5-25x slower at 2 threads than at 1 on a shared 2-core machine)
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
     previous = None
     if resuming and (run_dir / "summary.json").exists():
         with contextlib.suppress(json.JSONDecodeError):

@@ -246,7 +246,7 @@ class SiglipVision(nn.Module):
                                position_embedding=nn.Embedding(n, s.width)),
             encoder=_module(layers=nn.ModuleList(SiglipLayer(s) for _ in range(s.depth))),
             post_layernorm=nn.LayerNorm(s.width, eps=1e-6))
-        with torch.no_grad():  # a checkpoint overwrites this; trained from scratch, a patch's place must be legible
+        with torch.no_grad():  # from scratch, nearby patches start with nearby codes (a checkpoint overwrites)
             m = self.vision_model.embeddings.position_embedding.weight
             m.copy_(sincos_2d(s.image // s.patch, s.width))
 
