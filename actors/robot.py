@@ -296,7 +296,7 @@ class RobotEnv(gym.Env):
         self.operator.take_verdict()  # a verdict left over from the last episode is not this one's
         self.layer.start()
         self.steps, self._trips_before = 0, len(self.watchdog.trips)
-        self._record = {"events": [], "counts": {e: 0 for e in EVENTS}, "tick_error_s": []}
+        self._record = {"events": [], "counts": {e: 0 for e in EVENTS}, "tick_error_s": [], "layer_s": []}
         self._instruction = str(told.get("instruction", self.instruction))
         self._frame = self.robot.observe()
         self._tick = time.perf_counter()
@@ -305,7 +305,9 @@ class RobotEnv(gym.Env):
     def step(self, action):
         self.steps += 1
         state = self._frame.state if self._frame is not None else None
+        started = time.perf_counter()
         safe, events = self.layer.filter(action, state)
+        cost = time.perf_counter() - started
         if self.operator.estopped:
             events.append(ESTOP)
         cut = next((e for e in events if e in CUTS), None)
@@ -317,7 +319,9 @@ class RobotEnv(gym.Env):
         self.robot.send(safe)
         self.watchdog.fed()
         frame = self.robot.observe()
+        started = time.perf_counter()
         seen = self.layer.check(frame, time.monotonic())
+        self._record["layer_s"].append(cost + time.perf_counter() - started)
         events += seen
         cut = next((e for e in seen if e in CUTS), None)
         if cut is not None:
@@ -332,7 +336,7 @@ class RobotEnv(gym.Env):
         if done or truncated:
             self.robot.hold()
             self.watchdog.disarm()
-        return self._observation(frame), float(bool(verdict)), done, truncated, self._info(verdict)
+        return self._observation(frame), float(bool(verdict)), done, truncated, self._info(verdict, end=done or truncated)
 
     def _wait_for_tick(self, events: list[str]) -> None:
         """Keep the control period: sleep to the next tick, then spin its last half millisecond (sleep alone wakes
@@ -360,25 +364,31 @@ class RobotEnv(gym.Env):
     def _end(self, events: list[str], cut: str, frame: RobotFrame):
         """The episode cut short by ``cut``: the robot already stopped; the last frame closes the record."""
         self._note(events)
-        return self._observation(frame), 0.0, False, True, self._info(None, cut_short=cut)
+        return self._observation(frame), 0.0, False, True, self._info(None, cut_short=cut, end=True)
 
     def _observation(self, frame: RobotFrame) -> dict[str, np.ndarray]:
         obs = {CAMERA_CHANNELS[name][0]: frame.images[name] for name in self.sensors}
         obs["proprio"] = np.nan_to_num(np.asarray(frame.state, np.float32))
         return obs
 
-    def _info(self, verdict: bool | None, told: dict | None = None, cut_short: str | None = None) -> dict[str, Any]:
+    def _info(self, verdict: bool | None, told: dict | None = None, cut_short: str | None = None,
+              end: bool = False) -> dict[str, Any]:
+        """The step's info; the safety record (``safety_record``) with the episode's last step, where the rollout
+        reads it, and in between its counts alone."""
+        safety = self.safety_record() if end else {"counts": {k: v for k, v in self._record["counts"].items() if v}}
         return {**(told or {}), "instruction": self._instruction, "family": self.task, "success": verdict,
-                "safety": self.safety_record(), **({"cut_short": cut_short} if cut_short else {})}
+                "safety": safety, **({"cut_short": cut_short} if cut_short else {})}
 
     def safety_record(self) -> dict[str, Any]:
-        """What the layer saw this episode: events (the first hundred, with their steps), counts by event, and the
-        control period's tick error (p50/p99/max, seconds)."""
+        """What the layer saw this episode: events (the first hundred, with their steps), counts by event, the
+        control period's tick error (p50/p99/max, seconds) and the layer's own checks' time per step (mean, p99)."""
         errors = np.asarray(self._record.get("tick_error_s") or [0.0])
+        layer = np.asarray(self._record.get("layer_s") or [0.0])
         return {"events": list(self._record.get("events", [])),
                 "counts": {k: v for k, v in self._record.get("counts", {}).items() if v},
                 "tick_error_p50_s": float(np.percentile(errors, 50)),
                 "tick_error_p99_s": float(np.percentile(errors, 99)), "tick_error_max_s": float(errors.max()),
+                "layer_mean_s": float(layer.mean()), "layer_p99_s": float(np.percentile(layer, 99)),
                 "watchdog_late_s": [float(t) for t in self.watchdog.trips[self._trips_before:]]
                 if hasattr(self, "_trips_before") else []}
 
@@ -386,5 +396,32 @@ class RobotEnv(gym.Env):
         self.watchdog.close()
         try:
             self.robot.hold()
+        except ConnectionError:  # a host that is gone holds its robot itself (its watchdog, its lost controller)
+            pass
         finally:
             self.robot.close()
+
+
+def make_robot_env(robot: str = "sim", family: str = "button", image_size: int = 64, max_steps: int = 100,
+                   sensors: tuple[str, ...] | list[str] = ("overhead",), safety: dict | None = None,
+                   instruction: str = "", api_key: str | None = None, timeout_s: float = 2.0,
+                   sim_rate_hz: float | None = 50.0) -> RobotEnv:
+    """``env.name=robot``: a robot through the safety layer. ``robot`` (``env.options.robot``): "sim" (the tabletop
+    as a robot, in this process: ``family``, ``image_size``, its clock ``sim_rate_hz``), ``ws://host:port`` (a
+    robot host, actors/robot_host.py; ``api_key``, ``timeout_s`` per reply), or a robot plug-in: a registered name or
+    an import path ``module:factory`` returning a ``Robot`` driver (given those of family, image_size, sensors and
+    rate_hz it declares). ``safety``: ``SafetySettings``' fields (``env.options.safety``)."""
+    settings = SafetySettings(**(safety or {}))
+    if robot.startswith(("ws://", "wss://")):
+        from actors.robot_host import RemoteRobot
+
+        driver: Any = RemoteRobot(robot, api_key=api_key, timeout_s=timeout_s)
+    else:
+        from flywheel import plugins
+
+        driver = plugins.call_with_accepted(plugins.resolve("robot", robot), {
+            "family": family, "image_size": image_size, "sensors": tuple(sensors), "rate_hz": sim_rate_hz})
+    return RobotEnv(driver, settings, sensors=sensors, instruction=instruction, max_steps=max_steps)
+
+
+make_robot_env.max_parallel = 1  # one robot, one episode at a time (a host takes one controller)

@@ -24,10 +24,12 @@ from flywheel.contracts import INTERVENTION, Episode, Extras, Policy, PolicySnap
 ENV_ID = "flywheel/Tabletop-v0"
 
 
-def make_env(name: str = "tabletop", **kwargs) -> gym.Env:
-    """The environment plug-in ``name`` (``env.name``: tabletop, metaworld, fetch, or an import path
-    ``module:factory``), made with the keyword arguments its factory declares (flywheel/plugins.py)."""
-    return plugins.call_with_accepted(plugins.resolve("env", name), kwargs)
+def make_env(name: str = "tabletop", options: dict | None = None, **kwargs) -> gym.Env:
+    """The environment plug-in ``name`` (``env.name``: tabletop, metaworld, fetch, robot, or an import path
+    ``module:factory``), made with the keyword arguments its factory declares (flywheel/plugins.py) and every one of
+    ``options`` (``env.options``: the plug-in's own)."""
+    factory = plugins.resolve("env", name)
+    return factory(**plugins.accepted(factory, kwargs), **(options or {}))
 
 
 def parallel_limit(name: str) -> int | None:
@@ -55,6 +57,7 @@ class EnvSettings:
     sensors: tuple[str, ...] | list[str] | str = ("overhead",)
     image_size: int = 64
     max_steps: int = 40
+    options: dict | None = None
 
 
 def run_episodes(
@@ -278,6 +281,8 @@ class Lockstep:
                   **({"operator": self.operator[i]} if self.operator[i] is not None else {}),
                   **({"interventions": int(sum(self.taken[i]))} if self.correcting[i] else {}),
                   "combo_heldout": bool(last.get("combo_heldout", False)),
+                  # a robot's safety layer: what it saw, and the event that cut the episode short, if one did
+                  **{k: last[k] for k in ("safety", "cut_short") if k in last},
                   "kind": last.get("kind", last["family"]), "named": list(last.get("named", [])),
                   "randomization": self.first[i][1].get("randomization", {})},
         )

@@ -76,6 +76,7 @@ class SimRobot:
         for f in self.faults:
             self.faults[f] -= 1
         if self._due("die"):
+            del self.faults["die"]  # once: a robot that is restarted comes back
             raise RobotDied("the simulated robot died (injected)")
         with self._lock:
             obs = self.env._obs()
@@ -118,7 +119,9 @@ class SimRobot:
 
     def reset(self, seed: int | None) -> dict[str, Any] | None:
         with self._lock:
-            self.estopped, self.faults, self._frozen, self._stamp = False, {}, None, None
+            # the faults that started end with the episode; those still to come stay
+            self.faults = {f: n for f, n in self.faults.items() if n > 0}
+            self.estopped, self._frozen, self._stamp = False, None, None
             self.command = np.zeros(3, np.float32)
             _, info = self.env.reset(seed=seed)
             self._ready = True

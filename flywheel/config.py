@@ -44,6 +44,9 @@ class EnvConfig:
     image_size: int = 64
     max_steps: int = 40  # episode horizon
     execute: int = 4  # actions of each predicted chunk executed before the policy is asked again
+    options: dict[str, Any] = field(default_factory=dict)  # the plug-in's own keyword arguments; robot's: robot
+    #                   (sim | ws://host:port | a robot plug-in), safety ({rate_hz, max_delta, watchdog_s, ...}:
+    #                   actors/robot.py SafetySettings), instruction, api_key, timeout_s
 
 
 @dataclasses.dataclass

@@ -217,6 +217,7 @@ def iteration_row(state: LoopState, practice: Practice, labels: list[Label], sna
         # watches. The learner never saw the second number.
         "train/claimed_success": float(np.mean([lab.success for lab in labels])),
         **true_success(episodes),
+        **safety_counts(episodes),
         **phases,
         "rollout/faults": len(rollouts.faults) if isinstance(rollouts, Restarts) else 0,  # actors replaced, lost
         # the share of practice a person took over and finished (the learner does not credit the policy with it)
@@ -236,6 +237,20 @@ def true_success(episodes: list[Episode]) -> dict[str, float]:
     rate = lambda eps: float(np.mean([bool(ep.ground_truth["success"]) for ep in eps]))  # noqa: E731
     return {**({"train/true_success": rate(known)} if known else {}),
             **({"train/true_success_unaided": rate(unaided)} if unaided else {})}
+
+
+def safety_counts(episodes: list[Episode]) -> dict[str, float]:
+    """A robot's safety layer over the practice (none for a simulator): the share of episodes cut short, and how
+    many times each event happened (actors/robot.py)."""
+    records = [ep.info["safety"] for ep in episodes if "safety" in ep.info]
+    if not records:
+        return {}
+    counts: dict[str, float] = {}
+    for r in records:
+        for event, n in r.get("counts", {}).items():
+            counts[f"robot/{event}"] = counts.get(f"robot/{event}", 0.0) + n
+    return {"robot/cut_short": float(np.mean([bool(ep.info.get("cut_short")) for ep in episodes])), **counts,
+            "robot/tick_error_p99_ms": 1000.0 * max(r.get("tick_error_p99_s", 0.0) for r in records)}
 
 
 def _log_clips(metrics: MetricsSink, state: LoopState, episodes: list[Episode], labels: list[Label],

@@ -80,7 +80,7 @@ def check_env(env_kwargs: dict) -> None:
     resolve("env", "env.name", env_kwargs.get("name", "tabletop"))
     try:
         env = make_env(**{k: v for k, v in env_kwargs.items() if k != "execute"})  # run_episodes' argument alone
-    except ValueError as e:
+    except (ValueError, TypeError, ConnectionError) as e:  # TypeError: an env.options key the plug-in lacks
         raise ConfigError(f"the environment of env.name={env_kwargs.get('name')!r} env.family="
                           f"{env_kwargs.get('family')!r} cannot be made: {e}") from e
     env.close()

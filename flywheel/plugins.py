@@ -26,6 +26,9 @@ KINDS = {
            "sensors, ...); observations {'image': uint8 (H, W, 3), 'proprio': float32 (P,)}, info['instruction'], and "
            "info['success'] where the environment can judge itself",
     "detector": "a function (run layer context) -> a SuccessDetector (flywheel.contracts)",
+    "robot": "a factory -> an actors.robot.Robot driver (observe, send, hold, estop, reset, close; action_dim), given "
+             "those of family, image_size, sensors and rate_hz it declares; env.name=robot puts it behind the "
+             "safety layer",
     "learner": "a class or function (model, demos, *, version, seed, **its options) -> a Learner (flywheel.contracts)",
 }
 
@@ -35,8 +38,9 @@ REGISTRY: dict[str, dict[str, str | Callable[..., Any]]] = {
     "policy": {"small_vla": "flywheel.vla.bundle:small_vla", "pi0": "flywheel.vla.bundle:pi0",
                "remote": "flywheel.remote:remote", "dsrl": "flywheel.dsrl:dsrl"},
     "env": {"tabletop": "actors.tabletop:TabletopEnv", "metaworld": "actors.thirdparty:make_metaworld",
-            "fetch": "actors.thirdparty:make_fetch"},
+            "fetch": "actors.thirdparty:make_fetch", "robot": "actors.robot:make_robot_env"},
     "detector": {"learned": "flywheel.detectors:learned", "ground_truth": "flywheel.detectors:ground_truth"},
+    "robot": {"sim": "actors.sim_robot:SimRobot"},
     "learner": {"filtered_bc": "learner.filtered_bc:FilteredBCLearner", "recap": "learner.recap:RecapLearner",
                 "ppo": "learner.ppo:PPOLearner", "residual_ppo": "learner.residual_ppo:ResidualPPOLearner",
                 "imitation": "learner.imitation:ImitationLearner"},
@@ -101,14 +105,19 @@ def resolve(kind: str, spec: str) -> Callable[..., Any]:
 def call_with_accepted(factory: Callable[..., Any], kwargs: dict[str, Any], *args: Any) -> Any:
     """``factory(*args, **kwargs)`` with only the keyword arguments it declares (all of them if it takes
     ``**kwargs``): an environment's factory is given the env config keys it knows."""
+    return factory(*args, **accepted(factory, kwargs))
+
+
+def accepted(factory: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Those of ``kwargs`` that ``factory`` declares (all of them if it takes ``**kwargs`` or has no signature)."""
     try:
         parameters = inspect.signature(factory).parameters.values()
     except (TypeError, ValueError):  # a builtin without a signature: give it everything
-        return factory(*args, **kwargs)
+        return dict(kwargs)
     if any(p.kind is p.VAR_KEYWORD for p in parameters):
-        return factory(*args, **kwargs)
+        return dict(kwargs)
     names = {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-    return factory(*args, **{k: v for k, v in kwargs.items() if k in names})
+    return {k: v for k, v in kwargs.items() if k in names}
 
 
 def _check_kind(kind: str) -> None:

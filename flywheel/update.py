@@ -37,8 +37,11 @@ class Updater:
         self.learner, self.checkpoints, self.rollouts, self.reads = learner, checkpoints, rollouts, reads
 
     def update(self, state: LoopState, episodes: list[Episode]) -> dict[str, float]:
-        # in the order the seeds were listed, as a resumed run refills its buffer (flywheel/resume.py)
-        view = [learner_view(ep, self.reads) for ep in sorted(episodes, key=Episode.collection_order)]
+        # A robot episode a safety stop cut short (actors/robot.py) is stored but not learned from: the policy did
+        # not fail it, the camera froze or a person pressed e-stop. In the order the seeds were listed, as a resumed
+        # run refills its buffer (flywheel/resume.py).
+        view = [learner_view(ep, self.reads) for ep in sorted(episodes, key=Episode.collection_order)
+                if not ep.info.get("cut_short")]
         try:
             try:
                 stats = self.learner.update(view)

@@ -112,7 +112,7 @@ def test_a_task_family_no_simulator_knows_is_refused_before_anything_starts(tmp_
     from flywheel.run import run
 
     with pytest.raises(ConfigError, match=r"env.name='mujoco' is unknown: choose one of \['fetch', 'metaworld', "
-                                          r"'tabletop'\]"):
+                                          r"'robot', 'tabletop'\]"):
         load_config("run", ["experiment=tiny", "env=mujoco"])
     for given, says in (("env.family=pushh", "env.family='pushh' cannot be made: unknown task family 'pushh': choose"),
                         ("env=no_such_lab.sims:make_env", "env.name='no_such_lab.sims:make_env': .*cannot import "

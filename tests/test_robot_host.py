@@ -1,0 +1,140 @@
+"""Robots over the network (actors/robot_host.py): the tabletop as a simulated robot behind a robot host on
+loopback, driven through the safety layer, with latency, drops and silence injected."""
+
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from actors.robot import RobotEnv, SafetySettings, make_robot_env
+from actors.robot_host import NetworkFaults, RemoteRobot, RobotHost, RobotHostError
+from actors.rollout import run_episodes
+from actors.sim_robot import SimRobot
+from flywheel.vla.bundle import small_vla
+
+RIGHT = np.array([0.5, 0.0, -1.0], np.float32)
+
+
+@pytest.fixture
+def host(request):
+    faults, watchdog_s, key = getattr(request, "param", (None, 0.5, None))
+    robot = SimRobot(family="button", rate_hz=None)
+    h = RobotHost(robot, port=0, watchdog_s=watchdog_s, faults=faults, api_key=key).start()
+    yield h
+    h.stop()
+    robot.close()
+
+
+def test_a_robot_over_loopback_steps_through_the_safety_layer(host):
+    env = RobotEnv(RemoteRobot(host.url), SafetySettings(rate_hz=100.0))
+    obs, info = env.reset(seed=3)
+    assert obs["image"].shape == (64, 64, 3) and info["instruction"]
+    start = host.robot.effector()
+    for _ in range(5):
+        obs, _, term, trunc, info = env.step(RIGHT)
+    assert host.robot.effector()[0] > start[0] and host.commands == 5
+    assert np.allclose(obs["proprio"][:2], host.robot.effector(), atol=1e-6)
+    assert urllib.request.urlopen(f"http://127.0.0.1:{host.port}/healthz", timeout=5).status == 200
+    with pytest.raises(RobotHostError, match="already has a controller"):
+        RemoteRobot(host.url)  # one controller per robot
+    env.close()
+
+
+@pytest.mark.parametrize("host", [(None, 0.5, "secret")], indirect=True)
+def test_a_host_with_a_key_refuses_a_controller_without_it(host):
+    with pytest.raises(RobotHostError, match="API key"):
+        RemoteRobot(host.url)
+    RemoteRobot(host.url, api_key="secret").close()
+
+
+@pytest.mark.parametrize("host", [(NetworkFaults(latency_s=0.02, jitter_s=0.01), 0.5, None)], indirect=True)
+def test_network_latency_shows_as_overruns_and_frame_age_not_as_a_fault(host):
+    env = RobotEnv(RemoteRobot(host.url), SafetySettings(rate_hz=50.0, stale_s=0.5))
+    env.reset(seed=1)
+    for _ in range(5):
+        _, _, _, trunc, info = env.step(RIGHT)
+    assert not trunc  # 20-30 ms a round trip, twice a step, at 50 Hz: late, but nothing unsafe
+    assert info["safety"]["counts"].get("overrun", 0) >= 1
+    env.close()
+
+
+@pytest.mark.parametrize("host", [(NetworkFaults(drop_after=6), 0.5, None)], indirect=True)
+def test_a_dropped_connection_raises_and_the_host_holds_its_robot(host):
+    env = RobotEnv(RemoteRobot(host.url), SafetySettings(rate_hz=100.0))
+    env.reset(seed=2)
+    holds = host.robot.holds
+    with pytest.raises(RobotHostError, match="dropped"):
+        for _ in range(10):
+            env.step(RIGHT)
+    deadline = time.monotonic() + 5
+    while host.robot.holds == holds and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert host.robot.holds > holds and not host.robot.command[:2].any()
+    env.close()
+    RemoteRobot(host.url).close()  # the robot takes a new controller
+
+
+@pytest.mark.parametrize("host", [(None, 0.05, None)], indirect=True)
+def test_the_host_s_watchdog_holds_the_robot_when_commands_stop(host):
+    robot = RemoteRobot(host.url)
+    robot.reset(1)
+    robot.send(RIGHT)
+    deadline = time.monotonic() + 5
+    while not host.watchdog.trips and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert host.watchdog.trips and not host.robot.command[:2].any()
+    assert robot.health()["watchdog_trips"] == 1
+    robot.close()
+
+
+def test_a_rollout_on_a_robot_host_records_the_safety_layer_and_loses_a_dying_host_s_episode(host):
+    bundle = small_vla("base")
+    policy = bundle.make_actor()
+    policy.load_weights(bundle.weights)
+    env = dict(name="robot", max_steps=12, options={"robot": host.url, "safety": {"rate_hz": 200.0}})
+    episodes = run_episodes([1, 2], "train", policy, policy_version=0, **env)
+    assert [ep.seed for ep in episodes] == [1, 2] and all(ep.num_steps == 12 for ep in episodes)
+    assert all("safety" in ep.info and ep.ground_truth is None for ep in episodes)  # a robot judges nothing
+    host.robot.inject("die", after=5)
+    faults: list[dict] = []
+    episodes = run_episodes([3, 4], "train", policy, policy_version=0, faults=faults, **env)
+    assert [ep.seed for ep in episodes] == [4] and faults[0]["seed"] == 3 and "died" in faults[0]["error"]
+
+
+def test_make_robot_env_builds_the_simulated_robot_by_name():
+    env = make_robot_env("sim", max_steps=3, safety={"rate_hz": 200.0})
+    env.reset(seed=0)
+    env.step(RIGHT)
+    env.close()
+
+
+def test_an_episode_a_safety_stop_cut_short_is_kept_and_counted_but_not_learned_from(host):
+    from flywheel.contracts import PolicySnapshot
+    from flywheel.loop import safety_counts
+    from flywheel.state import LoopState
+    from flywheel.update import Updater
+
+    bundle = small_vla("base")
+    policy = bundle.make_actor()
+    policy.load_weights(bundle.weights)
+    host.robot.inject("freeze_camera", after=16)  # the second episode's camera freezes at its third frame
+    episodes = run_episodes([5, 6], "train", policy, policy_version=0, name="robot", max_steps=12,
+                            options={"robot": host.url, "safety": {"rate_hz": 200.0, "freeze_frames": 3}})
+    assert [ep.info.get("cut_short") for ep in episodes] == [None, "camera_frozen"]
+    assert episodes[1].num_steps < 12 and episodes[1].info["safety"]["counts"]["camera_frozen"] == 1
+    assert safety_counts(episodes)["robot/cut_short"] == 0.5
+
+    class Learner:  # what the update phase hands a learner
+        seen: list = []
+
+        def update(self, view):
+            self.seen.extend(view)
+            return {}
+
+        def snapshot(self):
+            return PolicySnapshot(0, {})
+
+    learner = Learner()
+    Updater(learner, checkpoints=None, rollouts=None).update(LoopState(), episodes)
+    assert [ep.seed for ep in learner.seen] == [5]
