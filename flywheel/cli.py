@@ -11,6 +11,8 @@
     flywheel report RUN_DIR                 the run at a glance: RUN_DIR/report.html, self-contained (no network)
     flywheel serve [key=value ...] [--port N] [--api-key KEY]   serve policy.checkpoint over a websocket in openpi's
                                             protocol (openpi_client.WebsocketClientPolicy, policy.name=remote)
+    flywheel robot-host [key=value ...]     serve one robot (robot.driver=sim, or yours) to a run's env.name=robot
+                                            over a websocket, its command watchdog on this side (actors/robot_host.py)
     flywheel store verify run_dir=PATH      read every stored episode; print what was found as JSON (after a crash)
     flywheel store check RUN_DIR [--repair] find (and move aside) damaged episode files
 """
@@ -339,6 +341,33 @@ def sigterm_interrupts():
         signal.signal(signal.SIGTERM, previous)
 
 
+def cmd_robot_host(args: list[str]) -> int:
+    """``flywheel robot-host``: one robot over a websocket until Ctrl-C (actors/robot_host.py)."""
+    cfg = _load("robot_host", args)
+    from actors.robot_host import RobotHost
+    from flywheel import plugins
+    from flywheel.serve import API_KEY_ENV
+
+    r = cfg.robot
+    driver = plugins.call_with_accepted(plugins.resolve("robot", r.driver), {
+        "family": r.family, "image_size": r.image_size, "sensors": tuple(r.sensors), "rate_hz": r.rate_hz})
+    api_key = cfg.serve.api_key or os.environ.get(API_KEY_ENV) or None
+    host = RobotHost(driver, host=cfg.serve.host, port=cfg.serve.port, api_key=api_key, watchdog_s=r.watchdog_s,
+                     sensors=tuple(r.sensors)).start()
+    print(f"robot host: {r.driver} at {host.url} (action_dim {driver.action_dim}, sensors {list(r.sensors)}, "
+          f"watchdog {r.watchdog_s:g} s; {'API key required' if api_key else 'no API key'}; health: "
+          f"http://{host.host}:{host.port}/healthz); a run reaches it with env.name=robot "
+          f"env.options.robot={host.url}; Ctrl-C stops", flush=True)
+    try:
+        host.wait()
+    except KeyboardInterrupt:
+        console.print("robot host stopped; the robot was held")
+    finally:
+        host.stop()
+        driver.close()
+    return 0
+
+
 def _dispatch(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=os.environ.get("FLYWHEEL_LOG", "WARNING"))
@@ -347,7 +376,7 @@ def _dispatch(argv: list[str] | None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if {"-h", "--help"} & set(rest):  # anywhere after the command: `flywheel run budget.minutes=480 --help` too
-        name = cmd if cmd in ("pretrain", "demos", "serve") else "run"
+        name = {"pretrain": "pretrain", "demos": "demos", "serve": "serve", "robot-host": "robot_host"}.get(cmd, "run")
         console.print(__doc__, markup=False)
         console.print("keys and defaults:\n" + _schema_help(name, rest), markup=False)
         return 0
@@ -365,6 +394,8 @@ def _dispatch(argv: list[str] | None) -> int:
         return cmd_report(rest)
     if cmd == "serve":
         return cmd_serve(rest)
+    if cmd == "robot-host":
+        return cmd_robot_host(rest)
     if cmd == "store" and rest[:1] == ["verify"]:
         return cmd_store_verify(rest[1:])
     if cmd == "store" and rest[:1] == ["check"]:

@@ -416,8 +416,28 @@ class ServeConfig:
     serve: ServerConfig = field(default_factory=ServerConfig)
 
 
+@dataclasses.dataclass
+class RobotConfig:
+    driver: str = "sim"  # the robot plug-in: sim (the tabletop as a robot), or an import path module:factory
+    #                      returning an actors.robot.Robot driver (a LeRobot arm's adapter, your own)
+    family: str = "button"  # sim: the tabletop task it sets up at each reset
+    image_size: int = 64
+    sensors: list[str] = field(default_factory=lambda: ["overhead"])  # the cameras it sends
+    rate_hz: float = 50.0  # sim: its physics clock
+    watchdog_s: float = 0.5  # hold the robot still when no command arrives within this
+
+
+@dataclasses.dataclass
+class RobotHostConfig:
+    """``flywheel robot-host``: one robot served to a rollout actor over the network (actors/robot_host.py)."""
+
+    robot: RobotConfig = field(default_factory=RobotConfig)
+    serve: ServerConfig = field(default_factory=lambda: ServerConfig(port=8780))
+
+
 _SCHEMAS = {"run": ("run_schema", RunConfig), "pretrain": ("pretrain_schema", PretrainConfig),
-            "demos": ("demos_schema", DemosConfig), "serve": ("serve_schema", ServeConfig)}
+            "demos": ("demos_schema", DemosConfig), "serve": ("serve_schema", ServeConfig),
+            "robot_host": ("robot_host_schema", RobotHostConfig)}
 
 
 def _register() -> None:

@@ -138,3 +138,28 @@ def test_an_episode_a_safety_stop_cut_short_is_kept_and_counted_but_not_learned_
     learner = Learner()
     Updater(learner, checkpoints=None, rollouts=None).update(LoopState(), episodes)
     assert [ep.seed for ep in learner.seen] == [5]
+
+
+def test_flywheel_robot_host_serves_a_robot_until_ctrl_c():
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "robot-host", "serve.port=0", "robot.rate_hz=50"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"ws://127\.0\.0\.1:\d+", line)
+        assert url, line
+        env = RobotEnv(RemoteRobot(url.group(0)), SafetySettings(rate_hz=100.0))
+        obs, info = env.reset(seed=1)
+        _, _, _, trunc, _ = env.step(RIGHT)
+        assert not trunc and obs["image"].shape == (64, 64, 3)
+        env.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "the robot was held" in out
