@@ -180,3 +180,57 @@ def test_a_robot_option_the_plug_in_lacks_or_a_host_that_is_not_there_is_a_confi
         check_env({"name": "robot", "options": {"robot": "ws://127.0.0.1:9"}})
     with pytest.raises(ConfigError, match="rate_hz"):
         check_env({"name": "robot", "options": {"safety": {"rate_hz": 0}}})
+
+
+class LeRobotShapedArm:
+    """A class shaped like LeRobot's ``Robot`` (LeRobot itself cannot share this environment): two position-
+    controlled joints that move a tenth of the way to their targets per observation, and a camera."""
+
+    observation_features = {"shoulder.pos": float, "elbow.pos": float, "front": (32, 32, 3)}
+    action_features = {"shoulder.pos": float, "elbow.pos": float}
+
+    def __init__(self):
+        self.is_connected = False
+        self.position = np.array([10.0, -20.0])
+        self.target = self.position.copy()
+        self.sent: list[dict] = []
+
+    def connect(self):
+        self.is_connected = True
+
+    def get_observation(self):
+        self.position += 0.1 * (self.target - self.position)
+        image = np.full((32, 32, 3), int(self.position[0]) % 256, np.uint8)
+        image[0, 0, 0] = len(self.sent) % 256
+        return {"shoulder.pos": self.position[0], "elbow.pos": self.position[1], "front": image}
+
+    def send_action(self, action):
+        self.sent.append(dict(action))
+        self.target = np.array([action["shoulder.pos"], action["elbow.pos"]])
+        return action
+
+    def disconnect(self):
+        self.is_connected = False
+
+
+def test_a_lerobot_shaped_arm_practises_behind_the_safety_layer():
+    from actors.lerobot_robot import LeRobotRobot
+
+    arm = LeRobotShapedArm()
+    with pytest.raises(ValueError, match="elbow.pos"):
+        LeRobotRobot(arm, ranges={"shoulder.pos": (-90, 90)})
+    driver = LeRobotRobot(arm, ranges={"shoulder.pos": (-90, 90), "elbow.pos": (-90, 90)},
+                          home={"shoulder.pos": 0.0, "elbow.pos": 0.0}, instruction="wave", settle_s=0.0)
+    assert arm.is_connected and driver.cameras == {"overhead": "front"}
+    env = RobotEnv(driver, SafetySettings(rate_hz=200.0), max_steps=20)
+    obs, info = env.reset(seed=0)
+    assert info["instruction"] == "wave" and arm.sent[-1] == {"shoulder.pos": 0.0, "elbow.pos": 0.0}
+    assert obs["image"].shape == (32, 32, 3) and obs["proprio"].shape == (2,)
+    env.step(np.array([0.5, -1.0], np.float32))
+    assert arm.sent[-1] == {"shoulder.pos": 45.0, "elbow.pos": -90.0}  # [-1, 1] onto each joint's range
+    _, _, _, trunc, info = env.step(np.array([np.inf, 0.0], np.float32))
+    assert trunc and info["cut_short"] == "nan_action"
+    present = {"shoulder.pos": float(arm.position[0]), "elbow.pos": float(arm.position[1])}
+    assert arm.sent[-1] == pytest.approx(present)  # held: sent where it is
+    env.close()
+    assert not arm.is_connected
