@@ -48,6 +48,7 @@ class LeRobotRobot:
                              f"{sorted(robot.observation_features)}")
         self.home, self.instruction, self.settle_s = home, instruction, settle_s
         self.action_dim = len(self.motors)
+        self.sensors = tuple(self.cameras)
         self.estopped = False
         self._present: np.ndarray | None = None
         if not getattr(robot, "is_connected", False):

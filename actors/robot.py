@@ -274,6 +274,10 @@ class RobotEnv(gym.Env):
                  sensors: tuple[str, ...] | list[str] = ("overhead",), instruction: str = "", max_steps: int = 100,
                  task: str = "robot"):
         self.robot, self.s = robot, settings or SafetySettings()
+        sends = getattr(robot, "sensors", None)
+        if sends is not None and set(sensors) - set(sends) - {"touch", "depth"}:
+            raise ValueError(f"the robot sends the cameras {list(sends)}, but env.sensors={list(sensors)}: give "
+                             f"env.sensors={list(sends)} (or add the camera to the robot's driver/host)")
         self.operator = operator or Operator()
         self.sensors, self.instruction, self.max_steps, self.task = tuple(sensors), instruction, int(max_steps), task
         self.layer = SafetyLayer(self.s, robot.action_dim)

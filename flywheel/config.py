@@ -581,7 +581,7 @@ def _dicts_replaced(name: str, overrides: list[str]) -> list[str]:
         key = o.split("=", 1)[0]
         node = OmegaConf.select(schema, key) if "=" in o and not key.startswith(("+", "~")) else None
         if (isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict) or \
-                key.startswith(("learner.options", "policy.options")):
+                key.startswith(("learner.options", "policy.options", "env.options")):
             o = "++" + o  # a dict, not a section
         out.append(o)
     return out

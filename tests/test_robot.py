@@ -170,16 +170,30 @@ def test_a_robot_that_dies_raises_for_the_rollout_to_count_as_a_fault():
     env.close()
 
 
-def test_a_robot_option_the_plug_in_lacks_or_a_host_that_is_not_there_is_a_config_error():
+def test_a_robot_option_the_plug_in_lacks_or_a_host_that_is_not_there_is_a_config_error(monkeypatch):
+    from actors.lerobot_robot import LeRobotRobot
+    from flywheel import plugins
     from flywheel.config import ConfigError
     from flywheel.parts import check_env
 
+    monkeypatch.setitem(plugins.REGISTRY["robot"], "lerobot_shaped", lambda: LeRobotRobot(
+        LeRobotShapedArm(), ranges={"shoulder.pos": (-90, 90), "elbow.pos": (-90, 90)}))
     with pytest.raises(ConfigError, match="robott"):
         check_env({"name": "robot", "options": {"robott": "sim"}})
     with pytest.raises(ConfigError, match="cannot connect"):
         check_env({"name": "robot", "options": {"robot": "ws://127.0.0.1:9"}})
     with pytest.raises(ConfigError, match="rate_hz"):
         check_env({"name": "robot", "options": {"safety": {"rate_hz": 0}}})
+    with pytest.raises(ConfigError, match=r"env.sensors=\['overhead'\]"):  # the robot has no wrist camera
+        check_env({"name": "robot", "sensors": ["overhead", "wrist"], "options": {"robot": "lerobot_shaped"}})
+
+
+def test_env_options_take_new_keys_from_the_command_line():
+    from flywheel.config import load_config
+
+    cfg = load_config("run", ["env.name=robot", "env.options.robot=ws://127.0.0.1:8780",
+                              "env.options.safety.rate_hz=20"])
+    assert cfg.env.options == {"robot": "ws://127.0.0.1:8780", "safety": {"rate_hz": 20}}
 
 
 class LeRobotShapedArm:
