@@ -43,6 +43,7 @@ class RobotFrame:
     images: dict[str, np.ndarray]
     state: np.ndarray
     stamp: float
+    estopped: bool = False  # the robot's own e-stop is pressed (a button on the arm, or on its host)
 
 
 class Robot(Protocol):
@@ -75,7 +76,7 @@ class SafetySettings:
     ``workspace_low``/``workspace_high``: the box the effector stays in, over the state dims
     ``workspace_state_dims``, which the action dims ``workspace_action_dims`` move as velocities: a command that
     would carry the effector out of the box along a dim is zeroed along it. ``watchdog_s``: the robot side holds
-    still when no command comes within it. ``freeze_frames``: this many identical camera frames in a row are a frozen
+    still when no command comes within it (a robot host keeps its own: ``flywheel robot-host robot.watchdog_s``). ``freeze_frames``: this many identical camera frames in a row are a frozen
     camera; ``stale_s``: a frame older than this is stale. ``reset_timeout_s``: how long a reset waits for a person.
     """
 
@@ -191,6 +192,24 @@ class Watchdog:
         self._thread.join(timeout=1.0)
 
 
+class ReportedWatchdog:
+    """A robot that has its watchdog on its own side (a robot host: ``watchdog_trips``, how late each of its holds
+    came) is not watched a second time from here, where a second caller on its connection would race the first."""
+
+    def __init__(self, robot: Robot):
+        self.robot = robot
+
+    @property
+    def trips(self) -> list[float]:
+        return list(self.robot.watchdog_trips)
+
+    def fed(self) -> None: ...
+
+    def disarm(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class SafetyLayer:
     """The per-step checks of ``RobotEnv``, apart from the robot, so that a benchmark can time them alone."""
 
@@ -240,8 +259,8 @@ class SafetyLayer:
         return a, True
 
     def check(self, frame: RobotFrame, now: float) -> list[str]:
-        """The events an observation raises: a non-finite state, a camera frozen or stale."""
-        events = []
+        """The events an observation raises: the robot's e-stop, a non-finite state, a camera frozen or stale."""
+        events = [ESTOP] if frame.estopped else []
         if not np.isfinite(np.asarray(frame.state, np.float64)).all():
             events.append(NAN_OBSERVATION)
         if now - frame.stamp > self.s.stale_s:
@@ -281,7 +300,8 @@ class RobotEnv(gym.Env):
         self.operator = operator or Operator()
         self.sensors, self.instruction, self.max_steps, self.task = tuple(sensors), instruction, int(max_steps), task
         self.layer = SafetyLayer(self.s, robot.action_dim)
-        self.watchdog = Watchdog(robot, self.s.watchdog_s)
+        self.watchdog = ReportedWatchdog(robot) if hasattr(robot, "watchdog_trips") else \
+            Watchdog(robot, self.s.watchdog_s)
         self.action_space = gym.spaces.Box(self.layer.low, self.layer.high, (robot.action_dim,), np.float32)
         self._tick = 0.0
         self._frame: RobotFrame | None = None
@@ -299,10 +319,10 @@ class RobotEnv(gym.Env):
         told = told or {}
         self.operator.take_verdict()  # a verdict left over from the last episode is not this one's
         self.layer.start()
-        self.steps, self._trips_before = 0, len(self.watchdog.trips)
         self._record = {"events": [], "counts": {e: 0 for e in EVENTS}, "tick_error_s": [], "layer_s": []}
         self._instruction = str(told.get("instruction", self.instruction))
         self._frame = self.robot.observe()
+        self.steps, self._trips_before = 0, len(self.watchdog.trips)  # after observing: a host reports its trips then
         self._tick = time.perf_counter()
         return self._observation(self._frame), self._info(None, told)
 
@@ -329,7 +349,7 @@ class RobotEnv(gym.Env):
         events += seen
         cut = next((e for e in seen if e in CUTS), None)
         if cut is not None:
-            self.robot.hold()
+            (self.robot.estop if cut == ESTOP else self.robot.hold)()
             self.watchdog.disarm()
             return self._end(events, cut, frame)
         self._frame = frame
@@ -414,8 +434,11 @@ def make_robot_env(robot: str = "sim", family: str = "button", image_size: int =
     as a robot, in this process: ``family``, ``image_size``, its clock ``sim_rate_hz``), ``ws://host:port`` (a
     robot host, actors/robot_host.py; ``api_key``, ``timeout_s`` per reply), or a robot plug-in: a registered name or
     an import path ``module:factory`` returning a ``Robot`` driver (given those of family, image_size, sensors and
-    rate_hz it declares). ``safety``: ``SafetySettings``' fields (``env.options.safety``)."""
+    rate_hz it declares); a list of them, one per rollout actor (``robot_of_worker``). ``safety``:
+    ``SafetySettings``' fields (``env.options.safety``)."""
     settings = SafetySettings(**(safety or {}))
+    if isinstance(robot, (list, tuple)):  # a run's own check (flywheel/parts.py check_env): the first robot
+        robot = robot[0]
     if robot.startswith(("ws://", "wss://")):
         from actors.robot_host import RemoteRobot
 
@@ -426,6 +449,16 @@ def make_robot_env(robot: str = "sim", family: str = "button", image_size: int =
         driver = plugins.call_with_accepted(plugins.resolve("robot", robot), {
             "family": family, "image_size": image_size, "sensors": tuple(sensors), "rate_hz": sim_rate_hz})
     return RobotEnv(driver, settings, sensors=sensors, instruction=instruction, max_steps=max_steps)
+
+
+def robot_of_worker(env_kwargs: dict, worker: int) -> dict:
+    """A rollout actor's environment settings: where ``env.options.robot`` lists several robots (hosts), actor
+    ``worker`` drives the one at ``worker`` modulo their number (``rollout.num_workers``: as many as robots)."""
+    options = env_kwargs.get("options") or {}
+    robots = options.get("robot")
+    if not isinstance(robots, (list, tuple)) or not robots:
+        return dict(env_kwargs)
+    return {**env_kwargs, "options": {**options, "robot": robots[worker % len(robots)]}}
 
 
 make_robot_env.max_parallel = 1  # one robot, one episode at a time (a host takes one controller)

@@ -7,7 +7,9 @@ and ``/healthz`` serve both, and a browser can open one. The client sends one re
 ``op``, and gets one reply:
 
     {"op": "observe"}                    -> {"images": {camera: uint8 (H, W, 3)}, "state": float32 (P,),
-                                             "age_s": seconds since the frame was captured, on the host's clock}
+                                             "age_s": seconds since the frame was captured, on the host's clock,
+                                             "estopped": whether the robot's own e-stop is pressed,
+                                             "watchdog_trips": how late after its deadline each hold came}
     {"op": "send", "action": float32 (A,)} -> {"ok": true}
     {"op": "hold"} / {"op": "estop"}       -> {"ok": true}
     {"op": "reset", "seed": int | None}    -> {"told": {"instruction": ...} or None (a person resets the scene)}
@@ -179,7 +181,8 @@ class RobotHost:
         if op == "observe":
             frame = self.robot.observe()
             return {"images": frame.images, "state": np.asarray(frame.state, np.float32),
-                    "age_s": max(0.0, time.monotonic() - frame.stamp)}
+                    "age_s": max(0.0, time.monotonic() - frame.stamp), "estopped": bool(frame.estopped),
+                    "watchdog_trips": [float(t) for t in self.watchdog.trips]}
         if op == "send":
             self.robot.send(np.asarray(request["action"], np.float32))
             self.watchdog.fed()
@@ -221,6 +224,7 @@ class RemoteRobot:
                                  f"(flywheel robot-host), and reachable?") from e
         told = self._receive("its health")
         self.action_dim, self.sensors = int(told["action_dim"]), tuple(told["sensors"])
+        self.watchdog_trips: list[float] = []  # the host's watchdog's (actors/robot.py ReportedWatchdog)
 
     def _receive(self, what: str) -> Any:
         from websockets.exceptions import ConnectionClosed
@@ -251,8 +255,9 @@ class RemoteRobot:
         reply = self._call("observe")
         # the frame's capture on this machine's clock: its age at the host, and half the round trip before that
         now = time.monotonic()
+        self.watchdog_trips = list(reply.get("watchdog_trips", ()))
         return RobotFrame(images=dict(reply["images"]), state=np.asarray(reply["state"], np.float32),
-                          stamp=now - (now - sent) / 2 - float(reply["age_s"]))
+                          stamp=now - (now - sent) / 2 - float(reply["age_s"]), estopped=bool(reply.get("estopped")))
 
     def send(self, action: np.ndarray) -> None:
         self._call("send", action=np.asarray(action, np.float32))

@@ -17,6 +17,7 @@ import numpy as np
 
 from actors.expert import expert_action
 from actors.remote_policy import PolicyServerError
+from actors.robot import robot_of_worker
 from actors.tabletop import Frames, TabletopEnv
 from flywheel import plugins
 from flywheel.contracts import INTERVENTION, Episode, Extras, Policy, PolicySnapshot, observation_keys, sensor_inputs
@@ -101,7 +102,7 @@ def run_episodes(
                      operators=operators, make_env=make_env, faults=faults, corrections=corrections, **env)
         return [ep for w in range(0, len(seeds), n)
                 for ep in run_episodes(seeds[w:w + n], split, policy, sample_seed=sample_seed + 7919 * w, **given)]
-    made_with = dataclasses.asdict(settings)
+    made_with = {k: v for k, v in dataclasses.asdict(settings).items() if k != "options" or v}
     envs = [make_env(**made_with) for _ in seeds]
     batch = Lockstep(envs, seeds, policy, sample_seed, settings.image_size)
     batch.plan(hard, operators, corrections)
@@ -334,7 +335,7 @@ class RolloutWorker:
 
             torch.set_num_threads(threads)
         self.policy = policy_factory()
-        self.env_kwargs = dict(env_kwargs)
+        self.env_kwargs = robot_of_worker(env_kwargs, worker_index)
         self.worker_index = worker_index
         self.trim_idle_s = trim_idle_s
         self.trims = 0  # how many times it handed its heap back

@@ -21,7 +21,7 @@ import numpy as np
 from actors.robot import RobotFrame
 from actors.tabletop import TabletopEnv
 
-FAULTS = ("freeze_camera", "stale_camera", "nan_state", "die")
+FAULTS = ("freeze_camera", "stale_camera", "nan_state", "die", "estop")  # estop: a person presses the arm's
 
 
 class RobotDied(ConnectionError):
@@ -90,6 +90,10 @@ class SimRobot:
             frame = RobotFrame(images=self._frozen.images, state=frame.state, stamp=frame.stamp)
         if self._due("nan_state"):
             frame.state = np.full_like(frame.state, np.nan)
+        if self._due("estop"):
+            del self.faults["estop"]
+            self.estop()
+        frame.estopped = self.estopped
         return frame
 
     def _sensor_noise(self, image: np.ndarray) -> np.ndarray:

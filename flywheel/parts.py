@@ -100,6 +100,8 @@ def pretraining_demos(n: int, base_meta: dict, env_kwargs: dict) -> list[Episode
     made_with = base_meta.get("config") or {}
     recorded = made_with.get("env") or {}
     demo_env = {**env_kwargs, **{k: recorded[k] for k in ("family", "phrasing", "combos") if k in recorded}}
+    if env_kwargs.get("name") == "robot":  # no scripted expert on a robot: remade in the simulator the base learned in
+        demo_env = {**{k: v for k, v in recorded.items() if k != "execute"}, "name": recorded.get("name", "tabletop")}
     seeds = [split_seed("train", DEMO_SEEDS + i) for i in range(n)]
     return run_episodes(seeds, "train", None, policy_version=-1, operators=list(made_with.get("operators") or
                                                                                   ["standard"]), **demo_env)
