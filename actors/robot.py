@@ -44,11 +44,12 @@ class RobotFrame:
     state: np.ndarray
     stamp: float
     estopped: bool = False  # the robot's own e-stop is pressed (a button on the arm, or on its host)
+    verdict: bool | None = None  # a person at the robot judged the episode (its host's /operator)
 
 
 class Robot(Protocol):
     """What a robot driver implements. ``send`` is a command the robot acts on until the next (a velocity or a
-    target); ``hold`` stops it where it is; ``estop`` stops it and keeps it stopped until the next ``reset``.
+    target); it returns None, or the action a person applied instead (a takeover at the robot); ``hold`` stops it where it is; ``estop`` stops it and keeps it stopped until the next ``reset``.
     ``reset`` runs a scripted reset and returns the task's info (``instruction`` at least), or returns None when
     a person must reset the scene (the layer then waits for ``Operator.scene_reset``)."""
 
@@ -56,7 +57,7 @@ class Robot(Protocol):
 
     def observe(self) -> RobotFrame: ...
 
-    def send(self, action: np.ndarray) -> None: ...
+    def send(self, action: np.ndarray) -> np.ndarray | None: ...
 
     def hold(self) -> None: ...
 
@@ -340,7 +341,7 @@ class RobotEnv(gym.Env):
             self.watchdog.disarm()
             return self._end(events, cut, self._frame)
         self._wait_for_tick(events)
-        self.robot.send(safe)
+        applied = self.robot.send(safe)
         self.watchdog.fed()
         frame = self.robot.observe()
         started = time.perf_counter()
@@ -355,12 +356,16 @@ class RobotEnv(gym.Env):
         self._frame = frame
         self._note(events)
         verdict = self.operator.take_verdict()
+        verdict = frame.verdict if verdict is None else verdict
         done = verdict is not None
         truncated = not done and self.steps >= self.max_steps
         if done or truncated:
             self.robot.hold()
             self.watchdog.disarm()
-        return self._observation(frame), float(bool(verdict)), done, truncated, self._info(verdict, end=done or truncated)
+        info = self._info(verdict, end=done or truncated)
+        if applied is not None:  # a person took over: theirs is the step's action (Episode.intervened)
+            info.update(intervention=True, applied_action=np.asarray(applied, np.float32))
+        return self._observation(frame), float(bool(verdict)), done, truncated, info
 
     def _wait_for_tick(self, events: list[str]) -> None:
         """Keep the control period: sleep to the next tick, then spin its last half millisecond (sleep alone wakes
@@ -442,7 +447,7 @@ def make_robot_env(robot: str = "sim", family: str = "button", image_size: int =
     if robot.startswith(("ws://", "wss://")):
         from actors.robot_host import RemoteRobot
 
-        driver: Any = RemoteRobot(robot, api_key=api_key, timeout_s=timeout_s)
+        driver: Any = RemoteRobot(robot, api_key=api_key, timeout_s=timeout_s, reset_timeout_s=settings.reset_timeout_s)
     else:
         from flywheel import plugins
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.robot import Robot, RobotFrame, Watchdog
+from actors.robot import Operator, Robot, RobotFrame, Watchdog
 from flywheel import wire
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,10 @@ class RobotHost:
         self.requests = 0
         self.commands = 0
         self._busy = False  # a controller is connected
+        self.operator = Operator()  # the people at the robot, through /operator
+        self._taken: np.ndarray | None = None  # a person's takeover command, and until when it holds
+        self._taken_until = 0.0
+        self._last: dict[str, Any] | None = None  # the newest frame, for the people's view
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -133,7 +137,7 @@ class RobotHost:
             if not hmac.compare_digest(given.encode(), f"Api-Key {self.api_key}".encode()):
                 return connection.respond(http.HTTPStatus.UNAUTHORIZED, "this robot host needs an API key: send "
                                           "the header 'Authorization: Api-Key <key>'\n")
-        if self._busy:
+        if self._busy and request.path != OPERATOR_PATH:
             return connection.respond(http.HTTPStatus.CONFLICT, "this robot already has a controller connected\n")
         return None
 
@@ -143,6 +147,8 @@ class RobotHost:
                 "commands": self.commands}
 
     async def _handler(self, ws) -> None:
+        if ws.request.path == OPERATOR_PATH:
+            return await self._operate(ws)
         from websockets.exceptions import ConnectionClosed
 
         self._busy = True
@@ -180,35 +186,91 @@ class RobotHost:
         op = request.get("op")
         if op == "observe":
             frame = self.robot.observe()
-            return {"images": frame.images, "state": np.asarray(frame.state, np.float32),
-                    "age_s": max(0.0, time.monotonic() - frame.stamp), "estopped": bool(frame.estopped),
-                    "watchdog_trips": [float(t) for t in self.watchdog.trips]}
+            self._last = {"images": frame.images, "state": np.asarray(frame.state, np.float32),
+                          "estopped": bool(frame.estopped)}
+            return {**self._last, "age_s": max(0.0, time.monotonic() - frame.stamp),
+                    "watchdog_trips": [float(t) for t in self.watchdog.trips],
+                    "verdict": self.operator.take_verdict()}
         if op == "send":
-            self.robot.send(np.asarray(request["action"], np.float32))
+            taken = self._taken if time.monotonic() < self._taken_until else None
+            action = np.asarray(request["action"] if taken is None else taken, np.float32)
+            self.robot.send(action)
             self.watchdog.fed()
             self.commands += 1
-            return {"ok": True}
+            return {"ok": True, **({"applied": action} if taken is not None else {})}
         if op in ("hold", "estop"):
             self.watchdog.disarm()
             getattr(self.robot, op)()
             return {"ok": True}
         if op == "reset":
             self.watchdog.disarm()
-            return {"told": self.robot.reset(request.get("seed"))}
+            self._taken = None
+            told = self.robot.reset(request.get("seed"))
+            if told is None:  # a person resets the scene: wait for them to say so
+                timeout = float(request.get("timeout_s", 600.0))
+                if not self.operator.wait_for_reset(timeout):
+                    raise TimeoutError(f"no one said the scene was reset within {timeout:g} s: press 'scene is "
+                                       f"reset' on the robot page")
+                told = {}
+            return {"told": told}
         if op == "health":
             return self.health()
         raise ValueError(f"unknown op {op!r}: observe, send, hold, estop, reset or health")
+
+
+    async def _operate(self, ws) -> None:
+        """The people's channel (``/operator``, beside the controller's): look, e-stop, say the scene is reset,
+        judge the episode, take over."""
+        from websockets.exceptions import ConnectionClosed
+
+        loop = asyncio.get_running_loop()
+        try:
+            await ws.send(wire.packb(self.health()))
+            while True:
+                request = wire.unpackb(await ws.recv())
+                try:
+                    reply = await loop.run_in_executor(None, self._person, request)
+                except Exception as e:  # noqa: BLE001
+                    reply = {"error": f"{type(e).__name__}: {e}"}
+                await ws.send(wire.packb(reply))
+        except ConnectionClosed:
+            pass
+
+    def _person(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "look":
+            return {**(self._last or {}), **self.health(), "controller": self._busy,
+                    "taking_over": time.monotonic() < self._taken_until}
+        if op == "estop":
+            self.robot.estop()
+        elif op == "scene_reset":
+            self.operator.scene_reset()
+        elif op == "judge":
+            self.operator.judge(bool(request["success"]))
+        elif op == "take":  # held while the person keeps sending (a key held down), for TAKEOVER_HOLD_S after
+            self._taken = np.asarray(request["action"], np.float32).reshape(self.robot.action_dim)
+            self._taken_until = time.monotonic() + TAKEOVER_HOLD_S
+        elif op == "release":
+            self._taken, self._taken_until = None, 0.0
+        else:
+            raise ValueError(f"unknown operator op {op!r}: look, estop, scene_reset, judge, take or release")
+        return {"ok": True}
+
+
+OPERATOR_PATH = "/operator"
+TAKEOVER_HOLD_S = 0.3  # a takeover command lasts this long unless repeated: a browser's key repeat is ~30 ms
 
 
 class RemoteRobot:
     """A robot served by a ``RobotHost``, as a ``Robot`` driver. Every reply has a deadline (``timeout_s``); a
     connection that drops, a deadline missed or a failure the host reports raise ``RobotHostError``."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 2.0, connect_timeout_s: float = 10.0):
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 2.0, connect_timeout_s: float = 10.0,
+                 reset_timeout_s: float = 600.0):
         from websockets.exceptions import InvalidStatus
         from websockets.sync.client import connect
 
-        self.url, self.timeout_s = url, float(timeout_s)
+        self.url, self.timeout_s, self.reset_timeout_s = url, float(timeout_s), float(reset_timeout_s)
         headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
         try:
             self._conn = connect(url, open_timeout=connect_timeout_s, additional_headers=headers, compression=None,
@@ -257,10 +319,13 @@ class RemoteRobot:
         now = time.monotonic()
         self.watchdog_trips = list(reply.get("watchdog_trips", ()))
         return RobotFrame(images=dict(reply["images"]), state=np.asarray(reply["state"], np.float32),
-                          stamp=now - (now - sent) / 2 - float(reply["age_s"]), estopped=bool(reply.get("estopped")))
+                          stamp=now - (now - sent) / 2 - float(reply["age_s"]), estopped=bool(reply.get("estopped")),
+                          verdict=reply.get("verdict"))
 
-    def send(self, action: np.ndarray) -> None:
-        self._call("send", action=np.asarray(action, np.float32))
+    def send(self, action: np.ndarray) -> np.ndarray | None:
+        """None, or the action a person at the robot applied instead (a takeover)."""
+        applied = self._call("send", action=np.asarray(action, np.float32)).get("applied")
+        return None if applied is None else np.asarray(applied, np.float32)
 
     def hold(self) -> None:
         self._call("hold")
@@ -269,10 +334,73 @@ class RemoteRobot:
         self._call("estop")
 
     def reset(self, seed: int | None) -> dict[str, Any] | None:
-        return self._call("reset", seed=None if seed is None else int(seed))["told"]
+        """The host waits for a person where its robot has no scripted reset (up to ``reset_timeout_s``)."""
+        saved, self.timeout_s = self.timeout_s, self.timeout_s + self.reset_timeout_s
+        try:
+            return self._call("reset", seed=None if seed is None else int(seed),
+                              timeout_s=self.reset_timeout_s)["told"]
+        finally:
+            self.timeout_s = saved
 
     def health(self) -> dict[str, Any]:
         return self._call("health")
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class OperatorChannel:
+    """The people's side of a robot host (``/operator``): what the robot page calls. Any number may be open beside
+    the controller; each call waits for its reply (``timeout_s``) and raises ``RobotHostError`` otherwise."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 5.0):
+        from websockets.exceptions import InvalidStatus
+        from websockets.sync.client import connect
+
+        self.url, self.timeout_s = url, float(timeout_s)
+        headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
+        try:
+            self._conn = connect(url.rstrip("/") + OPERATOR_PATH, open_timeout=timeout_s, additional_headers=headers,
+                                 compression=None, max_size=None, proxy=None, ping_interval=None)
+            self.health = wire.unpackb(self._conn.recv(timeout=timeout_s))
+        except InvalidStatus as e:
+            raise RobotHostError(f"robot host {url} refused the operator channel (HTTP "
+                                 f"{e.response.status_code}): give its API key") from e
+        except (OSError, TimeoutError) as e:
+            raise RobotHostError(f"robot host {url}: cannot open the operator channel ({type(e).__name__}: {e})") from e
+        self._lock = threading.Lock()  # the page's request handlers share one channel per robot
+
+    def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        from websockets.exceptions import ConnectionClosed
+
+        with self._lock:
+            try:
+                self._conn.send(wire.packb({"op": op, **fields}))
+                reply = wire.unpackb(self._conn.recv(timeout=self.timeout_s))
+            except (ConnectionClosed, TimeoutError) as e:
+                raise RobotHostError(f"robot host {self.url}: the operator channel failed on {op!r} "
+                                     f"({type(e).__name__})") from e
+        if "error" in reply:
+            raise RobotHostError(f"robot host {self.url}: {reply['error']}")
+        return reply
+
+    def look(self) -> dict[str, Any]:
+        return self.call("look")
+
+    def estop(self) -> None:
+        self.call("estop")
+
+    def scene_reset(self) -> None:
+        self.call("scene_reset")
+
+    def judge(self, success: bool) -> None:
+        self.call("judge", success=bool(success))
+
+    def take(self, action: np.ndarray) -> None:
+        self.call("take", action=np.asarray(action, np.float32))
+
+    def release(self) -> None:
+        self.call("release")
 
     def close(self) -> None:
         self._conn.close()

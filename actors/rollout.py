@@ -236,8 +236,9 @@ class Lockstep:
                 return True
             for key, v in obs.items():
                 self.observed[i][key].append(v)
-            self.actions[i].append(np.asarray(a, np.float32))
-            self.taken[i].append(self.correcting[i])
+            person = info.get("intervention", False)  # a person at the robot took over (actors/robot_host.py)
+            self.actions[i].append(np.asarray(info["applied_action"] if person else a, np.float32))
+            self.taken[i].append(self.correcting[i] or person)
             if self.privileged:
                 self.aux[i].append(_aux_positions(env))
             self.infos[i] = info
@@ -267,7 +268,8 @@ class Lockstep:
             extras.update({Extras.CHUNKS: np.stack(self.chunks[i]).astype(np.float32),
                            Extras.CHUNK_STEPS: np.asarray(self.chunk_steps[i], np.int64),
                            **{k: np.stack(v).astype(np.float32) for k, v in self.drawn[i].items()}})
-        if self.correcting[i]:
+        helped = self.correcting[i] or any(self.taken[i])
+        if helped:
             extras[INTERVENTION] = np.asarray(self.taken[i], bool)
         return Episode(
             id=uuid.uuid4().hex, task=last["family"], instruction=last["instruction"],
@@ -280,7 +282,7 @@ class Lockstep:
             info={**info, "sample_seed": int(self.sample_seed), "position": i,  # flywheel/contracts.py
                   **({"hard": hard} if self.made_hard[i] else {}),                 # collection_order
                   **({"operator": self.operator[i]} if self.operator[i] is not None else {}),
-                  **({"interventions": int(sum(self.taken[i]))} if self.correcting[i] else {}),
+                  **({"interventions": int(sum(self.taken[i]))} if helped else {}),
                   "combo_heldout": bool(last.get("combo_heldout", False)),
                   # a robot's safety layer: what it saw, and the event that cut the episode short, if one did
                   **{k: last[k] for k in ("safety", "cut_short") if k in last},

@@ -207,3 +207,60 @@ def test_the_loop_on_two_robot_hosts_rides_out_every_fault(tmp_path, tiny_detect
     assert any(h.watchdog.trips for h in hosts)  # the stall: a host held its robot
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum(r.get("robot/cut_short", 0) > 0 for r in rows) >= 1
+
+
+def test_the_people_at_a_robot_take_over_judge_reset_and_stop_it_through_its_operator_channel():
+    import threading
+
+    from actors.robot_host import OperatorChannel
+
+    robot = SimRobot(family="button", rate_hz=None, scripted_reset=False)
+    host = RobotHost(robot, port=0).start()
+    try:
+        person = OperatorChannel(host.url)
+        env = RobotEnv(RemoteRobot(host.url), SafetySettings(rate_hz=200.0))
+        threading.Timer(0.1, person.scene_reset).start()  # no scripted reset: the host waits for the person
+        env.reset(seed=4)
+        assert person.look()["controller"] and person.look()["images"]["overhead"].shape == (64, 64, 3)
+        env.step(RIGHT)
+        person.take(np.array([-1.0, 0.0, 1.0], np.float32))  # a key held down on the page
+        _, _, _, _, info = env.step(RIGHT)
+        assert info["intervention"] and robot.sent[-1].tolist() == [-1.0, 0.0, 1.0]
+        person.release()
+        _, _, _, _, info = env.step(RIGHT)
+        assert "intervention" not in info and robot.sent[-1].tolist() == RIGHT.tolist()
+        person.judge(True)
+        _, reward, term, _, info = env.step(RIGHT)
+        assert term and info["success"] is True
+        threading.Timer(0.1, person.scene_reset).start()
+        env.reset(seed=5)
+        person.estop()
+        _, _, _, trunc, info = env.step(RIGHT)
+        assert trunc and info["cut_short"] == "estop" and robot.estopped
+        env.close()
+        person.close()
+    finally:
+        host.stop()
+        robot.close()
+
+
+def test_a_person_s_takeover_on_a_robot_is_recorded_as_an_intervention(host):
+    from actors.robot_host import OperatorChannel
+
+    bundle = small_vla("base")
+    policy = bundle.make_actor()
+    policy.load_weights(bundle.weights)
+    person = OperatorChannel(host.url)
+    original = host.robot.send
+
+    def send(action):  # the person holds a key down from the fifth command on
+        if host.commands == 4:
+            person.take(np.array([0.0, 1.0, -1.0], np.float32))
+        return original(action)
+
+    host.robot.send = send
+    (ep,) = run_episodes([7], "train", policy, policy_version=0, name="robot", max_steps=10,
+                         options={"robot": host.url, "safety": {"rate_hz": 200.0}})
+    assert ep.intervened().any() and not ep.intervened()[:4].any()
+    assert np.allclose(ep.actions[ep.intervened()], [0.0, 1.0, -1.0])
+    person.close()
