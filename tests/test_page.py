@@ -1,0 +1,114 @@
+"""The robot page (flywheel/page.py) over a real socket: the robots live, the label queue, human labels into the
+store with who and when, e-stop and takeover through the robots' hosts; and in a real browser (headless Chromium
+driven through its DevTools protocol): keys label episodes, arrows take over a robot, a button e-stops it."""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from actors.robot import RobotEnv, SafetySettings
+from actors.robot_host import OperatorChannel, RemoteRobot, RobotHost
+from actors.rollout import run_episodes
+from actors.sim_robot import SimRobot
+from flywheel.contracts import Label
+from flywheel.page import PageServer, in_audit_sample, label_queue, make_app
+from flywheel.store import EpisodeStore
+from flywheel.vla.bundle import small_vla
+
+BROWSER = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+@pytest.fixture
+def robot_page(tmp_path):
+    """A store of six practice episodes the detector judged, a simulated robot behind its host (driven by a
+    controller, as a rollout actor drives it), and the page for both on loopback."""
+    store = EpisodeStore(tmp_path / "episodes")
+    bundle = small_vla("base")
+    policy = bundle.make_actor()
+    policy.load_weights(bundle.weights)
+    episodes = run_episodes(list(range(100, 106)), "train", policy, policy_version=1, family="button", max_steps=8)
+    for ep, score in zip(episodes, (0.9, 0.52, 0.1, 0.45, 0.7, 0.02)):
+        store.add(ep)
+        store.add_labels([(ep.id, Label("detector", score > 0.5, "detector-1", score, 0.5))])
+    robot = SimRobot(family="button", rate_hz=None)
+    host = RobotHost(robot, port=0).start()
+    env = RobotEnv(RemoteRobot(host.url), SafetySettings(rate_hz=100.0), max_steps=10_000)
+    env.reset(seed=1)
+    channel = OperatorChannel(host.url)
+    server = PageServer(make_app(store, {"arm": channel}), port=0).start()
+    yield server, store, episodes, robot, env
+    server.stop()
+    channel.close()
+    env.close()
+    host.stop()
+    robot.close()
+
+
+def get(url):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.status, r.headers.get("content-type"), r.read()
+
+
+def post(url, body):
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_the_page_serves_the_robots_the_queue_and_takes_labels_and_commands(robot_page):
+    server, store, episodes, robot, env = robot_page
+    status, kind, html = get(server.url + "/")
+    assert status == 200 and b"Episodes to judge" in html
+    (arm,) = json.loads(get(server.url + "/api/robots")[2])
+    assert arm["up"] and arm["controller"] and len(arm["state"]) == 3
+    status, kind, image = get(server.url + "/api/robots/arm/frame.png")
+    assert kind == "image/png" and image[:8] == b"\x89PNG\r\n\x1a\n"
+
+    queue = json.loads(get(server.url + "/api/queue")[2])
+    audit = [r["audit"] for r in queue]
+    assert len(queue) == 6 and audit == sorted(audit, reverse=True)  # the audit sample first
+    rest = [r["margin"] for r in queue if not r["audit"]]
+    assert rest == sorted(rest)  # then the detector's least sure
+    assert all(r["audit"] == in_audit_sample(r["id"]) for r in queue)
+    assert get(server.url + f"/api/episodes/{queue[0]['id']}/clip.gif")[2][:4] == b"GIF8"
+
+    assert post(server.url + "/api/labels", {"episode_id": queue[0]["id"], "success": True})[0] == 422  # who?
+    assert post(server.url + "/api/labels", {"episode_id": "ab" * 16, "success": True, "who": "ana"})[0] == 404
+    before = time.time()
+    status, said = post(server.url + "/api/labels", {"episode_id": queue[0]["id"], "success": True, "who": "ana"})
+    assert status == 200
+    (human,) = [lab for lab in store.labels()[queue[0]["id"]] if lab.source == "human"]
+    assert human.success and human.version == "ana" and human.created >= before
+    assert queue[0]["id"] not in [r["id"] for r in json.loads(get(server.url + "/api/queue")[2])]
+
+    assert post(server.url + "/api/robots/arm/take", {"action": [0.0, -1.0, -1.0]})[0] == 200
+    _, _, _, _, info = env.step(np.array([1.0, 0.0, -1.0], np.float32))
+    assert info["intervention"] and robot.sent[-1].tolist() == [0.0, -1.0, -1.0]
+    post(server.url + "/api/robots/arm/release", {})
+    assert post(server.url + "/api/robots/arm/estop", {})[0] == 200
+    _, _, _, trunc, info = env.step(np.array([1.0, 0.0, -1.0], np.float32))
+    assert trunc and info["cut_short"] == "estop" and robot.estopped
+    assert post(server.url + "/api/robots/nope/estop", {})[0] == 404
+
+
+def test_the_page_needs_its_token_from_another_address(tmp_path):
+    from fastapi.testclient import TestClient
+
+    app = make_app(EpisodeStore(tmp_path / "e"), {}, token="s3cret")
+    far = TestClient(app, client=("10.1.2.3", 5000))
+    assert far.get("/api/queue").status_code == 401
+    assert far.get("/api/queue?token=s3cret").status_code == 200
+    assert far.get("/api/queue", headers={"X-Flywheel-Token": "s3cret"}).status_code == 200
+    assert TestClient(app, client=("127.0.0.1", 5000)).get("/api/queue").status_code == 200
+    with pytest.raises(ValueError, match="without a token"):
+        PageServer(app, host="0.0.0.0", port=0)
