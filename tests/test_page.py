@@ -112,3 +112,101 @@ def test_the_page_needs_its_token_from_another_address(tmp_path):
     assert TestClient(app, client=("127.0.0.1", 5000)).get("/api/queue").status_code == 200
     with pytest.raises(ValueError, match="without a token"):
         PageServer(app, host="0.0.0.0", port=0)
+
+
+class Chromium:
+    """Headless Chromium driven through its DevTools protocol (what Puppeteer and Playwright speak): real key and
+    mouse events into a real page."""
+
+    KEYS = {"1": ("Digit1", 49), "2": ("Digit2", 50), "ArrowLeft": ("ArrowLeft", 37), "Tab": ("Tab", 9)}
+
+    def __init__(self, profile):
+        from websockets.sync.client import connect
+
+        self.proc = subprocess.Popen(
+            [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+             "--disable-background-networking", "--disable-component-update", "--remote-debugging-port=0",
+             f"--user-data-dir={profile}", "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        active = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 60
+        while not (active.exists() and active.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        port = int(active.read_text().split()[0])
+        targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
+        self.ws = connect(next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"], max_size=None)
+        self.n = 0
+
+    def send(self, method, **params):
+        self.n += 1
+        self.ws.send(json.dumps({"id": self.n, "method": method, "params": params}))
+        while True:
+            reply = json.loads(self.ws.recv(timeout=30))
+            if reply.get("id") == self.n:
+                assert "error" not in reply, reply
+                return reply["result"]
+
+    def eval(self, js):
+        return self.send("Runtime.evaluate", expression=js, returnByValue=True)["result"].get("value")
+
+    def wait(self, js, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while not self.eval(js):
+            assert time.monotonic() < deadline, f"waited {timeout} s for {js}"
+            time.sleep(0.05)
+
+    def key(self, key, kind="both"):
+        code, vk = self.KEYS[key]
+        text = {"text": key} if len(key) == 1 else {}
+        for t in (["keyDown", "keyUp"] if kind == "both" else [kind]):
+            self.send("Input.dispatchKeyEvent", type=t, key=key, code=code, windowsVirtualKeyCode=vk,
+                      **(text if t == "keyDown" else {}))
+
+    def click(self, selector):
+        x, y = self.eval(f"(() => {{ const r = document.querySelector('{selector}').getBoundingClientRect();"
+                         f" return [r.x + r.width / 2, r.y + r.height / 2]; }})()")
+        for t in ("mousePressed", "mouseReleased"):
+            self.send("Input.dispatchMouseEvent", type=t, x=x, y=y, button="left", clickCount=1)
+
+    def close(self):
+        self.ws.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def test_in_a_browser_a_person_labels_takes_over_and_e_stops(robot_page, tmp_path):
+    if BROWSER is None:
+        if os.environ.get("FLYWHEEL_REQUIRE_BROWSER"):
+            pytest.fail("no Chromium to drive the robot page: apt-get install chromium (.ci/run does)")
+        pytest.skip("no Chromium here (apt-get install chromium); CI installs it and runs this check")
+    server, store, episodes, robot, env = robot_page
+    browser = Chromium(tmp_path / "profile")
+    try:
+        browser.send("Page.navigate", url=server.url + "/")
+        browser.wait("document.body && document.body.dataset.ready === '1' && !!document.body.dataset.episode")
+        browser.click("#who")
+        browser.send("Input.insertText", text="ana")
+        browser.key("Tab")  # the name is kept (its change event) as focus leaves the field
+        judged = []
+        for key, n in (("1", 1), ("2", 2)):
+            judged.append(browser.eval("document.body.dataset.episode"))
+            browser.key(key)
+            browser.wait(f"document.body.dataset.labelled === '{n}' && document.body.dataset.episode !== "
+                         f"'{judged[-1]}'")
+        humans = {eid: [lab for lab in labs if lab.source == "human"] for eid, labs in store.labels().items()}
+        assert [(humans[e][0].success, humans[e][0].version) for e in judged] == [(True, "ana"), (False, "ana")]
+
+        browser.key("ArrowLeft", "keyDown")  # held: the page sends the command every 100 ms
+        time.sleep(0.4)
+        taken = [env.step(np.array([1.0, 0.0, -1.0], np.float32))[4].get("intervention", False) for _ in range(5)]
+        browser.key("ArrowLeft", "keyUp")
+        assert any(taken) and [-1.0, 0.0, -1.0] in [a.tolist() for a in robot.sent]
+
+        browser.click("#robot-arm .estop")
+        deadline = time.monotonic() + 10
+        while not robot.estopped and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert robot.estopped
+        _, _, _, trunc, info = env.step(np.array([1.0, 0.0, -1.0], np.float32))
+        assert trunc and info["cut_short"] == "estop"
+    finally:
+        browser.close()
