@@ -13,6 +13,8 @@
                                             protocol (openpi_client.WebsocketClientPolicy, policy.name=remote)
     flywheel robot-host [key=value ...]     serve one robot (robot.driver=sim, or yours) to a run's env.name=robot
                                             over a websocket, its command watchdog on this side (actors/robot_host.py)
+    flywheel page run_dir=PATH [robots={name:ws://host:8780}]   the web page for the people at the robots: live
+                                            view, e-stop, scene reset, takeover, and verdicts into the store
     flywheel store verify run_dir=PATH      read every stored episode; print what was found as JSON (after a crash)
     flywheel store check RUN_DIR [--repair] find (and move aside) damaged episode files
 """
@@ -368,6 +370,45 @@ def cmd_robot_host(args: list[str]) -> int:
     return 0
 
 
+def cmd_page(args: list[str]) -> int:
+    """``flywheel page``: the robot page until Ctrl-C (flywheel/page.py)."""
+    cfg = _load("page", args)
+    from actors.robot_host import OperatorChannel, RobotHostError
+    from flywheel.page import PageServer, make_app
+    from flywheel.serve import API_KEY_ENV
+    from flywheel.store import EpisodeStore
+
+    root = Path(cfg.run_dir) / "episodes"
+    if not root.is_dir():
+        console.print(f"[red]error:[/red] {cfg.run_dir} holds no episode store ({root} is not a directory): give "
+                      f"a run's directory")
+        return 1
+    key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
+    try:
+        robots = {name: OperatorChannel(str(url), api_key=key) for name, url in cfg.robots.items()}
+    except RobotHostError as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 1
+    token = cfg.token or os.environ.get("FLYWHEEL_PAGE_TOKEN") or None
+    try:
+        page = PageServer(make_app(EpisodeStore(root), robots, token), host=cfg.host, port=cfg.port,
+                          token=token).start()
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    print(f"robot page: {page.url}/ ({len(robots)} robot(s): {', '.join(robots) or 'none, labels only'}; "
+          f"{'token required beyond loopback' if token else 'loopback only'}); Ctrl-C stops", flush=True)
+    try:
+        page.wait()
+    except KeyboardInterrupt:
+        console.print("robot page stopped")
+    finally:
+        page.stop()
+        for channel in robots.values():
+            channel.close()
+    return 0
+
+
 def _dispatch(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=os.environ.get("FLYWHEEL_LOG", "WARNING"))
@@ -376,7 +417,8 @@ def _dispatch(argv: list[str] | None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if {"-h", "--help"} & set(rest):  # anywhere after the command: `flywheel run budget.minutes=480 --help` too
-        name = {"pretrain": "pretrain", "demos": "demos", "serve": "serve", "robot-host": "robot_host"}.get(cmd, "run")
+        name = {"pretrain": "pretrain", "demos": "demos", "serve": "serve", "robot-host": "robot_host",
+                "page": "page"}.get(cmd, "run")
         console.print(__doc__, markup=False)
         console.print("keys and defaults:\n" + _schema_help(name, rest), markup=False)
         return 0
@@ -396,6 +438,8 @@ def _dispatch(argv: list[str] | None) -> int:
         return cmd_serve(rest)
     if cmd == "robot-host":
         return cmd_robot_host(rest)
+    if cmd == "page":
+        return cmd_page(rest)
     if cmd == "store" and rest[:1] == ["verify"]:
         return cmd_store_verify(rest[1:])
     if cmd == "store" and rest[:1] == ["check"]:

@@ -435,9 +435,22 @@ class RobotHostConfig:
     serve: ServerConfig = field(default_factory=lambda: ServerConfig(port=8780))
 
 
+@dataclasses.dataclass
+class PageConfig:
+    """``flywheel page``: the web page for the people at the robots (flywheel/page.py)."""
+
+    run_dir: str = "???"  # the run whose episodes the people judge (its episode store)
+    robots: dict[str, str] = field(default_factory=dict)  # name -> robot host URL (ws://host:8780), for the live view,
+    #                       e-stop, "scene is reset", live verdicts and takeover: robots={arm1:'ws://10.0.0.5:8780'}
+    api_key: str = ""  # the robot hosts' API key, where they have one (or FLYWHEEL_API_KEY)
+    host: str = "127.0.0.1"  # this machine only; 0.0.0.0 serves every interface (then give a token)
+    port: int = 8790
+    token: str = ""  # required from any address other than loopback (?token=...); or FLYWHEEL_PAGE_TOKEN
+
+
 _SCHEMAS = {"run": ("run_schema", RunConfig), "pretrain": ("pretrain_schema", PretrainConfig),
             "demos": ("demos_schema", DemosConfig), "serve": ("serve_schema", ServeConfig),
-            "robot_host": ("robot_host_schema", RobotHostConfig)}
+            "robot_host": ("robot_host_schema", RobotHostConfig), "page": ("page_schema", PageConfig)}
 
 
 def _register() -> None:

@@ -210,3 +210,22 @@ def test_in_a_browser_a_person_labels_takes_over_and_e_stops(robot_page, tmp_pat
         assert trunc and info["cut_short"] == "estop"
     finally:
         browser.close()
+
+
+def test_flywheel_page_serves_a_runs_store_until_ctrl_c(tmp_path):
+    import re
+    import signal
+    import sys
+
+    (tmp_path / "run" / "episodes").mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "page", f"run_dir={tmp_path / 'run'}",
+                             "port=0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+", line)
+        assert url, line
+        assert json.loads(get(url.group(0) + "/api/queue")[2]) == []
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
