@@ -205,6 +205,7 @@ class RobotHost:
         if op == "reset":
             self.watchdog.disarm()
             self._taken = None
+            self.operator.take_verdict()  # a verdict that came after the last episode ended is not this one's
             told = self.robot.reset(request.get("seed"))
             if told is None:  # a person resets the scene: wait for them to say so
                 timeout = float(request.get("timeout_s", 600.0))

@@ -40,6 +40,7 @@ class SimRobot:
         self.command = np.zeros(3, np.float32)
         self.sent: list[np.ndarray] = []  # every command the robot received
         self.holds = 0
+        self.resets, self.seed, self.sent_at_reset = 0, None, 0  # which episode it is on, for a scripted person
         self.estopped = False
         self.faults: dict[str, int] = {}  # fault -> after how many more observations it starts
         self._frozen: RobotFrame | None = None
@@ -129,6 +130,7 @@ class SimRobot:
             self.command = np.zeros(3, np.float32)
             _, info = self.env.reset(seed=seed)
             self._ready = True
+            self.resets, self.seed, self.sent_at_reset = self.resets + 1, seed, len(self.sent)
         told = {"instruction": info["instruction"], "family": info["family"]}
         return told if self.scripted_reset else None
 

@@ -74,3 +74,28 @@ def ground_truth(ctx: DetectorContext) -> SuccessDetector:
     ctx.say("detector: the simulator's ground truth judges practice (detector.name=ground_truth); none is trained")
     ctx.audited = False  # the truth needs no audit
     return GroundTruthJudge()
+
+
+def people(ctx: DetectorContext) -> SuccessDetector:
+    """The people at the robots judge (``detector.name=people``): an episode succeeded where a person said so, live
+    on the robot page (its success) or later in its queue (a human label), and failed otherwise, as HIL-SERL's
+    operators press "success" and let the rest time out. Nothing is trained; nothing audits it."""
+    ctx.say("detector: the people at the robots judge practice (detector.name=people): what they did not call a "
+            "success failed")
+    ctx.audited = False  # they are the truth the audit checks against
+    return PeopleJudge()
+
+
+class PeopleJudge:
+    """P(success) is 1 where a person judged the episode a success, else 0."""
+
+    version = "people"
+    threshold = 0.5
+
+    def score(self, episodes, instructions: list[str] | None = None):
+        import numpy as np
+
+        if instructions is not None:
+            raise ValueError("a person judged the instruction an episode was given, not another one")
+        return np.array([float(bool(ep.trusted_success())) for ep in episodes], np.float32)
+

@@ -248,3 +248,18 @@ def test_a_lerobot_shaped_arm_practises_behind_the_safety_layer():
     assert arm.sent[-1] == pytest.approx(present)  # held: sent where it is
     env.close()
     assert not arm.is_connected
+
+
+def test_the_people_judge_what_they_called_a_success_and_fail_the_rest():
+    from flywheel.contracts import Episode, Label
+    from flywheel.detectors import PeopleJudge
+
+    def episode(ground_truth=None, labels=()):
+        return Episode(id="e", task="t", instruction="i", env_id="robot", seed=0, split="train", policy_version=0,
+                       observations={"proprio": np.zeros((2, 3), np.float32)}, actions=np.zeros((1, 3), np.float32),
+                       ground_truth=ground_truth, labels=list(labels))
+
+    live = episode({"success": True})  # pressed "success" on the page while it ran
+    later = episode(labels=[Label("detector", False, "detector-1", 0.2, 0.5), Label("human", True, "ana")])
+    unjudged = episode(labels=[Label("detector", True, "detector-1", 0.9, 0.5)])  # the detector's say is not theirs
+    assert PeopleJudge().score([live, later, unjudged]).tolist() == [1.0, 1.0, 0.0]
