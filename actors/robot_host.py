@@ -26,6 +26,7 @@ Latency, jitter and drops can be injected (``NetworkFaults``), so tests exercise
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import hmac
 import http
@@ -72,6 +73,9 @@ class RobotHost:
         self.commands = 0
         self._busy = False  # a controller is connected
         self.operator = Operator()  # the people at the robot, through /operator
+        # every call into the driver on one thread: drivers are rarely thread-safe, and a simulator's GL context
+        # (MuJoCo's EGL) works only on the thread that made it current
+        self._driver = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="robot-driver")
         self._taken: np.ndarray | None = None  # a person's takeover command, and until when it holds
         self._taken_until = 0.0
         self._last: dict[str, Any] | None = None  # the newest frame, for the people's view
@@ -100,7 +104,8 @@ class RobotHost:
             self._loop.call_soon_threadsafe(self._stopping.set)
             self._thread.join(timeout=10)
         self.watchdog.close()
-        self.robot.hold()
+        self._driver.submit(self.robot.hold).result(timeout=10)
+        self._driver.shutdown(wait=True)
 
     def wait(self, poll_s: float = 0.5) -> None:
         while self._thread is not None and self._thread.is_alive():
@@ -165,7 +170,7 @@ class RobotHost:
                     return
                 try:
                     # the driver's calls block (a camera read, a serial write): off the event loop
-                    reply = await loop.run_in_executor(None, self._answer, wire.unpackb(message))
+                    reply = await loop.run_in_executor(self._driver, self._answer, wire.unpackb(message))
                 except Exception as e:  # noqa: BLE001 (the robot failed: say what, then close)
                     logger.exception("the robot failed")
                     await ws.send(f"the robot failed: {type(e).__name__}: {e}")
@@ -180,7 +185,7 @@ class RobotHost:
         finally:
             self._busy = False
             self.watchdog.disarm()
-            await loop.run_in_executor(None, self.robot.hold)  # no controller: hold still
+            await loop.run_in_executor(self._driver, self.robot.hold)  # no controller: hold still
 
     def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
@@ -230,7 +235,7 @@ class RobotHost:
             while True:
                 request = wire.unpackb(await ws.recv())
                 try:
-                    reply = await loop.run_in_executor(None, self._person, request)
+                    reply = await loop.run_in_executor(self._driver, self._person, request)
                 except Exception as e:  # noqa: BLE001
                     reply = {"error": f"{type(e).__name__}: {e}"}
                 await ws.send(wire.packb(reply))

@@ -149,3 +149,76 @@ class SimRobot:
 
 
 _KEYS = {"overhead": "image", "wrist": "wrist"}
+
+
+class GymRobot:
+    """Any gymnasium simulator as a robot driver, one physics step per command (for a robot host with a simulated
+    arm behind it). ``cameras``: flywheel sensor -> the image's path in the observation ("pixels/front");
+    ``state``: the proprio's key; ``hold``: the action that keeps the arm where it is (zero motion, for delta
+    control, with the gripper as last commanded: ``gripper_dim``)."""
+
+    def __init__(self, env, cameras: dict[str, str], state: str, gripper_dim: int | None = None):
+        self.env, self.cameras, self.state_key, self.gripper_dim = env, cameras, state, gripper_dim
+        self.action_dim = int(np.prod(env.action_space.shape))
+        self.sensors = tuple(cameras)
+        self.estopped = False
+        self.command = np.zeros(self.action_dim, np.float32)
+        self.sent: list[np.ndarray] = []
+        self._obs: dict | None = None
+        self._info: dict = {}
+
+    def _image(self, path: str) -> np.ndarray:
+        value: Any = self._obs
+        for part in path.split("/"):
+            value = value[part]
+        return np.asarray(value, np.uint8)
+
+    def observe(self) -> RobotFrame:
+        return RobotFrame(images={name: self._image(path) for name, path in self.cameras.items()},
+                          state=np.asarray(self._obs[self.state_key], np.float32), stamp=time.monotonic(),
+                          estopped=self.estopped)
+
+    def send(self, action: np.ndarray) -> None:
+        if self.estopped:
+            return
+        self.command = np.asarray(action, np.float32).reshape(self.action_dim)
+        self.sent.append(self.command.copy())
+        self._obs, _, _, _, self._info = self.env.step(self.command)
+
+    def hold(self) -> None:
+        still = np.zeros(self.action_dim, np.float32)
+        if self.gripper_dim is not None:
+            still[self.gripper_dim] = self.command[self.gripper_dim]
+        self.command = still
+
+    def estop(self) -> None:
+        self.hold()
+        self.estopped = True
+
+    def reset(self, seed: int | None) -> dict[str, Any] | None:
+        self.estopped = False
+        self._obs, self._info = self.env.reset(seed=seed)
+        return {"instruction": getattr(self.env.unwrapped, "instruction", "") or "pick up the cube"}
+
+    def success(self) -> bool:
+        return bool(self._info.get("succeed", self._info.get("success", False)))
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def so101() -> GymRobot:
+    """LeRobot's SO-101 arm as a MuJoCo twin (the registry's ``lerobot-env-so101``: pick up the cube; delta x, y, z
+    and a gripper in [0, 1]), as a robot driver: ``flywheel robot-host robot.driver=so101``. Its front camera is
+    flywheel's overhead sensor; its 14 joint and effector readings the proprio."""
+    import os
+
+    import gymnasium as gym
+
+    os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen, before MuJoCo loads (actors/thirdparty.py)
+    try:
+        import lerobot_env_so101  # noqa: F401 (registers the env)
+    except ImportError as e:
+        raise ImportError("robot.driver=so101 needs lerobot-env-so101: pip install -e '.[sims]'") from e
+    env = gym.make("lerobot_env_so101/SO101PickCube-v0", render_mode="rgb_array", image_obs=True)
+    return GymRobot(env, cameras={"overhead": "pixels/front"}, state="agent_pos", gripper_dim=3)

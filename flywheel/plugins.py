@@ -41,7 +41,7 @@ REGISTRY: dict[str, dict[str, str | Callable[..., Any]]] = {
             "fetch": "actors.thirdparty:make_fetch", "robot": "actors.robot:make_robot_env"},
     "detector": {"learned": "flywheel.detectors:learned", "ground_truth": "flywheel.detectors:ground_truth",
                  "people": "flywheel.detectors:people"},
-    "robot": {"sim": "actors.sim_robot:SimRobot"},
+    "robot": {"sim": "actors.sim_robot:SimRobot", "so101": "actors.sim_robot:so101"},
     "learner": {"filtered_bc": "learner.filtered_bc:FilteredBCLearner", "recap": "learner.recap:RecapLearner",
                 "ppo": "learner.ppo:PPOLearner", "residual_ppo": "learner.residual_ppo:ResidualPPOLearner",
                 "imitation": "learner.imitation:ImitationLearner"},

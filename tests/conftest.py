@@ -5,6 +5,7 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen, whichever test imports MuJoCo first
 
 
 @pytest.fixture(scope="session")

