@@ -49,7 +49,8 @@ class RobotFrame:
 
 class Robot(Protocol):
     """What a robot driver implements. ``send`` is a command the robot acts on until the next (a velocity or a
-    target); it returns None, or the action a person applied instead (a takeover at the robot); ``hold`` stops it where it is; ``estop`` stops it and keeps it stopped until the next ``reset``.
+    target); it returns None, or the action a person applied instead (a takeover at the robot); ``hold`` stops it where it is; ``estop`` stops it and keeps it stopped until the next ``reset``; these two may be called from any
+    thread (the watchdog's, a person's e-stop) while another call is in flight.
     ``reset`` runs a scripted reset and returns the task's info (``instruction`` at least), or returns None when
     a person must reset the scene (the layer then waits for ``Operator.scene_reset``)."""
 

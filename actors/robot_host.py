@@ -235,7 +235,8 @@ class RobotHost:
             while True:
                 request = wire.unpackb(await ws.recv())
                 try:
-                    reply = await loop.run_in_executor(self._driver, self._person, request)
+                    # not on the driver's thread: an e-stop must not wait behind a reset that waits for this person
+                    reply = await loop.run_in_executor(None, self._person, request)
                 except Exception as e:  # noqa: BLE001
                     reply = {"error": f"{type(e).__name__}: {e}"}
                 await ws.send(wire.packb(reply))
