@@ -68,6 +68,7 @@ ray.shutdown()
 _JOIN = "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); print('JOINED')"
 
 
+@pytest.mark.slow  # CI runs it (make test-slow in .ci/run); the default suite keeps to 10 min
 def test_the_ray_a_run_starts_refuses_a_process_without_its_token(tmp_path):
     """Ray's servers listen on every interface (Ray 2.60 cannot bind them to 127.0.0.1), so the Ray a run starts
     requires Ray's token: a process that holds another cannot join; one that holds it can. The token file is left

@@ -158,7 +158,7 @@ def test_chunk_credit_without_a_share_of_positives_is_a_config_error():
 
 def test_an_unknown_plug_in_or_a_missing_detector_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"detector.name='oracle' is unknown: choose one of \['ground_truth', "
-                                          r"'learned'\], or give an import path module:factory"):
+                                          r"'learned', 'people'\], or give an import path module:factory"):
         load_config("run", ["run_dir=x", "detector=oracle"])
     with pytest.raises(ConfigError, match=r"learner.algorithm='token_ppo' is unknown: choose one of .*'ppo'"):
         load_config("run", ["run_dir=x", "learner=token_ppo"])

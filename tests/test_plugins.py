@@ -86,6 +86,7 @@ def test_a_sweep_has_one_run_per_combination_of_its_axes():
     assert combinations(["env.sensors=[overhead,wrist]"]) == [["env.sensors=[overhead,wrist]"]]  # a list, not an axis
 
 
+@pytest.mark.slow  # CI runs it (make test-slow in .ci/run); the default suite keeps to 10 min
 def test_a_sweep_makes_its_runs_each_in_its_own_directory_and_a_summary(tmp_path):
     """`flywheel run -m learner=filtered_bc,imitation seed=3`: a run per algorithm, each in its own directory, and
     sweep.json with how each ended."""

@@ -68,6 +68,7 @@ def test_the_scripted_expert_succeeds_and_the_vla_is_shaped_for_the_adapter(name
     assert (cfg.action_dim, cfg.proprio_dim) == (4, 4)
 
 
+@pytest.mark.slow  # CI runs it (make test-slow in .ci/run); the default suite keeps to 10 min
 def test_the_loop_runs_end_to_end_on_meta_world(tmp_path):
     """Every stage on a Meta-World task, from an untrained VLA, on tiny numbers: detector data from Meta-World's
     scripted policy and the policy's rollouts, a detector, one learner update, evaluations before and after. The
