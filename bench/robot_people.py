@@ -140,7 +140,7 @@ def main() -> None:
                  what="held-out success gain on simulated robots, from a scripted person's verdicts and corrections "
                       "through the robot page alone",
                  before=summary["initial_success"], after=summary["final_success"], up=up, down=down, p=p,
-                 person=person.counts if person else {}, wall_s=time.time() - started, run_dir=str(run_dir))
+                 person=person.counts if person else {}, wall_s=time.time() - started)
 
 
 if __name__ == "__main__":
