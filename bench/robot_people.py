@@ -61,6 +61,7 @@ class ScriptedPerson(threading.Thread):
         self.stop = threading.Event()
         self.rng = np.random.default_rng(0)
         self.counts = {"judged_success": 0, "took_over": 0}
+        self.taken: set = set()  # the episodes it took over
 
     def run(self) -> None:
         seen = {name: (None, False, False) for name in self.robots}  # episode -> (seed, judged, correcting)
@@ -68,7 +69,7 @@ class ScriptedPerson(threading.Thread):
             for name, robot in self.robots.items():
                 if robot.resets == 0:  # nothing set up yet
                     continue
-                episode = (robot.resets, robot.seed)
+                episode = (name, robot.resets, robot.seed)
                 if seen[name][0] != episode:
                     correcting = robot.seed not in self.eval_seeds and self.rng.random() < CORRECT_SHARE
                     seen[name] = (episode, False, correcting)
@@ -80,7 +81,8 @@ class ScriptedPerson(threading.Thread):
                     self.counts["judged_success"] += 1
                     seen[name] = (episode, True, correcting)
                 elif correcting and len(robot.sent) - robot.sent_at_reset >= CORRECT_AFTER:
-                    if len(robot.sent) - robot.sent_at_reset == CORRECT_AFTER:
+                    if episode not in self.taken:
+                        self.taken.add(episode)
                         self.counts["took_over"] += 1
                     action = expert_action(robot.env, self.rng, 0.0)
                     post(f"{self.page}/api/robots/{name}/take", {"action": [float(a) for a in action]})
