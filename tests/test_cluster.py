@@ -12,6 +12,7 @@ from flywheel.config import ConfigError, load_config
 from flywheel.cluster import check_learner_fits, check_resources
 
 
+@pytest.mark.slow  # CI runs it (make test-slow in .ci/run); the default suite keeps to 10 min
 def test_actors_and_the_learner_go_to_the_nodes_that_offer_their_resources(tmp_path):
     from ray.cluster_utils import Cluster
 

@@ -218,6 +218,7 @@ def test_every_budget_stops_the_loop():
     assert not Budget(time.time() + 5).allows(0, 0, next_iteration_s=4.0, reserve_s=2.0)  # no time for another
 
 
+@pytest.mark.slow  # CI runs it (make test-slow in .ci/run); the default suite keeps to 10 min
 def test_with_overlap_the_actors_collect_while_the_learner_trains(tmp_path, ray_local, tiny_detector):
     """The actors collect the next iteration while the learner trains, then go on practising with the weights they
     hold until the new ones come (rollout.keep_collecting): the next iteration learns from all of it, one version
