@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import hmac
 import http
 import logging
 import random
@@ -40,6 +39,7 @@ import numpy as np
 
 from actors.robot import Operator, Robot, RobotFrame, Watchdog
 from flywheel import wire
+from flywheel.serve import handshake
 
 logger = logging.getLogger(__name__)
 
@@ -135,13 +135,9 @@ class RobotHost:
             await self._stopping.wait()
 
     def _process_request(self, connection, request):
-        if request.path == "/healthz":
-            return connection.respond(http.HTTPStatus.OK, "OK\n")
-        if self.api_key is not None:
-            given = request.headers.get("Authorization") or ""
-            if not hmac.compare_digest(given.encode(), f"Api-Key {self.api_key}".encode()):
-                return connection.respond(http.HTTPStatus.UNAUTHORIZED, "this robot host needs an API key: send "
-                                          "the header 'Authorization: Api-Key <key>'\n")
+        refused = handshake(connection, request, self.api_key, "this robot host")
+        if refused is not None:
+            return refused
         if self._busy and request.path != OPERATOR_PATH:
             return connection.respond(http.HTTPStatus.CONFLICT, "this robot already has a controller connected\n")
         return None

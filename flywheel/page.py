@@ -84,11 +84,10 @@ def gif(frames: np.ndarray, ms: int = 80) -> bytes:
 
 def make_app(store: EpisodeStore, robots: dict[str, Any], token: str | None = None):
     """The page's FastAPI app. ``robots``: name -> an ``OperatorChannel`` (or anything with its methods)."""
-    from fastapi import Body, FastAPI, HTTPException, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse
 
     app = FastAPI(title="flywheel robot page", docs_url=None, redoc_url=None)
-    lock = threading.Lock()  # label writes: one at a time
 
     @app.middleware("http")
     async def need_token(request: Request, call_next):
@@ -98,14 +97,24 @@ def make_app(store: EpisodeStore, robots: dict[str, Any], token: str | None = No
             return JSONResponse({"error": "this page needs its token from another address: ?token=..."}, 401)
         return await call_next(request)
 
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return PAGE
+
+    _robot_routes(app, robots)
+    _label_routes(app, store)
+    return app
+
+
+def _robot_routes(app, robots: dict[str, Any]) -> None:
+    """The robots live, and what a person does to them (through each host's operator channel)."""
+    from fastapi import Body, HTTPException
+    from fastapi.responses import Response
+
     def robot(name: str):
         if name not in robots:
             raise HTTPException(404, f"no robot {name!r}: the page knows {sorted(robots)}")
         return robots[name]
-
-    @app.get("/", response_class=HTMLResponse)
-    def page() -> str:
-        return PAGE
 
     @app.get("/api/robots")
     def robots_now() -> list[dict[str, Any]]:
@@ -145,6 +154,14 @@ def make_app(store: EpisodeStore, robots: dict[str, Any], token: str | None = No
             raise HTTPException(404, f"unknown action {op!r}: estop, scene_reset, judge, take or release")
         return {"ok": True}
 
+
+def _label_routes(app, store: EpisodeStore) -> None:
+    """The queue of episodes to judge, their clips, and the people's labels into the store."""
+    from fastapi import Body, HTTPException
+    from fastapi.responses import Response
+
+    lock = threading.Lock()  # label writes: one at a time
+
     @app.get("/api/queue")
     def queue(n: int = 20) -> list[dict[str, Any]]:
         return label_queue(store, n)
@@ -169,8 +186,6 @@ def make_app(store: EpisodeStore, robots: dict[str, Any], token: str | None = No
             store.add_labels([(episode_id, label)])
         return {"ok": True, "label": {"episode_id": episode_id, "success": label.success, "who": who,
                                       "created": label.created}}
-
-    return app
 
 
 class PageServer:

