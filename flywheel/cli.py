@@ -7,6 +7,11 @@
     flywheel pretrain [key=value ...]       behaviour-clone the small VLA on scripted demonstrations (resumable)
     flywheel reward train [key=value ...]   train a success detector on a run's labelled episodes
     flywheel reward eval run_dir=PATH [detector=FILE]   the detector's report: PATH/reward/report.{json,html}
+    flywheel reward relabel detector=FILE store=PATH [dataset=DIR]   a detector judges every episode of a store (of a
+                                            LeRobot dataset, imported into it first); labels added, nothing rewritten
+    flywheel data export run_dir=PATH out=DIR [split= versions= label= ...]   a run's episodes into a LeRobotDataset
+                                            v3.0 with their lineage; a second export appends to the same dataset
+    flywheel data import dataset=DIR store=PATH [dataset_keys.image=...]   a local LeRobotDataset v3.0 into an episode store
     flywheel demos out_dir=PATH [key=value ...]  scripted demonstrations into an episode store (resumable)
     flywheel report RUN_DIR                 the run at a glance: RUN_DIR/report.html, self-contained (no network)
     flywheel serve [key=value ...] [--port N] [--api-key KEY]   serve policy.checkpoint over a websocket in openpi's
@@ -204,6 +209,96 @@ def cmd_reward_eval(args: list[str]) -> int:
     return 0
 
 
+def _given(cfg, keys: tuple[str, ...], usage: str) -> bool:
+    """Whether every required key was given; else says which are missing and how the command is used."""
+    from omegaconf import OmegaConf
+
+    absent = [k for k in keys if OmegaConf.is_missing(cfg, k)]
+    if absent:
+        console.print(f"[red]error:[/red] give {' and '.join(f'{k}=...' for k in absent)}: {usage}", markup=False)
+    return not absent
+
+
+def _store_at(path: str):
+    """The episode store of a run directory, or a store itself."""
+    from flywheel.store import EpisodeStore
+
+    root = Path(path)
+    return EpisodeStore(root / "episodes" if (root / "episodes").is_dir() else root)
+
+
+def cmd_reward_relabel(overrides: list[str]) -> int:
+    cfg = _load("relabel", overrides)
+    if not _given(cfg, ("detector", "store"), "flywheel reward relabel detector=FILE store=PATH [dataset=DIR]"):
+        return 2
+    from flywheel.config import DatasetKeys, to_dict
+    from flywheel.lerobot_import import import_dataset
+    from reward.relabel import relabel
+    from reward.report import load_detector
+
+    if not Path(cfg.detector).is_file():
+        console.print(f"[red]error:[/red] detector={cfg.detector}: no such file (a detector's .safetensors: `flywheel "
+                      f"reward train` writes RUN_DIR/detector/detector-N.safetensors)")
+        return 1
+    try:
+        detector, _ = load_detector(cfg.detector)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 1
+    store = _store_at(cfg.store)
+    if cfg.dataset:
+        console.print(import_dataset(cfg.dataset, store, DatasetKeys(**to_dict(cfg.dataset_keys))))
+    with _progress() as progress:
+        task = progress.add_task("relabel", total=None, info="")
+        report = relabel(store, detector, batch=cfg.batch,
+                         progress=lambda done, total: progress.update(task, completed=done, total=total))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_data_export(overrides: list[str]) -> int:
+    cfg = _load("data_export", overrides)
+    if not _given(cfg, ("run_dir", "out"), "flywheel data export run_dir=PATH out=DIR [split=... versions=[...] "
+                                            "label=success|failure human_only=true corrected_only=true]"):
+        return 2
+    from flywheel.lerobot_export import Layout, Selection, VideoSettings, export_store
+
+    try:
+        selection = Selection(split=cfg.split, versions=None if cfg.versions is None else list(cfg.versions),
+                              label=cfg.label, human_only=cfg.human_only, corrected_only=cfg.corrected_only)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    store = _store_at(cfg.run_dir)
+    if not store.paths():
+        console.print(f"[red]error:[/red] {store.root} holds no episodes: give a run's directory or an episode store")
+        return 1
+    with _progress() as progress:
+        task = progress.add_task("export", total=None, info="")
+        report = export_store(store, cfg.out, selection, Layout(fps=cfg.fps, robot_type=cfg.robot_type),
+                              VideoSettings(pix_fmt=cfg.pix_fmt, crf=cfg.crf),
+                              progress=lambda done, total: progress.update(task, completed=done, total=total))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_data_import(overrides: list[str]) -> int:
+    cfg = _load("data_import", overrides)
+    if not _given(cfg, ("dataset", "store"), "flywheel data import dataset=DIR store=PATH [dataset_keys.image=... demos=true]"):
+        return 2
+    from flywheel.config import DatasetKeys, to_dict
+    from flywheel.lerobot_import import import_dataset
+    from flywheel.store import EpisodeStore
+
+    with _progress() as progress:
+        task = progress.add_task("import", total=None, info="")
+        report = import_dataset(cfg.dataset, EpisodeStore(cfg.store), DatasetKeys(**to_dict(cfg.dataset_keys)), cfg.split,
+                                cfg.demos, progress=lambda done, total: progress.update(task, completed=done,
+                                                                                        total=total))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_demos(overrides: list[str]) -> int:
     cfg = _load("demos", overrides)
     from omegaconf import OmegaConf
@@ -306,13 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     which says what to do, and exit 1; Ctrl-C exits 130 without a traceback; anything else keeps its traceback."""
     from flywheel.checkpoint import CheckpointError
     from flywheel.config import ConfigError
+    from flywheel.lerobot_format import DatasetError
     from flywheel.run import RunDirError
     from flywheel.store import CorruptEpisodeError
 
     try:
         with sigterm_interrupts():
             return _dispatch(argv)
-    except (CheckpointError, ConfigError, CorruptEpisodeError, RunDirError) as e:
+    except (CheckpointError, ConfigError, CorruptEpisodeError, DatasetError, RunDirError) as e:
         console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM outside a run's graceful stop, or twice
@@ -418,7 +514,8 @@ def _dispatch(argv: list[str] | None) -> int:
     cmd, rest = argv[0], argv[1:]
     if {"-h", "--help"} & set(rest):  # anywhere after the command: `flywheel run budget.minutes=480 --help` too
         name = {"pretrain": "pretrain", "demos": "demos", "serve": "serve", "robot-host": "robot_host",
-                "page": "page"}.get(cmd, "run")
+                "page": "page", "data": f"data_{rest[0]}" if rest[:1] in (["export"], ["import"]) else "run",
+                "reward": "relabel" if rest[:1] == ["relabel"] else "run"}.get(cmd, "run")
         console.print(__doc__, markup=False)
         console.print("keys and defaults:\n" + _schema_help(name, rest), markup=False)
         return 0
@@ -432,6 +529,12 @@ def _dispatch(argv: list[str] | None) -> int:
         return cmd_reward_train(rest[1:])
     if cmd == "reward" and rest[:1] == ["eval"]:
         return cmd_reward_eval(rest[1:])
+    if cmd == "reward" and rest[:1] == ["relabel"]:
+        return cmd_reward_relabel(rest[1:])
+    if cmd == "data" and rest[:1] == ["export"]:
+        return cmd_data_export(rest[1:])
+    if cmd == "data" and rest[:1] == ["import"]:
+        return cmd_data_import(rest[1:])
     if cmd == "report":
         return cmd_report(rest)
     if cmd == "serve":

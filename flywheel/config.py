@@ -50,6 +50,21 @@ class EnvConfig:
 
 
 @dataclasses.dataclass
+class DatasetKeys:
+    """Which features of a LeRobot dataset become the policy's inputs (flywheel/lerobot_import.py)."""
+
+    image: str = ""  # the camera that is the policy's overhead image; "": observation.images.overhead, else the
+    #                  dataset's first camera
+    wrist: str = ""  # the camera that is its wrist image; "": observation.images.wrist where there is one
+    proprio: str = "observation.state"
+    action: str = "action"
+    success: str = ""  # a per-frame feature (its last frame's value) or an episode column holding the episode's
+    #                    verdict, e.g. next.success; "": none (the labels of a flywheel export come back regardless)
+    success_source: str = "human"  # whose verdict that is: human or ground_truth
+    image_size: int = 0  # scale the cameras to this square size; 0: as stored (pretrain: env.image_size)
+
+
+@dataclasses.dataclass
 class PolicyConfig:
     name: str = "small_vla"  # the policy plug-in: small_vla (flywheel's own), or an import path module:factory
     #                          returning a flywheel.contracts.PolicyBundle (README "Bring your own")
@@ -360,6 +375,10 @@ class PretrainConfig:
     pi0: Pi0PretrainConfig = field(default_factory=Pi0PretrainConfig)
     seed: int = 0
     demos: int = 100  # the limited demonstration set (the shipped base: 100)
+    demos_from: str = ""  # a local LeRobotDataset v3.0 directory: its first `demos` episodes are the demonstrations,
+    #                       read through demo_keys, instead of the scripted expert's; the base's record names it, and
+    #                       a run's learner replays the same episodes
+    demo_keys: DatasetKeys = field(default_factory=DatasetKeys)
     operators: list[str] = field(default_factory=lambda: ["standard"])  # whose demonstrations, taken in turn by
     #                      seed (actors/expert.py OPERATORS): the shipped base's are [standard, carrier]
     steps: int = 6000
@@ -448,9 +467,56 @@ class PageConfig:
     token: str = ""  # required from any address other than loopback (?token=...); or FLYWHEEL_PAGE_TOKEN
 
 
+@dataclasses.dataclass
+class ExportConfig:
+    """``flywheel data export``: a run's episodes (or a part of them) into a LeRobotDataset v3.0, appending."""
+
+    run_dir: str = "???"  # a run's directory (its episodes/ store), or an episode store itself
+    out: str = "???"  # the dataset directory: created, or appended to (episodes already in it are skipped)
+    split: Optional[str] = None  # train | eval | holdout; null: all
+    versions: Optional[list[int]] = None  # policy versions to take (-1: the scripted expert); null: all
+    label: Optional[str] = None  # success | failure, by the newest label; null: all
+    human_only: bool = False  # only episodes a person judged
+    corrected_only: bool = False  # only episodes in which a person took over
+    fps: int = 10  # the control rate the episodes were recorded at (the tabletop's: 10); an existing dataset's wins
+    robot_type: str = "flywheel-tabletop"
+    pix_fmt: str = "yuv444p"  # video: yuv444p with crf 0 is lossless in colour; yuv420p crf 23 for a real camera
+    crf: int = 0
+
+
+@dataclasses.dataclass
+class ImportConfig:
+    """``flywheel data import``: a local LeRobotDataset v3.0 into an episode store (for a detector to judge or train
+    on; `flywheel pretrain demos_from=` reads a dataset directly)."""
+
+    dataset: str = "???"  # the dataset directory
+    store: str = "???"  # the episode store to append to (created if missing); episodes already there are skipped
+    split: str = "train"  # for episodes that do not carry flywheel's own split
+    demos: bool = False  # mark each unlabelled episode a demonstration (a "demo" label)
+    dataset_keys: DatasetKeys = field(default_factory=DatasetKeys)  # which features are the camera, state, action
+
+
+@dataclasses.dataclass
+class RelabelConfig:
+    """``flywheel reward relabel``: a detector judges every episode of a store (or of a dataset, imported into the
+    store first); its labels are added, no episode is rewritten."""
+
+    detector: str = "???"  # a detector checkpoint (.safetensors; `flywheel reward train` writes one)
+    store: str = "???"  # a run's directory or an episode store
+    dataset: str = ""  # a LeRobot dataset to import into `store` first
+    dataset_keys: DatasetKeys = field(default_factory=DatasetKeys)  # which of its features are camera, state, action
+    batch: int = 64  # episodes scored at once
+
+
 _SCHEMAS = {"run": ("run_schema", RunConfig), "pretrain": ("pretrain_schema", PretrainConfig),
             "demos": ("demos_schema", DemosConfig), "serve": ("serve_schema", ServeConfig),
-            "robot_host": ("robot_host_schema", RobotHostConfig), "page": ("page_schema", PageConfig)}
+            "robot_host": ("robot_host_schema", RobotHostConfig), "page": ("page_schema", PageConfig),
+            "data_export": ("data_export_schema", ExportConfig), "data_import": ("data_import_schema", ImportConfig),
+            "relabel": ("relabel_schema", RelabelConfig)}
+
+
+COMMANDS = {"robot_host": "robot-host", "data_export": "data export", "data_import": "data import",
+            "relabel": "reward relabel"}  # the command of each schema whose name is not its command's
 
 
 def _register() -> None:
@@ -490,9 +556,10 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
         cause = e.__cause__ or e
         _not_the_algorithms(cause)
         raise ConfigError(
-            f"bad config for `flywheel {name}`: {cause}\n{_near(name, getattr(cause, 'full_key', None))}"
+            f"bad config for `flywheel {COMMANDS.get(name, name)}`: {cause}\n"
+            f"{_near(name, getattr(cause, 'full_key', None))}"
             f"Valid keys are those of {_SCHEMAS[name][1].__name__} in flywheel/config.py; "
-            f"`flywheel {name} --help` lists them with their defaults."
+            f"`flywheel {COMMANDS.get(name, name)} --help` lists them with their defaults."
         ) from e
     finally:
         GlobalHydra.instance().clear()

@@ -98,6 +98,10 @@ def pretraining_demos(n: int, base_meta: dict, env_kwargs: dict) -> list[Episode
     not the run's: a run on held-out combinations must not hand the learner expert demonstrations of them, or a gain
     would come from those demonstrations rather than from practice. Without a record, the run's settings serve."""
     made_with = base_meta.get("config") or {}
+    if made_with.get("demos_from"):  # a base pretrained from a LeRobot dataset replays that dataset's episodes
+        from flywheel.pretrain import dataset_demos
+
+        return dataset_demos(made_with["demos_from"], made_with.get("demo_keys") or {}, n, env_kwargs)
     recorded = made_with.get("env") or {}
     demo_env = {**env_kwargs, **{k: recorded[k] for k in ("family", "phrasing", "combos") if k in recorded}}
     if env_kwargs.get("name") == "robot":  # no scripted expert on a robot: remade in the simulator the base learned in

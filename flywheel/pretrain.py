@@ -69,7 +69,9 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
     if cfg.model not in ("small_vla", "pi0"):
         raise ConfigError(f"model={cfg.model!r} is unknown: choose small_vla or pi0")
     demos = load_demos(cfg, out, env_kwargs)  # (drawing no torch randomness: the model's initialisation is the same)
-    say(f"pretrain: {len(demos)} demonstrations, success {np.mean([e.ground_truth['success'] for e in demos]):.2f}")
+    known = [e.ground_truth["success"] for e in demos if e.ground_truth]
+    say(f"pretrain: {len(demos)} demonstrations" + (f", success {np.mean(known):.2f}" if known else
+                                                     f" from {cfg.demos_from}"))
     if cfg.model == "pi0":
         model = initial_pi0(cfg, out, env_kwargs, demos)
     else:
@@ -112,7 +114,9 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
     final = history[-1] if history else evaluate_policy(model, cfg.eval_episodes, env_kwargs)
     what = "π0" if cfg.model == "pi0" else f"small VLA{' with action tokens' if cfg.action_head == 'tokens' else ''}"
     record = {
-        "description": f"{what}, behaviour cloning on {cfg.demos} scripted demonstrations for {cfg.steps} steps",
+        "description": f"{what}, behaviour cloning on {cfg.demos} "
+                       f"{'demonstrations of ' + cfg.demos_from if cfg.demos_from else 'scripted demonstrations'} "
+                       f"for {cfg.steps} steps",
         "command": command,
         "seed": cfg.seed,
         "code": code_commit(),
@@ -135,8 +139,11 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
 
 
 def load_demos(cfg: DictConfig, out: Path, env_kwargs: dict) -> list:
-    """The demonstrations, made once into ``out/demos`` and read back in seed order (as made: a resumed run samples
-    the same batches as an uninterrupted one)."""
+    """The demonstrations: the first ``cfg.demos`` episodes of the LeRobot dataset ``cfg.demos_from``, or the
+    scripted expert's, made once into ``out/demos`` and read back in seed order (as made: a resumed run samples the
+    same batches as an uninterrupted one)."""
+    if cfg.demos_from:
+        return dataset_demos(cfg.demos_from, cfg.demo_keys, cfg.demos, env_kwargs)
     store = EpisodeStore(out / "demos")
     demos = sorted(store.iter("train", with_ground_truth=True), key=lambda ep: ep.seed)
     if len(demos) != cfg.demos:
@@ -145,6 +152,29 @@ def load_demos(cfg: DictConfig, out: Path, env_kwargs: dict) -> list:
         if len(store) == 0:
             for ep in demos:
                 store.add(ep)
+    return demos
+
+
+def dataset_demos(root: str, keys: Any, n: int, env_kwargs: dict) -> list:
+    """Demonstrations from a LeRobot dataset, checked against the environment the policy acts in."""
+    from flywheel.config import DatasetKeys
+    from flywheel.lerobot_format import DatasetError
+    from flywheel.lerobot_import import demonstrations
+
+    try:
+        demos = demonstrations(root, DatasetKeys(**(keys if isinstance(keys, dict) else to_dict(keys))), n, env_kwargs["image_size"])
+    except DatasetError as e:
+        raise ConfigError(f"demos_from={root}: {e}") from e
+    probe = make_env(**{k: v for k, v in env_kwargs.items() if k != "execute"})
+    try:
+        want = {"action": probe.action_space.shape[0], "proprio": probe.observation_space["proprio"].shape[0]}
+    finally:
+        getattr(probe, "release", probe.close)()
+    have = {"action": demos[0].actions.shape[1], "proprio": demos[0].observations["proprio"].shape[1]}
+    if have != want:
+        raise ConfigError(f"demos_from={root}: its episodes have {have} dimensions, the environment env.name="
+                          f"{env_kwargs.get('name')} {want}: map the dataset's keys with demo_keys.proprio and "
+                          f"demo_keys.action, or pretrain for the environment it was recorded in")
     return demos
 
 
