@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test test-slow smoke bench bench-rl setup sims openpi-client clean
+.PHONY: run test test-slow test-interop smoke bench bench-rl setup sims openpi-client lerobot-venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,21 @@ $(OPENPI_STAMP):
 
 openpi-client: $(OPENPI_STAMP)
 
+# LeRobot 0.4.4, which checks flywheel's LeRobotDataset export and import with its own reader and writer
+# (tests/test_lerobot_interop.py). A venv of its own: it needs torch<2.11 (a CUDA build, ~8 GB, ~3 min), which cannot
+# share ours.
+LEROBOT_VENV := .venv-lerobot
+LEROBOT_STAMP := $(LEROBOT_VENV)/.installed
+
+$(LEROBOT_STAMP):
+	test -x $(LEROBOT_VENV)/bin/python || $(PYTHON) -m venv $(LEROBOT_VENV)
+	$(LEROBOT_VENV)/bin/pip install --quiet --upgrade pip
+	$(LEROBOT_VENV)/bin/pip install --quiet lerobot==0.4.4
+	$(LEROBOT_VENV)/bin/python -c "import lerobot.datasets.lerobot_dataset"
+	touch $(LEROBOT_STAMP)
+
+lerobot-venv: $(LEROBOT_STAMP)
+
 # Meta-World and Fetch (actors/thirdparty.py) come with the set-up; MuJoCo renders offscreen through EGL
 # (MUJOCO_GL=egl, the default here) or OSMesa (apt-get install libosmesa6, MUJOCO_GL=osmesa)
 sims: $(STAMP)
@@ -47,6 +62,10 @@ smoke: $(STAMP)
 
 test: $(STAMP) $(OPENPI_STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# both directions of the LeRobot dataset format, checked by LeRobot itself (~3 min, and the venv's first build)
+test-interop: $(STAMP) $(LEROBOT_STAMP)
+	$(BIN)/python -m pytest -q -m interop $(ARGS)
 
 # the acceptance runs too (the smoke preset end to end, ~4 min)
 test-slow: $(STAMP)
@@ -74,4 +93,4 @@ bench-rl: $(STAMP)
 	PYTHONPATH=. $(BIN)/python bench/table.py
 
 clean:
-	rm -rf $(VENV) $(OPENPI_VENV) build *.egg-info
+	rm -rf $(VENV) $(OPENPI_VENV) $(LEROBOT_VENV) build *.egg-info

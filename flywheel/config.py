@@ -551,7 +551,7 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="configs", version_base=None):
-            cfg = compose(config_name=name, overrides=_dicts_replaced(name, _parts_chosen(overrides)))
+            cfg = compose(config_name=name, overrides=_dicts_replaced(name, _parts_chosen(name, overrides)))
     except (ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException) as e:
         cause = e.__cause__ or e
         _not_the_algorithms(cause)
@@ -623,14 +623,16 @@ def learner_groups() -> list[str]:
     return sorted({*LEARNERS, *(p.stem for p in (Path(configs.__file__).parent / "learner").glob("*.yaml"))})
 
 
-def _parts_chosen(overrides: list[str]) -> list[str]:
+def _parts_chosen(name: str, overrides: list[str]) -> list[str]:
     """``policy=my_lab.vla:make_policy`` (and ``env=``, ``detector=``) names a plug-in: the part's ``name`` key.
     ``learner=NAME`` chooses an algorithm's config group, as does ``learner.algorithm=NAME`` for one that has a
     group; a learner of a team's own (``learner=my_lab.learners:Mine``) takes ``learner=custom``'s keys."""
     out = []
+    sections = {k for k in ("policy", "env", "detector") if isinstance(OmegaConf.structured(_SCHEMAS[name][1]).get(k),
+                                                                       DictConfig)}  # (relabel's detector is a file)
     for override in overrides:
         key, eq, value = override.partition("=")
-        if eq and key in ("policy", "env", "detector") and not value.startswith("{"):
+        if eq and key in sections and not value.startswith("{"):
             out.append(f"{key}.name={value}")
         elif eq and key in ("learner", "learner.algorithm") and value in learner_groups():
             out.append(f"learner={value}")

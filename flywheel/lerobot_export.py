@@ -241,8 +241,7 @@ def open_committed(root: Path, layout: Layout) -> Committed | None:
         return None
     info = read_info(root)
     total = int(info["total_episodes"])
-    table = episodes_table(root)
-    committed = table.slice(0, total)
+    committed = episodes_table(root, committed=total)
     if committed.num_rows < total:
         raise DatasetError(f"{root / INFO} counts {total} episodes but meta/episodes holds {committed.num_rows}: an "
                            f"episodes file is missing. Restore it from a copy, or export into a new directory")

@@ -99,15 +99,18 @@ def check_parquet(path: Path) -> None:
 
 
 def episodes_table(root: Path, committed: int | None = None) -> pa.Table:
-    """Every episode row of ``meta/episodes``, in episode order (``committed``: only the first that many)."""
-    paths = sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
-    tables = [read_table(p) for p in paths]
+    """The episode rows of ``meta/episodes``, in episode order: all of them, or the first ``committed`` (files past
+    those, which an export cut short may have left, are not read)."""
+    tables, rows = [], 0
+    for path in sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet")):
+        if committed is not None and rows >= committed:
+            break
+        tables.append(read_table(path))
+        rows += tables[-1].num_rows
     if not tables:
         return pa.table({"episode_index": pa.array([], pa.int64())})
     table = pa.concat_tables(tables, promote_options="permissive").sort_by("episode_index")
-    if committed is not None:
-        table = table.slice(0, committed)
-    return table
+    return table if committed is None else table.slice(0, committed)
 
 
 def read_tasks(root: Path) -> list[str]:

@@ -102,8 +102,9 @@ class DataFiles:
             missing = [k for k in keys if k not in table.column_names]
             if missing:
                 raise DatasetError(f"{path} lacks the columns {missing} that meta/info.json lists: restore it")
-            self.columns = {k: _numpy(table.column(k), None if list(self.features[k]["shape"]) == [1] else
-                                      int(np.prod(self.features[k]["shape"]))) for k in keys}
+            self.columns = {k: _numpy(table.column(k), None if list(self.features[k]["shape"]) == [1] or
+                                      self.features[k]["dtype"] == "image" else int(np.prod(self.features[k]["shape"])))
+                            for k in keys}
             self.columns["episode_index"] = _numpy(table.column("episode_index"), None)
             self.columns["frame_index"] = _numpy(table.column("frame_index"), None)
             self.at = (chunk, file)

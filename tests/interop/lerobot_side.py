@@ -1,7 +1,9 @@
 """The LeRobot side of `make test-interop`, run in .venv-lerobot (lerobot 0.4.4, its own torch).
 
     python lerobot_side.py read DATASET OUT.npz     LeRobot's own reader over a flywheel export: every frame, as loaded
-    python lerobot_side.py write DEMOS.npz DATASET  LeRobot's own writer: create, add_frame, save_episode, finalize
+    python lerobot_side.py write DEMOS.npz DATASET [video|images]   LeRobot's own writer: create, add_frame,
+                                                    save_episode, finalize; the camera as video (LeRobot's default
+                                                    encoding) or as images (PNG in the parquet rows)
 
 It imports nothing of flywheel: what crosses between the two venvs is a LeRobot dataset one way and plain .npz
 arrays the other.
@@ -43,18 +45,18 @@ def read(root: str, out: str) -> None:
                  "lineage": lineage, "stats": stats, "features": ds.meta.features}, default=str).encode(), np.uint8))
 
 
-def write(demos: str, root: str) -> None:
+def write(demos: str, root: str, camera: str = "video") -> None:
     z = np.load(demos)
     image, state, action = z["image"], z["state"], z["action"]  # (N, H, W, 3), (N, P), (N, A): every frame
     episode, instruction = z["episode"], z["instruction"]
     features = {
-        "observation.images.top": {"dtype": "video", "shape": list(image.shape[1:]),
+        "observation.images.top": {"dtype": "video" if camera == "video" else "image", "shape": tuple(image.shape[1:]),
                                    "names": ["height", "width", "channels"]},
-        "observation.state": {"dtype": "float32", "shape": [state.shape[1]], "names": None},
-        "action": {"dtype": "float32", "shape": [action.shape[1]], "names": None},
+        "observation.state": {"dtype": "float32", "shape": (state.shape[1],), "names": None},
+        "action": {"dtype": "float32", "shape": (action.shape[1],), "names": None},
     }
     ds = LeRobotDataset.create("lab/scripted-demos", fps=int(z["fps"]), root=Path(root), features=features,
-                               robot_type="tabletop", use_videos=True)
+                               robot_type="tabletop", use_videos=camera == "video")
     for e in np.unique(episode):
         for i in np.flatnonzero(episode == e):
             ds.add_frame({"observation.images.top": image[i], "observation.state": state[i],

@@ -1,0 +1,231 @@
+"""LeRobotDataset v3.0 export and import (flywheel/lerobot_export.py, flywheel/lerobot_import.py), relabelling
+(reward/relabel.py) and pretraining from a dataset, checked through flywheel's own reader. LeRobot's own reader and
+writer check the same files in tests/test_lerobot_interop.py (make test-interop)."""
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flywheel.contracts import INTERVENTION, Label
+from flywheel.lerobot_export import Selection, export_store
+from flywheel.lerobot_format import DatasetError
+from flywheel.lerobot_import import import_dataset, read_dataset
+from flywheel.store import EpisodeStore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """``flywheel ARGS`` in a process of its own, its messages on one line each (a wide terminal)."""
+    return subprocess.run([sys.executable, "-m", "flywheel.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, env={**os.environ, "COLUMNS": "1000"})
+
+
+@pytest.fixture(scope="module")
+def store(finished_run, tmp_path_factory):
+    """The finished tiny run's episodes (policy versions, detector labels), with a person's verdict, a takeover and a
+    safety record added to three of them, as a robot night leaves them."""
+    root = tmp_path_factory.mktemp("lineage") / "episodes"
+    source = EpisodeStore(finished_run[0] / "episodes")
+    out = EpisodeStore(root)
+    for i, ep in enumerate(source.iter(with_ground_truth=True)):
+        if i == 1:
+            ep.extras[INTERVENTION] = np.arange(ep.num_steps) < 3
+            ep.info["interventions"] = 3
+        if i == 2:
+            ep.info["safety"] = {"estops": 1, "clamped": 4}
+        out.add(ep)
+    first = out.paths()[0].stem
+    out.add_label(first, Label("human", False, version="ana"))
+    return out
+
+
+def files(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_an_export_reads_back_whole(store, tmp_path):
+    report = export_store(store, tmp_path / "ds")
+    n = len(store.paths())
+    assert report["exported"] == n and report["total_episodes"] == n
+    info = json.loads((tmp_path / "ds/meta/info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["total_episodes"] == n and info["fps"] == 10
+    assert info["features"]["observation.images.overhead"]["info"]["video.codec"] == "h264"
+    assert {"chunks_size", "data_files_size_in_mb", "video_files_size_in_mb", "data_path", "video_path", "splits"} <= \
+        set(info)
+    stats = json.loads((tmp_path / "ds/meta/stats.json").read_text())
+    assert {"q01", "q10", "q50", "q90", "q99", "min", "max", "mean", "std", "count"} <= set(stats["action"])
+    assert stats["action"]["count"] == [info["total_frames"]]
+    tasks = pd.read_parquet(tmp_path / "ds/meta/tasks.parquet")
+    assert set(tasks.index) == {ep.instruction for ep in store.iter()}  # the task strings are the index
+
+    original = {ep.id: ep for ep in store.iter(with_ground_truth=True)}
+    back = list(read_dataset(tmp_path / "ds"))
+    assert sorted(ep.id for ep in back) == sorted(original)
+    for ep in back:
+        want = original[ep.id]
+        assert np.array_equal(ep.actions, want.actions)
+        assert np.array_equal(ep.observations["proprio"], want.observations["proprio"])
+        error = np.abs(ep.observations["image"].astype(int) - want.observations["image"].astype(int))
+        assert error.max() <= 1  # lossless in colour; RGB -> YUV -> RGB rounds by one level at most
+        assert np.array_equal(ep.intervened(), want.intervened())
+        assert (ep.task, ep.instruction, ep.seed, ep.split, ep.policy_version, ep.env_id) == \
+            (want.task, want.instruction, want.seed, want.split, want.policy_version, want.env_id)
+        assert ep.labels == want.labels and ep.ground_truth == want.ground_truth
+        assert ep.info.get("safety") == want.info.get("safety")
+    assert any(ep.intervened().any() for ep in back) and any(lab.source == "human" for ep in back for lab in ep.labels)
+
+
+def test_a_second_night_appends_without_rewriting_the_first(store, tmp_path):
+    paths = store.paths()
+    half = EpisodeStore(tmp_path / "half")
+    labels = store.labels()
+    for p in paths[: len(paths) // 2]:
+        half.add(store.read(p, labels.get(p.stem)))
+    export_store(half, tmp_path / "ds")
+    first = files(tmp_path / "ds")
+    report = export_store(store, tmp_path / "ds")
+    assert report["exported"] == len(paths) - len(paths) // 2 and report["already_there"] == len(paths) // 2
+    after = files(tmp_path / "ds")
+    kept = {k: v for k, v in first.items() if not k.startswith("meta/") or "episodes" in k}
+    assert all(after[k] == v for k, v in kept.items())  # data, videos and episode rows of the first night untouched
+    assert len(after) > len(first)
+    ids = [ep.id for ep in read_dataset(tmp_path / "ds")]
+    assert sorted(ids) == sorted(p.stem for p in paths)
+    assert export_store(store, tmp_path / "ds")["exported"] == 0  # nothing new: nothing written
+    assert files(tmp_path / "ds") == after
+
+
+def test_the_selection_chooses_what_is_exported(store, tmp_path):
+    labels = store.labels()
+    newest = {eid: max(ls, key=lambda lab: lab.created) for eid, ls in labels.items()}
+    wins = export_store(store, tmp_path / "wins", Selection(label="success"))
+    assert wins["exported"] == sum(lab.success for lab in newest.values())
+    assert all(ep.latest_label().success for ep in read_dataset(tmp_path / "wins"))
+    assert export_store(store, tmp_path / "human", Selection(human_only=True))["exported"] == 1
+    assert export_store(store, tmp_path / "helped", Selection(corrected_only=True))["exported"] == 1
+    versions = {m["policy_version"] for _, m in store.lineage()}
+    newest_version = max(versions)
+    only = export_store(store, tmp_path / "newest", Selection(versions=[newest_version], split="train"))
+    assert only["exported"] == sum(m["policy_version"] == newest_version and m["split"] == "train"
+                                   for _, m in store.lineage())
+
+
+def test_damaged_files_are_named_and_nothing_exported_is_lost(store, tmp_path):
+    ds = tmp_path / "ds"
+    export_store(store, ds)
+    data = ds / "data/chunk-000/file-000.parquet"
+    good = data.read_bytes()
+    data.write_bytes(good[: len(good) // 2])  # truncated: no footer
+    before = files(ds)
+    with pytest.raises(DatasetError, match="data/chunk-000/file-000.parquet"):
+        list(read_dataset(ds))
+    with pytest.raises(DatasetError, match="data/chunk-000/file-000.parquet"):
+        export_store(store, ds)  # appending to a damaged dataset: refused before anything is written
+    assert files(ds) == before
+    data.write_bytes(good)
+
+    video = ds / "videos/observation.images.overhead/chunk-000/file-000.mp4"
+    video.rename(tmp_path / "aside.mp4")
+    with pytest.raises(DatasetError, match="file-000.mp4 is missing"):
+        list(read_dataset(ds))
+    (tmp_path / "aside.mp4").rename(video)
+
+    info = ds / "meta/info.json"
+    original = info.read_text()
+    info.write_text(original.replace('"v3.0"', '"v2.1"'))
+    with pytest.raises(DatasetError, match=r"info.json says codebase_version 'v2.1'.*convert"):
+        list(read_dataset(ds))
+    with pytest.raises(DatasetError, match="info.json"):
+        export_store(store, ds)
+    info.write_text(original)
+    assert len(list(read_dataset(ds))) == len(store.paths())  # all of it still there
+
+
+def test_an_export_cut_short_is_cleared_by_the_next(store, tmp_path):
+    ds = tmp_path / "ds"
+    half = EpisodeStore(tmp_path / "half")
+    for p in store.paths()[:3]:
+        half.add(store.read(p))
+    export_store(half, ds)
+    committed = files(ds)
+    # what a crash before the commit leaves: new files, info.json not yet updated
+    leftover = ds / "data/chunk-000/file-001.parquet"
+    leftover.write_bytes(b"half a file")
+    (ds / "meta/episodes/chunk-000/file-001.parquet").write_bytes(b"half")
+    assert len(list(read_dataset(ds))) == 3  # a reader goes by info.json's count
+    report = export_store(store, ds)
+    assert report["exported"] == len(store.paths()) - 3
+    assert all(files(ds)[k] == v for k, v in committed.items() if not k.startswith("meta/") or "episodes" in k)
+    assert len(list(read_dataset(ds))) == len(store.paths())
+
+
+def test_import_into_a_store_then_a_new_detector_relabels_it(store, finished_run, tmp_path):
+    export_store(store, tmp_path / "ds")
+    target = EpisodeStore(tmp_path / "imported")
+    report = import_dataset(tmp_path / "ds", target)
+    assert report["imported"] == len(store.paths())
+    assert import_dataset(tmp_path / "ds", target)["imported"] == 0  # by id: a second import adds nothing
+    assert target.verify()["ok"]
+    episode_files = {k: v for k, v in files(target.root).items() if k != "labels.jsonl"}
+    labels_before = sum(len(v) for v in target.labels().values())
+    judged = sum(any(lab.version == "detector-1" for lab in ls) for ls in target.labels().values())
+    assert 0 < judged < len(target.paths())  # the run's detector judged its practice, not its evaluations
+
+    detector = finished_run[0] / "detector" / "detector-1.safetensors"
+    out = cli("reward", "relabel", f"detector={detector}", f"store={target.root}")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout[out.stdout.index("{"):])
+    n = len(target.paths())
+    assert result["labelled"] == n - judged and result["already_judged"] == judged
+    labels = target.labels()
+    assert sum(len(v) for v in labels.values()) == labels_before + n - judged
+    assert all(any(lab.version == "detector-1" and lab.score is not None for lab in labels[p.stem])
+               for p in target.paths())
+    assert {k: v for k, v in files(target.root).items() if k != "labels.jsonl"} == episode_files  # none rewritten
+    again = cli("reward", "relabel", f"detector={detector}", f"store={target.root}")
+    assert json.loads(again.stdout[again.stdout.index("{"):])["labelled"] == 0
+
+
+def test_pretrain_reads_demonstrations_from_a_dataset_and_the_learner_replays_them(demos, tmp_path):
+    from flywheel.parts import pretraining_demos
+
+    source = EpisodeStore(tmp_path / "demos")
+    for ep in demos[:6]:
+        source.add(ep)
+    export_store(source, tmp_path / "ds")
+    out = tmp_path / "base"
+    run = cli("pretrain", f"out_dir={out}", "demos=6", "steps=4", "eval_every=4", "eval_episodes=4",
+              "checkpoint_every=4", f"demos_from={tmp_path / 'ds'}")
+    assert run.returncode == 0, run.stderr
+    record = json.loads((out / "base_vla.json").read_text())
+    assert record["config"]["demos_from"] == str(tmp_path / "ds")
+    env = {**record["config"]["env"], "name": "tabletop"}
+    replayed = pretraining_demos(6, record, env)
+    assert sorted(ep.id for ep in replayed) == sorted(ep.id for ep in demos[:6])
+    assert all(np.array_equal(a.actions, b.actions) for a, b in
+               zip(sorted(replayed, key=lambda e: e.id), sorted(demos[:6], key=lambda e: e.id)))
+
+    too_many = cli("pretrain", f"out_dir={tmp_path / 'b2'}", "demos=50", "steps=2", f"demos_from={tmp_path / 'ds'}")
+    assert too_many.returncode == 1 and "holds 6 episodes" in too_many.stdout
+
+
+def test_cli_export_and_import(store, tmp_path):
+    out = cli("data", "export", f"run_dir={store.root.parent}", f"out={tmp_path / 'ds'}", "label=success")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout[out.stdout.index("{"):])["exported"] > 0
+    wrong = cli("data", "export", f"run_dir={store.root.parent}", f"out={tmp_path / 'ds'}", "lable=success")
+    assert wrong.returncode == 2 and "Did you mean label" in wrong.stdout
+    missing = cli("data", "import", f"dataset={tmp_path / 'nothing'}", f"store={tmp_path / 's'}")
+    assert missing.returncode == 1 and "meta/info.json is missing" in missing.stdout
+    ok = cli("data", "import", f"dataset={tmp_path / 'ds'}", f"store={tmp_path / 's'}")
+    assert ok.returncode == 0 and EpisodeStore(tmp_path / "s").verify()["ok"]
