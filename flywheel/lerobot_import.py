@@ -36,6 +36,7 @@ class FrameReader:
         self.container = None
         self.frames: Iterator | None = None
         self.at = -1.0  # the time of the next frame the open decoder yields
+        self.rgb = None  # one reformatter for every frame: ~10x faster than a frame's own to_ndarray("rgb24")
 
     def read(self, key: str, chunk: int, file: int, start: float, n: int, fps: int) -> np.ndarray:
         import av
@@ -64,7 +65,9 @@ class FrameReader:
                 if t < start - tol:
                     continue
                 kw = {"width": self.size, "height": self.size} if self.size and self.size != frame.width else {}
-                out.append(frame.to_ndarray(format="rgb24", **kw))
+                if self.rgb is None:
+                    self.rgb = av.video.reformatter.VideoReformatter()
+                out.append(self.rgb.reformat(frame, format="rgb24", **kw).to_ndarray())
                 if len(out) == n:
                     break
         except av.error.FFmpegError as e:
@@ -94,6 +97,7 @@ class DataFiles:
         self.root, self.data_path, self.features = root, data_path, features
         self.at: tuple[int, int] | None = None
         self.columns: dict[str, np.ndarray] = {}
+        self.episodes = np.zeros(0, np.int64)  # the episode of each row, sorted
 
     def rows(self, chunk: int, file: int, episode_index: int, keys: list[str]) -> dict[str, np.ndarray]:
         if self.at != (chunk, file):
@@ -105,12 +109,14 @@ class DataFiles:
             self.columns = {k: _numpy(table.column(k), None if list(self.features[k]["shape"]) == [1] or
                                       self.features[k]["dtype"] == "image" else int(np.prod(self.features[k]["shape"])))
                             for k in keys}
-            self.columns["episode_index"] = _numpy(table.column("episode_index"), None)
-            self.columns["frame_index"] = _numpy(table.column("frame_index"), None)
+            episode = _numpy(table.column("episode_index"), None)
+            frame = _numpy(table.column("frame_index"), None)
+            order = np.lexsort((frame, episode))  # each episode's rows together, in frame order
+            self.columns = {k: v[order] for k, v in self.columns.items()}
+            self.episodes = episode[order]
             self.at = (chunk, file)
-        mask = self.columns["episode_index"] == episode_index
-        order = np.argsort(self.columns["frame_index"][mask], kind="stable")
-        return {k: v[mask][order] for k, v in self.columns.items()}
+        lo, hi = np.searchsorted(self.episodes, [episode_index, episode_index + 1])
+        return {k: v[lo:hi] for k, v in self.columns.items()}
 
 
 def _camera_keys(info: dict, keys: DatasetKeys) -> dict[str, str]:
@@ -150,7 +156,7 @@ def read_dataset(root: str | os.PathLike, keys: DatasetKeys = DatasetKeys(), spl
     try:
         for row in table.select(columns).slice(0, limit).to_pylist():
             frames = data.rows(row["data/chunk_index"], row["data/file_index"], row["episode_index"], data_keys)
-            n = len(frames["frame_index"])
+            n = len(frames[keys.action])
             if n != row["length"]:
                 raise DatasetError(f"{root / (info.get('data_path') or DATA_PATH).format(chunk_index=row['data/chunk_index'], file_index=row['data/file_index'])} "
                                    f"holds {n} frames of episode {row['episode_index']}, meta/episodes says "
@@ -184,7 +190,7 @@ def _png_frames(cells: np.ndarray, size: int) -> np.ndarray:
 
 def _episode(root: Path, row: dict[str, Any], frames: dict[str, np.ndarray], images: dict[str, np.ndarray],
              tasks: list[str], keys: DatasetKeys, split: str, demos: bool) -> Episode:
-    n = len(frames["frame_index"])
+    n = len(frames[keys.action])
     state = np.asarray(frames[keys.proprio], np.float32).reshape(n, -1)
     action = np.asarray(frames[keys.action], np.float32).reshape(n, -1)
     observations = {**images, "proprio": state}
