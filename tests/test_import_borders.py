@@ -11,7 +11,8 @@ FORBIDDEN = {"actors": {"learner", "reward"}, "reward": {"learner", "actors"}, "
 # parts, nor must the loop and its phases, which turn the parts they are given.
 SHARED = ["flywheel/contracts.py", "flywheel/plugins.py", "flywheel/vla", "flywheel/store.py", "flywheel/checkpoint.py",
           "flywheel/metrics.py", "flywheel/loop.py", "flywheel/collect.py", "flywheel/evaluation.py",
-          "flywheel/audit.py", "flywheel/update.py", "flywheel/gate.py", "flywheel/state.py"]
+          "flywheel/audit.py", "flywheel/update.py", "flywheel/gate.py", "flywheel/state.py",
+          "flywheel/lerobot_format.py", "flywheel/lerobot_export.py", "flywheel/lerobot_import.py"]
 
 
 def _imports(path: Path) -> set[str]:
