@@ -45,12 +45,13 @@ def write_with_lerobot(demos: EpisodeStore, dataset: Path, camera: str, fps: int
     if (dataset / "meta" / "info.json").is_file():
         return
     episodes = sorted(demos.iter("train"), key=lambda ep: ep.seed)  # the order flywheel pretrain reads them in
-    arrays = {"image": [], "state": [], "action": [], "episode": [], "instruction": []}
+    arrays = {"image": [], "state": [], "action": [], "environment_state": [], "episode": [], "instruction": []}
     for i, ep in enumerate(episodes):
         t = ep.num_steps
         arrays["image"].append(ep.observations["image"][:t])
         arrays["state"].append(ep.observations["proprio"][:t])
         arrays["action"].append(ep.actions)
+        arrays["environment_state"].append(ep.extras["aux_positions"][:t])  # the simulator's privileged positions
         arrays["episode"].append(np.full(t, i))
         arrays["instruction"].append(np.array([ep.instruction] * t))
     npz, partial = dataset.with_suffix(".npz"), dataset.with_name(dataset.name + ".partial")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -245,6 +246,9 @@ def cmd_reward_relabel(overrides: list[str]) -> int:
     except ValueError as e:
         console.print(f"[red]error:[/red] {e}")
         return 1
+    # A run numbers its detectors from 1, so "detector-2" of two runs are different detectors: the file's digest
+    # tells them apart in the labels (and says which ones this detector has judged already).
+    detector.version += "@" + hashlib.sha256(Path(cfg.detector).read_bytes()).hexdigest()[:10]
     store = _store_at(cfg.store)
     if cfg.dataset:
         console.print(import_dataset(cfg.dataset, store, DatasetKeys(**to_dict(cfg.dataset_keys))))

@@ -58,6 +58,9 @@ class DatasetKeys:
     wrist: str = ""  # the camera that is its wrist image; "": observation.images.wrist where there is one
     proprio: str = "observation.state"
     action: str = "action"
+    environment_state: str = "observation.environment_state"  # a simulator's privileged positions of the named
+    #                    block and target (x, y, x, y), where recorded: the auxiliary targets of pretraining's grounding
+    #                    loss, never a policy input; "" or absent: none
     success: str = ""  # a per-frame feature (its last frame's value) or an episode column holding the episode's
     #                    verdict, e.g. next.success; "": none (the labels of a flywheel export come back regardless)
     success_source: str = "human"  # whose verdict that is: human or ground_truth

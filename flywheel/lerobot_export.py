@@ -25,8 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flywheel.contracts import Episode
-from flywheel.lerobot_format import (ACTION, CAMERAS, CODEBASE_VERSION, DATA_PATH, EPISODES_PATH, FINAL, INDEX_FEATURES,
+from flywheel.contracts import Episode, Extras
+from flywheel.lerobot_format import (ACTION, CAMERAS, CODEBASE_VERSION, DATA_PATH, ENV_STATE, EPISODES_PATH, FINAL,
+                                     INDEX_FEATURES,
                                      INFO, INTERVENTION, LINEAGE, STATE, STATS, TASKS, TOUCH, VIDEO_PATH, DatasetError,
                                      aggregate_stats, check_parquet, episodes_table, feature_stats, hf_features,
                                      read_info, read_tasks, stats_from_json, stats_to_json)
@@ -112,6 +113,9 @@ def features_of(episode: Episode, layout: Layout, video: VideoSettings) -> dict[
     features[STATE] = {"dtype": "float32", "shape": [p], "names": names.get(STATE) if p == 3 else None}
     if "touch" in episode.observations:
         features[TOUCH] = {"dtype": "float32", "shape": [1], "names": None}
+    if Extras.AUX_POSITIONS in episode.extras:
+        features[ENV_STATE] = {"dtype": "float32", "shape": [4],
+                               "names": ["block_x", "block_y", "target_x", "target_y"]}
     features[ACTION] = {"dtype": "float32", "shape": [a], "names": names.get(ACTION) if a == 3 else None}
     features[INTERVENTION] = {"dtype": "bool", "shape": [1], "names": None}
     features[FINAL] = {"dtype": "bool", "shape": [1], "names": None}
@@ -126,6 +130,8 @@ def frames_of(episode: Episode, features: dict[str, dict], episode_index: int, f
     out[STATE] = np.asarray(episode.observations["proprio"], np.float32)
     if TOUCH in features:
         out[TOUCH] = np.asarray(episode.observations["touch"], np.float32).reshape(n, 1)
+    if ENV_STATE in features:
+        out[ENV_STATE] = np.asarray(episode.extras[Extras.AUX_POSITIONS], np.float32).reshape(n, 4)
     out[ACTION] = np.concatenate([np.asarray(episode.actions, np.float32), np.zeros((1, episode.actions.shape[1]),
                                                                                    np.float32)])
     out[INTERVENTION] = np.append(episode.intervened(), False)

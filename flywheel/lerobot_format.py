@@ -15,7 +15,10 @@ last frame holds the final observation with an action of zeros, marked by the pe
 (a LeRobot policy trainer should leave those frames out). Flywheel's lineage rides along as the per-frame
 ``flywheel.intervention`` (a person acted at that step) and as ``flywheel/...`` columns of the episodes table: the
 episode's id, task family, environment, seed, split, policy version, labels (source, verdict, detector version or
-person, score, threshold, when), ground truth, safety events and the rest of its record.
+person, score, threshold, when), ground truth, safety events and the rest of its record. A simulated episode's
+privileged positions (the auxiliary targets pretraining learns grounding from; never a policy input) go out as
+LeRobot's ``observation.environment_state``. What a policy drew besides its actions (chunks, log-probabilities) stays
+in the store.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ QUANTILES = {"q01": 0.01, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q99": 0.99}
 # flywheel's observation keys and the features they are exported as
 CAMERAS = {"image": "observation.images.overhead", "wrist": "observation.images.wrist"}
 STATE, TOUCH, ACTION = "observation.state", "observation.touch", "action"
+ENV_STATE = "observation.environment_state"  # LeRobot's key for a simulator's privileged state: flywheel's
+#                                              Extras.AUX_POSITIONS (the named block's and target's x, y)
 INTERVENTION, FINAL = "flywheel.intervention", "flywheel.final"
 LINEAGE = "flywheel/"  # the prefix of flywheel's per-episode columns
 INDEX_FEATURES = {  # every LeRobot dataset has these

@@ -20,8 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from flywheel.config import DatasetKeys
-from flywheel.contracts import INTERVENTION as INTERVENTION_EXTRA
-from flywheel.contracts import Episode, Label
+from flywheel.contracts import Episode, Extras, Label
 from flywheel.lerobot_format import (CAMERAS, DATA_PATH, FINAL, INTERVENTION, LINEAGE, STATE, TOUCH, DatasetError,
                                      episodes_table, read_info, read_table, read_tasks)
 from flywheel.store import EpisodeStore
@@ -148,7 +147,8 @@ def read_dataset(root: str | os.PathLike, keys: DatasetKeys = DatasetKeys(), spl
     tasks = read_tasks(root)
     table = episodes_table(root, committed=int(info["total_episodes"]))
     columns = [k for k in table.column_names if not k.startswith("stats/")]
-    data_keys = [k for k in (keys.proprio, keys.action, TOUCH, INTERVENTION, FINAL, keys.success, "task_index")
+    data_keys = [k for k in (keys.proprio, keys.action, TOUCH, keys.environment_state, INTERVENTION, FINAL,
+                             keys.success, "task_index")
                  if k and k in features] + [f for f in cameras.values() if features[f]["dtype"] == "image"]
     data = DataFiles(root, info.get("data_path") or DATA_PATH, features)
     readers = {f: FrameReader(root, info["video_path"], keys.image_size) for f in cameras.values()
@@ -199,11 +199,14 @@ def _episode(root: Path, row: dict[str, Any], frames: dict[str, np.ndarray], ima
     lineage = {k[len(LINEAGE):]: v for k, v in row.items() if k.startswith(LINEAGE)}
     info = json.loads(lineage["info"]) if "info" in lineage else {}
     info["lerobot"] = {"dataset": root.name, "episode_index": int(row["episode_index"])}
+    per_state = {k: v for k, v in [("aux", frames.get(keys.environment_state))] if v is not None}
+    per_state = {k: np.asarray(v, np.float32).reshape(n, -1) for k, v in per_state.items()}
     if FINAL in frames and frames[FINAL][-1]:
         actions, intervention = action[:-1], frames.get(INTERVENTION, np.zeros(n, bool))[:-1]
     else:  # every frame has an action: the last frame's observation stands in for the final one
         actions, intervention = action, frames.get(INTERVENTION, np.zeros(n, bool))
         observations = {k: np.concatenate([v, v[-1:]]) for k, v in observations.items()}
+        per_state = {k: np.concatenate([v, v[-1:]]) for k, v in per_state.items()}
         info["final_observation"] = "last frame"
     labels = [Label(**lab) for lab in json.loads(lineage.get("labels") or "[]")]
     if keys.success and not labels:
@@ -215,7 +218,9 @@ def _episode(root: Path, row: dict[str, Any], frames: dict[str, np.ndarray], ima
     if demos and not labels:
         labels.append(Label(source="demo", success=True))
     task = tasks[int(frames["task_index"][0])] if "task_index" in frames else row["tasks"][0]
-    extras = {INTERVENTION_EXTRA: np.asarray(intervention, bool)} if np.any(intervention) else {}
+    extras = {Extras.INTERVENTION: np.asarray(intervention, bool)} if np.any(intervention) else {}
+    if "aux" in per_state and per_state["aux"].shape[1] == 4:
+        extras[Extras.AUX_POSITIONS] = per_state["aux"]
     return Episode(
         id=lineage.get("id") or f"lerobot-{root.name}-{int(row['episode_index']):06d}",
         task=lineage.get("task") or "imported", instruction=task, env_id=lineage.get("env_id") or f"lerobot:{root.name}",

@@ -63,6 +63,7 @@ def test_lerobot_reads_every_frame_of_an_export(store, tmp_path):
         n = ep.num_steps
         assert np.array_equal(z["frame_index"][rows], np.arange(n + 1))
         assert np.array_equal(z["state"][rows], ep.observations["proprio"])
+        assert np.array_equal(z["environment_state"][rows], ep.extras["aux_positions"])
         assert np.array_equal(z["action"][rows][:n], ep.actions) and not z["action"][rows][n].any()
         assert np.array_equal(z["final"][rows], np.arange(n + 1) == n)
         assert np.array_equal(z["intervention"][rows][:n], ep.intervened())
@@ -77,12 +78,13 @@ def test_lerobot_reads_every_frame_of_an_export(store, tmp_path):
 
 @pytest.mark.parametrize("camera", ["video", "images"])
 def test_flywheel_imports_and_trains_from_what_lerobot_writes(demos, tmp_path, camera):
-    arrays = {"image": [], "state": [], "action": [], "episode": [], "instruction": []}
+    arrays = {"image": [], "state": [], "action": [], "environment_state": [], "episode": [], "instruction": []}
     for i, ep in enumerate(demos):  # a team's recording: observation t and action t at every step
         t = ep.num_steps
         arrays["image"].append(ep.observations["image"][:t])
         arrays["state"].append(ep.observations["proprio"][:t])
         arrays["action"].append(ep.actions)
+        arrays["environment_state"].append(ep.extras["aux_positions"][:t])
         arrays["episode"].append(np.full(t, i))
         arrays["instruction"].append(np.array([ep.instruction] * t))
     np.savez(tmp_path / "demos.npz", fps=10, **{k: np.concatenate(v) for k, v in arrays.items()})
@@ -96,6 +98,7 @@ def test_flywheel_imports_and_trains_from_what_lerobot_writes(demos, tmp_path, c
         assert ep.instruction == want.instruction and ep.info["final_observation"] == "last frame"
         assert np.array_equal(ep.actions, want.actions)
         assert np.array_equal(ep.observations["proprio"][:t], want.observations["proprio"][:t])
+        assert np.array_equal(ep.extras["aux_positions"][:t], want.extras["aux_positions"][:t])
         error = np.abs(ep.observations["image"][:t].astype(int) - want.observations["image"][:t].astype(int))
         if camera == "images":
             assert error.max() == 0  # PNG

@@ -20,7 +20,8 @@ from lerobot.datasets.lerobot_dataset import LeRobotDataset
 def read(root: str, out: str) -> None:
     ds = LeRobotDataset("flywheel/export", root=root, video_backend="pyav")
     cameras = ds.meta.camera_keys
-    rows = {k: [] for k in ("episode_index", "frame_index", "index", "state", "action", "intervention", "final")}
+    rows = {k: [] for k in ("episode_index", "frame_index", "index", "state", "action", "environment_state",
+                            "intervention", "final")}
     images = {k: [] for k in cameras}
     tasks = []
     for i in range(len(ds)):
@@ -32,6 +33,7 @@ def read(root: str, out: str) -> None:
         rows["index"].append(int(item["index"]))
         rows["state"].append(item["observation.state"].numpy())
         rows["action"].append(item["action"].numpy())
+        rows["environment_state"].append(item["observation.environment_state"].numpy())
         rows["intervention"].append(bool(item["flywheel.intervention"]))
         rows["final"].append(bool(item["flywheel.final"]))
         tasks.append(item["task"])
@@ -55,12 +57,18 @@ def write(demos: str, root: str, camera: str = "video") -> None:
         "observation.state": {"dtype": "float32", "shape": (state.shape[1],), "names": None},
         "action": {"dtype": "float32", "shape": (action.shape[1],), "names": None},
     }
+    if "environment_state" in z:  # a simulator's privileged state, under LeRobot's own key for it
+        features["observation.environment_state"] = {"dtype": "float32", "shape": (z["environment_state"].shape[1],),
+                                                     "names": None}
     ds = LeRobotDataset.create("lab/scripted-demos", fps=int(z["fps"]), root=Path(root), features=features,
                                robot_type="tabletop", use_videos=camera == "video")
     for e in np.unique(episode):
         for i in np.flatnonzero(episode == e):
-            ds.add_frame({"observation.images.top": image[i], "observation.state": state[i],
-                          "action": action[i], "task": str(instruction[i])})
+            frame = {"observation.images.top": image[i], "observation.state": state[i], "action": action[i],
+                     "task": str(instruction[i])}
+            if "environment_state" in z:
+                frame["observation.environment_state"] = z["environment_state"][i]
+            ds.add_frame(frame)
         ds.save_episode()
     ds.finalize()
     print(json.dumps({"episodes": ds.num_episodes, "frames": ds.num_frames, "root": str(root)}))
