@@ -71,9 +71,12 @@ def main(n: int) -> None:
         export_rate, store_rate = n / export_seconds, n / store_seconds
         write_result(
             "lerobot_export", export_rate / store_rate, None, None, args=[str(n)] if len(sys.argv) > 1 else [],
+            what=f"episodes/s exporting a {n:,}-episode store to a LeRobotDataset v3.0 / episodes/s writing the "
+                 f"same episodes into the store; bytes per episode beside it",
             episodes=n, frames=report["frames"],
             export_episodes_per_s=round(export_rate, 1), store_write_episodes_per_s=round(store_rate, 1),
-            append_episodes_per_s=round(more / append_seconds, 1), read_back_episodes_per_s=round(read / read_seconds, 1),
+            append_episodes_per_s=round(more / append_seconds, 1),
+            read_back_episodes_per_s=round(read / read_seconds, 1),
             dataset_bytes_per_episode=round(dataset_bytes / n), store_bytes_per_episode=round(store_bytes / n),
             bytes_ratio=round(dataset_bytes / store_bytes, 3),
             note="ratio: export's episodes per second over the store's own writing rate, measured in the same run; "

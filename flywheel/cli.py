@@ -11,7 +11,7 @@
                                             LeRobot dataset, imported into it first); labels added, nothing rewritten
     flywheel data export run_dir=PATH out=DIR [split= versions= label= ...]   a run's episodes into a LeRobotDataset
                                             v3.0 with their lineage; a second export appends to the same dataset
-    flywheel data import dataset=DIR store=PATH [dataset_keys.image=...]   a local LeRobotDataset v3.0 into an episode store
+    flywheel data import dataset=DIR store=PATH [dataset_keys.image=...]   a local LeRobotDataset v3.0 into a store
     flywheel demos out_dir=PATH [key=value ...]  scripted demonstrations into an episode store (resumable)
     flywheel report RUN_DIR                 the run at a glance: RUN_DIR/report.html, self-contained (no network)
     flywheel serve [key=value ...] [--port N] [--api-key KEY]   serve policy.checkpoint over a websocket in openpi's
@@ -288,7 +288,8 @@ def cmd_data_export(overrides: list[str]) -> int:
 
 def cmd_data_import(overrides: list[str]) -> int:
     cfg = _load("data_import", overrides)
-    if not _given(cfg, ("dataset", "store"), "flywheel data import dataset=DIR store=PATH [dataset_keys.image=... demos=true]"):
+    if not _given(cfg, ("dataset", "store"),
+                  "flywheel data import dataset=DIR store=PATH [dataset_keys.image=... demos=true]"):
         return 2
     from flywheel.config import DatasetKeys, to_dict
     from flywheel.lerobot_import import import_dataset
@@ -296,9 +297,9 @@ def cmd_data_import(overrides: list[str]) -> int:
 
     with _progress() as progress:
         task = progress.add_task("import", total=None, info="")
-        report = import_dataset(cfg.dataset, EpisodeStore(cfg.store), DatasetKeys(**to_dict(cfg.dataset_keys)), cfg.split,
-                                cfg.demos, progress=lambda done, total: progress.update(task, completed=done,
-                                                                                        total=total))
+        report = import_dataset(cfg.dataset, EpisodeStore(cfg.store), DatasetKeys(**to_dict(cfg.dataset_keys)),
+                                cfg.split, cfg.demos,
+                                progress=lambda done, total: progress.update(task, completed=done, total=total))
     print(json.dumps(report, indent=2))
     return 0
 

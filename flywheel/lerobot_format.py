@@ -171,7 +171,8 @@ def aggregate_stats(parts: list[dict[str, dict[str, np.ndarray]]]) -> dict[str, 
         total = counts.sum(0)
         mean = (means * counts).sum(0) / total
         var = ((np.stack([np.asarray(s["std"], np.float64) for s in group]) ** 2 + (means - mean) ** 2) * counts).sum(0)
-        agg = {"min": np.min(np.stack([s["min"] for s in group]), 0), "max": np.max(np.stack([s["max"] for s in group]), 0),
+        agg = {"min": np.min(np.stack([s["min"] for s in group]), 0),
+               "max": np.max(np.stack([s["max"] for s in group]), 0),
                "mean": mean, "std": np.sqrt(var / total),
                "count": np.sum(np.stack([np.asarray(s["count"], np.int64) for s in group]), 0)}
         for q in QUANTILES:

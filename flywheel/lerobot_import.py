@@ -1,9 +1,9 @@
 """A local LeRobotDataset v3.0 -> flywheel episodes: demonstrations for ``flywheel pretrain`` and the learners'
 imitation terms, labelled episodes for a detector, or episodes in a store for a detector to judge.
 
-``DatasetKeys`` (flywheel/config.py) says which of the dataset's features become the policy's inputs (its camera, state and action keys). A
-dataset flywheel exported comes back whole: its final frames, interventions, ids, lineage and labels. One written
-by other tools has no final frame: its last frame's observation stands in for the state the episode ended in
+``DatasetKeys`` (flywheel/config.py) says which of the dataset's features become the policy's inputs (its camera,
+state and action keys). A dataset flywheel exported comes back whole: its final frames, interventions, ids, lineage
+and labels. One written by other tools has no final frame: its last frame's observation stands in for the state the episode ended in
 (``info["final_observation"] = "last frame"``), and its lineage is made up: the id from the dataset's name and the
 episode's index, policy version -1 (a demonstration), the seed its episode index.
 """
@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from flywheel.config import DatasetKeys
 from flywheel.contracts import Episode, Extras, Label
-from flywheel.lerobot_format import (CAMERAS, DATA_PATH, FINAL, INTERVENTION, LINEAGE, STATE, TOUCH, DatasetError,
+from flywheel.lerobot_format import (CAMERAS, DATA_PATH, FINAL, INTERVENTION, LINEAGE, TOUCH, DatasetError,
                                      episodes_table, read_info, read_table, read_tasks)
 from flywheel.store import EpisodeStore
 
@@ -124,11 +124,13 @@ def _camera_keys(info: dict, keys: DatasetKeys) -> dict[str, str]:
     chosen = {"image": keys.image or (CAMERAS["image"] if CAMERAS["image"] in cameras else
                                       (cameras[0] if cameras else "")),
               "wrist": keys.wrist or (CAMERAS["wrist"] if CAMERAS["wrist"] in cameras else "")}
-    if keys.image or keys.wrist or not chosen["image"]:
-        for flywheel_key, feature in chosen.items():
-            if (getattr(keys, flywheel_key) or flywheel_key == "image") and feature not in cameras:
-                raise DatasetError(f"keys.{flywheel_key}={feature!r}: the dataset has no such camera; its cameras are "
-                                   f"{cameras} (meta/info.json)")
+    for key, feature in chosen.items():
+        if feature and feature not in cameras:
+            raise DatasetError(f"dataset_keys.{key}={feature!r}: the dataset has no such camera; its cameras are "
+                               f"{cameras} (meta/info.json)")
+    if not chosen["image"]:
+        raise DatasetError("the dataset has no camera (no video or image feature in meta/info.json): a policy needs "
+                           "one")
     return {k: v for k, v in chosen.items() if v}
 
 
@@ -141,8 +143,8 @@ def read_dataset(root: str | os.PathLike, keys: DatasetKeys = DatasetKeys(), spl
     features, fps = info["features"], int(info["fps"])
     for needed in (keys.proprio, keys.action):
         if needed not in features:
-            raise DatasetError(f"{root / 'meta/info.json'} has no feature {needed!r} (keys.proprio, keys.action): its "
-                               f"features are {sorted(features)}")
+            raise DatasetError(f"{root / 'meta/info.json'} has no feature {needed!r} (dataset_keys.proprio, "
+                               f"dataset_keys.action): its features are {sorted(features)}")
     cameras = _camera_keys(info, keys)
     tasks = read_tasks(root)
     table = episodes_table(root, committed=int(info["total_episodes"]))
@@ -150,7 +152,8 @@ def read_dataset(root: str | os.PathLike, keys: DatasetKeys = DatasetKeys(), spl
     data_keys = [k for k in (keys.proprio, keys.action, TOUCH, keys.environment_state, INTERVENTION, FINAL,
                              keys.success, "task_index")
                  if k and k in features] + [f for f in cameras.values() if features[f]["dtype"] == "image"]
-    data = DataFiles(root, info.get("data_path") or DATA_PATH, features)
+    data_path = info.get("data_path") or DATA_PATH
+    data = DataFiles(root, data_path, features)
     readers = {f: FrameReader(root, info["video_path"], keys.image_size) for f in cameras.values()
                if features[f]["dtype"] == "video"}
     try:
@@ -158,8 +161,8 @@ def read_dataset(root: str | os.PathLike, keys: DatasetKeys = DatasetKeys(), spl
             frames = data.rows(row["data/chunk_index"], row["data/file_index"], row["episode_index"], data_keys)
             n = len(frames[keys.action])
             if n != row["length"]:
-                raise DatasetError(f"{root / (info.get('data_path') or DATA_PATH).format(chunk_index=row['data/chunk_index'], file_index=row['data/file_index'])} "
-                                   f"holds {n} frames of episode {row['episode_index']}, meta/episodes says "
+                path = root / data_path.format(chunk_index=row["data/chunk_index"], file_index=row["data/file_index"])
+                raise DatasetError(f"{path} holds {n} frames of episode {row['episode_index']}, meta/episodes says "
                                    f"{row['length']}: the dataset is inconsistent")
             images = {}
             for key, feature in cameras.items():
@@ -212,7 +215,8 @@ def _episode(root: Path, row: dict[str, Any], frames: dict[str, np.ndarray], ima
     if keys.success and not labels:
         verdict = row.get(keys.success, frames[keys.success][-1] if keys.success in frames else None)
         if verdict is None:
-            raise DatasetError(f"keys.success={keys.success!r} is neither a feature nor an episode column of {root}")
+            raise DatasetError(f"dataset_keys.success={keys.success!r} is neither a feature nor an episode column of "
+                               f"{root}")
         labels.append(Label(source=keys.success_source, success=bool(np.asarray(verdict).reshape(-1)[0]),
                             version=f"lerobot:{keys.success}"))
     if demos and not labels:
@@ -223,15 +227,16 @@ def _episode(root: Path, row: dict[str, Any], frames: dict[str, np.ndarray], ima
         extras[Extras.AUX_POSITIONS] = per_state["aux"]
     return Episode(
         id=lineage.get("id") or f"lerobot-{root.name}-{int(row['episode_index']):06d}",
-        task=lineage.get("task") or "imported", instruction=task, env_id=lineage.get("env_id") or f"lerobot:{root.name}",
+        task=lineage.get("task") or "imported", instruction=task,
+        env_id=lineage.get("env_id") or f"lerobot:{root.name}",
         seed=int(lineage.get("seed", row["episode_index"])), split=lineage.get("split") or split,
         policy_version=int(lineage.get("policy_version", -1)), observations=observations, actions=actions,
         extras=extras, ground_truth=json.loads(lineage["ground_truth"]) if lineage.get("ground_truth") else None,
         labels=labels, info=info)
 
 
-def import_dataset(root: str | os.PathLike, store: EpisodeStore, keys: DatasetKeys = DatasetKeys(), split: str = "train",
-                   demos: bool = False, progress=None) -> dict[str, Any]:
+def import_dataset(root: str | os.PathLike, store: EpisodeStore, keys: DatasetKeys = DatasetKeys(),
+                   split: str = "train", demos: bool = False, progress=None) -> dict[str, Any]:
     """Add the dataset's episodes to ``store`` (those it does not hold yet, by id); returns what was done."""
     have = {p.stem for p in store.paths()}
     added = skipped = 0

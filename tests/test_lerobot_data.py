@@ -2,7 +2,6 @@
 (reward/relabel.py) and pretraining from a dataset, checked through flywheel's own reader. LeRobot's own reader and
 writer check the same files in tests/test_lerobot_interop.py (make test-interop)."""
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -141,6 +140,11 @@ def test_damaged_files_are_named_and_nothing_exported_is_lost(store, tmp_path):
     with pytest.raises(DatasetError, match="file-000.mp4 is missing"):
         list(read_dataset(ds))
     (tmp_path / "aside.mp4").rename(video)
+    whole = video.read_bytes()
+    video.write_bytes(whole[: len(whole) // 2])  # cut short: the later episodes' frames are gone
+    with pytest.raises(DatasetError, match="file-000.mp4"):
+        list(read_dataset(ds))
+    video.write_bytes(whole)
 
     info = ds / "meta/info.json"
     original = info.read_text()
