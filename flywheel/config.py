@@ -127,6 +127,10 @@ class LearnerConfig:
     algorithm: str = MISSING  # the learner factory: the group's own, or (a variant that takes the same keys) a
     #                           registered name or an import path module:factory (learner/registry.py)
     demos: int = 100  # the pretraining demonstrations, replayed so the policy does not drift from them
+    demos_from: str = ""  # a local LeRobotDataset v3.0 whose first `demos` episodes are replayed instead (a team's
+    #                       own demonstrations, for a policy flywheel did not pretrain); "": those the base's record
+    #                       names (its demos_from, else the scripted expert's)
+    demo_keys: DatasetKeys = field(default_factory=DatasetKeys)  # which of its features are camera, state, action
 
 
 @dataclasses.dataclass
@@ -612,8 +616,9 @@ _ABSENT = object()
 
 def run_schema(learner: dict[str, Any] | None = None) -> DictConfig:
     """RunConfig's schema with the learner node of the algorithm whose keys ``learner`` (a recorded config's) has."""
-    keys = set(learner or {}) - {"algorithm"}
-    chosen = next((c for c in LEARNERS.values() if {f.name for f in dataclasses.fields(c)} - {"algorithm"} == keys),
+    shared = {f.name for f in dataclasses.fields(LearnerConfig)}  # (a config recorded before a shared key was added
+    keys = set(learner or {}) - shared                          # lacks it: the algorithms differ by their own keys)
+    chosen = next((c for c in LEARNERS.values() if {f.name for f in dataclasses.fields(c)} - shared == keys),
                   LearnerConfig)
     return OmegaConf.merge(OmegaConf.structured(RunConfig), {"learner": OmegaConf.structured(chosen)})
 

@@ -91,17 +91,21 @@ def makes_hard_examples(env_kwargs: dict) -> tuple[str, ...]:
     return HARD_EXAMPLES if plugins.resolve("env", env_kwargs.get("name", "tabletop")) is TabletopEnv else ()
 
 
-def pretraining_demos(n: int, base_meta: dict, env_kwargs: dict) -> list[Episode]:
-    """The demonstrations the base was pretrained on (the first ``n``), for the learner to replay.
+def pretraining_demos(n: int, base_meta: dict, env_kwargs: dict, demos_from: str = "",
+                      demo_keys: dict | None = None) -> list[Episode]:
+    """The demonstrations the base was pretrained on (the first ``n``), for the learner to replay: those of the
+    LeRobot dataset ``demos_from`` (``learner.demos_from``: a team's own, for a policy flywheel did not pretrain),
+    else of the one the base's record names, else the scripted expert's.
 
     They are remade from the environment settings the base's record names (its family, phrasing and combinations),
     not the run's: a run on held-out combinations must not hand the learner expert demonstrations of them, or a gain
     would come from those demonstrations rather than from practice. Without a record, the run's settings serve."""
     made_with = base_meta.get("config") or {}
-    if made_with.get("demos_from"):  # a base pretrained from a LeRobot dataset replays that dataset's episodes
+    if demos_from or made_with.get("demos_from"):  # a LeRobot dataset's episodes
         from flywheel.pretrain import dataset_demos
 
-        return dataset_demos(made_with["demos_from"], made_with.get("demo_keys") or {}, n, env_kwargs)
+        return dataset_demos(demos_from or made_with["demos_from"],
+                             (demo_keys if demos_from else made_with.get("demo_keys")) or {}, n, env_kwargs)
     recorded = made_with.get("env") or {}
     demo_env = {**env_kwargs, **{k: recorded[k] for k in ("family", "phrasing", "combos") if k in recorded}}
     if env_kwargs.get("name") == "robot":  # no scripted expert on a robot: remade in the simulator the base learned in
@@ -138,7 +142,8 @@ def build_learner(options: dict[str, Any], seed: int, bundle: PolicyBundle | Non
     model.load_weights(bundle.weights)
     options = dict(options)
     factory = resolve("learner", "learner.algorithm", options.pop("algorithm"))
-    demos = pretraining_demos(options.pop("demos"), bundle.meta, demo_env)
+    demos = pretraining_demos(options.pop("demos"), bundle.meta, demo_env, options.pop("demos_from", ""),
+                              options.pop("demo_keys", None))
     own = options.pop("options", {})  # learner=custom: a team's learner's keyword arguments
     try:
         return make_learner(factory, model.to(device), demos, strict=True, version=0, seed=seed, **options, **own)

@@ -228,6 +228,14 @@ def test_pretrain_reads_demonstrations_from_a_dataset_and_the_learner_replays_th
     assert all(np.array_equal(a.actions, b.actions) for a, b in
                zip(sorted(replayed, key=lambda e: e.id), sorted(demos[:6], key=lambda e: e.id)))
 
+    # a policy flywheel did not pretrain (no record) replays a team's dataset given as learner.demos_from
+    from flywheel.config import load_config
+
+    cfg = load_config("run", [f"learner.demos_from={tmp_path / 'ds'}", "learner.demos=4"])
+    theirs = pretraining_demos(cfg.learner.demos, {}, env, cfg.learner.demos_from, dict(cfg.learner.demo_keys))
+    assert [ep.id for ep in theirs] == [ep.id for ep in replayed][:4]  # the dataset's first, in its order
+    assert all(ep.info["lerobot"]["dataset"] == "ds" for ep in theirs)
+
     too_many = cli("pretrain", f"out_dir={tmp_path / 'b2'}", "demos=50", "steps=2", f"demos_from={tmp_path / 'ds'}")
     assert too_many.returncode == 1 and "holds 6 episodes" in too_many.stdout
 
