@@ -406,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     which says what to do, and exit 1; Ctrl-C exits 130 without a traceback; anything else keeps its traceback."""
     from flywheel.checkpoint import CheckpointError
     from flywheel.config import ConfigError
+    from flywheel.detectors import DetectorUntrusted
     from flywheel.lerobot_format import DatasetError
     from flywheel.run import RunDirError
     from flywheel.store import CorruptEpisodeError
@@ -413,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with sigterm_interrupts():
             return _dispatch(argv)
-    except (CheckpointError, ConfigError, CorruptEpisodeError, DatasetError, RunDirError) as e:
+    except (CheckpointError, ConfigError, CorruptEpisodeError, DatasetError, DetectorUntrusted, RunDirError) as e:
         console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM outside a run's graceful stop, or twice

@@ -99,6 +99,8 @@ class DetectorConfig:
     lr: float = 1e-3
     threshold: float = 0.5  # P(success) at or above which the labeler calls an episode a success, unless
     #                         target_precision sets it
+    min_auroc: float = 0.8  # the floor: a detector whose held-out AUROC is below it stops the run before the loop,
+    #                         since practice judged by it would teach the policy the detector's mistakes; 0: none
     target_precision: float = 0.0  # > 0: the threshold is the lowest whose precision reaches this on the
     #                                calibration episodes, at the starting policy's success rate (reward/metrics.py).
     #                                Measured: 0.9 on 68 calibration episodes gave recall 0.06-0.66, so it is off

@@ -40,6 +40,27 @@ class DetectorContext:
     audited: bool = True
 
 
+class DetectorUntrusted(RuntimeError):
+    """The run's detector scored below ``detector.min_auroc`` on its held-out episodes: the run stops before the
+    loop, keeping what it stored."""
+
+
+def check_floor(cfg, metrics: dict, where: str) -> None:
+    """Stop before the loop when the detector's held-out AUROC is below the floor (an undefined AUROC, held-out
+    episodes of one class only, cannot be checked and passes with a warning in the detector's own line)."""
+    auroc, floor = metrics.get("auroc"), cfg.detector.min_auroc
+    if auroc is None or floor <= 0 or auroc >= floor:
+        return
+    raise DetectorUntrusted(
+        f"the detector ({where}) separates success from failure on its {metrics.get('n', '?')} held-out episodes "
+        f"with AUROC {auroc:.3f}, below the floor detector.min_auroc={floor:g}: its labels cannot be trusted, and "
+        f"practice judged by them would teach the policy its mistakes. The run stops before the loop ({cfg.run_dir} "
+        f"keeps the episodes and the detector). In a new run_dir, give it more or more varied episodes to learn "
+        f"from (detector.policy_episodes, detector.demo_episodes, detector.steps), or a detector trained before "
+        f"(detector.checkpoint=PATH; `flywheel reward train` and `flywheel reward eval` make and check one); to go "
+        f"on regardless, detector.min_auroc=0")
+
+
 def learned(ctx: DetectorContext) -> SuccessDetector:
     """flywheel's learned success detector: the one a resumed run labelled with last, else ``detector.checkpoint``
     (trained elsewhere, copied into the run), else one trained now on simulator-labelled episodes."""
@@ -62,6 +83,7 @@ def learned(ctx: DetectorContext) -> SuccessDetector:
     else:
         detector, ctx.metrics = train_reward(cfg, ctx.sources, ctx.say, store=ctx.store)
         ctx.log({f"detector/{k}": v for k, v in ctx.metrics.items() if v is not None})
+    check_floor(cfg, ctx.metrics, detector.version)
     if cfg.audit.retrain or cfg.audit.retrain_every:
         ctx.retrain = lambda exclude=(): train_reward(cfg, ctx.sources, ctx.say, store=ctx.store, exclude=exclude)[0]
     return detector

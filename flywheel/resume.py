@@ -31,7 +31,7 @@ STATE_FILE = "run_state.json"
 # Keys a resumed run may be given anew: how long, where it reports, how many workers, how often it evaluates.
 RESUMABLE = ("run_dir", "budget.", "wandb.", "rollout.num_workers", "rollout.use_ray", "rollout.cpus_per_worker",
              "rollout.call_timeout_s", "rollout.resources", "rollout.overlap", "rollout.keep_collecting",
-             "rollout.trim_idle_s", "ray.", "eval.every", "placement.")
+             "rollout.trim_idle_s", "ray.", "eval.every", "placement.", "detector.min_auroc")
 
 
 class RunDirError(RuntimeError):

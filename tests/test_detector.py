@@ -262,3 +262,27 @@ def test_reward_train_refuses_episodes_without_the_cameras_it_is_to_judge_from(t
         train_reward(cfg, say=lambda m: None, offline=True)
     assert not (tmp_path / "run" / "detector").exists()
     assert len(list(store.iter())) == 4
+
+
+def test_a_detector_below_the_auroc_floor_stops_the_run_before_the_loop(tmp_path):
+    """A freshly trained detector that cannot separate success from failure (three tiny steps from scratch) stops the
+    run before any practice is judged by it, saying why and what to do; what it stored stays."""
+    import json
+
+    from flywheel.config import load_config
+    from flywheel.detectors import DetectorUntrusted
+    from flywheel.run import run
+    from flywheel.store import EpisodeStore
+
+    run_dir = tmp_path / "run"
+    cfg = load_config("run", ["experiment=tiny", "rollout.use_ray=false", "wandb.mode=disabled", f"run_dir={run_dir}",
+                              "detector.steps=3", "detector.lr=1e-7", "detector.init_from_policy=false",
+                              "detector.min_auroc=0.95"])
+    with pytest.raises(DetectorUntrusted, match=r"AUROC 0\.\d+, below the floor detector.min_auroc=0.95.*"
+                                                r"detector.checkpoint=PATH.*detector.min_auroc=0"):
+        run(cfg, say=lambda m: None)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "DetectorUntrusted" in summary["error"]
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+    assert not any("iteration" in json.loads(row) for row in rows)  # no practice was judged by it
+    assert len(EpisodeStore(run_dir / "episodes")) > 0 and list((run_dir / "detector").glob("detector-1.safetensors"))
