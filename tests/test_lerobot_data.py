@@ -23,19 +23,44 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    """``flywheel ARGS`` in a process of its own, its messages on one line each (a wide terminal)."""
+    """``flywheel ARGS`` in a process of its own (a command that sets torch's threads), its messages on one line
+    each (a wide terminal)."""
     return subprocess.run([sys.executable, "-m", "flywheel.cli", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=300, env={**os.environ, "COLUMNS": "1000"})
 
 
+@pytest.fixture
+def flywheel(capsys, monkeypatch):
+    """``flywheel ARGS`` in this process (no interpreter to start) -> (exit status, what it printed, on wide lines)."""
+    from flywheel import cli as command
+
+    monkeypatch.setattr(command.console, "width", 1000)
+
+    def call(*args: str) -> tuple[int, str]:
+        capsys.readouterr()
+        try:
+            status = command.main(list(args))
+        except SystemExit as e:  # a config that does not compose exits 2
+            status = e.code
+        return status, capsys.readouterr().out
+
+    return call
+
+
+def printed_json(out: str) -> dict:
+    return json.loads(out[out.index("{"):])
+
+
 @pytest.fixture(scope="module")
 def store(finished_run, tmp_path_factory):
-    """The finished tiny run's episodes (policy versions, detector labels), with a person's verdict, a takeover and a
-    safety record added to three of them, as a robot night leaves them."""
+    """A fifth of the finished tiny run's episodes (every split, policy versions, detector labels), with a person's
+    verdict, a takeover and a safety record added to three of them, as a robot night leaves them."""
     root = tmp_path_factory.mktemp("lineage") / "episodes"
     source = EpisodeStore(finished_run[0] / "episodes")
     out = EpisodeStore(root)
-    for i, ep in enumerate(source.iter(with_ground_truth=True)):
+    labels = source.labels()
+    for i, path in enumerate(source.paths()[::5]):
+        ep = source.read(path, labels.get(path.stem))
         if i == 1:
             ep.extras[INTERVENTION] = np.arange(ep.num_steps) < 3
             ep.info["interventions"] = 3
@@ -175,7 +200,7 @@ def test_an_export_cut_short_is_cleared_by_the_next(store, tmp_path):
     assert len(list(read_dataset(ds))) == len(store.paths())
 
 
-def test_import_into_a_store_then_a_new_detector_relabels_it(store, finished_run, tmp_path):
+def test_import_into_a_store_then_a_new_detector_relabels_it(store, finished_run, tmp_path, flywheel):
     export_store(store, tmp_path / "ds")
     target = EpisodeStore(tmp_path / "imported")
     report = import_dataset(tmp_path / "ds", target)
@@ -186,9 +211,9 @@ def test_import_into_a_store_then_a_new_detector_relabels_it(store, finished_run
     labels_before = sum(len(v) for v in target.labels().values())
 
     detector = finished_run[0] / "detector" / "detector-1.safetensors"
-    out = cli("reward", "relabel", f"detector={detector}", f"store={target.root}")
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout[out.stdout.index("{"):])
+    status, out = flywheel("reward", "relabel", f"detector={detector}", f"store={target.root}")
+    assert status == 0, out
+    result = printed_json(out)
     n = len(target.paths())
     assert result["labelled"] == n and result["detector"].startswith("detector-1@")  # told apart from other runs'
     labels = target.labels()
@@ -196,12 +221,13 @@ def test_import_into_a_store_then_a_new_detector_relabels_it(store, finished_run
     assert all(any(lab.version == result["detector"] and lab.score is not None for lab in labels[p.stem])
                for p in target.paths())
     assert {k: v for k, v in files(target.root).items() if k != "labels.jsonl"} == episode_files  # none rewritten
-    again = cli("reward", "relabel", f"detector={detector}", f"store={target.root}")
-    assert json.loads(again.stdout[again.stdout.index("{"):])["labelled"] == 0
+    assert printed_json(flywheel("reward", "relabel", f"detector={detector}", f"store={target.root}")[1])[
+        "labelled"] == 0
 
 
-def test_an_imported_dataset_trains_a_detector(store, tmp_path):
-    export_store(store, tmp_path / "ds")
+@pytest.mark.slow  # ~20 s: a detector's training in a process of its own
+def test_an_imported_dataset_trains_a_detector(finished_run, tmp_path):
+    export_store(EpisodeStore(finished_run[0] / "episodes"), tmp_path / "ds")
     import_dataset(tmp_path / "ds", EpisodeStore(tmp_path / "run" / "episodes"))
     out = cli("reward", "train", f"run_dir={tmp_path / 'run'}", "experiment=tiny")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
@@ -236,17 +262,19 @@ def test_pretrain_reads_demonstrations_from_a_dataset_and_the_learner_replays_th
     assert [ep.id for ep in theirs] == [ep.id for ep in replayed][:4]  # the dataset's first, in its order
     assert all(ep.info["lerobot"]["dataset"] == "ds" for ep in theirs)
 
-    too_many = cli("pretrain", f"out_dir={tmp_path / 'b2'}", "demos=50", "steps=2", f"demos_from={tmp_path / 'ds'}")
-    assert too_many.returncode == 1 and "holds 6 episodes" in too_many.stdout
+    from flywheel.config import ConfigError
+    from flywheel.pretrain import dataset_demos
+
+    with pytest.raises(ConfigError, match="holds 6 episodes; 50 demonstrations were asked for"):
+        dataset_demos(str(tmp_path / "ds"), {}, 50, env)
 
 
-def test_cli_export_and_import(store, tmp_path):
-    out = cli("data", "export", f"run_dir={store.root.parent}", f"out={tmp_path / 'ds'}", "label=success")
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout[out.stdout.index("{"):])["exported"] > 0
-    wrong = cli("data", "export", f"run_dir={store.root.parent}", f"out={tmp_path / 'ds'}", "lable=success")
-    assert wrong.returncode == 2 and "Did you mean label" in wrong.stdout
-    missing = cli("data", "import", f"dataset={tmp_path / 'nothing'}", f"store={tmp_path / 's'}")
-    assert missing.returncode == 1 and "meta/info.json is missing" in missing.stdout
-    ok = cli("data", "import", f"dataset={tmp_path / 'ds'}", f"store={tmp_path / 's'}")
-    assert ok.returncode == 0 and EpisodeStore(tmp_path / "s").verify()["ok"]
+def test_cli_export_and_import(store, tmp_path, flywheel):
+    status, out = flywheel("data", "export", f"run_dir={store.root.parent}", f"out={tmp_path / 'ds'}", "label=success")
+    assert status == 0 and printed_json(out)["exported"] > 0, out
+    status, out = flywheel("data", "export", f"run_dir={store.root.parent}", f"out={tmp_path / 'ds'}", "lable=success")
+    assert status == 2 and "Did you mean label" in out
+    status, out = flywheel("data", "import", f"dataset={tmp_path / 'nothing'}", f"store={tmp_path / 's'}")
+    assert status == 1 and "meta/info.json is missing" in out
+    status, out = flywheel("data", "import", f"dataset={tmp_path / 'ds'}", f"store={tmp_path / 's'}")
+    assert status == 0 and EpisodeStore(tmp_path / "s").verify()["ok"]
