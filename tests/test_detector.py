@@ -277,7 +277,9 @@ def test_a_detector_below_the_auroc_floor_stops_the_run_before_the_loop(tmp_path
     run_dir = tmp_path / "run"
     cfg = load_config("run", ["experiment=tiny", "rollout.use_ray=false", "wandb.mode=disabled", f"run_dir={run_dir}",
                               "detector.steps=3", "detector.lr=1e-7", "detector.init_from_policy=false",
-                              "detector.min_auroc=0.95"])
+                              "detector.min_auroc=0.95", "detector.demo_episodes=20", "detector.policy_episodes=40",
+                              "detector.near_miss_episodes=0", "detector.near_hit_episodes=0",
+                              "detector.hover_episodes=0"])
     with pytest.raises(DetectorUntrusted, match=r"AUROC 0\.\d+, below the floor detector.min_auroc=0.95.*"
                                                 r"detector.checkpoint=PATH.*detector.min_auroc=0"):
         run(cfg, say=lambda m: None)
