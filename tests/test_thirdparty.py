@@ -96,3 +96,14 @@ def test_the_shipped_meta_world_base_loads_and_says_how_it_was_made():
     assert "env.family=metaworld:button-press-topdown-v3" in meta["command"]
     with pytest.raises(Exception, match="rebuild it with the command recorded"):
         load_policy_checkpoint("base:no_such_task")
+
+
+def test_the_meta_world_base_with_room_to_improve_starts_between_a_fifth_and_three_fifths():
+    """Issue 36's Meta-World base: a loop on it can show a gain (the other starts at 1.00)."""
+    from flywheel.vla.checkpoint import load_policy_checkpoint
+
+    cfg, weights, meta = load_policy_checkpoint("base:metaworld_button_early")
+    assert (cfg.action_dim, cfg.proprio_dim) == (4, 4) and weights
+    assert "env.name=metaworld env.family=button-press-topdown-v3" in meta["command"]
+    final = meta["final"]
+    assert 0.2 <= final["success"] <= 0.6 and final["episodes"] == 200
