@@ -370,10 +370,7 @@ def cmd_store_check(args: list[str]) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--repair", action="store_true", help="move damaged files to episodes/quarantine/")
     ns = parser.parse_args(args)
-    from flywheel.store import EpisodeStore
-
-    root = Path(ns.run_dir)
-    store = EpisodeStore(root / "episodes" if (root / "episodes").is_dir() else root)
+    store = _store_at(ns.run_dir)
     total = len(store)
     bad = store.check(repair=ns.repair)
     console.print(f"{total} episode files, {len(bad)} damaged")

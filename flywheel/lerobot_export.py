@@ -13,13 +13,14 @@ of an episode are in flywheel/lerobot_format.py.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
 import time
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -415,7 +416,7 @@ def export_store(store: EpisodeStore, root: str | os.PathLike, selection: Select
                                                             features[k]["dtype"] == "video"}},
                     int(info["total_episodes"]), int(info["total_frames"]))
     left_out = sorted({k for k in first.observations} - set(CAMERAS) - {"proprio", "touch"})
-    for i, episode in enumerate(_chain(first, episodes)):
+    for i, episode in enumerate(itertools.chain([first], episodes)):
         if episode.instruction not in task_index:
             task_index[episode.instruction] = len(tasks)
             tasks.append(episode.instruction)
@@ -433,11 +434,6 @@ def export_store(store: EpisodeStore, root: str | os.PathLike, selection: Select
                   bytes=writer.bytes_written, left_out_observations=left_out, total_episodes=writer.episode_index,
                   seconds=time.time() - started)
     return report
-
-
-def _chain(first: Episode, rest: Iterable[Episode]) -> Iterable[Episode]:
-    yield first
-    yield from rest
 
 
 def _comparable(features: dict[str, dict]) -> dict[str, tuple]:
