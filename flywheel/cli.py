@@ -220,11 +220,15 @@ def _given(cfg, keys: tuple[str, ...], usage: str) -> bool:
     return not absent
 
 
-def _store_at(path: str):
-    """The episode store of a run directory, or a store itself."""
+def _store_at(path: str, create: bool = False):
+    """The episode store of a run directory, or a store itself; a path that is not there is an error (a typo must not
+    leave an empty directory behind) unless ``create``."""
+    from flywheel.resume import RunDirError
     from flywheel.store import EpisodeStore
 
     root = Path(path)
+    if not create and not root.is_dir():
+        raise RunDirError(f"{root} does not exist: give a run's directory or an episode store")
     return EpisodeStore(root / "episodes" if (root / "episodes").is_dir() else root)
 
 
@@ -249,7 +253,7 @@ def cmd_reward_relabel(overrides: list[str]) -> int:
     # A run numbers its detectors from 1, so "detector-2" of two runs are different detectors: the file's digest
     # tells them apart in the labels (and says which ones this detector has judged already).
     detector.version += "@" + hashlib.sha256(Path(cfg.detector).read_bytes()).hexdigest()[:10]
-    store = _store_at(cfg.store)
+    store = _store_at(cfg.store, create=bool(cfg.dataset))  # a dataset is imported into a new store
     if cfg.dataset:
         console.print(import_dataset(cfg.dataset, store, DatasetKeys(**to_dict(cfg.dataset_keys))))
     with _progress() as progress:
