@@ -381,7 +381,9 @@ class RolloutWorker:
                             ) -> tuple[list[Episode], list[dict]]:
         """(episodes, faults): an environment that raises loses its episode, not the others (``run_episodes``).
         Corrections (``env_kwargs["corrections"]``) apply in practice (split "train") unless ``corrected`` is
-        False."""
+        False. The practice scenes' randomisation (``env_kwargs["randomize"]``) applies in practice only: an
+        evaluation is in the nominal scene, and split "robust" is one under ``env_kwargs["held_out_randomize"]``
+        (the robustness split)."""
         if self.version < 0:
             raise RuntimeError("rollout worker has no weights yet: publish a PolicySnapshot before collecting")
         self.policy.explore = split == "train"  # a policy that explores does so in practice, never in evaluation
@@ -390,6 +392,14 @@ class RolloutWorker:
         if self._trim_timer is not None:
             self._trim_timer.cancel()  # busy again: keep the heap it is about to use
         kwargs = dict(self.env_kwargs)
+        held_out = kwargs.pop("held_out_randomize", None)
+        if split == "robust":
+            if held_out is None:
+                raise ValueError("split 'robust' needs the workers' env_kwargs to hold held_out_randomize")
+            kwargs["randomize"] = held_out
+            split = "eval"  # its episodes are evaluation episodes; each one's info["randomization"] says how it drew
+        elif split != "train":
+            kwargs.pop("randomize", None)  # practice may be randomised (env.randomize); evaluation is nominal
         if split != "train" or not corrected:
             kwargs.pop("corrections", None)  # a person may step in during practice, never in an evaluation
         episodes = run_episodes(list(seeds), split, self.policy, policy_version=self.version,

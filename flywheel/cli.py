@@ -122,6 +122,11 @@ def cmd_run(overrides: list[str]) -> int:
         f"   (policy v{summary['policy_version_final']}, {summary['episodes']} episodes, "
         f"{summary['wall_seconds'] / 60:.1f} min)"
     )
+    rob = summary.get("robustness") or {}
+    if rob.get("measured"):
+        ci = lambda f: f"{f['success']:.3f} [{f['ci95'][0]:.3f}, {f['ci95'][1]:.3f}]"  # noqa: E731
+        console.print(f"under held-out randomisation ({rob['episodes']} other held-out seeds): before "
+                      f"{ci(rob['initial']['randomized'])}  ->  after {ci(rob['final']['randomized'])}")
     return 0
 
 

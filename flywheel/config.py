@@ -158,6 +158,9 @@ class BCConfig(LearnerConfig):
     #                      the whole buffer with warm-up + cosine (learner/filtered_bc.py::shrink_and_perturb)
     freeze_backbone: bool = False  # train the action expert only, on contexts cached once per sample: a step costs
     #                                no encoder pass, so an update can afford many more steps
+    augment: bool = False  # every batch's images shifted by up to 4 pixels and their brightness scaled by 1 +- 0.2
+    #                        (learner/bc.py augment_images): with env.randomize, how a policy closes the robustness
+    #                        split's gap (bench/RESULTS.md, "The robustness split")
 
 
 @dataclasses.dataclass
@@ -289,6 +292,11 @@ class EvalConfig:
     judge: str = "ground_truth"  # who scores evaluations and the promotion gate: ground_truth (the simulator's
     #                              success) or detector (the detector labelling practice: an environment that cannot
     #                              judge itself, such as a robot; the gate then audits it, gate.audit)
+    robust_episodes: int = 200  # the robustness split: held-out seeds (their own, the same at the start and the
+    #                             end) evaluated under the randomisation below as well as in the nominal scene; 0 =
+    #                             off. Only where the environment takes env.randomize (the tabletop)
+    robust: RandomizeConfig = field(default_factory=lambda: RandomizeConfig(  # what a real scene varies that the
+        colour=0.15, lighting=0.3, camera=0.05, size=0.2, friction=0.3))  # default training scene does not
 
 
 @dataclasses.dataclass

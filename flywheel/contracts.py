@@ -338,7 +338,8 @@ class Rollouts(Protocol):
     """The actors: run the published policy on environments, one episode per seed.
 
     ``collect`` returns the episodes in seed order, less any lost to a crashing environment; ``split`` is the
-    episodes' (practice is "train", evaluation and the gate "eval"). ``sample_seed`` seeds the policy's draws, so
+    episodes' (practice is "train", evaluation and the gate "eval"; "robust" is an evaluation in the scenes of the
+    held-out randomisation, its episodes stamped "eval"). ``sample_seed`` seeds the policy's draws, so
     a collection is reproducible from its seeds. ``corrected=False``: no person steps in, even in practice."""
 
     published_version: int  # the newest snapshot the actors hold (-1: none yet)

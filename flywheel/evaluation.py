@@ -49,14 +49,15 @@ class Evaluation:
 
 
 def evaluate(rollouts: Rollouts, seeds: list[int], version: int, sample_seed: int = 12345,
-             detector: SuccessDetector | None = None) -> Evaluation:
+             detector: SuccessDetector | None = None, split: str = "eval") -> Evaluation:
     """Run the current policy on the held-out seeds and score it with the simulator's ground truth, or, given a
     ``detector``, with its verdicts (``eval.judge=detector``: a robot, whose episodes carry no ground truth).
+    ``split="robust"``: in the scenes of the held-out randomisation (the robustness split).
 
     The same seeds and the same sampling seed every time, so two versions are compared on identical layouts.
     Evaluation episodes are not stored and never reach the learner.
     """
-    return score_held_out(rollouts.collect(seeds, "eval", sample_seed=sample_seed), seeds, version, detector)
+    return score_held_out(rollouts.collect(seeds, split, sample_seed=sample_seed), seeds, version, detector)
 
 
 def score_held_out(episodes: list[Episode], seeds: list[int], version: int,

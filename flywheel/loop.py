@@ -50,7 +50,9 @@ class LoopSettings:
     no others). ``audit``/``gate``: None turns the phase off. ``eval_judge``: who scores evaluations and the gate,
     ``ground_truth`` (a simulator) or ``detector`` (the one labelling: a robot; the gate then audits it).
     ``overlap``: the actors collect the next iteration while this one is labelled and learned from (practice one
-    version behind), and go on with up to ``keep_collecting`` iterations' more (``PipelinedCollector``)."""
+    version behind), and go on with up to ``keep_collecting`` iterations' more (``PipelinedCollector``).
+    ``robust_seeds``: the robustness split's held-out seeds, evaluated at the start and the end in the scenes of the
+    held-out randomisation (the rollouts' split "robust"); empty: none."""
 
     train_seed: Callable[[int], int]
     eval_seeds: list[int]
@@ -63,6 +65,7 @@ class LoopSettings:
     eval_judge: str = "ground_truth"
     overlap: bool = False
     keep_collecting: float = 0.0
+    robust_seeds: list[int] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.eval_judge not in ("ground_truth", "detector"):
@@ -149,6 +152,7 @@ def run_loop(parts: LoopParts, settings: LoopSettings, state: LoopState, budget:
         _evaluate(p, s, state, p.learner.version, None, judge())
         p.metrics.log(state.evaluations[-1].as_metrics(), step=state.iteration)
         on_iteration(state, state.evaluations[-1].as_metrics())
+    _evaluate_robust(p, s, state, judge())
     return state
 
 
@@ -168,6 +172,8 @@ def _begin(p: LoopParts, s: LoopSettings, state: LoopState, auditor: Auditor, ga
         _evaluate(p, s, state, p.learner.version, auditor, judge)
         p.metrics.log(state.evaluations[-1].as_metrics(), step=0)
         on_iteration(state, state.evaluations[-1].as_metrics())
+    if not state.robust:  # (a resumed run had its start's)
+        _evaluate_robust(p, s, state, judge)
     if gatekeeper:
         gatekeeper.start(state, judge)
 
@@ -202,6 +208,16 @@ def _evaluate(p: LoopParts, s: LoopSettings, state: LoopState, version: int, aud
     state.evaluations.append(evaluate(p.rollouts, s.eval_seeds, version, detector=judge))
     if auditor is not None:
         auditor.remember(state, state.evaluations[-1])
+
+
+def _evaluate_robust(p: LoopParts, s: LoopSettings, state: LoopState, judge: SuccessDetector | None) -> None:
+    """The robustness split of the policy the actors hold, unless it has one: the same version's success in the
+    scenes of the held-out randomisation, beside its nominal evaluation (wandb's eval_robust/*)."""
+    version = p.learner.version
+    if not s.robust_seeds or (state.robust and state.robust[-1].version == version):
+        return
+    state.robust.append(evaluate(p.rollouts, s.robust_seeds, version, detector=judge, split="robust"))
+    p.metrics.log(state.robust[-1].as_metrics("eval_robust"), step=state.iteration)
 
 
 def iteration_row(state: LoopState, practice: Practice, labels: list[Label], snapshot: PolicySnapshot,
@@ -275,7 +291,9 @@ def _log_time(row: dict[str, Any], timer: PhaseTimer, started: float, busy: floa
 def _keep_pace(pace: Pace, timer: PhaseTimer, started: float, s: LoopSettings) -> None:
     """How long the next iteration and the final evaluation will take, from this one's times."""
     pace.iteration_s = time.perf_counter() - started - timer.seconds.get("evaluate", 0.0)
+    final = 1 + len(s.robust_seeds) / max(1, len(s.eval_seeds))  # the end's evaluations: nominal and robust
     if "evaluate" in timer.seconds:
-        pace.eval_s = timer.seconds["evaluate"]
+        pace.eval_s = timer.seconds["evaluate"] * final
     elif pace.eval_s == 0.0:
-        pace.eval_s = timer.seconds["collect"] * len(s.eval_seeds) / max(1, s.episodes_per_iteration)
+        pace.eval_s = timer.seconds["collect"] * (len(s.eval_seeds) + len(s.robust_seeds)) / max(
+            1, s.episodes_per_iteration)

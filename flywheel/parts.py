@@ -32,6 +32,7 @@ from learner.registry import make_learner
 DEMO_SEEDS = 0  # pretraining demonstrations (the learner replays the same ones)
 LOOP_SEEDS = 5_000_000
 GATE_SEEDS = 1_000_000  # in the eval split, after the reported evaluation's: the promotion gate's own layouts
+ROBUST_SEEDS = 2_000_000  # in the eval split: the robustness split's own layouts (eval.robust_episodes)
 
 
 def loop_seed(index: int) -> int:
@@ -71,6 +72,15 @@ def policy_bundle(cfg: DictConfig) -> PolicyBundle:
 
 def env_kwargs_of(cfg: DictConfig) -> dict:
     return to_dict(cfg.env)  # EnvConfig's fields are run_episodes' environment arguments
+
+
+def held_out_randomize(cfg: DictConfig) -> dict[str, float] | None:
+    """The robustness split's randomisation (``eval.robust``), or None where it is off: ``eval.robust_episodes=0``,
+    or an environment whose plug-in takes no ``randomize`` (Meta-World, a robot), which could not apply it."""
+    if cfg.eval.robust_episodes <= 0 or "randomize" not in plugins.accepted(
+            plugins.resolve("env", cfg.env.name), {"randomize": None}):
+        return None
+    return to_dict(cfg.eval.robust)
 
 
 def check_env(env_kwargs: dict) -> None:
@@ -121,7 +131,9 @@ def make_rollouts(cfg: DictConfig, bundle: PolicyBundle) -> RolloutGroup:
     corrections = {"corrections": {"rate": cfg.rollout.corrections, "after": cfg.rollout.correct_after,
                                    "operators": list((bundle.meta.get("config") or {}).get("operators") or
                                                      ["standard"])}} if cfg.rollout.corrections > 0 else {}
-    return RolloutGroup(bundle.make_actor, {**env_kwargs_of(cfg), **corrections}, num_workers=cfg.rollout.num_workers,
+    robust = held_out_randomize(cfg)
+    env = {**env_kwargs_of(cfg), **corrections, **({"held_out_randomize": robust} if robust else {})}
+    return RolloutGroup(bundle.make_actor, env, num_workers=cfg.rollout.num_workers,
                         use_ray=cfg.rollout.use_ray, cpus_per_worker=cfg.rollout.cpus_per_worker,
                         call_timeout_s=cfg.rollout.call_timeout_s, resources=to_dict(cfg.rollout.resources),
                         trim_idle_s=cfg.rollout.trim_idle_s)

@@ -4,7 +4,8 @@ Made from the run's local files alone (metrics.jsonl, summary.json or, for a run
 run_state.json, and the episode store), with every plot and clip inlined: it opens without a network, can be mailed,
 and works while the run is going. The plots are the loop's dashboard panels:
 
-- held-out success per policy version, with its 95% interval (ground truth);
+- held-out success per policy version, with its 95% interval (ground truth), in the nominal scene and, at the
+  start and the end, under the held-out randomisation (the robustness split);
 - the detector's claimed success against the audited truth, per iteration;
 - the promotion gate's decisions (candidate against deployed, held-back versions marked);
 - throughput (episodes and env steps per second) and where each iteration's time went, phase by phase;
@@ -75,7 +76,14 @@ def _plots(rows: list[dict[str, Any]], judged_by: str = "ground_truth") -> list[
         v = [r["eval/version"] for r in evals]
         s = np.array([r["eval/success"] for r in evals])
         lo, hi = np.array([r["eval/ci95_low"] for r in evals]), np.array([r["eval/ci95_high"] for r in evals])
-        ax.errorbar(v, s, yerr=[s - lo, hi - s], fmt="o-", capsize=3)
+        ax.errorbar(v, s, yerr=[s - lo, hi - s], fmt="o-", capsize=3, label="nominal scene")
+        robust = [r for r in rows if "eval_robust/success" in r]
+        if robust:  # the robustness split, at the start and the end
+            rs = np.array([r["eval_robust/success"] for r in robust])
+            rlo, rhi = (np.array([r[f"eval_robust/ci95_{k}"] for r in robust]) for k in ("low", "high"))
+            ax.errorbar([r["eval_robust/version"] for r in robust], rs, yerr=[rs - rlo, rhi - rs], fmt="s--",
+                        capsize=3, label=f"held-out randomisation ({robust[-1]['eval_robust/episodes']} seeds)")
+            ax.legend(fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         by = "ground truth" if judged_by == "ground_truth" else "the detector's verdicts"
         ax.set(xlabel="policy version", ylabel=f"held-out success ({by})", ylim=(0, 1),
@@ -177,6 +185,21 @@ def _clips(run_dir: Path, count: int = 2) -> list[tuple[str, str]]:
     return out[True] + out[False]
 
 
+def _robustness_facts(rob: dict[str, Any]) -> list[tuple[str, str]]:
+    """The robustness split's rows: success in the nominal scene and under the held-out randomisation, before and
+    after, and the gap between them."""
+    if not rob.get("measured"):
+        return [("robustness split", f"not measured ({rob['why']})")] if rob else []
+    fig = lambda f: f"{f['success']:.3f} [{f['ci95'][0]:.3f}, {f['ci95'][1]:.3f}]"  # noqa: E731
+    first, last = rob["initial"], rob["final"]
+    knobs = ", ".join(f"{k} {v:g}" for k, v in rob["randomize"].items() if v)
+    return [(f"held-out randomisation ({rob['episodes']} seeds: {knobs}), before → after",
+             f"{fig(first['randomized'])} → {fig(last['randomized'])}"),
+            ("robustness gap (nominal − randomised), before → after",
+             f"{first['nominal']['success'] - first['randomized']['success']:+.3f} → "
+             f"{last['nominal']['success'] - last['randomized']['success']:+.3f}")]
+
+
 def _table(pairs: list[tuple[str, Any]]) -> str:
     def fmt(v: Any) -> str:
         return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
@@ -208,6 +231,7 @@ def write_report(run_dir: str | Path) -> Path:
                       f"{summary['initial_success']:.3f} [{summary['initial_ci95'][0]:.3f}, "
                       f"{summary['initial_ci95'][1]:.3f}] → {summary['final_success']:.3f} "
                       f"[{summary['final_ci95'][0]:.3f}, {summary['final_ci95'][1]:.3f}]"))
+    facts += _robustness_facts(summary.get("robustness") or {})
     if "wall_seconds" in summary:
         facts.append(("wall time", f"{summary['wall_seconds'] / 60:.1f} min"))
     facts += [(f"detector {k}", det[k]) for k in ("version", "auroc", "precision", "recall", "ece") if k in det]

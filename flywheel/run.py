@@ -37,8 +37,9 @@ from flywheel.detectors import DetectorContext
 from flywheel.gate import GateSettings
 from flywheel.loop import InFlight, LoopParts, LoopSettings, run_loop
 from flywheel.metrics import MetricsSink
-from flywheel.parts import (GATE_SEEDS, build_learner, check_env, choose_detector, detector_sources, env_kwargs_of,
-                            loop_seed, loop_seed_index, make_rollouts, policy_bundle, resolve)
+from flywheel.parts import (GATE_SEEDS, ROBUST_SEEDS, build_learner, check_env, choose_detector, detector_sources,
+                            env_kwargs_of, held_out_randomize, loop_seed, loop_seed_index, make_rollouts,
+                            policy_bundle, resolve)
 from flywheel.resume import RunDirError, check_unchanged, holds_a_run, loop_episodes, read_state, write_state  # noqa: F401
 from flywheel.state import Budget, LoopState
 from flywheel.store import EpisodeStore, atomic_write_bytes
@@ -230,7 +231,9 @@ def loop_settings(cfg: DictConfig, ctx: DetectorContext, reads: set[str]) -> Loo
                         episodes_per_iteration=cfg.rollout.episodes_per_iteration, eval_every=cfg.eval.every,
                         group_size=cfg.rollout.group_size, learner_reads=reads, audit=audit_settings(cfg, ctx),
                         gate=gate, eval_judge=cfg.eval.judge, overlap=cfg.rollout.overlap and cfg.rollout.use_ray,
-                        keep_collecting=cfg.rollout.keep_collecting)
+                        keep_collecting=cfg.rollout.keep_collecting,
+                        robust_seeds=[split_seed("eval", ROBUST_SEEDS + i) for i in range(cfg.eval.robust_episodes)]
+                        if held_out_randomize(cfg) else [])
 
 
 def turn(cfg: DictConfig, w: Wiring, parts: LoopParts, settings: LoopSettings, resumed: tuple[LoopState, list],
@@ -270,12 +273,32 @@ def summarise(cfg: DictConfig, state: LoopState, w: Wiring, budget: Budget, audi
               "judge": cfg.eval.judge, "audit": cfg.gate.audit if cfg.eval.judge == "detector" else 0,
               "decisions": [dataclasses.asdict(g) for g in state.gates],
               "held_back": sum(not g.promoted for g in state.gates)},
+        robustness=robustness(cfg, state),
         rollbacks=state.rollbacks,
         faults={"restarts": w.rollouts.restarts, "events": w.rollouts.faults,
                 **({"learner_restarts": w.learner.restarts, "learner_events": w.learner.faults}
                    if isinstance(w.learner, Restarts) else {"learner_restarts": 0, "learner_events": []})},
         learner_recoveries=state.recoveries,
     )
+
+
+def robustness(cfg: DictConfig, state: LoopState) -> dict[str, Any]:
+    """The robustness split in summary.json: success in the nominal scene and under the held-out randomisation, at
+    the start and the end, each with its interval (``measured`` false, and why, where the split was off)."""
+    randomize = held_out_randomize(cfg)
+    if not state.robust:
+        return {"measured": False, "why": "eval.robust_episodes=0" if cfg.eval.robust_episodes <= 0 else
+                f"env.name={cfg.env.name} takes no randomize" if randomize is None else "not evaluated yet"}
+    fig = lambda e: {"version": e.version, "success": e.success, "ci95": list(e.ci95)}  # noqa: E731
+    nominal = {e.version: e for e in state.evaluations}
+    first, last = state.robust[0], state.robust[-1]
+    # the randomised figures keep their per-seed outcomes, so that two runs compare seed by seed (a paired test)
+    return {"measured": True, "randomize": randomize, "episodes": last.episodes,
+            "nominal_episodes": state.evaluations[-1].episodes,
+            "initial": {"nominal": fig(nominal.get(first.version, state.evaluations[0])),
+                        "randomized": {**fig(first), "outcomes": first.outcomes_text}},
+            "final": {"nominal": fig(nominal.get(last.version, state.evaluations[-1])),
+                      "randomized": {**fig(last), "outcomes": last.outcomes_text}}}
 
 
 def close(w: Wiring | None, ray_started: bool, status: str, say: Callable[[str], None]) -> None:

@@ -44,6 +44,7 @@ class LoopState:
     env_steps: int = 0
     next_train_index: int = 0  # the next training seed index: seeds are never reused
     evaluations: list[Evaluation] = dataclasses.field(default_factory=list)
+    robust: list[Evaluation] = dataclasses.field(default_factory=list)  # the robustness split's: start and end
     audits: list[AuditResult] = dataclasses.field(default_factory=list)  # one per iteration (before any retrain)
     alarms: int = 0
     paused_updates: int = 0
@@ -59,7 +60,8 @@ class LoopState:
 
     def to_json(self) -> dict[str, Any]:
         plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        plain["evaluations"] = [{**dataclasses.asdict(e), "outcomes": e.outcomes_text} for e in self.evaluations]
+        for name in ("evaluations", "robust"):
+            plain[name] = [{**dataclasses.asdict(e), "outcomes": e.outcomes_text} for e in getattr(self, name)]
         plain["audits"] = [dataclasses.asdict(a) for a in self.audits]
         plain["gates"] = [dataclasses.asdict(g) for g in self.gates]
         plain["best"] = None if self.best is None else list(self.best[:2])
@@ -69,10 +71,12 @@ class LoopState:
     @classmethod
     def from_json(cls, plain: dict[str, Any], weights_of: Callable[[int], dict]) -> "LoopState":
         """``weights_of(version)``: the policy weights of a version (its checkpoint)."""
-        state = cls(**{k: v for k, v in plain.items() if k not in ("evaluations", "audits", "gates", "best",
-                                                                  "deployed")})
-        state.evaluations = [Evaluation(**{**e, "ci95": tuple(e["ci95"]), "outcomes": tuple(map(int, e["outcomes"]))})
-                             for e in plain["evaluations"]]
+        state = cls(**{k: v for k, v in plain.items() if k not in ("evaluations", "robust", "audits", "gates",
+                                                                  "best", "deployed")})
+        for name in ("evaluations", "robust"):  # (a run saved before the robustness split has no "robust")
+            setattr(state, name, [Evaluation(**{**e, "ci95": tuple(e["ci95"]),
+                                                "outcomes": tuple(map(int, e["outcomes"]))})
+                                  for e in plain.get(name, [])])
         state.audits = [AuditResult(**a) for a in plain["audits"]]
         state.gates = [GateDecision(**g) for g in plain["gates"]]
         if plain["best"] is not None:

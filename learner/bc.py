@@ -199,18 +199,34 @@ def imitation_loss(model: TrainablePolicy, batch: dict[str, torch.Tensor], weigh
     return loss
 
 
+def augment_images(images: torch.Tensor, generator: torch.Generator | None, pad: int = 4,
+                   brightness: float = 0.2) -> torch.Tensor:
+    """DrQ's random shift, each image moved by up to ``pad`` pixels (its edges repeated), and its brightness scaled
+    by 1 +- ``brightness``: what a nudged camera and other lighting do to a frame. uint8 (B, H, W, C) in and out."""
+    b, h, w, _ = images.shape
+    draw = lambda *shape, high=None: (torch.randint(0, high, shape, generator=generator) if high else  # noqa: E731
+                                      torch.rand(shape, generator=generator))
+    x = torch.nn.functional.pad(images.permute(0, 3, 1, 2).float(), (pad,) * 4, mode="replicate")
+    rows = torch.arange(h)[None, :] + draw(b, 1, high=2 * pad + 1)
+    cols = torch.arange(w)[None, :] + draw(b, 1, high=2 * pad + 1)
+    x = x[torch.arange(b)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    x = x * (1 + brightness * (2 * draw(b, 1, 1, 1) - 1))
+    return x.clamp(0, 255).round().to(torch.uint8)
+
+
 class BCTrainer:
     """AdamW on the flow-matching loss, gradient-clipped. Holds the optimizer so that training can resume."""
 
     def __init__(self, model: TrainablePolicy, lr: float = 3e-4, weight_decay: float = 1e-4, grad_clip: float = 1.0,
                  indicator_dropout: float = 0.0, indicator_lr: float | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, augment: bool = False):
         """``indicator_lr``: the advantage indicator's own learning rate. It starts at zero and must grow to the
         scale of the context; at a fine-tuning rate (1e-4) Adam moves it by at most ~0.1 in 1,000 steps.
         ``generator``: draws the flow's noise and times and the indicator's dropout (the learner's own, which its
         checkpoints keep, so that a resumed run trains as the uninterrupted one would); without one, torch's global
-        stream (pretraining saves that)."""
+        stream (pretraining saves that). ``augment``: every batch's images go through ``augment_images``."""
         self.model = model
+        self.augment = augment
         self.generator = generator
         self.indicator_dropout = indicator_dropout
         self.grad_clip = grad_clip
@@ -245,6 +261,8 @@ class BCTrainer:
         device here)."""
         self.model.train()
         device = self.model.device
+        if self.augment and "images" in batch:
+            batch = {**batch, "images": augment_images(batch["images"], self.generator)}
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         weights, indicator = batch["weights"] if weighted else None, self._drop(batch["indicator"])
         if "indicator" not in self.model.capabilities:

@@ -42,6 +42,7 @@ class FilteredBCLearner(LearnerBase):
         practice_noise: float = 1.0,
         clone: str = "chunks",
         ema: float = 0.0,
+        augment: bool = False,
     ):
         """``ema`` > 0: publish an exponential moving average of the weights (this decay per step) rather than the
         weights the last step left, which carry that step's noise; training goes on from the latter."""
@@ -66,6 +67,7 @@ class FilteredBCLearner(LearnerBase):
         self.indicator_dropout = indicator_dropout
         self.data.add(demos, pinned=True, indicator=self.demo_indicator)
         self.indicator_lr = indicator_lr
+        self.augment = augment
         self.generator = torch.Generator().manual_seed(seed)  # batches, and the trainer's draws: checkpointed
         self.trainer = self._trainer()
         self.ema = ema
@@ -73,7 +75,7 @@ class FilteredBCLearner(LearnerBase):
 
     def _trainer(self) -> BCTrainer:
         return BCTrainer(self.model, lr=self.lr, indicator_dropout=self.indicator_dropout,
-                         indicator_lr=self.indicator_lr, generator=self.generator)
+                         indicator_lr=self.indicator_lr, generator=self.generator, augment=self.augment)
 
     @classmethod
     def advantages(cls, episodes: list[Episode]) -> np.ndarray:

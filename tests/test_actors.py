@@ -258,3 +258,30 @@ def test_actors_go_on_practising_until_new_weights_and_every_round_comes_back(ra
         assert group.collect([7000, 7001], "train") and group.applied_versions()[0][-1] == 3  # replaced: newest
     finally:
         group.close()
+
+
+def test_the_robust_split_runs_the_same_seeds_in_held_out_randomised_scenes():
+    """The robustness split (eval.robust): split "robust" swaps the held-out randomisation in for the practice
+    scenes' own; its episodes are evaluation episodes, and each says how its scene was drawn."""
+    from actors.rollout import RolloutWorker
+
+    held_out = {"colour": 0.15, "lighting": 0.3, "camera": 0.05, "size": 0.2, "friction": 0.3}
+    practice = {"colour": 0.5, "lighting": 0.5}  # env.randomize: practice only, never in an evaluation
+    worker = RolloutWorker(functools.partial(VLAPolicy, VLAConfig()),
+                           {**ENV, "randomize": practice, "held_out_randomize": held_out})
+    worker.set_weights(_snapshot(1, 1.0))
+    nominal, robust, train = (worker.collect([3, 4, 5], split) for split in ("eval", "robust", "train"))
+    shift = lambda eps: max(abs(x) for ep in eps for rgb in ep.info["randomization"]["palette_shift"].values()  # noqa: E731
+                            for x in rgb)
+    assert shift(train) > 0.15 * 255 >= shift(robust) and shift(nominal) == 0  # practice's own amplitudes
+    assert [ep.split for ep in robust] == ["eval"] * 3 and [ep.seed for ep in robust] == [3, 4, 5]
+    assert all(ep.info["randomization"]["brightness"] == 1.0 for ep in nominal)
+    drawn = [ep.info["randomization"] for ep in robust]
+    assert all(abs(d["brightness"] - 1) <= 0.3 and d["brightness"] != 1.0 and d["slip"] > 0 for d in drawn)
+    assert not any(np.array_equal(a.observations["image"][0], b.observations["image"][0])
+                   for a, b in zip(nominal, robust))
+    assert worker.collect([3, 4, 5], "robust")[0].info["randomization"] == drawn[0]  # the same scene again
+    plain = RolloutWorker(functools.partial(VLAPolicy, VLAConfig()), ENV)
+    plain.set_weights(_snapshot(1, 1.0))
+    with pytest.raises(ValueError, match="held_out_randomize"):
+        plain.collect([3], "robust")

@@ -93,3 +93,18 @@ def test_a_vla_reading_every_sensor_learns_and_acts():
     assert all(e.num_steps > 0 for e in eps)
     with np.testing.assert_raises_regex(KeyError, "turn them on with env.sensors"):
         run_episodes([split_seed("eval", 0)], "eval", VLAPolicy(model=model), policy_version=0, max_steps=4)
+
+
+def test_augmented_images_are_the_same_picture_shifted_and_relit():
+    import torch
+
+    from learner.bc import augment_images
+
+    frames = torch.zeros((64, 16, 16, 3), dtype=torch.uint8)
+    frames[:, 8, 8] = 200  # one lit pixel on a dark table
+    out = augment_images(frames, torch.Generator().manual_seed(0), pad=2, brightness=0.2)
+    lit = [torch.nonzero(o.sum(-1)) for o in out]
+    assert all(len(p) == 1 and (p[0] - 8).abs().max() <= 2 for p in lit)  # moved by at most the pad, never lost
+    assert len({tuple(p[0].tolist()) for p in lit}) > 5  # and to many places
+    level = torch.stack([o.max() for o in out]).float()
+    assert 160 <= level.min() < level.max() <= 240  # relit within 1 +- 0.2

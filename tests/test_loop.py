@@ -283,3 +283,35 @@ def test_a_runs_checkpoint_is_the_next_runs_policy_checkpoint(finished_run):
     assert meta["eval_noise"] == 0.0 and eval_noise_note(meta, 0.0) is None and eval_noise_note(base_meta, 1.0) is None
     assert "eval.noise=0" in eval_noise_note(meta, 1.0) and "eval.noise=null" in eval_noise_note(meta, None)
     assert model.get_weights().keys() == load_policy_checkpoint("base", as_model=True)[0].get_weights().keys()
+
+
+def test_the_robustness_split_is_in_the_summary_and_the_report(finished_run, tmp_path):
+    """Success under the held-out randomisation (eval.robust), beside the nominal scene's, at the start and the end:
+    summary.json, metrics.jsonl (wandb's eval_robust/*) and the report."""
+    import shutil
+
+    from flywheel.report import write_report
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0], run_dir)
+    rob = json.loads((run_dir / "summary.json").read_text())["robustness"]
+    assert rob["measured"] and rob["episodes"] == 32 and rob["randomize"]["lighting"] == 0.3
+    assert rob["initial"]["randomized"]["version"] == rob["initial"]["nominal"]["version"] == 0
+    assert rob["final"]["randomized"]["version"] == rob["final"]["nominal"]["version"] == 2
+    for when in ("initial", "final"):
+        for scene in ("nominal", "randomized"):
+            low, high = rob[when][scene]["ci95"]
+            assert low <= rob[when][scene]["success"] <= high
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval_robust/version"] for r in rows if "eval_robust/success" in r] == [0, 2]
+    page = write_report(run_dir).read_text()
+    assert "held-out randomisation (32 seeds: colour 0.15, lighting 0.3" in page and "robustness gap" in page
+
+
+def test_the_robustness_split_is_off_where_the_environment_cannot_randomise():
+    from flywheel.parts import held_out_randomize
+
+    assert held_out_randomize(load_config("run", [])) == {"colour": 0.15, "lighting": 0.3, "camera": 0.05,
+                                                          "size": 0.2, "friction": 0.3}
+    assert held_out_randomize(load_config("run", ["eval.robust_episodes=0"])) is None
+    assert held_out_randomize(load_config("run", ["env.name=metaworld"])) is None
