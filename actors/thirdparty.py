@@ -20,7 +20,7 @@ render offscreen on the CPU through EGL (``MUJOCO_GL=egl``, set here unless alre
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
@@ -225,19 +225,21 @@ def make_metaworld(family: str = "any", image_size: int = 64, max_steps: int = 1
     """``env.name=metaworld``: ``env.family`` is the task ("any": button-press-topdown-v3). A released adapter of the
     same task is reused."""
     task = "button-press-topdown-v3" if family == "any" else family.removeprefix("metaworld:")  # as episodes name it
-    return _pooled("metaworld", task, image_size, max_steps, MetaWorldAdapter)
+    return pooled("metaworld", task, image_size, max_steps, MetaWorldAdapter)
 
 
 def make_fetch(family: str = "any", image_size: int = 64, max_steps: int = 50) -> gym.Env:
     """``env.name=fetch``: ``env.family`` is the gymnasium-robotics env id ("any": FetchReach-v4)."""
     task = "FetchReach-v4" if family == "any" else family.removeprefix("fetch:")
-    return _pooled("fetch", task, image_size, max_steps, FetchAdapter)
+    return pooled("fetch", task, image_size, max_steps, FetchAdapter)
 
 
 make_metaworld.max_parallel = make_fetch.max_parallel = MAX_PARALLEL  # actors/rollout.py steps them in waves
 
 
-def _pooled(kind: str, task: str, image_size: int, max_steps: int, adapter: type) -> gym.Env:
+def pooled(kind: str, task: str, image_size: int, max_steps: int, adapter: Callable[..., gym.Env]) -> gym.Env:
+    """A released adapter of this simulator, task and image size, else ``adapter(task, image_size=,
+    max_steps=)``, made releasable (``release()``: back to the pool, where the next rollout takes it)."""
     free = _FREE.get((kind, task, int(image_size)))
     if free:
         env = free.pop()

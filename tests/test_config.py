@@ -111,7 +111,7 @@ def test_an_unknown_demonstrator_is_a_config_error():
 def test_a_task_family_no_simulator_knows_is_refused_before_anything_starts(tmp_path):
     from flywheel.run import run
 
-    with pytest.raises(ConfigError, match=r"env.name='mujoco' is unknown: choose one of \['fetch', 'metaworld', "
+    with pytest.raises(ConfigError, match=r"env.name='mujoco' is unknown: choose one of \['fetch', 'libero', 'metaworld', "
                                           r"'robot', 'tabletop'\]"):
         load_config("run", ["experiment=tiny", "env=mujoco"])
     for given, says in (("env.family=pushh", "env.family='pushh' cannot be made: unknown task family 'pushh': choose"),
