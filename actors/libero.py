@@ -64,6 +64,7 @@ class PickAndPlace:
     to X's origin (a bowl by its rim, not its middle)."""
 
     PHASES = ("above", "down", "grip", "lift", "carry", "lower", "release", "retreat")
+    CAREFUL = ("down", "grip", "lower", "release")  # phases an operator's motion noise stays out of
     GAIN = 10.0  # action per metre of error: 10 cm or more away moves at full speed
     PATIENCE = 80  # steps a phase may take before the next one starts anyway (a wedged hand goes on)
 
@@ -80,7 +81,7 @@ class PickAndPlace:
         goal, grip, done = hand, -1.0, False
         if name == "above":
             goal = obj + self.grasp + up
-            done = np.linalg.norm(goal - hand) < 0.01
+            done = np.linalg.norm(goal - hand) < 0.015
         elif name == "down":
             goal = obj + self.grasp
             done = np.linalg.norm(goal - hand) < 0.008
@@ -92,7 +93,7 @@ class PickAndPlace:
             done = hand[2] >= goal[2] - 0.01
         elif name == "carry":
             goal, grip = target + self.held + np.array([0.0, 0.0, self.hover]), 1.0
-            done = np.linalg.norm((goal - hand)[:2]) < 0.01
+            done = np.linalg.norm((goal - hand)[:2]) < 0.015
         elif name == "lower":
             goal, grip = target + self.held + np.array([0.0, 0.0, self.place]), 1.0
             done = np.linalg.norm(goal - hand) < 0.01
@@ -195,7 +196,8 @@ class LiberoAdapter(gym.Env):
 
     def expert_action(self, rng: np.random.Generator | None = None, noise: float = 0.0) -> np.ndarray:
         """The scripted operator (``PickAndPlace``) for a task whose goal is one object on or in another, plus
-        Gaussian motion noise; other goals (a drawer, a stove's knob) have none yet."""
+        Gaussian motion noise while it moves between places (not while it grips or lets go); other goals (a drawer, a
+        stove's knob) have none yet."""
         if self._expert is None:
             if len(self.goal) != 1 or self.goal[0][0].lower() not in ("on", "in"):
                 raise NotImplementedError(f"LIBERO {self.task} ({self.instruction!r}): no scripted operator for the "
@@ -203,8 +205,9 @@ class LiberoAdapter(gym.Env):
             _, obj, target = self.goal[0]
             kind = obj.rsplit("_", 1)[0]
             self._expert = PickAndPlace(obj, target, GRASPS.get(kind, (0.0, 0.0, 0.0)))
+        careful = self._expert.PHASES[min(self._expert.phase, len(self._expert.PHASES) - 1)] in PickAndPlace.CAREFUL
         a = self._expert.act(self._hand, self.objects)
-        if noise and rng is not None:
+        if noise and rng is not None and not careful:
             a[:3] = np.clip(a[:3] + rng.normal(0.0, noise, 3), -1.0, 1.0)
         return a
 

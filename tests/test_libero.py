@@ -60,3 +60,25 @@ def test_a_libero_process_that_dies_is_an_error_naming_it(spatial0):
     env.close()
     with pytest.raises(ValueError, match="<suite>/<task index>"):
         LiberoAdapter("libero_spatial")
+
+
+@pytest.mark.timeout(1800)
+def test_the_loop_runs_end_to_end_on_a_libero_task(spatial0, tmp_path):
+    """experiment=smoke_libero: a detector trained on LIBERO episodes judges the shipped LIBERO base's practice, the
+    learner updates it, and the new version is evaluated (a smoke budget: the loop working, not a gain)."""
+    from flywheel.config import load_config
+    from flywheel.run import run
+    from flywheel.store import EpisodeStore
+
+    run_dir = tmp_path / "run"
+    summary = run(load_config("run", ["experiment=smoke_libero", f"run_dir={run_dir}", "wandb.mode=disabled"]),
+                  say=lambda m: None)
+    assert summary["status"] == "completed" and summary["iterations"] >= 1 and summary["policy_version_final"] >= 1
+    assert [e["version"] for e in summary["evaluations"]] == [0, summary["policy_version_final"]]
+    assert summary["robustness"] == {"measured": False, "why": "env.name=libero takes no randomize"}
+    stored = list(EpisodeStore(run_dir / "episodes").iter("train"))
+    practice = [ep for ep in stored if ep.latest_label("detector") is not None]  # judged: the loop's own
+    assert len(practice) == summary["episodes"] and {ep.policy_version for ep in practice} >= {0}
+    assert {ep.task for ep in stored} == {"libero:libero_spatial/0"}
+    assert all(ep.instruction == spatial0.instruction for ep in stored)
+

@@ -107,3 +107,13 @@ def test_the_meta_world_base_with_room_to_improve_starts_between_a_fifth_and_thr
     assert "env.name=metaworld env.family=button-press-topdown-v3" in meta["command"]
     final = meta["final"]
     assert 0.2 <= final["success"] <= 0.6 and final["episodes"] == 200
+
+
+def test_the_libero_base_is_shaped_for_libero_and_records_how_it_was_made():
+    """base:libero_spatial0 (experiment=smoke_libero's): LIBERO's 7-d actions and 8-d state, the agent-view camera."""
+    from flywheel.vla.checkpoint import load_policy_checkpoint
+
+    cfg, weights, meta = load_policy_checkpoint("base:libero_spatial0")
+    assert (cfg.action_dim, cfg.proprio_dim, tuple(cfg.sensors)) == (7, 8, ("overhead",)) and weights
+    assert "env.name=libero env.family=libero_spatial/0" in meta["command"]
+    assert meta["final"]["episodes"] == 20 and meta["final"]["per_task"] == {"libero:libero_spatial/0": 0.05}
