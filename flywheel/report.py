@@ -62,6 +62,35 @@ def _judged_by(run_dir: Path) -> str:
         return "ground_truth"
 
 
+def _success_series(ax, rows: list[dict[str, Any]], prefix: str, fmt: str, label: str) -> list[dict[str, Any]]:
+    """One held-out success series (``eval`` or ``eval_robust``) with its 95% intervals, per policy version."""
+    found = [r for r in rows if f"{prefix}/success" in r]
+    if found:
+        s = np.array([r[f"{prefix}/success"] for r in found])
+        lo, hi = (np.array([r[f"{prefix}/ci95_{k}"] for r in found]) for k in ("low", "high"))
+        ax.errorbar([r[f"{prefix}/version"] for r in found], s, yerr=[s - lo, hi - s], fmt=fmt, capsize=3,
+                    label=label.format(episodes=found[-1].get(f"{prefix}/episodes", "?")))
+    return found
+
+
+def _held_out_plot(rows: list[dict[str, Any]], judged_by: str, plt, MaxNLocator) -> list[tuple[str, str]]:
+    """Held-out success per version in the nominal scene and, at the start and the end, under the held-out
+    randomisation (the robustness split)."""
+    if not any("eval/success" in r for r in rows):
+        return []
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    evals = _success_series(ax, rows, "eval", "o-", "nominal scene")
+    if _success_series(ax, rows, "eval_robust", "s--", "held-out randomisation ({episodes} seeds)"):
+        ax.legend(fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    by = "ground truth" if judged_by == "ground_truth" else "the detector's verdicts"
+    ax.set(xlabel="policy version", ylabel=f"held-out success ({by})", ylim=(0, 1),
+           title=f"held-out success, 95% interval ({evals[-1].get('eval/episodes', '?')} seeds)")
+    plot = ("Held-out success per policy version", png_data_uri(fig))
+    plt.close(fig)
+    return [plot]
+
+
 def _plots(rows: list[dict[str, Any]], judged_by: str = "ground_truth") -> list[tuple[str, str]]:
     import matplotlib
 
@@ -69,27 +98,7 @@ def _plots(rows: list[dict[str, Any]], judged_by: str = "ground_truth") -> list[
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    out = []
-    evals = [r for r in rows if "eval/success" in r]
-    if evals:
-        fig, ax = plt.subplots(figsize=(7, 3.6))
-        v = [r["eval/version"] for r in evals]
-        s = np.array([r["eval/success"] for r in evals])
-        lo, hi = np.array([r["eval/ci95_low"] for r in evals]), np.array([r["eval/ci95_high"] for r in evals])
-        ax.errorbar(v, s, yerr=[s - lo, hi - s], fmt="o-", capsize=3, label="nominal scene")
-        robust = [r for r in rows if "eval_robust/success" in r]
-        if robust:  # the robustness split, at the start and the end
-            rs = np.array([r["eval_robust/success"] for r in robust])
-            rlo, rhi = (np.array([r[f"eval_robust/ci95_{k}"] for r in robust]) for k in ("low", "high"))
-            ax.errorbar([r["eval_robust/version"] for r in robust], rs, yerr=[rs - rlo, rhi - rs], fmt="s--",
-                        capsize=3, label=f"held-out randomisation ({robust[-1]['eval_robust/episodes']} seeds)")
-            ax.legend(fontsize=8)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        by = "ground truth" if judged_by == "ground_truth" else "the detector's verdicts"
-        ax.set(xlabel="policy version", ylabel=f"held-out success ({by})", ylim=(0, 1),
-               title=f"held-out success, 95% interval ({evals[-1].get('eval/episodes', '?')} seeds)")
-        out.append(("Held-out success per policy version", png_data_uri(fig)))
-        plt.close(fig)
+    out = _held_out_plot(rows, judged_by, plt, MaxNLocator)
     its = [r for r in rows if "iteration" in r]
     if its:
         fig, ax = plt.subplots(figsize=(7, 3.6))
