@@ -56,7 +56,10 @@ RL = ("recap", "ppo", "residual_ppo")  # the issue's candidates: RECAP, and PPO 
 # Each algorithm's own settings, beside the default job's: PPO compares 4 attempts at each layout (GRPO); at this
 # learning rate and these epochs its clip fraction stayed at 0.04-0.09 on the shipped base (3e-4 and 8 epochs:
 # 0.16-0.34, and a worse policy after 8 updates; bench/RESULTS.md, "PPO's settings and exploration").
-SETTINGS = {"ppo": ["rollout.group_size=4", "learner.ppo_lr=1e-4", "learner.ppo_epochs=4"]}
+# Every entry practises 512 episodes an update (PPO's own choice is now 128: bench/learning_speed.py compares on the
+# wall clock), so that the entries compare at equal practice per update.
+SETTINGS = {"ppo": ["rollout.group_size=4", "learner.ppo_lr=1e-4", "learner.ppo_epochs=4",
+                    "rollout.episodes_per_iteration=512"]}
 
 
 def entries(algorithms: list[str], more_demos: int) -> dict[str, list[str]]:

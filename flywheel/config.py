@@ -189,8 +189,8 @@ class PPOConfig(LearnerConfig):
     """``learner=ppo``: PPO with group-relative (GRPO) or GAE advantages, on exact log-probabilities of the draws."""
 
     algorithm: str = "ppo"
-    ppo_lr: float = 3e-4  # the learning rate
-    ppo_epochs: int = 8  # passes over each iteration's decisions
+    ppo_lr: float = 1e-4  # the learning rate (3e-4 with 8 epochs: clip fraction 0.16-0.34, and worse after 8 updates)
+    ppo_epochs: int = 4  # passes over each iteration's decisions
     ppo_clip: float = 0.2  # the clipped ratio's bound
     ppo_minibatch: int = 256  # decisions per gradient step
     flow_noise: float = 0.2  # a flow VLA's std of its Gaussian draws in practice, which give a chunk its exact
@@ -204,6 +204,9 @@ class PPOConfig(LearnerConfig):
     anchor: float = 0.5  # weight of behaviour cloning on the replayed demonstrations beside PPO's loss
     max_staleness: int = 2  # episodes acted by a version older than this many updates are dropped
     batch_size: int = 64  # demonstrations per anchor step
+    self_imitation: float = 0.0  # of every anchor batch, the share drawn from the policy's own approved successes
+    #                              that beat their layout's other attempts, replayed from every update (learner/ppo.py)
+    max_episodes: int = 4000  # self_imitation: the replay's bound (the oldest of the policy's episodes leave first)
 
 
 @dataclasses.dataclass
@@ -250,9 +253,11 @@ class RolloutConfig:
     use_ray: bool = True  # False runs the same workers in this process (debugging, tests)
     num_workers: int = 2
     cpus_per_worker: float = 1.0
-    episodes_per_iteration: int = 512
-    group_size: int = 1  # attempts per layout (seed) in one iteration: > 1 gives the learner a group baseline
-    #                      (GRPO-style; ppo wants 4), and needs learner.practice_noise > 0 (filtered_bc, recap)
+    episodes_per_iteration: int = 0  # practice an update learns from; 0: the learner's choice (PRACTICE: ppo 128,
+    #                                  the others 512)
+    group_size: int = 0  # attempts per layout (seed) in one iteration: > 1 gives the learner a group baseline
+    #                      (GRPO-style), and needs learner.practice_noise > 0 (filtered_bc, recap); 0: the learner's
+    #                      choice (PRACTICE: ppo 4, the others 1)
     call_timeout_s: float = 600.0  # with Ray: an actor that does not answer a call within this is killed and
     #                                replaced (an environment that hangs); its episodes in flight are lost
     overlap: bool = False  # with Ray: collect the next iteration while the learner trains on this one (practice one
@@ -562,6 +567,21 @@ def _near(name: str, key: str | None) -> str:
     return f"Did you mean {' or '.join(near)}? " if near else ""
 
 
+# How each learner practises where rollout.episodes_per_iteration / rollout.group_size are left at 0: (episodes an
+# update, attempts a layout). PPO compares 4 attempts at each layout, and small iterations (more updates a minute)
+# learned fastest on the wall clock (bench/RESULTS.md, "Learning speed"); the others clone one attempt a layout.
+PRACTICE = {"ppo": (128, 4)}
+PRACTICE_OTHERWISE = (512, 1)
+
+
+def _practice_of_the_learner(cfg: DictConfig) -> None:
+    episodes, group = PRACTICE.get(cfg.learner.algorithm, PRACTICE_OTHERWISE)
+    if cfg.rollout.episodes_per_iteration == 0:
+        cfg.rollout.episodes_per_iteration = episodes
+    if cfg.rollout.group_size == 0:
+        cfg.rollout.group_size = group
+
+
 def load_config(name: str, overrides: list[str]) -> DictConfig:
     """Compose ``configs/<name>.yaml`` with command-line overrides (``key=value``), checked against the schema."""
     _register()
@@ -590,6 +610,7 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
                           f"not record {sorted(set(cfg.detector.sensors) - set(cfg.env.sensors))}: add them to "
                           f"env.sensors (the episodes must carry every camera the detector judges from)")
     if name == "run":
+        _practice_of_the_learner(cfg)
         _check_named_parts(cfg)
     if name == "serve":
         _check_named_parts(cfg, (("policy", "policy.name"),))

@@ -77,6 +77,8 @@ class PPOLearner(LearnerBase):
         gamma: float = 0.95,
         gae_lambda: float = 0.95,
         value_epochs: int = 20,
+        self_imitation: float = 0.0,
+        max_episodes: int = 4000,
     ):
         """``flow_noise``: the flow head's std in practice (its exploration), at each Euler step (``noise_at`` "steps",
         flow-noise as in piRL) or of the chunk alone ("output": a Gaussian policy whose mean is the flow, with
@@ -89,7 +91,14 @@ class PPOLearner(LearnerBase):
         alike, as a Gaussian policy is evaluated at its mean: the steps' draws are its only randomness, so every
         difference between attempts at a layout is one PPO can credit. From the usual standard normal start, most
         of that difference came from the start, whose density does not depend on the weights: in a trial the
-        approved direction moved 0.00-0.08 against 0.10 from the mean."""
+        approved direction moved 0.00-0.08 against 0.10 from the mean.
+
+        ``self_imitation`` > 0: of every anchor batch, this share is drawn from the policy's own approved successes
+        that beat their layout's other attempts (weighted by that group advantage), replayed from every update so
+        far (up to ``max_episodes``), as self-imitation learning (Oh et al. 2018) imitates past returns above the
+        value; the rest from the demonstrations. A success where the policy usually fails is the coverage its
+        demonstrations lacked (bench/RESULTS.md, "Demo coverage"), and unlike PPO's on-policy loss it keeps
+        teaching in every later update."""
         if "log_prob" not in model.capabilities:
             raise ValueError(f"ppo needs a policy that gives the exact log-probability of what it drew (the "
                              f"'log_prob' capability); {type(model).__name__} offers {sorted(model.capabilities)}: "
@@ -107,8 +116,13 @@ class PPOLearner(LearnerBase):
                                            weight_decay=1e-4)
         self.epochs, self.clip, self.minibatch = ppo_epochs, ppo_clip, ppo_minibatch
         self.anchor, self.max_staleness, self.batch_size = anchor, max_staleness, batch_size
-        self.demos = ChunkDataset(model)
+        self.demos = ChunkDataset(model, max_episodes=max_episodes)  # the anchor's: demonstrations (pinned), and
         self.demos.add(list(demos or []), pinned=True)
+        self.num_demos = self.demos.num_episodes  # with self_imitation the policy's own hard successes
+        if not 0.0 <= self_imitation < 1.0:
+            raise ValueError(f"learner.self_imitation={self_imitation}: the share of each anchor batch from the "
+                             f"policy's own successes, in [0, 1)")
+        self.self_imitation = self_imitation
         if advantage not in ("group", "gae"):
             raise ValueError(f"learner.advantage={advantage!r}: choose group (GRPO) or gae (a critic)")
         self.critic = Critic(model, gamma=gamma, lam=gae_lambda, epochs=value_epochs, minibatch=ppo_minibatch,
@@ -171,6 +185,7 @@ class PPOLearner(LearnerBase):
         else:
             adv = list(self.group_advantages(fresh)) if fresh else []
         data = self._decisions(fresh, adv)
+        imitated = self._keep_successes(fresh, adv) if self.self_imitation > 0 else 0
         stats: dict[str, list[float]] = {"policy_loss": [], "anchor_loss": [], "clip_fraction": [], "approx_kl": []}
         n = len(data["adv"]) if data else 0
         self.model.train()
@@ -187,9 +202,10 @@ class PPOLearner(LearnerBase):
                 loss = -(per_number * ran).sum() / ran.sum()
                 anchor = loss.new_zeros(())
                 if self.anchor > 0 and self.demos.num_episodes:
-                    b = {k: v.to(ctx.device) for k, v in self.demos.sample(self.batch_size, self.generator).items()}
+                    b = {k: v.to(ctx.device) for k, v in self.demos.sample(
+                        self.batch_size, self.generator, 1.0 - self.self_imitation).items()}
                     anchor = self.model.imitation_loss(self.model.context(b["images"], b["ids"], b["proprio"]),
-                                                       b["actions"], generator=self.generator)
+                                                       b["actions"], b["weights"], generator=self.generator)
                 total = loss + self.anchor * anchor
                 if not torch.isfinite(total):
                     raise FloatingPointError(f"ppo loss is {total.item()}: the weights or the batch hold "
@@ -208,7 +224,24 @@ class PPOLearner(LearnerBase):
         return {**{k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}, "decisions": n,
                 "stale_dropped": len(acted) - len(fresh), "informative_episodes": sum(bool(np.any(a)) for a in adv),
                 **({"value_loss": float(np.mean(value_loss))} if value_loss else {}),
+                **({"imitated_episodes": imitated, "replayed_successes": self.demos.num_episodes - self.num_demos}
+                   if self.self_imitation > 0 else {}),
                 "judged_success": float(np.mean([self.judged_success(ep) for ep in fresh])) if fresh else 0.0}
+
+    def refill(self, episodes: list[Episode]) -> None:
+        """A resumed run: the replayed successes again (a layout's attempts share its seed, so their groups are
+        found again among the stored episodes)."""
+        if self.self_imitation > 0 and episodes:
+            self._keep_successes(episodes, list(self.group_advantages(episodes)))
+
+    def _keep_successes(self, episodes: list[Episode], adv: list[np.ndarray]) -> int:
+        """The approved successes with a positive advantage into the anchor's replay, weighted by it (their executed
+        actions, as a demonstration is cloned) -> how many."""
+        kept = [(ep, float(np.mean(a))) for ep, a in zip(episodes, adv)
+                if self.judged_success(ep) and np.mean(a) > 0]
+        for ep, a in kept:
+            self.demos.add([ep], weight=a, executed=True)
+        return len(kept)
 
     def snapshot(self) -> PolicySnapshot:
         sampling = Sampling(flow_noise=self.flow_noise, noise_at=self.noise_at, noise=0.0, practice_noise=0.0) \

@@ -166,8 +166,18 @@ def test_an_unknown_plug_in_or_a_missing_detector_file_is_a_config_error(tmp_pat
         load_config("run", ["run_dir=x", f"detector.checkpoint={tmp_path / 'nothing.safetensors'}"])
 
 
+def test_each_learner_practises_as_it_learns_best_unless_told():
+    """PPO compares 4 attempts at each layout in small iterations, the cloning learners one attempt in large ones;
+    a preset's or the command line's values win."""
+    practice = lambda *o: (lambda c: (c.rollout.episodes_per_iteration, c.rollout.group_size))(  # noqa: E731
+        load_config("run", ["run_dir=x", *o]))
+    assert practice("learner=ppo") == (128, 4) and practice("learner=filtered_bc") == (512, 1)
+    assert practice("learner=recap") == (512, 1) and practice("experiment=tiny", "learner=ppo") == (32, 2)
+    assert practice("learner=ppo", "rollout.group_size=8", "rollout.episodes_per_iteration=64") == (64, 8)
+
+
 def test_each_algorithm_has_its_own_keys_and_refuses_anothers():
-    assert load_config("run", ["run_dir=x", "learner=ppo", "learner.ppo_lr=1e-4"]).learner.ppo_lr == 1e-4
+    assert load_config("run", ["run_dir=x", "learner=ppo", "learner.ppo_lr=3e-4"]).learner.ppo_lr == 3e-4
     with pytest.raises(ConfigError, match=r"learner.steps_per_update is not a key of learner=ppo: it takes advantage, "
                                           r"anchor, .*ppo_lr"):
         load_config("run", ["run_dir=x", "learner=ppo", "learner.steps_per_update=3"])

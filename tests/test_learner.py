@@ -470,3 +470,45 @@ def test_imitation_learns_from_demonstrations_alone(demos):
     learner = ImitationLearner(SmallVLA(), demos=demos[:4], steps_per_update=3)
     stats = learner.update(episodes_moving(demos[4:8], 0.8, True))
     assert stats["kept_episodes"] == 0 and learner.data.num_episodes == 4 and np.isfinite(stats["loss"])
+
+
+def test_ppo_self_imitation_replays_the_successes_that_beat_their_layout(demos):
+    """With self_imitation, every update puts the approved successes that beat their layout's other attempts into
+    the anchor's replay, weighted by their group advantage, where they stay for later updates and make up that share
+    of every anchor batch; a resumed learner finds the same ones again among the stored episodes; the policy learns
+    the approved direction."""
+    from actors.rollout import RolloutWorker
+    from flywheel.vla.model import VLAConfig
+    from learner.ppo import PPOLearner
+
+    torch.manual_seed(1)
+    cfg = VLAConfig()
+    make = lambda sil: PPOLearner(SmallVLA(cfg), demos, seed=0, ppo_lr=3e-4, ppo_epochs=4, anchor=1.0,  # noqa: E731
+                                  self_imitation=sil)
+    learner, worker = make(0.9), RolloutWorker(lambda: VLAPolicy(cfg), {"max_steps": 4})
+
+    def practise(it):  # 8 layouts, 4 attempts each; the detector approves the one whose first move went furthest right
+        episodes = worker.collect([100 * it + i // 4 for i in range(32)], "train", sample_seed=it)
+        for i in range(0, 32, 4):
+            xs = [ep.actions[0, 0] for ep in episodes[i:i + 4]]
+            for j, ep in enumerate(episodes[i:i + 4]):
+                ep.labels.append(Label(source="detector", success=bool(j == np.argmax(xs)), version="d"))
+        return episodes
+
+    first_x = lambda: float(np.mean([ep.actions[0, 0] for ep in worker.collect(list(range(900, 916)), "eval")]))  # noqa: E731
+    worker.set_weights(learner.snapshot())
+    before = first_x()
+    for it in range(2):
+        stats = learner.update(practise(it))
+        worker.set_weights(learner.snapshot())
+    assert first_x() > before + 0.3, (before, first_x())
+    assert stats["imitated_episodes"] == 8 and stats["replayed_successes"] == 16  # kept from both updates
+    batch = learner.demos.sample(2000, torch.Generator().manual_seed(0), 0.1)
+    mine = batch["weights"] != 1.0  # a demonstration weighs 1; the best of 4 attempts (1 - 1/4) / std = sqrt(3)
+    assert torch.allclose(batch["weights"][mine], torch.tensor(3.0 ** 0.5))
+    assert abs(mine.float().mean().item() - 0.9) < 0.03
+
+    resumed, episodes = make(0.9), practise(5)
+    resumed.refill(episodes)
+    assert resumed.demos.num_episodes - len(demos) == 8
+    assert "replayed_successes" not in make(0.0).update(episodes)  # off: nothing kept
