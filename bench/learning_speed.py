@@ -14,8 +14,9 @@ that the entries differ in their learner alone; its training is then on no entry
 judged only on runs that trained their own (``--detector`` unset). Entries named ``*-ground_truth`` are judged by the simulator: what a perfect detector would buy.
 
 The targets (issue 36), for the chosen default (``DEFAULT``) with the detector's reward: the base's failure rate
-halved on the held-out seeds within 15 minutes and within 100k practice env steps, and its gain at least 0.8 of the
-same learner's with ground-truth reward. The result is ``bench/results/NAME.json`` (``learning_speed`` by default),
+halved on the held-out seeds within 15 minutes and within 100k practice env steps, and its gain in 15 minutes at
+least 0.8 of the same learner's with ground-truth reward after as many practice env steps (judged by the simulator,
+a run trains no detector, so it would have more minutes to practise). The result is ``bench/results/NAME.json`` (``learning_speed`` by default),
 ``met`` true only when all hold; a plot beside it; the table in bench/RESULTS.md.
 
 A run already completed in ``--out`` is read, not run again.
@@ -42,13 +43,17 @@ MINUTES, STEPS, SHARE = 15.0, 100_000, 0.8  # the targets
 PPO = ["learner=ppo", "rollout.group_size=4", "learner.ppo_lr=1e-4", "learner.ppo_epochs=4"]
 CANDIDATES = {
     "filtered_bc": ["learner=filtered_bc"],  # the default job's learner before issue 36
-    "ppo_512": [*PPO, "rollout.episodes_per_iteration=512"],
+    "ppo_512": [*PPO, "rollout.episodes_per_iteration=512", "learner.self_imitation=0"],
     # more updates per collected step: a quarter of the episodes an update
-    "ppo_128": [*PPO, "rollout.episodes_per_iteration=128"],
+    "ppo_128": [*PPO, "rollout.episodes_per_iteration=128", "learner.self_imitation=0"],
     # and a replay of the successes that beat their layout's other attempts, imitated beside PPO's loss
     "ppo_128_sil": [*PPO, "rollout.episodes_per_iteration=128", "learner.self_imitation=0.5"],
+    # and a quicker start: the detector's training was most of the 2.9 min before the first update
+    "ppo_128_sil_quick_detector": [*PPO, "rollout.episodes_per_iteration=128", "learner.self_imitation=0.5",
+                                   "detector.steps=800"],
 }
-DEFAULT = "ppo_128"
+DEFAULT = "ppo_128_sil"  # learner=ppo's defaults
+TRUTH = "ppo_128_sil"  # DEFAULT's learner, judged by the simulator (a detector's settings make no difference there)
 
 
 def run_entry(name: str, overrides: list[str], out: Path, minutes: float) -> tuple[dict, float]:
@@ -79,18 +84,22 @@ def per_iteration(overrides: list[str]) -> int:
 
 def curve(run_dir: Path, started: float) -> list[dict]:
     """Held-out success at each evaluation, against the practice env steps before it and the job's minutes: from the
-    command's start, less the minutes spent in the benchmark's own evaluations before it (those at the start and the
-    end are the job's)."""
+    command's start, less the seconds of the benchmark's own evaluations up to it (every one between the first,
+    at the start, and the last, at the end, which are the job's)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps, evaluating, points = 0, 0.0, []
+    steps, points = 0, []
     for r in rows:
         steps = r.get("env_steps", steps)
-        if "eval/success" not in r:
-            continue
-        points.append({"iteration": r["step"], "env_steps": steps, "version": r["eval/version"],
-                       "minutes": (r["time"] - started - evaluating) / 60, "success": r["eval/success"],
-                       "ci95": [r["eval/ci95_low"], r["eval/ci95_high"]]})
-        evaluating += r.get("time/evaluate", 0.0)  # a mid-run evaluation's seconds: not the job's
+        if "eval/success" in r:
+            points.append({"iteration": r["step"], "env_steps": steps, "version": r["eval/version"],
+                           "seconds": r["time"] - started, "evaluating": r.get("time/evaluate", 0.0),
+                           "success": r["eval/success"], "ci95": [r["eval/ci95_low"], r["eval/ci95_high"]]})
+    off_the_clock = 0.0
+    for i, p in enumerate(points):
+        if 0 < i < len(points) - 1:
+            off_the_clock += p["evaluating"]
+        p["minutes"] = (p.pop("seconds") - off_the_clock) / 60
+        del p["evaluating"]
     return points
 
 
@@ -125,10 +134,13 @@ def judge(results: dict[str, dict]) -> dict:
     best = results.get(DEFAULT)
     if best is None:
         return {"met": None}
-    truth = results.get(f"{DEFAULT}-ground_truth")
-    gain = best["success_at_15_min"] - best["initial_success"]
-    share = gain / (truth["success_at_15_min"] - truth["initial_success"]) if truth and \
-        truth["success_at_15_min"] > truth["initial_success"] else None
+    truth = results.get(f"{TRUTH}-ground_truth")
+    # at equal practice, not equal minutes: judged by the simulator, a run trains no detector and starts ~2.5 min
+    # sooner
+    reached = at(best["curve"], "minutes", MINUTES)
+    truth_gain = at(truth["curve"], "env_steps", reached["env_steps"])["success"] - truth["initial_success"] \
+        if truth else 0.0
+    share = (reached["success"] - best["initial_success"]) / truth_gain if truth_gain > 0 else None
     minutes, steps = best["minutes_to_halve"], best["steps_to_halve"]
     met = bool(minutes is not None and minutes <= MINUTES and steps is not None and steps <= STEPS
                and share is not None and share >= SHARE)
@@ -158,7 +170,7 @@ def plot(results: dict[str, dict], path: Path):
         ax.set(xlabel=label)
         ax.grid(alpha=0.3)
     axes[0].set(ylabel="held-out success (500 seeds, 95% CI)", title="against wall clock (grey: the targets)")
-    axes[1].set(xscale="log", title="against practice env steps")
+    axes[1].set(title="against practice env steps")
     axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -181,8 +193,8 @@ def write_section(results: dict[str, dict], verdict: dict, name: str, command: s
              f"The base: {base['initial_success']:.3f}; its failure rate halved: {base['halved_at']:.3f}.", "", *rows,
              "", f"- the default: **{verdict.get('default')}**; minutes to halve "
              f"{fmt(verdict.get('minutes_to_halve'), '{:.1f}')} (target <= {MINUTES:g}), env steps to halve "
-             f"{fmt(verdict.get('steps_to_halve'), '{:,}')} (target <= {STEPS:,}), share of the ground-truth gain at "
-             f"15 min {fmt(verdict.get('detector_share_of_ground_truth_gain'), '{:.2f}')} (target >= {SHARE})",
+             f"{fmt(verdict.get('steps_to_halve'), '{:,}')} (target <= {STEPS:,}), its gain at 15 min / the gain "
+             f"with ground-truth reward at as many env steps {fmt(verdict.get('detector_share_of_ground_truth_gain'), '{:.2f}')} (target >= {SHARE})",
              f"- all met: **{verdict.get('met')}**", "",
              f"![held-out success against minutes and env steps](results/{name}.png)", end]
     path = Path(__file__).resolve().parent / "RESULTS.md"
@@ -206,7 +218,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     common = ["eval.noise=0", *([f"detector.checkpoint={args.detector}"] if args.detector else [])]
     wanted = set(filter(None, args.only.split(",")))
-    entries = {**CANDIDATES, f"{DEFAULT}-ground_truth": [*CANDIDATES[DEFAULT], "detector.name=ground_truth"]}
+    entries = {**CANDIDATES, f"{TRUTH}-ground_truth": [*CANDIDATES[TRUTH], "detector.name=ground_truth"]}
     results = {}
     for name, own in entries.items():
         if wanted and name not in wanted and not (out / name / "summary.json").exists():

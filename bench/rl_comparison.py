@@ -23,8 +23,8 @@ evaluated (``evaluated``), since a completed run is read as it was made.
 - ``imitation-more_demos``: the same, with ``--more-demos`` demonstrations (default 200: as many again, from the
   same operators on new layouts), "more demonstrations, no RL".
 
-The RL entries are ``--algorithms`` (filtered_bc, recap and ppo by default; residual_ppo can be added), each with the
-settings in SETTINGS beside the default job's.
+The RL entries are ``--algorithms`` (filtered_bc, recap and ppo by default; ppo_sil, PPO with self-imitation, and
+residual_ppo can be added), each with the settings in SETTINGS beside the default job's.
 
 The result, ``bench/results/NAME.json`` (``--name``, rl_comparison by default): one entry per algorithm and reward
 source (``algorithm``, ``reward``, ``initial_success``, ``final_success``, ``ci95``, ``env_steps``, ``evaluated``, the
@@ -52,14 +52,16 @@ import numpy as np
 from bench.common import RESULTS, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
-RL = ("recap", "ppo", "residual_ppo")  # the issue's candidates: RECAP, and PPO (flow-noise; or on a residual)
-# Each algorithm's own settings, beside the default job's: PPO compares 4 attempts at each layout (GRPO); at this
+RL = ("recap", "ppo", "ppo_sil", "residual_ppo")  # the issue's candidates: RECAP, and PPO (flow-noise; with
+#                                                   self-imitation, learner=ppo's default since issue 36; or residual)
+# Each entry's own settings, beside the default job's: PPO compares 4 attempts at each layout (GRPO); at this
 # learning rate and these epochs its clip fraction stayed at 0.04-0.09 on the shipped base (3e-4 and 8 epochs:
 # 0.16-0.34, and a worse policy after 8 updates; bench/RESULTS.md, "PPO's settings and exploration").
 # Every entry practises 512 episodes an update (PPO's own choice is now 128: bench/learning_speed.py compares on the
 # wall clock), so that the entries compare at equal practice per update.
-SETTINGS = {"ppo": ["rollout.group_size=4", "learner.ppo_lr=1e-4", "learner.ppo_epochs=4",
-                    "rollout.episodes_per_iteration=512"]}
+PPO = ["rollout.group_size=4", "learner.ppo_lr=1e-4", "learner.ppo_epochs=4", "rollout.episodes_per_iteration=512"]
+SETTINGS = {"ppo": [*PPO, "learner.self_imitation=0"], "ppo_sil": [*PPO, "learner.self_imitation=0.5"]}
+ALGORITHM = {"ppo_sil": "ppo"}  # an entry that is a setting of another algorithm
 
 
 def entries(algorithms: list[str], more_demos: int) -> dict[str, list[str]]:
@@ -67,7 +69,7 @@ def entries(algorithms: list[str], more_demos: int) -> dict[str, list[str]]:
     out = {}
     for algorithm in algorithms:
         for reward in ("detector", "ground_truth"):
-            out[f"{algorithm}-{reward}"] = [f"learner.algorithm={algorithm}",
+            out[f"{algorithm}-{reward}"] = [f"learner.algorithm={ALGORITHM.get(algorithm, algorithm)}",
                                             f"detector.name={'learned' if reward == 'detector' else reward}",
                                             *SETTINGS.get(algorithm, [])]
     imitation = ["learner.algorithm=imitation", "detector.name=ground_truth", "rollout.episodes_per_iteration=1"]
@@ -213,7 +215,7 @@ def main() -> None:
             "eval_episodes": summary["eval_episodes"], "final_outcomes": summary.get("final_outcomes", ""),
             "policy_version_final": summary["policy_version_final"], "rollbacks": len(summary.get("rollbacks", [])),
             "wall_seconds": summary["wall_seconds"], "detector_auroc": summary.get("detector", {}).get("auroc"),
-            "evaluated": evaluated(noise, algorithm), "curve": curve(out / name)})
+            "evaluated": evaluated(noise, ALGORITHM.get(algorithm, algorithm)), "curve": curve(out / name)})
     if not results:
         raise SystemExit("no entry run or found")
     verdict = judge(results)

@@ -204,8 +204,9 @@ class PPOConfig(LearnerConfig):
     anchor: float = 0.5  # weight of behaviour cloning on the replayed demonstrations beside PPO's loss
     max_staleness: int = 2  # episodes acted by a version older than this many updates are dropped
     batch_size: int = 64  # demonstrations per anchor step
-    self_imitation: float = 0.0  # of every anchor batch, the share drawn from the policy's own approved successes
-    #                              that beat their layout's other attempts, replayed from every update (learner/ppo.py)
+    self_imitation: float = 0.5  # of every anchor batch, the share drawn from the policy's own approved successes
+    #                              that beat their layout's other attempts, replayed from every update (learner/ppo.py;
+    #                              bench/RESULTS.md, "Learning speed"); 0: the demonstrations alone
     max_episodes: int = 4000  # self_imitation: the replay's bound (the oldest of the policy's episodes leave first)
 
 
@@ -288,7 +289,8 @@ class RayConfig:
 @dataclasses.dataclass
 class EvalConfig:
     episodes: int = 500  # held-out seeds, the same ones at every evaluation
-    every: int = 2  # evaluate every N iterations (and always at the start and the end)
+    every: int = 0  # evaluate every N iterations (and always at the start and the end); 0: every ~1,024 practice
+    #                 episodes (2 iterations of 512, 8 of 128), so that evaluation stays a small share of the time
     noise: Optional[float] = 0.0  # the built-in flow VLA's starting noise in evaluation (and the gate's), the same
     #                               for every learner: 0, the flow from its mean, as the policy acts once deployed
     #                               and as filtered BC and PPO practise (each held-out seed then has one outcome,
@@ -572,6 +574,7 @@ def _near(name: str, key: str | None) -> str:
 # learned fastest on the wall clock (bench/RESULTS.md, "Learning speed"); the others clone one attempt a layout.
 PRACTICE = {"ppo": (128, 4)}
 PRACTICE_OTHERWISE = (512, 1)
+EVAL_EPISODES = 1024  # practice episodes between evaluations where eval.every is left at 0
 
 
 def _practice_of_the_learner(cfg: DictConfig) -> None:
@@ -580,6 +583,8 @@ def _practice_of_the_learner(cfg: DictConfig) -> None:
         cfg.rollout.episodes_per_iteration = episodes
     if cfg.rollout.group_size == 0:
         cfg.rollout.group_size = group
+    if cfg.eval.every == 0:
+        cfg.eval.every = max(1, round(EVAL_EPISODES / cfg.rollout.episodes_per_iteration))
 
 
 def load_config(name: str, overrides: list[str]) -> DictConfig:

@@ -135,7 +135,7 @@ def test_deterministic_practice_with_repeated_attempts_is_refused_before_anythin
 def test_values_out_of_their_range_are_config_errors():
     for override, message in (("detector.threshold=1.5", r"detector.threshold=1.5: .*\[0, 1\]"),
                               ("budget.minutes=-1", r"budget.minutes=-1.*more than 0"),
-                              ("learner.practice_noise=-0.5", r"practice_noise=-0.5.*at least 0"),
+                              ("learner=filtered_bc learner.practice_noise=-0.5", r"practice_noise=-0.5.*at least 0"),
                               ("learner=ppo learner.flow_noise=0", r"flow_noise=0.*more than 0"),
                               ("learner=ppo learner.advantage=critic", r"advantage=critic.*choose group .* or gae"),
                               ("learner=ppo learner.noise_at=chunk", r"noise_at=chunk.*choose steps .* or output"),
@@ -169,11 +169,15 @@ def test_an_unknown_plug_in_or_a_missing_detector_file_is_a_config_error(tmp_pat
 def test_each_learner_practises_as_it_learns_best_unless_told():
     """PPO compares 4 attempts at each layout in small iterations, the cloning learners one attempt in large ones;
     a preset's or the command line's values win."""
-    practice = lambda *o: (lambda c: (c.rollout.episodes_per_iteration, c.rollout.group_size))(  # noqa: E731
-        load_config("run", ["run_dir=x", *o]))
-    assert practice("learner=ppo") == (128, 4) and practice("learner=filtered_bc") == (512, 1)
-    assert practice("learner=recap") == (512, 1) and practice("experiment=tiny", "learner=ppo") == (32, 2)
-    assert practice("learner=ppo", "rollout.group_size=8", "rollout.episodes_per_iteration=64") == (64, 8)
+    def practice(*overrides):
+        cfg = load_config("run", ["run_dir=x", *overrides])
+        return cfg.rollout.episodes_per_iteration, cfg.rollout.group_size, cfg.eval.every
+
+    assert practice() == practice("learner=ppo") == (128, 4, 8)  # the default job; evaluated every 1,024 episodes
+    assert practice("learner=filtered_bc") == practice("learner=recap") == (512, 1, 2)
+    assert practice("experiment=tiny", "learner=ppo") == (32, 2, 1)
+    assert practice("learner=ppo", "rollout.group_size=8", "rollout.episodes_per_iteration=64", "eval.every=3") == \
+        (64, 8, 3)
 
 
 def test_each_algorithm_has_its_own_keys_and_refuses_anothers():
@@ -183,7 +187,7 @@ def test_each_algorithm_has_its_own_keys_and_refuses_anothers():
         load_config("run", ["run_dir=x", "learner=ppo", "learner.steps_per_update=3"])
     with pytest.raises(ConfigError, match=r"learner.guidance is not a key of learner=filtered_bc: it takes .*"
                                           r"steps_per_update"):
-        load_config("run", ["run_dir=x", "learner.guidance=3"])
+        load_config("run", ["run_dir=x", "learner=filtered_bc", "learner.guidance=3"])
     assert load_config("run", ["run_dir=x", "learner.algorithm=recap"]).learner.guidance == 3.0  # its group
     tiny = load_config("run", ["run_dir=x", "experiment=tiny", "learner=ppo"]).learner
     assert tiny.algorithm == "ppo" and tiny.demos == 40  # a preset's keys common to all apply to the one chosen
