@@ -137,7 +137,7 @@ class LearnerConfig:
 
 @dataclasses.dataclass
 class BCConfig(LearnerConfig):
-    """``learner=filtered_bc`` (the default) and ``learner=imitation``: behaviour cloning of what the detector
+    """``learner=filtered_bc`` and ``learner=imitation``: behaviour cloning of what the detector
     approved (filtered BC), or of the demonstrations alone (imitation, the control)."""
 
     algorithm: str = "filtered_bc"
@@ -186,7 +186,8 @@ class RecapConfig(BCConfig):
 
 @dataclasses.dataclass
 class PPOConfig(LearnerConfig):
-    """``learner=ppo``: PPO with group-relative (GRPO) or GAE advantages, on exact log-probabilities of the draws."""
+    """``learner=ppo`` (the default): PPO with group-relative (GRPO) or GAE advantages, on exact log-probabilities of
+    the draws, and self-imitation of its own hard successes beside the demonstrations."""
 
     algorithm: str = "ppo"
     ppo_lr: float = 1e-4  # the learning rate (3e-4 with 8 epochs: clip fraction 0.16-0.34, and worse after 8 updates)
