@@ -105,6 +105,8 @@ bench: $(STAMP)
 bench-rl: $(STAMP)
 	PYTHONPATH=. $(BIN)/python bench/rl_comparison.py $(ARGS)
 	PYTHONPATH=. $(BIN)/python bench/demo_coverage.py
+	# the learners on the wall clock (~90 min: six 15-minute runs, one at a time; those made before are read)
+	PYTHONPATH=. $(BIN)/python bench/learning_speed.py --out runs/learning-speed
 	PYTHONPATH=. $(BIN)/python bench/table.py
 
 clean:
