@@ -93,12 +93,8 @@ class PPOLearner(LearnerBase):
         of that difference came from the start, whose density does not depend on the weights: in a trial the
         approved direction moved 0.00-0.08 against 0.10 from the mean.
 
-        ``self_imitation`` > 0: of every anchor batch, this share is drawn from the policy's own approved successes
-        that beat their layout's other attempts (weighted by that group advantage), replayed from every update so
-        far (up to ``max_episodes``), as self-imitation learning (Oh et al. 2018) imitates past returns above the
-        value; the rest from the demonstrations. A success where the policy usually fails is the coverage its
-        demonstrations lacked (bench/RESULTS.md, "Demo coverage"), and unlike PPO's on-policy loss it keeps
-        teaching in every later update."""
+        ``anchor``, ``batch_size``, ``self_imitation``, ``max_episodes``: the behaviour cloning beside PPO's loss
+        (``Anchor``)."""
         if "log_prob" not in model.capabilities:
             raise ValueError(f"ppo needs a policy that gives the exact log-probability of what it drew (the "
                              f"'log_prob' capability); {type(model).__name__} offers {sorted(model.capabilities)}: "
@@ -114,15 +110,8 @@ class PPOLearner(LearnerBase):
         self.generator = torch.Generator().manual_seed(seed)
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ppo_lr,
                                            weight_decay=1e-4)
-        self.epochs, self.clip, self.minibatch = ppo_epochs, ppo_clip, ppo_minibatch
-        self.anchor, self.max_staleness, self.batch_size = anchor, max_staleness, batch_size
-        self.demos = ChunkDataset(model, max_episodes=max_episodes)  # the anchor's: demonstrations (pinned), and
-        self.demos.add(list(demos or []), pinned=True)
-        self.num_demos = self.demos.num_episodes  # with self_imitation the policy's own hard successes
-        if not 0.0 <= self_imitation < 1.0:
-            raise ValueError(f"learner.self_imitation={self_imitation}: the share of each anchor batch from the "
-                             f"policy's own successes, in [0, 1)")
-        self.self_imitation = self_imitation
+        self.epochs, self.clip, self.minibatch, self.max_staleness = ppo_epochs, ppo_clip, ppo_minibatch, max_staleness
+        self.anchor = Anchor(model, list(demos or []), anchor, batch_size, self_imitation, max_episodes)
         if advantage not in ("group", "gae"):
             raise ValueError(f"learner.advantage={advantage!r}: choose group (GRPO) or gae (a critic)")
         self.critic = Critic(model, gamma=gamma, lam=gae_lambda, epochs=value_epochs, minibatch=ppo_minibatch,
@@ -185,7 +174,7 @@ class PPOLearner(LearnerBase):
         else:
             adv = list(self.group_advantages(fresh)) if fresh else []
         data = self._decisions(fresh, adv)
-        imitated = self._keep_successes(fresh, adv) if self.self_imitation > 0 else 0
+        imitated = self.anchor.keep(fresh, adv)
         stats: dict[str, list[float]] = {"policy_loss": [], "anchor_loss": [], "clip_fraction": [], "approx_kl": []}
         n = len(data["adv"]) if data else 0
         self.model.train()
@@ -200,13 +189,9 @@ class PPOLearner(LearnerBase):
                 ran = data["executed"][idx].view(len(idx), *[1] * (ratio.dim() - 3), -1, 1).expand_as(ratio).float()
                 per_number = torch.min(ratio * a, ratio.clamp(1 - self.clip, 1 + self.clip) * a)
                 loss = -(per_number * ran).sum() / ran.sum()
-                anchor = loss.new_zeros(())
-                if self.anchor > 0 and self.demos.num_episodes:
-                    b = {k: v.to(ctx.device) for k, v in self.demos.sample(
-                        self.batch_size, self.generator, 1.0 - self.self_imitation).items()}
-                    anchor = self.model.imitation_loss(self.model.context(b["images"], b["ids"], b["proprio"]),
-                                                       b["actions"], b["weights"], generator=self.generator)
-                total = loss + self.anchor * anchor
+                anchor = self.anchor.loss(self.generator, ctx.device) if self.anchor.weight > 0 else \
+                    loss.new_zeros(())
+                total = loss + self.anchor.weight * anchor
                 if not torch.isfinite(total):
                     raise FloatingPointError(f"ppo loss is {total.item()}: the weights or the batch hold "
                                              "NaN/inf. Lower learner.ppo_lr or restore the last good checkpoint.")
@@ -224,27 +209,62 @@ class PPOLearner(LearnerBase):
         return {**{k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}, "decisions": n,
                 "stale_dropped": len(acted) - len(fresh), "informative_episodes": sum(bool(np.any(a)) for a in adv),
                 **({"value_loss": float(np.mean(value_loss))} if value_loss else {}),
-                **({"imitated_episodes": imitated, "replayed_successes": self.demos.num_episodes - self.num_demos}
-                   if self.self_imitation > 0 else {}),
+                **({"imitated_episodes": imitated, "replayed_successes": self.anchor.replayed}
+                   if self.anchor.share > 0 else {}),
                 "judged_success": float(np.mean([self.judged_success(ep) for ep in fresh])) if fresh else 0.0}
 
     def refill(self, episodes: list[Episode]) -> None:
         """A resumed run: the replayed successes again (a layout's attempts share its seed, so their groups are
         found again among the stored episodes)."""
-        if self.self_imitation > 0 and episodes:
-            self._keep_successes(episodes, list(self.group_advantages(episodes)))
-
-    def _keep_successes(self, episodes: list[Episode], adv: list[np.ndarray]) -> int:
-        """The approved successes with a positive advantage into the anchor's replay, weighted by it (their executed
-        actions, as a demonstration is cloned) -> how many."""
-        kept = [(ep, float(np.mean(a))) for ep, a in zip(episodes, adv)
-                if self.judged_success(ep) and np.mean(a) > 0]
-        for ep, a in kept:
-            self.demos.add([ep], weight=a, executed=True)
-        return len(kept)
+        if episodes:
+            self.anchor.keep(episodes, list(self.group_advantages(episodes)))
 
     def snapshot(self) -> PolicySnapshot:
         sampling = Sampling(flow_noise=self.flow_noise, noise_at=self.noise_at, noise=0.0, practice_noise=0.0) \
             if self.model.action_head == "flow" else Sampling()
         return PolicySnapshot(version=self.version, weights=self.model.get_weights(),
                               meta={"algorithm": type(self).__name__}, sampling=sampling)
+
+
+class Anchor:
+    """Behaviour cloning beside PPO's loss (weight ``weight``, ``batch_size`` samples a step), which keeps the policy
+    near what it could already do: on the replayed demonstrations and, with ``share`` > 0 (``learner.self_imitation``),
+    that share of every batch from the policy's own approved successes that beat their layout's other attempts,
+    weighted by that group advantage and replayed from every update so far (up to ``max_episodes``). This is
+    self-imitation learning (Oh et al. 2018), which imitates past returns above the value: a success where the policy
+    usually fails is the coverage its demonstrations lacked (bench/RESULTS.md, "Demo coverage"), and unlike PPO's
+    on-policy loss it keeps teaching in every later update."""
+
+    def __init__(self, model: TrainablePolicy, demos: list[Episode], weight: float, batch_size: int, share: float,
+                 max_episodes: int):
+        if not 0.0 <= share < 1.0:
+            raise ValueError(f"learner.self_imitation={share}: the share of each anchor batch from the policy's own "
+                             f"successes, in [0, 1)")
+        self.model, self.weight, self.batch_size, self.share = model, weight, batch_size, share
+        self.data = ChunkDataset(model, max_episodes=max_episodes)
+        self.data.add(demos, pinned=True)
+        self.num_demos = self.data.num_episodes
+
+    @property
+    def replayed(self) -> int:
+        """The policy's own successes held (the oldest leave past ``max_episodes``)."""
+        return self.data.num_episodes - self.num_demos
+
+    def keep(self, episodes: list[Episode], adv: list[np.ndarray]) -> int:
+        """With a share, the approved successes with a positive advantage into the replay, weighted by it (their
+        executed actions, as a demonstration is cloned) -> how many."""
+        if self.share <= 0:
+            return 0
+        kept = [(ep, float(np.mean(a))) for ep, a in zip(episodes, adv)
+                if LearnerBase.judged_success(ep) and np.mean(a) > 0]
+        for ep, a in kept:
+            self.data.add([ep], weight=a, executed=True)
+        return len(kept)
+
+    def loss(self, generator: torch.Generator, device) -> torch.Tensor:
+        """The imitation loss on one batch: ``share`` of it from the policy's successes, the rest demonstrations."""
+        if not self.data.num_episodes:
+            return torch.zeros((), device=device)
+        b = {k: v.to(device) for k, v in self.data.sample(self.batch_size, generator, 1.0 - self.share).items()}
+        ctx = self.model.context(b["images"], b["ids"], b["proprio"])
+        return self.model.imitation_loss(ctx, b["actions"], b["weights"], generator=generator)
