@@ -95,3 +95,14 @@ def write_result(name: str, ratio: float | None, target: float | None, met: bool
     verdict = "no target" if met is None else ("met" if met else "NOT met")
     print(f"{name}: ratio {ratio if ratio is None else round(ratio, 3)} (target {target}: {verdict})")
     return result
+
+
+def write_section(name: str, script: str, lines: list[str]) -> None:
+    """``lines`` as the section NAME of bench/RESULTS.md, between markers naming ``script`` (which rewrites it on
+    every run); appended at the end the first time."""
+    begin, end = f"<!-- {name}: written by {script} -->", f"<!-- end of {name} -->"
+    path = Path(__file__).resolve().parent / "RESULTS.md"
+    text, block = path.read_text(), "\n".join([begin, *lines, end])
+    text = text[:text.index(begin)] + block + text[text.index(end) + len(end):] if begin in text else \
+        text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import RESULTS, write_result
+from bench.common import write_section as section
 
 ROOT = Path(__file__).resolve().parent.parent
 MINUTES, STEPS, SHARE = 15.0, 100_000, 0.8  # the targets
@@ -148,7 +149,7 @@ def judge(results: dict[str, dict]) -> dict:
             "detector_share_of_ground_truth_gain": share}
 
 
-def plot(results: dict[str, dict], path: Path):
+def plot(results: dict[str, dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,12 +175,11 @@ def plot(results: dict[str, dict], path: Path):
     axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    return fig
+    plt.close(fig)
 
 
 def write_section(results: dict[str, dict], verdict: dict, name: str, command: str) -> None:
     """The table in bench/RESULTS.md between markers of its name (replaced on every run)."""
-    begin, end = f"<!-- {name}: written by bench/learning_speed.py -->", f"<!-- end of {name} -->"
     fmt = lambda x, f: "not reached" if x is None else f.format(x)  # noqa: E731
     rows = ["| entry | reward | success at 15 min | at 100k steps | minutes to halve | env steps to halve | "
             "end [95% CI] | updates | env steps | rollbacks |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -189,19 +189,15 @@ def write_section(results: dict[str, dict], verdict: dict, name: str, command: s
                     f"{r['final_success']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {r['iterations']} | "
                     f"{r['env_steps']:,} | {r['rollbacks']} |")
     base = next(iter(results.values()))
-    lines = [begin, f"`{command}` (bench/results/{name}.json has every entry's curve and overrides)", "",
+    lines = [f"`{command}` (bench/results/{name}.json has every entry's curve and overrides)", "",
              f"The base: {base['initial_success']:.3f}; its failure rate halved: {base['halved_at']:.3f}.", "", *rows,
              "", f"- the default: **{verdict.get('default')}**; minutes to halve "
              f"{fmt(verdict.get('minutes_to_halve'), '{:.1f}')} (target <= {MINUTES:g}), env steps to halve "
              f"{fmt(verdict.get('steps_to_halve'), '{:,}')} (target <= {STEPS:,}), its gain at 15 min / the gain "
              f"with ground-truth reward at as many env steps {fmt(verdict.get('detector_share_of_ground_truth_gain'), '{:.2f}')} (target >= {SHARE})",
              f"- all met: **{verdict.get('met')}**", "",
-             f"![held-out success against minutes and env steps](results/{name}.png)", end]
-    path = Path(__file__).resolve().parent / "RESULTS.md"
-    text, block = path.read_text(), "\n".join(lines)
-    text = text[:text.index(begin)] + block + text[text.index(end) + len(end):] if begin in text else \
-        text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
+             f"![held-out success against minutes and env steps](results/{name}.png)"]
+    section(name, "bench/learning_speed.py", lines)
 
 
 def main() -> None:
@@ -229,7 +225,7 @@ def main() -> None:
     if not results:
         raise SystemExit("no entry run or found")
     verdict = judge(results) if not args.detector else {"met": None, "default": DEFAULT}
-    fig = plot(results, RESULTS / f"{args.name}.png")
+    plot(results, RESULTS / f"{args.name}.png")
     done = write_result(args.name, verdict.get("minutes_to_halve"), MINUTES, verdict.get("met"),
                         entries=list(results.values()), **{k: v for k, v in verdict.items() if k != "met"},
                         what=f"minutes and practice env steps until {DEFAULT}, with the detector's reward, halves the "
@@ -237,13 +233,6 @@ def main() -> None:
                              f" min, <= {STEPS:,} steps and >= {SHARE} of the ground-truth gain",
                         plot=f"bench/results/{args.name}.png")
     write_section(results, verdict, args.name, done["command"])
-    plt_close(fig)
-
-
-def plt_close(fig) -> None:
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import RESULTS, write_result
+from bench.common import write_section as section
 
 ROOT = Path(__file__).resolve().parent.parent
 RL = ("recap", "ppo", "ppo_sil", "residual_ppo")  # the issue's candidates: RECAP, and PPO (flow-noise; with
@@ -232,7 +233,6 @@ def main() -> None:
 
 def write_section(results: list[dict], verdict: dict, iterations: int, name: str) -> None:
     """The comparison's table and plot in bench/RESULTS.md, between markers of its name (replaced on every run)."""
-    begin, end = f"<!-- {name}: written by bench/rl_comparison.py -->", f"<!-- end of {name} -->"
     rows = ["| entry | reward | evaluated | held-out success: start → end [95% CI] | gain | practice env steps | "
             "updates | rollbacks | wall (machine shared or not) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -241,7 +241,7 @@ def write_section(results: list[dict], verdict: dict, iterations: int, name: str
                     f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {r['final_success'] - r['initial_success']:+.3f} | "
                     f"{r['env_steps']:,} | {r['iterations']} | {r['rollbacks']} | {r['wall_seconds'] / 60:.1f} min |")
     share = verdict.get("detector_share_of_ground_truth_gain")
-    lines = [begin, f"### RL fine-tuning compared (issue 5): {iterations} updates each, the default job", "",
+    lines = [f"### RL fine-tuning compared (issue 5): {iterations} updates each, the default job", "",
              f"`PYTHONPATH=. .venv/bin/python bench/rl_comparison.py {' '.join(as_run())}` (bench/results/"
              f"{name}.json has every entry's curve and overrides)", "", *rows, "",
              f"- best of RECAP and PPO with the detector's reward: **{verdict.get('best')}**; failure rate / the "
@@ -252,13 +252,8 @@ def write_section(results: list[dict], verdict: dict, iterations: int, name: str
                  + (" paired" if verdict.get("margin_paired", {}).get(k) else "")
                  for k, v in verdict.get("margin_over", {}).items()),
              f"- all met: **{verdict.get('met')}**", "", "![held-out success against env steps and updates]"
-             f"(results/{name}.png)", end]
-    path = Path(__file__).resolve().parent / "RESULTS.md"
-    text = path.read_text()
-    block = "\n".join(lines)
-    text = text[:text.index(begin)] + block + text[text.index(end) + len(end):] if begin in text else \
-        text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
+             f"(results/{name}.png)"]
+    section(name, "bench/rl_comparison.py", lines)
 
 
 def as_run() -> list[str]:
