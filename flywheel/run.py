@@ -124,6 +124,10 @@ def check_choices(cfg: DictConfig) -> None:
         raise ConfigError(f"rollout.group_size={cfg.rollout.group_size} with learner.practice_noise=0: the attempts at "
                           f"a layout would all be the same, so none could be compared with another; give "
                           f"rollout.group_size=1, or learner.practice_noise > 0 (e.g. 1: practise by sampling)")
+    if cfg.rollout.group_size < 2 and cfg.learner.get("advantage") == "group":
+        raise ConfigError(f"rollout.group_size={cfg.rollout.group_size} with learner.advantage=group: GRPO credits an "
+                          f"attempt against the other attempts at its layout, so with one attempt no episode would teach "
+                          f"anything; give rollout.group_size=4 (or 0, the learner's choice), or learner.advantage=gae")
 
 
 def open_run(cfg: DictConfig, run_dir: Path, resuming: bool, saved: dict | None) -> dict[str, Any]:

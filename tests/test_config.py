@@ -130,6 +130,10 @@ def test_deterministic_practice_with_repeated_attempts_is_refused_before_anythin
     with pytest.raises(ConfigError, match="group_size=2 with learner.practice_noise=0.*rollout.group_size=1"):
         run(cfg)
     assert not (tmp_path / "r").exists()
+    cfg = load_config("run", ["experiment=tiny", f"run_dir={tmp_path / 'r'}", "learner=ppo", "rollout.group_size=1"])
+    with pytest.raises(ConfigError, match="group_size=1 with learner.advantage=group.*learner.advantage=gae"):
+        run(cfg)  # GRPO with one attempt a layout would learn nothing, silently
+    assert not (tmp_path / "r").exists()
 
 
 def test_values_out_of_their_range_are_config_errors():
