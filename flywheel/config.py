@@ -325,12 +325,15 @@ class GateConfig:
     reported evaluation's) and is held back, the run rolling back to the deployed version, when it is worse with
     ``confidence`` by more than ``margin`` (paired, seed by seed).
 
-    The test runs at every update, so a candidate no worse than the deployed one is still held back about
-    1 - ``confidence`` of the time: over 240 updates at 0.95, about 12 rollbacks by chance alone (8-21 in the
-    240-update runs, bench/RESULTS.md). Each costs one update. A higher ``confidence`` or a ``margin`` trades them for
-    letting small regressions through."""
+    A candidate no worse than the deployed one is still held back about 1 - ``confidence`` of the time: over 240
+    tests at 0.95, about 12 rollbacks by chance alone (8-21 in the 240-update runs, bench/RESULTS.md). Each costs the
+    ``every`` updates since the last test. A higher ``confidence`` or a ``margin`` trades them for letting small
+    regressions through."""
 
     episodes: int = 256  # 0 = no gate: every update goes straight to practice
+    every: int = 0  # test every N-th update; those between go to practice untested, and a held-back candidate rolls
+    #                 them back with it. 0: every ~512 practice episodes (each update of 512, every 4th of 128),
+    #                 since at 128 episodes an update the test took 23% of the time (bench/RESULTS.md)
     confidence: float = 0.95  # one-sided
     margin: float = 0.0  # success rate a candidate may lose before it counts as worse
     audit: int = 64  # eval.judge=detector: up to so many of the candidate's gate episodes that carry a trusted
@@ -576,6 +579,7 @@ def _near(name: str, key: str | None) -> str:
 PRACTICE = {"ppo": (128, 4)}
 PRACTICE_OTHERWISE = (512, 1)
 EVAL_EPISODES = 1024  # practice episodes between evaluations where eval.every is left at 0
+GATE_EPISODES = 512  # practice episodes between the gate's tests where gate.every is left at 0
 
 
 def _practice_of_the_learner(cfg: DictConfig) -> None:
@@ -586,6 +590,8 @@ def _practice_of_the_learner(cfg: DictConfig) -> None:
         cfg.rollout.group_size = group
     if cfg.eval.every == 0:
         cfg.eval.every = max(1, round(EVAL_EPISODES / cfg.rollout.episodes_per_iteration))
+    if cfg.gate.every == 0:
+        cfg.gate.every = max(1, round(GATE_EPISODES / cfg.rollout.episodes_per_iteration))
 
 
 def load_config(name: str, overrides: list[str]) -> DictConfig:
@@ -729,6 +735,8 @@ _BOUNDS = {"run": (
                                                                    "or detector (an environment that cannot judge "
                                                                    "itself, such as a robot)"),
     (("gate.audit",), lambda v: v >= 0, "a number of gate episodes, so it must be at least 0 (0: no audit)"),
+    (("gate.every", "eval.every"), lambda v: v >= 0, "a number of updates, so it must be at least 0 (0: the "
+                                                     "default schedule)"),
     (("rollout.corrections",), lambda v: 0 <= v <= 1, "a share of practice episodes, so it must lie in [0, 1] (0: "
                                                        "none)"),
     (("rollout.trim_idle_s",), lambda v: v is None or v >= 0, "seconds an idle actor waits before it hands its "

@@ -1,9 +1,9 @@
 """The promotion gate: a new policy version reaches practice only if it is not worse than the one it replaces.
 
-After every update the candidate is run on the gate's held-out seeds (ground truth in simulation) and compared, seed
-by seed, with the version the actors practise with, which ran the same seeds with the same sampling noise. Pairing
-removes the layouts' own difficulty from the comparison, so a few hundred seeds resolve differences that unpaired
-rates would not.
+After every update (or every ``every``-th: the candidates between go to practice untested) the candidate is run on
+the gate's held-out seeds (ground truth in simulation) and compared, seed by seed, with the version last promoted,
+which ran the same seeds with the same sampling noise. Pairing removes the layouts' own difficulty from the
+comparison, so a few hundred seeds resolve differences that unpaired rates would not.
 
 The rule: the candidate is held back when it is worse with the stated confidence, i.e. when the one-sided upper
 ``confidence`` bound of (candidate - deployed) success lies below ``-margin``. The run then rolls back: the learner
@@ -90,6 +90,7 @@ class GateSettings:
     approval of this policy cannot be trusted."""
 
     seeds: list[int]
+    every: int = 1  # updates between tests
     confidence: float = 0.95
     margin: float = 0.0
     sample_seed: int = 54321
@@ -110,6 +111,11 @@ class Gatekeeper:
             ran = self._run(self.learner.version, judge)
             state.deployed = (self.learner.version, ran.outcomes, self.learner.snapshot().weights)
             state.deployed_judged_by = ran.judged_by
+
+    def due(self, state: LoopState) -> bool:
+        """Whether the update the loop just made (its ``state.iteration + 1``-th) is tested; the candidates between
+        tests go to practice untested, and a held-back one takes them back with it to the deployed version."""
+        return (state.iteration + 1) % self.settings.every == 0
 
     def needs_rejudging(self, state: LoopState, judge: SuccessDetector | None) -> bool:
         return judge is not None and state.deployed_judged_by != judge.version

@@ -125,7 +125,7 @@ def run_loop(parts: LoopParts, settings: LoopSettings, state: LoopState, budget:
             state.paused_updates += 1  # labels not to be trusted: no update from them
         with timer("publish"):
             snapshot, published, sync_row = _publish(p.learner, p.rollouts)
-        if published and gatekeeper:
+        if published and gatekeeper and gatekeeper.due(state):
             with timer("gate"):
                 snapshot, gate_row = gatekeeper.decide(state, snapshot, judge())
         if published:

@@ -228,7 +228,7 @@ def audit_settings(cfg: DictConfig, ctx: DetectorContext) -> AuditSettings:
 
 
 def loop_settings(cfg: DictConfig, ctx: DetectorContext, reads: set[str]) -> LoopSettings:
-    gate = GateSettings([split_seed("eval", GATE_SEEDS + i) for i in range(cfg.gate.episodes)],
+    gate = GateSettings([split_seed("eval", GATE_SEEDS + i) for i in range(cfg.gate.episodes)], every=cfg.gate.every,
                         confidence=cfg.gate.confidence, margin=cfg.gate.margin, audit=cfg.gate.audit,
                         bound=cfg.audit.bound) if cfg.gate.episodes else None
     return LoopSettings(train_seed=loop_seed, eval_seeds=[split_seed("eval", i) for i in range(cfg.eval.episodes)],

@@ -219,13 +219,12 @@ def test_a_resumed_run_with_a_damaged_checkpoint_says_how_to_go_on(finished_run,
     assert len(EpisodeStore(run_dir / "episodes")) == stored
 
 
-def test_the_gate_holds_back_a_regressing_version_and_rolls_back(tmp_path, monkeypatch, tiny_detector):
+def _saboteur(monkeypatch):
+    """A learner whose second update wrecks the action expert: a regression made on purpose."""
     from flywheel import plugins
     from learner.filtered_bc import FilteredBCLearner
 
     class Saboteur(FilteredBCLearner):
-        """Its second update wrecks the action expert: a regression made on purpose."""
-
         def update(self, episodes):
             stats = super().update(episodes)
             if self.version == 2:
@@ -235,10 +234,13 @@ def test_the_gate_holds_back_a_regressing_version_and_rolls_back(tmp_path, monke
             return stats
 
     monkeypatch.setitem(plugins.REGISTRY["learner"], "saboteur", Saboteur)
+    return ["learner.algorithm=saboteur", "learner.ema=0"]  # (the wreck comes after the update's average)
+
+
+def test_the_gate_holds_back_a_regressing_version_and_rolls_back(tmp_path, monkeypatch, tiny_detector):
     run_dir = tmp_path / "run"
-    cfg = load_config("run", [*TINY, f"run_dir={run_dir}", "budget.iterations=2", "learner.algorithm=saboteur",
-                              "gate.episodes=64", "learner.ema=0",  # (the wreck comes after the update's average)
-                              tiny_detector])
+    cfg = load_config("run", [*TINY, f"run_dir={run_dir}", "budget.iterations=2", *_saboteur(monkeypatch),
+                              "gate.episodes=64", "gate.every=1", tiny_detector])
     summary = run(cfg, say=lambda m: None)
     decisions = summary["gate"]["decisions"]
     assert [d["promoted"] for d in decisions] == [True, False]
@@ -252,3 +254,20 @@ def test_the_gate_holds_back_a_regressing_version_and_rolls_back(tmp_path, monke
     versions = {m["policy_version"] for _, m in store.lineage("train") if loop_seed_index(m["seed"]) is not None}
     assert versions == {0, 1} and summary["policy_version_final"] == 3 and summary["gate"]["held_back"] == 1
     assert summary["evaluations"][-1]["success"] == summary["evaluations"][1]["success"]  # v3 acts as v1 did
+
+
+def test_a_gate_every_second_update_rolls_back_the_untested_version_too(tmp_path, monkeypatch, tiny_detector):
+    """gate.every=2: v1 goes to practice untested; the wrecked v2 is tested against v0, the last promoted, and held
+    back, and the run returns to v0's weights, v1's update with it."""
+    run_dir = tmp_path / "run"
+    cfg = load_config("run", [*TINY, f"run_dir={run_dir}", "budget.iterations=2", *_saboteur(monkeypatch),
+                              "gate.episodes=64", "gate.every=2", tiny_detector])
+    summary = run(cfg, say=lambda m: None)
+    (held,) = summary["gate"]["decisions"]
+    assert not held["promoted"] and held["candidate"] == 2 and held["deployed"] == 0
+    assert summary["rollbacks"][0] == {**summary["rollbacks"][0], "from_version": 2, "to_weights_of": 0,
+                                       "new_version": 3}
+    store = EpisodeStore(run_dir / "episodes")
+    versions = {m["policy_version"] for _, m in store.lineage("train") if loop_seed_index(m["seed"]) is not None}
+    assert versions == {0, 1}  # v1 practised, untested
+    assert summary["evaluations"][-1]["success"] == summary["evaluations"][0]["success"]  # v3 acts as v0 did
