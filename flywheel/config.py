@@ -84,9 +84,12 @@ class DetectorConfig:
     name: str = "learned"  # who judges practice: learned (flywheel's success detector, trained or given below),
     #                        ground_truth (the simulator's record: in simulation only, the upper bound a learned
     #                        detector is measured by), or an import path module:factory (flywheel/detectors.py)
-    checkpoint: str = ""  # a trained detector (.safetensors: `flywheel reward train`'s, or another run's
-    #                       run_dir/detector/detector-N.safetensors) to judge with from the start instead of training
-    #                       one; the keys below that make and train one then go unused
+    checkpoint: str = "auto"  # a trained detector to judge with from the start instead of training one (the keys
+    #                 below that make and train one then go unused): a .safetensors (`flywheel reward train`'s, or
+    #                 another run's run_dir/detector/detector-N.safetensors), or base, the one shipped for the built-in
+    #                 tabletop (flywheel/assets/base_detector.json: trained on the shipped base's episodes, as a run
+    #                 trains one). auto: base where it fits the run (its environment, task family, cameras and image
+    #                 size), else one trained in the run. "": always one trained in the run (~3 min on 2 cores)
     demo_episodes: int = 200  # scripted successes to train on
     # Hard examples made on purpose (actors/expert.py HARD_EXAMPLES), on the built-in tabletop only:
     near_miss_episodes: int = 200  # the block put just outside success (touching the pad, on the bowl's rim)
@@ -626,10 +629,12 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
         _check_named_parts(cfg)
     if name == "serve":
         _check_named_parts(cfg, (("policy", "policy.name"),))
-    if name == "run" and cfg.detector.checkpoint and not Path(cfg.detector.checkpoint).is_file():
+    shipped = name == "run" and (cfg.detector.checkpoint in ("auto", "base") or
+                                 cfg.detector.checkpoint.startswith("base:"))
+    if name == "run" and cfg.detector.checkpoint and not shipped and not Path(cfg.detector.checkpoint).is_file():
         raise ConfigError(f"detector.checkpoint={cfg.detector.checkpoint}: no such file. Give a detector's .safetensors "
-                          f"(`flywheel reward train` writes RUN_DIR/detector/detector-N.safetensors), or leave it empty "
-                          f"to train one")
+                          f"(`flywheel reward train` writes RUN_DIR/detector/detector-N.safetensors), base (the one "
+                          f"shipped for the shipped base), or leave it empty to train one")
     if name == "run" and cfg.learner.get("credit") == "chunk" and cfg.learner.positive_fraction <= 0:
         raise ConfigError("learner.credit=chunk marks the top share of each task's chunks positive: give it "
                           "learner.positive_fraction in (0, 1), e.g. 0.3")

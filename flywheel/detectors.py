@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig
 
+from flywheel.config import ConfigError
 from flywheel.contracts import SuccessDetector
 from flywheel.store import EpisodeStore
 
@@ -61,6 +62,47 @@ def check_floor(cfg, metrics: dict, where: str) -> None:
         f"on regardless, detector.min_auroc=0")
 
 
+SHIPPED = ("auto", "base")  # detector.checkpoint values that mean flywheel/assets/base_detector.safetensors
+
+
+def misfit(cfg, detector, env: dict) -> str:
+    """Why a detector trained elsewhere cannot judge this run ("" if it can): made for another environment or task
+    family (``env``, as its checkpoint records them; older ones record none), or judging from cameras the run does not
+    record, or at another image size."""
+    made_for = (env.get("name"), env.get("family"))
+    if env and made_for != (cfg.env.name, cfg.env.family):
+        return (f"was trained to judge env.name={made_for[0]} env.family={made_for[1]}, and this run practises "
+                f"env.name={cfg.env.name} env.family={cfg.env.family}")
+    net = detector.net.cfg
+    if [s for s in net.sensors if s not in cfg.env.sensors] or net.image_size != cfg.env.image_size:
+        return (f"judges {net.image_size}px frames from [{', '.join(net.sensors)}], and this run records "
+                f"{cfg.env.image_size}px frames from [{', '.join(cfg.env.sensors)}] (env.sensors=[{','.join(net.sensors)}] "
+                f"env.image_size={net.image_size} would record what it reads)")
+    return ""
+
+
+def _given_detector(cfg, say: Callable[[str], None]):
+    """The detector ``detector.checkpoint`` gives, checked against the run -> (detector, its record), or None: one is
+    to be trained. ``auto``: the shipped one where it fits the run, else None; anything else that does not fit is a
+    ConfigError."""
+    from reward.report import load_detector
+
+    spec = cfg.detector.checkpoint
+    if not spec:
+        return None
+    detector, meta = load_detector("base" if spec == "auto" else spec)
+    reason = misfit(cfg, detector, meta.get("env") or {})
+    if reason and spec == "auto":
+        say(f"detector: the shipped one {reason}, so one is trained for this run (detector.checkpoint='' always "
+            f"trains one)")
+        return None
+    if reason:
+        raise ConfigError(f"detector.checkpoint={spec} {reason}: its verdicts would fail or mean nothing here. Train "
+                          f"a detector for this run (detector.checkpoint=''), or give one trained on this task "
+                          f"(`flywheel reward train`)")
+    return detector, meta
+
+
 def learned(ctx: DetectorContext) -> SuccessDetector:
     """flywheel's learned success detector: the one a resumed run labelled with last, else ``detector.checkpoint``
     (trained elsewhere, copied into the run), else one trained now on simulator-labelled episodes."""
@@ -75,11 +117,15 @@ def learned(ctx: DetectorContext) -> SuccessDetector:
         detector, meta = load_detector(path)
         ctx.metrics = meta.get("heldout", {})
         ctx.say(f"detector: {detector.version}, as the run left it ({path})")
-    elif cfg.detector.checkpoint:
-        detector, ctx.metrics = adopt_detector(Path(cfg.detector.checkpoint), ctx.run_dir)
+    elif given := _given_detector(cfg, ctx.say):
+        detector, meta = given
+        source = "base" if cfg.detector.checkpoint in SHIPPED else cfg.detector.checkpoint
+        adopt_detector(detector, meta, source, ctx.run_dir)
+        ctx.metrics = meta.get("heldout", {})
         auroc = ctx.metrics.get("auroc")
-        ctx.say(f"detector: {cfg.detector.checkpoint} (held-out AUROC {'unknown' if auroc is None else f'{auroc:.3f}'}"
-                f"), copied into {folder}")
+        named = "the one shipped for the tabletop (flywheel/assets/base_detector.json)" if source == "base" else source
+        ctx.say(f"detector: {named}, held-out AUROC {'unknown' if auroc is None else f'{auroc:.3f}'}, copied into "
+                f"{folder}")
     else:
         detector, ctx.metrics = train_reward(cfg, ctx.sources, ctx.say, store=ctx.store)
         ctx.log({f"detector/{k}": v for k, v in ctx.metrics.items() if v is not None})

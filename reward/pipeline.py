@@ -172,7 +172,8 @@ def train_reward(cfg: DictConfig, sources: DetectorSources, say: Callable[[str],
         init_sensors=tuple(sources.policy_sensors),
         checkpoint_dir=run_dir / "detector" / f"{version}.partial", progress=progress,
     )
-    save_detector(run_dir, detector, det_metrics, train, held, calibration)
+    save_detector(run_dir, detector, det_metrics, train, held, calibration,
+                  env={"name": cfg.env.name, "family": cfg.env.family})
     fmt = lambda k: "undefined" if det_metrics[k] is None else f"{det_metrics[k]:.3f}"  # noqa: E731 (one class)
     say(f"detector: precision {fmt('precision')}  recall {fmt('recall')}  AUROC {fmt('auroc')}  ECE {fmt('ece')} "
         f"on {det_metrics['n']} held-out episodes (threshold {detector.threshold:.3f}, temperature "
@@ -181,28 +182,26 @@ def train_reward(cfg: DictConfig, sources: DetectorSources, say: Callable[[str],
 
 
 def save_detector(run_dir: Path, detector: LearnedSuccessDetector, det_metrics: dict, train: list[Episode],
-                  held: list[Episode], calibration: list[Episode]) -> None:
-    """``run_dir/detector/<version>.safetensors`` with everything that judges and what trained it, and
-    ``metrics.json`` (the newest detector's held-out metrics)."""
+                  held: list[Episode], calibration: list[Episode], env: dict | None = None) -> None:
+    """``run_dir/detector/<version>.safetensors`` with everything that judges, what trained it and the environment
+    it judges (``env``: its name and task family), and ``metrics.json`` (the newest detector's held-out metrics)."""
     held_ids = {ep.id for ep in held}
     save_weights(run_dir / "detector" / f"{detector.version}.safetensors", detector.weights(),
                  {"version": detector.version, "members": len(detector.members), "threshold": detector.threshold,
                   "temperature": detector.temperature, "bias": detector.bias, "per_task": detector.per_task,
-                  "heldout": det_metrics, "config": dataclasses.asdict(detector.net.cfg),
+                  "heldout": det_metrics, "config": dataclasses.asdict(detector.net.cfg), "env": env or {},
                   "episodes": {"train": [ep.id for ep in train], "heldout": [ep.id for ep in held],
                                "calibration": [ep.id for ep in calibration if ep.id not in held_ids]}})
     atomic_write_bytes(run_dir / "detector" / "metrics.json",
                        json.dumps({"version": detector.version, **det_metrics}, indent=2).encode())
 
 
-def adopt_detector(path: Path, run_dir: Path):
-    """A detector trained elsewhere (``detector.checkpoint``), copied into the run as its first version, so that the
-    run holds everything it judged with (a resumed run, ``flywheel reward eval`` and an audit's retrain find it
-    there) -> (detector, its held-out metrics as recorded)."""
-    detector, meta = load_detector(path)
+def adopt_detector(detector: LearnedSuccessDetector, meta: dict, source: str, run_dir: Path) -> None:
+    """A detector trained elsewhere (``load_detector(source)``'s), copied into the run as its first version, so
+    that the run holds everything it judged with (a resumed run, ``flywheel reward eval`` and an audit's retrain find
+    it there)."""
     own = run_dir / "detector" / "detector-1.safetensors"
     own.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: v for k, v in meta.items() if k != "progress_head"}  # load_detector's note, not the file's
-    save_weights(own, detector.weights(), {**meta, "version": "detector-1", "copied_from": str(path)})
+    save_weights(own, detector.weights(), {**meta, "version": "detector-1", "copied_from": source})
     detector.version = "detector-1"
-    return detector, meta.get("heldout", {})

@@ -28,9 +28,11 @@ from typing import Any
 import numpy as np
 
 from flywheel.checkpoint import load_weights
+from flywheel.config import ConfigError
 from flywheel.contracts import Episode
 from flywheel.metrics import png_data_uri
 from flywheel.store import EpisodeStore, atomic_write_bytes
+from flywheel.vla.checkpoint import ASSETS
 from reward.detector import LearnedSuccessDetector
 from reward.metrics import detector_metrics, reliability
 from reward.train import swapped_instructions
@@ -42,8 +44,29 @@ def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return roc_auc_score(labels, scores)
 
 
+def detector_path(spec: str | Path) -> Path:
+    """``base`` -> the shipped detector for the shipped base policy on the default tabletop
+    (``flywheel/assets/base_detector.safetensors``); ``base:NAME`` -> ``flywheel/assets/NAME_detector.safetensors``;
+    anything else is a path. A shipped one that is missing is an error saying how to rebuild it."""
+    spec = str(spec)
+    if spec != "base" and not spec.startswith("base:"):
+        return Path(spec).expanduser()
+    name = "base" if spec == "base" else spec[len("base:"):]
+    path = ASSETS / f"{name}_detector.safetensors"
+    if not path.exists():
+        shipped = sorted(p.name[: -len("_detector.safetensors")] for p in ASSETS.glob("*_detector.safetensors"))
+        raise ConfigError(
+            f"there is no shipped detector {spec!r} ({path.name}); the shipped ones: "
+            f"{', '.join('base' if n == 'base' else f'base:{n}' for n in shipped) or 'none'}. Restore it with `git "
+            f"checkout -- flywheel/assets/`, rebuild it with the command in its .json, or train one: "
+            f"detector.checkpoint='' trains one in the run")
+    return path
+
+
 def load_detector(path: str | Path) -> tuple[LearnedSuccessDetector, dict[str, Any]]:
-    """A detector checkpoint written by a run (``run_dir/detector/detector-N.safetensors``) -> (detector, meta)."""
+    """A detector checkpoint written by a run (``run_dir/detector/detector-N.safetensors``), or a shipped one
+    (``base``, ``base:NAME``: ``detector_path``) -> (detector, meta)."""
+    path = detector_path(path)
     weights, meta = load_weights(path)
     try:
         detector, missing = LearnedSuccessDetector.from_weights(weights, {"version": Path(path).stem, **meta})

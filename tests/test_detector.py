@@ -288,3 +288,40 @@ def test_a_detector_below_the_auroc_floor_stops_the_run_before_the_loop(tmp_path
     rows = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
     assert not any("iteration" in json.loads(row) for row in rows)  # no practice was judged by it
     assert len(EpisodeStore(run_dir / "episodes")) > 0 and list((run_dir / "detector").glob("detector-1.safetensors"))
+
+
+def test_the_shipped_detector_judges_the_shipped_base_on_seeds_no_detector_trained_on():
+    """detector.checkpoint=auto's detector (flywheel/assets/base_detector.*), on the base's own episodes from the
+    held-out split, recorded with both cameras as the default job records them."""
+    from sklearn.metrics import roc_auc_score
+
+    from flywheel.vla.model import VLAPolicy
+    from reward.report import load_detector
+
+    model, _ = load_policy_checkpoint("base", as_model=True)
+    eps = run_episodes([split_seed("eval", 900_000 + i) for i in range(160)], "eval",
+                       VLAPolicy(model=model, eval_noise=1.0), policy_version=0, sensors=("overhead", "wrist"))
+    truth = np.array([bool(ep.ground_truth["success"]) for ep in eps])
+    detector, meta = load_detector("base")
+    assert 0.2 < truth.mean() < 0.8 and meta["env"] == {"name": "tabletop", "family": "any"}
+    assert roc_auc_score(truth, detector.score(eps)) >= 0.95
+
+
+def test_detector_auto_takes_the_shipped_one_only_where_it_fits_the_run():
+    from flywheel.config import ConfigError, load_config
+    from flywheel.detectors import _given_detector
+
+    said = []
+    detector, meta = _given_detector(load_config("run", []), said.append)
+    assert detector.net.cfg.sensors == ("overhead", "wrist") and meta["heldout"]["auroc"] >= 0.95
+    # the default job on one camera, or on another task family: the shipped one cannot judge it, so one is trained
+    assert _given_detector(load_config("run", ["env.sensors=[overhead]"]), said.append) is None
+    assert _given_detector(load_config("run", ["env.family=suite"]), said.append) is None
+    assert "judges 64px frames from [overhead, wrist]" in said[0] and "env.family=any" in said[1]
+    assert _given_detector(load_config("run", ["detector.checkpoint="]), said.append) is None  # always train
+    # asked for by name, a detector that does not fit is an error naming the fix
+    with pytest.raises(ConfigError, match=r"detector.checkpoint=base was trained to judge env.name=tabletop "
+                                          r"env.family=any.*env.family=suite.*detector.checkpoint=''"):
+        _given_detector(load_config("run", ["detector.checkpoint=base", "env.family=suite"]), said.append)
+    with pytest.raises(ConfigError, match=r"no shipped detector 'base:nope'.*the shipped ones: base"):
+        _given_detector(load_config("run", ["detector.checkpoint=base:nope"]), said.append)
