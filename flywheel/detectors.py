@@ -65,14 +65,14 @@ def check_floor(cfg, metrics: dict, where: str) -> None:
 SHIPPED = ("auto", "base")  # detector.checkpoint values that mean flywheel/assets/base_detector.safetensors
 
 
-def misfit(cfg, detector, env: dict) -> str:
-    """Why a detector trained elsewhere cannot judge this run ("" if it can): made for another environment or task
-    family (``env``, as its checkpoint records them; older ones record none), or judging from cameras the run does not
-    record, or at another image size."""
-    made_for = (env.get("name"), env.get("family"))
-    if env and made_for != (cfg.env.name, cfg.env.family):
-        return (f"was trained to judge env.name={made_for[0]} env.family={made_for[1]}, and this run practises "
-                f"env.name={cfg.env.name} env.family={cfg.env.family}")
+def misfit(cfg, detector, env: dict, same_env: bool = False) -> str:
+    """Why a detector trained elsewhere cannot judge this run ("" if it can): made for another task family (``env``,
+    as its checkpoint records it; older ones record none), or, with ``same_env``, in another environment (without
+    it, a detector trained in simulation may judge the robot doing the same task); or judging from cameras the run
+    does not record, or at another image size."""
+    if env and (env.get("family") != cfg.env.family or (same_env and env.get("name") != cfg.env.name)):
+        return (f"was trained to judge env.name={env.get('name')} env.family={env.get('family')}, and this run "
+                f"practises env.name={cfg.env.name} env.family={cfg.env.family}")
     net = detector.net.cfg
     if [s for s in net.sensors if s not in cfg.env.sensors] or net.image_size != cfg.env.image_size:
         return (f"judges {net.image_size}px frames from [{', '.join(net.sensors)}], and this run records "
@@ -91,7 +91,7 @@ def _given_detector(cfg, say: Callable[[str], None]):
     if not spec:
         return None
     detector, meta = load_detector("base" if spec == "auto" else spec)
-    reason = misfit(cfg, detector, meta.get("env") or {})
+    reason = misfit(cfg, detector, meta.get("env") or {}, same_env=spec == "auto")
     if reason and spec == "auto":
         say(f"detector: the shipped one {reason}, so one is trained for this run (detector.checkpoint='' always "
             f"trains one)")

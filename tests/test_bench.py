@@ -28,7 +28,7 @@ def test_learning_speed_leaves_its_own_evaluations_off_the_clock_and_finds_when_
     of the ground-truth gain taken at as many env steps."""
     import json
 
-    from bench.learning_speed import at, curve, first_reaching, judge, summarise
+    from bench.learning_speed import DEFAULT, TRUTH, at, curve, first_reaching, judge, summarise
 
     def run(name, points):  # (seconds after the start, env steps, success); each evaluation took 30 s
         (tmp_path / name).mkdir()
@@ -41,13 +41,13 @@ def test_learning_speed_leaves_its_own_evaluations_off_the_clock_and_finds_when_
         return summarise(name, [], {"final_success": got[-1]["success"], "final_ci95": [0, 1], "env_steps": 0,
                                     "iterations": 3, "wall_seconds": 0}, got)
 
-    fast = run("ppo_128_sil", [(0, 0, 0.5), (300, 50_000, 0.7), (600, 90_000, 0.76), (870, 120_000, 0.8)])
+    fast = run(DEFAULT, [(0, 0, 0.5), (300, 50_000, 0.7), (600, 90_000, 0.76), (870, 120_000, 0.8)])
     # each point 30 s after its iteration; the two mid-run evaluations' 30 s each off the clock
     assert [round(p["minutes"], 3) for p in fast["curve"]] == [0.5, 5.0, 9.5, 14.0]
     assert fast["halved_at"] == 0.75 and fast["minutes_to_halve"] == 9.5 and fast["steps_to_halve"] == 90_000
     assert first_reaching(fast["curve"], 0.9, "minutes") is None and at(fast["curve"], "env_steps", 100_000)[
         "success"] == 0.76
-    truth = run("ppo_128_sil-ground_truth", [(0, 0, 0.5), (300, 100_000, 0.8), (600, 130_000, 0.9)])
-    verdict = judge({"ppo_128_sil": fast, "ppo_128_sil-ground_truth": truth})
+    truth = run(f"{TRUTH}-ground_truth", [(0, 0, 0.5), (300, 100_000, 0.8), (600, 130_000, 0.9)])
+    verdict = judge({DEFAULT: fast, f"{TRUTH}-ground_truth": truth})
     assert verdict["detector_share_of_ground_truth_gain"] == (0.8 - 0.5) / (0.8 - 0.5)  # truth at 100k <= 120k steps
     assert verdict["met"] is True and verdict["steps_to_halve"] == 90_000
