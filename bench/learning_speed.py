@@ -5,19 +5,20 @@ steps, for each candidate learner, on the same 500 held-out seeds.
         [--eval-every K] [--detector FILE] [--name NAME]
 
 Each entry is one `flywheel run` of the default job (`make run`'s) from the shipped base, with the entry's overrides,
-for ``--minutes`` of wall clock from the command's start (the detector's training included, as `make run` has it),
-evaluated from the flow's mean every ``--eval-every`` practice episodes. Those evaluations are the benchmark's, not the
-job's: the minutes they take are left out of the curve's time axis, so each point says when the job alone would have
-reached it. They still come out of the run's budget, so an entry practises a little less than the job would (a few
-seconds an evaluation): the figures err low. ``--detector FILE`` judges every entry with a detector trained before, so
-that the entries differ in their learner alone; its training is then on no entry's time axis, and the targets are
-judged only on runs that trained their own (``--detector`` unset). Entries named ``*-ground_truth`` are judged by the simulator: what a perfect detector would buy.
+for ``--minutes`` of wall clock from the command's start (its detector as the entry has it: the one shipped for the
+base, as `make run` judges, or trained in the run, whose minutes are then on the clock), evaluated from the flow's mean
+every ``--eval-every`` practice episodes. Those evaluations are the benchmark's, not the job's: the minutes they take
+are left out of the curve's time axis, so each point says when the job alone would have reached it. They still come
+out of the run's budget, so an entry practises a little less than the job would (a few seconds an evaluation): the
+figures err low. ``--detector FILE`` judges every entry with one detector, so that the entries differ in their learner
+alone; the targets are then not judged. Entries named ``*-ground_truth`` are judged by the simulator: what a perfect
+detector would buy.
 
 The targets (issue 36), for the chosen default (``DEFAULT``) with the detector's reward: the base's failure rate
 halved on the held-out seeds within 15 minutes and within 100k practice env steps, and its gain in 15 minutes at
-least 0.8 of the same learner's with ground-truth reward after as many practice env steps (judged by the simulator,
-a run trains no detector, so it would have more minutes to practise). The result is ``bench/results/NAME.json`` (``learning_speed`` by default),
-``met`` true only when all hold; a plot beside it; the table in bench/RESULTS.md.
+least 0.8 of the same learner's with ground-truth reward after as many practice env steps. The result is
+``bench/results/NAME.json`` (``learning_speed`` by default), ``met`` true only when all hold; a plot beside it; the
+table in bench/RESULTS.md.
 
 A run already completed in ``--out`` is read, not run again. With ``--only``, an entry not run now keeps its record
 from the result's previous version (marked with when it was measured, under the overrides it records).
@@ -57,7 +58,10 @@ CANDIDATES = {
                                    "detector.steps=800"],
     # the gate tested every 4th update: it took 23% of an iteration at 128 episodes
     "ppo_128_sil_gate4": ["detector.checkpoint=", "gate.every=4"],
-    # the default job (make run): that, judged by the detector shipped for the base, trained before the run
+    # that, judged by the detector shipped for the base, trained before the run: practice from the first seconds
+    "shipped_detector": ["learner.unsure=[0,0]"],
+    # the default job (make run): that, with the detector's unsure verdicts (P(success) in [0.3, 0.9)) sitting out of
+    # the advantages and the replay
     "default": [],
 }
 DEFAULT = "default"

@@ -212,6 +212,11 @@ class PPOConfig(LearnerConfig):
     #                              that beat their layout's other attempts, replayed from every update (learner/ppo.py;
     #                              bench/RESULTS.md, "Learning speed"); 0: the demonstrations alone
     max_episodes: int = 4000  # self_imitation: the replay's bound (the oldest of the policy's episodes leave first)
+    unsure: list[float] = field(default_factory=lambda: [0.3, 0.9])  # the detector's P(success) range [low, high)
+    #                 in which its verdict counts neither way: the attempt sits out of its layout's comparison (no
+    #                 advantage, not replayed). A lone approval among failures gets the largest advantage, and is
+    #                 where the detector's false positives gather: 0.80 of them were successes, against 0.96 of all
+    #                 approvals (bench/RESULTS.md, "Learning speed"). [0, 0]: every verdict counts
 
 
 @dataclasses.dataclass

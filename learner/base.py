@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from flywheel.contracts import Episode
@@ -22,6 +23,18 @@ class LearnerBase:
         if label is None:
             raise ValueError(f"episode {ep.id} has no detector label: label episodes before the update")
         return label.success and not ep.intervened().any()
+
+    @classmethod
+    def verdicts(cls, episodes: list[Episode], unsure: tuple[float, float] | None = None) -> np.ndarray:
+        """1.0 / 0.0 per episode as judged (``judged_success``), NaN where the detector was unsure: its P(success)
+        in [``unsure[0]``, ``unsure[1]``). A label without a score (a person's, the simulator's) is always sure."""
+        out = np.array([float(cls.judged_success(ep)) for ep in episodes])
+        if unsure is not None and unsure[1] > unsure[0]:
+            for i, ep in enumerate(episodes):
+                score = ep.latest_label("detector").score
+                if score is not None and unsure[0] <= score < unsure[1] and not ep.intervened().any():
+                    out[i] = np.nan
+        return out
 
     @staticmethod
     def layout_groups(episodes: list[Episode]) -> list[list[int]]:

@@ -79,6 +79,7 @@ class PPOLearner(LearnerBase):
         value_epochs: int = 20,
         self_imitation: float = 0.0,
         max_episodes: int = 4000,
+        unsure: tuple[float, float] | list[float] = (0.0, 0.0),
     ):
         """``flow_noise``: the flow head's std in practice (its exploration), at each Euler step (``noise_at`` "steps",
         flow-noise as in piRL) or of the chunk alone ("output": a Gaussian policy whose mean is the flow, with
@@ -94,7 +95,8 @@ class PPOLearner(LearnerBase):
         approved direction moved 0.00-0.08 against 0.10 from the mean.
 
         ``anchor``, ``batch_size``, ``self_imitation``, ``max_episodes``: the behaviour cloning beside PPO's loss
-        (``Anchor``)."""
+        (``Anchor``). ``unsure``: the detector's P(success) range [low, high) in which its verdict counts neither
+        way (``group_advantages``)."""
         if "log_prob" not in model.capabilities:
             raise ValueError(f"ppo needs a policy that gives the exact log-probability of what it drew (the "
                              f"'log_prob' capability); {type(model).__name__} offers {sorted(model.capabilities)}: "
@@ -107,6 +109,10 @@ class PPOLearner(LearnerBase):
             raise ValueError(f"learner.noise_at={noise_at!r}: choose steps (each Euler step draws, flow-noise) or "
                              f"output (the chunk draws around the flow)")
         self.flow_noise, self.noise_at = flow_noise, noise_at
+        if len(unsure) != 2 or not 0.0 <= unsure[0] <= unsure[1] <= 1.0:
+            raise ValueError(f"learner.unsure={list(unsure)}: the detector's P(success) range [low, high) whose "
+                             f"verdicts count neither way, with 0 <= low <= high <= 1; [0, 0] counts every verdict")
+        self.unsure = (float(unsure[0]), float(unsure[1]))
         self.generator = torch.Generator().manual_seed(seed)
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ppo_lr,
                                            weight_decay=1e-4)
@@ -117,15 +123,16 @@ class PPOLearner(LearnerBase):
         self.critic = Critic(model, gamma=gamma, lam=gae_lambda, epochs=value_epochs, minibatch=ppo_minibatch,
                              seed=seed) if advantage == "gae" else None
 
-    @classmethod
-    def group_advantages(cls, episodes: list[Episode]) -> np.ndarray:
-        """(success - mean) / std over the attempts at each layout (env seed); 0 where they all ended alike."""
-        success = np.array([float(cls.judged_success(ep)) for ep in episodes])
-        adv = np.zeros_like(success)
-        for members in cls.layout_groups(episodes):
+    def group_advantages(self, episodes: list[Episode]) -> np.ndarray:
+        """(success - mean) / std over the attempts at each layout (env seed); 0 where they all ended alike. An
+        attempt the detector was unsure of (``unsure``) sits out: advantage 0, and not in its layout's mean."""
+        success = self.verdicts(episodes, self.unsure)
+        adv = np.zeros(len(episodes))
+        for members in self.layout_groups(episodes):
             s = success[members]
-            if len(members) > 1 and s.std() > 0:
-                adv[members] = (s - s.mean()) / s.std()
+            known = np.asarray(members)[~np.isnan(s)]
+            if len(known) > 1 and success[known].std() > 0:
+                adv[known] = (success[known] - success[known].mean()) / success[known].std()
         return adv
 
     def _decisions(self, episodes: list[Episode], adv: list[np.ndarray]) -> dict[str, torch.Tensor]:

@@ -44,6 +44,32 @@ def test_group_advantage_credits_rare_successes_most(demos):
     assert np.allclose(adv, [0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])
 
 
+def test_ppo_leaves_out_the_attempts_its_detector_was_unsure_of(demos):
+    """learner.unsure=[0.3, 0.9]: a lone approval at P(success) 0.6 (where the detector's false positives gather)
+    gets no advantage and does not count in its layout's baseline; a sure one, and a verdict without a score (the
+    simulator's, a person's), do."""
+    from flywheel.vla.model import VLAConfig
+    from learner.ppo import PPOLearner
+
+    def judged(seed, score=None, ok=None):
+        ok = score >= 0.5 if ok is None else ok
+        return dataclasses.replace(demos[0], seed=seed, labels=[Label(source="detector", success=ok, version="d",
+                                                                      score=score)])
+
+    batch = [judged(1, 0.6), judged(1, 0.1), judged(1, 0.05), judged(1, 0.2),  # unsure lone approval
+             judged(2, 0.97), judged(2, 0.1), judged(2, 0.4), judged(2, 0.02),  # a sure one; one unsure failure
+             judged(3, ok=True), judged(3, 0.1), judged(3, 0.1), judged(3, 0.1)]
+    learner = PPOLearner(SmallVLA(VLAConfig()), demos, unsure=[0.3, 0.9])
+    adv = learner.group_advantages(batch)
+    assert np.allclose(adv[:4], 0)  # one sure verdict left in layout 1: nothing to compare
+    assert adv[6] == 0 and np.allclose(adv[[4, 5, 7]], [2 ** 0.5, -(2 ** -0.5), -(2 ** -0.5)])
+    assert np.allclose(adv[8:], [3 ** 0.5] + [-(3 ** -0.5)] * 3)
+    assert np.allclose(PPOLearner(SmallVLA(VLAConfig()), demos).group_advantages(batch)[:4],
+                       [3 ** 0.5] + [-(3 ** -0.5)] * 3)  # by default every verdict counts
+    with pytest.raises(ValueError, match=r"learner.unsure=\[0.9, 0.3\]"):
+        PPOLearner(SmallVLA(VLAConfig()), demos, unsure=[0.9, 0.3])
+
+
 def _with_chunks(episodes, execute: int = 4, chunk: int = 8):
     """Give constructed episodes the extras a policy's own episode carries: the chunks it sampled and when."""
     from learner.bc import action_chunks
