@@ -105,8 +105,10 @@ bench: $(STAMP)
 bench-rl: $(STAMP)
 	PYTHONPATH=. $(BIN)/python bench/rl_comparison.py $(ARGS)
 	PYTHONPATH=. $(BIN)/python bench/demo_coverage.py
-	# the learners on the wall clock (~90 min: six 15-minute runs, one at a time; those made before are read)
+	# the learners on the wall clock (~2.5 h: nine 15-minute runs, one at a time; those made before are read)
 	PYTHONPATH=. $(BIN)/python bench/learning_speed.py --out runs/learning-speed
+	# the smoke preset's record: 10 seeds, one at a time (~45 min; those made before are read)
+	PYTHONPATH=. $(BIN)/python bench/smoke_record.py --out runs/smoke-record
 	PYTHONPATH=. $(BIN)/python bench/table.py
 
 # The detector shipped for the shipped base (detector.checkpoint=auto, the default job's), made again as it was

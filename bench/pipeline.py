@@ -34,8 +34,11 @@ from flywheel.metrics import PhaseTimer
 from flywheel.cluster import start_ray
 from flywheel.run import run
 
-SETTINGS = ["experiment=smoke", "budget.iterations=6", "budget.minutes=30", "detector.steps=200",
-            "detector.policy_episodes=200", "detector.demo_episodes=100", "eval.episodes=100", "wandb.mode=disabled"]
+# the smoke preset as these figures were measured: filtered BC's smoke settings, 512 episodes an update, its own
+# small detector
+SETTINGS = ["experiment=smoke", "learner=smoke", "rollout.episodes_per_iteration=512", "detector.checkpoint=",
+            "budget.iterations=6", "budget.minutes=30", "detector.steps=200", "detector.policy_episodes=200",
+            "detector.demo_episodes=100", "eval.episodes=100", "wandb.mode=disabled"]
 
 
 def measure(overlap: bool, extra: list[str]) -> dict:
