@@ -63,6 +63,7 @@ CANDIDATES = {
     # the default job (make run): that, with the detector's unsure verdicts (P(success) in [0.3, 0.9)) sitting out of
     # the advantages and the replay
     "default": [],
+    "default_seed1": ["seed=1"],  # the same job again: how far one run's figure moves
 }
 DEFAULT = "default"
 TRUTH = "ppo_128_sil"  # DEFAULT's learner, judged by the simulator (a detector's settings make no difference there)
@@ -197,7 +198,8 @@ def write_section(results: dict[str, dict], verdict: dict, name: str, command: s
             "end [95% CI] | updates | env steps | rollbacks |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results.values():
         when = f" (measured {r['recorded'][:10]})" if r.get("recorded") else ""
-        rows.append(f"| {r['name']}{when} | {r['reward']} | {r['success_at_15_min']:.3f} | {r['success_at_100k_steps']:.3f}"
+        rows.append(f"| {r['name']}{when} | {r['reward']} | {r['success_at_15_min']:.3f} | "
+                    f"{r['success_at_100k_steps']:.3f}"
                     f" | {fmt(r['minutes_to_halve'], '{:.1f}')} | {fmt(r['steps_to_halve'], '{:,}')} | "
                     f"{r['final_success']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {r['iterations']} | "
                     f"{r['env_steps']:,} | {r['rollbacks']} |")

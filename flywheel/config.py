@@ -637,9 +637,9 @@ def load_config(name: str, overrides: list[str]) -> DictConfig:
     shipped = name == "run" and (cfg.detector.checkpoint in ("auto", "base") or
                                  cfg.detector.checkpoint.startswith("base:"))
     if name == "run" and cfg.detector.checkpoint and not shipped and not Path(cfg.detector.checkpoint).is_file():
-        raise ConfigError(f"detector.checkpoint={cfg.detector.checkpoint}: no such file. Give a detector's .safetensors "
-                          f"(`flywheel reward train` writes RUN_DIR/detector/detector-N.safetensors), base (the one "
-                          f"shipped for the shipped base), or leave it empty to train one")
+        raise ConfigError(f"detector.checkpoint={cfg.detector.checkpoint}: no such file. Give a detector's "
+                          f".safetensors (`flywheel reward train` writes RUN_DIR/detector/detector-N.safetensors), base "
+                          f"(the one shipped for the shipped base), or leave it empty to train one")
     if name == "run" and cfg.learner.get("credit") == "chunk" and cfg.learner.positive_fraction <= 0:
         raise ConfigError("learner.credit=chunk marks the top share of each task's chunks positive: give it "
                           "learner.positive_fraction in (0, 1), e.g. 0.3")

@@ -76,8 +76,8 @@ def misfit(cfg, detector, env: dict, same_env: bool = False) -> str:
     net = detector.net.cfg
     if [s for s in net.sensors if s not in cfg.env.sensors] or net.image_size != cfg.env.image_size:
         return (f"judges {net.image_size}px frames from [{', '.join(net.sensors)}], and this run records "
-                f"{cfg.env.image_size}px frames from [{', '.join(cfg.env.sensors)}] (env.sensors=[{','.join(net.sensors)}] "
-                f"env.image_size={net.image_size} would record what it reads)")
+                f"{cfg.env.image_size}px frames from [{', '.join(cfg.env.sensors)}] "
+                f"(env.sensors=[{','.join(net.sensors)}] env.image_size={net.image_size} would record what it reads)")
     return ""
 
 
