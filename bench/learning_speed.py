@@ -44,19 +44,19 @@ MINUTES, STEPS, SHARE = 15.0, 100_000, 0.8  # the targets
 
 # PPO as bench/rl_comparison.py measured it: 4 attempts a layout, lr 1e-4, 4 epochs (now learner=ppo's defaults)
 PPO = ["learner=ppo", "rollout.group_size=4", "learner.ppo_lr=1e-4", "learner.ppo_epochs=4"]
-# How the job ran when the first entries were measured: its detector trained in the run, the gate at every update
+# Its detector trained in the run, the gate at every update: pinned for the entries that compare learners alone
 BEFORE = ["detector.checkpoint=", "gate.every=1"]
 CANDIDATES = {
-    "filtered_bc": [*BEFORE, "learner=filtered_bc"],  # the default job's learner before issue 36
+    "filtered_bc": [*BEFORE, "learner=filtered_bc"],
     "ppo_512": [*BEFORE, *PPO, "rollout.episodes_per_iteration=512", "learner.self_imitation=0"],
     # more updates per collected step: a quarter of the episodes an update
     "ppo_128": [*BEFORE, *PPO, "rollout.episodes_per_iteration=128", "learner.self_imitation=0"],
     # and a replay of the successes that beat their layout's other attempts, imitated beside PPO's loss
     "ppo_128_sil": [*BEFORE, *PPO, "rollout.episodes_per_iteration=128", "learner.self_imitation=0.5"],
-    # and a quicker start: the detector's training was most of the 2.9 min before the first update
+    # and a quicker start: a detector trained for fewer steps
     "ppo_128_sil_quick_detector": [*BEFORE, *PPO, "rollout.episodes_per_iteration=128", "learner.self_imitation=0.5",
                                    "detector.steps=800"],
-    # the gate tested every 4th update: it took 23% of an iteration at 128 episodes
+    # the gate tested every 4th update
     "ppo_128_sil_gate4": ["detector.checkpoint=", "gate.every=4"],
     # that, judged by the detector shipped for the base, trained before the run: practice from the first seconds
     "shipped_detector": ["learner.unsure=[0,0]"],

@@ -34,8 +34,7 @@ from flywheel.metrics import PhaseTimer
 from flywheel.cluster import start_ray
 from flywheel.run import run
 
-# the smoke preset as these figures were measured: filtered BC's smoke settings, 512 episodes an update, its own
-# small detector
+# filtered BC's smoke settings, 512 episodes an update and its own small detector, pinned so that the figures compare
 SETTINGS = ["experiment=smoke", "learner=smoke", "rollout.episodes_per_iteration=512", "detector.checkpoint=",
             "budget.iterations=6", "budget.minutes=30", "detector.steps=200", "detector.policy_episodes=200",
             "detector.demo_episodes=100", "eval.episodes=100", "wandb.mode=disabled"]

@@ -215,8 +215,8 @@ class PPOConfig(LearnerConfig):
     unsure: list[float] = field(default_factory=lambda: [0.3, 0.9])  # the detector's P(success) range [low, high)
     #                 in which its verdict counts neither way: the attempt sits out of its layout's comparison (no
     #                 advantage, not replayed). A lone approval among failures gets the largest advantage, and is
-    #                 where the detector's false positives gather: 0.80 of them were successes, against 0.96 of all
-    #                 approvals (bench/RESULTS.md, "Learning speed"). [0, 0]: every verdict counts
+    #                 where the detector's false positives gather (bench/RESULTS.md, "Learning speed"). [0, 0]: every
+    #                 verdict counts
 
 
 @dataclasses.dataclass
@@ -340,8 +340,8 @@ class GateConfig:
 
     episodes: int = 256  # 0 = no gate: every update goes straight to practice
     every: int = 0  # test every N-th update; those between go to practice untested, and a held-back candidate rolls
-    #                 them back with it. 0: every ~512 practice episodes (each update of 512, every 4th of 128),
-    #                 since at 128 episodes an update the test took 23% of the time (bench/RESULTS.md)
+    #                 them back with it. 0: every ~512 practice episodes (each update of 512, every 4th of 128), so
+    #                 that the test stays a small share of an update's time
     confidence: float = 0.95  # one-sided
     margin: float = 0.0  # success rate a candidate may lose before it counts as worse
     audit: int = 64  # eval.judge=detector: up to so many of the candidate's gate episodes that carry a trusted
