@@ -39,9 +39,16 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console()
+
+
+def error(message: object) -> None:
+    """An error line on the console: the message as written, its [brackets] text rather than Rich markup (an error
+    that names env.sensors=[overhead,wrist] must show them)."""
+    console.print("[red]error:[/red] " + escape(str(message)), highlight=False)
 
 
 def _schema_help(name: str, overrides: list[str]) -> str:
@@ -60,7 +67,7 @@ def _load(name: str, overrides: list[str]):
     try:
         return load_config(name, overrides)
     except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
+        error(e)
         sys.exit(2)
 
 
@@ -179,7 +186,7 @@ def cmd_reward_train(overrides: list[str]) -> int:
     from omegaconf import OmegaConf
 
     if OmegaConf.is_missing(cfg, "run_dir"):
-        console.print("[red]error:[/red] give the run directory: flywheel reward train run_dir=PATH")
+        error("give the run directory: flywheel reward train run_dir=PATH")
         return 2
     from flywheel.parts import train_reward
 
@@ -198,15 +205,15 @@ def cmd_reward_eval(args: list[str]) -> int:
     given = dict(a.split("=", 1) for a in args if "=" in a)
     unknown = sorted(set(given) - {"run_dir", "detector", "seed"}) + [a for a in args if "=" not in a]
     if unknown or "run_dir" not in given:
-        console.print(f"[red]error:[/red] usage: flywheel reward eval run_dir=PATH [detector=FILE] [seed=N]"
-                      + (f" (not understood: {', '.join(unknown)})" if unknown else ""))
+        error(f"usage: flywheel reward eval run_dir=PATH [detector=FILE] [seed=N]"
+              + (f" (not understood: {', '.join(unknown)})" if unknown else ""))
         return 2
     from reward.report import evaluate_run
 
     try:
         report = evaluate_run(given["run_dir"], given.get("detector"), seed=int(given.get("seed", 0)))
     except (FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        error(e)
         return 2
     keys = ("auroc", "precision", "recall", "ece", "swapped_instruction_rejection")
     console.print("newest policy (v{}): ".format(report["newest_policy_version"]) + "  ".join(
@@ -221,7 +228,7 @@ def _given(cfg, keys: tuple[str, ...], usage: str) -> bool:
 
     absent = [k for k in keys if OmegaConf.is_missing(cfg, k)]
     if absent:
-        console.print(f"[red]error:[/red] give {' and '.join(f'{k}=...' for k in absent)}: {usage}", markup=False)
+        error(f"give {' and '.join(f'{k}=...' for k in absent)}: {usage}")
     return not absent
 
 
@@ -247,13 +254,13 @@ def cmd_reward_relabel(overrides: list[str]) -> int:
     from reward.report import load_detector
 
     if not Path(cfg.detector).is_file():
-        console.print(f"[red]error:[/red] detector={cfg.detector}: no such file (a detector's .safetensors: `flywheel "
-                      f"reward train` writes RUN_DIR/detector/detector-N.safetensors)")
+        error(f"detector={cfg.detector}: no such file (a detector's .safetensors: `flywheel "
+              f"reward train` writes RUN_DIR/detector/detector-N.safetensors)")
         return 1
     try:
         detector, _ = load_detector(cfg.detector)
     except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
+        error(e)
         return 1
     # A run numbers its detectors from 1, so "detector-2" of two runs are different detectors: the file's digest
     # tells them apart in the labels (and says which ones this detector has judged already).
@@ -280,11 +287,11 @@ def cmd_data_export(overrides: list[str]) -> int:
         selection = Selection(split=cfg.split, versions=None if cfg.versions is None else list(cfg.versions),
                               label=cfg.label, human_only=cfg.human_only, corrected_only=cfg.corrected_only)
     except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
+        error(e)
         return 2
     store = _store_at(cfg.run_dir)
     if not store.paths():
-        console.print(f"[red]error:[/red] {store.root} holds no episodes: give a run's directory or an episode store")
+        error(f"{store.root} holds no episodes: give a run's directory or an episode store")
         return 1
     with _progress() as progress:
         task = progress.add_task("export", total=None, info="")
@@ -318,7 +325,7 @@ def cmd_demos(overrides: list[str]) -> int:
     from omegaconf import OmegaConf
 
     if OmegaConf.is_missing(cfg, "out_dir"):
-        console.print("[red]error:[/red] give the store: flywheel demos out_dir=PATH")
+        error("give the store: flywheel demos out_dir=PATH")
         return 2
     from flywheel.parts import write_demos
 
@@ -328,14 +335,14 @@ def cmd_demos(overrides: list[str]) -> int:
 
 def cmd_report(args: list[str]) -> int:
     if len(args) != 1 or "=" in args[0] and not args[0].startswith("run_dir="):
-        console.print("[red]error:[/red] usage: flywheel report RUN_DIR")
+        error("usage: flywheel report RUN_DIR")
         return 2
     from flywheel.report import write_report
 
     try:
         path = write_report(args[0].removeprefix("run_dir="))
     except FileNotFoundError as e:
-        console.print(f"[red]error:[/red] {e}")
+        error(e)
         return 2
     console.print(f"report: {path}")
     return 0
@@ -350,10 +357,8 @@ def cmd_serve(args: list[str]) -> int:
     flags, rest = parser.parse_known_args(args)
     unknown = [a for a in rest if "=" not in a]
     if unknown:
-        from rich.markup import escape
-
-        console.print("[red]error:[/red] " + escape(f"usage: flywheel serve [key=value ...] [--host H] [--port N] "
-                                                    f"[--api-key KEY] (not understood: {' '.join(unknown)})"))
+        error(f"usage: flywheel serve [key=value ...] [--host H] [--port N] [--api-key KEY] (not understood: "
+              f"{' '.join(unknown)})")
         return 2
     cfg = _load("serve", rest)
     from flywheel.serve import API_KEY_ENV, PolicyServer, load_served
@@ -393,14 +398,14 @@ def cmd_store_verify(args: list[str]) -> int:
     the store is whole."""
     given = dict(a.split("=", 1) for a in args if "=" in a)
     if set(given) != {"run_dir"} or len(given) != len(args):
-        console.print("[red]error:[/red] usage: flywheel store verify run_dir=PATH")
+        error("usage: flywheel store verify run_dir=PATH")
         return 2
     from flywheel.store import EpisodeStore
 
     root = Path(given["run_dir"])
     if not (root / "episodes").is_dir():
-        console.print(f"[red]error:[/red] {root} holds no episode store ({root / 'episodes'} is not a directory): "
-                      f"give a run's directory")
+        error(f"{root} holds no episode store ({root / 'episodes'} is not a directory): "
+              f"give a run's directory")
         return 1
     report = EpisodeStore(root / "episodes").verify()
     print(json.dumps(report, indent=2))
@@ -421,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_interrupts():
             return _dispatch(argv)
     except (CheckpointError, ConfigError, CorruptEpisodeError, DatasetError, DetectorUntrusted, RunDirError) as e:
-        console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        error(e)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM outside a run's graceful stop, or twice
         command = (sys.argv[1:] if argv is None else argv)[:1]
@@ -488,21 +493,21 @@ def cmd_page(args: list[str]) -> int:
 
     root = Path(cfg.run_dir) / "episodes"
     if not root.is_dir():
-        console.print(f"[red]error:[/red] {cfg.run_dir} holds no episode store ({root} is not a directory): give "
-                      f"a run's directory")
+        error(f"{cfg.run_dir} holds no episode store ({root} is not a directory): give "
+              f"a run's directory")
         return 1
     key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
     try:
         robots = {name: OperatorChannel(str(url), api_key=key) for name, url in cfg.robots.items()}
     except RobotHostError as e:
-        console.print(f"[red]error:[/red] {e}")
+        error(e)
         return 1
     token = cfg.token or os.environ.get("FLYWHEEL_PAGE_TOKEN") or None
     try:
         page = PageServer(make_app(EpisodeStore(root), robots, token), host=cfg.host, port=cfg.port,
                           token=token).start()
     except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
+        error(e)
         return 2
     print(f"robot page: {page.url}/ ({len(robots)} robot(s): {', '.join(robots) or 'none, labels only'}; "
           f"{'token required beyond loopback' if token else 'loopback only'}); Ctrl-C stops", flush=True)
@@ -559,7 +564,7 @@ def _dispatch(argv: list[str] | None) -> int:
         return cmd_store_verify(rest[1:])
     if cmd == "store" and rest[:1] == ["check"]:
         return cmd_store_check(rest[1:])
-    console.print(f"[red]error:[/red] unknown command {' '.join(argv[:2])!r}")
+    error(f"unknown command {' '.join(argv[:2])!r}")
     console.print(__doc__, markup=False)
     return 2
 
