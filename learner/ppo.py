@@ -240,7 +240,8 @@ class Anchor:
     weighted by that group advantage and replayed from every update so far (up to ``max_episodes``). This is
     self-imitation learning (Oh et al. 2018), which imitates past returns above the value: a success where the policy
     usually fails is the coverage its demonstrations lacked (bench/RESULTS.md, "Demo coverage"), and unlike PPO's
-    on-policy loss it keeps teaching in every later update."""
+    on-policy loss it keeps teaching in every later update. A person's corrections (``Episode.intervened``) join the
+    replay too, cloned as demonstrations are."""
 
     def __init__(self, model: TrainablePolicy, demos: list[Episode], weight: float, batch_size: int, share: float,
                  max_episodes: int):
@@ -255,11 +256,15 @@ class Anchor:
     @property
     def replayed(self) -> int:
         """The policy's own successes held (the oldest leave past ``max_episodes``)."""
-        return self.data.num_episodes - self.num_demos
+        return len({k for k in self.data.keys() if not k.endswith("/corrections")}) - self.num_demos
 
     def keep(self, episodes: list[Episode], adv: list[np.ndarray]) -> int:
-        """With a share, the approved successes with a positive advantage into the replay, weighted by it (their
-        executed actions, as a demonstration is cloned) -> how many."""
+        """A person's corrections into the replay, as demonstrations (HIL-SERL keeps its interventions with its
+        demonstrations: they show what to do where the policy went wrong); with a share, also the approved successes
+        with a positive advantage, weighted by it (their executed actions, as a demonstration is cloned) -> how many
+        successes."""
+        if self.weight > 0:
+            self.data.add_corrections(episodes)
         if self.share <= 0:
             return 0
         kept = [(ep, float(np.mean(a))) for ep, a in zip(episodes, adv)
@@ -268,10 +273,15 @@ class Anchor:
             self.data.add([ep], weight=a, executed=True)
         return len(kept)
 
+    def batch(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """``share`` of it from the replay (the policy's successes and a person's corrections), the rest
+        demonstrations; without a share, drawn uniformly from both."""
+        return self.data.sample(self.batch_size, generator, 1.0 - self.share if self.share > 0 else None)
+
     def loss(self, generator: torch.Generator, device) -> torch.Tensor:
-        """The imitation loss on one batch: ``share`` of it from the policy's successes, the rest demonstrations."""
+        """The imitation loss on one ``batch``."""
         if not self.data.num_episodes:
             return torch.zeros((), device=device)
-        b = {k: v.to(device) for k, v in self.data.sample(self.batch_size, generator, 1.0 - self.share).items()}
+        b = {k: v.to(device) for k, v in self.batch(generator).items()}
         ctx = self.model.context(b["images"], b["ids"], b["proprio"])
         return self.model.imitation_loss(ctx, b["actions"], b["weights"], generator=generator)

@@ -540,3 +540,31 @@ def test_ppo_self_imitation_replays_the_successes_that_beat_their_layout(demos):
     resumed.refill(episodes)
     assert resumed.anchor.replayed == 8
     assert "replayed_successes" not in make(0.0).update(episodes)  # off: nothing kept
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_ppo_clones_a_persons_corrections_beside_its_loss(demos, share):
+    """The steps a person took over join PPO's anchor as demonstrations (HIL-SERL keeps its interventions with its
+    demonstrations), with or without self-imitation: they are drawn into anchor batches, and the policy, credited
+    with none of those episodes, comes to act as the person did where the person acted."""
+    from learner.ppo import PPOLearner
+
+    torch.manual_seed(0)
+    own = _corrected(episodes_moving(demos[:12], 0.8, True))
+    for ep in own:  # as PPO's practice records its draws: the chunk drawn and its log-probability
+        ep.extras.update(drawn=ep.extras["chunks"], logp=np.zeros_like(ep.extras["chunks"]))
+    for i, ep in enumerate(own[:4]):  # one layout of 4 attempts, one uncorrected and approved: PPO has a step to take
+        own[i] = dataclasses.replace(ep, seed=0, extras={k: v for k, v in ep.extras.items() if k != INTERVENTION}) \
+            if i == 0 else dataclasses.replace(ep, seed=0)
+    learner = PPOLearner(SmallVLA(), demos[12:16], ppo_lr=1e-3, ppo_epochs=30, anchor=1.0, batch_size=32,
+                         self_imitation=share)
+    learner.update(own)
+    corrections = {f"{ep.id}/corrections" for ep in own[1:]}
+    assert corrections <= learner.anchor.data.keys()
+    assert learner.anchor.replayed == (1 if share else 0)  # the approved success alone, with a share
+    batch = learner.anchor.batch(torch.Generator().manual_seed(0))
+    assert (batch["actions"][..., 0] == -0.8).any()  # the person's moves are drawn
+    later = [(ep.observations["image"][6], ep.observations["proprio"][6], ep.instruction) for ep in own[1:]]
+    acts = VLAPolicy(model=learner.model, eval_noise=0.0).act(
+        np.stack([o[0] for o in later]), np.stack([o[1] for o in later]), [o[2] for o in later], seed=0)
+    assert acts[..., 0].mean() < 0.0, acts[..., 0].mean()
