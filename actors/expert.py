@@ -20,11 +20,12 @@ from actors.tabletop import (BLOCK_HALF, BOWL_R_IN, BUTTON_R, DRAWER_TRAVEL, EFF
 DRAWER_SLACK = (1.0 - OPEN_AT) * DRAWER_TRAVEL  # how far short of fully open (or shut) still counts
 AIM_OFFSET = {
     "near_miss": {"push": PAD_HALF + 0.015, "place": BOWL_R_IN + 0.02, "stack": BLOCK_HALF * 1.1,
-                  "sort": BOWL_R_IN + 0.02, "drawer": 2 * DRAWER_SLACK, "button": BUTTON_R + 0.03},
+                  "sort": BOWL_R_IN + 0.02, "clear": BOWL_R_IN + 0.02, "drawer": 2 * DRAWER_SLACK,
+                  "button": BUTTON_R + 0.03},
     "near_hit": {"place": BOWL_R_IN - 0.015, "stack": BLOCK_HALF * 0.6, "sort": BOWL_R_IN - 0.015,
-                 "drawer": 0.7 * DRAWER_SLACK, "button": BUTTON_R - 0.012},
+                 "clear": BOWL_R_IN - 0.015, "drawer": 0.7 * DRAWER_SLACK, "button": BUTTON_R - 0.012},
 }
-HOVER_FAMILIES = ("push", "place", "stack", "sort")
+HOVER_FAMILIES = ("push", "place", "stack", "sort", "clear")
 HARD_EXAMPLES = ("near_miss", "near_hit", "hover")
 
 # Operators: how a demonstrator goes about "push the block onto the pad", as the people of a real lab's

@@ -59,6 +59,12 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "put every block in the bowl of the same colour",
         "sort the blocks by colour",
     ),
+    "clear": (
+        "clear the table: put each block in its bowl",
+        "put all the blocks away in the bowls of their colours",
+        "tidy every block into its own bowl",
+        "clear the blocks into their bowls",
+    ),
 }
 PHRASINGS = ("canonical", "train", "heldout", "all")
 COMBOS = ("all", "train", "heldout")
@@ -74,7 +80,7 @@ def templates(kind: str, phrasing: str) -> tuple[str, ...]:
 
 def combinations(kind: str) -> list[tuple[str, ...]]:
     """Every combination of named colours an instruction kind can have (stacking names two different blocks)."""
-    if kind == "sort":
+    if kind in ("sort", "clear"):
         return [()]
     if kind in TWO_COLOUR_KINDS:
         return [(b, t) for b in COLOUR_NAMES for t in COLOUR_NAMES if not (kind == "stack" and b == t)]

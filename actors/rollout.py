@@ -135,6 +135,11 @@ class Lockstep:
         # the learner. Third-party simulators have no such record.
         self.privileged = hasattr(envs[0], "state")
         self.aux = [[_aux_positions(env)] if self.privileged else [] for env in envs]
+        # Long-horizon tasks (actors/tabletop.py subtasks): the subtask the simulator saw under way at each
+        # observation, and the one the scripted expert said it was doing at each step it acted (-1: it did not)
+        self.subtasks = "subtasks" in self.first[0][1]
+        self.subtask = [[info["subtask"]] if self.subtasks else [] for _, info in self.first]
+        self.narration: list[list[int]] = [[] for _ in seeds]
         self.running = list(range(len(envs)))
         # The policy's own extras: every chunk it sampled and the step it was sampled at (the learner clones these
         # decisions exactly, rather than executed actions that splice two chunks together), and its other draws.
@@ -225,6 +230,8 @@ class Lockstep:
         env = self.envs[i]
         for k in range(steps):
             a = chunk[k] if chunk is not None else scripted_action(env, self.rng, expert_noise, self.plans[i])
+            if self.subtasks:
+                self.narration[i].append(-1 if chunk is not None else env.subtask_index())
             try:
                 obs, _, term, trunc, info = env.step(a)
             except Exception as e:
@@ -241,6 +248,8 @@ class Lockstep:
             self.taken[i].append(self.correcting[i] or person)
             if self.privileged:
                 self.aux[i].append(_aux_positions(env))
+            if self.subtasks:
+                self.subtask[i].append(info["subtask"])
             self.infos[i] = info
             if term or trunc:
                 return True
@@ -264,6 +273,9 @@ class Lockstep:
     def _episode(self, i: int, split: str, policy_version: int, hard: str | None, info: dict) -> Episode:
         last = self.infos[i]
         extras = {Extras.AUX_POSITIONS: np.stack(self.aux[i])} if self.privileged else {}
+        if self.subtasks:
+            extras.update({Extras.SUBTASK: np.asarray(self.subtask[i], np.int64),
+                           Extras.NARRATION: np.asarray(self.narration[i], np.int64)})
         if self.policy is not None:
             extras.update({Extras.CHUNKS: np.stack(self.chunks[i]).astype(np.float32),
                            Extras.CHUNK_STEPS: np.asarray(self.chunk_steps[i], np.int64),
@@ -287,6 +299,7 @@ class Lockstep:
                   # a robot's safety layer: what it saw, and the event that cut the episode short, if one did
                   **{k: last[k] for k in ("safety", "cut_short") if k in last},
                   "kind": last.get("kind", last["family"]), "named": list(last.get("named", [])),
+                  **({"subtasks": self.first[i][1]["subtasks"]} if self.subtasks else {}),
                   "randomization": self.first[i][1].get("randomization", {})},
         )
 

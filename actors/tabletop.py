@@ -14,9 +14,15 @@ Task families (every instruction names what to act on, among distractors, so the
 - ``button``: "press the green button"                       three buttons, two blocks in the way
 - ``drawer``: "open the red drawer" / "close the blue drawer" two drawers
 - ``sort``:   "put each block in the bowl of its colour"     two blocks, two bowls of the same colours
+- ``clear``:  "clear the table: put each block in its bowl"  three blocks, three bowls of the same colours
 
 ``family="any"`` draws push or place per seed: the pair the shipped base was trained on, unchanged seed for seed.
-``family="suite"`` draws any of the six; a comma-separated list draws among those named. Instruction wording and
+``family="suite"`` draws any of the first six; a comma-separated list draws among those named (``clear`` too).
+
+Sort and clear are long-horizon: made of named subtasks, one a block ("put the red block in the red bowl"), which
+the scripted expert does in order. ``subtasks()`` names them and ``subtask_index()`` says which is under way (the
+first not yet done); every step's ``info["subtask"]`` is that index, so an episode records the boundaries the
+simulator saw (actors/rollout.py). A one-move family has one subtask: its instruction. Instruction wording and
 which colour pairings occur are set by ``phrasing`` and ``combos`` (actors/instructions.py: held-out phrasings and
 held-out combinations measure generalisation).
 
@@ -48,6 +54,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 FAMILIES = ("push", "place")  # family="any": the shipped base's pair
 SUITE = ("push", "place", "stack", "button", "drawer", "sort")  # family="suite"
+LONG_HORIZON = ("sort", "clear")  # a named subtask a block (subtasks())
+FAMILY_NAMES = (*SUITE, "clear")  # every family a run can name
 TABLE_RGB = (200, 190, 170)
 EFFECTOR_RGB = (60, 60, 60)
 GRIPPING_RGB = (10, 10, 10)
@@ -67,7 +75,7 @@ DRAWER_HALF_WIDTH = 0.05  # across the rail
 DRAWER_TRAVEL = 0.15  # handle travel from shut (opening 0) to fully open (1)
 HANDLE_HALF = 0.02
 OPEN_AT, SHUT_AT = 0.9, 0.1  # openings that count as open / shut
-HORIZON_SCALE = {"sort": 2}  # families with two moves to make get this many times max_steps
+HORIZON_SCALE = {"sort": 2, "clear": 3}  # families with several moves to make get this many times max_steps
 AXES = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])  # directions a drawer can open toward
 RANDOMIZE_KEYS = ("colour", "lighting", "camera", "size", "friction")
 # Sensors. "overhead": the RGB camera above the table (observation key "image"); "wrist": an RGB camera on the hand,
@@ -97,11 +105,11 @@ def parse_families(family: str) -> tuple[str, ...]:
     if family == "suite":
         return SUITE
     names = tuple(f.strip() for f in family.split(","))
-    unknown = [f for f in names if f not in SUITE]
+    unknown = [f for f in names if f not in FAMILY_NAMES]
     if unknown or not names:
         raise ValueError(
-            f"unknown task family {family!r}: choose 'any' (push or place), 'suite' (all), or families from {SUITE}, "
-            f"comma-separated"
+            f"unknown task family {family!r}: choose 'any' (push or place), 'suite' ({', '.join(SUITE)}), or families "
+            f"from {FAMILY_NAMES}, comma-separated"
         )
     return names
 
@@ -322,7 +330,8 @@ class TabletopEnv(gym.Env):
         self._combo_heldout = not combo_allowed("train", self.kind, *self.combo)
         self._randomization = self.randomization()
         self._paint()
-        return self._obs(), {**self._info(), "randomization": self._randomization}  # drawn once, told once
+        return self._obs(), {**self._info(), "randomization": self._randomization,  # drawn once, told once
+                             "subtasks": self.subtasks()}
 
     def _draw_randomization(self, rng: np.random.Generator) -> None:
         r = {k: self.randomize.get(k, 0.0) for k in RANDOMIZE_KEYS}
@@ -450,12 +459,15 @@ class TabletopEnv(gym.Env):
         self.kind = self.verb
         self.combo = (self.drawer_colors[self.target_index],)
 
-    def _layout_sort(self, rng: np.random.Generator) -> None:
-        self.block_colors = self._colours(rng, 2)
-        self.target_colors = [self.block_colors[i] for i in rng.permutation(2)]
-        pts = self._points(rng, 5, 0.24)
-        self.blocks, self.targets, self.effector = pts[0:2].copy(), pts[2:4].copy(), pts[4].copy()
-        self.kind, self.combo = "sort", ()
+    def _layout_sort(self, rng: np.random.Generator, n: int = 2, gap: float = 0.24) -> None:
+        self.block_colors = self._colours(rng, n)
+        self.target_colors = [self.block_colors[i] for i in rng.permutation(n)]
+        pts = self._points(rng, 2 * n + 1, gap)
+        self.blocks, self.targets, self.effector = pts[:n].copy(), pts[n:2 * n].copy(), pts[2 * n].copy()
+        self.kind, self.combo = self.family, ()
+
+    def _layout_clear(self, rng: np.random.Generator) -> None:
+        self._layout_sort(rng, 3, 0.2)  # seven things on the table: 0.24 apart, too few layouts are drawn
 
     # ----------------------------------------------------------------------------------------------------------------
     def handle(self, j: int) -> np.ndarray:
@@ -553,10 +565,27 @@ class TabletopEnv(gym.Env):
         if f == "drawer":
             o = self.opening[self.target_index]
             return bool(o >= OPEN_AT) if self.verb == "open" else bool(o <= SHUT_AT)
-        # sort: every block rests in the bowl of its colour
-        return self.holding is None and all(
-            np.hypot(*(self.blocks[i] - self.targets[self.target_colors.index(c)])) < BOWL_R_IN
-            for i, c in enumerate(self.block_colors))
+        return not self._unsorted()  # sort, clear: every block rests in the bowl of its colour
+
+    def _unsorted(self) -> list[int]:
+        """Sort, clear: the blocks not yet resting in the bowl of their colour (a held block is not resting)."""
+        return [i for i, c in enumerate(self.block_colors) if i == self.holding or np.hypot(
+            *(self.blocks[i] - self.targets[self.target_colors.index(c)])) >= BOWL_R_IN]
+
+    def subtasks(self) -> list[str]:
+        """The episode's named subtasks, in the order the scripted expert does them: a block each for the
+        long-horizon families, the instruction itself for the others."""
+        if self.family in LONG_HORIZON:
+            return [f"put the {c} block in the {c} bowl" for c in self.block_colors]
+        return [self.instruction]
+
+    def subtask_index(self) -> int:
+        """Which of ``subtasks()`` is under way: the first not yet done, which is what the scripted expert works on
+        (a block knocked out of its bowl is to do again); ``len(subtasks())`` once all are done."""
+        if self.family in LONG_HORIZON:
+            todo = self._unsorted()
+            return todo[0] if todo else len(self.blocks)
+        return int(self.is_success())
 
     def _info(self, success: bool | None = None) -> dict[str, Any]:
         return {
@@ -566,7 +595,8 @@ class TabletopEnv(gym.Env):
             "steps": self.steps,
             "combo_heldout": self._combo_heldout,
             "kind": self.kind,  # what the instruction asks (the family, or "open" / "close" for drawers)
-            "named": list(self.combo),  # the colours it names, in order (none for sort)
+            "named": list(self.combo),  # the colours it names, in order (none for sort and clear)
+            "subtask": self.subtask_index(),  # which of subtasks() is under way
         }
 
     def randomization(self) -> dict[str, Any]:
@@ -763,9 +793,8 @@ class TabletopEnv(gym.Env):
             goal = 1.0 if self.verb == "open" else 0.0
             target = self.drawers[j] + self.drawer_axes[j] * (CABINET_HALF + goal * DRAWER_TRAVEL)
             holding = self.holding_drawer == j
-        else:  # sort: the first block not yet in its bowl (the held one counts as not yet in)
-            todo = [i for i, c in enumerate(self.block_colors) if i == self.holding or np.hypot(
-                *(self.blocks[i] - self.targets[self.target_colors.index(c)])) >= BOWL_R_IN]
+        else:  # sort, clear: the first block not yet in its bowl (the held one counts as not yet in)
+            todo = self._unsorted()
             i = todo[0] if todo else 0
             block, target = self.blocks[i], self.targets[self.target_colors.index(self.block_colors[i])]
             holding = self.holding == i

@@ -128,8 +128,11 @@ class Extras:
     (K, S, C, A) for a draw at every one of S flow steps), ``FLOW_CHAIN`` (K, S+1, C, A) or ``DRAWN`` (K, C, A)
     (the draw before clamping), and for a residual policy ``BASE_CHUNKS``, ``RESIDUALS`` (K, C, A) and
     ``RESIDUAL_LOGP`` (K,). Simulated episodes add ``AUX_POSITIONS`` float32 (T+1, 4), the named block's and
-    target's true x, y: privileged state for auxiliary losses, never shown to the learner (``learner_view``).
-    ``INTERVENTION`` bool (T,) marks the steps a person acted (``Episode.intervened``)."""
+    target's true x, y: privileged state for auxiliary losses, never shown to the learner (``learner_view``), and
+    ``SUBTASK`` int64 (T+1,), which of ``info["subtasks"]`` the simulator saw under way at each observation (its
+    changes are the subtask boundaries; privileged too). ``NARRATION`` int64 (T,) is what the demonstrator said it
+    was doing at each step it acted (an index into ``info["subtasks"]``; -1 where it did not act): the scripted
+    expert narrates its subtasks. ``INTERVENTION`` bool (T,) marks the steps a person acted (``Episode.intervened``)."""
 
     CHUNKS = "chunks"
     CHUNK_STEPS = "chunk_steps"
@@ -140,8 +143,10 @@ class Extras:
     RESIDUALS = "residuals"
     RESIDUAL_LOGP = "residual_logp"
     AUX_POSITIONS = "aux_positions"
+    SUBTASK = "subtask"
+    NARRATION = "narration"
     INTERVENTION = "intervention"
-    PRIVILEGED = (AUX_POSITIONS,)  # what the learner never sees
+    PRIVILEGED = (AUX_POSITIONS, SUBTASK)  # what the learner never sees
 
 
 INTERVENTION = Extras.INTERVENTION  # the extras key of Episode.intervened

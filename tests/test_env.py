@@ -275,6 +275,37 @@ def test_sort_needs_every_block_in_its_own_bowl():
     assert env.is_success()
 
 
+@pytest.mark.parametrize("family", ["sort", "clear"])
+def test_long_horizon_tasks_pass_check_env_and_the_expert_solves_them(family):
+    env = TabletopEnv(family=family)
+    check_env(env, skip_render_check=True)
+    _, info = env.reset(seed=0)
+    blocks = {"sort": 2, "clear": 3}[family]
+    assert len(info["subtasks"]) == blocks and info["subtask"] == 0 and env.horizon == blocks * 40
+    assert info["subtasks"][0] == f"put the {env.block_colors[0]} block in the {env.block_colors[0]} bowl"
+    episodes = run_episodes(list(range(100)), "train", None, policy_version=-1, family=family)
+    assert np.mean([ep.ground_truth["success"] for ep in episodes]) >= 0.95
+
+
+def test_an_episode_records_the_subtask_boundaries_and_what_the_expert_said_it_was_doing():
+    """Every observation's subtask under way, as the simulator saw it (privileged: the learner never sees it), and
+    every expert step's narration; a policy's own steps are narrated by nobody."""
+    from flywheel.contracts import Extras
+    from flywheel.update import learner_view
+    from flywheel.vla.model import VLAConfig, VLAPolicy
+
+    for ep in run_episodes(list(range(8)), "train", None, policy_version=-1, family="clear"):
+        under_way, said = ep.extras[Extras.SUBTASK], ep.extras[Extras.NARRATION]
+        assert len(under_way) == ep.num_steps + 1 and len(said) == ep.num_steps
+        assert under_way[0] == 0 and under_way[-1] == 3 and len(ep.info["subtasks"]) == 3
+        boundaries = np.flatnonzero(np.diff(under_way))
+        assert len(boundaries) >= 2 and np.all(np.diff(under_way) >= 0)  # the expert knocks no block out
+        assert np.array_equal(said, under_way[:-1])  # it says it is doing what the simulator sees under way
+        assert Extras.SUBTASK not in learner_view(ep).extras and Extras.NARRATION in learner_view(ep).extras
+    acted = run_episodes([0, 1], "train", VLAPolicy(VLAConfig()), policy_version=0, family="clear", max_steps=8)
+    assert all((ep.extras[Extras.NARRATION] == -1).all() for ep in acted)
+
+
 RANDOM = {"colour": 0.1, "lighting": 0.2, "camera": 0.05, "size": 0.2, "friction": 0.5}
 
 
