@@ -59,11 +59,11 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "put every block in the bowl of the same colour",
         "sort the blocks by colour",
     ),
-    "clear": (
-        "clear the table: put each block in its bowl",
-        "put all the blocks away in the bowls of their colours",
-        "tidy every block into its own bowl",
-        "clear the blocks into their bowls",
+    "clear": (  # the tokenizer's words only: a new word would change the shipped checkpoints' vocabulary
+        "put each block in its bowl",
+        "put every block into its bowl",
+        "put the blocks in the bowls of the same colour",
+        "sort the blocks into the bowls",
     ),
 }
 PHRASINGS = ("canonical", "train", "heldout", "all")

@@ -14,7 +14,7 @@ Task families (every instruction names what to act on, among distractors, so the
 - ``button``: "press the green button"                       three buttons, two blocks in the way
 - ``drawer``: "open the red drawer" / "close the blue drawer" two drawers
 - ``sort``:   "put each block in the bowl of its colour"     two blocks, two bowls of the same colours
-- ``clear``:  "clear the table: put each block in its bowl"  three blocks, three bowls of the same colours
+- ``clear``:  "put each block in its bowl" (clear the table) three blocks, three bowls of the same colours
 
 ``family="any"`` draws push or place per seed: the pair the shipped base was trained on, unchanged seed for seed.
 ``family="suite"`` draws any of the first six; a comma-separated list draws among those named (``clear`` too).
