@@ -59,6 +59,12 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "put every block in the bowl of the same colour",
         "sort the blocks by colour",
     ),
+    "stow": (  # {b}: the block, {t}: the drawer
+        "put the {b} block in the {t} drawer and close it",
+        "put the {b} block into the {t} drawer and shut it",
+        "place the {b} cube in the {t} drawer and close it",
+        "drop the {b} block into the {t} drawer and shut it",
+    ),
     "clear": (  # the tokenizer's words only: a new word would change the shipped checkpoints' vocabulary
         "put each block in its bowl",
         "put every block into its bowl",
@@ -69,7 +75,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 PHRASINGS = ("canonical", "train", "heldout", "all")
 COMBOS = ("all", "train", "heldout")
 COLOUR_NAMES = ("red", "green", "blue", "yellow")  # the palette's names, in actors/tabletop.py COLORS order
-TWO_COLOUR_KINDS = ("push", "place", "stack")  # these name an object and a target; the others one object
+TWO_COLOUR_KINDS = ("push", "place", "stack", "stow")  # these name an object and a target; the others one
 
 
 def templates(kind: str, phrasing: str) -> tuple[str, ...]:

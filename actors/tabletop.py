@@ -15,12 +15,15 @@ Task families (every instruction names what to act on, among distractors, so the
 - ``drawer``: "open the red drawer" / "close the blue drawer" two drawers
 - ``sort``:   "put each block in the bowl of its colour"     two blocks, two bowls of the same colours
 - ``clear``:  "put each block in its bowl" (clear the table) three blocks, three bowls of the same colours
+- ``stow``:   "put the red block in the blue drawer and close it"  two shut drawers, two blocks: open it, put the
+              block in (a block let go over an open drawer rests in it and slides with it), close it
 
 ``family="any"`` draws push or place per seed: the pair the shipped base was trained on, unchanged seed for seed.
 ``family="suite"`` draws any of the first six; a comma-separated list draws among those named (``clear`` too).
 
-Sort and clear are long-horizon: made of named subtasks, one a block ("put the red block in the red bowl"), which
-the scripted expert does in order. ``subtasks()`` names them and ``subtask_index()`` says which is under way (the
+Sort, clear and stow are long-horizon: made of named subtasks (one a block, "put the red block in the red bowl";
+stow's "open the blue drawer", "put the red block in the blue drawer", "close the blue drawer"), which the scripted
+expert does in order. ``subtasks()`` names them and ``subtask_index()`` says which is under way (the
 first not yet done); every step's ``info["subtask"]`` is that index, so an episode records the boundaries the
 simulator saw (actors/rollout.py). A one-move family has one subtask: its instruction. Instruction wording and
 which colour pairings occur are set by ``phrasing`` and ``combos`` (actors/instructions.py: held-out phrasings and
@@ -54,8 +57,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 FAMILIES = ("push", "place")  # family="any": the shipped base's pair
 SUITE = ("push", "place", "stack", "button", "drawer", "sort")  # family="suite"
-LONG_HORIZON = ("sort", "clear")  # a named subtask a block (subtasks())
-FAMILY_NAMES = (*SUITE, "clear")  # every family a run can name
+LONG_HORIZON = ("sort", "clear", "stow")  # made of named subtasks (subtasks())
+FAMILY_NAMES = (*SUITE, "clear", "stow")  # every family a run can name
 TABLE_RGB = (200, 190, 170)
 EFFECTOR_RGB = (60, 60, 60)
 GRIPPING_RGB = (10, 10, 10)
@@ -75,7 +78,7 @@ DRAWER_HALF_WIDTH = 0.05  # across the rail
 DRAWER_TRAVEL = 0.15  # handle travel from shut (opening 0) to fully open (1)
 HANDLE_HALF = 0.02
 OPEN_AT, SHUT_AT = 0.9, 0.1  # openings that count as open / shut
-HORIZON_SCALE = {"sort": 2, "clear": 3}  # families with several moves to make get this many times max_steps
+HORIZON_SCALE = {"sort": 2, "clear": 3, "stow": 3}  # families with several moves to make get this many times max_steps
 AXES = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])  # directions a drawer can open toward
 RANDOMIZE_KEYS = ("colour", "lighting", "camera", "size", "friction")
 # Sensors. "overhead": the RGB camera above the table (observation key "image"); "wrist": an RGB camera on the hand,
@@ -286,6 +289,7 @@ class TabletopEnv(gym.Env):
         self.drawer_colors: list[str] = []
         self.opening = np.zeros(0, np.float64)  # 0 shut .. 1 fully open
         self.verb = ""  # drawer: "open" or "close"
+        self.stowed: list[int] = []  # per block: the drawer it rests in (stow), -1 none
         self.target_block = 0  # the named block (push, place, stack)
         self.target_index = 0  # the named target / base block / button / drawer
         self.effector = np.zeros(2, np.float64)
@@ -430,6 +434,17 @@ class TabletopEnv(gym.Env):
 
     def _layout_drawer(self, rng: np.random.Generator) -> None:
         self.drawer_colors = self._colours(rng, 2)
+        self._place_drawers(rng)
+        self.target_index = int(rng.integers(2))
+        self.verb = ("open", "close")[int(rng.integers(2))]
+        self.opening = rng.integers(2, size=2).astype(np.float64)  # the other drawer: shut or open at random
+        self.opening[self.target_index] = 0.0 if self.verb == "open" else 1.0
+        self.kind = self.verb
+        self.combo = (self.drawer_colors[self.target_index],)
+
+    def _place_drawers(self, rng: np.random.Generator) -> list[np.ndarray]:
+        """Two cabinets, their drawers opening toward random sides, apart and inside the table, and the effector clear
+        of both -> the boxes (x0, y0, x1, y1) each drawer covers, shut to fully open."""
         reach = CABINET_HALF + DRAWER_TRAVEL + HANDLE_HALF  # from a cabinet's centre to its open handle's far edge
         across = max(CABINET_HALF, DRAWER_HALF_WIDTH)
 
@@ -452,12 +467,24 @@ class TabletopEnv(gym.Env):
             if inside and apart and clear:
                 break
         self.drawers, self.drawer_axes, self.effector = cabinets, axes, effector
-        self.target_index = int(rng.integers(2))
-        self.verb = ("open", "close")[int(rng.integers(2))]
-        self.opening = rng.integers(2, size=2).astype(np.float64)  # the other drawer: shut or open at random
-        self.opening[self.target_index] = 0.0 if self.verb == "open" else 1.0
-        self.kind = self.verb
-        self.combo = (self.drawer_colors[self.target_index],)
+        self.opening = np.zeros(2, np.float64)
+        return boxes
+
+    def _layout_stow(self, rng: np.random.Generator) -> None:
+        self.drawer_colors, self.block_colors = self._colours(rng, 2), self._colours(rng, 2)
+        boxes = self._place_drawers(rng)  # both shut
+        for _ in range(1000):
+            blocks = rng.uniform(0.1, 0.9, size=(2, 2))
+            clear = all(not (b[0] - 0.06 < x < b[2] + 0.06 and b[1] - 0.06 < y < b[3] + 0.06)
+                        for b in boxes for x, y in blocks)
+            if clear and np.hypot(*(blocks[0] - blocks[1])) > 0.15 and \
+                    np.linalg.norm(blocks - self.effector, axis=1).min() > 0.1:
+                break
+        self.blocks = blocks
+        self.stowed = [-1, -1]
+        self.target_block, self.target_index = int(rng.integers(2)), int(rng.integers(2))
+        self.kind = "stow"
+        self.combo = (self.block_colors[self.target_block], self.drawer_colors[self.target_index])
 
     def _layout_sort(self, rng: np.random.Generator, n: int = 2, gap: float = 0.24) -> None:
         self.block_colors = self._colours(rng, n)
@@ -477,14 +504,29 @@ class TabletopEnv(gym.Env):
     def _handles(self) -> np.ndarray:
         return self.drawers + self.drawer_axes * (CABINET_HALF + self.opening[:, None] * DRAWER_TRAVEL)
 
+    def _tray_of(self, point: np.ndarray) -> int:
+        """The drawer whose open part (out of its cabinet, up to the handle) ``point`` lies over; -1 none."""
+        for j in range(len(self.drawers)):
+            rel = point - self.drawers[j]
+            along, across = float(rel @ self.drawer_axes[j]), float(rel @ self.drawer_axes[j][::-1])
+            if CABINET_HALF <= along <= CABINET_HALF + self.opening[j] * DRAWER_TRAVEL and \
+                    abs(across) <= DRAWER_HALF_WIDTH:
+                return j
+        return -1
+
+    def _tray_centre(self, j: int) -> np.ndarray:
+        return self.drawers[j] + self.drawer_axes[j] * (CABINET_HALF + self.opening[j] * DRAWER_TRAVEL / 2)
+
     def step(self, action):
         a = np.clip(np.asarray(action, dtype=np.float64).reshape(3), -1.0, 1.0)
         close = bool(a[2] > 0.0)
         if not close:
-            if self.holding is not None:  # released: it lands on whatever block it is over
+            if self.holding is not None:  # released: it lands on whatever block it is over, or in a drawer
                 below = [self.block_z[j] for j in range(len(self.blocks)) if j != self.holding
                          and np.all(np.abs(self.blocks[j] - self.blocks[self.holding]) < 2 * self.block_half)]
                 self.block_z[self.holding] = 1 + max(below) if below else 0
+                if self.stowed:
+                    self.stowed[self.holding] = self._tray_of(self.blocks[self.holding])
             self.holding = self.holding_drawer = None
         if close and not self.gripper_closed and self.holding is None and self.holding_drawer is None:
             self._close_hand()
@@ -493,8 +535,12 @@ class TabletopEnv(gym.Env):
         self.contact = self.holding is not None or self.holding_drawer is not None
         if self.holding_drawer is not None:  # the hand slides the drawer along its rail
             j = self.holding_drawer
+            was = self.opening[j]
             self.opening[j] = np.clip(self.opening[j] + float(move @ self.drawer_axes[j]) / DRAWER_TRAVEL, 0.0, 1.0)
             self.effector = self.handle(j)
+            for i, in_j in enumerate(self.stowed):  # what rests in it slides with it
+                if in_j == j:
+                    self.blocks[i] = self.blocks[i] + self.drawer_axes[j] * (self.opening[j] - was) * DRAWER_TRAVEL
         else:
             self.effector = np.clip(self.effector + move, 0.03, 0.97)
         for i in range(len(self.blocks)):
@@ -505,8 +551,8 @@ class TabletopEnv(gym.Env):
             if self.slip and self.block_vel[i].any():  # still sliding from an earlier push
                 self.blocks[i] = np.clip(self.blocks[i] + self.block_vel[i], 0.05, 0.95)
                 self.block_vel[i] *= self.slip
-            if not close or self.holding is not None:  # an open hand, or one carrying a block, passes over blocks
-                continue
+            if not close or self.holding is not None or (self.stowed and self.stowed[i] >= 0):
+                continue  # an open hand, or one carrying a block, passes over blocks; a drawer holds its own
             delta = self.blocks[i] - self.effector
             dist = float(np.hypot(*delta))
             reach = EFFECTOR_R + self.block_half
@@ -524,14 +570,18 @@ class TabletopEnv(gym.Env):
         return self._obs(), reward, terminated, truncated, self._info(success)
 
     def _close_hand(self) -> None:
-        """On the closing edge: grasp the block under the hand, else hold a handle, else press a button."""
+        """On the closing edge: grasp the block under the hand, else hold a handle, else press a button. With a
+        handle nearer than any block (stow: a block in the drawer lies next to its handle), the handle."""
+        handle = float(np.linalg.norm(self._handles() - self.effector, axis=1).min()) if len(self.drawers) else 1.0
         if len(self.blocks):
             dist = np.linalg.norm(self.blocks - self.effector, axis=1)
             i = int(dist.argmin())
-            if dist[i] < GRASP_R:
+            if dist[i] < GRASP_R and dist[i] <= handle:
                 self.holding = i
                 self.block_z[i] = 0
                 self.block_vel[i] = 0.0
+                if self.stowed:
+                    self.stowed[i] = -1
                 return
         if len(self.drawers):
             dist = np.linalg.norm(self._handles() - self.effector, axis=1)
@@ -565,6 +615,8 @@ class TabletopEnv(gym.Env):
         if f == "drawer":
             o = self.opening[self.target_index]
             return bool(o >= OPEN_AT) if self.verb == "open" else bool(o <= SHUT_AT)
+        if f == "stow":  # the named block rests in the named drawer, shut
+            return self.stowed[self.target_block] == self.target_index and self.opening[self.target_index] <= SHUT_AT
         return not self._unsorted()  # sort, clear: every block rests in the bowl of its colour
 
     def _unsorted(self) -> list[int]:
@@ -575,6 +627,9 @@ class TabletopEnv(gym.Env):
     def subtasks(self) -> list[str]:
         """The episode's named subtasks, in the order the scripted expert does them: a block each for the
         long-horizon families, the instruction itself for the others."""
+        if self.family == "stow":
+            b, d = self.combo
+            return [f"open the {d} drawer", f"put the {b} block in the {d} drawer", f"close the {d} drawer"]
         if self.family in LONG_HORIZON:
             return [f"put the {c} block in the {c} bowl" for c in self.block_colors]
         return [self.instruction]
@@ -582,6 +637,10 @@ class TabletopEnv(gym.Env):
     def subtask_index(self) -> int:
         """Which of ``subtasks()`` is under way: the first not yet done, which is what the scripted expert works on
         (a block knocked out of its bowl is to do again); ``len(subtasks())`` once all are done."""
+        if self.family == "stow":
+            if self.stowed[self.target_block] == self.target_index:
+                return 3 if self.is_success() else 2
+            return 1 if self.opening[self.target_index] >= OPEN_AT else 0
         if self.family in LONG_HORIZON:
             todo = self._unsorted()
             return todo[0] if todo else len(self.blocks)
@@ -787,12 +846,15 @@ class TabletopEnv(gym.Env):
             holding = self.holding == i
         elif f == "button":
             block = target = self.buttons[self.target_index]
-        elif f == "drawer":
+        elif f == "drawer" or (f == "stow" and self.subtask_index() != 1):
             j = self.target_index
             block = self.handle(j)
-            goal = 1.0 if self.verb == "open" else 0.0
+            goal = 1.0 if (self.verb == "open" if f == "drawer" else self.subtask_index() == 0) else 0.0
             target = self.drawers[j] + self.drawer_axes[j] * (CABINET_HALF + goal * DRAWER_TRAVEL)
             holding = self.holding_drawer == j
+        elif f == "stow":  # the block, into the middle of the drawer's open part
+            block, target = self.blocks[self.target_block], self._tray_centre(self.target_index)
+            holding = self.holding == self.target_block
         else:  # sort, clear: the first block not yet in its bowl (the held one counts as not yet in)
             todo = self._unsorted()
             i = todo[0] if todo else 0

@@ -34,8 +34,8 @@ class EnvConfig:
     name: str = "tabletop"  # the environment plug-in: tabletop, metaworld, fetch, or an import path module:factory
     #                         (a gymnasium env factory, given the keys below that it declares; README "Bring your own")
     family: str = "any"  # tabletop: "any" (push or place, the shipped base's pair), "suite" (the first six), one
-    #                     family, or a comma-separated list: push, place, stack, button, drawer, sort, clear
-    #                     (actors/tabletop.py; sort and clear are long-horizon, a named subtask a block);
+    #                     family, or a comma-separated list: push, place, stack, button, drawer, sort, clear, stow
+    #                     (actors/tabletop.py; sort, clear and stow are long-horizon, made of named subtasks);
     #                     metaworld: its task (button-press-topdown-v3, ...); fetch: its env id (FetchReach-v4, ...)
     phrasing: str = "canonical"  # canonical (the one phrasing the shipped base knows) | train | heldout | all
     combos: str = "all"  # all | train | heldout: which named-colour pairings occur (actors/instructions.py)
