@@ -107,6 +107,9 @@ bench-rl: $(STAMP)
 	PYTHONPATH=. $(BIN)/python bench/demo_coverage.py
 	# the learners on the wall clock (~2.5 h: nine 15-minute runs, one at a time; those made before are read)
 	PYTHONPATH=. $(BIN)/python bench/learning_speed.py --out runs/learning-speed
+	# the learners after 100k env steps, two seeds each (~25 min), and what steering the flow's noise could reach (~3 min)
+	PYTHONPATH=. $(BIN)/python bench/learning_speed_steps.py --out runs/learning-speed-steps
+	PYTHONPATH=. $(BIN)/python bench/noise_headroom.py
 	# the smoke preset's record: 10 seeds, one at a time (~45 min; those made before are read)
 	PYTHONPATH=. $(BIN)/python bench/smoke_record.py --out runs/smoke-record
 	PYTHONPATH=. $(BIN)/python bench/table.py
