@@ -67,12 +67,16 @@ SHIPPED = ("auto", "base")  # detector.checkpoint values that mean flywheel/asse
 
 def misfit(cfg, detector, env: dict, same_env: bool = False) -> str:
     """Why a detector trained elsewhere cannot judge this run ("" if it can): made for another task family (``env``,
-    as its checkpoint records it; older ones record none), or, with ``same_env``, in another environment (without
-    it, a detector trained in simulation may judge the robot doing the same task); or judging from cameras the run
-    does not record, or at another image size."""
+    as its checkpoint records it; older ones record none), or, with ``same_env``, in another environment or on
+    nominal scenes for a run that randomises them (without it, a detector trained in simulation may judge the robot
+    doing the same task); or judging from cameras the run does not record, or at another image size."""
     if env and (env.get("family") != cfg.env.family or (same_env and env.get("name") != cfg.env.name)):
         return (f"was trained to judge env.name={env.get('name')} env.family={env.get('family')}, and this run "
                 f"practises env.name={cfg.env.name} env.family={cfg.env.family}")
+    randomized = {k: float(v) for k, v in (cfg.env.randomize or {}).items() if v}
+    if same_env and randomized and not env.get("randomize"):
+        # judging randomised practice, the nominal shipped detector's recall fell to 0.62 (bench/RESULTS.md)
+        return (f"was trained on nominal scenes, and this run practises under env.randomize={randomized}")
     net = detector.net.cfg
     if [s for s in net.sensors if s not in cfg.env.sensors] or net.image_size != cfg.env.image_size:
         return (f"judges {net.image_size}px frames from [{', '.join(net.sensors)}], and this run records "

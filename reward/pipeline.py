@@ -173,7 +173,8 @@ def train_reward(cfg: DictConfig, sources: DetectorSources, say: Callable[[str],
         checkpoint_dir=run_dir / "detector" / f"{version}.partial", progress=progress,
     )
     save_detector(run_dir, detector, det_metrics, train, held, calibration,
-                  env={"name": cfg.env.name, "family": cfg.env.family})
+                  env={"name": cfg.env.name, "family": cfg.env.family,
+                       "randomize": {k: float(v) for k, v in (cfg.env.randomize or {}).items() if v}})
     fmt = lambda k: "undefined" if det_metrics[k] is None else f"{det_metrics[k]:.3f}"  # noqa: E731 (one class)
     say(f"detector: precision {fmt('precision')}  recall {fmt('recall')}  AUROC {fmt('auroc')}  ECE {fmt('ece')} "
         f"on {det_metrics['n']} held-out episodes (threshold {detector.threshold:.3f}, temperature "

@@ -318,6 +318,10 @@ def test_detector_auto_takes_the_shipped_one_only_where_it_fits_the_run():
     assert _given_detector(load_config("run", ["env.sensors=[overhead]"]), said.append) is None
     assert _given_detector(load_config("run", ["env.family=suite"]), said.append) is None
     assert "judges 64px frames from [overhead, wrist]" in said[0] and "env.family=any" in said[1]
+    # practice in randomised scenes: the shipped one learned nominal ones
+    assert _given_detector(load_config("run", ["env.randomize.lighting=0.3"]), said.append) is None
+    assert "trained on nominal scenes" in said[2] and "'lighting': 0.3" in said[2]
+    said.clear()
     assert _given_detector(load_config("run", ["detector.checkpoint="]), said.append) is None  # always train
     # asked for by name, a detector that does not fit is an error naming the fix
     with pytest.raises(ConfigError, match=r"detector.checkpoint=base was trained to judge env.name=tabletop "
