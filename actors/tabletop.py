@@ -647,15 +647,17 @@ class TabletopEnv(gym.Env):
         return int(self.is_success())
 
     def _info(self, success: bool | None = None) -> dict[str, Any]:
+        success = self.is_success() if success is None else success
         return {
             "instruction": self.instruction,
             "family": self.family,
-            "success": self.is_success() if success is None else success,
+            "success": success,
             "steps": self.steps,
             "combo_heldout": self._combo_heldout,
             "kind": self.kind,  # what the instruction asks (the family, or "open" / "close" for drawers)
             "named": list(self.combo),  # the colours it names, in order (none for sort and clear)
-            "subtask": self.subtask_index(),  # which of subtasks() is under way
+            # which of subtasks() is under way (a one-move family's is its success, already known: not judged again)
+            "subtask": self.subtask_index() if self.family in LONG_HORIZON else int(success),
         }
 
     def randomization(self) -> dict[str, Any]:
