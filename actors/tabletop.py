@@ -102,12 +102,13 @@ def split_seed(split: str, index: int) -> int:
 
 
 def parse_families(family: str) -> tuple[str, ...]:
-    """``"any"``, ``"suite"``, one family, or a comma-separated list of families -> the families to draw from."""
+    """``"any"``, ``"suite"``, one family, or a comma-separated list of them ("suite,clear,stow") -> the families to
+    draw from."""
     if family == "any":
         return FAMILIES
     if family == "suite":
         return SUITE
-    names = tuple(f.strip() for f in family.split(","))
+    names = tuple(n for f in family.split(",") for n in (SUITE if f.strip() == "suite" else (f.strip(),)))
     unknown = [f for f in names if f not in FAMILY_NAMES]
     if unknown or not names:
         raise ValueError(

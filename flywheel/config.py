@@ -427,6 +427,10 @@ class PretrainConfig:
     checkpoint_every: int = 500
     action_head: str = "flow"  # "flow" (continuous chunks, pi0-style) or "tokens" (discrete bins, RT-2/OpenVLA-style)
     bins: int = 64  # action tokens: bins per action dimension over [-1, 1]
+    init: str = ""  # small_vla: start from this checkpoint (base, base:NAME or a path) instead of from scratch: its
+    #                 shape is kept, and the environment must fit it
+    subtask_head: bool = False  # small_vla: add a π0.5-style subtask head, trained on the demonstrator's narration
+    #                             (actors/tabletop.py subtasks); the low level learns to act on the narrated subtask
     export: str = ""  # also copy the final weights here (e.g. flywheel/assets/base_vla.safetensors)
     threads: int = 2  # torch intra-op threads: fixed, because the order of float sums (and so the weights) depends
     #                   on it. Two runs with the same seed and threads give the same base; BC success at equal loss

@@ -127,8 +127,10 @@ class Extras:
     (``Sampling``): ``LOGP`` (the log-probability of each number drawn: (K, C, A) for tokens or a draw at the output,
     (K, S, C, A) for a draw at every one of S flow steps), ``FLOW_CHAIN`` (K, S+1, C, A) or ``DRAWN`` (K, C, A)
     (the draw before clamping), and for a residual policy ``BASE_CHUNKS``, ``RESIDUALS`` (K, C, A) and
-    ``RESIDUAL_LOGP`` (K,). Simulated episodes add ``AUX_POSITIONS`` float32 (T+1, 4), the named block's and
-    target's true x, y: privileged state for auxiliary losses, never shown to the learner (``learner_view``), and
+    ``RESIDUAL_LOGP`` (K,). A policy with a subtask head records ``PROMPT`` (K, L), the token ids of the subtask
+    it named at each decision, which its chunk was drawn for. Simulated episodes add ``AUX_POSITIONS`` float32
+    (T+1, 4), the named block's and target's true x, y: privileged state for auxiliary losses, never shown to the
+    learner (``learner_view``), and
     ``SUBTASK`` int64 (T+1,), which of ``info["subtasks"]`` the simulator saw under way at each observation (its
     changes are the subtask boundaries; privileged too). ``NARRATION`` int64 (T,) is what the demonstrator said it
     was doing at each step it acted (an index into ``info["subtasks"]``; -1 where it did not act): the scripted
@@ -145,6 +147,7 @@ class Extras:
     AUX_POSITIONS = "aux_positions"
     SUBTASK = "subtask"
     NARRATION = "narration"
+    PROMPT = "prompt"
     INTERVENTION = "intervention"
     PRIVILEGED = (AUX_POSITIONS, SUBTASK)  # what the learner never sees
 
@@ -390,7 +393,9 @@ class TrainablePolicy(Protocol):
     ``capabilities`` names what it offers beyond imitation, and the learners that need it check:
     "log_prob" (``log_prob``: PPO), "indicator" (an advantage indicator: RECAP; ``conditioning_parameters``,
     ``start_conditioning`` and ``imitation_loss(indicator=)``), "residual" (a ``residual`` head: residual PPO),
-    "aux" (``auxiliary_loss`` on privileged positions, in simulation)."""
+    "aux" (``auxiliary_loss`` on privileged positions, in simulation), "subtask" (a subtask head: it names the
+    next subtask in words and acts on them; ``subtask_loss`` trains it on narration, and its episodes record
+    ``Extras.PROMPT``, the words each chunk was drawn for)."""
 
     chunk: int  # C
     action_dim: int  # A

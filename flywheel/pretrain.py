@@ -24,12 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 from actors.instructions import every_instruction
 from actors.rollout import make_env, run_episodes
 from actors.tabletop import split_seed
-from flywheel.checkpoint import CheckpointDir
+from flywheel.checkpoint import CheckpointDir, CheckpointError
 from flywheel.config import ConfigError, to_dict
 from flywheel.contracts import sensor_inputs
 from flywheel.metrics import wilson_interval
 from flywheel.store import EpisodeStore, atomic_write_bytes
-from flywheel.vla.checkpoint import save_policy
+from flywheel.vla.checkpoint import load_policy_checkpoint, save_policy
 from flywheel.vla.model import ACTION_HEADS, SmallVLA, VLAConfig, VLAPolicy
 from learner.bc import BCTrainer, ChunkDataset, warmup_cosine
 
@@ -75,7 +75,7 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
     if cfg.model == "pi0":
         model = initial_pi0(cfg, out, env_kwargs, demos)
     else:
-        model = SmallVLA(vla_config_for(env_kwargs, action_head=cfg.action_head, bins=cfg.bins))
+        model = initial_small_vla(cfg, env_kwargs, say)
     trainer = BCTrainer(model, lr=cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed)
     ckpts = CheckpointDir(out / "checkpoints", prefix="step", keep=2)
@@ -136,6 +136,25 @@ def pretrain(cfg: DictConfig, say: Callable[[str], None] = print, progress=None,
         shutil.copyfile(out / "base_vla.json", export.with_suffix(".json"))
         say(f"pretrain: exported the base to {export}")
     return record
+
+
+def initial_small_vla(cfg: DictConfig, env_kwargs: dict, say: Callable[[str], None]) -> SmallVLA:
+    """A new small VLA shaped for the environment, or the checkpoint ``cfg.init`` (with a fresh subtask head where
+    ``cfg.subtask_head`` asks for one and it has none)."""
+    fit = vla_config_for(env_kwargs, action_head=cfg.action_head, bins=cfg.bins, subtask_head=cfg.subtask_head)
+    if not cfg.init:
+        return SmallVLA(fit)
+    try:
+        model, _ = load_policy_checkpoint(cfg.init, as_model=True, subtask_head=cfg.subtask_head)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise ConfigError(f"init={cfg.init}: {e}") from e
+    wrong = {k: (getattr(model.cfg, k), getattr(fit, k))
+             for k in ("image_size", "sensors", "action_dim", "proprio_dim") if getattr(model.cfg, k) != getattr(fit, k)}
+    if wrong:
+        raise ConfigError(f"init={cfg.init} does not fit the environment (checkpoint, environment): {wrong}. Set env.* "
+                          f"as it was pretrained (its .json records them), or pretrain from scratch (init='')")
+    say(f"pretrain: starting from {cfg.init}" + (", with a subtask head" if cfg.subtask_head else ""))
+    return model
 
 
 def load_demos(cfg: DictConfig, out: Path, env_kwargs: dict) -> list:

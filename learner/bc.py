@@ -37,6 +37,33 @@ def action_chunks(actions: np.ndarray, chunk: int) -> np.ndarray:
     return padded[idx]
 
 
+def narrated(ep: Episode, steps: np.ndarray) -> np.ndarray:
+    """int64 (n,): which of ``ep.info["subtasks"]`` a demonstrator said it was doing at each of ``steps`` (-1: none
+    said; ``Extras.NARRATION``)."""
+    said = ep.extras.get(Extras.NARRATION)
+    if said is None or not ep.info.get("subtasks"):
+        return np.full(len(steps), -1, np.int64)
+    return np.asarray(said, np.int64)[steps]
+
+
+def prompt_ids(model: TrainablePolicy, ep: Episode, steps: np.ndarray) -> np.ndarray:
+    """int64 (n, L): the words the actions at each of ``steps`` were drawn for. The task instruction; for a policy
+    with a subtask head, the subtask it named at the decision the step belongs to (``Extras.PROMPT``), or the one
+    the demonstrator narrated there (a person's correction, a demonstration): hierarchical imitation, as π0.5's low
+    level learns to act on the subtask rather than on the whole task."""
+    ids = np.repeat(model.token_ids([ep.instruction]), len(steps), axis=0)
+    if "subtask" not in model.capabilities:
+        return ids
+    prompts = ep.extras.get(Extras.PROMPT)
+    if prompts is not None:
+        decision = np.searchsorted(ep.extras[Extras.CHUNK_STEPS], steps, side="right") - 1
+        ids[decision >= 0] = np.asarray(prompts, np.int64)[decision[decision >= 0]]
+    said = narrated(ep, steps)
+    for k in np.unique(said[said >= 0]):
+        ids[said == k] = model.token_ids([ep.info["subtasks"][k]])[0]
+    return ids
+
+
 class _Entry(NamedTuple):
     """One episode's samples, ready to concatenate."""
 
@@ -115,7 +142,7 @@ class ChunkDataset:
         n = len(steps)
         if n == 0:
             return
-        ids = np.repeat(self.model.token_ids([ep.instruction]), n, axis=0)
+        ids = prompt_ids(self.model, ep, steps)
         images, proprio = sensor_inputs(ep.observations, self.model.sensors, steps)
         if self.encode:
             inputs = {"ctx": self.model.features(images, ids, proprio).cpu().numpy()}
@@ -126,6 +153,11 @@ class ChunkDataset:
                 "aux": aux[steps].astype(np.float32) if aux is not None else np.zeros((n, 4), np.float32),
                 "aux_mask": np.full(n, aux is not None, np.float32),
             }
+            if "subtask" in self.model.capabilities:  # the subtask head learns the narrated subtasks
+                said = narrated(ep, steps)
+                inputs.update(task_ids=np.repeat(self.model.token_ids([ep.instruction]), n, axis=0),
+                              subtask_ids=np.where(said[:, None] >= 0, ids, 0),
+                              subtask_mask=(said >= 0).astype(np.float32))
         self._eps.append(_Entry(key, ep.id, inputs, targets, np.broadcast_to(np.asarray(weight, np.float32), (n,)),
                                 pinned, np.broadcast_to(np.asarray(indicator, np.int64), (n,))))
         self._cache = None
@@ -179,6 +211,41 @@ class ChunkDataset:
         return {k: v[idx] for k, v in data.items()}
 
 
+def fit_subtask_head(model: TrainablePolicy, episodes: list[Episode], steps: int, lr: float = 1e-3,
+                     batch_size: int = 256, generator: torch.Generator | None = None) -> list[float]:
+    """Train a policy's subtask head alone on the narrated steps of ``episodes``, the rest of it frozen: each step's
+    context of (observation, task instruction) is computed once, so that a step costs no encoder pass. What teaches a
+    policy that already has the skills to chain them (a subtask head on a base that can put a block in a bowl, for a
+    task made of such moves). -> the loss of every step."""
+    tasks, targets, contexts = [], [], []
+    for ep in episodes:
+        steps_said = np.flatnonzero(narrated(ep, np.arange(ep.num_steps)) >= 0)
+        if not len(steps_said):
+            continue
+        images, proprio = sensor_inputs(ep.observations, model.sensors, steps_said)
+        task = np.repeat(model.token_ids([ep.instruction]), len(steps_said), axis=0)
+        contexts.append(model.features(images, task, proprio).cpu())
+        tasks.append(torch.from_numpy(task))
+        targets.append(torch.from_numpy(prompt_ids(model, ep, steps_said)))
+    if not contexts:
+        raise ValueError("no narrated steps to learn subtasks from: the episodes need extras['narration'] and "
+                         "info['subtasks'] (a scripted demonstrator's, or a person's corrections)")
+    ctx, tasks, targets = (torch.cat(x).to(model.device) for x in (contexts, tasks, targets))
+    head = model.subtasker
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    losses, everything = [], torch.ones(batch_size, device=model.device)
+    head.train()
+    for _ in range(steps):
+        pick = torch.randint(0, len(ctx), (batch_size,), generator=generator).to(model.device)
+        loss = head.loss(ctx[pick], tasks[pick], targets[pick], everything)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.item()))
+    head.eval()
+    return losses
+
+
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
     """The learning-rate multiplier at ``step`` of ``total``: linear warm-up over ``warmup`` steps, then cosine decay
     to 10% (the last steps settle the weights)."""
@@ -196,6 +263,9 @@ def imitation_loss(model: TrainablePolicy, batch: dict[str, torch.Tensor], weigh
     loss = model.imitation_loss(ctx, batch["actions"], weights, indicator, generator)
     if "aux" in model.capabilities:
         loss = loss + model.auxiliary_loss(ctx, batch["aux"], batch["aux_mask"])
+    if "subtask" in model.capabilities and "subtask_mask" in batch:
+        loss = loss + model.subtask_loss(batch["images"], batch["task_ids"], batch["proprio"], batch["subtask_ids"],
+                                         batch["subtask_mask"])
     return loss
 
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from flywheel.contracts import Episode, Extras, PolicySnapshot, Sampling, TrainablePolicy, sensor_inputs
 from learner.base import LearnerBase
-from learner.bc import ChunkDataset
+from learner.bc import ChunkDataset, prompt_ids
 from learner.critic import Critic
 
 
@@ -154,7 +154,7 @@ class PPOLearner(LearnerBase):
             images, proprio = sensor_inputs(ep.observations, self.model.sensors, steps)
             cols["images"].append(np.ascontiguousarray(images))
             cols["proprio"].append(proprio)
-            cols["ids"].append(np.repeat(self.model.token_ids([ep.instruction]), len(steps), axis=0))
+            cols["ids"].append(prompt_ids(self.model, ep, steps))
             cols[drawn].append(ep.extras[drawn].astype(np.float32))
             cols["logp"].append(ep.extras[Extras.LOGP].astype(np.float32))
             cols["adv"].append(np.broadcast_to(np.asarray(a, np.float32), (len(steps),)))
@@ -284,4 +284,8 @@ class Anchor:
             return torch.zeros((), device=device)
         b = {k: v.to(device) for k, v in self.batch(generator).items()}
         ctx = self.model.context(b["images"], b["ids"], b["proprio"])
-        return self.model.imitation_loss(ctx, b["actions"], b["weights"], generator=generator)
+        loss = self.model.imitation_loss(ctx, b["actions"], b["weights"], generator=generator)
+        if "subtask_mask" in b:  # a subtask head keeps learning what the demonstrators and people said they did
+            loss = loss + self.model.subtask_loss(b["images"], b["task_ids"], b["proprio"], b["subtask_ids"],
+                                                  b["subtask_mask"])
+        return loss

@@ -6,6 +6,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from flywheel.checkpoint import CheckpointError, load_weights, save_weights
 from flywheel.vla.model import SmallVLA, VLAConfig
 
@@ -27,8 +30,9 @@ def save_policy(path: str | Path, model: SmallVLA, meta: dict[str, Any]) -> Path
     return save_weights(path, model.get_weights(), {**meta, "vla_config": dataclasses.asdict(model.cfg)})
 
 
-def load_policy_checkpoint(spec: str, as_model: bool = False):
-    """-> (VLAConfig, weights, meta), or (SmallVLA, meta) with ``as_model``. Errors say what is wrong and the fix."""
+def load_policy_checkpoint(spec: str, as_model: bool = False, subtask_head: bool = False):
+    """-> (VLAConfig, weights, meta), or (SmallVLA, meta) with ``as_model``; with ``subtask_head`` as well, the model
+    gains a new, untrained subtask head where the checkpoint has none. Errors say what is wrong and the fix."""
     path = resolve(spec)
     shipped = sorted(p.name[: -len("_vla.safetensors")] for p in ASSETS.glob("*_vla.safetensors"))
     if spec.startswith("base:") and not path.exists() and not path.with_suffix(".json").exists():
@@ -50,9 +54,13 @@ def load_policy_checkpoint(spec: str, as_model: bool = False):
     cfg = VLAConfig(**meta["vla_config"])
     if not as_model:
         return cfg, weights, meta
-    model = SmallVLA(cfg)
+    model = SmallVLA(dataclasses.replace(cfg, subtask_head=cfg.subtask_head or subtask_head))
     try:
-        model.load_weights(weights)
+        missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()},
+                                                    strict=False)
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not fit the VLA its metadata describes: {e}") from e
+    if unexpected or any(not (k.startswith("subtasker.") and not cfg.subtask_head) for k in missing):
+        raise CheckpointError(f"{path} does not fit the VLA its metadata describes: it lacks {missing[:3]} and has "
+                              f"{unexpected[:3]} besides")
     return model, meta
