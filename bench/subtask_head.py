@@ -6,8 +6,9 @@ Two fine-tunings of the shipped six-family base (``base:suite``) on the same 400
 suite and the two long-horizon families (``env.family=suite,clear,stow``), each ``flywheel pretrain`` for ``--steps``
 steps (made in ``--out`` unless already there): one flat, acting on the task instruction, and one with a subtask
 head (``subtask_head=true``), whose low level learns to act on the narrated subtask and whose head learns to name it.
-Besides them, the base unchanged with a subtask head trained alone on the same demonstrations' narration
-(``fit_subtask_head``): skills it has, chained by words.
+Besides them, the base unchanged with a subtask head trained alone (``fit_subtask_head``, ``--head-steps``) on the
+narration of ``--head-demos`` other demonstrations of the long-horizon families: skills it has, chained by words;
+and the fine-tuned one with a subtask head, its head then trained alone on the same narration.
 
 Each is evaluated on ``--episodes`` held-out seeds of each long-horizon family (sort, clear, stow), acting from the
 flow's mean: on the task instruction, on the subtask its head names, and on the subtask the simulator sees under way
@@ -32,7 +33,6 @@ from actors.tabletop import split_seed
 from bench.common import write_result, write_section
 from flywheel.contracts import Extras, sensor_inputs
 from flywheel.metrics import wilson_interval
-from flywheel.store import EpisodeStore
 from flywheel.vla.checkpoint import load_policy_checkpoint
 from flywheel.vla.model import SmallVLA, VLAPolicy
 from learner.bc import fit_subtask_head
@@ -101,14 +101,20 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=100)
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--head-steps", type=int, default=3000)
+    ap.add_argument("--head-demos", type=int, default=2000)
     args = ap.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out)
     flat, _ = load_policy_checkpoint(str(pretrained(out, "flat", args.steps, False)), as_model=True)
     tuned, _ = load_policy_checkpoint(str(pretrained(out, "head", args.steps, True)), as_model=True)
     alone, _ = load_policy_checkpoint("base:suite", as_model=True, subtask_head=True)
-    demos = list(EpisodeStore(out / "head" / "demos").iter("train", with_ground_truth=True))
+    demos = run_episodes([split_seed("train", 400 + i) for i in range(args.head_demos)], "train", None,
+                         policy_version=-1, family=",".join(LONG))  # seeds the pretraining's 400 did not use
     fit_subtask_head(alone, demos, args.head_steps, generator=torch.Generator().manual_seed(0))
+    # the fine-tuned low level, its head trained on as much narration as the alone one's
+    both, _ = load_policy_checkpoint(str(out / "head" / "base_vla.safetensors"), as_model=True)
+    fit_subtask_head(both, demos, args.head_steps, generator=torch.Generator().manual_seed(0))
+    del demos
     base, _ = load_policy_checkpoint("base:suite", as_model=True)
     held_out = {f: run_episodes([split_seed("holdout", i) for i in range(20)], "holdout", None, policy_version=-1,
                                 family=f) for f in LONG}
@@ -117,6 +123,7 @@ def main() -> None:
         "the base with a subtask head trained alone": (alone, ["its subtask"]),
         "fine-tuned flat": (flat, ["the task", "the simulator's subtask"]),
         "fine-tuned with a subtask head": (tuned, ["its subtask", "the task", "the simulator's subtask"]),
+        "fine-tuned with a subtask head, which then trained alone": (both, ["its subtask"]),
     }
     rows = {}
     for name, (model, modes) in models.items():
@@ -127,7 +134,7 @@ def main() -> None:
     mean = lambda name, mode: float(np.mean([rows[name][mode][f]["success"] for f in LONG]))  # noqa: E731
     with_head, flat_tuned = mean("fine-tuned with a subtask head", "its subtask"), mean("fine-tuned flat", "the task")
     write_result("subtask_head", with_head - flat_tuned, None, None, rows=rows, episodes=args.episodes,
-                 steps=args.steps, head_steps=args.head_steps,
+                 steps=args.steps, head_steps=args.head_steps, head_demos=args.head_demos,
                  what="mean held-out success over sort, clear and stow: fine-tuned with a subtask head, acting on the "
                       "subtask it names, minus fine-tuned flat on the same demonstrations and steps")
     table = ["| model | acting on | " + " | ".join(LONG) + " |", "|---|---|" + "---|" * len(LONG)]
@@ -144,10 +151,11 @@ def main() -> None:
                 f"{modes['head accuracy'][f]['narrated']:.2f} ({modes['head accuracy'][f]['one_of_its_own']:.2f})"
                 for f in LONG) + " |")
     write_section("subtask_head", "bench/subtask_head.py", [
-        f"`PYTHONPATH=. .venv/bin/python bench/subtask_head.py --episodes {args.episodes} --steps {args.steps}` "
-        f"({args.episodes} held-out seeds a family, acting from the flow's mean; success [95% interval]):", "",
+        f"`PYTHONPATH=. .venv/bin/python bench/subtask_head.py --episodes {args.episodes} --steps {args.steps}",
+        f"--head-steps {args.head_steps} --head-demos {args.head_demos}`: {args.episodes} held-out seeds a family, "
+        "acting from the flow's mean; success [95% interval].", "",
         *table, "",
-        "The subtask head's accuracy on 20 held-out demonstrations a family: the fraction of their steps where it "
+        "The subtask head's accuracy on 20 held-out demonstrations a family: the fraction of their steps where it",
         "names what the expert narrated (and, in brackets, one of the episode's own subtasks):", "", *accuracy])
 
 

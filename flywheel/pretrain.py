@@ -148,8 +148,8 @@ def initial_small_vla(cfg: DictConfig, env_kwargs: dict, say: Callable[[str], No
         model, _ = load_policy_checkpoint(cfg.init, as_model=True, subtask_head=cfg.subtask_head)
     except (CheckpointError, FileNotFoundError) as e:
         raise ConfigError(f"init={cfg.init}: {e}") from e
-    wrong = {k: (getattr(model.cfg, k), getattr(fit, k))
-             for k in ("image_size", "sensors", "action_dim", "proprio_dim") if getattr(model.cfg, k) != getattr(fit, k)}
+    shape = ("image_size", "sensors", "action_dim", "proprio_dim")
+    wrong = {k: (getattr(model.cfg, k), getattr(fit, k)) for k in shape if getattr(model.cfg, k) != getattr(fit, k)}
     if wrong:
         raise ConfigError(f"init={cfg.init} does not fit the environment (checkpoint, environment): {wrong}. Set env.* "
                           f"as it was pretrained (its .json records them), or pretrain from scratch (init='')")

@@ -214,30 +214,33 @@ class ChunkDataset:
 def fit_subtask_head(model: TrainablePolicy, episodes: list[Episode], steps: int, lr: float = 1e-3,
                      batch_size: int = 256, generator: torch.Generator | None = None) -> list[float]:
     """Train a policy's subtask head alone on the narrated steps of ``episodes``, the rest of it frozen: each step's
-    context of (observation, task instruction) is computed once, so that a step costs no encoder pass. What teaches a
-    policy that already has the skills to chain them (a subtask head on a base that can put a block in a bowl, for a
-    task made of such moves). -> the loss of every step."""
-    tasks, targets, contexts = [], [], []
+    context of (observation, task instruction) is computed once, so that a step costs no pass of the encoder's
+    trunk. What teaches a policy that already has the skills to chain them (a subtask head on a base that can put a
+    block in a bowl, for a task made of such moves). -> the loss of every step."""
+    images, tasks, targets, contexts = [], [], [], []
     for ep in episodes:
-        steps_said = np.flatnonzero(narrated(ep, np.arange(ep.num_steps)) >= 0)
-        if not len(steps_said):
+        said = np.flatnonzero(narrated(ep, np.arange(ep.num_steps)) >= 0)
+        if not len(said):
             continue
-        images, proprio = sensor_inputs(ep.observations, model.sensors, steps_said)
-        task = np.repeat(model.token_ids([ep.instruction]), len(steps_said), axis=0)
-        contexts.append(model.features(images, task, proprio).cpu())
+        frames, proprio = sensor_inputs(ep.observations, model.sensors, said)
+        task = np.repeat(model.token_ids([ep.instruction]), len(said), axis=0)
+        contexts.append(model.features(frames, task, proprio).cpu())
+        images.append(torch.from_numpy(np.ascontiguousarray(frames)))
         tasks.append(torch.from_numpy(task))
-        targets.append(torch.from_numpy(prompt_ids(model, ep, steps_said)))
+        targets.append(torch.from_numpy(prompt_ids(model, ep, said)))
     if not contexts:
         raise ValueError("no narrated steps to learn subtasks from: the episodes need extras['narration'] and "
                          "info['subtasks'] (a scripted demonstrator's, or a person's corrections)")
-    ctx, tasks, targets = (torch.cat(x).to(model.device) for x in (contexts, tasks, targets))
-    head = model.subtasker
+    ctx, images, tasks, targets = (torch.cat(x) for x in (contexts, images, tasks, targets))
+    head, device = model.subtasker, model.device
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    losses, everything = [], torch.ones(batch_size, device=model.device)
+    losses, everything = [], torch.ones(batch_size, device=device)
     head.train()
     for _ in range(steps):
-        pick = torch.randint(0, len(ctx), (batch_size,), generator=generator).to(model.device)
-        loss = head.loss(ctx[pick], tasks[pick], targets[pick], everything)
+        pick = torch.randint(0, len(ctx), (batch_size,), generator=generator)
+        with torch.no_grad():
+            patches = model.patches(images[pick].to(device))
+        loss = head.loss(ctx[pick].to(device), patches, tasks[pick].to(device), targets[pick].to(device), everything)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -114,3 +114,25 @@ def test_a_learner_conditions_each_decision_on_the_words_it_was_drawn_for(stow_d
     assert len(taken) and (ep.extras[Extras.NARRATION][taken] >= 0).all()
     said = [ep.info["subtasks"][k] for k in ep.extras[Extras.NARRATION][taken]]
     assert [model.tokenizer.decode(r.tolist()) for r in prompt_ids(model, ep, taken)] == said
+
+
+def test_pretraining_from_a_checkpoint_refuses_one_that_does_not_fit(tmp_path):
+    """``flywheel pretrain init=...``: a missing checkpoint, or one shaped for other sensors, is refused with the fix;
+    a fitting one starts from its weights, with a new subtask head beside them."""
+    from omegaconf import OmegaConf
+
+    from flywheel.config import ConfigError, PretrainConfig, to_dict
+    from flywheel.pretrain import initial_small_vla
+
+    def start(sensors=("overhead",), **keys):
+        cfg = OmegaConf.structured(PretrainConfig(**keys))
+        cfg.env.sensors = list(sensors)
+        return initial_small_vla(cfg, to_dict(cfg.env), lambda m: None)
+
+    with pytest.raises(ConfigError, match="init=.*does not exist"):
+        start(init=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ConfigError, match="does not fit the environment.*sensors"):
+        start(init="base:suite", sensors=("overhead", "wrist"))
+    model = start(init="base:suite", subtask_head=True)
+    base, _ = load_policy_checkpoint("base:suite", as_model=True)
+    assert torch.equal(model.head.inp.weight, base.head.inp.weight) and model.subtasker is not None

@@ -422,19 +422,29 @@ class SubtaskHead(nn.Module):
     the red block in the green drawer and close it" for colour pairs never narrated (a generator alone memorised
     the pairs of its demonstrations: 0.02 of held-out steps named right, against 0.71 of its training steps)."""
 
-    def __init__(self, ctx_dim: int, vocab: int, max_len: int, hidden: int = 128):
+    def __init__(self, ctx_dim: int, vocab: int, max_len: int, patch_dim: int, hidden: int = 128):
         super().__init__()
         self.max_len = max_len
         self.start = nn.Linear(ctx_dim, hidden)
         self.embed = nn.Embedding(vocab + 1, hidden)  # the last row is the start-of-text token
         self.gru = nn.GRU(hidden, hidden, batch_first=True)
+        self.look_q, self.look_kv = nn.Linear(hidden, hidden), nn.Linear(patch_dim, 2 * hidden)
         self.out = nn.Linear(hidden, vocab)
         self.key_pos = nn.Parameter(torch.randn(1, max_len, hidden) * 0.02)  # which word of the instruction
         self.copy_gate = nn.Linear(hidden, 1)
 
-    def _words(self, states: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    def _look(self, states: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """Each state (B, S, H) plus what it reads from the image's patches (B, N, patch_dim): a colour word of "put
+        each block in its bowl" is read off the blocks still out of their bowls, which the context (where the
+        instruction's words point) does not say."""
+        k, v = self.look_kv(patches).chunk(2, dim=-1)
+        attn = torch.softmax(self.look_q(states) @ k.transpose(1, 2) / math.sqrt(k.shape[-1]), dim=-1)
+        return states + attn @ v
+
+    def _words(self, states: torch.Tensor, task_ids: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         """log p of every vocabulary word (B, S, vocab), from the GRU's states (B, S, hidden): a mixture of the
         generator's softmax and attention over the instruction's words (their embeddings plus positions)."""
+        states = self._look(states, patches)
         keys = self.embed(task_ids) + self.key_pos[:, : task_ids.shape[1]]  # (B, L, H)
         scores = torch.einsum("bsh,blh->bsl", states, keys) / math.sqrt(states.shape[-1])
         scores = scores.masked_fill((task_ids == 0)[:, None], float("-inf"))
@@ -443,23 +453,25 @@ class SubtaskHead(nn.Module):
         gate = torch.sigmoid(self.copy_gate(states))
         return torch.log(gate * self.out(states).softmax(-1) + (1 - gate) * copy + 1e-9)
 
-    def log_probs(self, ctx: torch.Tensor, task_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def log_probs(self, ctx: torch.Tensor, patches: torch.Tensor, task_ids: torch.Tensor, ids: torch.Tensor
+                  ) -> torch.Tensor:
         """Teacher-forced: (B, L, vocab) log-probabilities of each word of ``ids`` (B, L) given the words before it."""
         bos = torch.full((ids.shape[0], 1), self.embed.num_embeddings - 1, dtype=ids.dtype, device=ids.device)
         states, _ = self.gru(self.embed(torch.cat([bos, ids[:, :-1]], 1)), torch.tanh(self.start(ctx))[None])
-        return self._words(states, task_ids)
+        return self._words(states, task_ids, patches)
 
-    def loss(self, ctx: torch.Tensor, task_ids: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def loss(self, ctx: torch.Tensor, patches: torch.Tensor, task_ids: torch.Tensor, ids: torch.Tensor,
+             mask: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of every word up to and including the ending ``<pad>``, averaged over the texts where
         ``mask`` (B,) is True."""
-        per_word = -self.log_probs(ctx, task_ids, ids).gather(2, ids[..., None])[..., 0]  # (B, L)
+        per_word = -self.log_probs(ctx, patches, task_ids, ids).gather(2, ids[..., None])[..., 0]  # (B, L)
         ended = (ids == 0).long().cumsum(1)
         counted = (ended <= 1) & ((ids != 0) | (ended == 1))  # the words, and the first pad: the end of the text
         per_text = (per_word * counted).sum(1) / counted.sum(1).clamp_min(1)
         return (per_text * mask).sum() / mask.sum().clamp_min(1)
 
     @torch.no_grad()
-    def decode(self, ctx: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    def decode(self, ctx: torch.Tensor, patches: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """Greedy: the most likely word at each step, padded after the first ``<pad>`` -> int64 (B, L)."""
         b = ctx.shape[0]
         word = torch.full((b, 1), self.embed.num_embeddings - 1, dtype=torch.long, device=ctx.device)
@@ -467,7 +479,7 @@ class SubtaskHead(nn.Module):
         ended = torch.zeros(b, dtype=torch.bool, device=ctx.device)
         for _ in range(self.max_len):
             state, h = self.gru(self.embed(word), h)
-            word = self._words(state, task_ids).argmax(-1)
+            word = self._words(state, task_ids, patches).argmax(-1)
             ended = ended | (word[:, 0] == 0)
             ids.append(word[:, 0].masked_fill(ended, 0))
         return torch.stack(ids, 1)
@@ -535,8 +547,8 @@ class SmallVLA(NumpyWeights, nn.Module):
             torch.manual_seed(0)
             self.residual = ResidualHead(self.cfg, self.encoder.out_dim)
             # π0.5's high level (SubtaskHead), where the shape asks for one: the low level then acts on its words
-            self.subtasker = SubtaskHead(self.encoder.out_dim, self.tokenizer.vocab_size, self.cfg.max_tokens) \
-                if self.cfg.subtask_head else None
+            self.subtasker = SubtaskHead(self.encoder.out_dim, self.tokenizer.vocab_size, self.cfg.max_tokens,
+                                         self.cfg.dim) if self.cfg.subtask_head else None
         if self.subtasker is not None:
             self.capabilities = self.capabilities | {"subtask"}
 
@@ -616,12 +628,17 @@ class SmallVLA(NumpyWeights, nn.Module):
         from the observation and the task instruction ``task_ids``, where ``mask`` (B,) is True."""
         if not bool(mask.any()):
             return images.new_zeros((), dtype=torch.float32)
-        return self.subtasker.loss(self.context(images, task_ids, proprio), task_ids, subtask_ids, mask)
+        return self.subtasker.loss(self.context(images, task_ids, proprio), self.patches(images), task_ids,
+                                   subtask_ids, mask)
+
+    def patches(self, images: torch.Tensor) -> torch.Tensor:
+        """The image's patch tokens (B, N, dim), which the subtask head looks over."""
+        return self.encoder.patches(self.encoder.pixels(images))
 
     @torch.no_grad()
     def name_subtasks(self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
         """The subtask head's text for each observation and task instruction, as token ids (B, L)."""
-        return self.subtasker.decode(self.encoder(images, ids, proprio), ids)
+        return self.subtasker.decode(self.encoder(images, ids, proprio), self.patches(images), ids)
 
     def action_loss(
         self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor, actions: torch.Tensor,
