@@ -112,6 +112,8 @@ bench-rl: $(STAMP)
 	PYTHONPATH=. $(BIN)/python bench/noise_headroom.py
 	# the smoke preset's record: 10 seeds, one at a time (~45 min; those made before are read)
 	PYTHONPATH=. $(BIN)/python bench/smoke_record.py --out runs/smoke-record
+	# the subtask head on the long-horizon families (~50 min; the fine-tunings made before in runs/subtask are read)
+	PYTHONPATH=. $(BIN)/python bench/subtask_head.py --out runs/subtask
 	PYTHONPATH=. $(BIN)/python bench/table.py
 
 # The detector shipped for the shipped base (detector.checkpoint=auto, the default job's), made again as it was
