@@ -31,6 +31,8 @@ drifting away from what it could already do.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from torch import nn
@@ -54,74 +56,81 @@ def executed(chunk_steps: np.ndarray, num_actions: int, chunk: int, intervened: 
     return np.arange(chunk)[None] < ran[:, None]
 
 
+@dataclasses.dataclass
+class PPOOptions:
+    """PPO's keys (``learner.*`` with ``learner=ppo``), checked when made.
+
+    ``flow_noise``: the flow head's std in practice (its exploration), at each Euler step (``noise_at`` "steps",
+    flow-noise as in piRL) or of the chunk alone ("output": a Gaussian policy whose mean is the flow, with K =
+    ``flow_steps`` times fewer numbers to credit). ``advantage``: "group" (GRPO, over the attempts at each layout)
+    or "gae" (a critic on a frozen copy of the starting encoder, GAE with ``gamma`` and ``gae_lambda`` per decision,
+    learner/critic.py: every episode is credited, one attempt a layout is enough).
+
+    ``anchor``, ``batch_size``, ``self_imitation``, ``max_episodes``: the behaviour cloning beside PPO's loss
+    (``Anchor``). ``unsure``: the detector's P(success) range [low, high) in which its verdict counts neither way
+    (``PPOLearner.group_advantages``)."""
+
+    ppo_lr: float = 3e-4
+    ppo_epochs: int = 8
+    ppo_clip: float = 0.2
+    ppo_minibatch: int = 256
+    anchor: float = 0.5
+    max_staleness: int = 2
+    batch_size: int = 64
+    flow_noise: float = 0.2
+    noise_at: str = "output"
+    advantage: str = "group"
+    gamma: float = 0.95
+    gae_lambda: float = 0.95
+    value_epochs: int = 20
+    self_imitation: float = 0.0
+    max_episodes: int = 4000
+    unsure: tuple[float, float] | list[float] = (0.0, 0.0)
+
+    def __post_init__(self):
+        if self.noise_at not in ("steps", "output"):
+            raise ValueError(f"learner.noise_at={self.noise_at!r}: choose steps (each Euler step draws, flow-noise) or "
+                             f"output (the chunk draws around the flow)")
+        if len(self.unsure) != 2 or not 0.0 <= self.unsure[0] <= self.unsure[1] <= 1.0:
+            raise ValueError(f"learner.unsure={list(self.unsure)}: the detector's P(success) range [low, high) whose "
+                             f"verdicts count neither way, with 0 <= low <= high <= 1; [0, 0] counts every verdict")
+        self.unsure = (float(self.unsure[0]), float(self.unsure[1]))
+        if self.advantage not in ("group", "gae"):
+            raise ValueError(f"learner.advantage={self.advantage!r}: choose group (GRPO) or gae (a critic)")
+
+
 class PPOLearner(LearnerBase):
     """The ``Learner`` contract: ``update(labelled episodes) -> stats``; ``snapshot() -> PolicySnapshot``."""
 
-    def __init__(
-        self,
-        model: TrainablePolicy,
-        demos: list[Episode] | None = None,
-        *,
-        version: int = 0,
-        seed: int = 0,
-        ppo_lr: float = 3e-4,
-        ppo_epochs: int = 8,
-        ppo_clip: float = 0.2,
-        ppo_minibatch: int = 256,
-        anchor: float = 0.5,
-        max_staleness: int = 2,
-        batch_size: int = 64,
-        flow_noise: float = 0.2,
-        noise_at: str = "output",
-        advantage: str = "group",
-        gamma: float = 0.95,
-        gae_lambda: float = 0.95,
-        value_epochs: int = 20,
-        self_imitation: float = 0.0,
-        max_episodes: int = 4000,
-        unsure: tuple[float, float] | list[float] = (0.0, 0.0),
-    ):
-        """``flow_noise``: the flow head's std in practice (its exploration), at each Euler step (``noise_at`` "steps",
-        flow-noise as in piRL) or of the chunk alone ("output": a Gaussian policy whose mean is the flow, with
-        K = ``flow_steps`` times fewer numbers to credit). ``advantage``: "group"
-        (GRPO, over the attempts at each layout) or "gae" (a critic on a frozen copy of the starting encoder, GAE
-        with ``gamma`` and ``gae_lambda`` per decision, learner/critic.py: every episode is credited, one attempt a
-        layout is enough).
+    Options = PPOOptions  # the keys it takes besides version and seed (learner/registry.py accepted_options)
+
+    def __init__(self, model: TrainablePolicy, demos: list[Episode] | None = None, *, version: int = 0, seed: int = 0,
+                 **options):
+        """``options``: ``PPOOptions``' fields.
 
         The flow VLA's policy under PPO is its flow from the mean (starting noise 0), in practice and in evaluation
         alike, as a Gaussian policy is evaluated at its mean: the steps' draws are its only randomness, so every
         difference between attempts at a layout is one PPO can credit. From the usual standard normal start, most
         of that difference came from the start, whose density does not depend on the weights: in a trial the
-        approved direction moved 0.00-0.08 against 0.10 from the mean.
-
-        ``anchor``, ``batch_size``, ``self_imitation``, ``max_episodes``: the behaviour cloning beside PPO's loss
-        (``Anchor``). ``unsure``: the detector's P(success) range [low, high) in which its verdict counts neither
-        way (``group_advantages``)."""
+        approved direction moved 0.00-0.08 against 0.10 from the mean."""
+        o = PPOOptions(**options)
         if "log_prob" not in model.capabilities:
             raise ValueError(f"ppo needs a policy that gives the exact log-probability of what it drew (the "
                              f"'log_prob' capability); {type(model).__name__} offers {sorted(model.capabilities)}: "
                              f"use filtered_bc")
-        if model.action_head == "flow" and flow_noise <= 0:
-            raise ValueError(f"learner.flow_noise={flow_noise}: PPO on a flow VLA needs its practice noise (> 0) for "
+        if model.action_head == "flow" and o.flow_noise <= 0:
+            raise ValueError(f"learner.flow_noise={o.flow_noise}: PPO on a flow VLA needs its practice noise (> 0) for "
                              f"the exact log-probability of what it drew; e.g. 0.2 (0.03 with noise_at=steps)")
         self.model, self.version = model, version
-        if noise_at not in ("steps", "output"):
-            raise ValueError(f"learner.noise_at={noise_at!r}: choose steps (each Euler step draws, flow-noise) or "
-                             f"output (the chunk draws around the flow)")
-        self.flow_noise, self.noise_at = flow_noise, noise_at
-        if len(unsure) != 2 or not 0.0 <= unsure[0] <= unsure[1] <= 1.0:
-            raise ValueError(f"learner.unsure={list(unsure)}: the detector's P(success) range [low, high) whose "
-                             f"verdicts count neither way, with 0 <= low <= high <= 1; [0, 0] counts every verdict")
-        self.unsure = (float(unsure[0]), float(unsure[1]))
+        self.flow_noise, self.noise_at, self.unsure = o.flow_noise, o.noise_at, o.unsure
         self.generator = torch.Generator().manual_seed(seed)
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ppo_lr,
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.ppo_lr,
                                            weight_decay=1e-4)
-        self.epochs, self.clip, self.minibatch, self.max_staleness = ppo_epochs, ppo_clip, ppo_minibatch, max_staleness
-        self.anchor = Anchor(model, list(demos or []), anchor, batch_size, self_imitation, max_episodes)
-        if advantage not in ("group", "gae"):
-            raise ValueError(f"learner.advantage={advantage!r}: choose group (GRPO) or gae (a critic)")
-        self.critic = Critic(model, gamma=gamma, lam=gae_lambda, epochs=value_epochs, minibatch=ppo_minibatch,
-                             seed=seed) if advantage == "gae" else None
+        self.epochs, self.clip, self.minibatch = o.ppo_epochs, o.ppo_clip, o.ppo_minibatch
+        self.max_staleness = o.max_staleness
+        self.anchor = Anchor(model, list(demos or []), o.anchor, o.batch_size, o.self_imitation, o.max_episodes)
+        self.critic = Critic(model, gamma=o.gamma, lam=o.gae_lambda, epochs=o.value_epochs, minibatch=o.ppo_minibatch,
+                             seed=seed) if o.advantage == "gae" else None
 
     def group_advantages(self, episodes: list[Episode]) -> np.ndarray:
         """(success - mean) / std over the attempts at each layout (env seed); 0 where they all ended alike. An

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any, Callable
 
@@ -18,7 +19,8 @@ def accepted_options(factory: Callable[..., Any]) -> set[str]:
     for klass in factory.__mro__:
         if "__init__" in vars(klass) and klass is not object:
             names |= {n for n, p in inspect.signature(klass.__init__).parameters.items() if p.kind == p.KEYWORD_ONLY}
-    return names
+    options = getattr(factory, "Options", None)  # a class whose keys are a dataclass's fields, taken as **options
+    return names | ({f.name for f in dataclasses.fields(options)} if options is not None else set())
 
 
 def make_learner(algorithm: str | Callable[..., Any], model, demos, /, strict: bool = False, **options):
@@ -34,5 +36,7 @@ def make_learner(algorithm: str | Callable[..., Any], model, demos, /, strict: b
 
 
 def _takes_any(factory: Callable[..., Any]) -> bool:
+    if getattr(factory, "Options", None) is not None:  # its **options are exactly the Options' fields
+        return False
     init = factory.__init__ if isinstance(factory, type) else factory
     return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(init).parameters.values())
