@@ -6,9 +6,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from flywheel.checkpoint import CheckpointError, load_weights, save_weights
 from flywheel.vla.model import SmallVLA, VLAConfig
 
@@ -56,8 +53,7 @@ def load_policy_checkpoint(spec: str, as_model: bool = False, subtask_head: bool
         return cfg, weights, meta
     model = SmallVLA(dataclasses.replace(cfg, subtask_head=cfg.subtask_head or subtask_head))
     try:
-        missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()},
-                                                    strict=False)
+        missing, unexpected = model.load_weights(weights, strict=False)
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not fit the VLA its metadata describes: {e}") from e
     if unexpected or any(not (k.startswith("subtasker.") and not cfg.subtask_head) for k in missing):

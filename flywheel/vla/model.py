@@ -518,9 +518,10 @@ class NumpyWeights:
     def share(self, weights: dict[str, np.ndarray]) -> None:
         share_weights(self, weights)
 
-    def load_weights(self, weights: dict[str, np.ndarray]) -> None:
-        """Load every weight (a missing or unexpected one is an error naming it)."""
-        self.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+    def load_weights(self, weights: dict[str, np.ndarray], strict: bool = True):
+        """Load every weight (a missing or unexpected one is an error naming it; with ``strict=False``, the names
+        missing and unexpected are returned instead)."""
+        return self.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, strict=strict)
 
 
 class SmallVLA(NumpyWeights, nn.Module):
