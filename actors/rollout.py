@@ -15,6 +15,7 @@ from typing import Any, Callable
 import gymnasium as gym
 import numpy as np
 
+from actors.coach import ScriptedCoach
 from actors.expert import expert_action
 from actors.remote_policy import PolicyServerError
 from actors.robot import robot_of_worker
@@ -75,6 +76,7 @@ def run_episodes(
     make_env: Callable[..., gym.Env] = make_env,
     faults: list[dict] | None = None,
     corrections: dict | None = None,
+    coaching: float = 0.0,
     **env: Any,
 ) -> list[Episode]:
     """Run one episode per seed, all environments in lock-step, and return them as Episodes.
@@ -91,7 +93,10 @@ def run_episodes(
     a policy acting): a person stands by, played by the scripted expert (as one of ``operators``, in turn by seed). In
     a share ``r`` of the episodes (drawn from ``sample_seed``), one still running after ``s`` steps is taken over at
     the next chunk boundary and finished by the expert;
-    ``extras["intervention"]`` marks the steps it acted and ``info["interventions"]`` counts them.
+    ``extras["intervention"]`` marks the steps it acted and ``info["interventions"]`` counts them. ``coaching`` (a
+    policy naming subtasks, a simulator that has them): the share of episodes in which a coach stands by and corrects
+    the policy's words (actors/coach.py); ``info["coaching"]`` holds what it said, who and when, and
+    ``extras["coaching"]`` the steps each utterance was in force.
     """
     settings = EnvSettings(**env)
     if not seeds:
@@ -99,13 +104,14 @@ def run_episodes(
     n = parallel_limit(settings.name)
     if n is not None and len(seeds) > n:  # heavy environments: step them in waves
         given = dict(policy_version=policy_version, execute=execute, expert_noise=expert_noise, hard=hard,
-                     operators=operators, make_env=make_env, faults=faults, corrections=corrections, **env)
+                     operators=operators, make_env=make_env, faults=faults, corrections=corrections,
+                     coaching=coaching, **env)
         return [ep for w in range(0, len(seeds), n)
                 for ep in run_episodes(seeds[w:w + n], split, policy, sample_seed=sample_seed + 7919 * w, **given)]
     made_with = {k: v for k, v in dataclasses.asdict(settings).items() if k != "options" or v}
     envs = [make_env(**made_with) for _ in seeds]
     batch = Lockstep(envs, seeds, policy, sample_seed, settings.image_size)
-    batch.plan(hard, operators, corrections)
+    batch.plan(hard, operators, corrections, coaching)
     while batch.running:
         batch.turn(execute, expert_noise, faults)
     batch.close()
@@ -153,10 +159,11 @@ class Lockstep:
         self.sensors = getattr(policy, "sensors", ("overhead",))
         self.reads = observation_keys(self.sensors) & set(self.observed[0])  # stack only what the policy reads
 
-    def plan(self, hard: str | None, operators: tuple[str, ...] | list[str], corrections: dict | None) -> None:
+    def plan(self, hard: str | None, operators: tuple[str, ...] | list[str], corrections: dict | None,
+             coaching: float = 0.0) -> None:
         """How the expert acts in each environment: a hard example (it aims just off, or just inside, success, each
         episode in its own direction, or never lets go: actors/expert.py), which demonstrator it is, and, with a
-        policy acting, which episodes a person will take over."""
+        policy acting, which episodes a person will take over and in which a coach stands by."""
         seeds, policy = self.seeds, self.policy
         plans: list[dict | None] = [None] * len(seeds)
         if hard is not None and policy is None:
@@ -175,6 +182,16 @@ class Lockstep:
         if self.correct_after and self.privileged:  # the person is one of the demonstrators, in turn by seed
             people = corrections.get("operators") or ["standard"]
             self.plans = [{"operator": people[int(s) % len(people)]} for s in seeds]
+        self.coach = None
+        if coaching > 0 and policy is not None:
+            if not (getattr(policy, "names_subtasks", False) and self.subtasks and self.privileged):
+                raise ValueError("coaching needs a policy that names its subtasks (a subtask head) and a simulator "
+                                 "that knows them (the tabletop's sort, clear or stow): set rollout.coaching=0")
+            self.coach = ScriptedCoach()
+        self.will_coach = np.random.default_rng([self.sample_seed, 11]).random(len(seeds)) < coaching
+        self.heard: list[list[dict]] = [[] for _ in seeds]  # what a coach or person said in each episode, who, when
+        self.in_force: list[tuple[int, int] | None] = [None] * len(seeds)  # (utterance, the subtask it was said in)
+        self.coached: list[list[int]] = [[] for _ in seeds]  # per step: the utterance in force, -1 none
 
     def turn(self, execute: int, expert_noise: float, faults: list[dict] | None) -> None:
         """One chunk boundary: a person standing by takes over where due, the policy acts once for every environment
@@ -183,31 +200,40 @@ class Lockstep:
             self.correcting[i] = self.correcting[i] or bool(
                 self.will_correct[i] and len(self.actions[i]) >= self.correct_after)
         acting = [i for i in self.running if self.policy is not None and not self.correcting[i]]
+        for i in acting:  # the scripted coach's words hold until the subtask they named is no longer under way
+            said = self.in_force[i]
+            if said is not None and said[1] is not None and not ScriptedCoach.holds(self.envs[i], said[1]):
+                self.in_force[i] = None
         try:
-            chunk = self._act(acting) if acting else None
+            chunk, drawn = self._act(acting) if acting else (None, {})
+            if self.coach is not None and acting:
+                chunk, drawn = self._hear(acting, chunk, drawn)
         except PolicyServerError as e:  # a served policy that failed: its episodes waiting for the chunk are lost
             if faults is None:
                 raise
             self._lose(acting, e, faults)
-            acting, chunk = [], None
+            acting, chunk, drawn = [], None, {}
         row_of = {i: row for row, i in enumerate(acting)}
         still = []
         for i in self.running:
             row = row_of.get(i)
             if row is not None:
-                self._record_decision(i, chunk[row], row)
+                self._record_decision(i, chunk[row], {k: v[row] for k, v in drawn.items()})
             steps = execute if self.policy is not None else 1
             if not self._step(i, chunk[row] if row is not None else None, steps, expert_noise, faults):
                 still.append(i)
         self.running = still
 
-    def _act(self, acting: list[int]) -> np.ndarray:
+    def _act(self, acting: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The policy's chunks for the environments ``acting``, and what else it drew, by row."""
         self.frames.draw()
         latest = {k: np.stack([self.observed[i][k][-1] for i in acting]) for k in self.reads}
+        told = {"told": [self.heard[i][self.in_force[i][0]]["words"] if self.in_force[i] else None
+                         for i in acting]} if getattr(self.policy, "names_subtasks", False) else {}
         chunk = self.policy.act(*sensor_inputs(latest, self.sensors), [self.infos[i]["instruction"] for i in acting],
-                                seed=self.sample_seed * 100_003 + self.calls)
+                                seed=self.sample_seed * 100_003 + self.calls, **told)
         self.calls += 1
-        return chunk
+        return chunk, dict(getattr(self.policy, "last_extras", {}))  # a policy that draws nothing has none
 
     def _lose(self, acting: list[int], error: Exception, faults: list[dict]) -> None:
         """The episodes of ``acting`` end here, discarded, each with a fault saying why."""
@@ -217,11 +243,47 @@ class Lockstep:
             self.broken.add(i)
         self.running = [i for i in self.running if i not in self.broken]
 
-    def _record_decision(self, i: int, chunk: np.ndarray, row: int) -> None:
+    def _record_decision(self, i: int, chunk: np.ndarray, drawn: dict[str, np.ndarray]) -> None:
         self.chunks[i].append(chunk)
         self.chunk_steps[i].append(len(self.actions[i]))
-        for k, v in getattr(self.policy, "last_extras", {}).items():  # a policy that draws nothing has none
-            self.drawn[i].setdefault(k, []).append(v[row])
+        for k, v in drawn.items():
+            self.drawn[i].setdefault(k, []).append(v)
+
+    def _hear(self, acting: list[int], chunk: np.ndarray, drawn: dict[str, np.ndarray]
+              ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """A coach standing by hears the words the policy is about to act on (its subtask head's) and, where they
+        name nothing left to do, says what is before it acts: those rows draw their chunk again, for the coach's
+        words, which hold from then on (``turn``) -> the chunks to act on."""
+        told = []
+        for row, i in enumerate(acting):
+            if not self.will_coach[i] or self.in_force[i] is not None:
+                continue
+            env = self.envs[i]
+            words = self.coach.correct(env, self.policy.words(drawn["prompt"][row]))
+            if words is not None:
+                self.heard[i].append({"step": len(self.actions[i]), "words": words, "who": self.coach.who,
+                                      "time": time.time()})
+                self.in_force[i] = (len(self.heard[i]) - 1, env.subtask_index())
+                told.append(row)
+        if not told:
+            return chunk, drawn
+        again, drawn_again = self._act([acting[row] for row in told])
+        chunk, drawn = chunk.copy(), {k: v.copy() for k, v in drawn.items()}
+        chunk[told] = again
+        for k, v in drawn_again.items():
+            drawn[k][told] = v
+        return chunk, drawn
+
+    def _listen(self, i: int, said: dict) -> None:
+        """A person's words to the policy, recorded with who and when: in force from the next step until they say
+        something else (empty words: nothing). A policy with a subtask head acts on them; any other only records
+        them."""
+        self.in_force[i] = None
+        if said.get("words"):
+            self.heard[i].append({"step": len(self.actions[i]), "words": str(said["words"]),
+                                  "who": str(said.get("who") or "person"),
+                                  "time": float(said.get("time", time.time()))})
+            self.in_force[i] = (len(self.heard[i]) - 1, None)
 
     def _step(self, i: int, chunk: np.ndarray | None, steps: int, expert_noise: float,
               faults: list[dict] | None) -> bool:
@@ -246,6 +308,9 @@ class Lockstep:
             person = info.get("intervention", False)  # a person at the robot took over (actors/robot_host.py)
             self.actions[i].append(np.asarray(info["applied_action"] if person else a, np.float32))
             self.taken[i].append(self.correcting[i] or person)
+            self.coached[i].append(self.in_force[i][0] if self.in_force[i] else -1)
+            if info.get("said") is not None:  # a person's words at a robot (its page: actors/robot.py Operator.say)
+                self._listen(i, info["said"])
             if self.privileged:
                 self.aux[i].append(_aux_positions(env))
             if self.subtasks:
@@ -283,6 +348,8 @@ class Lockstep:
         helped = self.correcting[i] or any(self.taken[i])
         if helped:
             extras[INTERVENTION] = np.asarray(self.taken[i], bool)
+        if self.heard[i]:
+            extras[Extras.COACHING] = np.asarray(self.coached[i], np.int64)
         return Episode(
             id=uuid.uuid4().hex, task=last["family"], instruction=last["instruction"],
             env_id=ENV_ID if self.privileged else last["family"], seed=int(self.seeds[i]), split=split,
@@ -295,6 +362,8 @@ class Lockstep:
                   **({"hard": hard} if self.made_hard[i] else {}),                 # collection_order
                   **({"operator": self.operator[i]} if self.operator[i] is not None else {}),
                   **({"interventions": int(sum(self.taken[i]))} if helped else {}),
+                  **({"coach": self.coach.who} if self.coach and self.will_coach[i] else {}),  # who stood by
+                  **({"coaching": self.heard[i]} if self.heard[i] or self.coach and self.will_coach[i] else {}),
                   "combo_heldout": bool(last.get("combo_heldout", False)),
                   # a robot's safety layer: what it saw, and the event that cut the episode short, if one did
                   **{k: last[k] for k in ("safety", "cut_short") if k in last},
@@ -414,7 +483,8 @@ class RolloutWorker:
         elif split != "train":
             kwargs.pop("randomize", None)  # practice may be randomised (env.randomize); evaluation is nominal
         if split != "train" or not corrected:
-            kwargs.pop("corrections", None)  # a person may step in during practice, never in an evaluation
+            kwargs.pop("corrections", None)  # a person may step in or coach during practice, never in an evaluation
+            kwargs.pop("coaching", None)
         episodes = run_episodes(list(seeds), split, self.policy, policy_version=self.version,
                                 sample_seed=sample_seed, faults=faults, **kwargs)
         if self.trim_idle_s is not None:

@@ -635,6 +635,14 @@ class TabletopEnv(gym.Env):
             return [f"put the {c} block in the {c} bowl" for c in self.block_colors]
         return [self.instruction]
 
+    def subtasks_left(self) -> list[int]:
+        """Which of ``subtasks()`` are still to do and may be done next: every block not yet in its bowl (sort,
+        clear: in any order), the one under way (stow: in order), none once the task is done."""
+        if self.family in LONG_HORIZON and self.family != "stow":
+            return self._unsorted()
+        under_way = self.subtask_index()
+        return [under_way] if under_way < len(self.subtasks()) else []
+
     def subtask_index(self) -> int:
         """Which of ``subtasks()`` is under way: the first not yet done, which is what the scripted expert works on
         (a block knocked out of its bowl is to do again); ``len(subtasks())`` once all are done."""

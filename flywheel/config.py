@@ -213,6 +213,8 @@ class PPOConfig(LearnerConfig):
     #                              that beat their layout's other attempts, replayed from every update (learner/ppo.py;
     #                              bench/RESULTS.md, "Learning speed"); 0: the demonstrations alone
     max_episodes: int = 4000  # self_imitation: the replay's bound (the oldest of the policy's episodes leave first)
+    words_lr: float = 1e-3  # a subtask head's learning rate: it learns its words by supervision (narration, a
+    #                         coach's words, its replayed successes' words), not by PPO's gradient
     unsure: list[float] = field(default_factory=lambda: [0.3, 0.9])  # the detector's P(success) range [low, high)
     #                 in which its verdict counts neither way: the attempt sits out of its layout's comparison (no
     #                 advantage, not replayed). A lone approval among failures gets the largest advantage, and is
@@ -287,6 +289,10 @@ class RolloutConfig:
     #                           and finishes (extras["intervention"]); recap and filtered_bc clone those steps as
     #                           demonstrations. 0: none. A robot host records its own teleoperation the same way
     correct_after: int = 16
+    coaching: float = 0.0  # verbal coaching in practice (actors/coach.py), a scripted coach standing in for the
+    #                        person: the share of episodes in which it corrects, in words, a policy with a subtask
+    #                        head that names nothing left to do; learners take its words as the subtask the policy
+    #                        should have been doing (extras["coaching"]). 0: none
 
 
 @dataclasses.dataclass
@@ -752,8 +758,8 @@ _BOUNDS = {"run": (
     (("gate.audit",), lambda v: v >= 0, "a number of gate episodes, so it must be at least 0 (0: no audit)"),
     (("gate.every", "eval.every"), lambda v: v >= 0, "a number of updates, so it must be at least 0 (0: the "
                                                      "default schedule)"),
-    (("rollout.corrections",), lambda v: 0 <= v <= 1, "a share of practice episodes, so it must lie in [0, 1] (0: "
-                                                       "none)"),
+    (("rollout.corrections", "rollout.coaching"), lambda v: 0 <= v <= 1, "a share of practice episodes, so it "
+                                                                         "must lie in [0, 1] (0: none)"),
     (("rollout.trim_idle_s",), lambda v: v is None or v >= 0, "seconds an idle actor waits before it hands its "
                                                             "memory back, so it must be at least 0, or null (never)"),
     (("rollout.correct_after",), lambda v: v >= 1, "the steps a practice episode runs before a person may take "

@@ -118,6 +118,13 @@ class Episode:
         mask = self.extras.get(INTERVENTION)
         return np.zeros(self.num_steps, bool) if mask is None else np.asarray(mask, bool)
 
+    def coached(self) -> np.ndarray:
+        """Bool (T,): True at the steps where a person's words were in force (``extras[COACHING]``): from the
+        decision at which they said what the policy should be doing, until that subtask ended. What they said, who
+        and when, is ``info["coaching"]`` (actors/coach.py)."""
+        said = self.extras.get(Extras.COACHING)
+        return np.zeros(self.num_steps, bool) if said is None else np.asarray(said) >= 0
+
 
 class Extras:
     """The keys of ``Episode.extras``: what a rollout recorded besides observations and actions.
@@ -134,7 +141,11 @@ class Extras:
     ``SUBTASK`` int64 (T+1,), which of ``info["subtasks"]`` the simulator saw under way at each observation (its
     changes are the subtask boundaries; privileged too). ``NARRATION`` int64 (T,) is what the demonstrator said it
     was doing at each step it acted (an index into ``info["subtasks"]``; -1 where it did not act): the scripted
-    expert narrates its subtasks. ``INTERVENTION`` bool (T,) marks the steps a person acted (``Episode.intervened``)."""
+    expert narrates its subtasks. ``INTERVENTION`` bool (T,) marks the steps a person acted
+    (``Episode.intervened``). ``COACHING`` int64 (T,) is, at each step, which of ``info["coaching"]`` (a person's
+    words: {"step", "words", "who", "time"}) was in force, -1 where none was (``Episode.coached``): verbal coaching,
+    the subtask the policy should have been doing. An episode a coach stood by in names it, ``info["coach"]``, even
+    where it said nothing."""
 
     CHUNKS = "chunks"
     CHUNK_STEPS = "chunk_steps"
@@ -149,6 +160,7 @@ class Extras:
     NARRATION = "narration"
     PROMPT = "prompt"
     INTERVENTION = "intervention"
+    COACHING = "coaching"
     PRIVILEGED = (AUX_POSITIONS, SUBTASK)  # what the learner never sees
 
 

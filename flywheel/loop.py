@@ -238,6 +238,10 @@ def iteration_row(state: LoopState, practice: Practice, labels: list[Label], sna
         "rollout/faults": len(rollouts.faults) if isinstance(rollouts, Restarts) else 0,  # actors replaced, lost
         # the share of practice a person took over and finished (the learner does not credit the policy with it)
         "rollout/corrected": float(np.mean([ep.intervened().any() for ep in episodes])) if episodes else 0.0,
+        # a coach's words (rollout.coaching): the share of practice it spoke in, and what it said an episode
+        "rollout/coached": float(np.mean([ep.coached().any() for ep in episodes])) if episodes else 0.0,
+        "rollout/coach_words": float(np.mean([len(ep.info.get("coaching", ())) for ep in episodes])) if episodes
+        else 0.0,
         # how many versions behind the learner the practice it learned from was (0: synchronous)
         "rollout/lag_versions": lag,
         # practice beyond episodes_per_iteration: what the actors collected while the learner trained
@@ -247,9 +251,9 @@ def iteration_row(state: LoopState, practice: Practice, labels: list[Label], sna
 
 def true_success(episodes: list[Episode]) -> dict[str, float]:
     """The simulator's success of the practice episodes that have one (a robot's: those a person judged), and
-    (``train/true_success_unaided``) of those among them that no person took over: the policy's own."""
+    (``train/true_success_unaided``) of those among them that no person took over or coached: the policy's own."""
     known = [ep for ep in episodes if ep.ground_truth and "success" in ep.ground_truth]
-    unaided = [ep for ep in known if not ep.intervened().any()]
+    unaided = [ep for ep in known if not ep.intervened().any() and not ep.coached().any()]
     rate = lambda eps: float(np.mean([bool(ep.ground_truth["success"]) for ep in eps]))  # noqa: E731
     return {**({"train/true_success": rate(known)} if known else {}),
             **({"train/true_success_unaided": rate(unaided)} if unaided else {})}

@@ -17,12 +17,13 @@ class LearnerBase:
     @staticmethod
     def judged_success(ep: Episode) -> bool:
         """The policy's success as the detector judged it. An episode a person had to take over (a correction,
-        ``Episode.intervened``) is not the policy's success, whatever its end: the person's steps are credited as
-        demonstrations instead (learner/bc.py ``ChunkDataset.add_corrections``)."""
+        ``Episode.intervened``) or to correct in words (``Episode.coached``: a hint of failure, whatever the verdict)
+        is not the policy's success, whatever its end: the person's steps are credited as demonstrations instead, and
+        their words as the subtask head's targets (learner/bc.py ``add_corrections``, ``add_coaching``)."""
         label = ep.latest_label("detector")
         if label is None:
             raise ValueError(f"episode {ep.id} has no detector label: label episodes before the update")
-        return label.success and not ep.intervened().any()
+        return label.success and not ep.intervened().any() and not ep.coached().any()
 
     @classmethod
     def verdicts(cls, episodes: list[Episode], unsure: tuple[float, float] | None = None) -> np.ndarray:
@@ -32,7 +33,8 @@ class LearnerBase:
         if unsure is not None and unsure[1] > unsure[0]:
             for i, ep in enumerate(episodes):
                 score = ep.latest_label("detector").score
-                if score is not None and unsure[0] <= score < unsure[1] and not ep.intervened().any():
+                helped = ep.intervened().any() or ep.coached().any()
+                if score is not None and unsure[0] <= score < unsure[1] and not helped:
                     out[i] = np.nan
         return out
 

@@ -64,6 +64,27 @@ def prompt_ids(model: TrainablePolicy, ep: Episode, steps: np.ndarray) -> np.nda
     return ids
 
 
+def subtask_targets(model: TrainablePolicy, ep: Episode, steps: np.ndarray, ids: np.ndarray,
+                    own: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """The subtask head's targets at ``steps`` of ``ep`` -> (token ids (n, L), weight (n,); 0 where there is none).
+    Where a coach's words were in force (``Episode.coached``), those words: what the policy should have been doing
+    there, in hindsight, whatever it named. Else what the demonstrator narrated, or, where the policy itself acted,
+    the words it acted on (``ids``, from ``prompt_ids``) with weight ``own``: an episode of its own cloned for its
+    success (self-imitation, filtered BC) teaches the head its words as well as the low level its actions."""
+    said = narrated(ep, steps)
+    targets, weight = ids.copy(), (said >= 0).astype(np.float32)
+    if Extras.PROMPT in ep.extras:
+        mine = (said < 0) & ~ep.intervened()[np.minimum(steps, ep.num_steps - 1)]
+        weight = np.where(mine, np.clip(np.broadcast_to(np.asarray(own, np.float32), weight.shape), 0, None), weight)
+    words = ep.extras.get(Extras.COACHING)
+    if words is not None:
+        at = np.asarray(words, np.int64)[np.minimum(steps, ep.num_steps - 1)]
+        for k in np.unique(at[at >= 0]):
+            targets[at == k] = model.token_ids([ep.info["coaching"][k]["words"]])[0]
+        weight = np.where(at >= 0, 1.0, weight).astype(np.float32)
+    return targets, weight
+
+
 class _Entry(NamedTuple):
     """One episode's samples, ready to concatenate."""
 
@@ -94,6 +115,7 @@ class ChunkDataset:
         self.encode = encode
         self._eps: list[_Entry] = []
         self._cache: dict[str, torch.Tensor] | None = None
+        self.added = 0  # samples ever added: what a learner counts as new since its last look
 
     def __len__(self) -> int:
         return sum(len(e.actions) for e in self._eps)
@@ -136,9 +158,26 @@ class ChunkDataset:
         self._trim()
         return len(corrected)
 
+    def add_coaching(self, episodes: list[Episode]) -> int:
+        """The decisions of the episodes a coach stood by in (``info["coach"]``) or a person spoke in, each episode's
+        its own entry (key ``ID/coaching``), for the subtask head alone: where they spoke, their words, in hindsight
+        (what the policy should have been doing); where a coach standing by let the policy's words be, those words,
+        which it judged right. The low level learns nothing from them (weight 0: the coach judged the words, not the
+        actions). Returns how many episodes."""
+        watched = [ep for ep in episodes if (ep.info.get("coach") or ep.coached().any())
+                   and Extras.CHUNK_STEPS in ep.extras]
+        for ep in watched:  # a person who spoke at a robot now and then approved nothing by their silence
+            steps = ep.extras[Extras.CHUNK_STEPS]
+            self._add(f"{ep.id}/coaching", ep, steps, ep.extras[Extras.CHUNKS].astype(np.float32), 0.0, False, 0,
+                      words_weight=float(bool(ep.info.get("coach"))))
+        self._trim()
+        return len(watched)
+
     def _add(self, key: str, ep: Episode, steps: np.ndarray, targets: np.ndarray, weight: float | np.ndarray,
-             pinned: bool, indicator: int | np.ndarray) -> None:
-        """One entry: the samples of ``ep`` at ``steps`` with their target chunks."""
+             pinned: bool, indicator: int | np.ndarray, words_weight: float | None = None) -> None:
+        """One entry: the samples of ``ep`` at ``steps`` with their target chunks. ``words_weight``: the subtask
+        head's weight on the words the policy acted on there (default: the samples' own weight, none for a negative
+        example's)."""
         n = len(steps)
         if n == 0:
             return
@@ -153,11 +192,12 @@ class ChunkDataset:
                 "aux": aux[steps].astype(np.float32) if aux is not None else np.zeros((n, 4), np.float32),
                 "aux_mask": np.full(n, aux is not None, np.float32),
             }
-            if "subtask" in self.model.capabilities:  # the subtask head learns the narrated subtasks
-                said = narrated(ep, steps)
+            if "subtask" in self.model.capabilities:  # the subtask head learns what was said or done there
+                own = np.where(np.asarray(indicator) == 2, 0.0, weight) if words_weight is None else words_weight
+                words, mask = subtask_targets(self.model, ep, steps, ids, own)
                 inputs.update(task_ids=np.repeat(self.model.token_ids([ep.instruction]), n, axis=0),
-                              subtask_ids=np.where(said[:, None] >= 0, ids, 0),
-                              subtask_mask=(said >= 0).astype(np.float32))
+                              subtask_ids=np.where(mask[:, None] > 0, words, 0), subtask_mask=mask)
+        self.added += n
         self._eps.append(_Entry(key, ep.id, inputs, targets, np.broadcast_to(np.asarray(weight, np.float32), (n,)),
                                 pinned, np.broadcast_to(np.asarray(indicator, np.int64), (n,))))
         self._cache = None
@@ -213,13 +253,18 @@ class ChunkDataset:
 
 def fit_subtask_head(model: TrainablePolicy, episodes: list[Episode], steps: int, lr: float = 1e-3,
                      batch_size: int = 256, generator: torch.Generator | None = None) -> list[float]:
-    """Train a policy's subtask head alone on the narrated steps of ``episodes``, the rest of it frozen: each step's
+    """Train a policy's subtask head alone on the narrated and coached steps of ``episodes`` (``subtask_targets``),
+    the rest of it frozen: each step's
     context of (observation, task instruction) is computed once, so that a step costs no pass of the encoder's
     trunk. What teaches a policy that already has the skills to chain them (a subtask head on a base that can put a
     block in a bowl, for a task made of such moves). -> the loss of every step."""
     images, tasks, targets, contexts = [], [], [], []
     for ep in episodes:
-        said = np.flatnonzero(narrated(ep, np.arange(ep.num_steps)) >= 0)
+        every = np.arange(ep.num_steps)
+        # a coach's silence judged the policy's own words right; elsewhere they are no target
+        approved = float(bool(ep.info.get("coach")))
+        words, weight = subtask_targets(model, ep, every, prompt_ids(model, ep, every), approved)
+        said = np.flatnonzero(weight > 0)
         if not len(said):
             continue
         frames, proprio = sensor_inputs(ep.observations, model.sensors, said)
@@ -227,10 +272,11 @@ def fit_subtask_head(model: TrainablePolicy, episodes: list[Episode], steps: int
         contexts.append(model.features(frames, task, proprio).cpu())
         images.append(torch.from_numpy(np.ascontiguousarray(frames)))
         tasks.append(torch.from_numpy(task))
-        targets.append(torch.from_numpy(prompt_ids(model, ep, said)))
+        targets.append(torch.from_numpy(words[said]))
     if not contexts:
-        raise ValueError("no narrated steps to learn subtasks from: the episodes need extras['narration'] and "
-                         "info['subtasks'] (a scripted demonstrator's, or a person's corrections)")
+        raise ValueError("no narrated or coached steps to learn subtasks from: the episodes need extras['narration'] "
+                         "(a scripted demonstrator's, or a person's corrections) or extras['coaching'], and "
+                         "info['subtasks']")
     ctx, images, tasks, targets = (torch.cat(x) for x in (contexts, images, tasks, targets))
     head, device = model.subtasker, model.device
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)

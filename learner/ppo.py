@@ -32,6 +32,7 @@ drifting away from what it could already do.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import torch
@@ -67,7 +68,8 @@ class PPOOptions:
     learner/critic.py: every episode is credited, one attempt a layout is enough).
 
     ``anchor``, ``batch_size``, ``self_imitation``, ``max_episodes``: the behaviour cloning beside PPO's loss
-    (``Anchor``). ``unsure``: the detector's P(success) range [low, high) in which its verdict counts neither way
+    (``Anchor``). ``words_lr``: a subtask head's learning rate; it learns by supervision, from the words of the
+    anchor's replay (``PPOLearner.learn_words``), where PPO's rate is for the low level's policy gradient. ``unsure``: the detector's P(success) range [low, high) in which its verdict counts neither way
     (``PPOLearner.group_advantages``)."""
 
     ppo_lr: float = 3e-4
@@ -85,6 +87,7 @@ class PPOOptions:
     value_epochs: int = 20
     self_imitation: float = 0.0
     max_episodes: int = 4000
+    words_lr: float = 1e-3
     unsure: tuple[float, float] | list[float] = (0.0, 0.0)
 
     def __post_init__(self):
@@ -124,8 +127,12 @@ class PPOLearner(LearnerBase):
         self.model, self.version = model, version
         self.flow_noise, self.noise_at, self.unsure = o.flow_noise, o.noise_at, o.unsure
         self.generator = torch.Generator().manual_seed(seed)
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.ppo_lr,
-                                           weight_decay=1e-4)
+        head = {id(p) for p in getattr(model, "subtasker", None).parameters()} if "subtask" in model.capabilities \
+            else set()
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in head]}]
+        if head:
+            groups.append({"params": [p for p in model.subtasker.parameters() if p.requires_grad], "lr": o.words_lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=o.ppo_lr, weight_decay=1e-4)
         self.epochs, self.clip, self.minibatch = o.ppo_epochs, o.ppo_clip, o.ppo_minibatch
         self.max_staleness = o.max_staleness
         self.anchor = Anchor(model, list(demos or []), o.anchor, o.batch_size, o.self_imitation, o.max_episodes)
@@ -160,14 +167,20 @@ class PPOLearner(LearnerBase):
             if not np.any(a):
                 continue
             steps = ep.extras[Extras.CHUNK_STEPS]
+            helped = ep.intervened() | ep.coached()
+            # A coach's words end the policy's own attempt as a person's takeover does: credited up to the first
+            own = steps < (np.argmax(helped) if ep.coached().any() else len(ep.actions))
+            if not own.any():
+                continue
+            steps = steps[own]
             images, proprio = sensor_inputs(ep.observations, self.model.sensors, steps)
             cols["images"].append(np.ascontiguousarray(images))
             cols["proprio"].append(proprio)
             cols["ids"].append(prompt_ids(self.model, ep, steps))
-            cols[drawn].append(ep.extras[drawn].astype(np.float32))
-            cols["logp"].append(ep.extras[Extras.LOGP].astype(np.float32))
-            cols["adv"].append(np.broadcast_to(np.asarray(a, np.float32), (len(steps),)))
-            cols["executed"].append(executed(steps, len(ep.actions), self.model.chunk, ep.intervened())
+            cols[drawn].append(ep.extras[drawn][own].astype(np.float32))
+            cols["logp"].append(ep.extras[Extras.LOGP][own].astype(np.float32))
+            cols["adv"].append(np.broadcast_to(np.asarray(a, np.float32), own.shape)[own])
+            cols["executed"].append(executed(steps, len(ep.actions), self.model.chunk, helped)
                                     if independent else np.ones((len(steps), self.model.chunk), bool))
         device = self.model.device
         return {k: torch.from_numpy(np.concatenate(v)).to(device) for k, v in cols.items()} if cols["adv"] else {}
@@ -190,6 +203,7 @@ class PPOLearner(LearnerBase):
         else:
             adv = list(self.group_advantages(fresh)) if fresh else []
         data = self._decisions(fresh, adv)
+        added = self.anchor.data.added
         imitated = self.anchor.keep(fresh, adv)
         stats: dict[str, list[float]] = {"policy_loss": [], "anchor_loss": [], "clip_fraction": [], "approx_kl": []}
         n = len(data["adv"]) if data else 0
@@ -220,14 +234,37 @@ class PPOLearner(LearnerBase):
                     stats["anchor_loss"].append(float(anchor))
                     stats["clip_fraction"].append(float((((ratio - 1).abs() > self.clip) * ran).sum() / ran.sum()))
                     stats["approx_kl"].append(float((-log_ratio * ran).flatten(1).sum(1).mean()))  # per chunk
+        words = self.learn_words(self.anchor.data.added - added) if "subtask" in self.model.capabilities else []
         self.model.eval()
         self.version += 1
         return {**{k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}, "decisions": n,
+                **({"words_loss": float(np.mean(words)), "words_steps": len(words)} if words else {}),
                 "stale_dropped": len(acted) - len(fresh), "informative_episodes": sum(bool(np.any(a)) for a in adv),
                 **({"value_loss": float(np.mean(value_loss))} if value_loss else {}),
                 **({"imitated_episodes": imitated, "replayed_successes": self.anchor.replayed}
                    if self.anchor.share > 0 else {}),
                 "judged_success": float(np.mean([self.judged_success(ep) for ep in fresh])) if fresh else 0.0}
+
+    def learn_words(self, fresh: int) -> list[float]:
+        """The subtask head's own steps, by supervision, on the words of the anchor's batches (what the
+        demonstrators narrated, what a coach said or let be, the policy's words in its replayed successes), the trunk
+        frozen for them: a pass's worth of steps over the ``fresh`` samples this update added. The anchor's steps
+        ride on PPO's minibatches, which are few where most practice was coached (credited to no one) -> the
+        losses."""
+        losses = []
+        for _ in range(math.ceil(fresh / self.anchor.batch_size)):
+            b = {k: v.to(self.model.device) for k, v in self.anchor.batch(self.generator).items()}
+            loss = self.model.subtask_loss(b["images"], b["task_ids"], b["proprio"], b["subtask_ids"],
+                                           b["subtask_mask"], head_only=True)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the subtask head's loss is {loss.item()}: lower learner.words_lr or "
+                                         "restore the last good checkpoint")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            losses.append(float(loss))
+        return losses
 
     def refill(self, episodes: list[Episode]) -> None:
         """A resumed run: the replayed successes again (a layout's attempts share its seed, so their groups are
@@ -250,7 +287,8 @@ class Anchor:
     self-imitation learning (Oh et al. 2018), which imitates past returns above the value: a success where the policy
     usually fails is the coverage its demonstrations lacked (bench/RESULTS.md, "Demo coverage"), and unlike PPO's
     on-policy loss it keeps teaching in every later update. A person's corrections (``Episode.intervened``) join the
-    replay too, cloned as demonstrations are."""
+    replay too, cloned as demonstrations are, and a coach's words (``Episode.coached``) as the subtask head's
+    targets where they were in force."""
 
     def __init__(self, model: TrainablePolicy, demos: list[Episode], weight: float, batch_size: int, share: float,
                  max_episodes: int):
@@ -265,7 +303,7 @@ class Anchor:
     @property
     def replayed(self) -> int:
         """The policy's own successes held (the oldest leave past ``max_episodes``)."""
-        return len({k for k in self.data.keys() if not k.endswith("/corrections")}) - self.num_demos
+        return len({k for k in self.data.keys() if not k.endswith(("/corrections", "/coaching"))}) - self.num_demos
 
     def keep(self, episodes: list[Episode], adv: list[np.ndarray]) -> int:
         """A person's corrections into the replay, as demonstrations (HIL-SERL keeps its interventions with its
@@ -274,6 +312,7 @@ class Anchor:
         successes."""
         if self.weight > 0:
             self.data.add_corrections(episodes)
+            self.data.add_coaching(episodes)
         if self.share <= 0:
             return 0
         kept = [(ep, float(np.mean(a))) for ep, a in zip(episodes, adv)
