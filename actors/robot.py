@@ -45,6 +45,7 @@ class RobotFrame:
     stamp: float
     estopped: bool = False  # the robot's own e-stop is pressed (a button on the arm, or on its host)
     verdict: bool | None = None  # a person at the robot judged the episode (its host's /operator)
+    said: dict | None = None  # a person's words to the policy ({"words", "who", "time"}: Operator.say)
 
 
 class Robot(Protocol):
@@ -118,6 +119,7 @@ class Operator:
         self._estop = False
         self._reset = False
         self._verdict: bool | None = None
+        self._said: dict | None = None
 
     def press_estop(self) -> None:
         with self._lock:
@@ -152,6 +154,17 @@ class Operator:
         with self._lock:
             verdict, self._verdict = self._verdict, None
             return verdict
+
+    def say(self, words: str, who: str = "") -> None:
+        """Verbal coaching: what the policy should be doing now ("the blue one", "now close the drawer"), in force
+        from its next decision until the person says something else; empty words withdraw it (actors/coach.py)."""
+        with self._lock:
+            self._said = {"words": str(words).strip(), "who": str(who) or "person", "time": time.time()}
+
+    def take_words(self) -> dict | None:
+        with self._lock:
+            said, self._said = self._said, None
+            return said
 
 
 class Watchdog:
@@ -320,6 +333,7 @@ class RobotEnv(gym.Env):
                                f"robot a scripted reset")
         told = told or {}
         self.operator.take_verdict()  # a verdict left over from the last episode is not this one's
+        self.operator.take_words()  # and words said to it
         self.layer.start()
         self._record = {"events": [], "counts": {e: 0 for e in EVENTS}, "tick_error_s": [], "layer_s": []}
         self._instruction = str(told.get("instruction", self.instruction))
@@ -364,6 +378,9 @@ class RobotEnv(gym.Env):
             self.robot.hold()
             self.watchdog.disarm()
         info = self._info(verdict, end=done or truncated)
+        said = self.operator.take_words() or frame.said
+        if said is not None:  # a person's words to the policy (the rollout records them: Extras.COACHING)
+            info["said"] = said
         if applied is not None:  # a person took over: theirs is the step's action (Episode.intervened)
             info.update(intervention=True, applied_action=np.asarray(applied, np.float32))
         return self._observation(frame), float(bool(verdict)), done, truncated, info

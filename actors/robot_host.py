@@ -191,7 +191,7 @@ class RobotHost:
                           "estopped": bool(frame.estopped)}
             return {**self._last, "age_s": max(0.0, time.monotonic() - frame.stamp),
                     "watchdog_trips": [float(t) for t in self.watchdog.trips],
-                    "verdict": self.operator.take_verdict()}
+                    "verdict": self.operator.take_verdict(), "said": self.operator.take_words()}
         if op == "send":
             taken = self._taken if time.monotonic() < self._taken_until else None
             action = np.asarray(request["action"] if taken is None else taken, np.float32)
@@ -207,6 +207,7 @@ class RobotHost:
             self.watchdog.disarm()
             self._taken = None
             self.operator.take_verdict()  # a verdict that came after the last episode ended is not this one's
+            self.operator.take_words()
             told = self.robot.reset(request.get("seed"))
             if told is None:  # a person resets the scene: wait for them to say so
                 timeout = float(request.get("timeout_s", 600.0))
@@ -222,7 +223,7 @@ class RobotHost:
 
     async def _operate(self, ws) -> None:
         """The people's channel (``/operator``, beside the controller's): look, e-stop, say the scene is reset,
-        judge the episode, take over."""
+        judge the episode, take over, coach in words."""
         from websockets.exceptions import ConnectionClosed
 
         loop = asyncio.get_running_loop()
@@ -255,8 +256,10 @@ class RobotHost:
             self._taken_until = time.monotonic() + TAKEOVER_HOLD_S
         elif op == "release":
             self._taken, self._taken_until = None, 0.0
+        elif op == "say":
+            self.operator.say(str(request["words"]), str(request.get("who") or ""))
         else:
-            raise ValueError(f"unknown operator op {op!r}: look, estop, scene_reset, judge, take or release")
+            raise ValueError(f"unknown operator op {op!r}: look, estop, scene_reset, judge, take, release or say")
         return {"ok": True}
 
 
@@ -323,7 +326,7 @@ class RemoteRobot:
         self.watchdog_trips = list(reply.get("watchdog_trips", ()))
         return RobotFrame(images=dict(reply["images"]), state=np.asarray(reply["state"], np.float32),
                           stamp=now - (now - sent) / 2 - float(reply["age_s"]), estopped=bool(reply.get("estopped")),
-                          verdict=reply.get("verdict"))
+                          verdict=reply.get("verdict"), said=reply.get("said"))
 
     def send(self, action: np.ndarray) -> np.ndarray | None:
         """None, or the action a person at the robot applied instead (a takeover)."""
@@ -404,6 +407,10 @@ class OperatorChannel:
 
     def release(self) -> None:
         self.call("release")
+
+    def say(self, words: str, who: str = "") -> None:
+        """Words to the policy (verbal coaching: ``Operator.say``)."""
+        self.call("say", words=str(words), who=str(who))
 
     def close(self) -> None:
         self._conn.close()

@@ -6,9 +6,9 @@
 
 It shows each robot live (camera and state), takes verdicts on finished episodes by buttons and keys into the
 store as ``Label(source="human", version=<who>, created=<when>)``, which the loop's audit trusts and a retrained
-detector learns from, and passes a person's e-stop, "scene is reset", live verdict and takeover (keyboard or
-gamepad) to the robot's host (actors/robot_host.py ``OperatorChannel``). FastAPI, for typed routes and JSON with
-little code, served by uvicorn.
+detector learns from, and passes a person's e-stop, "scene is reset", live verdict, takeover (keyboard or
+gamepad) and words to the policy (verbal coaching: actors/coach.py) to the robot's host (actors/robot_host.py
+``OperatorChannel``). FastAPI, for typed routes and JSON with little code, served by uvicorn.
 
 It listens on 127.0.0.1 unless told otherwise; a request from any other address must carry the page's token
 (``?token=``, or the header ``X-Flywheel-Token``), and the page refuses to listen beyond loopback without one.
@@ -150,8 +150,10 @@ def _robot_routes(app, robots: dict[str, Any]) -> None:
             channel.take(np.asarray(body["action"], np.float32))
         elif op == "release":
             channel.release()
+        elif op == "say":
+            channel.say(str(body.get("words", "")), str(body.get("who") or ""))
         else:
-            raise HTTPException(404, f"unknown action {op!r}: estop, scene_reset, judge, take or release")
+            raise HTTPException(404, f"unknown action {op!r}: estop, scene_reset, judge, take, release or say")
         return {"ok": True}
 
 

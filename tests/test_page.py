@@ -118,7 +118,8 @@ class Chromium:
     """Headless Chromium driven through its DevTools protocol (what Puppeteer and Playwright speak): real key and
     mouse events into a real page."""
 
-    KEYS = {"1": ("Digit1", 49), "2": ("Digit2", 50), "ArrowLeft": ("ArrowLeft", 37), "Tab": ("Tab", 9)}
+    KEYS = {"1": ("Digit1", 49), "2": ("Digit2", 50), "ArrowLeft": ("ArrowLeft", 37), "Tab": ("Tab", 9),
+            "x": ("KeyX", 88), "Enter": ("Enter", 13)}
 
     def __init__(self, profile):
         from websockets.sync.client import connect
@@ -156,13 +157,14 @@ class Chromium:
 
     def key(self, key, kind="both"):
         code, vk = self.KEYS[key]
-        text = {"text": key} if len(key) == 1 else {}
+        text = {"text": key} if len(key) == 1 else {"text": "\r"} if key == "Enter" else {}
         for t in (["keyDown", "keyUp"] if kind == "both" else [kind]):
             self.send("Input.dispatchKeyEvent", type=t, key=key, code=code, windowsVirtualKeyCode=vk,
                       **(text if t == "keyDown" else {}))
 
     def click(self, selector):
-        x, y = self.eval(f"(() => {{ const r = document.querySelector('{selector}').getBoundingClientRect();"
+        x, y = self.eval(f"(() => {{ const e = document.querySelector('{selector}'); e.scrollIntoView();"
+                         f" const r = e.getBoundingClientRect();"
                          f" return [r.x + r.width / 2, r.y + r.height / 2]; }})()")
         for t in ("mousePressed", "mouseReleased"):
             self.send("Input.dispatchMouseEvent", type=t, x=x, y=y, button="left", clickCount=1)
@@ -173,7 +175,7 @@ class Chromium:
         self.proc.wait(timeout=30)
 
 
-def test_in_a_browser_a_person_labels_takes_over_and_e_stops(robot_page, tmp_path):
+def test_in_a_browser_a_person_labels_takes_over_coaches_and_e_stops(robot_page, tmp_path):
     if BROWSER is None:
         if os.environ.get("FLYWHEEL_REQUIRE_BROWSER"):
             pytest.fail("no Chromium to drive the robot page: apt-get install chromium (.ci/run does)")
@@ -200,6 +202,16 @@ def test_in_a_browser_a_person_labels_takes_over_and_e_stops(robot_page, tmp_pat
         taken = [env.step(np.array([1.0, 0.0, -1.0], np.float32))[4].get("intervention", False) for _ in range(5)]
         browser.key("ArrowLeft", "keyUp")
         assert any(taken) and [-1.0, 0.0, -1.0] in [a.tolist() for a in robot.sent]
+
+        # coaching: words typed in the robot's box reach its policy's next step, with who said them; an "x" typed
+        # there is a letter, not the e-stop key
+        browser.click("#robot-arm .words")
+        browser.send("Input.insertText", text="stow the bo")
+        browser.key("x")
+        browser.key("Enter")
+        browser.wait("document.body.dataset.said === 'stow the box'")
+        said = env.step(np.array([0.0, 0.0, -1.0], np.float32))[4].get("said")
+        assert said["words"] == "stow the box" and said["who"] == "ana" and not robot.estopped
 
         browser.click("#robot-arm .estop")
         deadline = time.monotonic() + 10

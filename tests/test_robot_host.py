@@ -288,3 +288,36 @@ def test_lerobot_s_so101_twin_behind_a_robot_host():
     finally:
         host.stop()
         arm.close()
+
+
+def test_a_person_s_words_on_a_robot_are_recorded_and_acted_on(host):
+    """Verbal coaching at a robot: words typed on its page reach the rollout through the host's operator channel,
+    are recorded with who and when on the steps they were in force, and a policy with a subtask head acts on them
+    from its next decision (the page's side: tests/test_page.py)."""
+    from actors.robot_host import OperatorChannel
+    from flywheel.contracts import Extras
+    from flywheel.vla.checkpoint import load_policy_checkpoint
+    from flywheel.vla.model import VLAPolicy
+
+    model, _ = load_policy_checkpoint("base", as_model=True, subtask_head=True)
+    policy = VLAPolicy(model=model)
+    person = OperatorChannel(host.url)
+    original = host.robot.send
+
+    def send(action):  # the person speaks after the sixth command
+        if host.commands == 5:
+            person.say("press the red button", who="ana")
+        return original(action)
+
+    host.robot.send = send
+    (ep,) = run_episodes([7], "train", policy, policy_version=0, name="robot", max_steps=16,
+                         options={"robot": host.url, "safety": {"rate_hz": 200.0}})
+    (said,) = ep.info["coaching"]
+    assert said["words"] == "press the red button" and said["who"] == "ana" and said["time"] > 0
+    assert "coach" not in ep.info  # a person who spoke, not a coach who stood by throughout
+    assert said["step"] in (6, 7) and ep.coached().tolist() == [t >= said["step"] for t in range(ep.num_steps)]
+    words = [policy.words(row) for row in ep.extras[Extras.PROMPT]]
+    after = ep.extras[Extras.CHUNK_STEPS] >= said["step"]
+    assert after.any() and all(w == "press the red button" for w in np.asarray(words)[after])
+    assert all(w != "press the red button" for w in np.asarray(words)[~after])
+    person.close()
