@@ -114,6 +114,8 @@ bench-rl: $(STAMP)
 	PYTHONPATH=. $(BIN)/python bench/smoke_record.py --out runs/smoke-record
 	# the subtask head on the long-horizon families (~50 min; the fine-tunings made before in runs/subtask are read)
 	PYTHONPATH=. $(BIN)/python bench/subtask_head.py --out runs/subtask
+	# verbal coaching against verdicts alone on sort, two seeds of 12 minutes each (~60 min; runs made before are read)
+	PYTHONPATH=. $(BIN)/python bench/coaching.py --out runs/coaching --seeds 0,1
 	PYTHONPATH=. $(BIN)/python bench/table.py
 
 # The detector shipped for the shipped base (detector.checkpoint=auto, the default job's), made again as it was

@@ -221,14 +221,7 @@ class PPOLearner(LearnerBase):
                 loss = -(per_number * ran).sum() / ran.sum()
                 anchor = self.anchor.loss(self.generator, ctx.device) if self.anchor.weight > 0 else \
                     loss.new_zeros(())
-                total = loss + self.anchor.weight * anchor
-                if not torch.isfinite(total):
-                    raise FloatingPointError(f"ppo loss is {total.item()}: the weights or the batch hold "
-                                             "NaN/inf. Lower learner.ppo_lr or restore the last good checkpoint.")
-                self.optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-                self.optimizer.step()
+                self._descend(loss + self.anchor.weight * anchor, "ppo loss", "learner.ppo_lr")
                 with torch.no_grad():
                     stats["policy_loss"].append(float(loss))
                     stats["anchor_loss"].append(float(anchor))
@@ -256,15 +249,19 @@ class PPOLearner(LearnerBase):
             b = {k: v.to(self.model.device) for k, v in self.anchor.batch(self.generator).items()}
             loss = self.model.subtask_loss(b["images"], b["task_ids"], b["proprio"], b["subtask_ids"],
                                            b["subtask_mask"], head_only=True)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the subtask head's loss is {loss.item()}: lower learner.words_lr or "
-                                         "restore the last good checkpoint")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-            self.optimizer.step()
-            losses.append(float(loss))
+            self._descend(loss, "the subtask head's loss", "learner.words_lr")
+            losses.append(loss.item())
         return losses
+
+    def _descend(self, loss: torch.Tensor, what: str, rate: str) -> None:
+        """One clipped optimizer step on ``loss``; a loss that is not finite stops the update, naming the fix."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{what} is {loss.item()}: the weights or the batch hold NaN/inf. Lower {rate} "
+                                     f"or restore the last good checkpoint.")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
 
     def refill(self, episodes: list[Episode]) -> None:
         """A resumed run: the replayed successes again (a layout's attempts share its seed, so their groups are
