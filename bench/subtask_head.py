@@ -84,10 +84,7 @@ def head_accuracy(model: SmallVLA, demos: list) -> dict:
     right, valid = [], []
     for ep in demos:
         steps = np.arange(ep.num_steps)
-        images, proprio = sensor_inputs(ep.observations, model.sensors, steps)
-        ids = model.name_subtasks(torch.from_numpy(images), model.tokenize([ep.instruction] * len(steps)),
-                                  torch.from_numpy(proprio))
-        named = [model.tokenizer.decode(row.tolist()) for row in ids]
+        named = model.subtask_texts(*sensor_inputs(ep.observations, model.sensors, steps), ep.instruction)
         said = [ep.info["subtasks"][k] for k in ep.extras[Extras.NARRATION]]
         right += [a == b for a, b in zip(named, said)]
         valid += [a in ep.info["subtasks"] for a in named]

@@ -98,10 +98,7 @@ def spoken(episodes, policy) -> float:
     right, valid = [], []
     for ep in episodes:
         steps = np.array([u["step"] for u in ep.info["coaching"]])
-        images, proprio = sensor_inputs(ep.observations, policy.sensors, steps)
-        ids = policy.model.name_subtasks(torch.from_numpy(images), policy.model.tokenize([ep.instruction] * len(steps)),
-                                         torch.from_numpy(proprio))
-        words = [policy.words(row) for row in ids.numpy()]
+        words = policy.model.subtask_texts(*sensor_inputs(ep.observations, policy.sensors, steps), ep.instruction)
         right += [w == u["words"] for w, u in zip(words, ep.info["coaching"])]
         valid += [w in ep.info["subtasks"] for w in words]
     return float(np.mean(right)), float(np.mean(valid))

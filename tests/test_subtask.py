@@ -23,10 +23,7 @@ def stow_demos():
 
 def named(model: SmallVLA, ep, steps) -> list[str]:
     """What the model's subtask head says at ``steps`` of ``ep``."""
-    images, proprio = sensor_inputs(ep.observations, model.sensors, steps)
-    ids = model.name_subtasks(torch.from_numpy(images), model.tokenize([ep.instruction] * len(steps)),
-                              torch.from_numpy(proprio))
-    return [model.tokenizer.decode(row.tolist()) for row in ids]
+    return model.subtask_texts(*sensor_inputs(ep.observations, model.sensors, steps), ep.instruction)
 
 
 def accuracy(model: SmallVLA, demos) -> float:

@@ -646,6 +646,12 @@ class SmallVLA(NumpyWeights, nn.Module):
         """The subtask head's text for each observation and task instruction, as token ids (B, L)."""
         return self.subtasker.decode(self.encoder(images, ids, proprio), self.patches(images), ids)
 
+    def subtask_texts(self, images: np.ndarray, proprio: np.ndarray, instruction: str) -> list[str]:
+        """What the subtask head names at each of a batch of observations (``sensor_inputs``' arrays) of one task."""
+        ids = self.name_subtasks(torch.from_numpy(images).to(self.device), self.tokenize([instruction] * len(images)),
+                                 torch.from_numpy(proprio).float().to(self.device))
+        return [self.tokenizer.decode(row.tolist()) for row in ids.cpu()]
+
     def action_loss(
         self, images: torch.Tensor, ids: torch.Tensor, proprio: torch.Tensor, actions: torch.Tensor,
         weights: torch.Tensor | None = None, aux: torch.Tensor | None = None, aux_mask: torch.Tensor | None = None,
