@@ -75,8 +75,7 @@ def run_episodes(
     sample_seed: int = 0,
     make_env: Callable[..., gym.Env] = make_env,
     faults: list[dict] | None = None,
-    corrections: dict | None = None,
-    coaching: float = 0.0,
+    people: dict | None = None,
     **env: Any,
 ) -> list[Episode]:
     """Run one episode per seed, all environments in lock-step, and return them as Episodes.
@@ -89,14 +88,15 @@ def run_episodes(
     only, the tabletop's): whose way of demonstrating (actors/expert.py OPERATORS), taken in turn by seed, so a seed's
     demonstration is the same in any call; ``info["operator"]`` names it. ``faults``: given a
     list, an environment that raises while stepping has its episode discarded (the others go on) and what happened
-    appended to it; without one, the error propagates. ``corrections`` ({"rate": r, "after": s, "operators": [...]},
-    a policy acting): a person stands by, played by the scripted expert (as one of ``operators``, in turn by seed). In
+    appended to it; without one, the error propagates.
+
+    ``people`` (a policy acting): who stands by in practice, {"corrections": r, "after": s, "operators": [...],
+    "coaching": c}. Corrections: a person played by the scripted expert (as one of ``operators``, in turn by seed); in
     a share ``r`` of the episodes (drawn from ``sample_seed``), one still running after ``s`` steps is taken over at
-    the next chunk boundary and finished by the expert;
-    ``extras["intervention"]`` marks the steps it acted and ``info["interventions"]`` counts them. ``coaching`` (a
-    policy naming subtasks, a simulator that has them): the share of episodes in which a coach stands by and corrects
-    the policy's words (actors/coach.py); ``info["coaching"]`` holds what it said, who and when, and
-    ``extras["coaching"]`` the steps each utterance was in force.
+    the next chunk boundary and finished by the expert; ``extras["intervention"]`` marks the steps it acted and
+    ``info["interventions"]`` counts them. Coaching (a policy naming subtasks, a simulator that has them): in a share
+    ``c`` of the episodes a coach stands by and corrects the policy's words (actors/coach.py); ``info["coaching"]``
+    holds what it said, who and when, and ``extras["coaching"]`` the steps each utterance was in force.
     """
     settings = EnvSettings(**env)
     if not seeds:
@@ -104,14 +104,14 @@ def run_episodes(
     n = parallel_limit(settings.name)
     if n is not None and len(seeds) > n:  # heavy environments: step them in waves
         given = dict(policy_version=policy_version, execute=execute, expert_noise=expert_noise, hard=hard,
-                     operators=operators, make_env=make_env, faults=faults, corrections=corrections,
-                     coaching=coaching, **env)
+                     operators=operators, make_env=make_env, faults=faults, people=people, **env)
         return [ep for w in range(0, len(seeds), n)
                 for ep in run_episodes(seeds[w:w + n], split, policy, sample_seed=sample_seed + 7919 * w, **given)]
     made_with = {k: v for k, v in dataclasses.asdict(settings).items() if k != "options" or v}
     envs = [make_env(**made_with) for _ in seeds]
     batch = Lockstep(envs, seeds, policy, sample_seed, settings.image_size)
-    batch.plan(hard, operators, corrections, coaching)
+    batch.plan(hard, operators)
+    batch.plan_people(people or {})
     while batch.running:
         batch.turn(execute, expert_noise, faults)
     batch.close()
@@ -159,11 +159,9 @@ class Lockstep:
         self.sensors = getattr(policy, "sensors", ("overhead",))
         self.reads = observation_keys(self.sensors) & set(self.observed[0])  # stack only what the policy reads
 
-    def plan(self, hard: str | None, operators: tuple[str, ...] | list[str], corrections: dict | None,
-             coaching: float = 0.0) -> None:
+    def plan(self, hard: str | None, operators: tuple[str, ...] | list[str]) -> None:
         """How the expert acts in each environment: a hard example (it aims just off, or just inside, success, each
-        episode in its own direction, or never lets go: actors/expert.py), which demonstrator it is, and, with a
-        policy acting, which episodes a person will take over and in which a coach stands by."""
+        episode in its own direction, or never lets go: actors/expert.py) and which demonstrator it is."""
         seeds, policy = self.seeds, self.policy
         plans: list[dict | None] = [None] * len(seeds)
         if hard is not None and policy is None:
@@ -175,13 +173,19 @@ class Lockstep:
         self.operator = [operators[int(s) % len(operators)] if policy is None and self.privileged else None
                          for s in seeds]
         self.plans = [{**(p or {}), "operator": op} if op is not None else p for p, op in zip(plans, self.operator)]
-        self.correct_after = max(1, corrections["after"]) if corrections and policy is not None else 0
-        self.will_correct = (np.random.default_rng([self.sample_seed, 7]).random(len(seeds)) < corrections["rate"]
+
+    def plan_people(self, people: dict) -> None:
+        """With a policy acting, who stands by (``run_episodes``' ``people``): which episodes a person will take over,
+        and in which a coach will correct the policy's words."""
+        seeds, policy, coaching = self.seeds, self.policy, float(people.get("coaching", 0.0))
+        rate = float(people.get("corrections", 0.0))
+        self.correct_after = max(1, int(people.get("after", 16))) if rate > 0 and policy is not None else 0
+        self.will_correct = (np.random.default_rng([self.sample_seed, 7]).random(len(seeds)) < rate
                              if self.correct_after else np.zeros(len(seeds), bool))
         self.correcting = [False] * len(seeds)
         if self.correct_after and self.privileged:  # the person is one of the demonstrators, in turn by seed
-            people = corrections.get("operators") or ["standard"]
-            self.plans = [{"operator": people[int(s) % len(people)]} for s in seeds]
+            operators = people.get("operators") or ["standard"]
+            self.plans = [{"operator": operators[int(s) % len(operators)]} for s in seeds]
         self.coach = None
         if coaching > 0 and policy is not None:
             if not (getattr(policy, "names_subtasks", False) and self.subtasks and self.privileged):
@@ -462,10 +466,10 @@ class RolloutWorker:
     def collect_with_faults(self, seeds: list[int], split: str, sample_seed: int = 0, corrected: bool = True
                             ) -> tuple[list[Episode], list[dict]]:
         """(episodes, faults): an environment that raises loses its episode, not the others (``run_episodes``).
-        Corrections (``env_kwargs["corrections"]``) apply in practice (split "train") unless ``corrected`` is
-        False. The practice scenes' randomisation (``env_kwargs["randomize"]``) applies in practice only: an
-        evaluation is in the nominal scene, and split "robust" is one under ``env_kwargs["held_out_randomize"]``
-        (the robustness split)."""
+        The people standing by (``env_kwargs["people"]``: corrections, coaching) do so in practice (split "train")
+        unless ``corrected`` is False. The practice scenes' randomisation (``env_kwargs["randomize"]``) applies in
+        practice only: an evaluation is in the nominal scene, and split "robust" is one under
+        ``env_kwargs["held_out_randomize"]`` (the robustness split)."""
         if self.version < 0:
             raise RuntimeError("rollout worker has no weights yet: publish a PolicySnapshot before collecting")
         self.policy.explore = split == "train"  # a policy that explores does so in practice, never in evaluation
@@ -483,8 +487,7 @@ class RolloutWorker:
         elif split != "train":
             kwargs.pop("randomize", None)  # practice may be randomised (env.randomize); evaluation is nominal
         if split != "train" or not corrected:
-            kwargs.pop("corrections", None)  # a person may step in or coach during practice, never in an evaluation
-            kwargs.pop("coaching", None)
+            kwargs.pop("people", None)  # a person may step in or coach during practice, never in an evaluation
         episodes = run_episodes(list(seeds), split, self.policy, policy_version=self.version,
                                 sample_seed=sample_seed, faults=faults, **kwargs)
         if self.trim_idle_s is not None:

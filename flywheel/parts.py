@@ -129,12 +129,12 @@ def make_rollouts(cfg: DictConfig, bundle: PolicyBundle) -> RolloutGroup:
     """The rollout actors (Ray actors, or in-process workers with ``rollout.use_ray=false``). The person standing by
     in practice (``rollout.corrections``) is one of the base's demonstrators; a coach (``rollout.coaching``) speaks
     to a policy with a subtask head."""
-    corrections = {"corrections": {"rate": cfg.rollout.corrections, "after": cfg.rollout.correct_after,
-                                   "operators": list((bundle.meta.get("config") or {}).get("operators") or
-                                                     ["standard"])}} if cfg.rollout.corrections > 0 else {}
-    corrections.update({"coaching": cfg.rollout.coaching} if cfg.rollout.coaching > 0 else {})
+    people = {"corrections": cfg.rollout.corrections, "after": cfg.rollout.correct_after,
+              "coaching": cfg.rollout.coaching,
+              "operators": list((bundle.meta.get("config") or {}).get("operators") or ["standard"])}
+    standing_by = {"people": people} if cfg.rollout.corrections > 0 or cfg.rollout.coaching > 0 else {}
     robust = held_out_randomize(cfg)
-    env = {**env_kwargs_of(cfg), **corrections, **({"held_out_randomize": robust} if robust else {})}
+    env = {**env_kwargs_of(cfg), **standing_by, **({"held_out_randomize": robust} if robust else {})}
     return RolloutGroup(bundle.make_actor, env, num_workers=cfg.rollout.num_workers,
                         use_ray=cfg.rollout.use_ray, cpus_per_worker=cfg.rollout.cpus_per_worker,
                         call_timeout_s=cfg.rollout.call_timeout_s, resources=to_dict(cfg.rollout.resources),

@@ -191,7 +191,7 @@ def test_a_person_standing_by_takes_over_practice_and_the_steps_are_marked():
     policy.load_weights(weights)
     alone = run_episodes(seeds, "train", policy, policy_version=1, sample_seed=3, **env)
     helped = run_episodes(seeds, "train", policy, policy_version=1, sample_seed=3,
-                          corrections={"rate": 1.0, "after": 6}, **env)
+                          people={"corrections": 1.0, "after": 6}, **env)
     taken_over = [ep for ep in helped if ep.intervened().any()]
     assert len(taken_over) == sum(ep.num_steps > 8 for ep in helped) > 0  # all still running at step 8
     for ep in taken_over:
@@ -200,8 +200,8 @@ def test_a_person_standing_by_takes_over_practice_and_the_steps_are_marked():
         assert ep.extras["chunk_steps"].tolist() == [0, 4] and len(ep.extras["chunks"]) == 2
     success = lambda eps: np.mean([ep.ground_truth["success"] for ep in eps])  # noqa: E731
     assert success(helped) > success(alone)  # the expert finishes what the policy would not have
-    half = run_episodes(seeds, "train", policy, policy_version=1, sample_seed=3, corrections={"rate": 0.5, "after": 6},
-                        **env)
+    half = run_episodes(seeds, "train", policy, policy_version=1, sample_seed=3,
+                        people={"corrections": 0.5, "after": 6}, **env)
     assert 0 < sum(INTERVENTION in ep.extras for ep in half) < len(seeds)
     # the loop's metrics: true success counts what the person finished; the unaided rate is the policy's own
     from flywheel.loop import true_success
@@ -210,7 +210,7 @@ def test_a_person_standing_by_takes_over_practice_and_the_steps_are_marked():
     assert rates["train/true_success"] == success(half)
     assert rates["train/true_success_unaided"] == success([ep for ep in half if INTERVENTION not in ep.extras])
 
-    worker = RolloutWorker(functools.partial(VLAPolicy, cfg), {**env, "corrections": {"rate": 1.0, "after": 6}})
+    worker = RolloutWorker(functools.partial(VLAPolicy, cfg), {**env, "people": {"corrections": 1.0, "after": 6}})
     worker.set_weights(PolicySnapshot(1, weights))
     assert not any(ep.intervened().any() for ep in worker.collect(seeds[:4], "eval"))
     assert not any(ep.intervened().any() for ep in worker.collect(seeds[:4], "train", corrected=False))

@@ -31,7 +31,7 @@ def success(episodes) -> float:
 def test_a_coach_says_what_is_left_to_do_and_the_policy_acts_on_its_words(policy):
     seeds = [split_seed("eval", i) for i in range(12)]
     alone = run_episodes(seeds, "eval", policy, policy_version=0, family="sort")
-    coached = run_episodes(seeds, "eval", policy, policy_version=0, family="sort", coaching=1.0)
+    coached = run_episodes(seeds, "eval", policy, policy_version=0, family="sort", people={"coaching": 1.0})
     assert not any("coach" in ep.info or Extras.COACHING in ep.extras for ep in alone)
     # its own words name nothing it can do; told what is left, the low level chains the blocks into their bowls
     assert success(alone) == 0.0 and success(coached) >= 0.6, (success(alone), success(coached))
@@ -69,7 +69,7 @@ def test_the_head_learns_the_coachs_words_in_hindsight(policy):
     model = policy.model
     policy.explore = True
     practice = run_episodes([split_seed("train", i) for i in range(16)], "train", policy, policy_version=0,
-                            family="sort", coaching=1.0)
+                            family="sort", people={"coaching": 1.0})
     policy.explore = False
     data = ChunkDataset(model)
     assert data.add_coaching(practice) == 16
@@ -85,7 +85,7 @@ def test_the_head_learns_the_coachs_words_in_hindsight(policy):
     # trained on 16 episodes of coached practice alone, the head names the coach's subtasks on held-out layouts
     # where it named none before (2,000 narrated demonstrations took it further: bench/RESULTS.md)
     held_out = run_episodes([split_seed("eval", 100 + i) for i in range(8)], "eval", policy, policy_version=0,
-                            family="sort", coaching=1.0)
+                            family="sort", people={"coaching": 1.0})
     before = spoken(held_out, policy)
     fit_subtask_head(model, practice, 200, generator=torch.Generator().manual_seed(0))
     after = spoken(held_out, policy)
@@ -110,7 +110,7 @@ def test_a_coached_episode_is_not_the_policys_success_and_ppo_credits_it_up_to_t
     learner = PPOLearner(policy.model, [], version=0, seed=0, anchor=0.0)
     policy.sampling, policy.explore = learner.snapshot().sampling, True  # practice as PPO asks: log-probabilities
     practice = run_episodes([split_seed("train", 50 + i) for i in range(8)], "train", policy, policy_version=0,
-                            family="sort", coaching=1.0)
+                            family="sort", people={"coaching": 1.0})
     policy.explore = False
     ep = next(ep for ep in practice if ep.coached().any() and ep.info["coaching"][0]["step"] > 0)
     ep.labels.append(Label(source="detector", success=True, score=0.99))

@@ -93,7 +93,7 @@ def test_a_learner_conditions_each_decision_on_the_words_it_was_drawn_for(stow_d
     policy.explore = True
     seeds = [split_seed("train", 100 + i) for i in range(4)]
     eps = run_episodes(seeds, "train", policy, policy_version=1, family="stow", max_steps=8,
-                       corrections={"rate": 1.0, "after": 8})
+                       people={"corrections": 1.0, "after": 8})
     ep = eps[0]
     steps = ep.extras[Extras.CHUNK_STEPS]
     ids = prompt_ids(model, ep, steps)
