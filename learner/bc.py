@@ -254,10 +254,9 @@ class ChunkDataset:
 def fit_subtask_head(model: TrainablePolicy, episodes: list[Episode], steps: int, lr: float = 1e-3,
                      batch_size: int = 256, generator: torch.Generator | None = None) -> list[float]:
     """Train a policy's subtask head alone on the narrated and coached steps of ``episodes`` (``subtask_targets``),
-    the rest of it frozen: each step's
-    context of (observation, task instruction) is computed once, so that a step costs no pass of the encoder's
-    trunk. What teaches a policy that already has the skills to chain them (a subtask head on a base that can put a
-    block in a bowl, for a task made of such moves). -> the loss of every step."""
+    the rest of it frozen: each step's context of (observation, task instruction) is computed once, so that a step
+    costs no pass of the encoder's trunk. What teaches a policy that already has the skills to chain them (a subtask
+    head on a base that can put a block in a bowl, for a task made of such moves). -> the loss of every step."""
     images, tasks, targets, contexts = [], [], [], []
     for ep in episodes:
         every = np.arange(ep.num_steps)
