@@ -172,6 +172,10 @@ def load_policy(cfg: DictConfig, say: Callable[[str], None]) -> PolicyBundle:
     if missing:
         raise ConfigError(f"the policy reads sensors {list(bundle.sensors)} but env.sensors={list(cfg.env.sensors)} "
                           f"lacks {missing}: add them, e.g. env.sensors=[{','.join(bundle.sensors)}]")
+    if cfg.rollout.coaching > 0 and not getattr(bundle.make_actor(), "names_subtasks", False):
+        raise ConfigError(f"rollout.coaching={cfg.rollout.coaching}: a coach corrects the subtask a policy names "
+                          f"before it acts, and {cfg.policy.checkpoint} names none. Start from a checkpoint with a "
+                          f"subtask head (flywheel pretrain subtask_head=true init=...), or set rollout.coaching=0")
     return bundle
 
 

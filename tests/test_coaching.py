@@ -118,3 +118,14 @@ def test_a_coached_episode_is_not_the_policys_success_and_ppo_credits_it_up_to_t
     data = learner._decisions([ep], [np.array(-1.0)])
     own = int((ep.extras[Extras.CHUNK_STEPS] < ep.info["coaching"][0]["step"]).sum())
     assert len(data["adv"]) == own  # the policy's own attempt, up to where the coach judged it going wrong
+
+
+def test_coaching_a_policy_that_names_no_subtasks_is_a_config_error_before_anything_starts(tmp_path):
+    from flywheel.config import ConfigError, load_config
+    from flywheel.run import run
+
+    cfg = load_config("run", ["experiment=tiny", "env.family=sort", "rollout.coaching=0.5", "rollout.use_ray=false",
+                              f"run_dir={tmp_path / 'run'}", "wandb.mode=disabled"])
+    with pytest.raises(ConfigError, match=r"rollout.coaching=0.5: .*names none.*subtask_head=true"):
+        run(cfg, say=lambda m: None)
+    assert not (tmp_path / "run" / "episodes").exists()  # nothing started

@@ -146,6 +146,7 @@ def test_values_out_of_their_range_are_config_errors():
                               ("learner=recap learner.credit=step", r"credit=step.*choose episode .* or chunk"),
                               ("learner=recap learner.positive_fraction=1.5", r"positive_fraction=1.5.*fraction in \(0, 1\)"),
                               ("rollout.corrections=2", r"corrections=2.*share of practice episodes"),
+                              ("rollout.coaching=-0.5", r"coaching=-0.5.*share of practice episodes"),
                               ("rollout.correct_after=0", r"correct_after=0.*at least 1"),
                               ("rollout.trim_idle_s=-1", r"trim_idle_s=-1.0.*at least 0, or null"),
                               ("eval.judge=human", r"judge=human.*choose ground_truth .* or detector"),
