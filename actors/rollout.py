@@ -69,9 +69,7 @@ def run_episodes(
     *,
     policy_version: int,
     execute: int = 4,
-    expert_noise: float = 0.1,
-    hard: str | None = None,
-    operators: tuple[str, ...] | list[str] = ("standard",),
+    expert: dict | None = None,
     sample_seed: int = 0,
     make_env: Callable[..., gym.Env] = make_env,
     faults: list[dict] | None = None,
@@ -80,13 +78,19 @@ def run_episodes(
 ) -> list[Episode]:
     """Run one episode per seed, all environments in lock-step, and return them as Episodes.
 
-    ``env``: the environments' settings (``EnvSettings``; a key it does not have is a TypeError). With ``policy=None`` the scripted expert acts (demonstrations, ``policy_version`` should be -1). Otherwise the
+    ``env``: the environments' settings (``EnvSettings``; a key it does not have is a TypeError). With
+    ``policy=None`` the scripted expert acts (demonstrations, ``policy_version`` should be -1). Otherwise the
     policy is called once per ``execute`` steps on the batch of still-running environments and the first
     ``execute`` actions of each chunk are applied (receding horizon). ``sample_seed`` seeds the policy's sampling
-    noise, so a rollout is reproducible given its seeds. ``hard`` (expert only): make that kind of hard example for
-    the detector (actors/expert.py HARD_EXAMPLES); ``info["hard"]`` names it where it applied. ``operators`` (expert
-    only, the tabletop's): whose way of demonstrating (actors/expert.py OPERATORS), taken in turn by seed, so a seed's
-    demonstration is the same in any call; ``info["operator"]`` names it. ``faults``: given a
+    noise, so a rollout is reproducible given its seeds.
+
+    ``expert``: how the scripted expert acts, {"noise": std (0.1), "hard": kind, "operators": [...]}. ``hard``
+    (demonstrations only): make that kind of hard example for the detector (actors/expert.py HARD_EXAMPLES);
+    ``info["hard"]`` names it where it applied. ``operators`` (demonstrations only, the tabletop's): whose way of
+    demonstrating (actors/expert.py OPERATORS), taken in turn by seed, so a seed's demonstration is the same in any
+    call; ``info["operator"]`` names it.
+
+    ``faults``: given a
     list, an environment that raises while stepping has its episode discarded (the others go on) and what happened
     appended to it; without one, the error propagates.
 
@@ -103,17 +107,19 @@ def run_episodes(
         return []
     n = parallel_limit(settings.name)
     if n is not None and len(seeds) > n:  # heavy environments: step them in waves
-        given = dict(policy_version=policy_version, execute=execute, expert_noise=expert_noise, hard=hard,
-                     operators=operators, make_env=make_env, faults=faults, people=people, **env)
+        given = dict(policy_version=policy_version, execute=execute, expert=expert, make_env=make_env, faults=faults,
+                     people=people, **env)
         return [ep for w in range(0, len(seeds), n)
                 for ep in run_episodes(seeds[w:w + n], split, policy, sample_seed=sample_seed + 7919 * w, **given)]
     made_with = {k: v for k, v in dataclasses.asdict(settings).items() if k != "options" or v}
     envs = [make_env(**made_with) for _ in seeds]
     batch = Lockstep(envs, seeds, policy, sample_seed, settings.image_size)
-    batch.plan(hard, operators)
+    expert = expert or {}
+    hard, noise = expert.get("hard"), float(expert.get("noise", 0.1))
+    batch.plan(hard, expert.get("operators") or ("standard",))
     batch.plan_people(people or {})
     while batch.running:
-        batch.turn(execute, expert_noise, faults)
+        batch.turn(execute, noise, faults)
     batch.close()
     return batch.episodes(split, policy_version, hard, {"max_steps": settings.max_steps, "execute": execute,
                                                         "phrasing": settings.phrasing, "combos": settings.combos})

@@ -35,7 +35,7 @@ def fill(store: EpisodeStore, first: int, n: int, batch: int = 250) -> float:
     seconds = 0.0
     for start in range(first, first + n, batch):
         seeds = [split_seed("train", i) for i in range(start, min(start + batch, first + n))]
-        episodes = run_episodes(seeds, "train", None, policy_version=-1, expert_noise=0.3)
+        episodes = run_episodes(seeds, "train", None, policy_version=-1, expert={"noise": 0.3})
         started = time.perf_counter()
         for ep in episodes:
             ep.labels.append(Label("detector", bool(ep.ground_truth["success"]), version="detector-1", score=0.9,

@@ -121,8 +121,8 @@ def pretraining_demos(n: int, base_meta: dict, env_kwargs: dict, demos_from: str
     if env_kwargs.get("name") == "robot":  # no scripted expert on a robot: remade in the simulator the base learned in
         demo_env = {**{k: v for k, v in recorded.items() if k != "execute"}, "name": recorded.get("name", "tabletop")}
     seeds = [split_seed("train", DEMO_SEEDS + i) for i in range(n)]
-    return run_episodes(seeds, "train", None, policy_version=-1, operators=list(made_with.get("operators") or
-                                                                                  ["standard"]), **demo_env)
+    return run_episodes(seeds, "train", None, policy_version=-1,
+                        expert={"operators": list(made_with.get("operators") or ["standard"])}, **demo_env)
 
 
 def make_rollouts(cfg: DictConfig, bundle: PolicyBundle) -> RolloutGroup:
@@ -171,7 +171,7 @@ def detector_sources(cfg: DictConfig, rollouts: Callable[[], RolloutGroup], bund
     env_kwargs = env_kwargs_of(cfg)
 
     def demonstrate(seeds: list[int], hard: str | None = None) -> list[Episode]:
-        return run_episodes(seeds, "train", None, policy_version=-1, hard=hard, **env_kwargs)
+        return run_episodes(seeds, "train", None, policy_version=-1, expert={"hard": hard}, **env_kwargs)
 
     return DetectorSources(rollouts=rollouts, demonstrate=demonstrate, seed=functools.partial(split_seed, "train"),
                            policy_weights=bundle.weights, policy_sensors=bundle.sensors,
@@ -213,7 +213,7 @@ def write_demos(cfg: DictConfig, say: Callable[[str], None] = print) -> dict[str
     have = {ep.seed for ep in store.iter(cfg.split)}
     seeds = [s for s in (split_seed(cfg.split, cfg.first + i) for i in range(cfg.episodes)) if s not in have]
     episodes = ground_truth_labelled(run_episodes(seeds, cfg.split, None, policy_version=-1,
-                                                  expert_noise=cfg.noise, operators=list(cfg.operators),
+                                                  expert={"noise": cfg.noise, "operators": list(cfg.operators)},
                                                   **env_kwargs_of(cfg)))
     for ep in episodes:
         store.add(ep)

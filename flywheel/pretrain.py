@@ -167,7 +167,8 @@ def load_demos(cfg: DictConfig, out: Path, env_kwargs: dict) -> list:
     demos = sorted(store.iter("train", with_ground_truth=True), key=lambda ep: ep.seed)
     if len(demos) != cfg.demos:
         seeds = [split_seed("train", i) for i in range(cfg.demos)]
-        demos = run_episodes(seeds, "train", None, policy_version=-1, operators=list(cfg.operators), **env_kwargs)
+        demos = run_episodes(seeds, "train", None, policy_version=-1, expert={"operators": list(cfg.operators)},
+                             **env_kwargs)
         if len(store) == 0:
             for ep in demos:
                 store.add(ep)

@@ -411,7 +411,7 @@ def test_hard_examples_end_where_they_were_made_to():
     push rarely), near hits just inside it (place always succeeds, near the rim), hovers hold the block over the
     target until time-out and never succeed. Each is near the target, not anywhere."""
     seeds = [split_seed("train", 9_000_000 + i) for i in range(120)]
-    eps = {kind: run_episodes(seeds, "train", None, policy_version=-1, hard=kind) for kind in HARD_EXAMPLES}
+    eps = {kind: run_episodes(seeds, "train", None, policy_version=-1, expert={"hard": kind}) for kind in HARD_EXAMPLES}
 
     def final_distance(episodes):
         final = np.array([ep.extras["aux_positions"][-1] for ep in episodes])
@@ -438,7 +438,7 @@ def test_drawer_and_button_hard_examples_straddle_success():
     successes. The drawer's near miss really is near: opened most of the way (or nearly shut)."""
     seeds = [split_seed("train", 9_100_000 + i) for i in range(30)]
     for family in ("drawer", "button"):
-        miss, hit = (run_episodes(seeds, "train", None, policy_version=-1, hard=kind, family=family)
+        miss, hit = (run_episodes(seeds, "train", None, policy_version=-1, expert={"hard": kind}, family=family)
                      for kind in ("near_miss", "near_hit"))
         assert not any(ep.ground_truth["success"] for ep in miss), family
         assert all(ep.ground_truth["success"] for ep in hit), family
@@ -462,9 +462,9 @@ def test_operators_take_turns_by_seed_and_each_succeeds_its_own_way():
     the carrier picks the block up and lets go over the pad. Both succeed."""
     seeds = [split_seed("train", 9_200_000 + i) for i in range(80)]
     pool = ["standard", "carrier"]
-    eps = run_episodes(seeds, "train", None, policy_version=-1, family="push", operators=pool)
+    eps = run_episodes(seeds, "train", None, policy_version=-1, family="push", expert={"operators": pool})
     assert [ep.info["operator"] for ep in eps] == [pool[s % 2] for s in seeds]
-    again = run_episodes(seeds[1::2], "train", None, policy_version=-1, family="push", operators=pool)
+    again = run_episodes(seeds[1::2], "train", None, policy_version=-1, family="push", expert={"operators": pool})
     assert [ep.info["operator"] for ep in again] == [ep.info["operator"] for ep in eps[1::2]]
     for name in pool:
         own = [ep for ep in eps if ep.info["operator"] == name]
@@ -474,4 +474,4 @@ def test_operators_take_turns_by_seed_and_each_succeeds_its_own_way():
                                                  ep.observations["proprio"][1:, :2]), axis=1))) for ep in own]
         assert all(carried) if name == "carrier" else np.mean(carried) < 0.1, name  # a noisy fist rarely grasps
     with pytest.raises(ValueError, match="unknown operator"):
-        run_episodes(seeds[:1], "train", None, policy_version=-1, operators=["nobody"])
+        run_episodes(seeds[:1], "train", None, policy_version=-1, expert={"operators": ["nobody"]})
