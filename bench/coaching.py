@@ -130,10 +130,10 @@ def main() -> None:
 
 
 def section(result: dict, command: str) -> list[str]:
-    lines = [f"`{command}` (bench/results/coaching.json). The base's head, on 20 held-out sort demonstrations: "
-             f"{result['base_head_accuracy']['narrated']} of steps named as narrated, "
-             f"{result['base_head_accuracy']['one_of_its_own']} one of the episode's own subtasks. The detector: "
-             f"held-out AUROC {result['detector']['auroc']:.3f}.", "",
+    lines = [f"`{command}` (bench/results/coaching.json).",
+             f"The base's head, on 20 held-out sort demonstrations: {result['base_head_accuracy']['narrated']} of "
+             f"steps named as narrated, {result['base_head_accuracy']['one_of_its_own']} one of the episode's own",
+             f"subtasks. The detector: held-out AUROC {result['detector']['auroc']:.3f}.", "",
              "| run | held-out success from its own words: start -> end [95% CI] | updates | practice episodes "
              "| coached | the coach's words | head accuracy (narrated / its own) |", "|---|---|---|---|---|---|---|"]
     for name, r in result["rows"].items():

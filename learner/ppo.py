@@ -69,7 +69,8 @@ class PPOOptions:
 
     ``anchor``, ``batch_size``, ``self_imitation``, ``max_episodes``: the behaviour cloning beside PPO's loss
     (``Anchor``). ``words_lr``: a subtask head's learning rate; it learns by supervision, from the words of the
-    anchor's replay (``PPOLearner.learn_words``), where PPO's rate is for the low level's policy gradient. ``unsure``: the detector's P(success) range [low, high) in which its verdict counts neither way
+    anchor's replay (``PPOLearner.learn_words``), where PPO's rate is for the low level's policy gradient.
+    ``unsure``: the detector's P(success) range [low, high) in which its verdict counts neither way
     (``PPOLearner.group_advantages``)."""
 
     ppo_lr: float = 3e-4
